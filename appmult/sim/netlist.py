@@ -390,10 +390,18 @@ class Netlist:
             lut[a0:a1] = block
         return lut
 
-    def cost(self, *, relative: bool = True) -> dict[str, Any]:
-        """Hardware-cost figures; see :func:`appmult.sim.cost.netlist_cost`."""
-        from .cost import netlist_cost
-        return netlist_cost(self, relative=relative)
+    def cost(self, *, relative: bool = True, **kwargs: Any) -> dict[str, Any]:
+        """Hardware-cost figures, with ratios to the exact multiplier.
+
+        Args:
+            relative: also compute the exact multiplier's figures and the ratios.
+            **kwargs: switching-activity options of :func:`appmult.sim.hardware_cost`.
+
+        Returns:
+            See :func:`appmult.sim.hardware_cost`.
+        """
+        from .cost import hardware_cost
+        return hardware_cost(self, relative=relative, **kwargs)
 
 
 def _net(bit: Any) -> Any:
