@@ -318,9 +318,9 @@ def _parse_idx(path: Path, *, ndim: int) -> np.ndarray:
                                  f"{' x '.join(map(str, dims))} need {size} data bytes, "
                                  f"found {body}")
     if body > size:
-        raise DatasetFormatError(f"IDX file {path} has {body - size} bytes after the "
-                                 f"{' x '.join(map(str, dims))} data; it is not a single "
-                                 f"IDX array")
+        raise DatasetFormatError(f"IDX file {path} is longer than its header says: "
+                                 f"dimensions {' x '.join(map(str, dims))} need {size} "
+                                 f"data bytes, found {body}")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
