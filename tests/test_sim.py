@@ -332,3 +332,14 @@ def test_evaluator_exhaustive_words_tiny():
     chunks = list(ev.exhaustive_words())
     assert [(first, n) for first, n, _ in chunks] == [(0, 4)]
     assert int(chunks[0][2][0, 0]) & 0xF == 0b0110
+
+
+def test_exhaustive_too_large_wrong():
+    net = Netlist(yosys_json([], a=tuple(range(2, 18)), b=tuple(range(18, 34)), p=(2,)),
+                  top="hand", width_a=16, width_b=16, signed=False)
+    with pytest.raises(ValueError, match=re.escape(
+            "A 16x16 table has 2**32 entries (more than 2**30); stream it with exhaustive_chunks()")):
+        net.exhaustive()
+    a0, a1, block = next(net.exhaustive_chunks())
+    assert (a0, a1, block.shape) == (0, 16, (16, 65536))
+    np.testing.assert_array_equal(block, np.broadcast_to(np.arange(16)[:, None] & 1, (16, 65536)))

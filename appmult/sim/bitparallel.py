@@ -193,8 +193,7 @@ class BitParallelEvaluator:
         total_log2 = nbits
         chunk_log2 = max(6, min(chunk_log2_vectors, max(total_log2, 6)))
         n_words = 1 << (chunk_log2 - 6)
-        regs, zeros, ones = self._pool(n_words)
-        del regs
+        _, zeros, ones = self._pool(n_words)
         local: list[np.ndarray] = []
         for k in range(min(nbits, chunk_log2)):
             if k < 6:
@@ -271,9 +270,7 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
             return f"i{input_pos[net]}"
         if net == "1":
             return "ONES"
-        if net in ("0", "x", "z") or isinstance(net, str):
-            return "ZEROS"
-        # An undriven wire reads as 0, like an unconnected constant.
+        # Constants "0"/"x"/"z" and undriven wires read as 0.
         return "ZEROS"
 
     body: list[str] = []

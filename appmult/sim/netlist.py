@@ -31,6 +31,8 @@ NETLIST_FORMAT = 1
 ABC_GATES = "AND,NAND,OR,NOR,XOR,XNOR,ANDNOT,ORNOT,MUX"
 #: Name given to the top module of a synthesized Amaranth design (as ``appmult export``).
 TOP = "appmult_mul"
+#: log2 of the largest table :meth:`Netlist.exhaustive` builds in memory (8 GiB of int64).
+MAX_TABLE_LOG2 = 30
 #: Largest output width the int64 evaluator supports.
 MAX_OUTPUT_WIDTH = 62
 
@@ -388,7 +390,14 @@ class Netlist:
         Returns:
             int64 array ``lut`` of shape ``(2**width_a, 2**width_b)``,
             ``lut[a_code, b_code]`` = product value.
+
+        Raises:
+            ValueError: the table would exceed ``2**MAX_TABLE_LOG2`` pairs (8 GiB); stream
+                it with :meth:`exhaustive_chunks` instead.
         """
+        if self.width_a + self.width_b > MAX_TABLE_LOG2:
+            raise ValueError(f"A {self.width_a}x{self.width_b} table has 2**{self.width_a + self.width_b} "
+                             f"entries (more than 2**{MAX_TABLE_LOG2}); stream it with exhaustive_chunks()")
         lut = np.empty((1 << self.width_a, 1 << self.width_b), dtype=np.int64)
         for a0, a1, block in self.exhaustive_chunks(chunk_vectors=chunk_vectors):
             lut[a0:a1] = block
@@ -419,7 +428,8 @@ def _net(bit: Any) -> Any:
 def _json_top(netlist_json: str) -> str:
     modules = json.loads(netlist_json)["modules"]
     for name, mod in modules.items():
-        if str(mod.get("attributes", {}).get("top", "0")).strip("0") not in ("",):
+        # Yosys writes the ``top`` attribute as a binary string, e.g. "000...001".
+        if str(mod.get("attributes", {}).get("top", "0")).strip("0"):
             return name
     if len(modules) == 1:
         return next(iter(modules))
