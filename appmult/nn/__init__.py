@@ -1,0 +1,48 @@
+"""PyTorch layers that reproduce an approximate multiplier's LUT exactly.
+
+Quantize activations and weights to the LUT's operand widths (activations -> operand
+``a``, weights -> operand ``b`` by default, as in the RTL MAC), accumulate
+``sum LUT[qx, qw]`` with a low-rank or gather kernel, and backpropagate with STE, LUT-2D
+or LUT-1D gradients. Never imports Amaranth: the LUT file is the only interface to the
+hardware half.
+
+Example:
+    >>> cfg = ApproxConfig("trunc8.npz", grad="lut1d")          # doctest: +SKIP
+    >>> approximate_(model, cfg)                                 # doctest: +SKIP
+    >>> calibrate(model, loader, num_batches=8)                  # doctest: +SKIP
+"""
+
+from .config import ApproxConfig, load_lut
+from .convert import approximate_, approximate_layers, exact_, exact_multiplication
+from .functional import (GradMode, Kernel, LutMismatchError, LutTables, MissingGradientError, approx_conv2d,
+                         approx_linear, approx_matmul, lut_conv2d, lut_linear)
+from .layers import ApproxConv2d, ApproxLinear
+from .quant import ActivationQuantizer, Observer, WeightQuantizer, WeightScheme, calibrate, calibrating, quant_range
+
+__all__ = [
+    "ActivationQuantizer",
+    "ApproxConfig",
+    "ApproxConv2d",
+    "ApproxLinear",
+    "GradMode",
+    "Kernel",
+    "LutMismatchError",
+    "LutTables",
+    "MissingGradientError",
+    "Observer",
+    "WeightQuantizer",
+    "WeightScheme",
+    "approx_conv2d",
+    "approx_linear",
+    "approx_matmul",
+    "approximate_",
+    "approximate_layers",
+    "calibrate",
+    "calibrating",
+    "exact_",
+    "exact_multiplication",
+    "load_lut",
+    "lut_conv2d",
+    "lut_linear",
+    "quant_range",
+]

@@ -1,0 +1,108 @@
+"""``ApproxConfig``: how a layer is approximated (which LUT, quantization, kernel, backward)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+from ..lut_gen.lutfile import LutFile
+from ..lut_gen.lutfile import load as _load
+from .functional import GradMode, Kernel
+from .quant import Observer, WeightScheme
+
+__all__ = ["ApproxConfig", "load_lut"]
+
+
+@functools.lru_cache(maxsize=32)
+def _load_cached(path: str, mtime_ns: int, size: int) -> LutFile:
+    return _load(path)
+
+
+def load_lut(path: str | os.PathLike) -> LutFile:
+    """Load (and verify) a LUT file, cached by path, modification time and size.
+
+    Raises:
+        FileNotFoundError: no such file.
+        appmult.lut_gen.LutFileError: not a valid LUT file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"LUT file {p} does not exist")
+    st = p.stat()
+    return _load_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ApproxConfig:
+    """Configuration of an approximate layer. Frozen and hashable (it can key caches).
+
+    Args:
+        lut: LUT file path or a loaded :class:`~appmult.lut_gen.LutFile`. Operand widths
+            and signedness come from it: a signed LUT gives symmetric quantization, an
+            unsigned one asymmetric quantization with zero points.
+        grad: backward mode: ``"ste"`` (no table needed), ``"lut2d"`` or ``"lut1d"`` (tables
+            stored in the LUT file under those names).
+        weight_scheme: ``"per_channel"`` (default) or ``"per_tensor"`` weight scales.
+        act_observer: activation range observer, ``"moving_average"`` or ``"minmax"``.
+        momentum: moving-average weight of a new batch.
+        kernel: ``"auto"`` (by exact rank), ``"lowrank"`` or ``"gather"``.
+        exact_accumulate: accumulate in float64/integers in every forward (bit-exact LUT
+            sums always); otherwise float32 low-rank sums, exact while ``K * S < 2**24``.
+        activation_operand: LUT operand that receives activations, ``"a"`` (default, the
+            RTL MAC's order) or ``"b"``.
+        compute_missing_gradients: compute absent gradient tables with
+            :mod:`appmult.lut_gen.gradients` instead of raising.
+        half_window: LUT-2D half window used when computing tables (``"auto"`` or int).
+
+    Raises:
+        TypeError: ``lut`` is neither a path nor a LutFile, or a flag is not a bool.
+        ValueError: an unknown mode string or a momentum outside ``(0, 1]``.
+    """
+
+    lut: str | LutFile
+    grad: str = "ste"
+    weight_scheme: str = "per_channel"
+    act_observer: str = "moving_average"
+    momentum: float = 0.1
+    kernel: str = "auto"
+    exact_accumulate: bool = False
+    activation_operand: str = "a"
+    compute_missing_gradients: bool = False
+    half_window: int | str = "auto"
+
+    def __post_init__(self) -> None:
+        lut = self.lut
+        if isinstance(lut, os.PathLike):
+            object.__setattr__(self, "lut", os.fspath(lut))
+        elif not isinstance(lut, (str, LutFile)):
+            raise TypeError(f"ApproxConfig lut must be a LUT file path or a LutFile, not {type(lut).__name__}")
+
+        def check(enum_cls, field):
+            value = getattr(self, field)
+            try:
+                object.__setattr__(self, field, enum_cls(value).value)
+            except ValueError:
+                allowed = ", ".join(repr(e.value) for e in enum_cls)
+                raise ValueError(f"ApproxConfig {field} must be one of {allowed}, not {value!r}") from None
+
+        check(GradMode, "grad")
+        check(WeightScheme, "weight_scheme")
+        check(Observer, "act_observer")
+        check(Kernel, "kernel")
+        if self.activation_operand not in ("a", "b"):
+            raise ValueError(f"ApproxConfig activation_operand must be 'a' or 'b', not {self.activation_operand!r}")
+        for flag in ("exact_accumulate", "compute_missing_gradients"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"ApproxConfig {flag} must be a bool, not {getattr(self, flag)!r}")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) \
+                or not 0.0 < float(self.momentum) <= 1.0:
+            raise ValueError(f"ApproxConfig momentum must be a number in (0, 1], not {self.momentum!r}")
+        hw = self.half_window
+        if not (hw == "auto" or (isinstance(hw, int) and not isinstance(hw, bool) and hw >= 1)):
+            raise ValueError(f"ApproxConfig half_window must be 'auto' or a positive int, not {hw!r}")
+
+    def load(self) -> LutFile:
+        """The LUT file (loaded and verified once per path)."""
+        return self.lut if isinstance(self.lut, LutFile) else load_lut(self.lut)

@@ -1,0 +1,115 @@
+"""Model conversion: swap ``nn.Linear``/``nn.Conv2d`` for approximate layers, in place."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Mapping
+
+from torch import nn
+
+from .config import ApproxConfig
+from .layers import ApproxConv2d, ApproxLinear
+
+__all__ = ["approximate_", "approximate_layers", "exact_", "exact_multiplication"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _convert_one(module: nn.Module, config: ApproxConfig) -> nn.Module | None:
+    # Exact type checks on purpose: an already converted layer is a subclass and stays.
+    if type(module) is nn.Linear:
+        return ApproxLinear.from_float(module, config)
+    if type(module) is nn.Conv2d:
+        return ApproxConv2d.from_float(module, config)
+    return None
+
+
+def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxConfig],
+                 filter_fn: FilterFn | None = None) -> nn.Module:
+    """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by approximate ones, in place.
+
+    Trained weights and biases are reused (:meth:`ApproxLinear.from_float`).
+
+    Args:
+        model: the model (itself converted when it is a Linear/Conv2d: use the return value).
+        config: one config for every layer, or ``{qualified_layer_name: config}`` for
+            heterogeneous multipliers (layers not named stay float).
+        filter_fn: ``filter_fn(module, name) -> bool``; only layers it accepts are converted.
+
+    Returns:
+        The converted model.
+
+    Raises:
+        KeyError: a name in the config dict is not a Linear/Conv2d layer of the model.
+        TypeError: ``config`` is neither an ApproxConfig nor a mapping of them.
+    """
+    if isinstance(config, ApproxConfig):
+        def pick(name: str) -> ApproxConfig | None:
+            return config
+    elif isinstance(config, Mapping):
+        convertible = {n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+        unknown = sorted(set(config) - convertible)
+        if unknown:
+            raise KeyError(f"approximate_: no nn.Linear/nn.Conv2d layer named {', '.join(map(repr, unknown))}")
+        for name, c in config.items():
+            if not isinstance(c, ApproxConfig):
+                raise TypeError(f"approximate_: config for {name!r} is a {type(c).__name__}, not an ApproxConfig")
+
+        def pick(name: str) -> ApproxConfig | None:
+            return config.get(name)
+    else:
+        raise TypeError(f"approximate_ needs an ApproxConfig or a dict of them, not {type(config).__name__}")
+
+    def visit(module: nn.Module, name: str) -> nn.Module:
+        cfg = pick(name)
+        if cfg is not None and (filter_fn is None or filter_fn(module, name)):
+            new = _convert_one(module, cfg)
+            if new is not None:
+                return new
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            new_child = visit(child, full)
+            if new_child is not child:
+                setattr(module, child_name, new_child)
+        return module
+
+    return visit(model, "")
+
+
+def approximate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every approximate layer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, (ApproxLinear, ApproxConv2d)):
+            yield name, m
+
+
+def exact_(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every approximate layer to exact multiplication (same quantization), or back.
+
+    For hybrid training (approximate for most epochs, exact for the last few) and for
+    comparisons against the accurate multiplier at the same bit width.
+
+    Args:
+        model: a model with approximate layers.
+        enabled: ``True`` for exact products, ``False`` to return to the LUT.
+
+    Returns:
+        ``model``.
+    """
+    for _, m in approximate_layers(model):
+        m.exact_multiplication = bool(enabled)
+    return model
+
+
+@contextlib.contextmanager
+def exact_multiplication(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: exact products inside, each layer's previous mode restored after."""
+    layers = [m for _, m in approximate_layers(model)]
+    saved = [m.exact_multiplication for m in layers]
+    try:
+        for m in layers:
+            m.exact_multiplication = True
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.exact_multiplication = s

@@ -1,0 +1,605 @@
+"""Autograd functions for LUT-exact products: linear, conv2d and matmul.
+
+Operand roles. A layer multiplies an *activation* by a *weight*. By default the
+activation is the LUT's operand ``a`` and the weight its operand ``b`` -- the order of the
+RTL MAC unit (``appmult.hdl``'s MAC takes the activation on ``a``); set
+``activation_operand="b"`` for hardware wired the other way round. Internally every
+table is re-indexed ``[x, w]`` (activation first) and by *value offset* (``value -
+min_value``) instead of by code, so quantized integers index tables directly.
+
+Forward. Every output accumulates ``sum_k LUT[qx_k, qw_k]`` over its receptive field,
+computed by one of the kernels of :mod:`appmult.nn.kernels`:
+
+* ``exact=True`` (or :meth:`~appmult.nn.ApproxLinear.int_forward`): float64 low-rank
+  (exact while ``K * S < 2**53``) or int32/int64 gather -- bit for bit the LUT sum.
+* default (training): low-rank in float32, which is *also exact* whenever
+  ``K * S < 2**24`` (``S`` = largest ``sum_r |U V|`` of one product, e.g. 16384 for the
+  exact signed 8x8 product, so every K <= 1024); the gather path is always exact (int32).
+  Where ``K * S >= 2**24`` the float32 low-rank sum may round: each of the ``n = K*r``
+  additions errs by at most ``2**-24`` times the running sum, so
+  ``|error| <= n * 2**-24 * K * S`` (the classical dot-product bound). For an unsigned 8x8
+  truncated LUT (S ~ 65216) and K = 400 (r = 5) that is at most ~0.3% of the largest
+  possible accumulator, and in practice (random-order errors) about ``sqrt(n)`` times
+  smaller: ~1 unit, against the multiplier's own accumulated error of MAE * K (a 4-column
+  truncation has MAE ~ 8, so ~3200 per output). ``ApproxConfig(exact_accumulate=True)``
+  removes the question.
+
+Backward, with ``y_j = sum_k f(qx_k, qw_kj)``:
+``dL/dqx_k = sum_j dL/dy_j df/da(qx_k, qw_kj)`` and
+``dL/dqw_kj = sum_batch dL/dy_j df/db(qx_k, qw_kj)``:
+
+* ``ste``: ``df/da = value(b)``, ``df/db = value(a)`` -- two ordinary GEMMs/convs;
+* ``lut1d``: ``df/da ~ g_a(b)``, ``df/db ~ g_b(a)`` -- two ordinary GEMMs/convs on weights
+  (resp. activations) mapped through the compact tables;
+* ``lut2d``: full tables, through a (float) low-rank factorization of each gradient table
+  (r GEMMs/convs) or the gather kernels.
+
+Gradients then flow through the zero-point cross terms (ordinary torch ops) and the
+quantizers' clipped straight-through estimators.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..codes import codes_by_value, codes_to_values
+from ..lut_gen.lutfile import LutFile, LutFileError
+from . import kernels as K
+
+__all__ = [
+    "GradMode",
+    "Kernel",
+    "LutMismatchError",
+    "LutTables",
+    "MissingGradientError",
+    "approx_conv2d",
+    "approx_linear",
+    "approx_matmul",
+    "lut_conv2d",
+    "lut_linear",
+]
+
+
+class GradMode(str, enum.Enum):
+    """Backward rule of the approximate product."""
+
+    STE = "ste"
+    LUT2D = "lut2d"
+    LUT1D = "lut1d"
+
+
+class Kernel(str, enum.Enum):
+    """Forward kernel choice."""
+
+    AUTO = "auto"
+    LOWRANK = "lowrank"
+    GATHER = "gather"
+
+
+class MissingGradientError(LutFileError):
+    """The LUT file lacks the gradient tables a layer's grad mode needs."""
+
+
+class LutMismatchError(RuntimeError):
+    """A state_dict was saved with a different LUT than the layer it is loaded into."""
+
+
+def _gradients_module():
+    try:
+        from ..lut_gen import gradients
+    except ImportError:  # pragma: no cover - depends on the checkout
+        return None
+    return gradients
+
+
+def _missing_gradients(lut: LutFile, method: str) -> MissingGradientError:
+    have = ", ".join(sorted(lut.gradients)) or "none"
+    return MissingGradientError(
+        f"LUT {lut.lut_id} has no {method!r} gradient tables (it has: {have}); produce them with "
+        f"`appmult characterize ... --gradients {method}` or pass "
+        f"ApproxConfig(compute_missing_gradients=True) to compute them with appmult.lut_gen.gradients")
+
+
+class LutTables(nn.Module):
+    """A LUT and every table derived from it, as buffers, re-indexed ``[x, w]`` by value offset.
+
+    Persistent state: the product table as stored in the file (``table``, indexed
+    ``[a_code, b_code]``) and, in extra state, the LUT's SHA-256; loading a state_dict
+    saved with another LUT raises :class:`LutMismatchError`. Derived tables (value-order
+    product, integer low-rank factors, gradient tables and their factors) are
+    non-persistent buffers, rebuilt from the LUT, that follow ``.to(device)``.
+
+    Args:
+        lut: the LUT file contents.
+        grad: backward mode.
+        kernel: forward kernel (``auto``: by exact integer rank, see
+            :func:`appmult.nn.kernels.choose_kernel`).
+        activation_operand: LUT operand that receives activations (``"a"`` or ``"b"``).
+        compute_missing_gradients: compute absent ``lut2d``/``lut1d`` tables with
+            :mod:`appmult.lut_gen.gradients` instead of raising.
+        half_window: LUT-2D half window when computing tables (``"auto"`` or an int).
+
+    Raises:
+        MissingGradientError: the grad mode needs tables the file lacks.
+        ValueError: ``kernel="lowrank"`` for a LUT without an exact low-rank factorization.
+    """
+
+    def __init__(self, lut: LutFile, *, grad: str | GradMode = GradMode.STE,
+                 kernel: str | Kernel = Kernel.AUTO, activation_operand: str = "a",
+                 compute_missing_gradients: bool = False, half_window: int | str = "auto"):
+        super().__init__()
+        if not isinstance(lut, LutFile):
+            raise TypeError(f"LutTables needs a LutFile, not {type(lut).__name__}")
+        if activation_operand not in ("a", "b"):
+            raise ValueError(f"Activation operand must be 'a' or 'b', not {activation_operand!r}")
+        self.lut_file = lut
+        self.grad = GradMode(grad)
+        self.activation_operand = activation_operand
+        self.sha256 = lut.sha256
+        swap = activation_operand == "b"
+        self.width_x, self.width_w = (lut.width_b, lut.width_a) if swap else (lut.width_a, lut.width_b)
+        self.signed = lut.signed
+        cx = codes_by_value(self.width_x, self.signed)
+        cw = codes_by_value(self.width_w, self.signed)
+        self.lo_x = int(codes_to_values(cx[:1], self.width_x, self.signed)[0])
+        self.lo_w = int(codes_to_values(cw[:1], self.width_w, self.signed)[0])
+        vx = codes_to_values(cx, self.width_x, self.signed)
+        vw = codes_to_values(cw, self.width_w, self.signed)
+        p = lut.product.T if swap else lut.product
+        prod = p[np.ix_(cx, cw)]
+        self.max_abs = int(np.abs(prod).max(initial=0))
+        self.register_buffer("table", torch.from_numpy(lut.product.copy()))
+        dt = torch.int32 if self.max_abs < (1 << 31) else torch.int64
+        self.register_buffer("prod", torch.from_numpy(prod.copy()).to(dt), persistent=False)
+
+        fac = K.cached_integer_factorization(self.sha256 + activation_operand, prod, vx, vw)
+        self.rank = None if fac is None else fac.rank
+        self.bound = None if fac is None else fac.bound
+        kern = Kernel(kernel)
+        if kern is Kernel.AUTO:
+            kern = Kernel(K.choose_kernel(self.rank))
+        if kern is Kernel.LOWRANK and fac is None:
+            raise ValueError(f"LUT {lut.lut_id} has no exact integer factorization of rank <= 32; "
+                             f"use kernel='gather' or kernel='auto'")
+        self.kernel = kern
+        if fac is not None:
+            self.register_buffer("u", torch.from_numpy(fac.u.astype(np.float64)), persistent=False)
+            self.register_buffer("v", torch.from_numpy(fac.v.astype(np.float64)), persistent=False)
+        else:
+            self.register_buffer("u", None, persistent=False)
+            self.register_buffer("v", None, persistent=False)
+
+        # Gradient tables, all [x, w] / value-offset indexed.
+        gx1 = gw1 = gx2 = gw2 = None
+        if self.grad is GradMode.STE:
+            gx1, gw1 = vw.astype(np.float32), vx.astype(np.float32)
+        else:
+            method = self.grad.value
+            if method not in lut.gradients:
+                mod = _gradients_module()
+                if not compute_missing_gradients or mod is None:
+                    raise _missing_gradients(lut, method)
+                args = (lut.product, lut.width_a, lut.width_b, lut.signed, half_window)
+                ga, gb = (mod.lut2d_gradients(*args) if method == "lut2d" else mod.lut1d_gradients(*args))
+            else:
+                ga, gb = lut.gradient(method)
+            ga, gb = np.asarray(ga, np.float32), np.asarray(gb, np.float32)
+            ca = codes_by_value(lut.width_a, lut.signed)
+            cb = codes_by_value(lut.width_b, lut.signed)
+            if ga.ndim == 1:
+                if self.grad is GradMode.LUT2D:
+                    raise LutFileError(f"LUT {lut.lut_id} stores compact (1-D) tables under 'lut2d'; "
+                                       f"LUT-2D needs full tables")
+                # ga: one value per code of b; gb: one per code of a.
+                gx1, gw1 = (gb[ca], ga[cb]) if swap else (ga[cb], gb[ca])
+            else:
+                if self.grad is GradMode.LUT1D:
+                    raise LutFileError(f"LUT {lut.lut_id} stores full tables under 'lut1d'; "
+                                       f"LUT-1D needs compact (1-D) tables")
+                if swap:
+                    gx2, gw2 = gb.T[np.ix_(cx, cw)], ga.T[np.ix_(cx, cw)]
+                else:
+                    gx2, gw2 = ga[np.ix_(cx, cw)], gb[np.ix_(cx, cw)]
+        for name, arr in (("gx1", gx1), ("gw1", gw1), ("gx2", gx2), ("gw2", gw2)):
+            self.register_buffer(name, None if arr is None else torch.from_numpy(np.ascontiguousarray(arr)),
+                                 persistent=False)
+        self.grad_kernel = None
+        for name in ("gx_p", "gx_q", "gw_p", "gw_q"):
+            self.register_buffer(name, None, persistent=False)
+        if gx2 is not None:
+            self.grad_kernel = Kernel.GATHER
+            fx = K.float_factorization(gx2)
+            fw = K.float_factorization(gw2)
+            if fx is not None and fw is not None:
+                r = max(fx[0].shape[1], fw[0].shape[1])
+                if kern is Kernel.LOWRANK or r <= K.AUTO_MAX_RANK:
+                    self.grad_kernel = Kernel.LOWRANK
+                    self.gx_p, self.gx_q = (torch.from_numpy(a.astype(np.float32)) for a in fx)
+                    self.gw_p, self.gw_q = (torch.from_numpy(a.astype(np.float32)) for a in fw)
+
+    # -- identity --------------------------------------------------------------------------
+    @property
+    def lut_id(self) -> str:
+        return self.sha256[:16]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"lut_sha256": self.sha256, "activation_operand": self.activation_operand}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._check_state(state, "")
+
+    def _check_state(self, state: Any, prefix: str) -> None:
+        theirs = state.get("lut_sha256") if isinstance(state, dict) else None
+        if theirs != self.sha256:
+            where = prefix.rstrip(".").removesuffix(".lut") or "<root>"
+            raise LutMismatchError(
+                f"Layer '{where}' uses LUT {self.lut_id} but the state_dict was saved with LUT "
+                f"{str(theirs)[:16]}; build the model with the LUT file it was trained with")
+        if state.get("activation_operand", "a") != self.activation_operand:
+            raise LutMismatchError(
+                f"State_dict maps activations to LUT operand {state.get('activation_operand')!r} "
+                f"but the layer maps them to {self.activation_operand!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Check identity before any buffer is overwritten, so a refused load changes nothing.
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            self._check_state(state_dict[key], prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def describe(self) -> str:
+        """One line for ``extra_repr``: LUT id, spec, widths, kernel, grad mode."""
+        md = self.lut_file.metadata
+        spec = md.get("spec") or md.get("family") or "custom"
+        rank = f"rank={self.rank}" if self.rank is not None else "rank>32"
+        g = self.grad.value + (f"/{self.grad_kernel.value}" if self.grad_kernel is not None else "")
+        return (f"lut={self.lut_id} ({spec}, {self.lut_file.width_a}x{self.lut_file.width_b} "
+                f"{'signed' if self.signed else 'unsigned'}), act=operand {self.activation_operand}, "
+                f"kernel={self.kernel.value} ({rank}), grad={g}")
+
+    def fp32_exact(self, k: int) -> bool:
+        """Whether a float32 low-rank accumulation of ``k`` products is exact."""
+        return self.bound is not None and k * self.bound < K.FP32_EXACT_LIMIT
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+
+# ------------------------------------------------------------------------------------------
+# Index helpers
+# ------------------------------------------------------------------------------------------
+
+def _idx(q: torch.Tensor, lo: int) -> torch.Tensor:
+    return (q.detach() - lo).to(torch.long)
+
+
+def _map_channels(table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, C, ...)`` indices -> ``(N, C*r, ...)`` values, the r factors of a channel adjacent."""
+    t = table.to(dtype)[idx]                      # (N, C, *sp, r)
+    n, c = idx.shape[:2]
+    nd = idx.dim()
+    perm = (0, 1, nd) + tuple(range(2, nd))
+    return t.permute(perm).reshape(n, c * table.shape[1], *idx.shape[2:])
+
+
+def _unfold_idx(idx: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
+    """``(N, C, Hp, Wp)`` indices -> ``(N, C*kh*kw, L)`` in :func:`torch.nn.functional.unfold` order."""
+    n, c = idx.shape[:2]
+    kh, kw = kernel_size
+    eh, ew = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    p = idx.unfold(2, eh, stride[0]).unfold(3, ew, stride[1])     # (N, C, Ho, Wo, eh, ew)
+    p = p[..., ::dilation[0], ::dilation[1]]                         # (N, C, Ho, Wo, kh, kw)
+    ho, wo = p.shape[2], p.shape[3]
+    return p.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, ho * wo)
+
+
+def _small_idx(idx: torch.Tensor, size: int) -> torch.Tensor:
+    # uint8 indices take an eighth of the memory of int64 in the unfolded operand (widths <= 8).
+    return idx.to(torch.uint8) if size <= 256 else idx.to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------
+# Linear
+# ------------------------------------------------------------------------------------------
+
+def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: bool) -> torch.Tensor:
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    m, k = ix.shape
+    dtype = torch.float64 if exact else torch.float32
+    if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
+        xu = tabs.u.to(dtype)[ix].reshape(m, -1)
+        wv = tabs.v.to(dtype)[iw].reshape(iw.shape[0], -1)
+        acc = xu @ wv.t()
+        return torch.round(acc) if exact else acc
+    out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
+    a = _small_idx(ix, tabs.prod.shape[0]).t().unsqueeze(0)
+    acc = K.gather_forward(a, _small_idx(iw, tabs.prod.shape[1]), tabs.prod, 1, out_dt)[0].t()
+    return acc.to(device=qx.device, dtype=dtype)
+
+
+def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables):
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    dt = grad.dtype
+    if tabs.gx1 is not None:
+        gx = grad @ tabs.gx1.to(dt)[iw]
+        gw = grad.t() @ tabs.gw1.to(dt)[ix]
+        return gx, gw
+    m, k = ix.shape
+    n = iw.shape[0]
+    if tabs.grad_kernel is Kernel.LOWRANK:
+        ra, rb = tabs.gx_p.shape[1], tabs.gw_p.shape[1]
+        t = (grad @ tabs.gx_q.to(dt)[iw].reshape(n, k * ra)).reshape(m, k, ra)
+        gx = (t * tabs.gx_p.to(dt)[ix]).sum(-1)
+        t2 = (grad.t() @ tabs.gw_p.to(dt)[ix].reshape(m, k * rb)).reshape(n, k, rb)
+        gw = (t2 * tabs.gw_q.to(dt)[iw]).sum(-1)
+        return gx, gw
+    a = _small_idx(ix, tabs.prod.shape[0]).t().unsqueeze(0)
+    b = _small_idx(iw, tabs.prod.shape[1])
+    g = grad.t().unsqueeze(0)
+    gx = K.gather_grad_a(a, b, tabs.gx2, g, 1)[0].t()
+    gw = K.gather_grad_b(a, b, tabs.gw2, g, 1)
+    return gx.to(device=grad.device, dtype=dt), gw.to(device=grad.device, dtype=dt)
+
+
+class _LutLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: bool) -> torch.Tensor:
+        ctx.save_for_backward(qx, qw)
+        ctx.tabs = tabs
+        return _linear_forward(qx, qw, tabs, exact)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qx, qw = ctx.saved_tensors
+        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None
+
+
+def lut_linear(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, exact: bool = False) -> torch.Tensor:
+    """``acc[m, n] = sum_k LUT[qx[m, k], qw[n, k]]`` with the LUT's backward rule.
+
+    Args:
+        qx: integer-valued activations ``(M, K)`` (float dtype), in the LUT's value range.
+        qw: integer-valued weights ``(N, K)`` (torch ``Linear`` layout).
+        tabs: the LUT tables.
+        exact: accumulate exactly (float64 / integer); otherwise float32 (see module notes).
+
+    Returns:
+        ``(M, N)`` accumulators (float32, or float64 when ``exact``), integer-valued.
+    """
+    return _LutLinearFn.apply(qx, qw, tabs, exact)
+
+
+# ------------------------------------------------------------------------------------------
+# Conv2d (input already padded with the activation zero point)
+# ------------------------------------------------------------------------------------------
+
+def _conv_forward(qx, qw, tabs: LutTables, stride, dilation, groups, exact: bool) -> torch.Tensor:
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    k = qw[0].numel()
+    dtype = torch.float64 if exact else torch.float32
+    if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
+        xu = _map_channels(tabs.u, ix, dtype)
+        wv = _map_channels(tabs.v, iw, dtype)
+        acc = F.conv2d(xu, wv, None, stride, 0, dilation, groups)
+        return torch.round(acc) if exact else acc
+    n = qx.shape[0]
+    kh, kw = qw.shape[2:]
+    a = _unfold_idx(_small_idx(ix, tabs.prod.shape[0]), (kh, kw), stride, dilation)
+    ho = (qx.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (qx.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
+    acc = K.gather_forward(a, _small_idx(iw, tabs.prod.shape[1]).reshape(qw.shape[0], -1), tabs.prod, groups, out_dt)
+    return acc.reshape(n, qw.shape[0], ho, wo).to(device=qx.device, dtype=dtype)
+
+
+def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups):
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    dt = grad.dtype
+    cin_g = qw.shape[1]
+    if tabs.gx1 is not None:
+        gx = torch.nn.grad.conv2d_input(qx.shape, tabs.gx1.to(dt)[iw], grad, stride, 0, dilation, groups)
+        gw = torch.nn.grad.conv2d_weight(tabs.gw1.to(dt)[ix], qw.shape, grad, stride, 0, dilation, groups)
+        return gx, gw
+    n, c, hp, wp = qx.shape
+    co, _, kh, kw = qw.shape
+    if tabs.grad_kernel is Kernel.LOWRANK:
+        ra, rb = tabs.gx_p.shape[1], tabs.gw_p.shape[1]
+        t = torch.nn.grad.conv2d_input((n, c * ra, hp, wp), _map_channels(tabs.gx_q, iw, dt), grad,
+                                       stride, 0, dilation, groups)
+        gx = (t.reshape(n, c, ra, hp, wp) * _map_channels(tabs.gx_p, ix, dt).reshape(n, c, ra, hp, wp)).sum(2)
+        t2 = torch.nn.grad.conv2d_weight(_map_channels(tabs.gw_p, ix, dt), (co, cin_g * rb, kh, kw), grad,
+                                         stride, 0, dilation, groups)
+        gw = (t2.reshape(co, cin_g, rb, kh, kw)
+              * _map_channels(tabs.gw_q, iw, dt).reshape(co, cin_g, rb, kh, kw)).sum(2)
+        return gx, gw
+    a = _unfold_idx(_small_idx(ix, tabs.prod.shape[0]), (kh, kw), stride, dilation)
+    b = _small_idx(iw, tabs.prod.shape[1]).reshape(co, -1)
+    g = grad.reshape(n, co, -1)
+    cols = K.gather_grad_a(a, b, tabs.gx2, g, groups).to(device=grad.device, dtype=dt)
+    gx = F.fold(cols, (hp, wp), (kh, kw), dilation=dilation, padding=0, stride=stride)
+    gw = K.gather_grad_b(a, b, tabs.gw2, g, groups).reshape(qw.shape)
+    return gx, gw.to(device=grad.device, dtype=dt)
+
+
+class _LutConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qx, qw, tabs: LutTables, stride, dilation, groups: int, exact: bool) -> torch.Tensor:
+        ctx.save_for_backward(qx, qw)
+        ctx.tabs, ctx.geom = tabs, (stride, dilation, groups)
+        return _conv_forward(qx, qw, tabs, stride, dilation, groups, exact)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qx, qw = ctx.saved_tensors
+        gx, gw = _conv_backward(grad.contiguous(), qx, qw, ctx.tabs, *ctx.geom)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def lut_conv2d(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, stride=1, dilation=1, groups: int = 1,
+               exact: bool = False) -> torch.Tensor:
+    """``acc[n, j, p] = sum LUT[qx, qw]`` over each receptive field (no padding: pad ``qx`` first).
+
+    Args:
+        qx: integer-valued activations ``(N, C, H, W)``, already padded with the zero point.
+        qw: integer-valued weights ``(Co, C/groups, kh, kw)``.
+        tabs: the LUT tables.
+        stride: conv stride.
+        dilation: conv dilation.
+        groups: conv groups.
+        exact: accumulate exactly (float64 / integer).
+
+    Returns:
+        ``(N, Co, Ho, Wo)`` accumulators, integer-valued.
+    """
+    return _LutConv2dFn.apply(qx, qw, tabs, _pair(stride), _pair(dilation), int(groups), exact)
+
+
+# ------------------------------------------------------------------------------------------
+# Quantized layers' arithmetic (shared by the modules and the functional API)
+# ------------------------------------------------------------------------------------------
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} input contains NaN or Inf; approximate layers quantize their "
+                         f"inputs and cannot represent non-finite values")
+
+
+def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                  zw: torch.Tensor, bias: torch.Tensor | None, tabs: LutTables | None, *,
+                  exact: bool = False) -> torch.Tensor:
+    """Dequantized linear output from quantized operands.
+
+    ``y = sx * sw * sum_k (AM(qx, qw) - qx*zw - zx*qw + zx*zw) + bias``; with ``tabs=None``
+    the exact product replaces ``AM`` (exact-multiplication mode).
+
+    Args:
+        qx: ``(M, K)`` integer-valued activations; ``sx``/``zx`` their scalar scale/zero point.
+        qw: ``(N, K)`` integer-valued weights; ``sw``/``zw`` per tensor or ``(N, 1)`` per channel.
+        bias: optional ``(N,)``.
+        tabs: LUT tables, or ``None`` for exact multiplication.
+        exact: exact accumulation.
+
+    Returns:
+        ``(M, N)`` output in ``qx``'s dtype.
+    """
+    dt = torch.float64 if exact else qx.dtype
+    zwr = zw.reshape(1, -1) if zw.dim() else zw
+    swr = sw.reshape(1, -1) if sw.dim() else sw
+    if tabs is None:
+        acc = (qx.to(dt) - zx) @ (qw.to(dt) - zw).t()
+    else:
+        acc = lut_linear(qx, qw, tabs, exact=exact).to(dt)
+        if not tabs.signed:
+            k = qx.shape[1]
+            acc = acc - qx.to(dt).sum(1, keepdim=True) * zwr - zx * qw.to(dt).sum(1).reshape(1, -1) + k * zx * zwr
+    y = (sx * swr).to(dt) * acc
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y.to(qx.dtype)
+
+
+def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
+                  zw: torch.Tensor, bias: torch.Tensor | None, tabs: LutTables | None, *, stride=1,
+                  padding=0, dilation=1, groups: int = 1, exact: bool = False) -> torch.Tensor:
+    """Dequantized conv2d output from quantized operands (see :func:`approx_linear`).
+
+    Padding inserts the activation zero point (a code), not a literal 0: a padded position
+    contributes ``LUT[Zx, qw]`` like any other, as it does in the hardware.
+
+    Returns:
+        ``(N, Co, Ho, Wo)`` output in ``qx``'s dtype.
+    """
+    dt = torch.float64 if exact else qx.dtype
+    ph, pw = _pair(padding)
+    if ph or pw:
+        qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
+    st, dil = _pair(stride), _pair(dilation)
+    co = qw.shape[0]
+    zwr = zw.reshape(1, co, 1, 1) if zw.dim() else zw
+    swr = sw.reshape(1, co, 1, 1) if sw.dim() else sw
+    if tabs is None:
+        acc = F.conv2d(qx.to(dt) - zx, qw.to(dt) - zw, None, st, 0, dil, groups)
+    else:
+        acc = lut_conv2d(qx, qw, tabs, stride=st, dilation=dil, groups=groups, exact=exact).to(dt)
+        if not tabs.signed:
+            cg, kh, kw = qw.shape[1:]
+            ones = torch.ones((groups, cg, kh, kw), dtype=dt, device=qx.device)
+            sum_x = F.conv2d(qx.to(dt), ones, None, st, 0, dil, groups).repeat_interleave(co // groups, dim=1)
+            sum_w = qw.to(dt).sum((1, 2, 3)).reshape(1, co, 1, 1)
+            acc = acc - sum_x * zwr - zx * sum_w + (cg * kh * kw) * zx * zwr
+    y = (sx * swr).to(dt) * acc
+    if bias is not None:
+        y = y + bias.to(dt).reshape(1, co, 1, 1)
+    return y.to(qx.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Activation x activation
+# ------------------------------------------------------------------------------------------
+
+_TABLE_CACHE: dict[tuple, LutTables] = {}
+
+
+def _tables_for(lut: LutFile | str | os.PathLike, grad: str, kernel: str, device: torch.device) -> LutTables:
+    if not isinstance(lut, LutFile):
+        from .config import load_lut
+        lut = load_lut(lut)
+    key = (lut.sha256, GradMode(grad), Kernel(kernel), str(device))
+    tabs = _TABLE_CACHE.get(key)
+    if tabs is None:
+        tabs = LutTables(lut, grad=grad, kernel=kernel).to(device)
+        _TABLE_CACHE[key] = tabs
+    return tabs
+
+
+def approx_matmul(a: torch.Tensor, b: torch.Tensor, lut: LutFile | str | os.PathLike, *,
+                  grad: str = "ste", kernel: str = "auto", exact: bool = False) -> torch.Tensor:
+    """``a @ b`` with every scalar product through the LUT (e.g. attention scores).
+
+    Both operands are quantized per tensor from their own current range (dynamic
+    quantization, straight-through gradients); ``a`` goes to the LUT's operand ``a``.
+
+    Args:
+        a: ``(..., M, K)`` float tensor.
+        b: ``(..., K, N)`` float tensor (batch dimensions broadcast like :func:`torch.matmul`).
+        lut: a LUT file or its path.
+        grad: backward mode (``ste``, ``lut2d``, ``lut1d``).
+        kernel: ``auto``, ``lowrank`` or ``gather``.
+        exact: exact accumulation.
+
+    Returns:
+        ``(..., M, N)`` tensor.
+
+    Raises:
+        ValueError: NaN/Inf inputs or mismatched shapes.
+    """
+    from .quant import ActivationQuantizer
+
+    _check_finite(a, "approx_matmul")
+    _check_finite(b, "approx_matmul")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"approx_matmul shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+    tabs = _tables_for(lut, grad, kernel, a.device)
+    qa_ = ActivationQuantizer(tabs.width_x, tabs.signed, "minmax").to(a.device)
+    qb_ = ActivationQuantizer(tabs.width_w, tabs.signed, "minmax").to(a.device)
+    qa, sa, za = qa_(a)
+    qb, sb, zb = qb_(b)
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    qa = qa.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+    qb = qb.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+    outs = [approx_linear(qa[i], sa, za, qb[i].t(), sb, zb, None, tabs, exact=exact) for i in range(qa.shape[0])]
+    return torch.stack(outs).reshape(*batch, a.shape[-2], b.shape[-1])

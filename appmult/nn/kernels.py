@@ -1,0 +1,430 @@
+"""Kernels that evaluate ``sum_k LUT[a_ik, b_kj]`` and its LUT gradients.
+
+Two families, chosen per LUT (see :func:`choose_kernel`):
+
+* **Low-rank** -- an *exact integer* factorization ``LUT = U @ V.T`` (``U``: one row per
+  value of operand ``a``, ``V``: one row per value of ``b``, both integer-valued, rank
+  ``r``) turns the approximate GEMM into ordinary GEMMs on operands mapped elementwise
+  through the small tables: ``sum_k LUT[A_ik, B_kj] = sum_k sum_r U[A_ik, r] V[B_kj, r]``,
+  i.e. one GEMM (or one convolution) with ``r`` times the reduction length. Because the
+  factors are integers, every partial sum of that GEMM is an integer; in float32 it is
+  therefore exact as long as ``K * S < 2**24`` (``S = max_ab sum_r |U[a,r] V[b,r]|``),
+  in float64 as long as ``K * S < 2**53`` -- whatever order the BLAS sums in.
+  :func:`integer_factorization` finds such factors and verifies ``U @ V.T == LUT``
+  exactly in int64 before they are used.
+* **Gather** -- for high-rank LUTs: a sum of table look-ups, accumulated in int32 (exact
+  while ``K * max|LUT| < 2**31``, otherwise int64). On CPU a numba kernel
+  (``parallel=True``) keeps the output tile of a batch item in cache and, for each
+  reduction index ``k`` and output channel ``j``, reuses the LUT row of the fixed weight
+  code ``LUT[:, B_kj]`` for the whole tile. Elsewhere (CUDA, ...) a chunked torch
+  gather does the same arithmetic.
+
+Both work on *indices* ``value - min_value`` (tables are stored in value order; see
+:mod:`appmult.nn.functional`), in a GEMM-shaped layout shared by linear layers and
+(unfolded) convolutions: ``A`` is ``(batch, G*Kg, L)`` (reduction index ``k`` then
+output position), ``B`` is ``(G*Ng, Kg)`` (a weight matrix in torch layout, ``G`` groups).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FP32_EXACT_LIMIT",
+    "LowRank",
+    "choose_kernel",
+    "float_factorization",
+    "gather_forward",
+    "gather_grad_a",
+    "gather_grad_b",
+    "integer_factorization",
+    "numba_available",
+]
+
+#: Integers up to this magnitude are represented exactly in float32 (and every sum of them).
+FP32_EXACT_LIMIT = 1 << 24
+FP64_EXACT_LIMIT = 1 << 53
+
+#: Largest rank the automatic choice sends to the low-rank kernel. The low-rank GEMM costs
+#: about ``r`` exact GEMMs; the numba gather costs about 10-25 exact fp32 GEMMs on a
+#: 2-core AVX2 machine (benchmarks/bench_nn.py), so beyond ~12 the gather is faster.
+AUTO_MAX_RANK = 12
+
+
+# ------------------------------------------------------------------------------------------
+# Exact integer factorization
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LowRank:
+    """An exact integer factorization ``table == U @ V.T``.
+
+    Attributes:
+        u: int64 ``(rows, r)``.
+        v: int64 ``(cols, r)``.
+        bound: ``max_ab sum_r |u[a,r] v[b,r]|``: the largest magnitude one reduction step
+            can add to a partial sum (``K * bound`` bounds every partial sum).
+    """
+
+    u: np.ndarray
+    v: np.ndarray
+    bound: int
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+
+def _echelon(m: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Integer row echelon basis of the row lattice of ``m`` (object array of Python ints).
+
+    Euclid on each pivot column with unimodular row operations, so the returned rows
+    generate exactly the integer span of the input rows (every input row is an *integer*
+    combination of them).
+    """
+    m = m.copy()
+    nrows, ncols = m.shape
+    r0 = 0
+    pivots: list[int] = []
+    for c in range(ncols):
+        if r0 == nrows:
+            break
+        while True:
+            nz = np.nonzero(m[r0:, c] != 0)[0] + r0
+            if nz.size <= 1:
+                break
+            mags = np.array([abs(int(x)) for x in m[nz, c]])
+            p = nz[int(np.argmin(mags))]
+            others = nz[nz != p]
+            q = m[others, c] // m[p, c]
+            m[others] = m[others] - q[:, None] * m[p][None, :]
+        if nz.size == 0:
+            continue
+        p = int(nz[0])
+        if p != r0:
+            m[[r0, p]] = m[[p, r0]]
+        if m[r0, c] < 0:
+            m[r0] = -m[r0]
+        pivots.append(c)
+        r0 += 1
+    return m[:r0], pivots
+
+
+def _factor_exact(table: np.ndarray) -> LowRank | None:
+    """``table = C @ H`` with ``H`` the echelon basis of its rows, all integer; verified."""
+    obj = table.astype(object)
+    h, pivots = _echelon(obj)
+    if not pivots:
+        return LowRank(np.zeros((table.shape[0], 1), np.int64), np.zeros((table.shape[1], 1), np.int64), 0)
+    rest = obj.copy()
+    coeff = np.zeros((table.shape[0], len(pivots)), dtype=object)
+    for t, pc in enumerate(pivots):
+        ct = rest[:, pc] // h[t, pc]
+        coeff[:, t] = ct
+        rest = rest - ct[:, None] * h[t][None, :]
+    if np.any(rest != 0):
+        return None  # cannot happen for an echelon basis of the lattice; refuse rather than trust
+    big = max(max((abs(int(x)) for x in coeff.ravel()), default=0), max((abs(int(x)) for x in h.ravel()), default=0))
+    if big >= 1 << 31:
+        return None
+    u = coeff.astype(np.int64)
+    v = np.ascontiguousarray(h.T.astype(np.int64))
+    return _verified(table, u, v)
+
+
+def _verified(table: np.ndarray, u: np.ndarray, v: np.ndarray) -> LowRank | None:
+    absum = np.abs(u).astype(np.float64) @ np.abs(v).astype(np.float64).T
+    if absum.max(initial=0.0) >= 2.0 ** 62:
+        return None
+    if not np.array_equal(u @ v.T, table):  # int64, no overflow by the bound above
+        return None
+    return LowRank(u, v, int(absum.max(initial=0.0)))
+
+
+def integer_factorization(table: np.ndarray, *, values_a: np.ndarray | None = None,
+                          values_b: np.ndarray | None = None, max_rank: int = 32) -> LowRank | None:
+    """Find an exact integer factorization ``table == U @ V.T`` of minimal rank, or ``None``.
+
+    Two candidates are built and the one with the lower rank (then the smaller partial-sum
+    bound) wins: the integer echelon basis of the table itself, and -- when the operand
+    values are given -- the exact product ``outer(values_a, values_b)`` plus the echelon
+    factorization of the error table ``table - outer(...)``, whose factors are small for
+    truncated/perforated designs. Both are verified exactly in int64.
+
+    Args:
+        table: integer table ``(rows, cols)``.
+        values_a: operand value of each row (for the exact-plus-error candidate).
+        values_b: operand value of each column.
+        max_rank: skip the (Python-integer) search when the float64 numerical rank is larger.
+
+    Returns:
+        The factorization, or ``None`` when the rank exceeds ``max_rank``.
+    """
+    table = np.asarray(table, dtype=np.int64)
+    sv = np.linalg.svd(table.astype(np.float64), compute_uv=False)
+    tol = sv[0] * max(table.shape) * np.finfo(np.float64).eps if sv.size and sv[0] > 0 else 0.0
+    if int((sv > tol).sum()) > max_rank:
+        return None
+    cands = []
+    direct = _factor_exact(table)
+    if direct is not None:
+        cands.append(direct)
+    if values_a is not None and values_b is not None:
+        va = np.asarray(values_a, np.int64)[:, None]
+        vb = np.asarray(values_b, np.int64)[:, None]
+        err = _factor_exact(table - va @ vb.T)
+        if err is not None:
+            u = np.concatenate([va, err.u], axis=1) if err.rank else va
+            v = np.concatenate([vb, err.v], axis=1) if err.rank else vb
+            f = _verified(table, u, v)
+            if f is not None:
+                cands.append(f)
+    cands = [c for c in cands if c.rank <= max_rank]
+    if not cands:
+        return None
+    return min(cands, key=lambda c: (c.rank, c.bound))
+
+
+def float_factorization(table: np.ndarray, *, rel_tol: float = 1e-6, max_rank: int = 32
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Truncated SVD ``table ~= P @ Q.T`` for float gradient tables (not integer-exact).
+
+    Args:
+        table: float table.
+        rel_tol: largest allowed ``max|P @ Q.T - table| / max|table|``.
+        max_rank: give up beyond this rank.
+
+    Returns:
+        ``(P, Q)`` float64, or ``None`` when no rank up to ``max_rank`` meets ``rel_tol``.
+    """
+    t = np.asarray(table, dtype=np.float64)
+    scale = float(np.abs(t).max(initial=0.0))
+    if scale == 0.0:
+        return np.zeros((t.shape[0], 1)), np.zeros((t.shape[1], 1))
+    u, s, vt = np.linalg.svd(t, full_matrices=False)
+    for r in range(1, min(max_rank, s.size) + 1):
+        p = u[:, :r] * s[:r]
+        q = vt[:r].T
+        if np.abs(p @ q.T - t).max() <= rel_tol * scale:
+            return p, q
+    return None
+
+
+def choose_kernel(rank: int | None) -> str:
+    """The automatic kernel for a LUT of this exact integer rank (``None``: high rank)."""
+    return "lowrank" if rank is not None and rank <= AUTO_MAX_RANK else "gather"
+
+
+# ------------------------------------------------------------------------------------------
+# Gather kernels
+# ------------------------------------------------------------------------------------------
+
+try:  # numba is an optional dependency of the nn extra; the torch path works without it
+    import numba as _numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only without numba
+    _numba = None
+
+
+def numba_available() -> bool:
+    """Whether the numba CPU gather kernels can be used."""
+    return _numba is not None and os.environ.get("APPMULT_NO_NUMBA", "") == ""
+
+
+if _numba is not None:
+    @njit(parallel=True, cache=True, fastmath=False)
+    def _nb_forward(a, b, table_t, groups, chunk, out):  # pragma: no cover - compiled
+        # a: (nb, G*Kg, L) idx, b: (G*Ng, Kg) idx, table_t[b_idx, a_idx], out: (nb, G*Ng, L) zeroed
+        nbatch, ktot, length = a.shape
+        nout, kg = b.shape
+        ng = nout // groups
+        nch = (length + chunk - 1) // chunk
+        for t in prange(nbatch * nch):
+            bi = t // nch
+            i0 = (t % nch) * chunk
+            i1 = min(length, i0 + chunk)
+            acc = np.zeros((nout, i1 - i0), dtype=out.dtype)
+            for g in range(groups):
+                for k in range(kg):
+                    arow = a[bi, g * kg + k, i0:i1]
+                    for jj in range(ng):
+                        j = g * ng + jj
+                        row = table_t[b[j, k]]
+                        accj = acc[j]
+                        for i in range(i1 - i0):
+                            accj[i] += row[arow[i]]
+            out[bi, :, i0:i1] = acc
+
+    @njit(parallel=True, cache=True, fastmath=False)
+    def _nb_grad_a(a, b, ga_t, grad, groups, chunk, out):  # pragma: no cover - compiled
+        # out[bi, g*Kg+k, i] = sum_j grad[bi, j, i] * ga_t[b[j,k], a[bi, g*Kg+k, i]]
+        nbatch, ktot, length = a.shape
+        nout, kg = b.shape
+        ng = nout // groups
+        nch = (length + chunk - 1) // chunk
+        for t in prange(nbatch * nch):
+            bi = t // nch
+            i0 = (t % nch) * chunk
+            i1 = min(length, i0 + chunk)
+            for g in range(groups):
+                for k in range(kg):
+                    arow = a[bi, g * kg + k, i0:i1]
+                    acc = np.zeros(i1 - i0, dtype=np.float32)
+                    for jj in range(ng):
+                        j = g * ng + jj
+                        row = ga_t[b[j, k]]
+                        grow = grad[bi, j, i0:i1]
+                        for i in range(i1 - i0):
+                            acc[i] += grow[i] * row[arow[i]]
+                    out[bi, g * kg + k, i0:i1] = acc
+
+    @njit(parallel=True, cache=True, fastmath=False)
+    def _nb_grad_b(a, b, gb_t, grad, groups, out):  # pragma: no cover - compiled
+        # out[j, k] = sum_bi sum_i grad[bi, j, i] * gb_t[b[j,k], a[bi, g*Kg+k, i]]
+        nbatch, ktot, length = a.shape
+        nout, kg = b.shape
+        ng = nout // groups
+        for t in prange(nout * kg):
+            j = t // kg
+            k = t % kg
+            g = j // ng
+            row = gb_t[b[j, k]]
+            s = 0.0
+            for bi in range(nbatch):
+                arow = a[bi, g * kg + k]
+                grow = grad[bi, j]
+                for i in range(length):
+                    s += grow[i] * row[arow[i]]
+            out[j, k] = s
+
+
+def _chunk(nbatch: int, length: int) -> int:
+    # Enough tasks for every thread, but tiles long enough to vectorize and amortize the
+    # per-task accumulator; 256 int32 outputs x a few dozen channels stay in L1/L2.
+    threads = max(1, torch.get_num_threads())
+    want = max(1, math.ceil(4 * threads / max(1, nbatch)))
+    return int(min(256, max(32, math.ceil(length / want))))
+
+
+def _idx_dtype(n: int) -> torch.dtype:
+    return torch.uint8 if n <= 256 else torch.int32
+
+
+def _use_numba(*tensors: torch.Tensor) -> bool:
+    return numba_available() and all(t.device.type == "cpu" for t in tensors)
+
+
+def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups: int,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """``out[n, j, i] = sum_k table[a[n, g*Kg+k, i], b[j, k]]`` (``g`` = group of ``j``).
+
+    Args:
+        a: long/uint8 indices ``(nb, G*Kg, L)``.
+        b: long/uint8 indices ``(G*Ng, Kg)``.
+        table: integer table ``(NA, NB)`` (int32 or int64), indexed ``[a_idx, b_idx]``.
+        groups: ``G``.
+        out_dtype: ``torch.int32`` (caller guarantees no overflow) or ``torch.int64``.
+
+    Returns:
+        ``(nb, G*Ng, L)`` tensor of ``out_dtype``.
+    """
+    nbatch, _, length = a.shape
+    nout = b.shape[0]
+    if _use_numba(a, b, table):
+        na, nb_ = table.shape
+        ai = a.to(_idx_dtype(na)).contiguous().numpy()
+        bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
+        tt = table.t().to(out_dtype).contiguous().numpy()
+        out = np.zeros((nbatch, nout, length), dtype=tt.dtype)
+        _nb_forward(ai, bi, tt, groups, _chunk(nbatch, length), out)
+        return torch.from_numpy(out)
+    return _torch_gather(a, b, table.to(out_dtype), groups, None, "fwd")
+
+
+def gather_grad_a(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, grad: torch.Tensor,
+                  groups: int) -> torch.Tensor:
+    """``out[n, g*Kg+k, i] = sum_j grad[n, j, i] * grad_table[a[n, g*Kg+k, i], b[j, k]]`` (float32)."""
+    nbatch, ktot, length = a.shape
+    if _use_numba(a, b, grad_table, grad):
+        na, nb_ = grad_table.shape
+        ai = a.to(_idx_dtype(na)).contiguous().numpy()
+        bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
+        gt = grad_table.t().to(torch.float32).contiguous().numpy()
+        out = np.zeros((nbatch, ktot, length), dtype=np.float32)
+        _nb_grad_a(ai, bi, gt, grad.to(torch.float32).contiguous().numpy(), groups,
+                   _chunk(nbatch, length), out)
+        return torch.from_numpy(out)
+    return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "ga")
+
+
+def gather_grad_b(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, grad: torch.Tensor,
+                  groups: int) -> torch.Tensor:
+    """``out[j, k] = sum_n sum_i grad[n, j, i] * grad_table[a[n, g*Kg+k, i], b[j, k]]`` (float32)."""
+    if _use_numba(a, b, grad_table, grad):
+        na, nb_ = grad_table.shape
+        ai = a.to(_idx_dtype(na)).contiguous().numpy()
+        bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
+        gt = grad_table.t().to(torch.float32).contiguous().numpy()
+        out = np.zeros(b.shape, dtype=np.float32)
+        _nb_grad_b(ai, bi, gt, grad.to(torch.float32).contiguous().numpy(), groups, out)
+        return torch.from_numpy(out)
+    return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "gb")
+
+
+# Elements of one gathered block in the torch path (bounds its temporary memory).
+_TORCH_BLOCK = 1 << 23
+
+
+def _torch_gather(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups: int,
+                  grad: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Device-agnostic reference of the three gather kernels (chunked over ``k``)."""
+    a = a.long()
+    b = b.long()
+    nbatch, ktot, length = a.shape
+    nout, kg = b.shape
+    ng = nout // groups
+    ncols = table.shape[1]
+    flat = table.reshape(-1)
+    step = max(1, _TORCH_BLOCK // max(1, nbatch * ng * length))
+    if what == "fwd":
+        out = torch.zeros((nbatch, nout, length), dtype=table.dtype, device=a.device)
+    elif what == "ga":
+        out = torch.zeros((nbatch, ktot, length), dtype=table.dtype, device=a.device)
+    else:
+        out = torch.zeros((nout, kg), dtype=table.dtype, device=a.device)
+    for g in range(groups):
+        js = slice(g * ng, (g + 1) * ng)
+        for k0 in range(0, kg, step):
+            k1 = min(kg, k0 + step)
+            ag = a[:, g * kg + k0:g * kg + k1, :]                      # (nb, kc, L)
+            bg = b[js, k0:k1].t()                                       # (kc, Ng)
+            vals = flat[ag[:, :, None, :] * ncols + bg[None, :, :, None]]  # (nb, kc, Ng, L)
+            if what == "fwd":
+                out[:, js, :] += vals.sum(dim=1)
+            elif what == "ga":
+                out[:, g * kg + k0:g * kg + k1, :] = (vals * grad[:, None, js, :]).sum(dim=2)
+            else:
+                out[js, k0:k1] = (vals * grad[:, None, js, :]).sum(dim=(0, 3)).t()
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_factorization(key: str, table_bytes: bytes, shape: tuple[int, int], va: bytes, vb: bytes,
+                          max_rank: int) -> LowRank | None:
+    table = np.frombuffer(table_bytes, dtype=np.int64).reshape(shape)
+    return integer_factorization(table, values_a=np.frombuffer(va, dtype=np.int64),
+                                 values_b=np.frombuffer(vb, dtype=np.int64), max_rank=max_rank)
+
+
+def cached_integer_factorization(key: str, table: np.ndarray, values_a: np.ndarray, values_b: np.ndarray,
+                                 max_rank: int = 32) -> LowRank | None:
+    """:func:`integer_factorization`, memoized by ``key`` (a LUT hash) across layers."""
+    t = np.ascontiguousarray(table, dtype=np.int64)
+    return _cached_factorization(key, t.tobytes(), t.shape, np.ascontiguousarray(values_a, np.int64).tobytes(),
+                                 np.ascontiguousarray(values_b, np.int64).tobytes(), max_rank)

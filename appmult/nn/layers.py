@@ -1,0 +1,208 @@
+"""``ApproxLinear`` and ``ApproxConv2d``: torch layers whose products go through a LUT.
+
+Each layer quantizes its input (activation quantizer with an observer) and its weight
+(per channel or per tensor) to the LUT's operand widths, accumulates
+``sum LUT[qx, qw]`` exactly as the hardware would (see :mod:`appmult.nn.functional`),
+applies the zero-point cross terms exactly and dequantizes. Submodules: ``act_quant``,
+``weight_quant`` and ``lut`` (a :class:`~appmult.nn.functional.LutTables`, whose buffers
+carry the LUT and its derived tables through ``.to(device)`` and ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ApproxConfig
+from .functional import LutTables, _check_finite, _pair, approx_conv2d, approx_linear
+from .quant import ActivationQuantizer, WeightQuantizer
+
+__all__ = ["ApproxConv2d", "ApproxLinear"]
+
+
+class _ApproxMixin:
+    """Shared set-up of the quantizers and tables from a config."""
+
+    def _setup(self, config: ApproxConfig) -> None:
+        if not isinstance(config, ApproxConfig):
+            raise TypeError(f"{type(self).__name__} needs an ApproxConfig, not {type(config).__name__}")
+        self.config = config
+        lut = config.load()
+        self.lut = LutTables(lut, grad=config.grad, kernel=config.kernel,
+                             activation_operand=config.activation_operand,
+                             compute_missing_gradients=config.compute_missing_gradients,
+                             half_window=config.half_window)
+        self.act_quant = ActivationQuantizer(self.lut.width_x, self.lut.signed, config.act_observer,
+                                             config.momentum)
+        self.weight_quant = WeightQuantizer(self.lut.width_w, self.lut.signed, config.weight_scheme)
+        #: Multiply exactly (same quantization) instead of through the LUT; see ``exact_``.
+        self.exact_multiplication = False
+        p = self.weight
+        self.lut.to(p.device)
+        self.act_quant.to(p.device)
+
+    def _quantize(self, x: torch.Tensor):
+        _check_finite(x, type(self).__name__)
+        qx, sx, zx = self.act_quant(x)
+        qw, sw, zw = self.weight_quant(self.weight)
+        return qx, sx, zx, qw, sw, zw
+
+    def _mode_repr(self) -> str:
+        mode = "exact multiplication" if self.exact_multiplication else self.lut.describe()
+        acc = "exact" if self.config.exact_accumulate else "fp32"
+        return f"{mode}, accumulate={acc}, weights={self.config.weight_scheme}"
+
+
+class ApproxLinear(_ApproxMixin, nn.Linear):
+    """``nn.Linear`` whose products are computed by an approximate multiplier's LUT.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        bias: learn an additive bias.
+        config: the approximation (LUT, grad mode, quantization, kernel).
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, config: ApproxConfig,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._setup(config)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, config: ApproxConfig) -> "ApproxLinear":
+        """An approximate copy of a trained ``nn.Linear`` (weights and bias copied).
+
+        Args:
+            module: the float layer.
+            config: the approximation.
+
+        Returns:
+            A new ``ApproxLinear`` on the module's device, in its training mode.
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"ApproxLinear.from_float needs an nn.Linear, not {type(module).__name__}")
+        new = cls(module.in_features, module.out_features, module.bias is not None, config=config,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        new.train(module.training)
+        return new
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ApproxLinear expects {self.in_features} input features, got {x.shape[-1]}")
+        return x.reshape(-1, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize, accumulate through the LUT (or exactly), dequantize, add bias."""
+        lead = x.shape[:-1]
+        qx, sx, zx, qw, sw, zw = self._quantize(self._flat(x))
+        tabs = None if self.exact_multiplication else self.lut
+        y = approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate)
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def int_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw integer accumulators ``sum_k LUT[qx_k, qw_k]`` (int64, bit-exact).
+
+        No zero-point cross terms, scales or bias: this is what a MAC array built from the
+        multiplier accumulates. Observers are not updated.
+        """
+        saved = self.act_quant.observing
+        self.act_quant.observing = False
+        try:
+            qx, _, _, qw, _, _ = self._quantize(self._flat(x))
+        finally:
+            self.act_quant.observing = saved
+        from .functional import lut_linear
+        acc = lut_linear(qx, qw, self.lut, exact=True)
+        return acc.to(torch.int64).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._mode_repr()}"
+
+
+class ApproxConv2d(_ApproxMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose products are computed by an approximate multiplier's LUT.
+
+    Supports stride, dilation, groups (depthwise included) and zero padding; padded
+    positions hold the activation zero point (a code), so they contribute
+    ``LUT[Zx, qw]`` as in hardware. ``padding_mode`` must be ``"zeros"``.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias:
+            as :class:`torch.nn.Conv2d` (``padding`` as integers).
+        config: the approximation.
+        device: parameter device.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, *, config: ApproxConfig, device=None, dtype=None):
+        if isinstance(padding, str):
+            raise ValueError(f"ApproxConv2d padding must be integers, not {padding!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)
+        self._setup(config)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, config: ApproxConfig) -> "ApproxConv2d":
+        """An approximate copy of a trained ``nn.Conv2d`` (weights and bias copied).
+
+        Raises:
+            TypeError: not an ``nn.Conv2d``.
+            ValueError: a padding mode other than ``"zeros"`` or string padding.
+        """
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"ApproxConv2d.from_float needs an nn.Conv2d, not {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"ApproxConv2d supports padding_mode 'zeros' only, not {module.padding_mode!r}")
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                  module.dilation, module.groups, module.bias is not None, config=config,
+                  device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        new.train(module.training)
+        return new
+
+    def _geom(self) -> dict:
+        return dict(stride=self.stride, padding=_pair(self.padding), dilation=self.dilation, groups=self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize, accumulate through the LUT (or exactly), dequantize, add bias."""
+        qx, sx, zx, qw, sw, zw = self._quantize(x)
+        tabs = None if self.exact_multiplication else self.lut
+        return approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
+                             **self._geom())
+
+    @torch.no_grad()
+    def int_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw integer accumulators ``sum LUT[qx, qw]`` per output (int64, bit-exact).
+
+        Padded positions contribute ``LUT[Zx, qw]``. No cross terms, scales or bias.
+        Observers are not updated.
+        """
+        import torch.nn.functional as F
+
+        from .functional import lut_conv2d
+        saved = self.act_quant.observing
+        self.act_quant.observing = False
+        try:
+            qx, _, zx, qw, _, _ = self._quantize(x)
+        finally:
+            self.act_quant.observing = saved
+        ph, pw = _pair(self.padding)
+        if ph or pw:
+            qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
+        acc = lut_conv2d(qx, qw, self.lut, stride=self.stride, dilation=self.dilation, groups=self.groups,
+                         exact=True)
+        return acc.to(torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._mode_repr()}"

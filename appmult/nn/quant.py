@@ -1,0 +1,258 @@
+"""Quantizers matched to a LUT: integer operands of the LUT's width and signedness.
+
+* **Signed LUT -> symmetric**: ``q = clamp(round(x / s), -2**(w-1), 2**(w-1) - 1)``,
+  zero point 0, ``s = max|x| / (2**(w-1) - 0.5)``. The half step makes the most negative
+  code reachable: ``-max|x|`` maps to ``-2**(w-1) + 0.5`` and rounds (half to even) to
+  ``-2**(w-1)``, so a signed 8-bit multiplier sees -128 as the hardware does; ``+max|x|``
+  clamps to ``2**(w-1) - 1`` (an error of at most half a step, like any rounding).
+* **Unsigned LUT -> asymmetric**: ``q = clamp(round(x / s) + Z, 0, 2**w - 1)`` with an
+  integer zero point ``Z`` (a *code*), range widened to include 0 so that 0 (ReLU
+  outputs, padding) is exact: ``s = (max - min) / (2**w - 1)``, ``Z = round(-min / s)``.
+  Layers then compute ``sum AM(qx, qw) - qx Zw - Zx qw + Zx Zw`` exactly.
+
+Weights are quantized per output channel (default) or per tensor from their current
+values on every forward (they change during training). Activations are quantized per
+tensor from an observer: ``"minmax"`` (running min/max) or ``"moving_average"``
+(exponential moving average of batch min/max, the usual choice for quantization-aware
+training). Observers update in training mode and during :func:`calibrate`; in eval mode
+they are frozen (an observer that has never seen data initializes from its first batch).
+
+Gradients: clipped straight-through estimator, ``dq/dx = 1/s`` where ``x`` lies inside
+the representable range and 0 outside. Scales are statistics, not learned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActivationQuantizer",
+    "Observer",
+    "WeightQuantizer",
+    "WeightScheme",
+    "calibrate",
+    "calibrating",
+    "quant_range",
+]
+
+
+class Observer(str, enum.Enum):
+    """How an activation quantizer tracks its range."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+
+
+class WeightScheme(str, enum.Enum):
+    """Granularity of the weight scale."""
+
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+
+
+def quant_range(width: int, signed: bool) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a ``width``-bit operand."""
+    if signed:
+        return -(1 << (width - 1)), (1 << (width - 1)) - 1
+    return 0, (1 << width) - 1
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Integer-valued quantization with a clipped straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                qmin: int, qmax: int) -> torch.Tensor:
+        t = x / scale + zero_point
+        inside = (t >= qmin - 0.5) & (t <= qmax + 0.5)
+        ctx.save_for_backward(inside, scale)
+        return torch.clamp(torch.round(t), qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inside, scale = ctx.saved_tensors
+        return grad * inside / scale, None, None, None, None
+
+
+def _scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, width: int, signed: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    qmin, qmax = quant_range(width, signed)
+    if signed:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = amax / (qmax + 0.5)
+        zp = torch.zeros_like(scale)
+    else:
+        lo = torch.clamp(lo, max=0.0)
+        hi = torch.clamp(hi, min=0.0)
+        scale = (hi - lo) / qmax
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zp = torch.clamp(torch.round(-lo / safe), 0, qmax)
+    # A constant-zero tensor has no range; any positive scale represents it exactly.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zp
+
+
+class _Quantizer(nn.Module):
+    def __init__(self, width: int, signed: bool):
+        super().__init__()
+        self.width = int(width)
+        self.signed = bool(signed)
+
+    @property
+    def qmin(self) -> int:
+        return quant_range(self.width, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return quant_range(self.width, self.signed)[1]
+
+    def extra_repr(self) -> str:
+        return f"{self.width}-bit {'signed symmetric' if self.signed else 'unsigned asymmetric'}"
+
+
+class WeightQuantizer(_Quantizer):
+    """Quantizes a weight tensor from its own current range (per channel along dim 0, or per tensor).
+
+    Args:
+        width: operand width of the LUT side that receives weights.
+        signed: LUT signedness (symmetric when signed, asymmetric otherwise).
+        scheme: ``"per_channel"`` or ``"per_tensor"``.
+    """
+
+    def __init__(self, width: int, signed: bool, scheme: str | WeightScheme = WeightScheme.PER_CHANNEL):
+        super().__init__(width, signed)
+        self.scheme = WeightScheme(scheme)
+
+    def scale_zero_point(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point, shaped ``(C, 1, ...)`` per channel or ``()`` per tensor."""
+        w = w.detach()
+        if self.scheme is WeightScheme.PER_CHANNEL:
+            flat = w.reshape(w.shape[0], -1)
+            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+            s, z = _scale_zero_point(lo, hi, self.width, self.signed)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            return s.reshape(shape), z.reshape(shape)
+        return _scale_zero_point(w.min(), w.max(), self.width, self.signed)
+
+    def forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(q, scale, zero_point)``; ``q`` holds integer values (float dtype, STE gradient)."""
+        s, z = self.scale_zero_point(w)
+        return _FakeQuantSTE.apply(w, s, z, self.qmin, self.qmax), s, z
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.scheme.value}"
+
+
+class ActivationQuantizer(_Quantizer):
+    """Per-tensor activation quantizer with a range observer.
+
+    Args:
+        width: operand width of the LUT side that receives activations.
+        signed: LUT signedness.
+        observer: ``"moving_average"`` or ``"minmax"``.
+        momentum: weight of a new batch in the moving average.
+
+    Attributes:
+        observing: ``None`` (update in training mode), ``True`` (always) or ``False`` (frozen).
+    """
+
+    def __init__(self, width: int, signed: bool, observer: str | Observer = Observer.MOVING_AVERAGE,
+                 momentum: float = 0.1):
+        super().__init__(width, signed)
+        self.observer = Observer(observer)
+        self.momentum = float(momentum)
+        self.observing: bool | None = None
+        self.register_buffer("min_val", torch.zeros(()))
+        self.register_buffer("max_val", torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def reset(self) -> None:
+        """Forget the observed range."""
+        self.min_val.zero_()
+        self.max_val.zero_()
+        self.initialized.fill_(False)
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Update the range from a batch."""
+        lo, hi = x.min().to(self.min_val.dtype), x.max().to(self.max_val.dtype)
+        if not bool(self.initialized):
+            self.min_val.copy_(lo)
+            self.max_val.copy_(hi)
+            self.initialized.fill_(True)
+        elif self.observer is Observer.MINMAX:
+            torch.minimum(self.min_val, lo, out=self.min_val)
+            torch.maximum(self.max_val, hi, out=self.max_val)
+        else:
+            self.min_val.lerp_(lo, self.momentum)
+            self.max_val.lerp_(hi, self.momentum)
+
+    def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current scale and zero point (scalars)."""
+        return _scale_zero_point(self.min_val, self.max_val, self.width, self.signed)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(q, scale, zero_point)``; ``q`` holds integer values (float dtype, STE gradient)."""
+        update = self.training if self.observing is None else self.observing
+        if update or not bool(self.initialized):
+            self.observe(x)
+        s, z = self.scale_zero_point()
+        return _FakeQuantSTE.apply(x, s, z, self.qmin, self.qmax), s, z
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.observer.value}"
+
+
+@contextlib.contextmanager
+def calibrating(model: nn.Module, *, reset: bool = True) -> Iterator[nn.Module]:
+    """Context manager: activation observers of ``model`` update on every forward (any mode).
+
+    Args:
+        model: a model with approximate layers.
+        reset: forget previously observed ranges first.
+
+    Yields:
+        ``model``. Observers return to their previous setting on exit.
+    """
+    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    saved = [q.observing for q in quants]
+    try:
+        for q in quants:
+            if reset:
+                q.reset()
+            q.observing = True
+        yield model
+    finally:
+        for q, s in zip(quants, saved):
+            q.observing = s
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, loader: Iterable, num_batches: int | None = None) -> nn.Module:
+    """Run batches through ``model`` (eval mode, no gradients) to set activation ranges.
+
+    Args:
+        model: a model with approximate layers.
+        loader: iterable of inputs, or of ``(inputs, targets, ...)`` tuples.
+        num_batches: stop after this many batches (all when ``None``).
+
+    Returns:
+        ``model`` (its training flag is restored).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with calibrating(model):
+            for i, batch in enumerate(loader):
+                if num_batches is not None and i >= num_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x)
+    finally:
+        model.train(was_training)
+    return model
