@@ -17,6 +17,9 @@ __all__ = ["main", "build_parser"]
 ORDER = ["list", "export", "cost", "characterize", "compare", "verify", "retrain", "assign"]
 
 
+_USER_RUNTIME_ERRORS = {"YosysError", "SimulatorNotFound"}
+
+
 class CliError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
@@ -50,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CliError, ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"appmult {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # Tool failures the user can act on (Yosys rejecting a design, a missing simulator)
+        # are reported as one line; anything else is a bug and keeps its traceback.
+        if not getattr(exc, "user_facing", False) and type(exc).__name__ not in _USER_RUNTIME_ERRORS:
+            raise
         print(f"appmult {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
