@@ -26,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -312,8 +313,12 @@ def circuit_lut(multiplier) -> LutFile:
         from ..lut_gen import characterize  # type: ignore[attr-defined]
     except ImportError:
         characterize = None
-    if characterize is not None:
-        return characterize(multiplier)
+    if isinstance(characterize, types.ModuleType):
+        # The package attribute can be the submodule of the same name, not the function.
+        characterize = getattr(characterize, "characterize", None)
+    if callable(characterize):
+        # Only the product table is needed here: no gradients, no cost synthesis.
+        return characterize(multiplier, gradients=(), progress=False, cost=False).to_lutfile()
     try:
         from ..sim import synthesize  # type: ignore[attr-defined]
     except ImportError:
