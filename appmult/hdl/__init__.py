@@ -6,20 +6,36 @@ directly (``TruncatedMultiplier(width=8, columns=4)``) or from a spec string
 """
 
 from ._base import MAX_WIDTH, MIN_WIDTH, Multiplier, Param, PartialProductMultiplier, SignMagnitudeMultiplier
-from .exact import ExactMultiplier
 from .export import RegisteredMultiplier, export_verilog
 from .registry import FAMILIES, format_spec, from_spec, parse_spec, register_family
+
+# Importing a family registers it; this order is the order `appmult list` shows.
+# isort: off
+from .exact import ExactMultiplier
+from .truncated import TruncatedMultiplier
+from .perforated import PerforatedMultiplier
+from .broken_array import BrokenArrayMultiplier
+from .drum import DrumMultiplier
+from .mitchell import MitchellMultiplier
+from .loa import LoaArrayMultiplier
+# isort: on
 
 __all__ = [
     "FAMILIES",
     "MAX_WIDTH",
     "MIN_WIDTH",
+    "BrokenArrayMultiplier",
+    "DrumMultiplier",
     "ExactMultiplier",
+    "LoaArrayMultiplier",
+    "MitchellMultiplier",
     "Multiplier",
     "Param",
     "PartialProductMultiplier",
+    "PerforatedMultiplier",
     "RegisteredMultiplier",
     "SignMagnitudeMultiplier",
+    "TruncatedMultiplier",
     "export_verilog",
     "format_spec",
     "from_spec",
