@@ -14,6 +14,11 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", help="output .v file (default: standard output)")
     p.add_argument("--name", default="appmult_mul", help="top module name (default appmult_mul)")
     p.add_argument("--registered", action="store_true", help="register the output (adds clk, rst)")
+    p.add_argument("--mac", type=int, metavar="N",
+                   help="export a MAC / dot-product unit of N lanes of this multiplier instead "
+                        "(ports a, b packed, valid_in, clear, acc, valid_out, clk, rst; latency 2)")
+    p.add_argument("--acc-width", type=int, metavar="W",
+                   help="MAC accumulator width (default max(32, width_p + ceil(log2 N)); wraps mod 2**W)")
     p.set_defaults(func=run)
 
 
@@ -21,7 +26,15 @@ def run(args: argparse.Namespace) -> int:
     from ..files import atomic_write_text
     from ..hdl import export_verilog, from_spec
     mult = from_spec(args.spec)
-    text = export_verilog(mult, name=args.name, registered=args.registered)
+    if args.mac is not None:
+        from ..hdl.mac import MacUnit
+        if args.registered:
+            raise ValueError("--registered applies to a bare multiplier; a MAC unit (--mac) is always registered")
+        text = export_verilog(MacUnit(mult, lanes=args.mac, acc_width=args.acc_width), name=args.name)
+    elif args.acc_width is not None:
+        raise ValueError("--acc-width applies to a MAC unit; add --mac N")
+    else:
+        text = export_verilog(mult, name=args.name, registered=args.registered)
     if args.output:
         atomic_write_text(args.output, text)
         print(f"wrote {args.output} ({mult.spec}, module {args.name})", file=sys.stderr)

@@ -86,6 +86,9 @@ class MacUnit(wiring.Component):
 
     def __init__(self, multiplier: Multiplier, *, lanes: int, acc_width: int | None = None,
                  factory: Callable[[], Multiplier] | None = None):
+        # Like a Multiplier, a MAC object is also a parameter record (widths, latency,
+        # required_acc_width); building one without elaborating it is normal.
+        self._MustUse__silence = True
         if not isinstance(multiplier, Multiplier):
             raise TypeError(f"MacUnit needs a Multiplier, not {multiplier!r}")
         if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= _MAX_LANES:
