@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from fractions import Fraction
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def ref_loa(a: int, b: int, wa: int, wb: int, lower: int) -> int:
     return ref_sign_magnitude(a, b, core)
 
 
-def reference(m) -> callable:
+def reference(m) -> Callable[[int, int], int]:
     """Scalar reference (a_value, b_value) -> product for multiplier m."""
     wa, wb, sg = m.width_a, m.width_b, m.signed
     if isinstance(m, ExactMultiplier):
