@@ -15,6 +15,7 @@ from appmult.lut_gen.gradients import (
     check_half_window,
     lre_gradients,
     lut1d_gradients,
+    lut2d_and_lut1d,
     lut2d_gradients,
     ste_gradients,
 )
@@ -143,6 +144,17 @@ def test_lut1d_and_lre_direct_formulas(signed):
     np.testing.assert_allclose(eb, va, atol=1e-5)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_lut2d_and_lut1d_one_pass(signed):
+    rng = np.random.default_rng(12)
+    p = _exact(6, 5, signed) + rng.integers(-9, 10, size=(64, 32))
+    (ga, gb), (ca, cb) = lut2d_and_lut1d(p, 6, 5, signed, 4)
+    assert np.array_equal(ga, lut2d_gradients(p, 6, 5, signed, 4)[0])
+    assert np.array_equal(gb, lut2d_gradients(p, 6, 5, signed, 4)[1])
+    assert np.array_equal(ca, lut1d_gradients(p, 6, 5, signed, 4)[0])
+    assert np.array_equal(cb, lut1d_gradients(p, 6, 5, signed, 4)[1])
+
+
 def test_broadcast_lut1d():
     fa, fb = broadcast_lut1d(np.arange(4), np.arange(8) * 10, 3, 2)
     assert fa.shape == fb.shape == (8, 4) and fa.dtype == np.float32
@@ -191,4 +203,11 @@ def test_numpy_only_imports():
     code = ("import sys, appmult.lut_gen, appmult.lut_gen.gradients, appmult.lut_gen.metrics; "
             "bad = [m for m in ('amaranth', 'torch', 'matplotlib') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_lazy_package_names():
+    code = ("import sys, appmult.lut_gen as g; assert 'amaranth' not in sys.modules; "
+            "assert callable(g.characterize) and callable(g.write_listing); "
+            "assert all(hasattr(g, n) for n in g.__all__)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -47,17 +47,13 @@ __all__ = [
     "check_half_window",
     "lre_gradients",
     "lut1d_gradients",
+    "lut2d_and_lut1d",
     "lut2d_gradients",
     "ste_gradients",
 ]
 
 #: Half windows the published method chooses from.
 HALF_WINDOWS = (1, 2, 4, 8, 16, 32, 64)
-
-# Columns handled at once by LUT-2D: bounds the int64 cumulative sums of a 12x12 table
-# to a few tens of MB instead of several hundred.
-_COLUMN_BLOCK = 512
-
 
 def check_half_window(half_window, *, allow_auto: bool = True) -> int | str:
     """Validate a LUT-2D half window.
@@ -131,31 +127,38 @@ def _check_fits(half_window: int, width: int, name: str) -> None:
                          f"LUT-2D needs 2*H+1 < {n}")
 
 
-def _lut2d_axis0(f: np.ndarray, half_window: int, signed: bool, values: np.ndarray) -> np.ndarray:
-    """LUT-2D d/d(axis 0) of ``f`` whose axis 0 is sorted by value; float64, same shape."""
-    n, m = f.shape
+def _to_value_order(p: np.ndarray, axis: int, width: int, signed: bool) -> np.ndarray:
+    # Two's complement value order is the code order rotated by half: negative codes first.
+    return np.roll(p, 1 << (width - 1), axis=axis) if signed else p
+
+
+def _from_value_order(g: np.ndarray, axis: int, width: int, signed: bool) -> np.ndarray:
+    return np.roll(g, -(1 << (width - 1)), axis=axis) if signed else g
+
+
+def _lut2d_axis(f: np.ndarray, half_window: int, signed: bool, values: np.ndarray, axis: int) -> np.ndarray:
+    """LUT-2D derivative of ``f`` along ``axis`` (sorted by value); float64, same shape."""
+    n = f.shape[axis]
     h = half_window
-    out = np.empty((n, m), dtype=np.float64)
-    i = np.arange(n)
-    lo = np.maximum(i - h, 0)
-    hi = np.minimum(i + h, n - 1) + 1
-    centred = values.astype(np.float64) - values.mean()
-    for c0 in range(0, m, _COLUMN_BLOCK):
-        blk = f[:, c0:c0 + _COLUMN_BLOCK]
-        # Integer prefix sums: window sums are exact, so the interior of a linear column
-        # (the exact multiplier) comes out exactly equal to its slope.
-        csum = np.zeros((n + 1, blk.shape[1]), dtype=np.int64)
-        np.cumsum(blk, axis=0, out=csum[1:])
-        window = csum[hi] - csum[lo]
-        g = out[:, c0:c0 + blk.shape[1]]
-        edge = (blk.max(axis=0) - blk.min(axis=0)).astype(np.float64) / n
-        if signed:
-            slope_sign = np.sign(centred @ blk.astype(np.float64))
-            edge *= np.where(slope_sign == 0, 1.0, slope_sign)
-        g[:] = edge[None, :]
-        if n - 2 - h >= h + 1:
-            # Interior windows are never clipped, so both hold 2H+1 terms.
-            g[h + 1:n - 1 - h] = (window[h + 2:n - h] - window[h:n - 2 - h]) / (2.0 * (2 * h + 1))
+
+    def sl(start: int, stop: int) -> tuple[slice, ...]:
+        return (slice(None),) * axis + (slice(start, stop),)
+
+    edge = (f.max(axis=axis) - f.min(axis=axis)).astype(np.float64) / n
+    if signed:
+        centred = values.astype(np.float64) - values.mean()
+        cov = centred @ f if axis == 0 else f @ centred
+        slope_sign = np.sign(cov)
+        edge *= np.where(slope_sign == 0, 1.0, slope_sign)
+    out = np.empty(f.shape, dtype=np.float64)
+    out[...] = np.expand_dims(edge, axis)
+    if n - 2 - h >= h + 1:
+        # Interior windows are never clipped, so S(i+1) - S(i-1) is a difference of two
+        # (2H+1)-term sums, which telescopes to f[i+H+1] + f[i+H] - f[i-H] - f[i-H-1]:
+        # exact in integers (the exact multiplier's interior equals STE exactly), and no
+        # prefix sums are needed.
+        diff = f[sl(2 * h + 2, n)] + f[sl(2 * h + 1, n - 1)] - f[sl(1, n - 2 * h - 1)] - f[sl(0, n - 2 * h - 2)]
+        out[sl(h + 1, n - 1 - h)] = diff / (2.0 * (2 * h + 1))
     return out
 
 
@@ -163,15 +166,30 @@ def _lut2d_float64(p: np.ndarray, width_a: int, width_b: int, signed: bool,
                    half_window: int) -> tuple[np.ndarray, np.ndarray]:
     _check_fits(half_window, width_a, "a")
     _check_fits(half_window, width_b, "b")
-    order_a = codes_by_value(width_a, signed)
-    order_b = codes_by_value(width_b, signed)
-    va = codes_to_values(order_a, width_a, signed)
-    vb = codes_to_values(order_b, width_b, signed)
-    ga = np.empty(p.shape, dtype=np.float64)
-    ga[order_a, :] = _lut2d_axis0(p[order_a, :], half_window, signed, va)
-    gb = np.empty(p.shape, dtype=np.float64)
-    gb[:, order_b] = _lut2d_axis0(np.ascontiguousarray(p[:, order_b].T), half_window, signed, vb).T
+    va = np.sort(_values(width_a, signed))
+    vb = np.sort(_values(width_b, signed))
+    fa = _to_value_order(p, 0, width_a, signed)
+    ga = _from_value_order(_lut2d_axis(fa, half_window, signed, va, 0), 0, width_a, signed)
+    fb = _to_value_order(p, 1, width_b, signed)
+    gb = _from_value_order(_lut2d_axis(fb, half_window, signed, vb, 1), 1, width_b, signed)
     return ga, gb
+
+
+def lut2d_and_lut1d(product, width_a: int, width_b: int, signed: bool,
+                    half_window: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """LUT-2D tables and the LUT-1D (mean) tables derived from them, in one pass.
+
+    Identical to ``(lut2d_gradients(...), lut1d_gradients(..., method="mean"))`` with an
+    explicit half window, at the cost of one LUT-2D computation.
+
+    Returns:
+        ``((grad_a, grad_b), (compact_a, compact_b))``, float32.
+    """
+    p = _check_table(product, width_a, width_b, signed)
+    h = check_half_window(half_window, allow_auto=False)
+    ga, gb = _lut2d_float64(p, width_a, width_b, signed, h)
+    return ((ga.astype(np.float32), gb.astype(np.float32)),
+            (ga.mean(axis=0).astype(np.float32), gb.mean(axis=1).astype(np.float32)))
 
 
 def lut2d_gradients(product, width_a: int, width_b: int, signed: bool,
@@ -339,14 +357,14 @@ def auto_half_window(product, width_a: int, width_b: int, signed: bool, *,
     order_b = codes_by_value(width_b, signed)
     cols = order_b[np.unique(np.linspace(0, p.shape[1] - 1, min(max_lines, p.shape[1])).astype(int))]
     rows = order_a[np.unique(np.linspace(0, p.shape[0] - 1, min(max_lines, p.shape[0])).astype(int))]
-    fa = p[order_a][:, cols]
-    fb = np.ascontiguousarray(p[rows][:, order_b].T)
+    fa = p[np.ix_(order_a, cols)]
+    fb = p[np.ix_(rows, order_b)]
     va = codes_to_values(order_a, width_a, signed)
     vb = codes_to_values(order_b, width_b, signed)
     best, best_r = candidates[0], np.inf
     for h in candidates:
-        r = max(_roughness(_lut2d_axis0(fa, h, signed, va), h),
-                _roughness(_lut2d_axis0(fb, h, signed, vb), h))
+        r = max(_roughness(_lut2d_axis(fa, h, signed, va, 0), h),
+                _roughness(_lut2d_axis(fb, h, signed, vb, 1).T, h))
         if r <= threshold:
             return h
         if r < best_r:
