@@ -91,6 +91,10 @@ class Multiplier(wiring.Component):
 
     def __init__(self, *, width_a: int | None = None, width_b: int | None = None,
                  width: int | None = None, signed: bool = False):
+        # A multiplier object is also a parameter record (model, spec, LUT metadata): being
+        # built and never elaborated is normal, so Amaranth's UnusedElaboratable is noise.
+        # Set first: a constructor that raises must not leave a warning behind either.
+        self._MustUse__silence = True
         if width is not None:
             _check_width("width", width)
             for name, value in (("width_a", width_a), ("width_b", width_b)):
@@ -105,9 +109,6 @@ class Multiplier(wiring.Component):
         if not isinstance(signed, bool):
             raise TypeError(f"signed must be a bool, not {signed!r}")
         self._signed = signed
-        # A multiplier object is also a parameter record (model, spec, LUT metadata): being
-        # built and never elaborated is normal, so Amaranth's UnusedElaboratable is noise.
-        self._MustUse__silence = True
         shape = sshape if signed else ushape
         super().__init__({
             "a": In(shape(self._width_a)),
@@ -150,7 +151,10 @@ class Multiplier(wiring.Component):
                 "signed": self.signed, "params": self.params}
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.spec}>"
+        try:
+            return f"<{type(self).__name__} {self.spec}>"
+        except AttributeError:  # half-built (constructor raised)
+            return f"<{type(self).__name__} (incomplete)>"
 
     # -- numpy reference -------------------------------------------------------------------
     def model(self, a_codes, b_codes) -> np.ndarray:
