@@ -55,6 +55,9 @@ class ApproxConfig:
         compute_missing_gradients: compute absent gradient tables with
             :mod:`appmult.lut_gen.gradients` instead of raising.
         half_window: LUT-2D half window used when computing tables (``"auto"`` or int).
+        bits: expected operand widths, ``int`` or ``(activation_bits, weight_bits)``;
+            ``None`` takes them from the LUT. A LUT of other widths is refused.
+        signed: expected signedness (``None``: from the LUT).
 
     Raises:
         TypeError: ``lut`` is neither a path nor a LutFile, or a flag is not a bool.
@@ -71,6 +74,8 @@ class ApproxConfig:
     activation_operand: str = "a"
     compute_missing_gradients: bool = False
     half_window: int | str = "auto"
+    bits: int | tuple[int, int] | None = None
+    signed: bool | None = None
 
     def __post_init__(self) -> None:
         lut = self.lut
@@ -103,6 +108,30 @@ class ApproxConfig:
         if not (hw == "auto" or (isinstance(hw, int) and not isinstance(hw, bool) and hw >= 1)):
             raise ValueError(f"ApproxConfig half_window must be 'auto' or a positive int, not {hw!r}")
 
+        bits = self.bits
+        if bits is not None:
+            pair = (bits, bits) if isinstance(bits, int) else tuple(bits) if isinstance(bits, (tuple, list)) else ()
+            if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16
+                                         for b in pair):
+                raise ValueError(f"ApproxConfig bits must be an int in 1..16 or a pair of them, not {bits!r}")
+            object.__setattr__(self, "bits", pair)
+        if self.signed is not None and not isinstance(self.signed, bool):
+            raise TypeError(f"ApproxConfig signed must be a bool or None, not {self.signed!r}")
+
     def load(self) -> LutFile:
-        """The LUT file (loaded and verified once per path)."""
-        return self.lut if isinstance(self.lut, LutFile) else load_lut(self.lut)
+        """The LUT file (loaded and verified once per path), checked against ``bits``/``signed``.
+
+        Raises:
+            appmult.lut_gen.LutFileError: the LUT's widths or signedness differ from the
+                requested quantization.
+        """
+        lut = self.lut if isinstance(self.lut, LutFile) else load_lut(self.lut)
+        if self.bits is not None or self.signed is not None:
+            bx, bw = self.bits if self.bits is not None else (None, None)
+            if self.activation_operand == "b":
+                bx, bw = bw, bx
+            lut.check_compatible(width_a=lut.width_a if bx is None else bx,
+                                 width_b=lut.width_b if bw is None else bw,
+                                 signed=lut.signed if self.signed is None else self.signed,
+                                 what="the requested quantization")
+        return lut

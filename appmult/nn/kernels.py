@@ -261,6 +261,39 @@ if _numba is not None:
                             accj[i] += row[arow[i]]
             out[bi, :, i0:i1] = acc
 
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def _nb_expand(b, table_t, g, groups, j0, j1, e):  # pragma: no cover - compiled
+        # e[k, x, jj] = table[x, b[g*Ng + j0 + jj, k]]: the products of every activation
+        # value with one weight code, laid out so a position adds one contiguous row.
+        nout, kg = b.shape
+        ng = nout // groups
+        na = table_t.shape[1]
+        for k in prange(kg):
+            for jj in range(j1 - j0):
+                row = table_t[b[g * ng + j0 + jj, k]]
+                for x in range(na):
+                    e[k, x, jj] = row[x]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def _nb_rows(a, e, g, kg, kblock, per_task, out, j0):  # pragma: no cover - compiled
+        # out[bi, i, j0 + jj] += sum_k e[k, a[bi, g*Kg + k, i], jj]: vector adds of rows of e.
+        # k-blocks keep a slab of e (kblock * NA * nj values) in L2 while every position of
+        # the task's batch items adds to its accumulator row.
+        nbatch, ktot, length = a.shape
+        nj = e.shape[2]
+        ntask = (nbatch + per_task - 1) // per_task
+        for t in prange(ntask):
+            b0 = t * per_task
+            b1 = min(nbatch, b0 + per_task)
+            for k0 in range(0, kg, kblock):
+                k1 = min(kg, k0 + kblock)
+                for bi in range(b0, b1):
+                    for k in range(k0, k1):
+                        for i in range(length):
+                            x = np.intp(a[bi, g * kg + k, i])
+                            for jj in range(nj):
+                                out[bi, i, j0 + jj] += e[k, x, jj]
+
     @njit(parallel=True, cache=True, fastmath=False)
     def _nb_grad_a(a, b, ga_t, grad, groups, chunk, out):  # pragma: no cover - compiled
         # out[bi, g*Kg+k, i] = sum_j grad[bi, j, i] * ga_t[b[j,k], a[bi, g*Kg+k, i]]
@@ -341,9 +374,28 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
         ai = a.to(_idx_dtype(na)).contiguous().numpy()
         bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
         tt = table.t().to(out_dtype).contiguous().numpy()
-        out = np.zeros((nbatch, nout, length), dtype=tt.dtype)
-        _nb_forward(ai, bi, tt, groups, _chunk(nbatch, length), out)
-        return torch.from_numpy(out)
+        if nbatch * length < ROWS_MIN_POSITIONS * na:
+            # Few positions: expanding the per-weight tables would cost more than it saves.
+            out = np.zeros((nbatch, nout, length), dtype=tt.dtype)
+            _nb_forward(ai, bi, tt, groups, _chunk(nbatch, length), out)
+            return torch.from_numpy(out)
+        kg = bi.shape[1]
+        ng = nout // groups
+        jblock = int(max(1, min(ng, _EXPAND_BYTES // (kg * na * tt.itemsize))))
+        kblock = int(max(1, _SLAB_BYTES // (na * jblock * tt.itemsize)))
+        threads = max(1, _numba.get_num_threads())
+        # A few tasks per thread: each slab of e is reused by all of a task's batch items
+        # (tuned on a shared, busy 2-core machine: 4 tasks per thread measured best).
+        per_task = int(max(1, nbatch // (4 * threads)))
+        out = np.zeros((nbatch, length, nout), dtype=tt.dtype)
+        e = np.empty((kg, na, jblock), dtype=tt.dtype)
+        for g in range(groups):
+            for j0 in range(0, ng, jblock):
+                j1 = min(ng, j0 + jblock)
+                ev = e if j1 - j0 == jblock else np.empty((kg, na, j1 - j0), dtype=tt.dtype)
+                _nb_expand(bi, tt, g, groups, j0, j1, ev)
+                _nb_rows(ai, ev, g, kg, kblock, per_task, out, g * ng + j0)
+        return torch.from_numpy(out).permute(0, 2, 1)
     return _torch_gather(a, b, table.to(out_dtype), groups, None, "fwd")
 
 
@@ -376,6 +428,13 @@ def gather_grad_b(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, gr
         return torch.from_numpy(out)
     return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "gb")
 
+
+# Row kernel tuning: expanded tables up to 64 MB per block of output channels, slabs of
+# ~256 KB (fits a 1 MB L2 next to the accumulators), used when there are at least
+# ROWS_MIN_POSITIONS output positions per table entry.
+_EXPAND_BYTES = 64 << 20
+_SLAB_BYTES = 256 << 10
+ROWS_MIN_POSITIONS = 2
 
 # Elements of one gathered block in the torch path (bounds its temporary memory).
 _TORCH_BLOCK = 1 << 23

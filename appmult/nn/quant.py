@@ -1,10 +1,12 @@
 """Quantizers matched to a LUT: integer operands of the LUT's width and signedness.
 
 * **Signed LUT -> symmetric**: ``q = clamp(round(x / s), -2**(w-1), 2**(w-1) - 1)``,
-  zero point 0, ``s = max|x| / (2**(w-1) - 0.5)``. The half step makes the most negative
-  code reachable: ``-max|x|`` maps to ``-2**(w-1) + 0.5`` and rounds (half to even) to
-  ``-2**(w-1)``, so a signed 8-bit multiplier sees -128 as the hardware does; ``+max|x|``
-  clamps to ``2**(w-1) - 1`` (an error of at most half a step, like any rounding).
+  zero point 0, ``s = max|x| / 2**(w-1)``. Dividing by a power of two is exact in binary
+  floating point, so ``-max|x|`` maps to exactly ``-2**(w-1)``: the most negative code is
+  reachable (a signed 8-bit multiplier sees -128, as the hardware does). ``+max|x|``
+  clamps to ``2**(w-1) - 1``, one step low -- the price of using all ``2**w`` codes.
+  (``s = max|x| / (2**(w-1) - 0.5)`` would reach -128 only when ``x / s`` happens to
+  round to ``-127.5`` or below in float32, which it often does not.)
 * **Unsigned LUT -> asymmetric**: ``q = clamp(round(x / s) + Z, 0, 2**w - 1)`` with an
   integer zero point ``Z`` (a *code*), range widened to include 0 so that 0 (ReLU
   outputs, padding) is exact: ``s = (max - min) / (2**w - 1)``, ``Z = round(-min / s)``.
@@ -84,7 +86,7 @@ def _scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, width: int, signed: bo
     qmin, qmax = quant_range(width, signed)
     if signed:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = amax / (qmax + 0.5)
+        scale = amax / (qmax + 1)
         zp = torch.zeros_like(scale)
     else:
         lo = torch.clamp(lo, max=0.0)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -71,6 +72,7 @@ __all__ = [
     "half_window_trials",
     "results_markdown",
     "run_retrain",
+    "state_digest",
     "with_half_window",
 ]
 
@@ -586,6 +588,8 @@ def _train_mode(cfg: RetrainConfig, d: _Dist, mode: str, fp32: nn.Module, lut: L
                 identity: dict[str, Any], on_epoch_end: EpochHook | None) -> tuple[nn.Module, list[dict]]:
     grad = "ste" if mode == SIMULATED_ERROR_MODE else mode
     model = _load_start(_approx_model(fp32, lut, grad, device), start)
+    # Evidence that every mode starts from the same point: its own model, before training.
+    start_accuracy = evaluate(model, loaders.test, device=device).accuracy
     noise = None
     if mode == SIMULATED_ERROR_MODE:
         sim = SimulatedError(cfg.mre if cfg.mre is not None else lut_mre(lut))
@@ -647,7 +651,23 @@ def _train_mode(cfg: RetrainConfig, d: _Dist, mode: str, fp32: nn.Module, lut: L
     for r in history:  # epochs restored from a checkpoint get their labels from the side file
         for k, v in labels.get(str(r["epoch"]), {}).items():
             r.setdefault(k, v)
-    return model, history
+    return model, history, start_accuracy
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 over a model's state_dict tensors (names, dtypes, shapes, bytes), in key order.
+
+    Two processes hold the same trained model exactly when their digests agree (used to
+    check that DDP ranks end identical).
+    """
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _time_exact_epoch(start_model: nn.Module, loaders: Loaders, cfg: RetrainConfig, device) -> float:
@@ -813,7 +833,7 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
         _say(cfg, d, f"retraining: {mode} ({cfg.epochs} epochs"
                      + (f", exact products in the last {cfg.exact_last}" if cfg.exact_last else "") + ")")
         identity = _mode_identity(cfg, mode, mode_luts[mode], fp32_info, half_windows[mode])
-        model, history = _train_mode(cfg, d, mode, fp32, mode_luts[mode], start, loaders, device, identity,
+        model, history, start_acc = _train_mode(cfg, d, mode, fp32, mode_luts[mode], start, loaders, device, identity,
                                      on_epoch_end)
         approx_after = evaluate(model, loaders.test, device=device)
         with exact_multiplication(model):
@@ -825,6 +845,7 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
                                  "distribution": "uniform", "method": "auto"}
                                 if mode == SIMULATED_ERROR_MODE else None),
             "half_window": half_windows[mode], "lut_id": mode_luts[mode].lut_id,
+            "approx_start": start_acc, "state_sha256": state_digest(model),
             "approx_after": approx_after.accuracy, "approx_after_loss": approx_after.loss,
             "exact_after": exact_after.accuracy, "exact_after_loss": exact_after.loss,
             "epoch_time_s": float(np.mean(approx_times)) if approx_times else None,
