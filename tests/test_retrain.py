@@ -1,0 +1,371 @@
+"""Retraining workflow: pipeline and result files, resume, shared start, hybrid schedule,
+half-window trials, simulated-error statistics against brute force, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from torch import nn  # noqa: E402
+
+from appmult.cli import main  # noqa: E402
+from appmult.nn import ApproxConfig, approximate_, calibrate  # noqa: E402
+from appmult.nn.noise import (SimulatedError, attach_simulated_error, lut_mre,  # noqa: E402
+                              noise_variance_conv2d, noise_variance_linear, product_noise_conv2d,
+                              product_noise_linear)
+from appmult.nn.retrain import (RESULTS_FORMAT, RetrainConfig, RetrainError, run_retrain,  # noqa: E402
+                                with_half_window)
+from appmult.lut_gen import LutFile  # noqa: E402
+
+SPEC = "truncated:width=6,signed=false,columns=4"
+
+
+def exact(message: str) -> str:
+    return "^" + re.escape(message) + "$"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def lut_path(tmp_path_factory):
+    """A 6x6 truncated multiplier characterized from its gate netlist, with gradient tables."""
+    pytest.importorskip("amaranth")
+    from appmult.lut_gen.characterize import characterize
+    path = tmp_path_factory.mktemp("lut") / "trunc6.npz"
+    characterize(SPEC, progress=False, cost=False).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("pretrained")
+
+
+def config(lut_path, pretrained_dir, out, **kw) -> RetrainConfig:
+    base = dict(lut=str(lut_path), model="mlp", dataset="digits", epochs=2, pretrain_epochs=2,
+                batch_size=64, grads=("ste",), out=str(out), progress=False,
+                pretrained_dir=str(pretrained_dir), calib_batches=2, threads=1)
+    base.update(kw)
+    return RetrainConfig(**base)
+
+
+def without_time(history):
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in history]
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+def test_pipeline_writes_results(lut_path, pretrained_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run_retrain(config(lut_path, pretrained_dir, out, grads=("ste", "lut2d", "lut1d")))
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert on_disk["format"] == RESULTS_FORMAT
+    assert list(on_disk["modes"]) == ["ste", "lut2d", "lut1d"]
+    assert on_disk["lut"]["spec"].startswith("truncated:width_a=6,width_b=6,signed=false,columns=4")
+    assert on_disk["lut"]["sha256"].startswith(on_disk["lut"]["id"])
+    assert set(on_disk["versions"]) >= {"python", "torch", "numpy", "appmult"}
+    assert on_disk["config"]["seed"] == 0 and on_disk["seeds"]["seed"] == 0
+    for key in ("exact_quantized_accuracy", "approx_accuracy"):
+        assert 0.0 <= on_disk["start"][key] <= 1.0
+    assert on_disk["timing"]["exact_quantized_epoch_s"] > 0
+    for name, m in on_disk["modes"].items():
+        assert [r["epoch"] for r in m["history"]] == [1, 2]
+        assert m["epoch_time_s"] > 0 and 0 <= m["approx_after"] <= 1 and 0 <= m["exact_after"] <= 1
+        # Every mode begins from the same quantized, calibrated model.
+        assert m["approx_start"] == on_disk["start"]["approx_accuracy"]
+        assert (out / "modes" / name / "last.pt").is_file()
+    md = (out / "results.md").read_text().splitlines()
+    table = [line for line in md if line.startswith("|")]
+    assert table[0].startswith("| mode | exact-quantized acc (%) | approx before (%) | approx after (%)")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["ste", "lut2d", "lut1d"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The digits MLP learns: retraining from a 2-epoch FP32 start ends well above chance.
+    assert on_disk["modes"]["ste"]["approx_after"] > 0.5
+
+
+def test_resume_after_interruption_matches_uninterrupted(lut_path, pretrained_dir, tmp_path):
+    kw = dict(grads=("ste", "lut1d"), epochs=2)
+    reference = run_retrain(config(lut_path, pretrained_dir, tmp_path / "ref", **kw))
+
+    class Interrupted(Exception):
+        pass
+
+    def crash(mode, epoch, record):
+        if mode == "lut1d" and epoch == 1:
+            raise Interrupted
+
+    out = tmp_path / "crash"
+    with pytest.raises(Interrupted):
+        run_retrain(config(lut_path, pretrained_dir, out, **kw), on_epoch_end=crash)
+    assert not (out / "results.json").exists()
+    seen = []
+    resumed = run_retrain(config(lut_path, pretrained_dir, out, resume=True, **kw),
+                          on_epoch_end=lambda m, e, r: seen.append((m, e)))
+    assert seen == [("lut1d", 2)]  # ste was complete, lut1d continues after epoch 1
+    for mode in ("ste", "lut1d"):
+        a, b = reference["modes"][mode], resumed["modes"][mode]
+        assert without_time(a["history"]) == without_time(b["history"])
+        assert a["approx_after"] == b["approx_after"] and a["exact_after"] == b["exact_after"]
+        assert a["state_sha256"] == b["state_sha256"]
+
+
+def test_resume_refuses_another_lut(lut_path, pretrained_dir, tmp_path):
+    out = tmp_path / "run"
+    run_retrain(config(lut_path, pretrained_dir, out, epochs=1))
+    lut = LutFile.load(lut_path)
+    other = LutFile(lut.product, width_a=6, width_b=6, signed=False, metadata={"spec": "other"})
+    other_path = tmp_path / "other.npz"
+    other.save(other_path)
+    with pytest.raises(RetrainError, match=r"^.*modes/ste holds another run \(lut_sha256: '"):
+        run_retrain(config(other_path, pretrained_dir, out, epochs=1, resume=True))
+
+
+def test_exact_last_switches_to_exact_products(lut_path, pretrained_dir, tmp_path):
+    res = run_retrain(config(lut_path, pretrained_dir, tmp_path, epochs=3, exact_last=1,
+                             simulated_error=True, time_exact=False))
+    ste = res["modes"]["ste"]["history"]
+    assert [r["train_multiplication"] for r in ste] == ["approx", "approx", "exact"]
+    assert [r["eval_multiplication"] for r in ste] == ["approx", "approx", "exact"]
+    sim = res["modes"]["simulated-error"]["history"]
+    assert [r["train_multiplication"] for r in sim] == ["exact+noise", "exact+noise", "exact"]
+    # The last epoch was exact: its test accuracy is the exact-product accuracy of the result.
+    assert ste[-1]["test_accuracy"] == res["modes"]["ste"]["exact_after"]
+    assert res["modes"]["simulated-error"]["simulated_error"]["mre"] == pytest.approx(
+        lut_mre(LutFile.load(lut_path)))
+    # Approximate epoch times exclude the exact epochs.
+    assert res["modes"]["ste"]["epoch_time_s"] == pytest.approx(
+        sum(r["epoch_time_s"] for r in ste[:2]) / 2)
+
+
+def test_half_window_auto_records_trials(lut_path, pretrained_dir, tmp_path):
+    res = run_retrain(config(lut_path, pretrained_dir, tmp_path, epochs=1, grads=("lut2d",),
+                             half_window="auto", trial_batches=2, time_exact=False))
+    info = res["half_window_trials"]["lut2d"]
+    # 6-bit operands: 2H+1 < 64 allows H = 1, 2, 4, 8, 16.
+    assert [t["half_window"] for t in info["trials"]] == [1, 2, 4, 8, 16]
+    assert info["trial_batches"] == 2
+    best = min(info["trials"], key=lambda t: t["train_loss_after"])
+    assert info["chosen"] == best["half_window"] == res["modes"]["lut2d"]["half_window"]
+    assert all(math.isfinite(t["train_loss_after"]) for t in info["trials"])
+    # The chosen tables are the ones trained with.
+    want = with_half_window(LutFile.load(lut_path), info["chosen"]).lut_id
+    assert res["modes"]["lut2d"]["lut_id"] == want
+
+
+def test_explicit_half_window_changes_tables(lut_path):
+    lut = LutFile.load(lut_path)
+    a, b = with_half_window(lut, 1), with_half_window(lut, 4)
+    assert a.lut_id != b.lut_id
+    assert (a.product == lut.product).all()
+    assert a.metadata["gradient_params"]["lut2d"]["half_window"] == 1
+    with pytest.raises(ValueError, match="too large"):
+        with_half_window(lut, 32)
+
+
+def test_start_from_checkpoint(lut_path, pretrained_dir, tmp_path):
+    from appmult.nn.data import make_loaders
+    from appmult.nn.models import build_model
+    torch.manual_seed(0)
+    model = build_model("mlp", make_loaders("digits", 64).info)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    res = run_retrain(config(lut_path, pretrained_dir, tmp_path / "o", epochs=1,
+                             checkpoint=str(tmp_path / "sd.pt"), time_exact=False))
+    assert res["fp32"]["source"] == "checkpoint"
+
+
+# --- configuration and CLI errors ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(grads=("ste", "foo")), "Gradient mode must be one of 'ste', 'lut2d', 'lut1d', not 'foo'"),
+    (dict(grads=("ste", "ste")), "Gradient modes repeat: ste ste"),
+    (dict(grads=()), "Give at least one gradient mode (--grad ste lut2d lut1d) or --simulated-error"),
+    (dict(exact_last=2), "exact_last must be an integer in 0..1 (at least one approximate epoch), not 2"),
+    (dict(half_window=3), "Half window must be one of 1, 2, 4, 8, 16, 32, 64 or 'auto', not 3"),
+    (dict(model="vgg"), "Model must be one of 'mlp', 'lenet5', 'resnet8', 'resnet20', not 'vgg'"),
+    (dict(epochs=0), "epochs must be a positive integer, not 0"),
+    (dict(spec="exact:width=4"), "Give exactly one of a LUT file (--lut) or a multiplier spec (--spec), not both"),
+    (dict(mre=-0.1), "Simulated-error MRE must be a finite number >= 0, not -0.1"),
+])
+def test_config_wrong(lut_path, pretrained_dir, tmp_path, kw, message):
+    with pytest.raises(RetrainError, match=exact(message)):
+        config(lut_path, pretrained_dir, tmp_path, **kw)
+
+
+def test_config_needs_a_multiplier():
+    with pytest.raises(RetrainError, match=exact("Give exactly one of a LUT file (--lut) or a multiplier "
+                                                 "spec (--spec), not neither")):
+        RetrainConfig()
+
+
+def run_cli(capsys, *args):
+    rc = main(["retrain", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+def test_cli_bad_grad_mode(lut_path, tmp_path, capsys):
+    rc, err = run_cli(capsys, "--lut", lut_path, "--grad", "ste", "lut3d", "--out", tmp_path)
+    assert rc == 2
+    assert err == "appmult retrain: error: Gradient mode must be one of 'ste', 'lut2d', 'lut1d', not 'lut3d'\n"
+
+
+def test_cli_lut_and_spec(lut_path, tmp_path, capsys):
+    rc, err = run_cli(capsys, "--lut", lut_path, "--spec", SPEC, "--out", tmp_path)
+    assert rc == 2
+    assert err == ("appmult retrain: error: Give exactly one of a LUT file (--lut) or a multiplier spec "
+                   "(--spec), not both\n")
+
+
+def test_cli_missing_lut(tmp_path, capsys):
+    rc, err = run_cli(capsys, "--lut", tmp_path / "nope.npz", "--out", tmp_path, "--no-progress")
+    assert rc == 2
+    assert err == f"appmult retrain: error: LUT file {tmp_path / 'nope.npz'} does not exist\n"
+
+
+def test_cli_checkpoint_of_another_model(lut_path, pretrained_dir, tmp_path, capsys):
+    # A pretrained MLP offered to a LeNet-5 run: refused before any training.
+    from appmult.nn.training import pretrain_fp32
+    pre = pretrain_fp32("mlp", "digits", 2, 0, out_dir=pretrained_dir, batch_size=64, progress=False)
+    rc, err = run_cli(capsys, "--lut", lut_path, "--model", "lenet5", "--checkpoint", pre.path,
+                      "--out", tmp_path, "--no-progress")
+    assert rc == 2
+    assert err == (f"appmult retrain: error: Checkpoint {pre.path} holds a 'mlp' model for 'digits'; "
+                   f"this run asks for 'lenet5' on 'digits'\n")
+
+
+def test_cli_state_dict_that_does_not_fit(lut_path, tmp_path, capsys):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "sd.pt")
+    rc, err = run_cli(capsys, "--lut", lut_path, "--model", "mlp", "--checkpoint", tmp_path / "sd.pt",
+                      "--out", tmp_path, "--no-progress")
+    assert rc == 2
+    assert err.startswith(f"appmult retrain: error: Checkpoint {tmp_path / 'sd.pt'} does not fit model "
+                          f"'mlp' for 'digits': ")
+
+
+def test_cli_runs(lut_path, pretrained_dir, tmp_path, capsys):
+    rc, err = run_cli(capsys, "--lut", lut_path, "--model", "mlp", "--epochs", 1, "--pretrain-epochs", 2,
+                      "--grad", "lut1d", "--pretrained-dir", pretrained_dir, "--out", tmp_path,
+                      "--calib-batches", 2, "--threads", 1, "--no-time-exact")
+    assert rc == 0
+    assert "[retrain] retraining: lut1d (1 epochs)" in err
+    assert "| lut1d |" in err
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["grads"] == ["lut1d"]
+
+
+# --- simulated error (Hammad et al.) ----------------------------------------------------------------
+
+def empirical_var(draw, n: int) -> torch.Tensor:
+    samples = torch.stack([draw() for _ in range(n)])
+    return samples.var(0)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "fixed"])
+def test_linear_noise_variance_matches_brute_force(distribution):
+    torch.manual_seed(0)
+    qx = torch.randint(-8, 9, (3, 40)).double()
+    qw = torch.randint(-8, 9, (5, 40)).double()
+    sim = SimulatedError(0.1, distribution=distribution, method="exact")
+    want = noise_variance_linear(qx, qw, sim)
+    # Brute force, written out independently: draw s_k e_k per product, sum, repeat.
+    n = 4000
+
+    def brute():
+        rel = sim.sample_relative((3, 5, 40), dtype=torch.float64)
+        return (qx[:, None, :] * qw[None, :, :] * rel).sum(-1)
+    got = empirical_var(brute, n)
+    # Variance estimate has relative sd sqrt(2/n) ~ 2.2%: 10% is a 4.5-sigma band.
+    assert torch.allclose(got, want, rtol=0.1)
+    assert torch.allclose(empirical_var(lambda: product_noise_linear(qx, qw, sim), n), want, rtol=0.1)
+    gauss = SimulatedError(0.1, distribution=distribution, method="gaussian")
+    assert torch.allclose(empirical_var(lambda: product_noise_linear(qx, qw, gauss), n), want, rtol=0.1)
+    assert sim.second_moment == pytest.approx(0.01 * (4 / 3 if distribution == "uniform" else 1))
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_noise_is_per_product_not_per_output(k):
+    # K equal positive products p: y = K p. Per-product noise has sd p*rms(e)*sqrt(K) = |y|*rms(e)/sqrt(K);
+    # per-output noise y*(1+s e) would have sd |y|*rms(e), sqrt(K) times more.
+    torch.manual_seed(1)
+    sim = SimulatedError(0.1, method="exact")
+    qx = torch.full((1, k), 3.0, dtype=torch.float64)
+    qw = torch.full((200, k), 5.0, dtype=torch.float64)
+    y = 15.0 * k
+    noise = product_noise_linear(qx, qw, sim)
+    sd = noise.std().item()
+    rms_e = math.sqrt(sim.second_moment)
+    assert sd == pytest.approx(y * rms_e / math.sqrt(k), rel=0.15)
+    assert sd < 0.3 * y * rms_e
+
+
+def test_conv_noise_matches_unfolded_brute_force():
+    torch.manual_seed(2)
+    qx = torch.randint(0, 16, (2, 3, 6, 6)).double()
+    qw = torch.randint(0, 16, (4, 3, 3, 3)).double()
+    sim = SimulatedError(0.2, method="exact")
+    want = noise_variance_conv2d(qx, qw, sim, stride=2)
+    # Brute-force per output position, independent of unfold: sum over the receptive field.
+    brute = torch.zeros_like(want)
+    for i in range(want.shape[2]):
+        for j in range(want.shape[3]):
+            patch = qx[:, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            brute[:, :, i, j] = ((patch[:, None] * qw[None]) ** 2).sum((2, 3, 4)) * sim.second_moment
+    assert torch.allclose(want, brute)
+    got = empirical_var(lambda: product_noise_conv2d(qx, qw, sim, stride=2), 3000)
+    assert torch.allclose(got, want, rtol=0.12)
+    with pytest.raises(ValueError, match=exact("Exact simulated-error sampling supports groups=1 "
+                                               "convolutions only; use method='gaussian' or 'auto'")):
+        product_noise_conv2d(qx[:, :2], qw[:, :1], sim, groups=2)
+
+
+def test_hooks_add_noise_in_training_only(lut_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    approximate_(model, ApproxConfig(str(lut_path)))
+    x = torch.randn(8, 1, 8, 8)
+    calibrate(model, [x])
+    model.eval()
+    clean = model(x)
+    hooks = attach_simulated_error(model, SimulatedError(0.1))
+    assert torch.equal(model(x), clean)          # evaluation: untouched
+    model.train()
+    for m in model.modules():
+        if hasattr(m, "act_quant"):
+            m.act_quant.observing = False          # same ranges, so only the noise differs
+    noisy = model(x)
+    assert hooks.noisy_forwards == 2 and not torch.equal(noisy, clean)
+    hooks.enabled = False
+    assert torch.equal(model(x), clean)
+    hooks.remove()
+    hooks.enabled = True
+    assert torch.equal(model(x), clean)
+
+
+def test_simulated_error_wrong():
+    with pytest.raises(ValueError, match=exact("Simulated-error distribution must be one of 'uniform', "
+                                               "'fixed', not 'normal'")):
+        SimulatedError(0.1, distribution="normal")
+    with pytest.raises(ValueError, match=exact("Simulated-error MRE must be a finite number >= 0, not nan")):
+        SimulatedError(float("nan"))
+    with pytest.raises(ValueError, match=exact("Model has no approximate layers to add simulated error to; "
+                                               "convert it with approximate_ first")):
+        attach_simulated_error(nn.Linear(2, 2), SimulatedError(0.1))
+
+
+def test_lut_mre_recorded_and_computed(lut_path):
+    lut = LutFile.load(lut_path)
+    bare = LutFile(lut.product, width_a=6, width_b=6, signed=False)
+    assert lut_mre(bare) == pytest.approx(lut.metadata["metrics"]["mre"], rel=1e-9)
