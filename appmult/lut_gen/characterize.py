@@ -491,12 +491,9 @@ def characterize(source, *, gradients: Iterable[str] = ("ste", "lut2d", "lut1d")
         raise ValueError(f"Full product LUTs are limited to {MAX_LUT_WIDTH}x{MAX_LUT_WIDTH} operands; "
                          f"{src.name} is {src.width_a}x{src.width_b}. Use characterize_metrics(...) or "
                          f"characterize(..., product=False) for streamed metrics only")
-    path = lut_cache_dir() / "full" / f"{src.cache_key('full' if cost else 'full-nocost')}.npz"
-    if cache and path.is_file():
-        try:
-            char = Characterization.from_lutfile(path, half_window=half_window, gradient_methods=methods)
-        except (LutFileError, OSError, KeyError):
-            char = None  # unreadable entry: rebuilt below
+    stem = lut_cache_dir() / "full" / src.cache_key("full" if cost else "full-nocost")
+    if cache:
+        char = _load_full_entry(stem, src, half_window, methods)
         if char is not None:
             for m in methods:
                 char.gradient(m)
@@ -511,18 +508,39 @@ def characterize(source, *, gradients: Iterable[str] = ("ste", "lut2d", "lut1d")
     for m in methods:
         char.gradient(m)
     if cache:
-        try:
-            # Only product, metrics and cost go into the cache: gradients are cheap to recompute
-            # and depend on the caller's choices.
-            plain = Characterization(product=table, width_a=src.width_a, width_b=src.width_b,
-                                     signed=src.signed, metrics=metrics, cost=char.cost,
-                                     description=src.describe, spec=src.spec, name=src.name,
-                                     sha256_verilog=char.sha256_verilog, sha256_netlist=char.sha256_netlist,
-                                     versions=char.versions, origin=src.origin)
-            plain.save(path)
-        except OSError:
-            pass  # a read-only cache is not an error
+        _save_full_entry(stem, char)
     return char
+
+
+def _save_full_entry(stem: Path, char: Characterization) -> None:
+    # A raw .npy (not the compressed LUT file): zlib on a 12x12 table costs seconds each
+    # way, and the cache is local and written atomically, so it needs no content hash.
+    # The JSON goes last: its presence marks a complete entry.
+    info = {"metrics": char.metrics, "cost": char.cost, "sha256_verilog": char.sha256_verilog,
+            "sha256_netlist": char.sha256_netlist, "tools": char.versions}
+    try:
+        from ..files import atomic_writer
+        with atomic_writer(stem.with_suffix(".npy"), suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, char.product, allow_pickle=False)
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(info))
+    except OSError:
+        pass  # a read-only cache is not an error
+
+
+def _load_full_entry(stem: Path, src: _Source, half_window, methods) -> Characterization | None:
+    try:
+        info = json.loads(stem.with_suffix(".json").read_text("utf-8"))
+        table = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # a miss, or an unreadable entry that is simply rebuilt
+    if table.shape != (1 << src.width_a, 1 << src.width_b) or table.dtype != np.int64:
+        return None
+    return Characterization(product=table, width_a=src.width_a, width_b=src.width_b, signed=src.signed,
+                            metrics=info["metrics"], cost=info["cost"], description=src.describe,
+                            spec=src.spec, name=src.name, sha256_verilog=info["sha256_verilog"],
+                            sha256_netlist=info["sha256_netlist"], versions=info["tools"], origin=src.origin,
+                            half_window=half_window, gradient_methods=methods)
 
 
 def characterize_metrics(source, *, hist_a=None, hist_b=None, progress: bool = True, cache: bool = True,
