@@ -33,6 +33,10 @@ class atomic_writer:
         if exc_type is None:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            # mkstemp creates the file 0600; give it the mode a plain open() would (umask).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
