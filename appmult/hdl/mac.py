@@ -33,7 +33,6 @@ the generic bound is ``width_p + ceil(log2(K))``.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np

@@ -127,6 +127,8 @@ class VerifyResult:
         build_s: seconds spent compiling the design.
         run_s: seconds spent running the simulation (start-up included).
         build_dir: where the Verilog, logs and JSON result are.
+        build_cpu_s: CPU seconds of the compiler processes (stable on a loaded machine).
+        run_cpu_s: CPU seconds of the simulator process.
     """
 
     passed: bool
@@ -138,6 +140,8 @@ class VerifyResult:
     build_s: float
     run_s: float
     build_dir: str | None
+    build_cpu_s: float = 0.0
+    run_cpu_s: float = 0.0
 
     def summary(self) -> str:
         """One line: verdict, pairs checked, simulator and times."""
@@ -169,6 +173,8 @@ class MacVerifyResult:
         build_s: seconds spent compiling.
         run_s: seconds spent simulating.
         build_dir: where the files are.
+        build_cpu_s: CPU seconds of the compiler processes.
+        run_cpu_s: CPU seconds of the simulator process.
     """
 
     passed: bool
@@ -180,6 +186,8 @@ class MacVerifyResult:
     build_s: float
     run_s: float
     build_dir: str | None
+    build_cpu_s: float = 0.0
+    run_cpu_s: float = 0.0
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else f"FAIL ({self.mismatch_count} mismatches)"
@@ -348,16 +356,16 @@ def _top_module(verilog: str) -> str:
     if len(names) == 1 and not names[0].startswith("\\"):
         return names[0]
     raise ValueError(f"Cannot tell the top module among {', '.join(names) or 'no modules'}; "
-                     f"pass top=NAME")
+                     f"pass name=NAME")
 
 
-def _design_verilog(design, *, name: str | None, registered: bool) -> tuple[str, str, Any]:
-    """Verilog text, top module name and the component (or None) for a design argument."""
+def _design_verilog(design, *, name: str | None, registered: bool) -> tuple[str, str]:
+    """Verilog text and top module name for a design argument."""
     from amaranth.lib import wiring
     if isinstance(design, wiring.Component):
         from ..hdl.export import export_verilog
         top = name or "appmult_dut"
-        return export_verilog(design, name=top, registered=registered), top, design
+        return export_verilog(design, name=top, registered=registered), top
     if isinstance(design, os.PathLike) or (isinstance(design, str) and "module" not in design
                                            and design.endswith((".v", ".sv"))):
         path = Path(design)
@@ -371,11 +379,12 @@ def _design_verilog(design, *, name: str | None, registered: bool) -> tuple[str,
     top = name or _top_module(text)
     if not re.search(rf"^\s*module\s+{re.escape(top)}\b", text, re.MULTILINE):
         raise ValueError(f"Verilog has no module named {top!r}")
-    return text, top, None
+    return text, top
 
 
 def corner_codes(width: int, signed: bool) -> np.ndarray:
-    """Codes of the corner-case values: 0, 1, -1, max, min, and every power of two (both signs).
+    """Codes of the corner-case values: 0, 1, -1, max, min, next to max and min, every power
+    of two (both signs) and every all-ones pattern ``2**k - 1``.
 
     Args:
         width: operand width.
@@ -472,9 +481,23 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(text[-lines:])
 
 
+def _children_cpu() -> float:
+    """CPU seconds of finished child processes (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run_cocotb(*, sim: str, build_dir: Path, sources: Sequence[Path], toplevel: str,
                 test_module: str, config: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
-    """Build and run one cocotb test module; returns the JSON result, build and run seconds."""
+    """Build and run one cocotb test module.
+
+    Returns:
+        The JSON result (with ``build_cpu_s``/``run_cpu_s`` added), build and run seconds.
+    """
     from cocotb_tools.runner import get_runner
 
     result_path = build_dir / "result.json"
@@ -491,7 +514,7 @@ def _run_cocotb(*, sim: str, build_dir: Path, sources: Sequence[Path], toplevel:
 
     with _simulator_environment(sim):
         runner = get_runner(sim)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _children_cpu()
         try:
             runner.build(sources=[str(s) for s in sources], hdl_toplevel=toplevel,
                          build_dir=str(build_dir), timescale=("1ns", "1ps"), always=True,
@@ -499,8 +522,8 @@ def _run_cocotb(*, sim: str, build_dir: Path, sources: Sequence[Path], toplevel:
         except (RuntimeError, SystemExit) as exc:
             raise SimulationError(f"{sim} could not build {toplevel} ({exc}); log {build_log}:\n"
                                   f"{_log_tail(build_log)}") from None
-        build_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+        build_s, build_cpu = time.perf_counter() - t0, _children_cpu() - c0
+    t0, c0 = time.perf_counter(), _children_cpu()
     try:
         # Under pytest cocotb's runner ends a failing run with SystemExit; the JSON result
         # written by the testbench is the authority either way.
@@ -510,13 +533,14 @@ def _run_cocotb(*, sim: str, build_dir: Path, sources: Sequence[Path], toplevel:
                     log_file=str(test_log))
     except SystemExit:
         pass
-    run_s = time.perf_counter() - t0
+    run_s, run_cpu = time.perf_counter() - t0, _children_cpu() - c0
     if not result_path.is_file():
         raise SimulationError(f"{sim} simulation of {toplevel} ended without a result; log {test_log}:\n"
                               f"{_log_tail(test_log)}")
     result = json.loads(result_path.read_text())
     if result.get("error"):
         raise SimulationError(f"Testbench error in {sim}: {result['error']}")
+    result.update(build_cpu_s=build_cpu, run_cpu_s=run_cpu)
     return result, build_s, run_s
 
 
@@ -580,7 +604,7 @@ def verify_multiplier(design, lut: LutFile | str | os.PathLike, *, sim: str = "i
     if isinstance(design, Multiplier):
         table.check_compatible(width_a=design.width_a, width_b=design.width_b, signed=design.signed,
                                what=f"multiplier {design.spec}")
-    verilog, top, _ = _design_verilog(design, name=name, registered=registered)
+    verilog, top = _design_verilog(design, name=name, registered=registered)
     if top == WRAPPER:
         raise ValueError(f"Module name {WRAPPER!r} is reserved for the testbench wrapper")
     wa, wb = table.width_a, table.width_b
@@ -606,7 +630,8 @@ def verify_multiplier(design, lut: LutFile | str | os.PathLike, *, sim: str = "i
                             pairs_checked=result["pairs_checked"], exhaustive=exhaustive,
                             mismatch_count=result["mismatch_count"], mismatches=mismatches,
                             simulator=sim, build_s=build_s, run_s=run_s,
-                            build_dir=str(bdir) if keep else None)
+                            build_dir=str(bdir) if keep else None,
+                            build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"])
 
 
 def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
@@ -664,4 +689,5 @@ def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
                                cycles=result["cycles"], results_checked=result["results_checked"],
                                mismatch_count=result["mismatch_count"],
                                mismatches=tuple(result["mismatches"]), simulator=sim, build_s=build_s,
-                               run_s=run_s, build_dir=str(bdir) if keep else None)
+                               run_s=run_s, build_dir=str(bdir) if keep else None,
+                               build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"])
