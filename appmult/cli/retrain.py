@@ -51,10 +51,6 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     p.add_argument("--no-time-exact", action="store_true",
                    help="skip timing one exact-quantized epoch for the comparison")
-    p.add_argument("--verify-rtl", action="store_true",
-                   help="after retraining, run real operands of the first conv layer through the RTL MAC "
-                        "unit in cocotb and compare accumulators")
-    p.add_argument("--sim", default="icarus", help="simulator for --verify-rtl: icarus or verilator")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=run)
 
@@ -72,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                         checkpoint=args.checkpoint, pretrained_dir=args.pretrained_dir,
                         progress=not args.no_progress, calib_batches=args.calib_batches,
                         trial_batches=args.trial_batches, time_exact=not args.no_time_exact,
-                        threads=args.threads, verify_rtl=args.verify_rtl, simulator=args.sim)
+                        threads=args.threads)
     try:
         results = run_retrain(cfg)
     except (CheckpointError, LutMismatchError) as exc:

@@ -55,13 +55,13 @@ from ..files import atomic_write_text
 from ..lut_gen.gradients import HALF_WINDOWS, check_half_window, lut2d_and_lut1d
 from ..lut_gen.lutfile import LutFile
 from .config import ApproxConfig, load_lut
-from .convert import approximate_, approximate_layers, exact_, exact_multiplication
+from .convert import approximate_, exact_, exact_multiplication
 from .data import DATASETS, Loaders, make_loaders
 from .functional import GradMode
 from .models import MODEL_NAMES, build_model
 from .noise import SimulatedError, attach_simulated_error, lut_mre
 from .quant import ActivationQuantizer, calibrate
-from .training import (CHECKPOINT_NAME, Metrics, evaluate, fit, load_checkpoint, load_pretrained,
+from .training import (CHECKPOINT_NAME, evaluate, fit, load_checkpoint, load_pretrained,
                        plot_history, pretrain_fp32, seed_everything, train_epoch)
 
 __all__ = [
@@ -125,9 +125,6 @@ class RetrainConfig:
             (``None``: one epoch).
         time_exact: time one training epoch of the exact-quantized model for comparison.
         threads: torch CPU threads (``None``: leave torch's setting).
-        verify_rtl: after retraining, run a few outputs of the first conv layer's real
-            operands through the RTL MAC unit in cocotb (needs a simulator).
-        simulator: ``"icarus"`` or ``"verilator"`` for ``verify_rtl``.
 
     Raises:
         RetrainError: inconsistent or out-of-range values, with the offending value named.
@@ -157,8 +154,6 @@ class RetrainConfig:
     trial_batches: int | None = None
     time_exact: bool = True
     threads: int | None = None
-    verify_rtl: bool = False
-    simulator: str = "icarus"
 
     def __post_init__(self) -> None:
         if (self.lut is None) == (self.spec is None):
@@ -212,8 +207,6 @@ class RetrainConfig:
                 raise RetrainError(str(exc)) from None
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise RetrainError(f"threads must be a positive integer, not {self.threads!r}")
-        if self.simulator not in ("icarus", "verilator"):
-            raise RetrainError(f"Simulator must be 'icarus' or 'verilator', not {self.simulator!r}")
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -828,7 +821,6 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
     del start_model
 
     modes: dict[str, Any] = {}
-    final_models: dict[str, nn.Module] = {}
     for mode in cfg.modes:
         _say(cfg, d, f"retraining: {mode} ({cfg.epochs} epochs"
                      + (f", exact products in the last {cfg.exact_last}" if cfg.exact_last else "") + ")")
@@ -851,7 +843,6 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
             "epoch_time_s": float(np.mean(approx_times)) if approx_times else None,
             "history": history,
         }
-        final_models[mode] = model
 
     results = {
         "format": RESULTS_FORMAT,
@@ -873,15 +864,9 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
         "threads": torch.get_num_threads(),
         "versions": _versions(),
     }
-    if cfg.verify_rtl:
-        results["verify_rtl"] = _verify_rtl(cfg, d, final_models, lut, calib, device)
     results["timing"]["total_s"] = time.perf_counter() - t_start
     if d.main:
         _write_results(out, results)
         _say(cfg, d, f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'curves.png'}")
     d.barrier()
     return results
-
-
-def _verify_rtl(cfg, d, models, lut, calib, device) -> dict[str, Any]:  # pragma: no cover - replaced below
-    raise RetrainError("--verify-rtl is not available in this build")
