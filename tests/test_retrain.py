@@ -369,3 +369,25 @@ def test_lut_mre_recorded_and_computed(lut_path):
     lut = LutFile.load(lut_path)
     bare = LutFile(lut.product, width_a=6, width_b=6, signed=False)
     assert lut_mre(bare) == pytest.approx(lut.metadata["metrics"]["mre"], rel=1e-9)
+
+
+def test_value_products_carry_less_noise_than_codes(lut_path):
+    # Unsigned quantization: code products include the zero points, so relative noise on them
+    # is larger than on the zero-point-corrected values x*w.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 16))
+    approximate_(model, ApproxConfig(str(lut_path)))
+    x = torch.randn(64, 32)
+    calibrate(model, [x])
+    model.eval()
+    clean = model(x)
+    model.train()
+    model[0].act_quant.observing = False
+    spread = {}
+    for operands in ("codes", "values"):
+        hooks = attach_simulated_error(model, SimulatedError(0.1), operands=operands)
+        spread[operands] = (model(x) - clean).std().item()
+        hooks.remove()
+    assert 0 < spread["values"] < 0.7 * spread["codes"]
+    with pytest.raises(ValueError, match=exact("Simulated-error operands must be 'codes' or 'values', not 'bits'")):
+        attach_simulated_error(model, SimulatedError(0.1), operands="bits")

@@ -45,6 +45,9 @@ def register(sub) -> None:
                    help="also train with simulated error (exact products plus per-product noise of the "
                         "LUT's mean relative error; Hammad et al.), evaluated on the real LUT")
     p.add_argument("--mre", type=float, metavar="X", help="MRE (fraction) for --simulated-error (default: the LUT's)")
+    p.add_argument("--noise-operands", choices=("codes", "values"), default="codes",
+                   help="products the simulated error applies to: the multiplier's operand codes (default) "
+                        "or the zero-point-corrected values x*w")
     p.add_argument("--checkpoint", metavar="FILE", help="start from this FP32 model instead of pretraining")
     p.add_argument("--pretrained-dir", metavar="DIR", help="FP32 model cache (default OUT/pretrained)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, grads=tuple(args.grad),
                         half_window=args.half_window, out=args.out, resume=args.resume,
                         exact_last=args.exact_last, simulated_error=args.simulated_error, mre=args.mre,
+                        noise_operands=args.noise_operands,
                         checkpoint=args.checkpoint, pretrained_dir=args.pretrained_dir,
                         progress=not args.no_progress, calib_batches=args.calib_batches,
                         trial_batches=args.trial_batches, time_exact=not args.no_time_exact,

@@ -25,10 +25,14 @@ Two ways to draw the per-product noise (:class:`NoiseMethod`):
   (the normal approximation of a sum of a few uniforms is visibly off in the tails) and the
   layer is small enough, else ``gaussian``.
 
-The noise is applied to what the hardware multiplies: the integer operand codes of the
-quantized layer (``qx``, ``qw``, padding positions included, which hold the activation
-zero point), so a product's relative error refers to the same product the MRE of the LUT
-was measured on. In dequantized units the noise is ``sx * sw * sum_k qx_k qw_k s_k e_k``.
+By default the noise is applied to what the hardware multiplies: the integer operand
+codes of the quantized layer (``qx``, ``qw``, padding positions included, which hold the
+activation zero point), so a product's relative error refers to the same product the MRE
+of the LUT was measured on. In dequantized units the noise is
+``sx * sw * sum_k qx_k qw_k s_k e_k``. With unsigned (asymmetric) quantization the code
+products contain the zero points, so this noise is large next to the zero-point-corrected
+signal; ``operands="values"`` applies the relative error to ``(qx - zx) * (qw - zw)``
+instead, the network's ``x * w`` as in the paper's floating-point simulation.
 
 Gradients: the noise is a detached additive term, so the backward pass is the exact
 quantized layer's (STE) -- the surrogate trains the weights to tolerate the perturbation,
@@ -55,6 +59,7 @@ from .layers import ApproxConv2d, ApproxLinear
 
 __all__ = [
     "GAUSSIAN_MIN_FAN_IN",
+    "NOISE_OPERANDS",
     "ErrorDistribution",
     "NoiseMethod",
     "SimulatedError",
@@ -69,6 +74,8 @@ __all__ = [
 
 #: Below this fan-in, ``auto`` draws the exact per-product noise (when the layer is small).
 GAUSSIAN_MIN_FAN_IN = 16
+#: Which products the relative error applies to (see :func:`attach_simulated_error`).
+NOISE_OPERANDS = ("codes", "values")
 #: Largest ``batch * outputs * K`` element count ``auto`` materializes for the exact draw.
 EXACT_MAX_ELEMENTS = 1 << 22
 
@@ -284,14 +291,18 @@ class SimulatedErrorHooks:
 
     Attributes:
         sim: the error model.
+        operands: ``"codes"`` or ``"values"`` (see :func:`attach_simulated_error`).
         enabled: switch the noise on or off without removing the hooks.
         noisy_forwards: how many layer forwards received noise (for bookkeeping and tests).
     """
 
-    def __init__(self, model: nn.Module, sim: SimulatedError):
+    def __init__(self, model: nn.Module, sim: SimulatedError, operands: str = "codes"):
         if not isinstance(sim, SimulatedError):
             raise TypeError(f"attach_simulated_error needs a SimulatedError, not {type(sim).__name__}")
+        if operands not in NOISE_OPERANDS:
+            raise ValueError(f"Simulated-error operands must be 'codes' or 'values', not {operands!r}")
         self.sim = sim
+        self.operands = operands
         self.enabled = True
         self.noisy_forwards = 0
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
@@ -317,21 +328,28 @@ class SimulatedErrorHooks:
         finally:
             module.act_quant.observing = saved
         qw, sw, zw = module.weight_quant(module.weight)
-        return qx, sx, zx, qw, sw
+        return qx, sx, zx, qw, sw, zw
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not (self.enabled and module.training):
             return None
         x = inputs[0]
-        qx, sx, zx, qw, sw = self._codes(module, x)
+        qx, sx, zx, qw, sw, zw = self._codes(module, x)
+        if self.operands == "values":
+            qw = qw - zw
         if isinstance(module, ApproxLinear):
-            noise = product_noise_linear(qx.reshape(-1, module.in_features), qw, self.sim)
+            qx = qx.reshape(-1, module.in_features)
+            if self.operands == "values":
+                qx = qx - zx
+            noise = product_noise_linear(qx, qw, self.sim)
             scale = sx * (sw.reshape(1, -1) if sw.dim() else sw)
             noise = (noise * scale).reshape(output.shape)
         else:
             ph, pw = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
             if ph or pw:
                 qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
+            if self.operands == "values":
+                qx = qx - zx  # padded positions become value 0: no product, no noise
             noise = product_noise_conv2d(qx, qw, self.sim, stride=module.stride, dilation=module.dilation,
                                          groups=module.groups)
             scale = sx * (sw.reshape(1, -1, 1, 1) if sw.dim() else sw)
@@ -340,7 +358,7 @@ class SimulatedErrorHooks:
         return output + noise.to(output.dtype).detach()
 
 
-def attach_simulated_error(model: nn.Module, sim: SimulatedError) -> SimulatedErrorHooks:
+def attach_simulated_error(model: nn.Module, sim: SimulatedError, operands: str = "codes") -> SimulatedErrorHooks:
     """Add per-product simulated error to the approximate layers of ``model`` in training.
 
     Typically the layers are switched to exact multiplication (:func:`appmult.nn.exact_`)
@@ -349,12 +367,19 @@ def attach_simulated_error(model: nn.Module, sim: SimulatedError) -> SimulatedEr
     Args:
         model: a model converted with :func:`appmult.nn.approximate_`.
         sim: the error model.
+        operands: which products the relative error applies to. ``"codes"`` (default): the
+            integer codes the multiplier receives, ``qx * qw`` -- what the hardware
+            multiplies and what a LUT's MRE is measured on. With unsigned (asymmetric)
+            quantization these products include the zero points, so the noise is large
+            compared with the zero-point-corrected signal. ``"values"``: the
+            zero-point-corrected products ``(qx - zx) * (qw - zw)``, i.e. ``x * w`` of the
+            network, as in the paper's floating-point simulation.
 
     Returns:
         The :class:`SimulatedErrorHooks` (call ``.remove()`` to detach).
 
     Raises:
         TypeError: ``sim`` is not a :class:`SimulatedError`.
-        ValueError: the model has no approximate layers.
+        ValueError: the model has no approximate layers, or unknown ``operands``.
     """
-    return SimulatedErrorHooks(model, sim)
+    return SimulatedErrorHooks(model, sim, operands)

@@ -59,7 +59,7 @@ from .convert import approximate_, exact_, exact_multiplication
 from .data import DATASETS, Loaders, make_loaders
 from .functional import GradMode
 from .models import MODEL_NAMES, build_model
-from .noise import SimulatedError, attach_simulated_error, lut_mre
+from .noise import NOISE_OPERANDS, SimulatedError, attach_simulated_error, lut_mre
 from .quant import ActivationQuantizer, calibrate
 from .training import (CHECKPOINT_NAME, evaluate, fit, load_checkpoint, load_pretrained,
                        plot_history, pretrain_fp32, seed_everything, train_epoch)
@@ -116,6 +116,9 @@ class RetrainConfig:
         simulated_error: also train a ``simulated-error`` mode (exact products plus
             per-product noise of the LUT's MRE), evaluated on the real LUT.
         mre: MRE for the simulated error (default: the LUT's).
+        noise_operands: products the simulated error applies to: ``"codes"`` (what the
+            multiplier receives) or ``"values"`` (zero-point-corrected ``x * w``); see
+            :func:`appmult.nn.noise.attach_simulated_error`.
         checkpoint: start from this FP32 model instead of pretraining (a file written by
             ``pretrain_fp32`` or a plain state_dict of ``model``).
         pretrained_dir: cache of FP32 models (default ``<out>/pretrained``).
@@ -147,6 +150,7 @@ class RetrainConfig:
     exact_last: int = 0
     simulated_error: bool = False
     mre: float | None = None
+    noise_operands: str = "codes"
     checkpoint: str | None = None
     pretrained_dir: str | None = None
     progress: bool = True
@@ -205,6 +209,8 @@ class RetrainConfig:
                 SimulatedError(self.mre)
             except ValueError as exc:
                 raise RetrainError(str(exc)) from None
+        if self.noise_operands not in NOISE_OPERANDS:
+            raise RetrainError(f"Noise operands must be 'codes' or 'values', not {self.noise_operands!r}")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise RetrainError(f"threads must be a positive integer, not {self.threads!r}")
 
@@ -562,6 +568,7 @@ def _mode_identity(cfg: RetrainConfig, mode: str, lut: LutFile, fp32_info: dict,
     return {"mode": mode, "lut_sha256": lut.sha256, "half_window": half_window, "model": cfg.model,
             "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "seed": cfg.seed, "exact_last": cfg.exact_last, "mre": cfg.mre,
+            "noise_operands": cfg.noise_operands if mode == SIMULATED_ERROR_MODE else None,
             "fp32": fp32_info.get("path"), "calib_batches": cfg.calib_batches}
 
 
@@ -586,7 +593,7 @@ def _train_mode(cfg: RetrainConfig, d: _Dist, mode: str, fp32: nn.Module, lut: L
     noise = None
     if mode == SIMULATED_ERROR_MODE:
         sim = SimulatedError(cfg.mre if cfg.mre is not None else lut_mre(lut))
-        noise = attach_simulated_error(model, sim)
+        noise = attach_simulated_error(model, sim, cfg.noise_operands)
     schedule = _Schedule(model, cfg.epochs, cfg.exact_last, noise)
 
     mode_dir = Path(cfg.out) / "modes" / mode
@@ -834,7 +841,8 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
         modes[mode] = {
             "grad": "ste" if mode == SIMULATED_ERROR_MODE else mode,
             "simulated_error": ({"mre": cfg.mre if cfg.mre is not None else lut_mre(lut),
-                                 "distribution": "uniform", "method": "auto"}
+                                 "distribution": "uniform", "method": "auto",
+                                 "operands": cfg.noise_operands}
                                 if mode == SIMULATED_ERROR_MODE else None),
             "half_window": half_windows[mode], "lut_id": mode_luts[mode].lut_id,
             "approx_start": start_acc, "state_sha256": state_digest(model),

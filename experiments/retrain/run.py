@@ -47,6 +47,16 @@ DATASETS = {
 }
 
 MODES = ("ste", "lut2d", "lut1d", "simulated-error")
+ALL_MODES = MODES + ("simulated-error-values",)
+
+
+def cached_run(cfg):
+    """``run_retrain(cfg)``, or the results a finished earlier run left in ``cfg.out``."""
+    from appmult.nn.retrain import run_retrain
+    done = Path(cfg.out) / "results.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return run_retrain(cfg)
 
 
 def log(msg: str) -> None:
@@ -95,17 +105,18 @@ def aggregate(runs: list[dict], auto: list[dict]) -> tuple[dict, str]:
         groups.setdefault((r["dataset"], r["multiplier"]), []).append(r)
     agg = {}
     lines = ["| dataset | multiplier | MRE % | FP32 | exact-quantized | approx, no retraining | STE | LUT-2D (H) "
-             "| LUT-1D | simulated error | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| LUT-1D | simulated error (codes) | simulated error (values) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     tlines = ["| dataset | multiplier | exact-quantized | STE | LUT-2D | LUT-1D | simulated error "
               "| LUT-2D / STE |", "|---|---|---|---|---|---|---|---|"]
     for (ds, name), rs in groups.items():
         s = [r["summary"] for r in rs]
+        modes = [m for m in ALL_MODES if all(m in x["after"] for x in s)]
         row = {"fp32": mean_std([x["fp32"] for x in s]),
                "exact_quantized": mean_std([x["exact_quantized"] for x in s]),
                "approx_before": mean_std([x["approx_before"] for x in s]),
-               "after": {m: mean_std([x["after"][m] for x in s]) for m in MODES},
-               "epoch_s": {m: mean_std([x["epoch_s"][m] for x in s]) for m in MODES},
+               "after": {m: mean_std([x["after"][m] for x in s]) for m in modes},
+               "epoch_s": {m: mean_std([x["epoch_s"][m] for x in s]) for m in modes},
                "exact_quantized_epoch_s": mean_std([x["exact_quantized_epoch_s"] for x in s]),
                "seeds": [r["seed"] for r in rs], "spec": SPECS[name], "mre": s[0]["mre"]}
         agg[f"{ds}/{name}"] = row
@@ -113,8 +124,8 @@ def aggregate(runs: list[dict], auto: list[dict]) -> tuple[dict, str]:
         lines.append(
             f"| {ds} | {name} | {100 * s[0]['mre']:.1f} | {fmt([x['fp32'] for x in s])} "
             f"| {fmt([x['exact_quantized'] for x in s])} | {fmt([x['approx_before'] for x in s])} "
-            + "".join(f"| {fmt([x['after'][m] for x in s])}" + (f" ({hw})" if m == "lut2d" else "") + " "
-                      for m in MODES)
+            + "".join(f"| {fmt([x['after'][m] for x in s]) if m in modes else '—'}"
+                      + (f" ({hw})" if m == "lut2d" else "") + " " for m in ALL_MODES)
             + f"| {len(s)} |")
         t = {m: statistics.fmean(x["epoch_s"][m] for x in s) for m in MODES}
         te = statistics.fmean(x["exact_quantized_epoch_s"] for x in s)
@@ -149,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--multipliers", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--no-auto", action="store_true", help="skip the half-window trials on digits")
+    p.add_argument("--no-sim-values", action="store_true",
+                   help="skip simulated error on value products (noise_operands='values')")
     p.add_argument("--out", default=str(HERE), help="where results.json / results.md go")
     args = p.parse_args(argv)
 
     from appmult.files import atomic_write_text
-    from appmult.nn.retrain import RetrainConfig, run_retrain
+    from appmult.nn.retrain import RetrainConfig
 
     work = Path(args.work)
     t0 = time.perf_counter()
@@ -170,8 +183,19 @@ def main(argv: list[str] | None = None) -> int:
                                     out=str(work / "runs" / ds / name / f"s{seed}"),
                                     pretrained_dir=str(work / "pretrained"), resume=True, progress=False,
                                     threads=args.threads, **dcfg)
-                res = run_retrain(cfg)
+                res = cached_run(cfg)
                 s = summarize(res)
+                if not args.no_sim_values:
+                    # Simulated error on the zero-point-corrected products x*w (the paper's
+                    # floating-point view) instead of the code products the multiplier sees.
+                    vcfg = RetrainConfig(lut=str(luts[name]), model="lenet5", dataset=ds, seed=seed, grads=(),
+                                         simulated_error=True, noise_operands="values",
+                                         out=str(work / "runs" / ds / name / f"s{seed}-simvalues"),
+                                         pretrained_dir=str(work / "pretrained"), resume=True, progress=False,
+                                         threads=args.threads, time_exact=False, **dcfg)
+                    vres = cached_run(vcfg)
+                    s["after"]["simulated-error-values"] = vres["modes"]["simulated-error"]["approx_after"]
+                    s["epoch_s"]["simulated-error-values"] = vres["modes"]["simulated-error"]["epoch_time_s"]
                 runs.append({"dataset": ds, "multiplier": name, "seed": seed, "spec": SPECS[name],
                              "summary": s, "results": str(Path(cfg.out) / "results.json")})
                 log(f"{ds} {name} s{seed}: exact-q {100 * s['exact_quantized']:.1f}, before "
@@ -185,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                                          out=str(work / "runs" / ds / name / f"s{seed}-auto"),
                                          pretrained_dir=str(work / "pretrained"), resume=True, progress=False,
                                          threads=args.threads, time_exact=False, **dcfg)
-                    ares = run_retrain(acfg)
+                    ares = cached_run(acfg)
                     info = ares["half_window_trials"]["lut2d"]
                     auto.append({"dataset": ds, "multiplier": name, "seed": seed, "chosen": info["chosen"],
                                  "trials": info["trials"], "after": ares["modes"]["lut2d"]["approx_after"]})
