@@ -143,3 +143,14 @@ def test_lut_file_import_is_light():
     code = ("import sys, appmult.lut_gen; "
             "assert 'amaranth' not in sys.modules and 'torch' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_caller_arrays_stay_writable():
+    prod = np.arange(16 * 8, dtype=np.int64).reshape(16, 8)
+    ga = np.zeros(8, dtype=np.float32)
+    lut = LutFile(prod, width_a=4, width_b=3, signed=False, gradients={"g": (ga, np.zeros(16, np.float32))})
+    prod[0, 0] = 5  # the caller's array is still theirs
+    ga[0] = 1.0
+    assert lut.product[0, 0] == 0 and lut.gradient("g")[0][0] == 0.0
+    with pytest.raises(ValueError, match="read-only"):
+        lut.product[0, 0] = 1

@@ -82,7 +82,8 @@ class LutFile:
         if prod.shape != shape:
             raise LutFileError(f"Product table shape {prod.shape} does not match widths "
                                f"{self._wa}x{self._wb} (expected {shape})")
-        self._product = np.ascontiguousarray(prod, dtype=np.int64)
+        # Own copies: freezing them must not freeze the caller's arrays.
+        self._product = np.array(prod, dtype=np.int64, order="C", copy=True)
         self._product.setflags(write=False)
         self._gradients: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for method, pair in (gradients or {}).items():
@@ -137,8 +138,8 @@ class LutFile:
         """Add or replace the gradient tables of ``method`` (validated against the widths)."""
         _check_name(method)
         full = (1 << self._wa, 1 << self._wb)
-        ga = np.ascontiguousarray(grad_a, dtype=np.float32)
-        gb = np.ascontiguousarray(grad_b, dtype=np.float32)
+        ga = np.array(grad_a, dtype=np.float32, order="C", copy=True)
+        gb = np.array(grad_b, dtype=np.float32, order="C", copy=True)
         ok = (ga.shape == full and gb.shape == full) or (ga.shape == (full[1],) and gb.shape == (full[0],))
         if not ok:
             raise LutFileError(
