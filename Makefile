@@ -46,8 +46,11 @@ test-all: venv iverilog
 demo: venv iverilog
 	$(PY) -m appmult.demo --out demo-out
 
-bench: venv
+bench: venv iverilog
 	$(PY) benchmarks/bench_sim.py
+	$(PY) benchmarks/bench_lut.py --skip-16
+	$(PY) benchmarks/bench_nn.py
+	$(PY) benchmarks/bench_verify.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out
