@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import appmult.hdl
-from appmult.lut_gen import characterize as charmod
+from appmult.lut_gen import characterization as charmod
 
 try:  # the families beyond exact are registered by their modules
     import appmult.hdl.truncated  # noqa: F401

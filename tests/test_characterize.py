@@ -13,8 +13,8 @@ import appmult.sim
 from appmult.cli import main
 from appmult.hdl import from_spec
 from appmult.lut_gen import LutFile, error_metrics, exact_product, lut2d_gradients, metrics_under, ste_gradients
-from appmult.lut_gen import characterize as charmod
-from appmult.lut_gen.characterize import Characterization, characterize, characterize_metrics
+from appmult.lut_gen import characterization as charmod
+from appmult.lut_gen.characterization import Characterization, characterize, characterize_metrics
 
 for _family in ("truncated", "drum", "mitchell", "perforated", "broken_array", "loa"):
     try:

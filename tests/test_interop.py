@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from appmult.lut_gen import exact_product
-from appmult.lut_gen import characterize as charmod
+from appmult.lut_gen import characterization as charmod
 from appmult.lut_gen.interop import (
     characterize_verilog,
     from_torchapprox,

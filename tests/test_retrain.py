@@ -44,7 +44,7 @@ def one_thread():
 def lut_path(tmp_path_factory):
     """A 6x6 truncated multiplier characterized from its gate netlist, with gradient tables."""
     pytest.importorskip("amaranth")
-    from appmult.lut_gen.characterize import characterize
+    from appmult.lut_gen.characterization import characterize
     path = tmp_path_factory.mktemp("lut") / "trunc6.npz"
     characterize(SPEC, progress=False, cost=False).save(path)
     return path

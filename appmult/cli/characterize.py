@@ -32,7 +32,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..hdl import from_spec
-    from ..lut_gen.characterize import MAX_LUT_WIDTH, characterize
+    from ..lut_gen.characterization import MAX_LUT_WIDTH, characterize
     from ..lut_gen.report import write_report
     mult = from_spec(args.spec)
     gradients = tuple(g.strip() for g in args.gradients.split(",") if g.strip())

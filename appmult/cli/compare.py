@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..files import atomic_write_text
     from ..hdl import from_spec
-    from ..lut_gen.characterize import MAX_LUT_WIDTH, characterize
+    from ..lut_gen.characterization import MAX_LUT_WIDTH, characterize
     from ..lut_gen.metrics import METRIC_KEYS
     from ..lut_gen.report import compare_rows, format_table, pareto_plot
     if args.error not in METRIC_KEYS:

@@ -23,11 +23,11 @@ from .metrics import METRIC_KEYS, MetricsAccumulator, error_metrics, exact_produ
 # Heavy halves, imported on first use of one of their names (PEP 562): characterization
 # needs Amaranth and Yosys, the report needs matplotlib.
 _LAZY = {
-    "Characterization": "characterize",
-    "characterize": "characterize",
-    "characterize_metrics": "characterize",
-    "lut_cache_dir": "characterize",
-    "tool_versions": "characterize",
+    "Characterization": "characterization",
+    "characterize": "characterization",
+    "characterize_metrics": "characterization",
+    "lut_cache_dir": "characterization",
+    "tool_versions": "characterization",
     "characterize_verilog": "interop",
     "from_torchapprox": "interop",
     "read_listing": "interop",
@@ -44,10 +44,7 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        # ``characterize`` is both a submodule and its main function: the module is
-        # callable (it forwards to the function), and the import system binds the name
-        # to the module anyway, so hand out the module.
-        value = module if name == "characterize" else getattr(module, name)
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

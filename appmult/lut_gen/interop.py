@@ -221,14 +221,14 @@ def characterize_verilog(path: str | os.PathLike, *, top: str, width_a: int, wid
             ``half_window``, ``cache``, ``cost``, ...).
 
     Returns:
-        The :class:`~appmult.lut_gen.characterize.Characterization`.
+        The :class:`~appmult.lut_gen.characterization.Characterization`.
 
     Raises:
         FileNotFoundError, appmult.sim.YosysError, appmult.sim.NetlistError: as
             :meth:`appmult.sim.Netlist.from_verilog`.
     """
     from ..sim import Netlist
-    from .characterize import characterize
+    from .characterization import characterize
     netlist = Netlist.from_verilog(path, top=top, width_a=width_a, width_b=width_b, signed=signed,
                                    a=a, b=b, p=p)
     return characterize(netlist, **kwargs)

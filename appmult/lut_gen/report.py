@@ -178,7 +178,7 @@ def write_report(char, out_dir: str | os.PathLike, *, plots: bool = True) -> dic
     """Write ``lut.npz`` (when a product is held), ``report.json``, ``report.md`` and PNG plots.
 
     Args:
-        char: a :class:`~appmult.lut_gen.characterize.Characterization`.
+        char: a :class:`~appmult.lut_gen.characterization.Characterization`.
         out_dir: output directory (created).
         plots: draw the PNG plots (error heatmap and histogram, LUT-2D vs STE gradient
             tables, gradient curves for a few values of ``b``); needs the product table.

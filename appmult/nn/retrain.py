@@ -294,7 +294,7 @@ def _resolve_lut(cfg: RetrainConfig) -> LutFile:
         return load_lut(cfg.lut)
     # Characterization needs Amaranth and Yosys: imported only when a spec is given, so that
     # retraining from a LUT file works with the learning half installed alone.
-    from ..lut_gen.characterize import characterize
+    from ..lut_gen.characterization import characterize
     return characterize(cfg.spec, gradients=("ste", "lut2d", "lut1d"), progress=cfg.progress,
                         cost=False).to_lutfile()
 

@@ -26,7 +26,6 @@ import re
 import shutil
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -305,37 +304,19 @@ def simulator_available(sim: str) -> bool:
 def circuit_lut(multiplier) -> LutFile:
     """The product LUT of a multiplier's *circuit* (never its Python model).
 
-    Uses :func:`appmult.lut_gen.characterize` (the exhaustive netlist simulation with full
-    metadata) when available, else the Yosys netlist's exhaustive evaluation directly.
+    Uses :func:`appmult.lut_gen.characterize` (the exhaustive netlist simulation, with
+    full metadata).
 
     Args:
         multiplier: an :class:`appmult.hdl.Multiplier`.
 
     Returns:
         A :class:`LutFile` for the multiplier's widths and signedness.
-
-    Raises:
-        RuntimeError: neither characterization nor netlist simulation is installed.
     """
-    try:
-        from ..lut_gen import characterize  # type: ignore[attr-defined]
-    except ImportError:
-        characterize = None
-    if isinstance(characterize, types.ModuleType):
-        # The package attribute can be the submodule of the same name, not the function.
-        characterize = getattr(characterize, "characterize", None)
-    if callable(characterize):
-        # Only the product table is needed here: no gradients, no cost synthesis.
-        return characterize(multiplier, gradients=(), progress=False, cost=False).to_lutfile()
-    try:
-        from ..sim import synthesize  # type: ignore[attr-defined]
-    except ImportError:
-        raise RuntimeError("Building a LUT from the circuit needs appmult.lut_gen.characterize or "
-                           "appmult.sim.synthesize; neither is available in this installation") from None
-    product = np.asarray(synthesize(multiplier).exhaustive(), dtype=np.int64)
-    return LutFile(product, width_a=multiplier.width_a, width_b=multiplier.width_b,
-                   signed=multiplier.signed,
-                   metadata={"spec": multiplier.spec, "source": "appmult.sim netlist, exhaustive"})
+    from ..lut_gen import characterize
+
+    # Only the product table is needed here: no gradients, no cost synthesis.
+    return characterize(multiplier, gradients=(), progress=False, cost=False).to_lutfile()
 
 
 def _load_lut(lut: LutFile | str | os.PathLike) -> LutFile:

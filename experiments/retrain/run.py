@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 
 def make_luts(work: Path, names: list[str]) -> dict[str, Path]:
-    from appmult.lut_gen.characterize import characterize
+    from appmult.lut_gen.characterization import characterize
     out = {}
     for name in names:
         path = work / "luts" / f"{name}.npz"

@@ -23,8 +23,6 @@ import importlib.metadata
 import inspect
 import json
 import os
-import sys
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -601,19 +599,3 @@ def _metrics_only(src: _Source, metrics, cost, sha_v, sha_n, versions) -> Charac
                             name=src.name, sha256_verilog=sha_v, sha256_netlist=sha_n, versions=versions,
                             origin=src.origin)
     return char
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as :func:`characterize`.
-
-    The module and its main function share the name ``characterize``; the import system
-    sets ``appmult.lut_gen.characterize`` to the *module* whenever it is first imported,
-    so making the module callable keeps ``from appmult.lut_gen import characterize;
-    characterize(spec)`` working in every import order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Characterization:
-        return characterize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
