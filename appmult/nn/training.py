@@ -558,9 +558,10 @@ def plot_history(histories: dict[str, list[dict[str, Any]]], path: str | os.Path
         ax_loss.plot(epochs, value("train_loss"), color=color, label=f"{label} train")
         ax_loss.plot(epochs, value("test_loss"), color=color, linestyle="--",
                      label=f"{label} test")
-        ax_acc.plot(epochs, value("test_accuracy", 100), color=color, label=f"{label} test")
-        ax_acc.plot(epochs, value("train_accuracy", 100), color=color, linestyle="--",
-                    label=f"{label} train")
+        # Same line styles in both panels: solid = train, dashed = test.
+        ax_acc.plot(epochs, value("train_accuracy", 100), color=color, label=f"{label} train")
+        ax_acc.plot(epochs, value("test_accuracy", 100), color=color, linestyle="--",
+                    label=f"{label} test")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
