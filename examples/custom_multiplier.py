@@ -19,6 +19,8 @@ from amaranth.hdl import Cat, Const, Module
 
 from appmult.codes import codes_to_values
 from appmult.hdl import Multiplier, Param, export_verilog, from_spec, register_family
+from appmult.lut_gen import characterize
+from appmult.sim import synthesize
 
 
 @register_family
@@ -67,37 +69,6 @@ class DropLsbMultiplier(Multiplier):
         return a * b
 
 
-def circuit_table(mult: Multiplier) -> tuple[str, np.ndarray]:
-    """Every product the circuit computes, ``table[a_code, b_code]``, from the best simulator here."""
-    a, b = np.meshgrid(np.arange(1 << mult.width_a), np.arange(1 << mult.width_b), indexing="ij")
-    try:
-        from appmult.sim import synthesize
-        return "gate netlist (Yosys, bit-parallel)", synthesize(mult).exhaustive()
-    except ImportError:
-        pass
-    try:
-        from appmult.sim import simulate_amaranth
-        return "Amaranth simulator", simulate_amaranth(mult, a, b)
-    except ImportError:
-        pass
-    # Without appmult.sim: Amaranth's simulator directly (signed ports take values).
-    from amaranth.sim import Simulator
-    va = codes_to_values(a.ravel(), mult.width_a, mult.signed).tolist()
-    vb = codes_to_values(b.ravel(), mult.width_b, mult.signed).tolist()
-    out: list[int] = []
-
-    async def testbench(ctx):
-        for x, y in zip(va, vb):
-            ctx.set(mult.a, x)
-            ctx.set(mult.b, y)
-            out.append(ctx.get(mult.p))
-
-    sim = Simulator(mult)
-    sim.add_testbench(testbench)
-    sim.run()
-    return "Amaranth simulator", np.array(out).reshape(a.shape)
-
-
 def main() -> int:
     mult = from_spec("droplsb:width=6,signed=true,drop=1")  # registered, so specs work too
     print(f"built {mult!r}")
@@ -106,12 +77,18 @@ def main() -> int:
     path.write_text(export_verilog(mult, name="droplsb_6x6"))
     print(f"wrote {path} (module droplsb_6x6)")
 
-    backend, table = circuit_table(mult)
+    # Every product the circuit computes (Yosys gate netlist, bit-parallel): table[a_code, b_code].
+    table = synthesize(mult).exhaustive()
     a, b = np.meshgrid(np.arange(1 << mult.width_a), np.arange(1 << mult.width_b), indexing="ij")
     model = mult.model(a, b)
     exact = codes_to_values(a, 6, True) * codes_to_values(b, 6, True)
     mismatches = int((table != model).sum())
-    print(f"{backend}: {table.size} pairs, {mismatches} differ from the model")
+    print(f"gate netlist: {table.size} pairs, {mismatches} differ from the model")
+
+    # The same circuit as a LUT file, ready for appmult.nn layers and appmult verify.
+    char = characterize(mult, progress=False)
+    print(f"characterized: MRE {char.metrics['mre_pct']:.2f}%, "
+          f"transistors {char.cost['relative']['transistors']:.2f}x exact")
     err = model - exact
     print(f"error vs exact: mean {err.mean():+.2f}, max |e| {np.abs(err).max()}, "
           f"{100 * (err != 0).mean():.1f}% of pairs")
