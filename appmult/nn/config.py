@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..lut_gen.lutfile import LutFile
 from ..lut_gen.lutfile import load as _load
+from .correction import check_frac_bits
 from .functional import GradMode, Kernel
 from .quant import Observer, WeightScheme
 
@@ -58,10 +59,18 @@ class ApproxConfig:
         bits: expected operand widths, ``int`` or ``(activation_bits, weight_bits)``;
             ``None`` takes them from the LUT. A LUT of other widths is refused.
         signed: expected signedness (``None``: from the LUT).
+        correction: ``"none"`` (default) or ``"control_variate"``: correct each output's
+            accumulated multiplier error by ``-(alpha_bar * sum a + B)`` at inference
+            (:mod:`appmult.nn.correction`, no retraining).
+        correction_hist: optional activation histogram (one count per code of the
+            activation operand) weighting the error-model fit; stored as a tuple.
+        correction_frac_bits: fractional bits ``F`` of the per-channel ``alpha_bar``
+            (0..24), as the hardware holds it.
 
     Raises:
         TypeError: ``lut`` is neither a path nor a LutFile, or a flag is not a bool.
-        ValueError: an unknown mode string or a momentum outside ``(0, 1]``.
+        ValueError: an unknown mode string or a momentum outside ``(0, 1]``, or a
+            correction histogram that is not a flat sequence of non-negative counts.
     """
 
     lut: str | LutFile
@@ -76,6 +85,9 @@ class ApproxConfig:
     half_window: int | str = "auto"
     bits: int | tuple[int, int] | None = None
     signed: bool | None = None
+    correction: str | None = "none"
+    correction_hist: tuple[float, ...] | None = None
+    correction_frac_bits: int = 8
 
     def __post_init__(self) -> None:
         lut = self.lut
@@ -117,6 +129,25 @@ class ApproxConfig:
             object.__setattr__(self, "bits", pair)
         if self.signed is not None and not isinstance(self.signed, bool):
             raise TypeError(f"ApproxConfig signed must be a bool or None, not {self.signed!r}")
+
+        self._check_correction()
+
+    def _check_correction(self) -> None:
+        corr = "none" if self.correction is None else self.correction
+        if corr not in ("none", "control_variate"):
+            raise ValueError(f"ApproxConfig correction must be 'none' or 'control_variate', not {corr!r}")
+        object.__setattr__(self, "correction", corr)
+        hist = self.correction_hist
+        if hist is not None:
+            try:
+                values = tuple(float(v) for v in hist)
+            except (TypeError, ValueError):
+                raise ValueError("ApproxConfig correction_hist must be a sequence of non-negative counts") from None
+            if not values or any(not (v >= 0.0) or v == float("inf") for v in values):
+                raise ValueError("ApproxConfig correction_hist must be a sequence of non-negative counts")
+            # A tuple keeps the config hashable (arrays are not).
+            object.__setattr__(self, "correction_hist", values)
+        check_frac_bits(self.correction_frac_bits)
 
     def load(self) -> LutFile:
         """The LUT file (loaded and verified once per path), checked against ``bits``/``signed``.

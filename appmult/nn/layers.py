@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .config import ApproxConfig
+from .correction import ControlVariate
 from .functional import LutTables, _check_finite, _pair, approx_conv2d, approx_linear
 from .quant import ActivationQuantizer, WeightQuantizer
 
@@ -37,9 +38,16 @@ class _ApproxMixin:
         self.weight_quant = WeightQuantizer(self.lut.width_w, self.lut.signed, config.weight_scheme)
         #: Multiply exactly (same quantization) instead of through the LUT; see ``exact_``.
         self.exact_multiplication = False
+        #: Control-variate correction (``config.correction``), ``None`` when off.
+        self.correction = None
+        if config.correction == "control_variate":
+            self.correction = ControlVariate(lut, config.correction_hist, frac_bits=config.correction_frac_bits,
+                                             activation_operand=config.activation_operand)
         p = self.weight
         self.lut.to(p.device)
         self.act_quant.to(p.device)
+        if self.correction is not None:
+            self.correction.to(p.device)
 
     def _quantize(self, x: torch.Tensor):
         _check_finite(x, type(self).__name__)
@@ -47,10 +55,29 @@ class _ApproxMixin:
         qw, sw, zw = self.weight_quant(self.weight)
         return qx, sx, zx, qw, sw, zw
 
+    def _int_quantize(self, x: torch.Tensor):
+        saved = self.act_quant.observing
+        self.act_quant.observing = False
+        try:
+            return self._quantize(x)
+        finally:
+            self.act_quant.observing = saved
+
+    def _correction(self, act_sum: torch.Tensor, qw: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """Integer correction ``c`` per output (int64); ``act_sum`` holds each output's ``sum a``."""
+        alpha_fx, beta = self.correction.channel_params(qw)
+        shape = [1] * act_sum.dim()
+        shape[channel_dim] = -1
+        return self.correction.term(act_sum.to(torch.int64), alpha_fx.reshape(shape), beta.reshape(shape))
+
+    def _corrects(self) -> bool:
+        return self.correction is not None and not self.exact_multiplication
+
     def _mode_repr(self) -> str:
         mode = "exact multiplication" if self.exact_multiplication else self.lut.describe()
         acc = "exact" if self.config.exact_accumulate else "fp32"
-        return f"{mode}, accumulate={acc}, weights={self.config.weight_scheme}"
+        corr = "" if self.correction is None else f", correction=control_variate(F={self.correction.frac_bits})"
+        return f"{mode}, accumulate={acc}, weights={self.config.weight_scheme}{corr}"
 
 
 class ApproxLinear(_ApproxMixin, nn.Linear):
@@ -103,7 +130,16 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         qx, sx, zx, qw, sw, zw = self._quantize(self._flat(x))
         tabs = None if self.exact_multiplication else self.lut
         y = approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate)
+        if self._corrects():
+            # The correction is a constant of the inference pass (no gradient through it).
+            c = self._correction(self._act_sum_linear(qx), qw, 1)
+            y = y - (sx * sw.reshape(1, -1) * c.to(y.dtype)).detach()
         return y.reshape(*lead, self.out_features)
+
+    @staticmethod
+    def _act_sum_linear(qx: torch.Tensor) -> torch.Tensor:
+        # float64 sums of integers below 2**53 are exact.
+        return qx.detach().to(torch.float64).sum(-1, keepdim=True).to(torch.int64)
 
     @torch.no_grad()
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +157,23 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         from .functional import lut_linear
         acc = lut_linear(qx, qw, self.lut, exact=True)
         return acc.to(torch.int64).reshape(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def int_forward_corrected(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`int_forward` minus the control-variate correction, bit for bit as the MAC computes it.
+
+        ``acc - (floor((alpha_fx * S + 2**(F-1)) / 2**F) + B)`` with ``S`` the sum of the
+        activation values of each output's inputs (see :mod:`appmult.nn.correction`).
+
+        Raises:
+            RuntimeError: the layer's config has no correction.
+        """
+        if self.correction is None:
+            raise RuntimeError("ApproxLinear.int_forward_corrected needs ApproxConfig(correction='control_variate')")
+        acc = self.int_forward(x)
+        qx, _, _, qw, _, _ = self._int_quantize(self._flat(x))
+        c = self._correction(self._act_sum_linear(qx), qw, 1)
+        return acc - c.reshape(acc.shape)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._mode_repr()}"
@@ -178,8 +231,25 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         """Quantize, accumulate through the LUT (or exactly), dequantize, add bias."""
         qx, sx, zx, qw, sw, zw = self._quantize(x)
         tabs = None if self.exact_multiplication else self.lut
-        return approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
-                             **self._geom())
+        y = approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
+                          **self._geom())
+        if self._corrects():
+            c = self._correction(self._act_sum_conv(qx, zx), qw, 1)
+            y = y - (sx * sw.reshape(1, -1, 1, 1) * c.to(y.dtype)).detach()
+        return y
+
+    def _act_sum_conv(self, qx: torch.Tensor, zx: torch.Tensor) -> torch.Tensor:
+        """``sum a`` over each output's receptive field (padding holds the code ``Zx``), int64."""
+        import torch.nn.functional as F
+        qx = qx.detach().to(torch.float64)
+        ph, pw = _pair(self.padding)
+        if ph or pw:
+            qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
+        g = self.groups
+        ones = torch.ones(g, self.in_channels // g, *self.kernel_size, dtype=torch.float64, device=qx.device)
+        # One sum per group, shared by that group's output channels; float64 is exact here.
+        s = F.conv2d(qx, ones, stride=self.stride, dilation=self.dilation, groups=g)
+        return s.repeat_interleave(self.out_channels // g, dim=1).to(torch.int64)
 
     @torch.no_grad()
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,6 +273,22 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         acc = lut_conv2d(qx, qw, self.lut, stride=self.stride, dilation=self.dilation, groups=self.groups,
                          exact=True)
         return acc.to(torch.int64)
+
+    @torch.no_grad()
+    def int_forward_corrected(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`int_forward` minus the control-variate correction, bit for bit as the MAC computes it.
+
+        ``S`` sums the activation values of each receptive field, padded positions
+        contributing ``Zx`` (see :mod:`appmult.nn.correction`).
+
+        Raises:
+            RuntimeError: the layer's config has no correction.
+        """
+        if self.correction is None:
+            raise RuntimeError("ApproxConv2d.int_forward_corrected needs ApproxConfig(correction='control_variate')")
+        acc = self.int_forward(x)
+        qx, _, zx, qw, _, _ = self._int_quantize(x)
+        return acc - self._correction(self._act_sum_conv(qx, zx), qw, 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._mode_repr()}"
