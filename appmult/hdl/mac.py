@@ -24,6 +24,24 @@ in order with the data around it:
 * ``valid_in`` alone: ``acc = acc + products of this beat``;
 * neither: ``acc`` holds.
 
+Optional control-variate correction (``correction=True``; see :mod:`appmult.nn.correction`
+for the arithmetic). Extra ports:
+
+* ``alpha_fx``: ``alpha_width`` bits in, signed: the output channel's ``alpha_bar`` with
+  ``alpha_frac_bits`` (``F``) fractional bits;
+* ``beta``: ``acc_width`` bits in, signed: the channel's integer offset ``B``;
+* ``xsum``: ``sum_width`` bits out (signed when the multiplier is): a second accumulator
+  that sums the lanes' ``a`` operand values (the activations) with the same pipeline,
+  ``clear`` and ``valid_in`` behaviour as ``acc``;
+* ``corrected``: ``acc_width + 1`` bits out, signed:
+  ``acc - (((alpha_fx * xsum + 2**(F-1)) >>> F) + beta)`` (no rounding term when
+  ``F = 0``), wrapped to ``acc_width + 1`` bits.
+
+``alpha_fx`` and ``beta`` are plain inputs, not registers: the controller holds them
+steady for the output channel being computed (they only matter when ``corrected`` is read,
+at the end of the sum), and ``corrected`` follows ``acc``, ``xsum``, ``alpha_fx`` and
+``beta`` combinationally -- one multiplier and two adders per MAC, used once per output.
+
 Overflow: the accumulator is ``acc_width`` bits and wraps modulo ``2**acc_width`` (two's
 complement when signed), exactly like an integer register -- no saturation. To avoid it
 for a sum of ``K`` products (``K`` = lanes x beats between clears), size the accumulator
@@ -43,7 +61,7 @@ from amaranth.lib.wiring import In, Out
 from ..codes import check_codes, wrap_value
 from ._base import Multiplier
 
-__all__ = ["MAX_ACC_WIDTH", "MacUnit", "mac_reference", "required_acc_width"]
+__all__ = ["MAX_ACC_WIDTH", "MacUnit", "mac_correction_reference", "mac_reference", "required_acc_width"]
 
 #: Widest accumulator supported (the numpy reference sums in int64).
 MAX_ACC_WIDTH = 62
@@ -76,15 +94,25 @@ class MacUnit(wiring.Component):
             ceil(log2(lanes)))``. Sums wrap modulo ``2**acc_width``.
         factory: optional callable returning one lane's multiplier; each result must have
             the template's widths, signedness and spec.
+        correction: add the control-variate correction (``xsum`` accumulator, ``alpha_fx``
+            and ``beta`` inputs, ``corrected`` output; see the module docstring).
+        alpha_frac_bits: fractional bits ``F`` of ``alpha_fx``, 0..24.
+        alpha_width: width of ``alpha_fx``, 2..40; default ``width_b + F + 2`` (holds any
+            ``|alpha| < 2**width_b``).
+        sum_width: width of ``xsum``, 1..62; default ``max(width_a + 1, acc_width - width_b)``
+            (as many activations as ``acc`` holds products of ``width_b``-bit weights).
 
     Raises:
         TypeError: ``multiplier`` is not a Multiplier, ``lanes`` or ``acc_width`` is not an
-            integer in range, or ``factory`` is not callable or returns a non-Multiplier.
+            integer in range, or ``factory`` is not callable or returns a non-Multiplier;
+            ``correction`` is not a bool, or a correction width is not an integer in range.
+        ValueError: correction widths given without ``correction=True``.
         ValueError: a factory-made lane differs from the template.
     """
 
     def __init__(self, multiplier: Multiplier, *, lanes: int, acc_width: int | None = None,
-                 factory: Callable[[], Multiplier] | None = None):
+                 factory: Callable[[], Multiplier] | None = None, correction: bool = False,
+                 alpha_frac_bits: int = 8, alpha_width: int | None = None, sum_width: int | None = None):
         # Like a Multiplier, a MAC object is also a parameter record (widths, latency,
         # required_acc_width); building one without elaborating it is normal.
         self._MustUse__silence = True
@@ -107,14 +135,40 @@ class MacUnit(wiring.Component):
         if factory is not None:
             self._check_lane(factory())
         shape = sshape if multiplier.signed else ushape
-        super().__init__({
+        ports = {
             "a": In(lanes * multiplier.width_a),
             "b": In(lanes * multiplier.width_b),
             "valid_in": In(1),
             "clear": In(1),
             "acc": Out(shape(acc_width)),
             "valid_out": Out(1),
-        })
+        }
+        self._correction = self._check_correction(correction, alpha_frac_bits, alpha_width, sum_width)
+        if self._correction is not None:
+            _, aw, sw = self._correction
+            ports.update(alpha_fx=In(sshape(aw)), beta=In(sshape(acc_width)), xsum=Out(shape(sw)),
+                         corrected=Out(sshape(acc_width + 1)))
+        super().__init__(ports)
+
+    def _check_correction(self, correction, frac_bits, alpha_width, sum_width) -> tuple[int, int, int] | None:
+        if not isinstance(correction, bool):
+            raise TypeError(f"MAC correction must be a bool, not {correction!r}")
+        if not correction:
+            if alpha_width is not None or sum_width is not None:
+                raise ValueError("MAC alpha_width and sum_width need correction=True")
+            return None
+        if not isinstance(frac_bits, int) or isinstance(frac_bits, bool) or not 0 <= frac_bits <= 24:
+            raise TypeError(f"MAC alpha fractional bits must be an integer in 0..24, not {frac_bits!r}")
+        mult = self._mult
+        if alpha_width is None:
+            alpha_width = mult.width_b + frac_bits + 2
+        if not isinstance(alpha_width, int) or isinstance(alpha_width, bool) or not 2 <= alpha_width <= 40:
+            raise TypeError(f"MAC alpha width must be an integer in 2..40, not {alpha_width!r}")
+        if sum_width is None:
+            sum_width = max(mult.width_a + 1, self._acc_width - mult.width_b)
+        if not isinstance(sum_width, int) or isinstance(sum_width, bool) or not 1 <= sum_width <= MAX_ACC_WIDTH:
+            raise TypeError(f"MAC sum width must be an integer in 1..{MAX_ACC_WIDTH}, not {sum_width!r}")
+        return frac_bits, alpha_width, sum_width
 
     def _check_lane(self, lane) -> Multiplier:
         if not isinstance(lane, Multiplier):
@@ -141,12 +195,34 @@ class MacUnit(wiring.Component):
         return self._mult.signed
 
     @property
+    def correction(self) -> bool:
+        """Whether the control-variate correction hardware is present."""
+        return self._correction is not None
+
+    @property
+    def alpha_frac_bits(self) -> int | None:
+        """Fractional bits ``F`` of ``alpha_fx`` (``None`` without correction)."""
+        return None if self._correction is None else self._correction[0]
+
+    @property
+    def alpha_width(self) -> int | None:
+        """Width of the ``alpha_fx`` port (``None`` without correction)."""
+        return None if self._correction is None else self._correction[1]
+
+    @property
+    def sum_width(self) -> int | None:
+        """Width of the ``xsum`` activation accumulator (``None`` without correction)."""
+        return None if self._correction is None else self._correction[2]
+
+    @property
     def latency(self) -> int:
         """Clock edges from sampling a beat to ``acc``/``valid_out`` showing it: 2."""
         return 2
 
     def __repr__(self) -> str:
-        return f"<MacUnit {self._lanes} x {self._mult.spec}, acc {self._acc_width} bits>"
+        corr = "" if self._correction is None else \
+            f", correction alpha {self.alpha_width} bits (F={self.alpha_frac_bits}), xsum {self.sum_width} bits"
+        return f"<MacUnit {self._lanes} x {self._mult.spec}, acc {self._acc_width} bits{corr}>"
 
     def elaborate(self, platform):
         m = Module()
@@ -176,7 +252,32 @@ class MacUnit(wiring.Component):
             m.d.sync += self.acc.eq(Mux(valid_q, sum_q, 0))
         with m.Elif(valid_q):
             m.d.sync += self.acc.eq(self.acc + sum_q)  # truncated to acc_width: wraps mod 2**W
+        if self._correction is not None:
+            self._elaborate_correction(m, valid_q, clear_q)
         return m
+
+    def _elaborate_correction(self, m: Module, valid_q: Signal, clear_q: Signal) -> None:
+        frac, _, sw = self._correction
+        wa = self._mult.width_a
+        shape = sshape if self.signed else ushape
+        # The activations' sum rides the same pipeline as the products' sum.
+        acts = [self.a[i * wa:(i + 1) * wa] for i in range(self._lanes)]
+        if self.signed:
+            acts = [v.as_signed() for v in acts]
+        level: list[Value] = acts
+        while len(level) > 1:
+            level = [level[k] + level[k + 1] if k + 1 < len(level) else level[k]
+                     for k in range(0, len(level), 2)]
+        xs_q = Signal(shape(min(wa + _ceil_log2(self._lanes), sw)))
+        m.d.sync += xs_q.eq(level[0])
+        with m.If(clear_q):
+            m.d.sync += self.xsum.eq(Mux(valid_q, xs_q, 0))
+        with m.Elif(valid_q):
+            m.d.sync += self.xsum.eq(self.xsum + xs_q)
+        scaled = self.alpha_fx * self.xsum
+        if frac:
+            scaled = (scaled + (1 << (frac - 1))) >> frac  # arithmetic shift: floor, i.e. round half up
+        m.d.comb += self.corrected.eq(self.acc - (scaled + self.beta))
 
 
 def _product_range(source) -> tuple[int, int]:
@@ -255,3 +356,31 @@ def mac_reference(product, a_codes, b_codes, *, valid, clear, acc_width: int, si
             acc = (acc + int(s)) & mask
         out[k] = acc
     return wrap_value(out, acc_width, signed)
+
+
+def mac_correction_reference(acc, xsum, alpha_fx: int, beta: int, *, frac_bits: int, acc_width: int) -> np.ndarray:
+    """``corrected`` of a :class:`MacUnit` with ``correction=True``, from its ``acc`` and ``xsum``.
+
+    ``acc - (floor((alpha_fx * xsum + 2**(F-1)) / 2**F) + beta)`` wrapped to ``acc_width + 1``
+    bits (two's complement); the same integer formula as
+    :func:`appmult.nn.correction.correct_accumulator`.
+
+    Args:
+        acc: accumulator values (as the port reads, signed or unsigned).
+        xsum: activation-sum values (as the port reads).
+        alpha_fx: the ``alpha_fx`` input value (signed).
+        beta: the ``beta`` input value (signed).
+        frac_bits: ``F``.
+        acc_width: the MAC's accumulator width.
+
+    Returns:
+        int64 array of ``corrected`` values.
+    """
+    d = 1 << frac_bits
+    width = acc_width + 1
+    out = []
+    # Python integers: alpha_fx * xsum may pass 2**63 for wide sums before the wrap.
+    for a, x in zip(np.ravel(acc).tolist(), np.ravel(xsum).tolist()):
+        v = (int(a) - ((2 * int(alpha_fx) * int(x) + d) // (2 * d) + int(beta))) & ((1 << width) - 1)
+        out.append(v - (1 << width) if v >> (width - 1) else v)
+    return np.asarray(out, dtype=np.int64).reshape(np.shape(acc))

@@ -1,0 +1,205 @@
+"""cocotb test (run inside the simulator) of a MAC unit with the control-variate correction.
+
+:func:`run_mac_correction` exports a :class:`appmult.hdl.MacUnit` built with
+``correction=True``, drives given operand beats (``a``, ``b``, ``valid``, ``clear``) and,
+per beat, the output channel's ``alpha_fx`` and ``beta``, and reads back ``acc``, ``xsum``
+and ``corrected`` after every beat. Inside the simulator every cycle is checked against
+:func:`appmult.hdl.mac.mac_reference` (products from the LUT, activation sums from the
+``a`` values) and :func:`appmult.hdl.mac.mac_correction_reference`; the observed values
+are also returned, so a caller can compare them with a layer's
+:meth:`~appmult.nn.ApproxLinear.int_forward_corrected`. Not collected by pytest.
+
+Timing: ``corrected`` is combinational from ``acc``/``xsum`` and the ``alpha_fx``/``beta``
+inputs, and beat ``k`` shows in ``acc`` after edge ``k + latency - 1``; so the driver puts
+beat ``k``'s ``alpha_fx``/``beta`` on the pins together with beat ``k + latency - 1``'s
+operands, i.e. while beat ``k``'s sum is what ``acc`` holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import cocotb
+import numpy as np
+from cocotb.triggers import Timer
+
+from appmult.codes import codes_to_values
+from appmult.hdl.mac import mac_correction_reference, mac_reference
+from appmult.lut_gen.lutfile import LutFile
+from appmult.lut_gen.lutfile import load as load_lut
+from appmult.tb.runner import CONFIG_ENV, pack_lanes
+
+__all__ = ["run_mac_correction"]
+
+_STIMULUS_KEYS = ("a", "b", "valid", "clear", "alpha_fx", "beta")
+
+
+def _config() -> dict[str, Any]:
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: run this module through run_mac_correction")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_result(cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    tmp = cfg["result"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, cfg["result"])
+
+
+def expected_outputs(lut: LutFile, st: dict[str, np.ndarray], *, acc_width: int, sum_width: int,
+                     frac_bits: int) -> dict[str, np.ndarray]:
+    """``acc``, ``xsum`` and ``corrected`` after each beat, from the LUT (numpy reference)."""
+    signed = lut.signed
+    acc = mac_reference(lut.product, st["a"], st["b"], valid=st["valid"], clear=st["clear"],
+                        acc_width=acc_width, signed=signed)
+    # The activation accumulator is a MAC whose "product" is the a operand's value.
+    xs_table = np.repeat(codes_to_values(np.arange(1 << lut.width_a), lut.width_a, signed)[:, None],
+                         1 << lut.width_b, axis=1)
+    xsum = mac_reference(xs_table, st["a"], st["b"], valid=st["valid"], clear=st["clear"],
+                         acc_width=sum_width, signed=signed)
+    corrected = np.array([mac_correction_reference(acc[k], xsum[k], int(st["alpha_fx"][k]), int(st["beta"][k]),
+                                                   frac_bits=frac_bits, acc_width=acc_width)
+                          for k in range(len(acc))], dtype=np.int64)
+    return {"acc": acc, "xsum": xsum, "corrected": corrected}
+
+
+@cocotb.test()
+async def corrected_accumulator_matches_reference(dut) -> None:
+    """Every valid beat's ``acc``, ``xsum`` and ``corrected`` against the numpy reference."""
+    cfg = _config()
+    try:
+        lut = load_lut(cfg["lut"])
+        with np.load(cfg["stimulus"], allow_pickle=False) as z:
+            st = {k: z[k] for k in _STIMULUS_KEYS}
+        signed, latency = cfg["signed"], cfg["latency"]
+        want = expected_outputs(lut, st, acc_width=cfg["acc_width"], sum_width=cfg["sum_width"],
+                                frac_bits=cfg["frac_bits"])
+        a_words = pack_lanes(st["a"], lut.width_a)
+        b_words = pack_lanes(st["b"], lut.width_b)
+    except Exception:
+        _write_result(cfg, {"error": traceback.format_exc(limit=3)})
+        raise
+
+    t0 = time.perf_counter()
+    n = len(a_words)
+    dut.clk.value = 0
+    dut.rst.value = 1
+    for port in ("valid_in", "clear", "a", "b", "alpha_fx", "beta"):
+        getattr(dut, port).value = 0
+    await Timer(1, "ns")
+    dut.clk.value = 1
+    await Timer(1, "ns")
+    dut.rst.value = 0
+    seen: list[tuple[Any, Any, Any]] = []
+    for k in range(n + latency - 1):
+        beat = k < n
+        dut.a.value = a_words[k] if beat else 0
+        dut.b.value = b_words[k] if beat else 0
+        dut.valid_in.value = int(st["valid"][k]) if beat else 0
+        dut.clear.value = int(st["clear"][k]) if beat else 0
+        shown = k - (latency - 1)          # the beat that acc holds after this edge
+        if shown >= 0:
+            dut.alpha_fx.value = int(st["alpha_fx"][shown])
+            dut.beta.value = int(st["beta"][shown])
+        dut.clk.value = 0
+        await Timer(1, "ns")
+        dut.clk.value = 1
+        await Timer(1, "ns")
+        seen.append((dut.acc.value, dut.xsum.value, dut.corrected.value))
+    sim_s = time.perf_counter() - t0
+
+    def read(v, is_signed: bool) -> int | None:
+        if not v.is_resolvable:
+            return None
+        return v.to_signed() if is_signed else v.to_unsigned()
+
+    observed = {"acc": [], "xsum": [], "corrected": []}
+    mismatches: list[dict[str, Any]] = []
+    count = 0
+    for k in range(n):
+        acc_v, xs_v, cor_v = seen[k + latency - 1]
+        got = {"acc": read(acc_v, signed), "xsum": read(xs_v, signed), "corrected": read(cor_v, True)}
+        for key in observed:
+            observed[key].append(got[key])
+        if any(got[key] != int(want[key][k]) for key in got):
+            count += 1
+            if len(mismatches) < cfg["max_report"]:
+                mismatches.append({"beat": k, **{f"expected_{key}": int(want[key][k]) for key in got},
+                                   **{f"actual_{key}": got[key] for key in got}})
+    _write_result(cfg, {"beats": n, "mismatch_count": count, "mismatches": mismatches, "observed": observed,
+                        "sim_loop_s": sim_s})
+    listing = "\n".join(f"  {m}" for m in mismatches)
+    assert count == 0, f"{count} of {n} beats differ from the reference; first ones:\n{listing}"
+
+
+def run_mac_correction(mac, lut: LutFile, stimulus: dict[str, np.ndarray], *, sim: str = "icarus",
+                       build_dir: str | os.PathLike, name: str = "appmult_mac_cv", max_report: int = 10
+                       ) -> dict[str, Any]:
+    """Export a correcting MAC, drive ``stimulus`` in a simulator, return what it showed.
+
+    Args:
+        mac: a :class:`~appmult.hdl.MacUnit` with ``correction=True``.
+        lut: its multiplier's LUT.
+        stimulus: per beat ``a``, ``b`` ``(beats, lanes)`` operand codes; ``valid``,
+            ``clear`` ``(beats,)`` booleans; ``alpha_fx``, ``beta`` ``(beats,)`` integers,
+            the correction of the output that beat belongs to.
+        sim: ``"icarus"`` or ``"verilator"``.
+        build_dir: build directory (kept).
+        name: Verilog module name.
+        max_report: mismatches reported in detail.
+
+    Returns:
+        The testbench's result: ``mismatch_count``, ``mismatches`` and ``observed``
+        (``acc``, ``xsum``, ``corrected`` after each beat), plus build/run seconds.
+
+    Raises:
+        TypeError: ``mac`` is not a correcting MacUnit.
+        ValueError: a stimulus array is missing or mis-shaped, or an ``alpha_fx``/``beta``
+            does not fit its port.
+        appmult.tb.SimulationError: the build or simulation failed.
+    """
+    from appmult.hdl.export import export_verilog
+    from appmult.hdl.mac import MacUnit
+    from appmult.tb.runner import _run_cocotb, check_simulator
+
+    if not isinstance(mac, MacUnit) or not mac.correction:
+        raise TypeError(f"run_mac_correction needs a MacUnit with correction=True, not {mac!r}")
+    check_simulator(sim)
+    mult = mac.multiplier
+    lut.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
+                         what=f"the MAC's multiplier {mult.spec}")
+    missing = [k for k in _STIMULUS_KEYS if k not in stimulus]
+    if missing:
+        raise ValueError(f"MAC correction stimulus lacks {', '.join(missing)}")
+    st = {k: np.asarray(stimulus[k]) for k in _STIMULUS_KEYS}
+    beats = len(st["valid"])
+    if st["a"].shape != (beats, mac.lanes) or st["b"].shape != (beats, mac.lanes) \
+            or any(st[k].shape != (beats,) for k in ("clear", "alpha_fx", "beta")):
+        raise ValueError(f"MAC correction stimulus must be (beats, {mac.lanes}) operands and (beats,) controls")
+    for key, width in (("alpha_fx", mac.alpha_width), ("beta", mac.acc_width)):
+        lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
+        if st[key].size and (int(st[key].min()) < lo or int(st[key].max()) > hi):
+            raise ValueError(f"MAC {key} values must fit the {width}-bit signed port ({lo}..{hi})")
+    bdir = Path(build_dir).resolve()
+    bdir.mkdir(parents=True, exist_ok=True)
+    dut = bdir / f"{name}.v"
+    dut.write_text(export_verilog(mac, name=name))
+    lut_path = bdir / "reference_lut.npz"
+    lut.save(lut_path)
+    stim_path = bdir / "stimulus.npz"
+    np.savez(stim_path, **{k: v.astype(np.int64) for k, v in st.items()})
+    config = {"lut": str(lut_path), "stimulus": str(stim_path), "signed": mult.signed,
+              "acc_width": mac.acc_width, "sum_width": mac.sum_width, "frac_bits": mac.alpha_frac_bits,
+              "latency": mac.latency, "max_report": max_report}
+    result, build_s, run_s = _run_cocotb(sim=sim, build_dir=bdir, sources=[dut], toplevel=name,
+                                         test_module="appmult.tb.mac_correction_tests", config=config)
+    result.update(build_s=build_s, run_s=run_s)
+    return result
