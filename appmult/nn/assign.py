@@ -1,0 +1,472 @@
+"""Heterogeneous multiplier assignment (Trommer, Waschneck, Kumar; ICCAD 2022).
+
+Per layer ``l``: the noise surrogate (:mod:`appmult.nn.surrogate`) learns the relative
+error ``|sigma_l|`` the layer tolerates; the tolerance in accumulator units is
+``std(exact accumulators of l) * |sigma_l|``; the error model
+(:mod:`appmult.nn.error_model`) predicts each candidate multiplier's accumulated-error
+std on that layer's real operands; the layer gets the **cheapest candidate whose
+predicted std is within the tolerance** (ties: the more accurate one).
+
+When no candidate fits, the layer gets the **most accurate candidate** (smallest
+predicted std; ties: the cheaper one) and is marked ``"fits": false`` in the plan.
+:func:`run_assign` adds the exact multiplier of the candidates' widths to the set unless
+told not to, and its predicted std is 0, so with it every layer fits.
+
+Costs are our own netlist figures relative to the exact multiplier
+(``characterize(spec).cost["relative"][figure]``); the plan's total is ops-weighted:
+``sum_l ops_l cost_l / sum_l ops_l``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Sequence
+
+from ..lut_gen.lutfile import LutFile
+
+__all__ = [
+    "AssignConfig",
+    "AssignError",
+    "Candidate",
+    "PLAN_FORMAT",
+    "assign",
+    "check_plan",
+    "choose",
+    "load_candidate",
+    "plan_configs",
+    "plot_pareto",
+    "run_assign",
+]
+
+PLAN_FORMAT = "appmult.assign.plan/1"
+_COST_FIGURES = ("gates", "aig_nodes", "depth", "depth_with_not", "transistors", "ice40_lut4", "ice40_carry",
+                 "toggles_per_op", "weighted_toggles_per_op")
+
+
+class AssignError(ValueError):
+    """Candidates or inputs that cannot be assigned (mixed widths, no cost, ...)."""
+
+
+class Candidate(NamedTuple):
+    """A candidate multiplier: its name, LUT and cost relative to the exact multiplier."""
+
+    name: str
+    lut: LutFile
+    cost: float
+    spec: str | None = None
+
+
+def _exact_spec(lut: LutFile) -> str:
+    return (f"exact:width_a={lut.width_a},width_b={lut.width_b},"
+            f"signed={'true' if lut.signed else 'false'}")
+
+
+def load_candidate(source: str | os.PathLike, *, figure: str = "transistors", progress: bool = False) -> Candidate:
+    """A candidate from a spec string (characterized, cached) or a LUT file carrying its cost.
+
+    Args:
+        source: multiplier spec (``"truncated:width=8,signed=false,columns=6"``) or ``.npz`` path.
+        figure: cost figure (see :data:`appmult.sim.cost.FIGURES`), relative to exact.
+        progress: progress bar while simulating a spec.
+
+    Returns:
+        The :class:`Candidate` (name: the spec, or the file's stem).
+
+    Raises:
+        AssignError: an unknown figure, or a LUT file without that cost figure.
+        FileNotFoundError: a path that does not exist.
+    """
+    if figure not in _COST_FIGURES:
+        raise AssignError(f"Cost figure must be one of {', '.join(_COST_FIGURES)}, not {figure!r}")
+    text = os.fspath(source)
+    if text.endswith(".npz") or os.sep in text:
+        from .config import load_lut
+        lut = load_lut(text)
+        cost = (lut.metadata.get("cost") or {}).get("relative", {}).get(figure)
+        if cost is None:
+            raise AssignError(f"LUT file {text} carries no relative {figure!r} cost; characterize the "
+                              f"multiplier from its spec (with cost) or pass the spec instead")
+        spec = lut.metadata.get("spec")
+        return Candidate(spec or Path(text).stem, lut, float(cost), spec)
+    # Characterization needs Amaranth and Yosys: imported only for specs.
+    from ..lut_gen.characterization import characterize
+    char = characterize(text, gradients=("ste",), progress=progress, cost=True)
+    if char.cost is None or char.cost.get("relative", {}).get(figure) is None:
+        raise AssignError(f"No relative {figure!r} cost for {text}")
+    return Candidate(char.spec or text, char.to_lutfile(), float(char.cost["relative"][figure]), char.spec)
+
+
+def _check_candidates(candidates: Sequence[Candidate]) -> None:
+    if not candidates:
+        raise AssignError("Assignment needs at least one candidate multiplier")
+    names = [c.name for c in candidates]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AssignError(f"Candidate names must be unique; repeated: {', '.join(dup)}")
+    first = candidates[0].lut
+    for c in candidates[1:]:
+        if (c.lut.width_a, c.lut.width_b, c.lut.signed) != (first.width_a, first.width_b, first.signed):
+            raise AssignError(f"All candidates must share widths and signedness (one quantization); "
+                              f"{candidates[0].name} is {first.width_a}x{first.width_b} "
+                              f"{'signed' if first.signed else 'unsigned'}, {c.name} is "
+                              f"{c.lut.width_a}x{c.lut.width_b} {'signed' if c.lut.signed else 'unsigned'}")
+
+
+def choose(tolerances: Mapping[str, float], predictions: Mapping[str, Mapping[str, float]],
+           costs: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Per layer, the cheapest candidate whose predicted std is within the tolerance.
+
+    Ties in cost go to the smaller predicted std. When nothing fits, the most accurate
+    candidate (smallest predicted std, then cheapest) is taken with ``fits`` False.
+
+    Args:
+        tolerances: layer -> tolerated error std (accumulator units, >= 0).
+        predictions: layer -> {candidate -> predicted error std}.
+        costs: candidate -> relative cost.
+
+    Returns:
+        layer -> ``{"chosen", "predicted_sigma", "tolerance", "cost", "fits"}``.
+
+    Raises:
+        AssignError: a layer without predictions, a candidate without a cost, or a
+            negative / non-finite tolerance.
+    """
+    out = {}
+    for layer, tol in tolerances.items():
+        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise AssignError(f"Tolerance of layer {layer!r} must be a finite non-negative number, not {tol!r}")
+        preds = predictions.get(layer)
+        if not preds:
+            raise AssignError(f"No predicted error for layer {layer!r}")
+        missing = [c for c in preds if c not in costs]
+        if missing:
+            raise AssignError(f"No cost for candidate {', '.join(map(repr, missing))}")
+        fitting = [c for c, s in preds.items() if s <= tol]
+        if fitting:
+            best = min(fitting, key=lambda c: (costs[c], preds[c]))
+        else:
+            best = min(preds, key=lambda c: (preds[c], costs[c]))
+        out[layer] = {"chosen": best, "predicted_sigma": float(preds[best]), "tolerance": float(tol),
+                      "cost": float(costs[best]), "fits": bool(fitting)}
+    return out
+
+
+def assign(stats: Mapping[str, Any], sigmas: Mapping[str, float], candidates: Sequence[Candidate], *,
+           error_model: str = "population", cost_figure: str = "transistors") -> dict[str, Any]:
+    """The per-layer plan from operand statistics, learned sigmas and candidates.
+
+    Args:
+        stats: layer -> :class:`~appmult.nn.error_model.LayerOperands`.
+        sigmas: layer -> learned ``|sigma_l|`` (from :func:`~appmult.nn.surrogate.learned_sigmas`).
+        candidates: the candidate multipliers (same widths and signedness).
+        error_model: ``"population"`` or ``"global"``.
+        cost_figure: name of the cost figure (recorded in the plan).
+
+    Returns:
+        The plan (JSON-ready; see :func:`check_plan`).
+
+    Raises:
+        AssignError: inconsistent candidates, or a layer without a sigma.
+    """
+    from .error_model import predict_sigma
+    _check_candidates(candidates)
+    missing = [n for n in stats if n not in sigmas]
+    if missing:
+        raise AssignError(f"No learned sigma for layer {', '.join(map(repr, missing))}")
+    costs = {c.name: c.cost for c in candidates}
+    tol = {n: s.exact_std * abs(float(sigmas[n])) for n, s in stats.items()}
+    preds, biases = {}, {}
+    for n, s in stats.items():
+        preds[n], biases[n] = {}, {}
+        for c in candidates:
+            p = predict_sigma(s, c.lut, error_model)
+            preds[n][c.name], biases[n][c.name] = p.sigma, p.bias
+    picked = choose(tol, preds, costs)
+    layers = []
+    for n, s in stats.items():
+        row = {"layer": n, **picked[n], "spec": next(c.spec for c in candidates if c.name == picked[n]["chosen"]),
+               "sigma_l": abs(float(sigmas[n])), "exact_std": s.exact_std, "fan_in": s.fan_in, "ops": s.ops,
+               "predicted_bias": biases[n][picked[n]["chosen"]], "predictions": preds[n]}
+        layers.append(row)
+    total_ops = sum(r["ops"] for r in layers)
+    return {"format": PLAN_FORMAT, "error_model": error_model, "cost_figure": cost_figure,
+            "candidates": [{"name": c.name, "spec": c.spec, "cost": c.cost} for c in candidates],
+            "layers": layers,
+            "total_relative_cost": sum(r["ops"] * r["cost"] for r in layers) / total_ops}
+
+
+def check_plan(plan: Any) -> dict[str, Any]:
+    """Validate a plan (e.g. read back from JSON).
+
+    Returns:
+        ``plan``.
+
+    Raises:
+        AssignError: a missing key, a wrong type, or a chosen multiplier that is not a candidate.
+    """
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
+        raise AssignError(f"Not an assignment plan (format must be {PLAN_FORMAT!r})")
+    for key, typ in (("layers", list), ("candidates", list), ("total_relative_cost", (int, float)),
+                     ("error_model", str), ("cost_figure", str)):
+        if not isinstance(plan.get(key), typ):
+            raise AssignError(f"Assignment plan key {key!r} is missing or not a {getattr(typ, '__name__', 'number')}")
+    names = {c.get("name") for c in plan["candidates"] if isinstance(c, dict)}
+    for row in plan["layers"]:
+        for key in ("layer", "chosen", "predicted_sigma", "tolerance", "cost", "fits", "ops"):
+            if not isinstance(row, dict) or key not in row:
+                raise AssignError(f"Assignment plan layer entry lacks {key!r}: {row!r}")
+        if row["chosen"] not in names:
+            raise AssignError(f"Layer {row['layer']!r} chose {row['chosen']!r}, which is not a candidate")
+    return plan
+
+
+def plan_configs(plan: Mapping[str, Any], candidates: Sequence[Candidate], **config: Any) -> dict[str, Any]:
+    """``{layer: ApproxConfig}`` for :func:`~appmult.nn.approximate_` from a plan.
+
+    Args:
+        plan: the plan.
+        candidates: the candidates it was made from.
+        **config: further :class:`~appmult.nn.ApproxConfig` fields (``grad``, ...).
+
+    Raises:
+        AssignError: a chosen multiplier not among ``candidates``.
+    """
+    from .config import ApproxConfig
+    by_name = {c.name: c for c in candidates}
+    out = {}
+    for row in plan["layers"]:
+        if row["chosen"] not in by_name:
+            raise AssignError(f"Layer {row['layer']!r} chose {row['chosen']!r}, which is not a candidate")
+        out[row["layer"]] = ApproxConfig(by_name[row["chosen"]].lut, **config)
+    return out
+
+
+def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str | None = None,
+                cost_figure: str = "transistors") -> Path:
+    """Accuracy against ops-weighted relative cost; homogeneous points and the assignment.
+
+    Args:
+        points: dicts with ``label``, ``cost``, ``accuracy`` (0..1), optional
+            ``accuracy_before`` (no retraining) and ``kind`` (``"homogeneous"`` or
+            ``"heterogeneous"``).
+        path: output image.
+        title: figure title.
+        cost_figure: axis label.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ..files import atomic_writer
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for p in points:
+        het = p.get("kind") == "heterogeneous"
+        color, marker = ("C3", "*") if het else ("C0", "o")
+        ax.scatter([p["cost"]], [100 * p["accuracy"]], color=color, marker=marker, s=140 if het else 40, zorder=3)
+        if p.get("accuracy_before") is not None:
+            ax.scatter([p["cost"]], [100 * p["accuracy_before"]], facecolors="none", edgecolors=color,
+                       marker=marker, s=140 if het else 40, zorder=2)
+        ax.annotate(p["label"], (p["cost"], 100 * p["accuracy"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set(xlabel=f"ops-weighted relative cost ({cost_figure}, exact = 1)", ylabel="test accuracy (%)",
+           title=title or "accuracy vs. multiplier cost (filled: retrained, hollow: before)")
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    with atomic_writer(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
+    return path
+
+
+@dataclasses.dataclass
+class AssignConfig:
+    """One assignment run (:func:`run_assign`); the CLI's arguments.
+
+    Args:
+        candidates: specs or LUT files.
+        model, dataset, data_dir: network and data (:func:`appmult.nn.data.make_loaders`).
+        checkpoint: FP32 model file from :func:`~appmult.nn.training.pretrain_fp32`
+            (default: pretrain ``pretrain_epochs`` epochs, cached in ``out/pretrained``).
+        pretrain_epochs, batch_size, lr, seed: FP32 pretraining and retraining settings.
+        surrogate_epochs, sigma_lr, lam, sigma_max: noise-surrogate training.
+        retrain_epochs: STE retraining epochs after conversion (0: none).
+        calib_batches, stats_batches: batches for calibration and operand statistics.
+        error_model: ``"population"`` or ``"global"``.
+        cost_figure: relative cost figure.
+        include_exact: add the exact multiplier to the candidates.
+        homogeneous: also convert/retrain with each candidate everywhere (Pareto plot).
+        validate: measure each candidate's real error std per layer next to the predictions.
+        out: output directory.
+        progress: stage messages.
+    """
+
+    candidates: Sequence[str]
+    model: str = "lenet5"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    pretrain_epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    surrogate_epochs: int = 5
+    sigma_lr: float = 1e-2
+    lam: float = 0.2
+    sigma_max: float = 0.5
+    retrain_epochs: int = 2
+    calib_batches: int = 8
+    stats_batches: int = 8
+    error_model: str = "population"
+    cost_figure: str = "transistors"
+    include_exact: bool = True
+    homogeneous: bool = True
+    validate: bool = True
+    out: str = "assign-out"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise AssignError("Give at least one candidate multiplier (spec or LUT file)")
+        if self.error_model not in ("population", "global"):
+            raise AssignError(f"Error model must be 'population' or 'global', not {self.error_model!r}")
+        if self.cost_figure not in _COST_FIGURES:
+            raise AssignError(f"Cost figure must be one of {', '.join(_COST_FIGURES)}, not {self.cost_figure!r}")
+        for name in ("pretrain_epochs", "surrogate_epochs", "calib_batches", "stats_batches", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise AssignError(f"{name} must be a positive integer, not {v!r}")
+        if isinstance(self.retrain_epochs, bool) or not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
+            raise AssignError(f"retrain_epochs must be a non-negative integer, not {self.retrain_epochs!r}")
+
+
+def _say(cfg: AssignConfig, msg: str) -> None:
+    if cfg.progress:
+        print(f"[assign] {msg}", file=sys.stderr, flush=True)
+
+
+def _reseed(loaders, seed: int) -> None:
+    # The train loader's generator advances with every pass; reseeding it gives every
+    # conversion the same calibration batches, so runs differ only by their multipliers.
+    gen = getattr(loaders.train, "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed)
+
+
+def _convert_eval_retrain(fp32, configs, loaders, cfg: AssignConfig) -> dict[str, Any]:
+    from .convert import approximate_
+    from .quant import calibrate
+    from .training import evaluate, fit
+    model = approximate_(copy.deepcopy(fp32), configs)
+    _reseed(loaders, cfg.seed)
+    calibrate(model, loaders.train, cfg.calib_batches)
+    before = evaluate(model, loaders.test).accuracy
+    started = time.perf_counter()
+    after = before
+    if cfg.retrain_epochs:
+        hist = fit(model, loaders, cfg.retrain_epochs, lr=cfg.lr, seed=cfg.seed, progress=False)
+        after = hist[-1]["test_accuracy"]
+    return {"accuracy_before": before, "accuracy": after, "retrain_s": time.perf_counter() - started}
+
+
+def run_assign(cfg: AssignConfig) -> dict[str, Any]:
+    """Surrogate, statistics, plan, conversion, retraining, Pareto plot; files in ``cfg.out``.
+
+    Writes ``plan.json``, ``results.json`` (plan, sigmas, predictions vs measurements,
+    accuracies) and ``pareto.png``.
+
+    Returns:
+        The results dict.
+
+    Raises:
+        AssignError: bad candidates (mixed widths, no cost).
+        FileNotFoundError: a missing checkpoint or LUT file.
+    """
+    from ..files import atomic_write_text
+    from .config import ApproxConfig
+    from .convert import approximate_
+    from .data import make_loaders
+    from .error_model import measure_error, predict_sigma, record_operands
+    from .quant import calibrate
+    from .surrogate import train_surrogate
+    from .training import evaluate, load_pretrained, pretrain_fp32
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cands = [load_candidate(s, figure=cfg.cost_figure, progress=cfg.progress) for s in cfg.candidates]
+    _check_candidates(cands)
+    if cfg.include_exact and not any(c.spec == _exact_spec(c.lut) for c in cands):
+        cands.append(load_candidate(_exact_spec(cands[0].lut), figure=cfg.cost_figure))
+    exact = next((c for c in cands if c.spec == _exact_spec(c.lut)), None)
+    ref_lut = exact.lut if exact is not None else load_candidate(_exact_spec(cands[0].lut)).lut
+
+    loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir)
+    if cfg.checkpoint is not None:
+        fp32 = load_pretrained(cfg.checkpoint).model
+    else:
+        _say(cfg, f"FP32 {cfg.model} on {cfg.dataset}, {cfg.pretrain_epochs} epochs (cached)")
+        fp32 = pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out / "pretrained",
+                             batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir, progress=False).model
+    fp32_acc = evaluate(fp32, loaders.test).accuracy
+
+    _say(cfg, f"noise surrogate, {cfg.surrogate_epochs} epochs")
+    ts = time.perf_counter()
+    sigmas, shist = train_surrogate(copy.deepcopy(fp32), loaders, cfg.surrogate_epochs, lr=cfg.lr,
+                                    sigma_lr=cfg.sigma_lr, lam=cfg.lam, sigma_max=cfg.sigma_max, seed=cfg.seed)
+    surrogate_s = time.perf_counter() - ts
+
+    ref = approximate_(copy.deepcopy(fp32), ApproxConfig(ref_lut))
+    _reseed(loaders, cfg.seed)
+    calibrate(ref, loaders.train, cfg.calib_batches)
+    exact_q_acc = evaluate(ref, loaders.test).accuracy
+    # Statistics from training batches: the assignment must not look at the test set.
+    _reseed(loaders, cfg.seed)
+    stats = record_operands(ref, loaders.train, num_batches=cfg.stats_batches, seed=cfg.seed)
+
+    validation = []
+    if cfg.validate:
+        _say(cfg, "predicted vs measured error std per layer and multiplier")
+        layers = dict(ref.named_modules())
+        for c in cands:
+            if c is exact:
+                continue
+            for n, s in stats.items():
+                g, p = predict_sigma(s, c.lut, "global"), predict_sigma(s, c.lut, "population")
+                m = measure_error(layers[n], s, c.lut)
+                validation.append({
+                    "layer": n, "multiplier": c.name, "fan_in": s.fan_in, "measured_std": m.std,
+                    "measured_mean": m.mean, "global_sigma": g.sigma, "population_sigma": p.sigma,
+                    "global_bias": g.bias, "population_bias": p.bias,
+                    "global_rel_error": (g.sigma - m.std) / m.std if m.std else None,
+                    "population_rel_error": (p.sigma - m.std) / m.std if m.std else None})
+
+    plan = assign(stats, sigmas, cands, error_model=cfg.error_model, cost_figure=cfg.cost_figure)
+    atomic_write_text(out / "plan.json", json.dumps(plan, indent=1) + "\n")
+    _say(cfg, f"plan: total relative cost {plan['total_relative_cost']:.3f}; retraining {cfg.retrain_epochs} epochs")
+
+    points = [{"label": "assignment", "kind": "heterogeneous", "cost": plan["total_relative_cost"],
+               **_convert_eval_retrain(fp32, plan_configs(plan, cands), loaders, cfg)}]
+    if cfg.homogeneous:
+        for c in cands:
+            _say(cfg, f"homogeneous {c.name}")
+            points.append({"label": c.name, "kind": "homogeneous", "cost": c.cost,
+                           **_convert_eval_retrain(fp32, ApproxConfig(c.lut), loaders, cfg)})
+    plot_pareto(points, out / "pareto.png", cost_figure=cfg.cost_figure,
+                title=f"{cfg.model} on {cfg.dataset}: accuracy vs {cfg.cost_figure}")
+    results = {"config": dataclasses.asdict(cfg), "fp32_accuracy": fp32_acc,
+               "exact_quantized_accuracy": exact_q_acc, "sigmas": sigmas, "surrogate_history": shist,
+               "surrogate_s": surrogate_s, "plan": plan, "points": points, "validation": validation,
+               "wall_s": time.perf_counter() - t0}
+    results["config"]["candidates"] = list(cfg.candidates)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    return results
