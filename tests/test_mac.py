@@ -15,7 +15,7 @@ from amaranth.sim import Simulator
 from appmult.hdl import from_spec
 from appmult.hdl.mac import MacUnit, mac_reference, required_acc_width
 from appmult.lut_gen import LutFile
-from appmult.tb import circuit_lut, simulator_available, verify_mac
+from appmult.tb import circuit_lut, run_mac, simulator_available, verify_mac
 from appmult.tb.runner import pack_lanes
 
 _LUTS: dict[str, LutFile] = {}
@@ -256,6 +256,70 @@ def test_mac_verilog_mismatch_is_reported(tmp_path):
     first = result.mismatches[0]
     assert first["expected_acc"] != first["actual_acc"]
     assert "FAIL" in result.summary()
+
+
+def given_beats(rng, lanes: int, beats: int, width: int) -> dict[str, np.ndarray]:
+    valid = rng.random(beats) < 0.8
+    clear = np.zeros(beats, dtype=bool)
+    clear[[0, 3, 7]] = True
+    valid[7] = False  # a clear alone zeroes the accumulator
+    return {"a": rng.integers(0, 1 << width, (beats, lanes)), "b": rng.integers(0, 1 << width, (beats, lanes)),
+            "valid": valid, "clear": clear}
+
+
+@pytest.mark.simulator
+@icarus
+def test_run_mac_returns_accumulator_after_each_given_beat(tmp_path):
+    spec = "truncated:width=6,columns=4,signed=true"
+    mac = MacUnit(from_spec(spec), lanes=3, acc_width=16)
+    st = given_beats(np.random.default_rng(5), 3, 12, 6)
+    acc = run_mac(mac, st, build_dir=tmp_path)
+    want = mac_reference(lut_of(spec).product, st["a"], st["b"], valid=st["valid"], clear=st["clear"],
+                         acc_width=16, signed=True)
+    assert acc.dtype == np.int64 and acc.shape == (12,)
+    assert np.array_equal(acc, want)
+    assert (acc < 0).any()  # read back as signed numbers
+
+
+@pytest.mark.simulator
+@icarus
+def test_verify_mac_with_given_beats_and_expected(tmp_path):
+    spec = "drum:width=6,k=3"
+    mac = MacUnit(from_spec(spec), lanes=2, acc_width=20)
+    st = given_beats(np.random.default_rng(1), 2, 8, 6)
+    ok = verify_mac(mac, lut_of(spec), stimulus=st, build_dir=tmp_path / "ok")
+    assert ok.passed and ok.cycles == 8 and len(ok.acc) == 8
+    wrong = np.array(ok.acc, dtype=np.int64)
+    wrong[5] += 1
+    bad = verify_mac(mac, lut_of(spec), stimulus=st, expected=wrong, build_dir=tmp_path / "bad")
+    assert not bad.passed and bad.mismatch_count == 1
+    assert bad.mismatches[0]["cycle"] == 5 and bad.mismatches[0]["actual_acc"] == ok.acc[5]
+
+
+@pytest.mark.parametrize("stimulus, exc, message", [
+    ({"a": np.zeros((2, 3), int)}, ValueError, "MAC stimulus needs 'b': (beats, lanes) operand codes"),
+    ({"a": np.zeros((2, 2), int), "b": np.zeros((2, 3), int)}, ValueError,
+     "MAC stimulus 'a' must have shape (beats >= 1, 3) for a 3-lane MAC, not (2, 2)"),
+    ({"a": np.zeros((2, 3), int), "b": np.full((2, 3), 64)}, ValueError,
+     "MAC stimulus 'b' holds codes outside 0..63 (6-bit operand)"),
+    ({"a": np.zeros((2, 3), int), "b": np.zeros((1, 3), int)}, ValueError,
+     "MAC stimulus 'a' has 2 beats but 'b' has 1"),
+    ({"a": np.zeros((2, 3)), "b": np.zeros((2, 3), int)}, TypeError,
+     "MAC stimulus 'a' must hold integer codes, not float64"),
+    ({"a": np.zeros((2, 3), int), "b": np.zeros((2, 3), int), "valid": [1, 0]}, ValueError,
+     "MAC stimulus 'valid' must be 2 booleans (one per beat), not int64 of shape (2,)"),
+    ({"a": np.zeros((2, 3), int), "b": np.zeros((2, 3), int), "acc": 1}, ValueError,
+     "MAC stimulus has unknown keys 'acc'; expected 'a', 'b', 'valid', 'clear'"),
+])
+def test_run_mac_bad_stimulus(stimulus, exc, message):
+    mac = MacUnit(from_spec("exact:width=6"), lanes=3)
+    with pytest.raises(exc, match="^" + re.escape(message) + "$"):
+        run_mac(mac, stimulus)
+
+
+def test_run_mac_needs_a_mac():
+    with pytest.raises(TypeError, match="^run_mac takes a MacUnit, not 3$"):
+        run_mac(3, {})
 
 
 @pytest.mark.simulator

@@ -2,7 +2,8 @@
 
 ``verify_multiplier(design, lut)`` simulates a multiplier's Verilog (Icarus Verilog by
 default, or Verilator) and compares every product with the LUT file the network was
-trained on; ``verify_mac(mac, lut)`` does the same for a MAC / dot-product unit. The
+trained on; ``verify_mac(mac, lut)`` does the same for a MAC / dot-product unit, and
+``run_mac(mac, stimulus)`` drives given operand beats and returns the accumulators. The
 in-simulator halves are :mod:`appmult.tb.multiplier_tests` and :mod:`appmult.tb.mac_tests`
 (cocotb test modules, loaded by dotted name; importing this package does not import cocotb).
 """
@@ -18,6 +19,7 @@ from .runner import (
     check_simulator,
     circuit_lut,
     corner_codes,
+    run_mac,
     simulator_available,
     verify_mac,
     verify_multiplier,
@@ -34,6 +36,7 @@ __all__ = [
     "check_simulator",
     "circuit_lut",
     "corner_codes",
+    "run_mac",
     "simulator_available",
     "verify_mac",
     "verify_multiplier",

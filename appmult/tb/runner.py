@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -47,6 +47,7 @@ __all__ = [
     "circuit_lut",
     "corner_codes",
     "pack_lanes",
+    "run_mac",
     "simulator_available",
     "unpack_lanes",
     "verify_mac",
@@ -174,6 +175,7 @@ class MacVerifyResult:
         build_dir: where the files are.
         build_cpu_s: CPU seconds of the compiler processes.
         run_cpu_s: CPU seconds of the simulator process.
+        acc: ``acc`` as read after each beat (``None`` where it held X/Z bits), in beat order.
     """
 
     passed: bool
@@ -187,6 +189,7 @@ class MacVerifyResult:
     build_dir: str | None
     build_cpu_s: float = 0.0
     run_cpu_s: float = 0.0
+    acc: tuple[int | None, ...] = ()
 
     def summary(self) -> str:
         verdict = "PASS" if self.passed else f"FAIL ({self.mismatch_count} mismatches)"
@@ -615,55 +618,67 @@ def verify_multiplier(design, lut: LutFile | str | os.PathLike, *, sim: str = "i
                             build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"])
 
 
-def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
-               build_dir: str | os.PathLike | None = None, seed: int = 0, cycles: int = 2000,
-               name: str = "appmult_mac", max_report: int = 10) -> MacVerifyResult:
-    """Simulate a :class:`appmult.hdl.MacUnit`'s Verilog against sums of LUT entries.
-
-    The testbench drives seeded random operand vectors for ``cycles`` clock cycles, with
-    idle cycles (``valid_in`` low), ``clear`` pulses (alone and together with ``valid_in``)
-    and a reset, and checks every ``valid_out`` beat: ``acc`` must equal the running sum of
-    ``lut[a_i, b_i]`` over the lanes and beats since the last clear, wrapped to
-    ``acc_width`` bits (two's complement when the multiplier is signed).
-
-    Args:
-        mac: the :class:`~appmult.hdl.MacUnit` to export and simulate.
-        lut: the product LUT of its multiplier (LutFile or path).
-        sim: ``"icarus"`` or ``"verilator"``.
-        build_dir: where to build (kept); default a temporary directory.
-        seed: seed of the stimulus.
-        cycles: clock cycles to simulate.
-        name: Verilog module name.
-        max_report: how many mismatches to report in detail.
-
-    Returns:
-        A :class:`MacVerifyResult`.
-
-    Raises:
-        TypeError: ``mac`` is not a MacUnit.
-        SimulatorNotFound: the simulator is not installed.
-        SimulationError: the build or simulation failed.
-        LutFileError: the LUT does not fit the MAC's multiplier.
-    """
-    from ..hdl.export import export_verilog
-    from ..hdl.mac import MacUnit
-    check_simulator(sim)
-    if not isinstance(mac, MacUnit):
-        raise TypeError(f"verify_mac takes a MacUnit, not {mac!r}")
-    if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1:
-        raise ValueError(f"cycles must be a positive integer, not {cycles!r}")
-    table = _load_lut(lut)
+def _mac_stimulus(mac, stimulus: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Validated ``a``, ``b`` (beats, lanes) codes and ``valid``, ``clear`` (beats,) flags."""
+    if not isinstance(stimulus, Mapping):
+        raise TypeError(f"MAC stimulus must be a mapping with keys 'a', 'b' (and optionally 'valid', "
+                        f"'clear'), not {type(stimulus).__name__}")
+    unknown = sorted(set(stimulus) - {"a", "b", "valid", "clear"})
+    if unknown:
+        raise ValueError(f"MAC stimulus has unknown keys {', '.join(map(repr, unknown))}; "
+                         f"expected 'a', 'b', 'valid', 'clear'")
     mult = mac.multiplier
-    table.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
-                           what=f"the MAC's multiplier {mult.spec}")
+    out: dict[str, np.ndarray] = {}
+    for key, width in (("a", mult.width_a), ("b", mult.width_b)):
+        if key not in stimulus:
+            raise ValueError(f"MAC stimulus needs {key!r}: (beats, lanes) operand codes")
+        arr = np.asarray(stimulus[key])
+        if arr.ndim != 2 or arr.shape[1] != mac.lanes or arr.shape[0] < 1:
+            raise ValueError(f"MAC stimulus {key!r} must have shape (beats >= 1, {mac.lanes}) for a "
+                             f"{mac.lanes}-lane MAC, not {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise TypeError(f"MAC stimulus {key!r} must hold integer codes, not {arr.dtype}")
+        if arr.min() < 0 or arr.max() >= (1 << width):
+            raise ValueError(f"MAC stimulus {key!r} holds codes outside 0..{(1 << width) - 1} "
+                             f"({width}-bit operand)")
+        out[key] = arr.astype(np.int64)
+    beats = out["a"].shape[0]
+    if out["b"].shape[0] != beats:
+        raise ValueError(f"MAC stimulus 'a' has {beats} beats but 'b' has {out['b'].shape[0]}")
+    # Defaults: every beat valid; no clear (reset leaves the accumulator at 0).
+    for key, default in (("valid", True), ("clear", False)):
+        arr = np.asarray(stimulus.get(key, np.full(beats, default)))
+        if arr.shape != (beats,) or arr.dtype != np.bool_:
+            raise ValueError(f"MAC stimulus {key!r} must be {beats} booleans (one per beat), "
+                             f"not {arr.dtype} of shape {arr.shape}")
+        out[key] = arr
+    return out
+
+
+def _simulate_mac(mac, *, lut: LutFile | None, stimulus: dict[str, np.ndarray] | None,
+                  expected: np.ndarray | None, sim: str, build_dir, seed: int, cycles: int, name: str,
+                  max_report: int) -> MacVerifyResult:
+    """Export ``mac``, drive it (random or given beats) in cocotb and collect the result."""
+    from ..hdl.export import export_verilog
+    mult = mac.multiplier
     with _build_directory(build_dir) as (bdir, keep):
         dut_path = bdir / f"{name}.v"
         dut_path.write_text(export_verilog(mac, name=name))
-        lut_path = bdir / "reference_lut.npz"
-        table.save(lut_path)
-        config = {"kind": "mac", "lut": str(lut_path), "lanes": mac.lanes, "acc_width": mac.acc_width,
+        config = {"kind": "mac", "lanes": mac.lanes, "acc_width": mac.acc_width,
                   "width_a": mult.width_a, "width_b": mult.width_b, "signed": mult.signed,
                   "latency": mac.latency, "cycles": cycles, "seed": seed, "max_report": max_report}
+        if lut is not None:
+            lut_path = bdir / "reference_lut.npz"
+            lut.save(lut_path)
+            config["lut"] = str(lut_path)
+        if stimulus is not None:
+            # The beats travel as a file: JSON would be slow and lossy for large arrays.
+            arrays = dict(stimulus)
+            if expected is not None:
+                arrays["expected"] = expected
+            np.savez(bdir / "stimulus.npz", **arrays)
+            config["stimulus"] = str(bdir / "stimulus.npz")
+            config["cycles"] = int(stimulus["a"].shape[0])
         result, build_s, run_s = _run_cocotb(sim=sim, build_dir=bdir, sources=[dut_path], toplevel=name,
                                              test_module="appmult.tb.mac_tests", config=config)
         return MacVerifyResult(passed=result["mismatch_count"] == 0 and result["results_checked"] > 0,
@@ -671,4 +686,112 @@ def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
                                mismatch_count=result["mismatch_count"],
                                mismatches=tuple(result["mismatches"]), simulator=sim, build_s=build_s,
                                run_s=run_s, build_dir=str(bdir) if keep else None,
-                               build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"])
+                               build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"],
+                               acc=tuple(result.get("acc", ())))
+
+
+def _check_mac(mac, caller: str) -> None:
+    from ..hdl.mac import MacUnit
+    if not isinstance(mac, MacUnit):
+        raise TypeError(f"{caller} takes a MacUnit, not {mac!r}")
+
+
+def run_mac(mac, stimulus: Mapping[str, Any], *, sim: str = "icarus",
+            build_dir: str | os.PathLike | None = None, name: str = "appmult_mac") -> np.ndarray:
+    """Drive given beats through a :class:`appmult.hdl.MacUnit`'s Verilog; ``acc`` after each beat.
+
+    No reference is involved: the caller compares the accumulators with whatever it
+    trusts (e.g. a layer's :meth:`~appmult.nn.ApproxConv2d.int_forward`). The MAC's
+    handshake is still checked -- ``valid_out`` must follow ``valid_in`` -- and ``acc``
+    must never hold X/Z bits.
+
+    Args:
+        mac: the MAC unit to export and simulate.
+        stimulus: ``{"a": (beats, lanes) codes, "b": (beats, lanes) codes, "valid":
+            (beats,) bools (default all True), "clear": (beats,) bools (default all False;
+            the accumulator starts at 0 after reset)}``. A ``clear`` together with
+            ``valid`` starts a new sum with that beat.
+        sim: ``"icarus"`` or ``"verilator"``.
+        build_dir: where to build (kept); default a temporary directory.
+        name: Verilog module name.
+
+    Returns:
+        int64 array ``(beats,)``: the accumulator as read after each beat (held on idle
+        beats), as a signed number when the multiplier is signed.
+
+    Raises:
+        TypeError: ``mac`` is not a MacUnit, or codes are not integers.
+        ValueError: a stimulus of the wrong shape or with out-of-range codes.
+        SimulatorNotFound: the simulator is not installed.
+        SimulationError: the build or simulation failed, ``valid_out`` did not follow
+            ``valid_in``, or ``acc`` held X/Z bits.
+    """
+    _check_mac(mac, "run_mac")
+    st = _mac_stimulus(mac, stimulus)
+    check_simulator(sim)
+    result = _simulate_mac(mac, lut=None, stimulus=st, expected=None, sim=sim, build_dir=build_dir, seed=0,
+                           cycles=int(st["a"].shape[0]), name=name, max_report=10)
+    if result.mismatch_count:
+        first = result.mismatches[0] if result.mismatches else {}
+        raise SimulationError(f"MAC {mac!r} misbehaved in {sim} on {result.mismatch_count} of {result.cycles} "
+                              f"beats (valid_out not following valid_in, or X/Z on acc); first: {first}")
+    return np.array(result.acc, dtype=np.int64)
+
+
+def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
+               build_dir: str | os.PathLike | None = None, seed: int = 0, cycles: int = 2000,
+               name: str = "appmult_mac", max_report: int = 10, stimulus: Mapping[str, Any] | None = None,
+               expected=None) -> MacVerifyResult:
+    """Simulate a :class:`appmult.hdl.MacUnit`'s Verilog against sums of LUT entries.
+
+    By default the testbench drives seeded random operand vectors for ``cycles`` clock
+    cycles, with idle cycles (``valid_in`` low), ``clear`` pulses (alone and together with
+    ``valid_in``) and a reset; with ``stimulus`` it drives exactly the given beats. It
+    checks every beat: ``valid_out`` must follow ``valid_in`` and ``acc`` must equal the
+    running sum of ``lut[a_i, b_i]`` over the lanes and beats since the last clear, wrapped
+    to ``acc_width`` bits (two's complement when the multiplier is signed) -- or the
+    given ``expected`` accumulators.
+
+    Args:
+        mac: the :class:`~appmult.hdl.MacUnit` to export and simulate.
+        lut: the product LUT of its multiplier (LutFile or path).
+        sim: ``"icarus"`` or ``"verilator"``.
+        build_dir: where to build (kept); default a temporary directory.
+        seed: seed of the random stimulus.
+        cycles: clock cycles to simulate with random stimulus (ignored with ``stimulus``).
+        name: Verilog module name.
+        max_report: how many mismatches to report in detail.
+        stimulus: beats to drive instead of random ones, as for :func:`run_mac`.
+        expected: ``(beats,)`` accumulator after each beat, checked instead of the LUT
+            reference (only with ``stimulus``).
+
+    Returns:
+        A :class:`MacVerifyResult` (``acc`` holds the accumulator read after each beat).
+
+    Raises:
+        TypeError: ``mac`` is not a MacUnit.
+        ValueError: bad ``cycles``, stimulus or ``expected``.
+        SimulatorNotFound: the simulator is not installed.
+        SimulationError: the build or simulation failed.
+        LutFileError: the LUT does not fit the MAC's multiplier.
+    """
+    check_simulator(sim)
+    _check_mac(mac, "verify_mac")
+    if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1:
+        raise ValueError(f"cycles must be a positive integer, not {cycles!r}")
+    table = _load_lut(lut)
+    mult = mac.multiplier
+    table.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
+                           what=f"the MAC's multiplier {mult.spec}")
+    st = None if stimulus is None else _mac_stimulus(mac, stimulus)
+    want = None
+    if expected is not None:
+        if st is None:
+            raise ValueError("expected accumulators need a stimulus (the random beats are drawn in the testbench)")
+        want = np.asarray(expected)
+        if want.shape != st["valid"].shape or not np.issubdtype(want.dtype, np.integer):
+            raise ValueError(f"expected must be {len(st['valid'])} integers (acc after each beat), "
+                             f"not {want.dtype} of shape {want.shape}")
+        want = want.astype(np.int64)
+    return _simulate_mac(mac, lut=table, stimulus=st, expected=want, sim=sim, build_dir=build_dir, seed=seed,
+                         cycles=cycles, name=name, max_report=max_report)
