@@ -55,6 +55,14 @@ def register(sub) -> None:
     p.add_argument("--no-time-exact", action="store_true",
                    help="skip timing one exact-quantized epoch for the comparison")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage messages")
+    p.add_argument("--verify-rtl", action="store_true",
+                   help="after each mode, recompute the first approximate conv layer's integer accumulators "
+                        "on a few test images with the RTL MAC of the LUT's circuit (Icarus Verilog) and "
+                        "compare them with the layer's; exit status 1 on a mismatch")
+    p.add_argument("--rtl-positions", type=int, default=8, metavar="N",
+                   help="output positions per RTL check (default 8)")
+    p.add_argument("--rtl-sim", choices=("icarus", "verilator"), default="icarus",
+                   help="simulator of the RTL check (default icarus)")
     p.set_defaults(func=run)
 
 
@@ -62,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from ..nn.functional import LutMismatchError
     from ..nn.retrain import RetrainConfig, run_retrain
     from ..nn.training import CheckpointError
+    from ..tb.runner import SimulatorNotFound
     from . import CliError
     cfg = RetrainConfig(lut=args.lut, spec=args.spec, model=args.model, dataset=args.dataset,
                         data_dir=args.data_dir, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
@@ -72,12 +81,25 @@ def run(args: argparse.Namespace) -> int:
                         checkpoint=args.checkpoint, pretrained_dir=args.pretrained_dir,
                         progress=not args.no_progress, calib_batches=args.calib_batches,
                         trial_batches=args.trial_batches, time_exact=not args.no_time_exact,
-                        threads=args.threads)
+                        threads=args.threads, verify_rtl=args.verify_rtl, rtl_positions=args.rtl_positions,
+                        rtl_sim=args.rtl_sim)
     try:
         results = run_retrain(cfg)
-    except (CheckpointError, LutMismatchError) as exc:
+    except (CheckpointError, LutMismatchError, SimulatorNotFound) as exc:
         raise CliError(str(exc)) from None
-    if not args.no_progress and os.environ.get("RANK", "0") == "0":
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if not args.no_progress and main_rank:
         from ..nn.retrain import results_markdown
         print(results_markdown(results), file=sys.stderr)
+    failed = [(mode, m["rtl_check"]) for mode, m in results["modes"].items()
+              if m.get("rtl_check") and not m["rtl_check"]["passed"]]
+    if failed:
+        if main_rank:
+            for mode, r in failed:
+                print(f"appmult retrain: error: {mode}: {r['summary']}", file=sys.stderr)
+                for c in r["checks"]:
+                    if not c["matched"]:
+                        print(f"  position ({', '.join(map(str, c['position']))}): int_forward {c['expected']}, "
+                              f"RTL {c['actual']}", file=sys.stderr)
+        return 1
     return 0

@@ -15,6 +15,11 @@ Pipeline (:func:`run_retrain`):
    quantization, for the last ``exact_last`` epochs).
 5. Evaluate each result on the approximate multiplier and with exact products; write
    ``results.json``, ``results.md`` and ``curves.png``.
+6. Optionally (``verify_rtl``) the hardware proof per mode: the retrained model's first
+   approximate conv layer (the first linear one in a model without convolutions), fed a
+   few real test images, has its integer accumulators recomputed by the RTL MAC unit of
+   the LUT's circuit in a simulator (:func:`appmult.nn.rtlcheck.verify_layer_rtl`); the
+   outcome is recorded per mode, and ``appmult retrain`` exits non-zero on a mismatch.
 
 LUT-2D half window: the LUT file's stored tables by default; an explicit ``H``; or
 ``"auto"``, the published procedure -- a short training trial per ``H`` in 1, 2, 4, ...
@@ -128,6 +133,10 @@ class RetrainConfig:
             (``None``: one epoch).
         time_exact: time one training epoch of the exact-quantized model for comparison.
         threads: torch CPU threads (``None``: leave torch's setting).
+        verify_rtl: after each mode, check the first approximate conv layer's accumulators
+            against the RTL MAC in a simulator (needs a LUT with a circuit spec and Icarus).
+        rtl_positions: output positions per RTL check.
+        rtl_sim: simulator of the RTL check, ``"icarus"`` or ``"verilator"``.
 
     Raises:
         RetrainError: inconsistent or out-of-range values, with the offending value named.
@@ -158,6 +167,9 @@ class RetrainConfig:
     trial_batches: int | None = None
     time_exact: bool = True
     threads: int | None = None
+    verify_rtl: bool = False
+    rtl_positions: int = 8
+    rtl_sim: str = "icarus"
 
     def __post_init__(self) -> None:
         if (self.lut is None) == (self.spec is None):
@@ -213,6 +225,12 @@ class RetrainConfig:
             raise RetrainError(f"Noise operands must be 'codes' or 'values', not {self.noise_operands!r}")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise RetrainError(f"threads must be a positive integer, not {self.threads!r}")
+        if not isinstance(self.verify_rtl, bool):
+            raise RetrainError(f"verify_rtl must be a bool, not {self.verify_rtl!r}")
+        if not _is_int(self.rtl_positions) or self.rtl_positions < 1:
+            raise RetrainError(f"rtl_positions must be a positive integer, not {self.rtl_positions!r}")
+        if self.rtl_sim not in ("icarus", "verilator"):
+            raise RetrainError(f"rtl_sim must be 'icarus' or 'verilator', not {self.rtl_sim!r}")
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -682,6 +700,58 @@ def _time_exact_epoch(start_model: nn.Module, loaders: Loaders, cfg: RetrainConf
     return time.perf_counter() - t0
 
 
+# --- the hardware proof --------------------------------------------------------------------------
+
+#: Test images fed to the model for the RTL check.
+RTL_IMAGES = 4
+
+
+def _check_rtl_possible(cfg: RetrainConfig, lut: LutFile) -> None:
+    """Refuse ``verify_rtl`` before any training when it cannot work."""
+    if not lut.metadata.get("spec"):
+        raise RetrainError(f"--verify-rtl needs a LUT characterized from a circuit; LUT {lut.lut_id} has no "
+                           f"'spec' in its metadata")
+    from ..tb.runner import check_simulator
+    check_simulator(cfg.rtl_sim)
+
+
+def _first_approx_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    from .layers import ApproxConv2d, ApproxLinear
+    named = list(model.named_modules())
+    for kind in (ApproxConv2d, ApproxLinear):
+        for name, m in named:
+            if isinstance(m, kind):
+                return name, m
+    raise RetrainError("The model has no approximate layer to check in RTL")
+
+
+@torch.no_grad()
+def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` receives when ``model`` (eval mode) sees ``images``."""
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    was_training = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return seen[0]
+
+
+def _rtl_check(model: nn.Module, test_loader: Iterable, cfg: RetrainConfig, device: torch.device,
+               build_dir: Path) -> dict[str, Any]:
+    """:func:`~appmult.nn.rtlcheck.verify_layer_rtl` on the first approximate layer, as a results dict."""
+    from .rtlcheck import verify_layer_rtl
+    name, layer = _first_approx_layer(model)
+    images = next(iter(test_loader))[0][:RTL_IMAGES].to(device)
+    x = _layer_input(model, layer, images)
+    result = verify_layer_rtl(layer, x, positions=cfg.rtl_positions, sim=cfg.rtl_sim, build_dir=build_dir,
+                              seed=cfg.seed)
+    return dict(result.to_dict(), layer_name=name, images=int(images.shape[0]))
+
+
 # --- results -------------------------------------------------------------------------------------
 
 def _versions() -> dict[str, str]:
@@ -723,6 +793,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_pct(start['exact_quantized_accuracy'])} | {_pct(start['approx_accuracy'])} "
                      f"| {_pct(m['approx_after'])} | {_pct(m['exact_after'])} | {_secs(m['epoch_time_s'])} "
                      f"| {_secs(results['timing']['exact_quantized_epoch_s'])} |")
+    rtl = [(name, m["rtl_check"]) for name, m in results["modes"].items() if m.get("rtl_check")]
+    if rtl:
+        lines.append("")
+        for name, r in rtl:
+            lines.append(f"- {name}, layer `{r['layer_name']}`: {r['summary']}")
+            lines += [f"  - position ({', '.join(map(str, c['position']))}): int_forward {c['expected']}, "
+                      f"RTL {c['actual']}" for c in r["checks"] if not c["matched"]]
     return "\n".join(lines) + "\n"
 
 
@@ -773,6 +850,8 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
     out = Path(cfg.out)
     device = _device(d)
     lut = _resolve_lut(cfg)
+    if cfg.verify_rtl:
+        _check_rtl_possible(cfg, lut)
     _say(cfg, d, f"LUT {lut.lut_id} ({lut.metadata.get('spec') or 'custom'}), "
                  f"{lut.width_a}x{lut.width_b} {'signed' if lut.signed else 'unsigned'}")
     full_loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir)
@@ -850,7 +929,18 @@ def _run(cfg: RetrainConfig, d: _Dist, on_epoch_end: EpochHook | None) -> dict[s
             "exact_after": exact_after.accuracy, "exact_after_loss": exact_after.loss,
             "epoch_time_s": float(np.mean(approx_times)) if approx_times else None,
             "history": history,
+            "rtl_check": None,
         }
+        if cfg.verify_rtl:
+            rtl = None
+            if d.main:
+                rtl = _rtl_check(model, loaders.test, cfg, device, out / "modes" / mode / "rtl")
+                _say(cfg, d, f"{mode}: {rtl['summary']}")
+            if d.world > 1:
+                box = [rtl]
+                torch.distributed.broadcast_object_list(box, 0)
+                rtl = box[0]
+            modes[mode]["rtl_check"] = rtl
 
     results = {
         "format": RESULTS_FORMAT,

@@ -1,0 +1,396 @@
+"""Hardware proof on a trained layer: its accumulators, recomputed by the RTL MAC unit.
+
+:func:`verify_layer_rtl` takes an :class:`~appmult.nn.ApproxConv2d` (or
+:class:`~appmult.nn.ApproxLinear`) and real inputs, and checks that the exported Verilog
+of a MAC unit built from the layer's multiplier computes the same integer accumulators
+as the layer's :meth:`int_forward` -- the sums the network was trained and evaluated
+with -- for a few output positions:
+
+1. The inputs are quantized by the layer's own quantizers (observers frozen, as in
+   ``int_forward``), padded with the activation zero point's code, and unfolded into one
+   row of ``K = Cin/groups * kh * kw`` operand code pairs per output (``K = in_features``
+   for a linear layer). Before anything is simulated, the sum of LUT entries over these
+   codes must reproduce ``int_forward`` for *every* output of ``x``; otherwise this module
+   mirrors the layer wrongly and refuses to go on.
+2. Each chosen output's ``K`` pairs are cut into beats of ``lanes`` pairs, the first beat
+   with ``clear``, and driven through :func:`appmult.tb.run_mac` on a
+   :class:`appmult.hdl.MacUnit` of ``from_spec(lut.metadata["spec"])`` with an
+   accumulator of :func:`~appmult.hdl.mac.required_acc_width` bits (no wrap-around).
+3. The accumulator after each output's last beat is compared with ``int_forward``.
+
+Filling the last beat. The MAC has no per-lane enable, so when ``lanes`` does not divide
+``K`` the unused lanes of the last beat still multiply something. They get a *fill pair*
+of codes whose LUT product is 0 -- ``(0, 0)`` when the multiplier maps it to 0, else the
+first zero entry of the LUT. Only a LUT without any zero entry (a multiplier with a
+constant bias) needs a non-zero fill: then the known ``fill_pairs * LUT[fill]`` is added
+to the expected value and reported. This keeps the MAC unchanged (no test-only port) and
+the comparison exact.
+
+This is the one ``nn`` module that reaches into :mod:`appmult.hdl` and :mod:`appmult.tb`
+(Amaranth, cocotb); it imports them only when called, so ``import appmult.nn`` stays
+torch-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..codes import values_to_codes
+from .functional import _pair
+from .layers import ApproxConv2d, ApproxLinear
+
+__all__ = ["LayerOperands", "LayerRtlResult", "PositionCheck", "RtlCheckError", "layer_operands",
+           "verify_layer_rtl"]
+
+
+class RtlCheckError(ValueError):
+    """The layer cannot be checked against RTL (no circuit behind its LUT, widths differ, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOperands:
+    """The MAC operand codes of every output of a layer for one input.
+
+    Attributes:
+        a: int64 ``(*out_shape, K)`` codes on the LUT's operand ``a`` per output position.
+        b: int64 ``(*out_shape, K)`` codes on operand ``b``.
+        padded: int64 ``out_shape``: how many of each output's ``K`` activations are padding.
+        out_shape: ``(N, Cout, Ho, Wo)`` for a conv layer, ``(rows, out_features)`` for linear.
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    padded: np.ndarray
+    out_shape: tuple[int, ...]
+
+    @property
+    def fan_in(self) -> int:
+        """Products per output, ``K``."""
+        return int(self.a.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionCheck:
+    """One output position checked in RTL.
+
+    Attributes:
+        position: ``(n, cout, y, x)`` for a conv layer, ``(row, out)`` for a linear one.
+        expected: the layer's ``int_forward`` value there (plus the fill pairs' known
+            products, which are 0 unless the LUT has no zero entry).
+        actual: the RTL accumulator after the position's last beat.
+        padded_operands: activations of this receptive field that are padding (zero-point code).
+    """
+
+    position: tuple[int, ...]
+    expected: int
+    actual: int
+    padded_operands: int
+
+    @property
+    def matched(self) -> bool:
+        """The RTL accumulator equals the expected value."""
+        return self.expected == self.actual
+
+    def __str__(self) -> str:
+        where = ", ".join(map(str, self.position))
+        pad = f", {self.padded_operands} padded operands" if self.padded_operands else ""
+        return f"position ({where}){pad}: int_forward {self.expected}, RTL {self.actual}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRtlResult:
+    """Outcome of :func:`verify_layer_rtl`.
+
+    Attributes:
+        passed: every checked position's RTL accumulator equals ``int_forward``.
+        layer: the layer's class name.
+        spec: the multiplier spec the MAC was built from.
+        lut_id: the layer's LUT id.
+        fan_in: products per output (``K``).
+        lanes: MAC lanes.
+        beats: beats per output (``ceil(K / lanes)``).
+        fill_pairs: unused lanes in each output's last beat.
+        fill_codes: the ``(a, b)`` code pair driven into them.
+        fill_product: ``LUT[fill_codes]`` (0 unless the LUT has no zero entry).
+        acc_width: accumulator width of the simulated MAC.
+        checks: one :class:`PositionCheck` per position, in drive order.
+        simulator: ``"icarus"`` or ``"verilator"``.
+        seconds: wall time of the whole check (quantization, build and simulation).
+    """
+
+    passed: bool
+    layer: str
+    spec: str
+    lut_id: str
+    fan_in: int
+    lanes: int
+    beats: int
+    fill_pairs: int
+    fill_codes: tuple[int, int]
+    fill_product: int
+    acc_width: int
+    checks: tuple[PositionCheck, ...]
+    simulator: str
+    seconds: float
+
+    @property
+    def mismatches(self) -> tuple[PositionCheck, ...]:
+        """The positions whose RTL accumulator differs, in drive order."""
+        return tuple(c for c in self.checks if not c.matched)
+
+    def summary(self) -> str:
+        """One line, e.g. ``RTL check: 8 positions, 25 products each, all equal (...)``."""
+        n = len(self.checks)
+        verdict = ("all equal" if self.passed else
+                   f"{len(self.mismatches)} of {n} differ")
+        return (f"RTL check: {n} positions, {self.fan_in} products each, {verdict} "
+                f"({self.layer}, {self.spec}, {self.lanes} lanes x {self.beats} beats, "
+                f"{self.acc_width}-bit accumulator, {self.simulator}, {self.seconds:.1f} s)")
+
+    def report(self) -> str:
+        """The summary and each mismatching position."""
+        return "\n".join([self.summary(), *(f"  {c}" for c in self.mismatches)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (for ``results.json``)."""
+        d = dataclasses.asdict(self)
+        d["checks"] = [dict(dataclasses.asdict(c), position=list(c.position), matched=c.matched)
+                       for c in self.checks]
+        d["fill_codes"] = list(self.fill_codes)
+        d["mismatch_count"] = len(self.mismatches)
+        d["summary"] = self.summary()
+        return d
+
+
+# -- operand codes, mirroring int_forward --------------------------------------------------
+
+def _quantized(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(qx, zx, qw)`` as ``int_forward`` gets them: the layer's quantizers, observers frozen."""
+    saved = layer.act_quant.observing
+    layer.act_quant.observing = False
+    try:
+        with torch.no_grad():
+            qx, _, zx, qw, _, _ = layer._quantize(x)
+    finally:
+        layer.act_quant.observing = saved
+    return qx.detach().cpu(), zx.detach().cpu(), qw.detach().cpu()
+
+
+def _to_codes(values: torch.Tensor, width: int, signed: bool) -> np.ndarray:
+    return values_to_codes(values.to(torch.int64).numpy(), width, signed).astype(np.int64)
+
+
+@torch.no_grad()
+def layer_operands(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor) -> LayerOperands:
+    """Operand codes of every output of ``layer`` on input ``x``, as its MAC would receive them.
+
+    Mirrors :meth:`int_forward`: the layer's quantizers (observers frozen), padding with
+    the activation zero point, stride, dilation and groups; activations go to the LUT
+    operand named by the layer's ``activation_operand``.
+
+    Args:
+        layer: the approximate layer.
+        x: its input, ``(N, C, H, W)`` for a conv layer, ``(..., in_features)`` for linear.
+
+    Returns:
+        A :class:`LayerOperands`.
+
+    Raises:
+        TypeError: not an ``ApproxConv2d``/``ApproxLinear``.
+    """
+    tabs = layer.lut
+    if isinstance(layer, ApproxConv2d):
+        qx, zx, qw = _quantized(layer, x)
+        ph, pw = _pair(layer.padding)
+        real = torch.ones_like(qx)
+        if ph or pw:
+            qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
+            real = F.pad(real, (pw, pw, ph, ph), value=0.0)
+        kh, kw = layer.kernel_size
+        geom = dict(kernel_size=(kh, kw), dilation=layer.dilation, stride=layer.stride)
+        cols = F.unfold(qx.double(), **geom)  # (N, C*kh*kw, L), channel-major like weight.reshape
+        real_cols = F.unfold(real.double(), **geom)
+        n, cout = qx.shape[0], qw.shape[0]
+        hp, wp = qx.shape[2:]
+        sh, sw = layer.stride
+        dh, dw = layer.dilation
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        k = qw[0].numel()
+        per_group = cout // layer.groups
+        # Output channel j reads the input-channel block of its group.
+        group_of = torch.arange(cout) // per_group
+        rows = (group_of[:, None] * k + torch.arange(k)[None, :])  # (Cout, K) rows of cols
+        xs = cols[:, rows, :].permute(0, 1, 3, 2).reshape(n, cout, ho, wo, k)
+        pads = (1 - real_cols[:, rows, :]).sum(2).reshape(n, cout, ho, wo)
+        ws = qw.reshape(1, cout, 1, 1, k).expand(n, cout, ho, wo, k)
+        out_shape = (n, cout, ho, wo)
+    elif isinstance(layer, ApproxLinear):
+        qx, _, qw = _quantized(layer, layer._flat(x))
+        m, nout = qx.shape[0], qw.shape[0]
+        xs = qx[:, None, :].expand(m, nout, qx.shape[1])
+        ws = qw[None, :, :].expand(m, nout, qw.shape[1])
+        pads = torch.zeros(m, nout)
+        out_shape = (m, nout)
+    else:
+        raise TypeError(f"layer_operands needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
+    xc = _to_codes(xs, tabs.width_x, tabs.signed)
+    wc = _to_codes(ws, tabs.width_w, tabs.signed)
+    a, b = (wc, xc) if tabs.activation_operand == "b" else (xc, wc)
+    return LayerOperands(a=a, b=b, padded=pads.round().to(torch.int64).numpy(), out_shape=out_shape)
+
+
+# -- positions and beats -------------------------------------------------------------------
+
+def _positions(out_shape: tuple[int, ...], positions: int | Sequence[Sequence[int]], seed: int
+               ) -> list[tuple[int, ...]]:
+    """Explicit positions validated, or ``positions`` of them: both corners first, then seeded random."""
+    total = math.prod(out_shape)
+    if isinstance(positions, bool):
+        raise TypeError(f"positions must be a count or a list of index tuples, not {positions!r}")
+    if isinstance(positions, int):
+        if positions < 1:
+            raise ValueError(f"positions must be at least 1, not {positions}")
+        # The first corner sees the most padding (top-left border of the first image and
+        # channel); the last corner the bottom-right border of the last image and channel.
+        chosen = [tuple(0 for _ in out_shape), tuple(s - 1 for s in out_shape)]
+        rng = np.random.default_rng(seed)
+        count = min(positions, total)
+        seen: set[tuple[int, ...]] = set()
+        picked: list[tuple[int, ...]] = []
+        for p in chosen + [tuple(int(v) for v in np.unravel_index(i, out_shape))
+                           for i in rng.permutation(total)[: count + 2]]:
+            if p not in seen:
+                seen.add(p)
+                picked.append(p)
+            if len(picked) == count:
+                break
+        return picked
+    out = []
+    for p in positions:
+        pos = tuple(int(v) for v in p)
+        if len(pos) != len(out_shape) or any(not 0 <= v < s for v, s in zip(pos, out_shape)):
+            raise ValueError(f"Position {tuple(p)} is outside the layer's output of shape {out_shape}")
+        out.append(pos)
+    if not out:
+        raise ValueError("positions is empty")
+    return out
+
+
+def _fill_pair(product: np.ndarray) -> tuple[int, int]:
+    """Codes whose LUT product is 0, preferring ``(0, 0)``; else the smallest |product|."""
+    if product[0, 0] == 0:
+        return 0, 0
+    zeros = np.argwhere(product == 0)
+    if len(zeros):
+        return int(zeros[0, 0]), int(zeros[0, 1])
+    i = int(np.argmin(np.abs(product)))
+    return int(i // product.shape[1]), int(i % product.shape[1])
+
+
+def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
+                     positions: int | Sequence[Sequence[int]] = 8, lanes: int = 8, sim: str = "icarus",
+                     build_dir=None, multiplier=None, seed: int = 0) -> LayerRtlResult:
+    """Check that the RTL MAC computes a trained layer's integer accumulators (see the module docstring).
+
+    Args:
+        layer: an :class:`ApproxConv2d` or :class:`ApproxLinear` whose LUT was characterized
+            from a circuit (its metadata holds the multiplier ``spec``).
+        x: a real input batch of the layer.
+        positions: how many output positions to check (the first and last corner, then
+            seeded random ones), or explicit ``(n, cout, y, x)`` / ``(row, out)`` tuples.
+        lanes: MAC lanes (products per beat).
+        sim: ``"icarus"`` or ``"verilator"``.
+        build_dir: where to build and keep the simulation files; default a temporary directory.
+        multiplier: build the MAC from this :class:`appmult.hdl.Multiplier` instead of the
+            LUT's spec (to check a candidate circuit, or to prove a wrong one is caught).
+        seed: seed of the random positions.
+
+    Returns:
+        A :class:`LayerRtlResult`; ``passed`` is False when any position differs.
+
+    Raises:
+        TypeError: not an approximate layer, or ``positions`` of the wrong type.
+        RtlCheckError: the LUT has no circuit spec, the multiplier's widths or signedness
+            differ from the LUT's, or the operand codes do not reproduce ``int_forward``.
+        ValueError: bad ``positions`` or ``lanes``.
+        appmult.tb.SimulatorNotFound: the simulator is not installed.
+        appmult.tb.SimulationError: the MAC did not build or simulate.
+    """
+    from ..hdl import from_spec
+    from ..hdl._base import Multiplier
+    from ..hdl.mac import MAX_ACC_WIDTH, MacUnit, required_acc_width
+    from ..tb.runner import check_simulator, run_mac
+
+    t0 = time.perf_counter()
+    if not isinstance(layer, (ApproxConv2d, ApproxLinear)):
+        raise TypeError(f"verify_layer_rtl needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
+    if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
+        raise ValueError(f"lanes must be a positive integer, not {lanes!r}")
+    lut = layer.lut.lut_file
+    spec = lut.metadata.get("spec")
+    if multiplier is None:
+        if not spec:
+            raise RtlCheckError(f"LUT {lut.lut_id} has no 'spec' in its metadata: it was not characterized "
+                                f"from a circuit, so there is no RTL to check the layer against (pass "
+                                f"multiplier=... to name one)")
+        multiplier = from_spec(spec)
+    elif not isinstance(multiplier, Multiplier):
+        raise TypeError(f"multiplier must be an appmult.hdl Multiplier, not {multiplier!r}")
+    have = (multiplier.width_a, multiplier.width_b, multiplier.signed)
+    want = (lut.width_a, lut.width_b, lut.signed)
+    if have != want:
+        def fmt(t):
+            return f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}"
+        raise RtlCheckError(f"Multiplier {multiplier.spec} is {fmt(have)} but the layer's LUT {lut.lut_id} "
+                            f"is {fmt(want)}")
+
+    check_simulator(sim)
+
+    ops = layer_operands(layer, x)
+    product = lut.product.astype(np.int64)
+    sums = product[ops.a, ops.b].sum(-1)
+    reference = layer.int_forward(x).detach().cpu().numpy().astype(np.int64)
+    reference = reference.reshape(ops.out_shape)
+    if sums.shape != reference.shape or not np.array_equal(sums, reference):
+        bad = int((sums != reference).sum()) if sums.shape == reference.shape else "all"
+        raise RtlCheckError(f"The operand codes of {type(layer).__name__} do not reproduce its int_forward "
+                            f"({bad} outputs differ): rtlcheck no longer mirrors the layer's code path")
+
+    chosen = _positions(ops.out_shape, positions, seed)
+    k = ops.fan_in
+    beats = -(-k // lanes)
+    fill = beats * lanes - k
+    fa, fb = _fill_pair(product)
+    fill_product = int(product[fa, fb])
+    acc_width = required_acc_width(lut, beats * lanes)
+    if acc_width > MAX_ACC_WIDTH:
+        raise RtlCheckError(f"A sum of {beats * lanes} products needs a {acc_width}-bit accumulator; the MAC "
+                            f"supports at most {MAX_ACC_WIDTH}")
+    a_beats, b_beats = [], []
+    for pos in chosen:
+        a_row = np.concatenate([ops.a[pos], np.full(fill, fa, dtype=np.int64)])
+        b_row = np.concatenate([ops.b[pos], np.full(fill, fb, dtype=np.int64)])
+        a_beats.append(a_row.reshape(beats, lanes))
+        b_beats.append(b_row.reshape(beats, lanes))
+    clear = np.zeros(beats * len(chosen), dtype=bool)
+    clear[::beats] = True  # each position's first beat starts a new sum
+    stimulus = {"a": np.concatenate(a_beats), "b": np.concatenate(b_beats),
+                "valid": np.ones(beats * len(chosen), dtype=bool), "clear": clear}
+    mac = MacUnit(multiplier, lanes=lanes, acc_width=acc_width)
+    acc = run_mac(mac, stimulus, sim=sim, build_dir=build_dir)
+    finals = acc[beats - 1::beats]
+    checks = tuple(PositionCheck(position=pos, expected=int(reference[pos]) + fill * fill_product,
+                                 actual=int(v), padded_operands=int(ops.padded[pos]))
+                   for pos, v in zip(chosen, finals))
+    return LayerRtlResult(passed=all(c.matched for c in checks), layer=type(layer).__name__,
+                          spec=multiplier.spec, lut_id=lut.lut_id, fan_in=k, lanes=lanes, beats=beats,
+                          fill_pairs=fill, fill_codes=(fa, fb), fill_product=fill_product, acc_width=acc_width,
+                          checks=checks, simulator=sim, seconds=time.perf_counter() - t0)
