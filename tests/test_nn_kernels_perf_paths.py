@@ -50,3 +50,169 @@ def test_rows_kernel_blocks(signed_table, slab, expand, nbatch, length, groups, 
         assert np.array_equal(got.numpy(), ref)
     got64 = K.gather_forward(torch.from_numpy(a), torch.from_numpy(b), table, groups, torch.int64)
     assert got64.dtype == torch.int64 and np.array_equal(got64.numpy(), ref)
+
+
+# ------------------------------------------------------------------------------------------
+# map_pad_channels_last (numba: quantized value -> U row, padding, channels-last)
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lo, na, r, pad", [(0, 256, 5, (1, 1)), (-32, 64, 3, (0, 0)), (-8, 16, 1, (2, 1))])
+def test_map_pad_channels_last(lo, na, r, pad):
+    if not K.numba_available():
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(na + r)
+    table = torch.from_numpy(rng.integers(-1000, 1000, (na, r)).astype(np.float32))
+    q = torch.from_numpy(rng.integers(lo, lo + na, (3, 5, 7, 6)).astype(np.float32))
+    zi = int(rng.integers(0, na))
+    got = K.map_pad_channels_last(q, lo, table, pad, zi)
+    idx = torch.nn.functional.pad((q - lo).long(), (pad[1], pad[1], pad[0], pad[0]), value=zi)
+    ref = table[idx].permute(0, 1, 4, 2, 3).reshape(3, 5 * r, idx.shape[2], idx.shape[3])
+    assert got.shape == ref.shape and torch.equal(got, ref)
+    bad = q.clone()
+    bad[1, 2, 3, 4] = lo + na
+    with pytest.raises(IndexError):
+        K.map_pad_channels_last(bad, lo, table, pad, zi)
+
+
+# ------------------------------------------------------------------------------------------
+# Fused low-rank conv (zero-point cross terms folded into one convolution)
+# ------------------------------------------------------------------------------------------
+
+from appmult.lut_gen import LutFile  # noqa: E402
+from appmult.nn import ApproxConfig, ApproxConv2d  # noqa: E402
+from appmult.nn import functional as FN  # noqa: E402
+from test_nn_backward import lut_with_grads  # noqa: E402
+from test_nn_forward import brute_conv, codes  # noqa: E402,F401
+from test_nn_luts import exact, truncated  # noqa: E402
+
+FUSED_LUTS = {
+    "trunc8u": (truncated(8, 4), 8, False),
+    "exact8u": (exact(8, False), 8, False),
+    "trunc6s": (truncated(6, 3, signed=True), 6, True),
+}
+FUSED_GEOMS = [
+    dict(cin=5, cout=7, k=3, stride=1, padding=1, dilation=1, groups=1, size=9),
+    dict(cin=6, cout=4, k=3, stride=2, padding=2, dilation=2, groups=2, size=8),
+    dict(cin=4, cout=4, k=3, stride=1, padding=0, dilation=1, groups=4, size=6),
+    dict(cin=3, cout=5, k=(2, 3), stride=(1, 2), padding=(1, 0), dilation=1, groups=1, size=7),
+]
+
+
+def _layer(name, geom, scheme="per_channel", grad="ste", seed=0):
+    p, w, s = FUSED_LUTS[name]
+    lut = lut_with_grads(p, w, s, low_rank_grads=(seed % 2 == 0), seed=seed) if grad != "ste" else \
+        LutFile(p, width_a=w, width_b=w, signed=s)
+    torch.manual_seed(seed)
+    base = torch.nn.Conv2d(geom["cin"], geom["cout"], geom["k"], stride=geom["stride"], padding=geom["padding"],
+                           dilation=geom["dilation"], groups=geom["groups"])
+    cfg = ApproxConfig(lut, kernel="lowrank", grad=grad, weight_scheme=scheme)
+    return ApproxConv2d.from_float(base, cfg), p, w
+
+
+@pytest.mark.parametrize("name", list(FUSED_LUTS))
+@pytest.mark.parametrize("geom", range(len(FUSED_GEOMS)))
+@pytest.mark.parametrize("scheme", ["per_channel", "per_tensor"])
+def test_fused_lowrank_conv_is_bit_exact(name, geom, scheme, monkeypatch):
+    """Fused output == dequantization of the brute-force integer accumulator, bit for bit."""
+    g = FUSED_GEOMS[geom]
+    layer, p, w = _layer(name, g, scheme)
+    layer.eval()
+    x = torch.rand(3, g["cin"], g["size"], g["size"]) * 2 - 0.5
+    layer(x)  # initialize the observer
+    qx, sx, zx = layer.act_quant(x)
+    qw, sw, zw = layer.weight_quant(layer.weight)
+    assert FN._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None  # the fused path is taken
+    with torch.no_grad():
+        y = layer(x)
+    # brute-force integer accumulator of the padded conv, then the cross terms in int64
+    st, pd, dl = (FN._pair(g[k]) for k in ("stride", "padding", "dilation"))
+    qxn, qwn = qx.detach().numpy().astype(np.int64), qw.detach().numpy().astype(np.int64)
+    xp = np.pad(qxn, ((0, 0), (0, 0), (pd[0], pd[0]), (pd[1], pd[1])), constant_values=int(zx))
+    acc = _brute_conv_general(p, w, xp, qwn, st, dl, g["groups"])
+    if not layer.lut.signed:
+        zwn = zw.detach().numpy().astype(np.int64).reshape(-1)
+        zwn = np.broadcast_to(zwn, (qwn.shape[0],)) if zwn.size == 1 else zwn
+        ones = np.ones((g["groups"], qwn.shape[1]) + qwn.shape[2:], np.int64)
+        sum_x = _conv_int(xp, ones, st, dl, g["groups"])
+        sum_x = np.repeat(sum_x, qwn.shape[0] // g["groups"], axis=1)
+        kk = qwn[0].size
+        acc = acc - sum_x * zwn[None, :, None, None] - int(zx) * qwn.reshape(qwn.shape[0], -1).sum(1)[None, :, None, None] \
+            + kk * int(zx) * zwn[None, :, None, None]
+    co = qw.shape[0]
+    swr = sw.reshape(1, co, 1, 1) if sw.dim() else sw
+    ref = (sx * swr).to(torch.float32) * torch.from_numpy(acc).to(torch.float32) + layer.bias.detach().reshape(1, co, 1, 1)
+    assert torch.equal(y, ref)
+
+
+def _conv_int(xp, wt, stride, dilation, groups):
+    n, c, hp, wp = xp.shape
+    co, cg, kh, kw = wt.shape
+    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((n, co, ho, wo), np.int64)
+    ng = co // groups
+    for j in range(co):
+        gi = j // ng
+        for dy in range(kh):
+            for dx in range(kw):
+                ys = dy * dilation[0]
+                xs = dx * dilation[1]
+                patch = xp[:, gi * cg:(gi + 1) * cg, ys:ys + stride[0] * (ho - 1) + 1:stride[0],
+                           xs:xs + stride[1] * (wo - 1) + 1:stride[1]]
+                out[:, j] += (patch * wt[j, :, dy, dx][None, :, None, None]).sum(1)
+    return out
+
+
+def _brute_conv_general(p, w, xp, qw, stride, dilation, groups):
+    n, c, hp, wp = xp.shape
+    co, cg, kh, kw = qw.shape
+    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out = np.zeros((n, co, ho, wo), np.int64)
+    ng = co // groups
+    cx = codes(xp, w)
+    for j in range(co):
+        gi = j // ng
+        cw = codes(qw[j], w)
+        for dy in range(kh):
+            for dx in range(kw):
+                ys, xs = dy * dilation[0], dx * dilation[1]
+                patch = cx[:, gi * cg:(gi + 1) * cg, ys:ys + stride[0] * (ho - 1) + 1:stride[0],
+                           xs:xs + stride[1] * (wo - 1) + 1:stride[1]]
+                out[:, j] += p[patch, cw[:, dy, dx][None, :, None, None]].sum(1)
+    return out
+
+
+@pytest.mark.parametrize("name", list(FUSED_LUTS))
+@pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
+@pytest.mark.parametrize("geom", [0, 1])
+def test_fused_lowrank_conv_gradients_match_unfused(name, grad, geom, monkeypatch):
+    g = FUSED_GEOMS[geom]
+    layer, _, _ = _layer(name, g, grad=grad, seed=geom)
+    layer.train()
+    x = torch.rand(2, g["cin"], g["size"], g["size"]) * 2 - 0.5
+    layer(x)
+    layer.act_quant.observing = False
+    res = []
+    for fused in (True, False):
+        monkeypatch.setattr(FN, "_FUSED_LOWRANK", fused)
+        xg = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(xg)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        res.append((y.detach(), xg.grad, layer.weight.grad))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-4)
+
+
+def test_fused_lowrank_falls_back_when_fp32_could_round():
+    """K * bound >= 2**24: the fold is refused (the unfused path decides)."""
+    p, w, s = FUSED_LUTS["trunc8u"]
+    layer, _, _ = _layer("trunc8u", dict(cin=300, cout=2, k=3, stride=1, padding=1, dilation=1, groups=1, size=4))
+    x = torch.rand(1, 300, 4, 4)
+    layer.eval()
+    layer(x)
+    qx, sx, zx = layer.act_quant(x)
+    qw, sw, zw = layer.weight_quant(layer.weight)
+    assert FN._folded_lowrank_weights(qw, zx, zw, layer.lut) is None

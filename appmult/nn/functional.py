@@ -169,12 +169,21 @@ class LutTables(nn.Module):
             raise ValueError(f"LUT {lut.lut_id} has no exact integer factorization of rank <= 32; "
                              f"use kernel='gather' or kernel='auto'")
         self.kernel = kern
+        #: Integer ``c`` with ``U @ c == value(x)`` exactly (or ``None``): lets the activation
+        #: zero-point cross term ``-x * Zw`` fold into the low-rank weights (``V - c Zw``).
+        self.value_coef: tuple[int, ...] | None = None
         if fac is not None:
             self.register_buffer("u", torch.from_numpy(fac.u.astype(np.float64)), persistent=False)
             self.register_buffer("v", torch.from_numpy(fac.v.astype(np.float64)), persistent=False)
+            self.register_buffer("u_f32", torch.from_numpy(fac.u.astype(np.float32)), persistent=False)
+            self.value_coef = _value_coefficients(fac.u, vx)
+            self._u_absmax = np.abs(fac.u).max(axis=0).astype(np.float64)
+            self._v_min = fac.v.min(axis=0).astype(np.float64)
+            self._v_max = fac.v.max(axis=0).astype(np.float64)
         else:
             self.register_buffer("u", None, persistent=False)
             self.register_buffer("v", None, persistent=False)
+            self.register_buffer("u_f32", None, persistent=False)
 
         # Gradient tables, all [x, w] / value-offset indexed.
         gx1 = gw1 = gx2 = gw2 = None
@@ -272,6 +281,18 @@ class LutTables(nn.Module):
 
     def extra_repr(self) -> str:
         return self.describe()
+
+
+def _value_coefficients(u: np.ndarray, values: np.ndarray) -> tuple[int, ...] | None:
+    """Integer ``c`` with ``u @ c == values`` exactly (int64 check), or ``None``."""
+    try:
+        c, *_ = np.linalg.lstsq(u.astype(np.float64), values.astype(np.float64), rcond=None)
+    except np.linalg.LinAlgError:  # pragma: no cover - lstsq of a small finite matrix
+        return None
+    ci = np.round(c).astype(np.int64)
+    if np.abs(ci).max(initial=0) >= 1 << 20 or not np.array_equal(u.astype(np.int64) @ ci, values.astype(np.int64)):
+        return None
+    return tuple(int(x) for x in ci)
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,13 +427,48 @@ def _conv_forward(qx, qw, tabs: LutTables, stride, dilation, groups, exact: bool
     return acc.reshape(n, qw.shape[0], ho, wo).to(device=qx.device, dtype=dtype)
 
 
-def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups):
-    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=None, zw=None):
+    """Gradients of ``sum LUT[qx, qw]`` w.r.t. the (padded) ``qx`` and ``qw``.
+
+    With zero points ``zx``/``zw`` (tensors), the gradients of the cross terms
+    ``- qx Zw - Zx qw`` are included: for the 1-D grad tables they fold into the mapped
+    operands of the two convolutions (``g_a(w) - Zw``, ``g_b(x) - Zx``), otherwise they are
+    subtracted.
+    """
     dt = grad.dtype
     cin_g = qw.shape[1]
+    co = qw.shape[0]
+    zp = zx is not None
+    if zp:
+        zwr = zw.detach().to(dt).reshape(co, 1, 1, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(())
+        zxs = zx.detach().to(dt).reshape(())
+    if tabs.grad is GradMode.STE:
+        # The STE tables are the operand values: the mapped operands are qw and qx themselves
+        # (no index conversion or gather over the activations).
+        wmap = qw.detach().to(dt)
+        xmap = qx.detach().to(dt)
+        if zp:
+            wmap = wmap - zwr
+            xmap = xmap - zxs
+        gx = torch.nn.grad.conv2d_input(qx.shape, wmap, grad, stride, 0, dilation, groups)
+        gw = torch.nn.grad.conv2d_weight(xmap, qw.shape, grad, stride, 0, dilation, groups)
+        return gx, gw
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
     if tabs.gx1 is not None:
-        gx = torch.nn.grad.conv2d_input(qx.shape, tabs.gx1.to(dt)[iw], grad, stride, 0, dilation, groups)
-        gw = torch.nn.grad.conv2d_weight(tabs.gw1.to(dt)[ix], qw.shape, grad, stride, 0, dilation, groups)
+        wmap = tabs.gx1.to(dt)[iw]
+        xtab = tabs.gw1.to(dt)
+        if zp:
+            wmap = wmap - zwr
+            xtab = xtab - zxs  # shift the 2**w-entry table, not the gathered activations
+        xmap = xtab[ix]
+        gx = torch.nn.grad.conv2d_input(qx.shape, wmap, grad, stride, 0, dilation, groups)
+        gw = torch.nn.grad.conv2d_weight(xmap, qw.shape, grad, stride, 0, dilation, groups)
+        return gx, gw
+    if zp:
+        gx, gw = _conv_backward(grad, qx, qw, tabs, stride, dilation, groups)
+        zmap = torch.ones_like(qw, dtype=dt) * zwr
+        gx = gx - torch.nn.grad.conv2d_input(qx.shape, zmap, grad, stride, 0, dilation, groups)
+        gw = gw - zxs * grad.sum((0, 2, 3)).reshape(co, 1, 1, 1)
         return gx, gw
     n, c, hp, wp = qx.shape
     co, _, kh, kw = qw.shape
@@ -447,6 +503,84 @@ class _LutConv2dFn(torch.autograd.Function):
         qx, qw = ctx.saved_tensors
         gx, gw = _conv_backward(grad.contiguous(), qx, qw, ctx.tabs, *ctx.geom)
         return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+
+
+def _idx32(q: torch.Tensor, lo: int) -> torch.Tensor:
+    q = q.detach()
+    return (q if lo == 0 else q - lo).to(torch.int32)
+
+
+def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+    """Low-rank weights with the zero-point cross terms folded in, or ``None``.
+
+    ``sum_k LUT[x, w] - x Zw - Zx w + Zx Zw = sum_k sum_r U[x, r] (V[w, r] - c_r Zw) + C_j``
+    with ``U c = value(x)`` and ``C_j = -Zx sum_k (w_jk - Zw_j)``: one convolution with
+    bias ``C`` yields the whole integer accumulator. Returned only when every partial sum
+    of that convolution is an integer below ``2**24`` (so float32 is exact whatever the
+    summation order); otherwise the caller takes the unfused path.
+
+    Returns:
+        ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` or ``None``.
+    """
+    if tabs.u is None or (not tabs.signed and tabs.value_coef is None):
+        return None
+    if zx.requires_grad or zw.requires_grad:
+        return None
+    co, cg, kh, kw = qw.shape
+    k = cg * kh * kw
+    r = tabs.u.shape[1]
+    zwv = zw.detach().to(torch.float64).reshape(-1).cpu().numpy()
+    zwv = np.broadcast_to(zwv, (co,)) if zwv.size == 1 else zwv
+    zxf = float(zx)
+    coef = np.zeros(r) if tabs.signed else np.asarray(tabs.value_coef, np.float64)
+    shift = coef[None, :] * zwv[:, None]                                   # (Co, r)
+    vabs = np.maximum(np.abs(tabs._v_max[None] - shift), np.abs(tabs._v_min[None] - shift))
+    step = (vabs * tabs._u_absmax[None]).sum(1)                           # (Co,) bound of one k
+    q64 = qw.detach().to(torch.float64).reshape(co, k)
+    zw_t = torch.as_tensor(np.ascontiguousarray(zwv), dtype=torch.float64, device=qw.device)
+    const = -zxf * (q64 - zw_t[:, None]).sum(1)                            # exact in float64
+    if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
+        return None
+    wv = tabs.v[_idx(qw, tabs.lo_w)]                                       # (Co, Cg, kh, kw, r) f64
+    wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
+    wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
+    return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
+
+
+class _LowRankConvZpFn(torch.autograd.Function):
+    """The whole integer accumulator ``sum LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` of a
+    padded conv as one float32 low-rank convolution (see :func:`_folded_lowrank_weights`).
+
+    Forward: activation indices (int32) are padded with the zero point's index, mapped
+    through ``U`` straight into a channels-last tensor, and convolved with the folded
+    weights and bias. Backward: the LUT's grad rule plus the cross terms' gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, padding, stride, dilation, groups):
+        ph, pw = padding
+        zidx = int(round(float(zx))) - tabs.lo_x
+        # One pass on CPU (numba): quantized value -> U row, padding included, channels-last.
+        xu = K.map_pad_channels_last(qx.detach(), tabs.lo_x, tabs.u_f32, (ph, pw), zidx)
+        if xu is None:
+            idx = _idx32(qx, tabs.lo_x)
+            if ph or pw:
+                idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
+            xu = _map_channels(tabs.u, idx, torch.float32)
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
+        return F.conv2d(xu, wv, const, stride, 0, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qx, qw, zx, zw = ctx.saved_tensors
+        (ph, pw), stride, dilation, groups = ctx.geom
+        qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
+        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+        gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs)
+        if ph or pw:
+            gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None, None, None, None, None
 
 
 def _pair(v) -> tuple[int, int]:
@@ -530,12 +664,21 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
     """
     dt = torch.float64 if exact else qx.dtype
     ph, pw = _pair(padding)
-    if ph or pw:
-        qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
     st, dil = _pair(stride), _pair(dilation)
     co = qw.shape[0]
     zwr = zw.reshape(1, co, 1, 1) if zw.dim() else zw
     swr = sw.reshape(1, co, 1, 1) if sw.dim() else sw
+    fold = None
+    if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and _FUSED_LOWRANK:
+        fold = _folded_lowrank_weights(qw, zx, zw, tabs)
+    if fold is not None:
+        acc = _LowRankConvZpFn.apply(qx, qw, zx, zw, tabs, fold[0], fold[1], (ph, pw), st, dil, groups).to(dt)
+        y = (sx * swr).to(dt) * acc
+        if bias is not None:
+            y = y + bias.to(dt).reshape(1, co, 1, 1)
+        return y.to(qx.dtype)
+    if ph or pw:
+        qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
     if tabs is None:
         acc = F.conv2d(qx.to(dt) - zx, qw.to(dt) - zw, None, st, 0, dil, groups)
     else:
@@ -557,6 +700,9 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 # ------------------------------------------------------------------------------------------
 
 _TABLE_CACHE: dict[tuple, LutTables] = {}
+
+#: Use the fused low-rank conv (zero points folded into one convolution) where it is exact.
+_FUSED_LOWRANK = os.environ.get("APPMULT_NO_FUSED_LOWRANK", "") == ""
 
 
 def _tables_for(lut: LutFile | str | os.PathLike, grad: str, kernel: str, device: torch.device) -> LutTables:
