@@ -94,17 +94,32 @@ def main(argv: list[str] | None = None) -> int:
     t = _step(5, "retrain LeNet-5 on the bundled digits against the LUT: STE vs LUT-2D vs LUT-1D")
     cfg = RetrainConfig(lut=str(files["char_lut"]), model="lenet5", dataset="digits", epochs=args.epochs,
                         pretrain_epochs=args.pretrain_epochs, batch_size=32, seed=args.seed,
-                        grads=("ste", "lut2d", "lut1d"), out=str(out / "retrain"), progress=False)
+                        grads=("ste", "lut2d", "lut1d"), out=str(out / "retrain"), progress=False,
+                        verify_rtl=True)
     results = run_retrain(cfg)
     files["retrain_results"] = out / "retrain" / "results.json"
     files["retrain_table"] = out / "retrain" / "results.md"
     files["retrain_curves"] = out / "retrain" / "curves.png"
     _done(t)
 
+    # run_retrain did the RTL check (verify_rtl=True): real operands of each retrained model's
+    # first conv layer through the MAC unit in Icarus, accumulators compared with the layer's.
+    t = _step(6, "RTL MAC unit vs the retrained layer's integer accumulators (Icarus)")
+    rtl_ok = True
+    for mode, res in results["modes"].items():
+        check = res.get("rtl_check") or {}
+        rtl_ok &= bool(check.get("passed"))
+        print(f"      {mode:6s} {check.get('summary', check)}")
+    if not rtl_ok:
+        print("RTL check failed: the hardware does not compute what the network was trained on",
+              file=sys.stderr)
+        return 1
+    _done(t, "(timed inside step 5)")
+
     summary = {"spec": mult.spec, "metrics": {k: m[k] for k in ("er", "mre_pct", "nmed_pct", "wce", "bias")},
                "cost_relative": rel, "verify": {"simulator": ver.simulator, "pairs": ver.pairs_checked,
                                                 "passed": ver.passed},
-               "retrain": results.get("modes", results), "seconds": round(time.perf_counter() - t_start, 1)}
+               "retrain": results["modes"], "rtl_check_passed": rtl_ok, "seconds": round(time.perf_counter() - t_start, 1)}
     files["summary"] = out / "summary.json"
     atomic_write_text(files["summary"], json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
 

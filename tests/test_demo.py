@@ -18,6 +18,8 @@ def test_demo_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verify"] == {"simulator": "icarus", "pairs": 64 * 64, "passed": True}
+    assert summary["rtl_check_passed"] is True
+    assert "RTL MAC unit vs the retrained layer" in proc.stdout
     for rel in ("hw/appmult_mul.v", "hw/appmult_mac8.v", "characterization/lut.npz",
                 "characterization/report.md", "characterization/error_heatmap.png",
                 "retrain/results.json", "retrain/results.md", "retrain/curves.png"):
