@@ -11,7 +11,7 @@ from appmult.cli import main
 from appmult.lut_gen import LutFile
 from appmult.nn.assign import (PLAN_FORMAT, AssignConfig, AssignError, Candidate, assign, check_plan, choose,
                                load_candidate, plan_configs)
-from appmult.nn.error_model import LayerOperands
+from appmult.nn.error_model import OperandStats
 
 
 def lut(cut: int) -> LutFile:
@@ -47,9 +47,9 @@ def test_choose_ties_and_wrong():
         choose({"l": 1.0}, {"l": {"a": 1.0}}, {})
 
 
-def stats(name: str, k: int, exact_std: float) -> LayerOperands:
+def stats(name: str, k: int, exact_std: float) -> OperandStats:
     rng = np.random.default_rng(k)
-    return LayerOperands(name=name, fan_in=k, ops=k * 10, activation_operand="a", hist_x=rng.random(16),
+    return OperandStats(name=name, fan_in=k, ops=k * 10, activation_operand="a", hist_x=rng.random(16),
                          hist_w=rng.random(16), fields=rng.integers(0, 16, (32, k)),
                          weights=rng.integers(0, 16, (3, k)), exact_std=exact_std)
 

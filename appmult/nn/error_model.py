@@ -43,7 +43,7 @@ from ..lut_gen.metrics import exact_product
 from .layers import ApproxConv2d, ApproxLinear
 
 __all__ = [
-    "LayerOperands",
+    "OperandStats",
     "Measured",
     "Prediction",
     "error_map",
@@ -168,7 +168,7 @@ def predict_population(e: np.ndarray, fields: np.ndarray, weights: np.ndarray) -
 
 
 @dataclasses.dataclass
-class LayerOperands:
+class OperandStats:
     """Operand statistics of one approximate layer on real data (see :func:`record_operands`).
 
     Attributes:
@@ -235,7 +235,7 @@ def _exact_acc(layer: nn.Module, qx: torch.Tensor, qw: torch.Tensor, pad: float)
 
 @torch.no_grad()
 def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | None = None, fields: int = 512,
-                    keep_inputs: int = 512, seed: int = 0) -> dict[str, LayerOperands]:
+                    keep_inputs: int = 512, seed: int = 0) -> dict[str, OperandStats]:
     """Record per-layer operand statistics of a calibrated model with approximate layers.
 
     The model runs in eval mode (observers frozen, no gradients); forward hooks on every
@@ -253,7 +253,7 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
         seed: seed of the field sampling.
 
     Returns:
-        ``{layer name: LayerOperands}`` in model order.
+        ``{layer name: OperandStats}`` in model order.
 
     Raises:
         ValueError: no approximate layer, a grouped convolution, or an empty loader.
@@ -316,7 +316,7 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
         pick = torch.randperm(all_fields.shape[0], generator=gen)[:fields]
         mean = a["s1"] / a["cnt"]
         var = max(a["s2"] / a["cnt"] - mean * mean, 0.0)
-        out[n] = LayerOperands(name=n, fan_in=int(all_fields.shape[1]), ops=a["ops"],
+        out[n] = OperandStats(name=n, fan_in=int(all_fields.shape[1]), ops=a["ops"],
                                activation_operand=layers[n].lut.activation_operand,
                                hist_x=a["hx"].numpy(), hist_w=a["hw"].numpy(),
                                fields=all_fields[pick].numpy(), weights=a["weights"].numpy(),
@@ -324,7 +324,7 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
     return out
 
 
-def predict_sigma(stats: LayerOperands, lut: LutFile, model: str = "population") -> Prediction:
+def predict_sigma(stats: OperandStats, lut: LutFile, model: str = "population") -> Prediction:
     """Predicted accumulated-error std of one layer for a multiplier.
 
     Args:
@@ -350,7 +350,7 @@ def predict_sigma(stats: LayerOperands, lut: LutFile, model: str = "population")
 
 
 @torch.no_grad()
-def measure_error(layer: nn.Module, stats: LayerOperands, lut: LutFile) -> Measured:
+def measure_error(layer: nn.Module, stats: OperandStats, lut: LutFile) -> Measured:
     """Measured std and mean of ``approximate - exact`` integer outputs on the kept inputs.
 
     The approximate accumulators come from the library's own bit-exact path
@@ -360,7 +360,7 @@ def measure_error(layer: nn.Module, stats: LayerOperands, lut: LutFile) -> Measu
 
     Args:
         layer: the calibrated approximate layer the statistics were recorded on.
-        stats: its :class:`LayerOperands` (with ``inputs``).
+        stats: its :class:`OperandStats` (with ``inputs``).
         lut: the multiplier to measure.
 
     Returns:
