@@ -83,12 +83,14 @@ from appmult.nn import ApproxConfig, ApproxConv2d  # noqa: E402
 from appmult.nn import functional as FN  # noqa: E402
 from test_nn_backward import lut_with_grads  # noqa: E402
 from test_nn_forward import brute_conv, codes  # noqa: E402,F401
-from test_nn_luts import exact, truncated  # noqa: E402
+from test_nn_luts import exact, mitchell_like, random_lut, truncated  # noqa: E402
 
 FUSED_LUTS = {
     "trunc8u": (truncated(8, 4), 8, False),
     "exact8u": (exact(8, False), 8, False),
     "trunc6s": (truncated(6, 3, signed=True), 6, True),
+    "random6u": (random_lut(6, 2), 6, False),
+    "mitchell8s": (mitchell_like(8, True), 8, True),
 }
 FUSED_GEOMS = [
     dict(cin=5, cout=7, k=3, stride=1, padding=1, dilation=1, groups=1, size=9),
@@ -98,30 +100,44 @@ FUSED_GEOMS = [
 ]
 
 
-def _layer(name, geom, scheme="per_channel", grad="ste", seed=0):
+def _layer(name, geom, scheme="per_channel", grad="ste", seed=0, kernel="lowrank"):
     p, w, s = FUSED_LUTS[name]
     lut = lut_with_grads(p, w, s, low_rank_grads=(seed % 2 == 0), seed=seed) if grad != "ste" else \
         LutFile(p, width_a=w, width_b=w, signed=s)
     torch.manual_seed(seed)
     base = torch.nn.Conv2d(geom["cin"], geom["cout"], geom["k"], stride=geom["stride"], padding=geom["padding"],
                            dilation=geom["dilation"], groups=geom["groups"])
-    cfg = ApproxConfig(lut, kernel="lowrank", grad=grad, weight_scheme=scheme)
+    cfg = ApproxConfig(lut, kernel=kernel, grad=grad, weight_scheme=scheme)
     return ApproxConv2d.from_float(base, cfg), p, w
 
 
-@pytest.mark.parametrize("name", list(FUSED_LUTS))
+LOWRANK_LUTS = ["trunc8u", "exact8u", "trunc6s"]
+CASES = [(n, "lowrank") for n in LOWRANK_LUTS] + [(n, "gather") for n in FUSED_LUTS]
+
+
+@pytest.mark.parametrize("name, kernel", CASES)
 @pytest.mark.parametrize("geom", range(len(FUSED_GEOMS)))
 @pytest.mark.parametrize("scheme", ["per_channel", "per_tensor"])
-def test_fused_lowrank_conv_is_bit_exact(name, geom, scheme, monkeypatch):
+def test_fused_conv_is_bit_exact(name, kernel, geom, scheme, monkeypatch):
     """Fused output == dequantization of the brute-force integer accumulator, bit for bit."""
     g = FUSED_GEOMS[geom]
-    layer, p, w = _layer(name, g, scheme)
+    layer, p, w = _layer(name, g, scheme, kernel=kernel)
     layer.eval()
     x = torch.rand(3, g["cin"], g["size"], g["size"]) * 2 - 0.5
+    if kernel == "gather":
+        monkeypatch.setattr(K, "ROWS_MIN_POSITIONS", 0)  # the row kernel even for tiny maps
+        monkeypatch.setattr(K, "_SLAB_BYTES", 4096)     # several k-blocks
+        if geom % 2:
+            monkeypatch.setattr(K, "_EXPAND_BYTES", 1)  # one output channel per block
+        x = torch.rand(3, g["cin"], g["size"], g["size"]) * 2 - 0.5
     layer(x)  # initialize the observer
     qx, sx, zx = layer.act_quant(x)
     qw, sw, zw = layer.weight_quant(layer.weight)
-    assert FN._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None  # the fused path is taken
+    if kernel == "lowrank":
+        assert FN._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None  # the fused path is taken
+    else:
+        assert FN._gather_conv_zp(qx, qw, zx, zw, layer.lut, FN._pair(g["padding"]), FN._pair(g["stride"]),
+                                  FN._pair(g["dilation"]), g["groups"]) is not None
     with torch.no_grad():
         y = layer(x)
     # brute-force integer accumulator of the padded conv, then the cross terms in int64
@@ -183,12 +199,13 @@ def _brute_conv_general(p, w, xp, qw, stride, dilation, groups):
     return out
 
 
-@pytest.mark.parametrize("name", list(FUSED_LUTS))
+@pytest.mark.parametrize("name, kernel", CASES)
 @pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
 @pytest.mark.parametrize("geom", [0, 1])
-def test_fused_lowrank_conv_gradients_match_unfused(name, grad, geom, monkeypatch):
+def test_fused_conv_gradients_match_unfused(name, kernel, grad, geom, monkeypatch):
     g = FUSED_GEOMS[geom]
-    layer, _, _ = _layer(name, g, grad=grad, seed=geom)
+    layer, _, _ = _layer(name, g, grad=grad, seed=geom, kernel=kernel)
+    monkeypatch.setattr(K, "ROWS_MIN_POSITIONS", 0)
     layer.train()
     x = torch.rand(2, g["cin"], g["size"], g["size"]) * 2 - 0.5
     layer(x)
@@ -196,6 +213,7 @@ def test_fused_lowrank_conv_gradients_match_unfused(name, grad, geom, monkeypatc
     res = []
     for fused in (True, False):
         monkeypatch.setattr(FN, "_FUSED_LOWRANK", fused)
+        monkeypatch.setattr(FN, "_FUSED_GATHER", fused)
         xg = x.clone().requires_grad_(True)
         layer.zero_grad(set_to_none=True)
         y = layer(xg)
@@ -216,3 +234,19 @@ def test_fused_lowrank_falls_back_when_fp32_could_round():
     qx, sx, zx = layer.act_quant(x)
     qw, sw, zw = layer.weight_quant(layer.weight)
     assert FN._folded_lowrank_weights(qw, zx, zw, layer.lut) is None
+
+
+def test_gather_conv_zp_rejects_out_of_range_values():
+    if not K.numba_available():
+        pytest.skip("numba not installed")
+    table = torch.arange(256 * 256, dtype=torch.int32).reshape(256, 256) % 1000
+    b = torch.zeros((4, 2 * 9), dtype=torch.long)
+    q = torch.full((2, 2, 20, 20), 3.0)
+    ok = K.gather_conv_zp(q, 0, b, 0, table, 1, (3, 3), (1, 1), (1, 1), (1, 1), 5, np.array([7, 1, 0, 2]))
+    assert ok is not None and ok.dtype == torch.int32
+    q[1, 1, 5, 5] = 256.0
+    with pytest.raises(IndexError):
+        K.gather_conv_zp(q, 0, b, 0, table, 1, (3, 3), (1, 1), (1, 1), (1, 1), 5, None)
+    q[1, 1, 5, 5] = -1.0
+    with pytest.raises(IndexError):
+        K.gather_conv_zp(q, 0, b, 0, table, 1, (3, 3), (1, 1), (1, 1), (1, 1), 5, None)

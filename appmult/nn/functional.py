@@ -573,14 +573,54 @@ class _LowRankConvZpFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        qx, qw, zx, zw = ctx.saved_tensors
-        (ph, pw), stride, dilation, groups = ctx.geom
-        qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
-        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-        gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs)
-        if ph or pw:
-            gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
-        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None, None, None, None, None
+        gx, gw = _zp_conv_backward(ctx, grad)
+        return gx, gw, None, None, None, None, None, None, None, None, None
+
+
+def _zp_conv_backward(ctx, grad):
+    """Gradients of a fused conv accumulator (LUT sum plus cross terms) w.r.t. unpadded qx, qw."""
+    qx, qw, zx, zw = ctx.saved_tensors
+    (ph, pw), stride, dilation, groups = ctx.geom
+    qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
+    zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+    gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs)
+    if ph or pw:
+        gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
+    return gx.to(qx.dtype), gw.to(qw.dtype)
+
+
+class _GatherConvZpFn(torch.autograd.Function):
+    """The whole integer accumulator of a quantized conv from the numba row kernel
+    (:func:`appmult.nn.kernels.gather_conv_zp`: cross terms folded into the expanded rows),
+    as float; ``acc`` is precomputed by the caller (it decides whether the path applies)."""
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, acc, dtype, padding, stride, dilation, groups):
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
+        return acc.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = _zp_conv_backward(ctx, grad)
+        return gx, gw, None, None, None, None, None, None, None, None, None
+
+
+def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, groups):
+    """int32 accumulator with cross terms from the numba kernel, or ``None`` (not applicable)."""
+    if zx.requires_grad or zw.requires_grad or qx.dtype != torch.float32:
+        return None
+    co = qw.shape[0]
+    if tabs.signed:
+        zxi, zwv = 0, None
+    else:
+        zxi = int(round(float(zx)))
+        zwv = zw.detach().reshape(-1).to(torch.int64).cpu().numpy()
+        if zwv.size not in (1, co):
+            return None
+    iw = _idx(qw, tabs.lo_w).reshape(co, -1)
+    return K.gather_conv_zp(qx.detach(), tabs.lo_x, iw, tabs.lo_w, tabs.prod, groups, tuple(qw.shape[2:]),
+                            padding, stride, dilation, zxi, zwv)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -677,6 +717,14 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
         if bias is not None:
             y = y + bias.to(dt).reshape(1, co, 1, 1)
         return y.to(qx.dtype)
+    if tabs is not None and _FUSED_GATHER and tabs.kernel is Kernel.GATHER:
+        acc = _gather_conv_zp(qx, qw, zx, zw, tabs, (ph, pw), st, dil, groups)
+        if acc is not None:
+            acc = _GatherConvZpFn.apply(qx, qw, zx, zw, tabs, acc, dt, (ph, pw), st, dil, groups)
+            y = (sx * swr).to(dt) * acc
+            if bias is not None:
+                y = y + bias.to(dt).reshape(1, co, 1, 1)
+            return y.to(qx.dtype)
     if ph or pw:
         qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
     if tabs is None:
@@ -703,6 +751,8 @@ _TABLE_CACHE: dict[tuple, LutTables] = {}
 
 #: Use the fused low-rank conv (zero points folded into one convolution) where it is exact.
 _FUSED_LOWRANK = os.environ.get("APPMULT_NO_FUSED_LOWRANK", "") == ""
+#: Use the numba gather conv with the cross terms folded into its rows (CPU, 8-bit tables).
+_FUSED_GATHER = os.environ.get("APPMULT_NO_FUSED_GATHER", "") == ""
 
 
 def _tables_for(lut: LutFile | str | os.PathLike, grad: str, kernel: str, device: torch.device) -> LutTables:

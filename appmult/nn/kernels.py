@@ -302,6 +302,54 @@ if _numba is not None:
                                 o[jj] += row[jj]
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def _nb_expand_zp(b, table_t, g, groups, j0, j1, lo_x, lo_w, zx, zw, e):  # pragma: no cover
+        # e[k, x, jj] = table[x, w] - (x + lo_x) zw_j - zx (w + lo_w) + zx zw_j,  w = b[j, k]:
+        # the zero-point cross terms of an asymmetric layer folded into the expanded rows.
+        nout, kg = b.shape
+        ng = nout // groups
+        na = table_t.shape[1]
+        for k in prange(kg):
+            for jj in range(j1 - j0):
+                j = g * ng + j0 + jj
+                w = b[j, k]
+                row = table_t[w]
+                c = zx * zw[j] - zx * (np.int64(w) + lo_w) - lo_x * zw[j]
+                for x in range(na):
+                    e[k, x, jj] = row[x] + c - x * zw[j]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def _nb_im2col(q, lo, ph, pw, zidx, kh, kw, sh, sw, dh, dw, out):  # pragma: no cover
+        # out[n, (c, dy, dx), (oy, ox)] = index of the padded q at (oy*sh + dy*dh, ox*sw + dx*dw)
+        # (value - lo; padding -> zidx); returns how many values fell outside [0, 256) or the
+        # caller's table (checked by the caller with the max) -- here: negatives/NaN count.
+        nbatch, nch, h, w = q.shape
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        hi = 0
+        bad = 0
+        for t in prange(nbatch * nch):
+            bi = t // nch
+            c = t % nch
+            for dy in range(kh):
+                for dx in range(kw):
+                    row = out[bi, (c * kh + dy) * kw + dx]
+                    for oy in range(ho):
+                        y = oy * sh + dy * dh - ph
+                        for ox in range(wo):
+                            x = ox * sw + dx * dw - pw
+                            if y < 0 or y >= h or x < 0 or x >= w:
+                                iv = zidx
+                            else:
+                                v = q[bi, c, y, x]
+                                iv = np.intp(v) - lo
+                                if iv < 0 or v != v:
+                                    bad += 1
+                                    iv = 0
+                                hi = max(hi, iv)
+                            row[oy * wo + ox] = iv
+        return bad, hi
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def _nb_map_pad(q, lo, table, ph, pw, zrow, out):  # pragma: no cover - compiled
         # out[n, y, x, c, :] = table[q[n, c, y - ph, x - pw] - lo, :] inside, table[zrow] in the
         # padding border; returns how many values fell outside the table (caller raises).
@@ -469,6 +517,87 @@ def map_pad_channels_last(q: torch.Tensor, lo: int, table: torch.Tensor, padding
         raise IndexError(f"{bad} quantized values outside the LUT's range [{lo}, {lo + na - 1}]")
     t = torch.from_numpy(out)
     return t.reshape(n, h + 2 * ph, w + 2 * pw, c * r).permute(0, 3, 1, 2)
+
+
+def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table: torch.Tensor, groups: int,
+                   kernel_size: tuple[int, int], padding: tuple[int, int], stride: tuple[int, int],
+                   dilation: tuple[int, int], zx: int, zw: np.ndarray | None) -> torch.Tensor | None:
+    """The whole integer accumulator of a quantized conv by the numba row kernel (CPU), or ``None``.
+
+    ``out[n, j, p] = sum_k table[x, w] - value(x) Zw_j - Zx value(w) + Zx Zw_j`` over each
+    receptive field of ``q`` padded with the value ``Zx`` (``x``/``w``: indices ``value -
+    lo``; ``zw``: per-output-channel zero points, ``None`` for symmetric layers). The
+    unfolded indices are built in one numba pass from the float values and the cross terms
+    are folded into the expanded per-weight rows, so no other pass touches the activations.
+    Returns ``None`` (caller falls back) without numba, for few positions, or when int32
+    could overflow.
+
+    Args:
+        q: ``(N, C, H, W)`` integer-valued float32 activations (unpadded).
+        b: ``(Co, Cg*kh*kw)`` weight indices.
+        table: ``(NA, NB)`` integer table indexed ``[x, w]``.
+
+    Returns:
+        ``(N, Co, Ho, Wo)`` int32 (channels-last strides).
+
+    Raises:
+        IndexError: an activation value outside the table.
+    """
+    if not _use_numba(q, b, table) or q.dtype != torch.float32 or q.dim() != 4:
+        return None
+    n, c, h, w = q.shape
+    kh, kw = kernel_size
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    na, nb_ = table.shape
+    length = ho * wo
+    if n * length < ROWS_MIN_POSITIONS * na or na > 256 or nb_ > 256 or ho <= 0 or wo <= 0:
+        return None
+    nout, kg = b.shape
+    tab = table.to(torch.int64).numpy()
+    zwv = np.zeros(nout, np.int64) if zw is None else np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,))
+    zwv = np.ascontiguousarray(zwv)
+    # bound of one folded entry: |T| + |value(x) zw| + |zx value(w)| + |zx zw|
+    vx_max = max(abs(lo_x), abs(lo_x + na - 1))
+    vw_max = max(abs(lo_w), abs(lo_w + nb_ - 1))
+    zwm = int(np.abs(zwv).max(initial=0))
+    step = int(np.abs(tab).max(initial=0)) + vx_max * zwm + abs(zx) * vw_max + abs(zx) * zwm
+    if kg * step >= 1 << 31:
+        return None
+    zidx = int(zx) - lo_x
+    if not 0 <= zidx < na:
+        raise IndexError(f"Zero point {zx} outside the LUT's range")
+    ai = np.empty((n, c * kh * kw, length), dtype=np.uint8)
+    bad, hi = _nb_im2col(q.detach().contiguous().numpy(), int(lo_x), ph, pw, zidx, kh, kw, sh, sw, dh, dw, ai)
+    if bad or hi >= na:
+        raise IndexError(f"Quantized activations outside the LUT's range [{lo_x}, {lo_x + na - 1}]")
+    bi = b.to(torch.uint8).contiguous().numpy()
+    tt = np.ascontiguousarray(table.t().to(torch.int32).numpy())
+    ng = nout // groups
+    isz = 4
+    jblock = int(max(1, min(ng, _EXPAND_BYTES // (kg * na * isz))))
+    kblock = int(max(1, _SLAB_BYTES // (na * jblock * isz)))
+    threads = max(1, _numba.get_num_threads())
+    per_task = int(max(1, n // (_TASKS_PER_THREAD * threads)))
+    out = np.zeros((n, length, nout), dtype=np.int32) if (groups == 1 and jblock >= ng) else \
+        np.empty((n, length, nout), dtype=np.int32)
+    e = np.empty((kg, na, jblock), dtype=np.int32)
+    blk = None
+    for g in range(groups):
+        for j0 in range(0, ng, jblock):
+            j1 = min(ng, j0 + jblock)
+            ev = e if j1 - j0 == jblock else np.empty((kg, na, j1 - j0), dtype=np.int32)
+            _nb_expand_zp(bi, tt, g, groups, j0, j1, int(lo_x), int(lo_w), int(zx), zwv, ev)
+            if groups == 1 and jblock >= ng:
+                _nb_rows(ai, ev, g, kg, kblock, per_task, out)
+            else:
+                if blk is None or blk.shape[2] != j1 - j0:
+                    blk = np.empty((n, length, j1 - j0), dtype=np.int32)
+                blk.fill(0)
+                _nb_rows(ai, ev, g, kg, kblock, per_task, blk)
+                out[:, :, g * ng + j0:g * ng + j1] = blk
+    return torch.from_numpy(out).reshape(n, ho, wo, nout).permute(0, 3, 1, 2)
 
 
 def gather_grad_a(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, grad: torch.Tensor,
