@@ -17,7 +17,6 @@ operands, i.e. while beat ``k``'s sum is what ``acc`` holds.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import traceback
@@ -32,26 +31,11 @@ from appmult.codes import codes_to_values
 from appmult.hdl.mac import mac_correction_reference, mac_reference
 from appmult.lut_gen.lutfile import LutFile
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.runner import CONFIG_ENV, pack_lanes
+from appmult.tb.runner import CONFIG_ENV, pack_lanes, read_tb_config, write_tb_result
 
 __all__ = ["run_mac_correction"]
 
 _STIMULUS_KEYS = ("a", "b", "valid", "clear", "alpha_fx", "beta")
-
-
-def _config() -> dict[str, Any]:
-    path = os.environ.get(CONFIG_ENV)
-    if not path:
-        raise RuntimeError(f"{CONFIG_ENV} is not set: run this module through run_mac_correction")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_result(cfg: dict[str, Any], result: dict[str, Any]) -> None:
-    tmp = cfg["result"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, cfg["result"])
 
 
 def expected_outputs(lut: LutFile, st: dict[str, np.ndarray], *, acc_width: int, sum_width: int,
@@ -74,7 +58,7 @@ def expected_outputs(lut: LutFile, st: dict[str, np.ndarray], *, acc_width: int,
 @cocotb.test()
 async def corrected_accumulator_matches_reference(dut) -> None:
     """Every valid beat's ``acc``, ``xsum`` and ``corrected`` against the numpy reference."""
-    cfg = _config()
+    cfg = read_tb_config("appmult.tb.mac_correction_tests.run_mac_correction")
     try:
         lut = load_lut(cfg["lut"])
         with np.load(cfg["stimulus"], allow_pickle=False) as z:
@@ -85,7 +69,7 @@ async def corrected_accumulator_matches_reference(dut) -> None:
         a_words = pack_lanes(st["a"], lut.width_a)
         b_words = pack_lanes(st["b"], lut.width_b)
     except Exception:
-        _write_result(cfg, {"error": traceback.format_exc(limit=3)})
+        write_tb_result(cfg, {"error": traceback.format_exc(limit=3)})
         raise
 
     t0 = time.perf_counter()
@@ -134,7 +118,7 @@ async def corrected_accumulator_matches_reference(dut) -> None:
             if len(mismatches) < cfg["max_report"]:
                 mismatches.append({"beat": k, **{f"expected_{key}": int(want[key][k]) for key in got},
                                    **{f"actual_{key}": got[key] for key in got}})
-    _write_result(cfg, {"beats": n, "mismatch_count": count, "mismatches": mismatches, "observed": observed,
+    write_tb_result(cfg, {"beats": n, "mismatch_count": count, "mismatches": mismatches, "observed": observed,
                         "sim_loop_s": sim_s})
     listing = "\n".join(f"  {m}" for m in mismatches)
     assert count == 0, f"{count} of {n} beats differ from the reference; first ones:\n{listing}"
@@ -168,7 +152,7 @@ def run_mac_correction(mac, lut: LutFile, stimulus: dict[str, np.ndarray], *, si
     """
     from appmult.hdl.export import export_verilog
     from appmult.hdl.mac import MacUnit
-    from appmult.tb.runner import _run_cocotb, check_simulator
+    from appmult.tb.runner import _run_cocotb, check_simulator, read_tb_config, write_tb_result
 
     if not isinstance(mac, MacUnit) or not mac.correction:
         raise TypeError(f"run_mac_correction needs a MacUnit with correction=True, not {mac!r}")

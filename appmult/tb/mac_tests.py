@@ -13,8 +13,6 @@ pytest.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import traceback
 from typing import Any
@@ -26,22 +24,7 @@ from cocotb.triggers import Timer
 from appmult.codes import codes_by_value
 from appmult.hdl.mac import mac_reference
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.runner import pack_lanes
-
-
-def _config() -> dict[str, Any]:
-    path = os.environ.get("APPMULT_TB_CONFIG")
-    if not path:
-        raise RuntimeError("APPMULT_TB_CONFIG is not set: run these tests through appmult.tb.verify_mac")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_result(cfg: dict[str, Any], result: dict[str, Any]) -> None:
-    tmp = cfg["result"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, cfg["result"])
+from appmult.tb.runner import pack_lanes, read_tb_config, write_tb_result
 
 
 def stimulus(cfg: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -73,7 +56,7 @@ def stimulus(cfg: dict[str, Any]) -> dict[str, np.ndarray]:
 @cocotb.test()
 async def accumulator_matches_lut(dut) -> None:
     """Every cycle's ``acc``/``valid_out`` against the running sum of LUT products."""
-    cfg = _config()
+    cfg = read_tb_config("appmult.tb.verify_mac")
     try:
         st = stimulus(cfg)
         signed, width, latency = cfg["signed"], cfg["acc_width"], cfg["latency"]
@@ -90,7 +73,7 @@ async def accumulator_matches_lut(dut) -> None:
         if len(dut.acc) != width:
             raise ValueError(f"acc port is {len(dut.acc)} bits, configured acc_width is {width}")
     except Exception:
-        _write_result(cfg, {"error": traceback.format_exc(limit=3)})
+        write_tb_result(cfg, {"error": traceback.format_exc(limit=3)})
         raise
 
     t0 = time.perf_counter()
@@ -139,6 +122,6 @@ async def accumulator_matches_lut(dut) -> None:
                                    "expected_valid_out": int(st["valid"][k]), "actual_valid_out": vo_bit})
     result = {"cycles": n, "results_checked": int(st["valid"].sum()), "mismatch_count": count,
               "mismatches": mismatches, "sim_loop_s": sim_s, "acc": accs}
-    _write_result(cfg, result)
+    write_tb_result(cfg, result)
     listing = "\n".join(f"  {m}" for m in mismatches)
     assert count == 0, f"{count} of {n} cycles differ from the reference; first ones:\n{listing}"

@@ -13,8 +13,6 @@ simulator round trip.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import traceback
 from typing import Any
@@ -24,22 +22,7 @@ import numpy as np
 from cocotb.triggers import Timer
 
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.runner import pack_lanes, unpack_lanes
-
-
-def _config() -> dict[str, Any]:
-    path = os.environ.get("APPMULT_TB_CONFIG")
-    if not path:
-        raise RuntimeError("APPMULT_TB_CONFIG is not set: run these tests through appmult.tb.verify_multiplier")
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_result(cfg: dict[str, Any], result: dict[str, Any]) -> None:
-    tmp = cfg["result"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, cfg["result"])
+from appmult.tb.runner import pack_lanes, read_tb_config, unpack_lanes, write_tb_result
 
 
 def _as_value(code: int, width: int, signed: bool) -> int:
@@ -79,7 +62,7 @@ def _check_port_widths(dut, cfg: dict[str, Any]) -> None:
 @cocotb.test()
 async def products_match_lut(dut) -> None:
     """Drive every configured operand pair and compare ``p`` with the LUT."""
-    cfg = _config()
+    cfg = read_tb_config("appmult.tb.verify_multiplier")
     try:
         lut = load_lut(cfg["lut"])
         pairs = np.load(cfg["pairs"], allow_pickle=False)
@@ -93,7 +76,7 @@ async def products_match_lut(dut) -> None:
         a_words = pack_lanes(padded[:, 0].reshape(n_batches, lanes), wa)
         b_words = pack_lanes(padded[:, 1].reshape(n_batches, lanes), wb)
     except Exception:  # report the testbench problem to the Python side, then fail
-        _write_result(cfg, {"error": traceback.format_exc(limit=3)})
+        write_tb_result(cfg, {"error": traceback.format_exc(limit=3)})
         raise
 
     t0 = time.perf_counter()
@@ -153,7 +136,7 @@ async def products_match_lut(dut) -> None:
     if held_changed:
         result["error"] = (f"registered output changed before the clock edge in {held_changed} cycles: "
                            f"the design is not registered as configured")
-    _write_result(cfg, result)
+    write_tb_result(cfg, result)
     assert held_changed == 0, result["error"]
     listing = "\n".join(
         f"  a={m['a_value']} (code {m['a_code']:#x}), b={m['b_value']} (code {m['b_code']:#x}): "

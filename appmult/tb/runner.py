@@ -438,6 +438,32 @@ def _wrapper(top: str, *, lanes: int, width_a: int, width_b: int, width_p: int, 
 
 # -- packed buses (used by the cocotb side) ------------------------------------------------
 
+
+# -- the cocotb side's half of the config/result exchange -------------------------------------
+
+def read_tb_config(entry: str) -> dict[str, Any]:
+    """The JSON config a runner function passed to an in-simulator test module.
+
+    Args:
+        entry: the runner function that starts this test module (named in the error).
+
+    Raises:
+        RuntimeError: the module was started without a config (not through ``entry``).
+    """
+    path = os.environ.get(CONFIG_ENV)
+    if not path:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: run these tests through {entry}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_tb_result(cfg: dict[str, Any], result: dict[str, Any]) -> None:
+    """Write a test module's result JSON where the runner reads it (atomically: rename)."""
+    tmp = cfg["result"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, cfg["result"])
+
 def pack_lanes(codes: np.ndarray, width: int) -> list[int]:
     """Packed bus values: row ``k`` of ``codes`` (lanes) becomes one integer, lane 0 in the LSBs."""
     n, lanes = codes.shape
