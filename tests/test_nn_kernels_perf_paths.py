@@ -250,3 +250,51 @@ def test_gather_conv_zp_rejects_out_of_range_values():
     q[1, 1, 5, 5] = -1.0
     with pytest.raises(IndexError):
         K.gather_conv_zp(q, 0, b, 0, table, 1, (3, 3), (1, 1), (1, 1), (1, 1), 5, None)
+
+
+# ------------------------------------------------------------------------------------------
+# Fused low-rank linear
+# ------------------------------------------------------------------------------------------
+
+from appmult.nn import ApproxLinear  # noqa: E402
+
+
+@pytest.mark.parametrize("name", LOWRANK_LUTS)
+@pytest.mark.parametrize("scheme", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
+def test_fused_lowrank_linear(name, scheme, grad, monkeypatch):
+    p, w, s = FUSED_LUTS[name]
+    lut = lut_with_grads(p, w, s, low_rank_grads=True) if grad != "ste" else LutFile(p, width_a=w, width_b=w, signed=s)
+    torch.manual_seed(3)
+    layer = ApproxLinear.from_float(torch.nn.Linear(37, 11), ApproxConfig(lut, kernel="lowrank", grad=grad,
+                                                                          weight_scheme=scheme))
+    x = torch.rand(300, 37) * 2 - 0.5  # 300*37 > the numba mapping threshold
+    layer.eval()
+    layer(x)
+    layer.act_quant.observing = False
+    qx, sx, zx = layer.act_quant(x)
+    qw, sw, zw = layer.weight_quant(layer.weight)
+    assert FN._folded_lowrank_weights(qw.reshape(11, 37, 1, 1), zx, zw, layer.lut) is not None
+    with torch.no_grad():
+        y = layer(x)
+    # brute-force integer accumulator, cross terms in int64, then the layer's dequantization
+    qxn, qwn = qx.detach().numpy().astype(np.int64), qw.detach().numpy().astype(np.int64)
+    acc = p[codes(qxn, w)[:, None, :], codes(qwn, w)[None, :, :]].sum(-1)
+    if not s:
+        zwn = np.broadcast_to(zw.detach().numpy().astype(np.int64).reshape(-1), (11,))
+        acc = acc - qxn.sum(1)[:, None] * zwn[None] - int(zx) * qwn.sum(1)[None] + 37 * int(zx) * zwn[None]
+    swr = sw.reshape(1, -1) if sw.dim() else sw
+    ref = (sx * swr).to(torch.float32) * torch.from_numpy(acc).to(torch.float32) + layer.bias.detach()
+    assert torch.equal(y, ref)
+    layer.train()
+    res = []
+    for fused in (True, False):
+        monkeypatch.setattr(FN, "_FUSED_LOWRANK", fused)
+        xg = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        out = layer(xg)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        res.append((out.detach(), xg.grad, layer.weight.grad))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-4)

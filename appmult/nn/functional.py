@@ -176,6 +176,7 @@ class LutTables(nn.Module):
             self.register_buffer("u", torch.from_numpy(fac.u.astype(np.float64)), persistent=False)
             self.register_buffer("v", torch.from_numpy(fac.v.astype(np.float64)), persistent=False)
             self.register_buffer("u_f32", torch.from_numpy(fac.u.astype(np.float32)), persistent=False)
+            self.register_buffer("v_f32", torch.from_numpy(fac.v.astype(np.float32)), persistent=False)
             self.value_coef = _value_coefficients(fac.u, vx)
             self._u_absmax = np.abs(fac.u).max(axis=0).astype(np.float64)
             self._v_min = fac.v.min(axis=0).astype(np.float64)
@@ -184,6 +185,7 @@ class LutTables(nn.Module):
             self.register_buffer("u", None, persistent=False)
             self.register_buffer("v", None, persistent=False)
             self.register_buffer("u_f32", None, persistent=False)
+            self.register_buffer("v_f32", None, persistent=False)
 
         # Gradient tables, all [x, w] / value-offset indexed.
         gx1 = gw1 = gx2 = gw2 = None
@@ -351,9 +353,22 @@ def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: 
     return acc.to(device=qx.device, dtype=dtype)
 
 
-def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables):
-    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, zx=None, zw=None):
     dt = grad.dtype
+    if zx is not None:
+        # with the cross terms -qx Zw - Zx qw (see _conv_backward)
+        n = qw.shape[0]
+        zwc = zw.detach().to(dt).reshape(n, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(())
+        zxs = zx.detach().to(dt).reshape(())
+        if tabs.grad is GradMode.STE:
+            return grad @ (qw.detach().to(dt) - zwc), grad.t() @ (qx.detach().to(dt) - zxs)
+        gx, gw = _linear_backward(grad, qx, qw, tabs)
+        gx = gx - (grad @ torch.ones((n, 1), dtype=dt, device=grad.device).mul(zwc)).expand_as(gx)
+        gw = gw - zxs * grad.sum(0).reshape(n, 1)
+        return gx, gw
+    if tabs.grad is GradMode.STE:
+        return grad @ qw.detach().to(dt), grad.t() @ qx.detach().to(dt)
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
     if tabs.gx1 is not None:
         gx = grad @ tabs.gx1.to(dt)[iw]
         gw = grad.t() @ tabs.gw1.to(dt)[ix]
@@ -373,6 +388,29 @@ def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tab
     gx = K.gather_grad_a(a, b, tabs.gx2, g, 1)[0].t()
     gw = K.gather_grad_b(a, b, tabs.gw2, g, 1)
     return gx.to(device=grad.device, dtype=dt), gw.to(device=grad.device, dtype=dt)
+
+
+class _LowRankLinearZpFn(torch.autograd.Function):
+    """Linear counterpart of :class:`_LowRankConvZpFn`: ``addmm(C, U[qx], (V - c Zw)[qw].T)``."""
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const):
+        m, k = qx.shape
+        # small operands: torch's embedding beats a numba parallel launch
+        xu = None if qx.numel() < _NUMBA_MAP_MIN else \
+            K.map_pad_channels_last(qx.detach().reshape(m, k, 1, 1), tabs.lo_x, tabs.u_f32, (0, 0), 0)
+        if xu is None:
+            xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs = tabs
+        return torch.addmm(const, xu.reshape(m, -1), wv.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        qx, qw, zx, zw = ctx.saved_tensors
+        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
 
 
 class _LutLinearFn(torch.autograd.Function):
@@ -530,7 +568,7 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     k = cg * kh * kw
     r = tabs.u.shape[1]
     zwv = zw.detach().to(torch.float64).reshape(-1).cpu().numpy()
-    zwv = np.broadcast_to(zwv, (co,)) if zwv.size == 1 else zwv
+    zwv = np.full(co, zwv[0]) if zwv.size == 1 else zwv
     zxf = float(zx)
     coef = np.zeros(r) if tabs.signed else np.asarray(tabs.value_coef, np.float64)
     shift = coef[None, :] * zwv[:, None]                                   # (Co, r)
@@ -541,8 +579,17 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     const = -zxf * (q64 - zw_t[:, None]).sum(1)                            # exact in float64
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
         return None
-    wv = tabs.v[_idx(qw, tabs.lo_w)]                                       # (Co, Cg, kh, kw, r) f64
-    wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
+    vmax = max(float(np.abs(tabs._v_max).max()), float(np.abs(tabs._v_min).max()))
+    if vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT:
+        # every value and shift is an integer below 2**24: float32 is exact; shift only the
+        # columns with c_r != 0 (usually just the exact-product column)
+        wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v_f32)                # (Co, Cg, kh, kw, r) f32
+        zw32 = zw_t.to(torch.float32).reshape(co, 1, 1, 1)
+        for rr in np.nonzero(coef)[0]:
+            wv[..., int(rr)] -= float(coef[rr]) * zw32
+    else:
+        wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
+        wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
@@ -561,7 +608,8 @@ class _LowRankConvZpFn(torch.autograd.Function):
         ph, pw = padding
         zidx = int(round(float(zx))) - tabs.lo_x
         # One pass on CPU (numba): quantized value -> U row, padding included, channels-last.
-        xu = K.map_pad_channels_last(qx.detach(), tabs.lo_x, tabs.u_f32, (ph, pw), zidx)
+        xu = None if qx.numel() < _NUMBA_MAP_MIN else \
+            K.map_pad_channels_last(qx.detach(), tabs.lo_x, tabs.u_f32, (ph, pw), zidx)
         if xu is None:
             idx = _idx32(qx, tabs.lo_x)
             if ph or pw:
@@ -678,7 +726,13 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
     dt = torch.float64 if exact else qx.dtype
     zwr = zw.reshape(1, -1) if zw.dim() else zw
     swr = sw.reshape(1, -1) if sw.dim() else sw
-    if tabs is None:
+    fold = None
+    if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and _FUSED_LOWRANK and qx.dim() == 2:
+        n, k = qw.shape
+        fold = _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs)
+    if fold is not None:
+        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1]).to(dt)
+    elif tabs is None:
         acc = (qx.to(dt) - zx) @ (qw.to(dt) - zw).t()
     else:
         acc = lut_linear(qx, qw, tabs, exact=exact).to(dt)
@@ -749,6 +803,8 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 
 _TABLE_CACHE: dict[tuple, LutTables] = {}
 
+#: Operands smaller than this map through U with torch's embedding (numba launch overhead).
+_NUMBA_MAP_MIN = 1 << 16
 #: Use the fused low-rank conv (zero points folded into one convolution) where it is exact.
 _FUSED_LOWRANK = os.environ.get("APPMULT_NO_FUSED_LOWRANK", "") == ""
 #: Use the numba gather conv with the cross terms folded into its rows (CPU, 8-bit tables).

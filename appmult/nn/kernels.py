@@ -556,7 +556,7 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
         return None
     nout, kg = b.shape
     tab = table.to(torch.int64).numpy()
-    zwv = np.zeros(nout, np.int64) if zw is None else np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,))
+    zwv = np.zeros(nout, np.int64) if zw is None else np.array(np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,)))
     zwv = np.ascontiguousarray(zwv)
     # bound of one folded entry: |T| + |value(x) zw| + |zx value(w)| + |zx zw|
     vx_max = max(abs(lo_x), abs(lo_x + na - 1))
