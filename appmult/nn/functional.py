@@ -339,12 +339,13 @@ def _small_idx(idx: torch.Tensor, size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 
 def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: bool) -> torch.Tensor:
-    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    # int32 indices (embedding takes them; a row gather, much faster than advanced indexing)
+    ix, iw = _idx32(qx, tabs.lo_x), _idx32(qw, tabs.lo_w)
     m, k = ix.shape
     dtype = torch.float64 if exact else torch.float32
     if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
-        xu = tabs.u.to(dtype)[ix].reshape(m, -1)
-        wv = tabs.v.to(dtype)[iw].reshape(iw.shape[0], -1)
+        xu = F.embedding(ix, tabs.u.to(dtype)).reshape(m, -1)
+        wv = F.embedding(iw, tabs.v.to(dtype)).reshape(iw.shape[0], -1)
         acc = xu @ wv.t()
         return torch.round(acc) if exact else acc
     out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
