@@ -53,28 +53,6 @@ def test_rows_kernel_blocks(signed_table, slab, expand, nbatch, length, groups, 
 
 
 # ------------------------------------------------------------------------------------------
-# map_pad_channels_last (numba: quantized value -> U row, padding, channels-last)
-# ------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("lo, na, r, pad", [(0, 256, 5, (1, 1)), (-32, 64, 3, (0, 0)), (-8, 16, 1, (2, 1))])
-def test_map_pad_channels_last(lo, na, r, pad):
-    if not K.numba_available():
-        pytest.skip("numba not installed")
-    rng = np.random.default_rng(na + r)
-    table = torch.from_numpy(rng.integers(-1000, 1000, (na, r)).astype(np.float32))
-    q = torch.from_numpy(rng.integers(lo, lo + na, (3, 5, 7, 6)).astype(np.float32))
-    zi = int(rng.integers(0, na))
-    got = K.map_pad_channels_last(q, lo, table, pad, zi)
-    idx = torch.nn.functional.pad((q - lo).long(), (pad[1], pad[1], pad[0], pad[0]), value=zi)
-    ref = table[idx].permute(0, 1, 4, 2, 3).reshape(3, 5 * r, idx.shape[2], idx.shape[3])
-    assert got.shape == ref.shape and torch.equal(got, ref)
-    bad = q.clone()
-    bad[1, 2, 3, 4] = lo + na
-    with pytest.raises(IndexError):
-        K.map_pad_channels_last(bad, lo, table, pad, zi)
-
-
-# ------------------------------------------------------------------------------------------
 # Fused low-rank conv (zero-point cross terms folded into one convolution)
 # ------------------------------------------------------------------------------------------
 
@@ -268,7 +246,7 @@ def test_fused_lowrank_linear(name, scheme, grad, monkeypatch):
     torch.manual_seed(3)
     layer = ApproxLinear.from_float(torch.nn.Linear(37, 11), ApproxConfig(lut, kernel="lowrank", grad=grad,
                                                                           weight_scheme=scheme))
-    x = torch.rand(300, 37) * 2 - 0.5  # 300*37 > the numba mapping threshold
+    x = torch.rand(300, 37) * 2 - 0.5
     layer.eval()
     layer(x)
     layer.act_quant.observing = False

@@ -397,11 +397,7 @@ class _LowRankLinearZpFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const):
         m, k = qx.shape
-        # small operands: torch's embedding beats a numba parallel launch
-        xu = None if qx.numel() < _NUMBA_MAP_MIN else \
-            K.map_pad_channels_last(qx.detach().reshape(m, k, 1, 1), tabs.lo_x, tabs.u_f32, (0, 0), 0)
-        if xu is None:
-            xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
+        xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
         return torch.addmm(const, xu.reshape(m, -1), wv.t())
@@ -608,14 +604,12 @@ class _LowRankConvZpFn(torch.autograd.Function):
     def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, padding, stride, dilation, groups):
         ph, pw = padding
         zidx = int(round(float(zx))) - tabs.lo_x
-        # One pass on CPU (numba): quantized value -> U row, padding included, channels-last.
-        xu = None if qx.numel() < _NUMBA_MAP_MIN else \
-            K.map_pad_channels_last(qx.detach(), tabs.lo_x, tabs.u_f32, (ph, pw), zidx)
-        if xu is None:
-            idx = _idx32(qx, tabs.lo_x)
-            if ph or pw:
-                idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
-            xu = _map_channels(tabs.u, idx, torch.float32)
+        # int32 indices padded with the zero point's index (a numba value -> U-row pass was
+        # measured slower than torch's embedding here), mapped straight to channels-last.
+        idx = _idx32(qx, tabs.lo_x)
+        if ph or pw:
+            idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
+        xu = _map_channels(tabs.u_f32, idx, torch.float32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
         return F.conv2d(xu, wv, const, stride, 0, dilation, groups)
@@ -804,8 +798,6 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 
 _TABLE_CACHE: dict[tuple, LutTables] = {}
 
-#: Operands smaller than this map through U with torch's embedding (numba launch overhead).
-_NUMBA_MAP_MIN = 1 << 16
 #: Use the fused low-rank conv (zero points folded into one convolution) where it is exact.
 _FUSED_LOWRANK = os.environ.get("APPMULT_NO_FUSED_LOWRANK", "") == ""
 #: Use the numba gather conv with the cross terms folded into its rows (CPU, 8-bit tables).

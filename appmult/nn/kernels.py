@@ -349,34 +349,6 @@ if _numba is not None:
                             row[oy * wo + ox] = iv
         return bad, hi
 
-    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
-    def _nb_map_pad(q, lo, table, ph, pw, zrow, out):  # pragma: no cover - compiled
-        # out[n, y, x, c, :] = table[q[n, c, y - ph, x - pw] - lo, :] inside, table[zrow] in the
-        # padding border; returns how many values fell outside the table (caller raises).
-        nbatch, nch, h, w = q.shape
-        hp, wp = out.shape[1], out.shape[2]
-        na, r = table.shape
-        bad = 0
-        for t in prange(nbatch * hp):
-            bi = t // hp
-            y = t % hp
-            inside_y = y >= ph and y < ph + h
-            for x in range(wp):
-                if inside_y and x >= pw and x < pw + w:
-                    for c in range(nch):
-                        v = q[bi, c, y - ph, x - pw]
-                        iv = np.intp(v) - lo
-                        if iv < 0 or iv >= na or v != v:
-                            bad += 1
-                            iv = 0
-                        for rr in range(r):
-                            out[bi, y, x, c, rr] = table[iv, rr]
-                else:
-                    for c in range(nch):
-                        for rr in range(r):
-                            out[bi, y, x, c, rr] = table[zrow, rr]
-        return bad
-
     @njit(parallel=True, cache=True, fastmath=False)
     def _nb_grad_a(a, b, ga_t, grad, groups, chunk, out):  # pragma: no cover - compiled
         # out[bi, g*Kg+k, i] = sum_j grad[bi, j, i] * ga_t[b[j,k], a[bi, g*Kg+k, i]]
@@ -489,34 +461,6 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
                 out[:, :, g * ng + j0:g * ng + j1] = ob
         return torch.from_numpy(out).permute(0, 2, 1)
     return _torch_gather(a, b, table.to(out_dtype), groups, None, "fwd")
-
-
-def map_pad_channels_last(q: torch.Tensor, lo: int, table: torch.Tensor, padding: tuple[int, int],
-                          pad_index: int) -> torch.Tensor | None:
-    """``table[q - lo]`` per element, zero-padded by ``table[pad_index]``, as channels-last NCHW.
-
-    ``q``: ``(N, C, H, W)`` integer-valued float32 (CPU); ``table``: ``(NA, r)`` float32.
-    Returns ``(N, C*r, H + 2ph, W + 2pw)`` (a channels-last view, the ``r`` values of a
-    channel adjacent), or ``None`` when numba is unavailable (callers fall back to torch).
-
-    Raises:
-        IndexError: a value of ``q`` lies outside the table.
-    """
-    if not _use_numba(q, table) or q.dtype != torch.float32 or q.dim() != 4:
-        return None
-    n, c, h, w = q.shape
-    ph, pw = padding
-    na, r = table.shape
-    if not 0 <= pad_index < na:
-        raise IndexError(f"Padding index {pad_index} outside the table (size {na})")
-    qn = q.detach().contiguous().numpy()
-    tn = table.to(torch.float32).contiguous().numpy()
-    out = np.empty((n, h + 2 * ph, w + 2 * pw, c, r), dtype=np.float32)
-    bad = _nb_map_pad(qn, int(lo), tn, int(ph), int(pw), int(pad_index), out)
-    if bad:
-        raise IndexError(f"{bad} quantized values outside the LUT's range [{lo}, {lo + na - 1}]")
-    t = torch.from_numpy(out)
-    return t.reshape(n, h + 2 * ph, w + 2 * pw, c * r).permute(0, 3, 1, 2)
 
 
 def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table: torch.Tensor, groups: int,
