@@ -649,7 +649,7 @@ class _GatherConvZpFn(torch.autograd.Function):
         return gx, gw, None, None, None, None, None, None, None, None, None
 
 
-def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, groups):
+def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, groups, out_dtype=torch.int32):
     """int32 accumulator with cross terms from the numba kernel, or ``None`` (not applicable)."""
     if zx.requires_grad or zw.requires_grad or qx.dtype != torch.float32:
         return None
@@ -663,7 +663,7 @@ def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, 
             return None
     iw = _idx(qw, tabs.lo_w).reshape(co, -1)
     return K.gather_conv_zp(qx.detach(), tabs.lo_x, iw, tabs.lo_w, tabs.prod, groups, tuple(qw.shape[2:]),
-                            padding, stride, dilation, zxi, zwv)
+                            padding, stride, dilation, zxi, zwv, out_dtype)
 
 
 def _pair(v) -> tuple[int, int]:
@@ -767,7 +767,7 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
             y = y + bias.to(dt).reshape(1, co, 1, 1)
         return y.to(qx.dtype)
     if tabs is not None and _FUSED_GATHER and tabs.kernel is Kernel.GATHER:
-        acc = _gather_conv_zp(qx, qw, zx, zw, tabs, (ph, pw), st, dil, groups)
+        acc = _gather_conv_zp(qx, qw, zx, zw, tabs, (ph, pw), st, dil, groups, dt)
         if acc is not None:
             acc = _GatherConvZpFn.apply(qx, qw, zx, zw, tabs, acc, dt, (ph, pw), st, dil, groups)
             y = (sx * swr).to(dt) * acc

@@ -317,38 +317,6 @@ if _numba is not None:
                 for x in range(na):
                     e[k, x, jj] = row[x] + c - x * zw[j]
 
-    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
-    def _nb_im2col(q, lo, ph, pw, zidx, kh, kw, sh, sw, dh, dw, out):  # pragma: no cover
-        # out[n, (c, dy, dx), (oy, ox)] = index of the padded q at (oy*sh + dy*dh, ox*sw + dx*dw)
-        # (value - lo; padding -> zidx); returns how many values fell outside [0, 256) or the
-        # caller's table (checked by the caller with the max) -- here: negatives/NaN count.
-        nbatch, nch, h, w = q.shape
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        hi = 0
-        bad = 0
-        for t in prange(nbatch * nch):
-            bi = t // nch
-            c = t % nch
-            for dy in range(kh):
-                for dx in range(kw):
-                    row = out[bi, (c * kh + dy) * kw + dx]
-                    for oy in range(ho):
-                        y = oy * sh + dy * dh - ph
-                        for ox in range(wo):
-                            x = ox * sw + dx * dw - pw
-                            if y < 0 or y >= h or x < 0 or x >= w:
-                                iv = zidx
-                            else:
-                                v = q[bi, c, y, x]
-                                iv = np.intp(v) - lo
-                                if iv < 0 or v != v:
-                                    bad += 1
-                                    iv = 0
-                                hi = max(hi, iv)
-                            row[oy * wo + ox] = iv
-        return bad, hi
-
     @njit(parallel=True, cache=True, fastmath=False)
     def _nb_grad_a(a, b, ga_t, grad, groups, chunk, out):  # pragma: no cover - compiled
         # out[bi, g*Kg+k, i] = sum_j grad[bi, j, i] * ga_t[b[j,k], a[bi, g*Kg+k, i]]
@@ -465,14 +433,15 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
 
 def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table: torch.Tensor, groups: int,
                    kernel_size: tuple[int, int], padding: tuple[int, int], stride: tuple[int, int],
-                   dilation: tuple[int, int], zx: int, zw: np.ndarray | None) -> torch.Tensor | None:
+                   dilation: tuple[int, int], zx: int, zw: np.ndarray | None,
+                   out_dtype: torch.dtype = torch.int32) -> torch.Tensor | None:
     """The whole integer accumulator of a quantized conv by the numba row kernel (CPU), or ``None``.
 
     ``out[n, j, p] = sum_k table[x, w] - value(x) Zw_j - Zx value(w) + Zx Zw_j`` over each
     receptive field of ``q`` padded with the value ``Zx`` (``x``/``w``: indices ``value -
     lo``; ``zw``: per-output-channel zero points, ``None`` for symmetric layers). The
-    unfolded indices are built in one numba pass from the float values and the cross terms
-    are folded into the expanded per-weight rows, so no other pass touches the activations.
+    cross terms are folded into the expanded per-weight rows, so no pass besides the
+    index conversion and unfold touches the activations.
     Returns ``None`` (caller falls back) without numba, for few positions, or when int32
     could overflow.
 
@@ -482,7 +451,7 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
         table: ``(NA, NB)`` integer table indexed ``[x, w]``.
 
     Returns:
-        ``(N, Co, Ho, Wo)`` int32 (channels-last strides).
+        ``(N, Co, Ho, Wo)`` int32 accumulators converted to ``out_dtype`` (channels-last strides).
 
     Raises:
         IndexError: an activation value outside the table.
@@ -512,10 +481,18 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
     zidx = int(zx) - lo_x
     if not 0 <= zidx < na:
         raise IndexError(f"Zero point {zx} outside the LUT's range")
-    ai = np.empty((n, c * kh * kw, length), dtype=np.uint8)
-    bad, hi = _nb_im2col(q.detach().contiguous().numpy(), int(lo_x), ph, pw, zidx, kh, kw, sh, sw, dh, dw, ai)
-    if bad or hi >= na:
-        raise IndexError(f"Quantized activations outside the LUT's range [{lo_x}, {lo_x + na - 1}]")
+    qd = q.detach()
+    if qd.numel():
+        lo_q, hi_q = (float(v) for v in torch.aminmax(qd))
+        if not (lo_q >= lo_x and hi_q <= lo_x + na - 1):  # also catches NaN
+            raise IndexError(f"Quantized activations outside the LUT's range [{lo_x}, {lo_x + na - 1}]")
+    # torch's pad/unfold copy measured faster than a numba im2col loop (1.8 vs 3.7 ms, ResNet-20 size)
+    idx = (qd if lo_x == 0 else qd - lo_x).to(torch.uint8)
+    if ph or pw:
+        idx = torch.nn.functional.pad(idx, (pw, pw, ph, ph), value=zidx)
+    eh, ew = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    cols = idx.unfold(2, eh, sh).unfold(3, ew, sw)[..., ::dh, ::dw]       # (N, C, Ho, Wo, kh, kw)
+    ai = cols.permute(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, length).contiguous().numpy()
     bi = b.to(torch.uint8).contiguous().numpy()
     tt = np.ascontiguousarray(table.t().to(torch.int32).numpy())
     ng = nout // groups
@@ -541,7 +518,7 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
                 blk.fill(0)
                 _nb_rows(ai, ev, g, kg, kblock, per_task, blk)
                 out[:, :, g * ng + j0:g * ng + j1] = blk
-    return torch.from_numpy(out).reshape(n, ho, wo, nout).permute(0, 3, 1, 2)
+    return torch.from_numpy(out).reshape(n, ho, wo, nout).permute(0, 3, 1, 2).to(out_dtype)
 
 
 def gather_grad_a(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, grad: torch.Tensor,
