@@ -113,6 +113,7 @@ def test_fused_conv_is_bit_exact(name, kernel, geom, scheme, monkeypatch):
     qw, sw, zw = layer.weight_quant(layer.weight)
     if kernel == "lowrank":
         assert FN._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None  # the fused path is taken
+        assert layer.lut.u_is_value == (name == "exact8u")  # rank-1 shortcut: activations map to themselves
     else:
         assert FN._gather_conv_zp(qx, qw, zx, zw, layer.lut, FN._pair(g["padding"]), FN._pair(g["stride"]),
                                   FN._pair(g["dilation"]), g["groups"]) is not None

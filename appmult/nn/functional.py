@@ -172,12 +172,15 @@ class LutTables(nn.Module):
         #: Integer ``c`` with ``U @ c == value(x)`` exactly (or ``None``): lets the activation
         #: zero-point cross term ``-x * Zw`` fold into the low-rank weights (``V - c Zw``).
         self.value_coef: tuple[int, ...] | None = None
+        self.u_is_value = False
         if fac is not None:
             self.register_buffer("u", torch.from_numpy(fac.u.astype(np.float64)), persistent=False)
             self.register_buffer("v", torch.from_numpy(fac.v.astype(np.float64)), persistent=False)
             self.register_buffer("u_f32", torch.from_numpy(fac.u.astype(np.float32)), persistent=False)
             self.register_buffer("v_f32", torch.from_numpy(fac.v.astype(np.float32)), persistent=False)
             self.value_coef = _value_coefficients(fac.u, vx)
+            #: U is the single column value(x): the low-rank conv maps activations to themselves.
+            self.u_is_value = fac.u.shape[1] == 1 and np.array_equal(fac.u[:, 0], vx)
             self._u_absmax = np.abs(fac.u).max(axis=0).astype(np.float64)
             self._v_min = fac.v.min(axis=0).astype(np.float64)
             self._v_max = fac.v.max(axis=0).astype(np.float64)
@@ -606,10 +609,15 @@ class _LowRankConvZpFn(torch.autograd.Function):
         zidx = int(round(float(zx))) - tabs.lo_x
         # int32 indices padded with the zero point's index (a numba value -> U-row pass was
         # measured slower than torch's embedding here), mapped straight to channels-last.
-        idx = _idx32(qx, tabs.lo_x)
-        if ph or pw:
-            idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
-        xu = _map_channels(tabs.u_f32, idx, torch.float32)
+        if tabs.u_is_value:
+            # rank 1 with U = value(x) (e.g. the exact product): the mapped operand is qx itself
+            q = qx.detach().to(torch.float32)
+            xu = F.pad(q, (pw, pw, ph, ph), value=float(zidx + tabs.lo_x)) if (ph or pw) else q
+        else:
+            idx = _idx32(qx, tabs.lo_x)
+            if ph or pw:
+                idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
+            xu = _map_channels(tabs.u_f32, idx, torch.float32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
         return F.conv2d(xu, wv, const, stride, 0, dilation, groups)
