@@ -13,11 +13,15 @@ Two families, chosen per LUT (see :func:`choose_kernel`):
   :func:`integer_factorization` finds such factors and verifies ``U @ V.T == LUT``
   exactly in int64 before they are used.
 * **Gather** -- for high-rank LUTs: a sum of table look-ups, accumulated in int32 (exact
-  while ``K * max|LUT| < 2**31``, otherwise int64). On CPU a numba kernel
-  (``parallel=True``) keeps the output tile of a batch item in cache and, for each
-  reduction index ``k`` and output channel ``j``, reuses the LUT row of the fixed weight
-  code ``LUT[:, B_kj]`` for the whole tile. Elsewhere (CUDA, ...) a chunked torch
-  gather does the same arithmetic.
+  while ``K * max|LUT| < 2**31``, otherwise int64). On CPU, numba kernels
+  (``parallel=True``): with many output positions per table entry (convolutions), the
+  *row kernel* expands ``e[k, x, j] = LUT[x, B_jk]`` once per call and adds, for every
+  position and ``k``, the contiguous row ``e[k, A_k, :]`` (all output channels) to the
+  position's accumulator row, over k-blocks whose slab of ``e`` stays in L2
+  (:func:`gather_conv_zp` also folds a quantized layer's zero-point cross terms into
+  ``e``); with few positions (small linear layers) a direct kernel reuses the LUT row of
+  each weight code ``LUT[:, B_kj]`` for a tile of positions. Elsewhere (CUDA, ...) a
+  chunked torch gather does the same arithmetic.
 
 Both work on *indices* ``value - min_value`` (tables are stored in value order; see
 :mod:`appmult.nn.functional`), in a GEMM-shaped layout shared by linear layers and
