@@ -277,3 +277,24 @@ def test_fused_lowrank_linear(name, scheme, grad, monkeypatch):
     torch.testing.assert_close(res[0][0], res[1][0], rtol=0, atol=0)
     torch.testing.assert_close(res[0][1], res[1][1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(res[0][2], res[1][2], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["lowrank", "gather"])
+def test_signed_fused_conv_ignores_zero_points_like_unfused(kernel, monkeypatch):
+    """approx_conv2d with a signed LUT and (unusual) nonzero zero points: fused == unfused
+    (padding inserts zx; no cross terms for signed LUTs)."""
+    p, w, s = FUSED_LUTS["trunc6s"]
+    lut = LutFile(p, width_a=w, width_b=w, signed=s)
+    tabs = FN.LutTables(lut, kernel=kernel)
+    monkeypatch.setattr(K, "ROWS_MIN_POSITIONS", 0)
+    rng = np.random.default_rng(7)
+    qx = torch.from_numpy(rng.integers(-32, 32, (2, 3, 6, 6)).astype(np.float32))
+    qw = torch.from_numpy(rng.integers(-32, 32, (4, 3, 3, 3)).astype(np.float32))
+    args = (qx, torch.tensor(0.05), torch.tensor(5.0), qw, torch.tensor(0.02), torch.full((4, 1, 1, 1), 3.0),
+            torch.zeros(4), tabs)
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(FN, "_FUSED_LOWRANK", fused)
+        monkeypatch.setattr(FN, "_FUSED_GATHER", fused)
+        outs.append(FN.approx_conv2d(*args, padding=1))
+    assert torch.equal(outs[0], outs[1])

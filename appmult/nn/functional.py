@@ -576,7 +576,9 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     step = (vabs * tabs._u_absmax[None]).sum(1)                           # (Co,) bound of one k
     q64 = qw.detach().to(torch.float64).reshape(co, k)
     zw_t = torch.as_tensor(np.ascontiguousarray(zwv), dtype=torch.float64, device=qw.device)
-    const = -zxf * (q64 - zw_t[:, None]).sum(1)                            # exact in float64
+    # exact in float64; signed LUTs carry no cross terms (as in the unfused path)
+    const = torch.zeros(co, dtype=torch.float64, device=qw.device) if tabs.signed else \
+        -zxf * (q64 - zw_t[:, None]).sum(1)
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
         return None
     vmax = max(float(np.abs(tabs._v_max).max()), float(np.abs(tabs._v_min).max()))
@@ -662,16 +664,17 @@ def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, 
     if zx.requires_grad or zw.requires_grad or qx.dtype != torch.float32:
         return None
     co = qw.shape[0]
+    zpad = int(round(float(zx)))  # padding inserts the activation zero point, signed or not
     if tabs.signed:
-        zxi, zwv = 0, None
+        zxi, zwv = 0, None  # no cross terms for signed LUTs (as in the unfused path)
     else:
-        zxi = int(round(float(zx)))
+        zxi = zpad
         zwv = zw.detach().reshape(-1).to(torch.int64).cpu().numpy()
         if zwv.size not in (1, co):
             return None
     iw = _idx(qw, tabs.lo_w).reshape(co, -1)
     return K.gather_conv_zp(qx.detach(), tabs.lo_x, iw, tabs.lo_w, tabs.prod, groups, tuple(qw.shape[2:]),
-                            padding, stride, dilation, zxi, zwv, out_dtype)
+                            padding, stride, dilation, zxi, zwv, out_dtype, pad_value=zpad)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -438,11 +438,12 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
 def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table: torch.Tensor, groups: int,
                    kernel_size: tuple[int, int], padding: tuple[int, int], stride: tuple[int, int],
                    dilation: tuple[int, int], zx: int, zw: np.ndarray | None,
-                   out_dtype: torch.dtype = torch.int32) -> torch.Tensor | None:
+                   out_dtype: torch.dtype = torch.int32, *, pad_value: int | None = None
+                   ) -> torch.Tensor | None:
     """The whole integer accumulator of a quantized conv by the numba row kernel (CPU), or ``None``.
 
     ``out[n, j, p] = sum_k table[x, w] - value(x) Zw_j - Zx value(w) + Zx Zw_j`` over each
-    receptive field of ``q`` padded with the value ``Zx`` (``x``/``w``: indices ``value -
+    receptive field of ``q`` padded with ``pad_value`` (default ``Zx``) (``x``/``w``: indices ``value -
     lo``; ``zw``: per-output-channel zero points, ``None`` for symmetric layers). The
     cross terms are folded into the expanded per-weight rows, so no pass besides the
     index conversion and unfold touches the activations.
@@ -482,9 +483,10 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
     step = int(np.abs(tab).max(initial=0)) + vx_max * zwm + abs(zx) * vw_max + abs(zx) * zwm
     if kg * step >= 1 << 31:
         return None
-    zidx = int(zx) - lo_x
+    pad_value = int(zx) if pad_value is None else int(pad_value)
+    zidx = pad_value - lo_x
     if not 0 <= zidx < na:
-        raise IndexError(f"Zero point {zx} outside the LUT's range")
+        raise IndexError(f"Padding value {pad_value} outside the LUT's range")
     qd = q.detach()
     if qd.numel():
         lo_q, hi_q = (float(v) for v in torch.aminmax(qd))
