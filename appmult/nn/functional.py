@@ -570,6 +570,8 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     zwv = zw.detach().to(torch.float64).reshape(-1).cpu().numpy()
     zwv = np.full(co, zwv[0]) if zwv.size == 1 else zwv
     zxf = float(zx)
+    if zwv.size != co or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+        return None  # integer zero points only (what the quantizers produce)
     coef = np.zeros(r) if tabs.signed else np.asarray(tabs.value_coef, np.float64)
     shift = coef[None, :] * zwv[:, None]                                   # (Co, r)
     vabs = np.maximum(np.abs(tabs._v_max[None] - shift), np.abs(tabs._v_min[None] - shift))
@@ -664,7 +666,10 @@ def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, 
     if zx.requires_grad or zw.requires_grad or qx.dtype != torch.float32:
         return None
     co = qw.shape[0]
-    zpad = int(round(float(zx)))  # padding inserts the activation zero point, signed or not
+    zxf = float(zx)
+    if zxf != round(zxf) or not torch.equal(zw.detach(), torch.round(zw.detach())):
+        return None  # integer zero points only (what the quantizers produce)
+    zpad = int(round(zxf))  # padding inserts the activation zero point, signed or not
     if tabs.signed:
         zxi, zwv = 0, None  # no cross terms for signed LUTs (as in the unfused path)
     else:
