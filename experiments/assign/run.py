@@ -92,7 +92,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = {}
+    # Datasets not run this time keep their earlier results (run one dataset at a time).
+    previous = HERE / "results.json"
+    results = json.loads(previous.read_text()) if previous.exists() else {}
     started = time.perf_counter()
     for ds in args.datasets:
         cfg = AssignConfig(candidates=CANDIDATES, model="lenet5", dataset=ds, out=f"{args.work}/{ds}",
