@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import exact
 
 torch = pytest.importorskip("torch")
 
@@ -17,10 +18,6 @@ from appmult.nn.data import (DATASETS, DatasetFormatError, ImageDataset,  # noqa
                              load_cifar10, load_digits_dataset, load_mnist5k, load_mnist_idx,
                              make_loaders)
 
-
-def exact(message: str) -> str:
-    """Regex matching ``message`` literally and entirely."""
-    return "^" + re.escape(message) + "$"
 
 
 # --- bundled sets ------------------------------------------------------------------------

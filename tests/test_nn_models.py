@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 
 import pytest
+from conftest import exact
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -12,9 +12,6 @@ from torch import nn  # noqa: E402
 from appmult.nn.data import DATASETS  # noqa: E402
 from appmult.nn.models import MLP, LeNet5, ResNet, build_model  # noqa: E402
 
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 SHAPES = [(1, 8), (1, 28), (3, 32)]  # digits, MNIST, CIFAR-10

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
+from conftest import exact
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -22,20 +22,8 @@ from appmult.nn.training import (CHECKPOINT_NAME, CheckpointError, Metrics,  # n
                                  seed_everything)
 
 
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One thread: bit-identical reductions between the runs compared here, and politer on
-    # a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def digits_run(model_name: str = "mlp", init_seed: int = 0, batch_size: int = 32):

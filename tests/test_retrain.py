@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
+from conftest import exact
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -26,18 +26,8 @@ from appmult.lut_gen import LutFile  # noqa: E402
 SPEC = "truncated:width=6,signed=false,columns=4"
 
 
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
