@@ -228,6 +228,28 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COMPAR
     return "\n".join(lines)
 
 
+def short_spec(spec: str) -> str:
+    """A spec for plot labels: family and its own parameters, without widths and signedness.
+
+    ``"truncated:width_a=8,width_b=8,signed=false,columns=8,compensate=false"`` becomes
+    ``"truncated(columns=8)"``; default-off flags (``=false``) are left out too, and a
+    signed multiplier says ``signed``.
+    """
+    family, _, params = spec.partition(":")
+    items, depth, cur = [], 0, ""
+    for ch in params + ",":
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        depth += (ch == "[") - (ch == "]")
+        cur += ch
+    keep = [kv for kv in items if kv and not kv.startswith(("width", "signed=")) and not kv.endswith("=false")]
+    if "signed=true" in items:
+        keep.append("signed")
+    return f"{family}({','.join(keep)})" if keep else family
+
+
 def pareto_plot(chars: Sequence, path: str | os.PathLike, *, error: str = "mre_pct",
                 cost: str = "transistors") -> Path:
     """Scatter of an error metric against a cost figure, with the Pareto front drawn.
@@ -259,9 +281,7 @@ def pareto_plot(chars: Sequence, path: str | os.PathLike, *, error: str = "mre_p
         xs, ys, names = zip(*pts)
         ax.scatter(xs, ys)
         for x, y, n in pts:
-            ax.annotate(n.split(":")[0] + ":" + ",".join(p for p in n.split(":", 1)[-1].split(",")
-                                                         if not p.startswith(("width", "signed"))),
-                        (x, y), fontsize=6)
+            ax.annotate(short_spec(n), (x, y), fontsize=6)
         front, best = [], float("inf")
         for x, y, _ in sorted(pts):
             if y < best:

@@ -267,7 +267,8 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     from matplotlib.figure import Figure
 
     from ..files import atomic_writer
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    from ..lut_gen.report import short_spec
+    fig = Figure(figsize=(8, 5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for p in points:
@@ -277,7 +278,8 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
         if p.get("accuracy_before") is not None:
             ax.scatter([p["cost"]], [100 * p["accuracy_before"]], facecolors="none", edgecolors=color,
                        marker=marker, s=140 if het else 40, zorder=2)
-        ax.annotate(p["label"], (p["cost"], 100 * p["accuracy"]), fontsize=7, xytext=(4, 3),
+        label = "assignment" if het else short_spec(str(p["label"]))
+        ax.annotate(label, (p["cost"], 100 * p["accuracy"]), fontsize=7, xytext=(4, 3),
                     textcoords="offset points")
     ax.set(xlabel=f"ops-weighted relative cost ({cost_figure}, exact = 1)", ylabel="test accuracy (%)",
            title=title or "accuracy vs. multiplier cost (filled: retrained, hollow: before)")

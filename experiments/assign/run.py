@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from appmult.lut_gen.report import short_spec
 from appmult.nn.assign import AssignConfig, run_assign
 
 HERE = Path(__file__).resolve().parent
@@ -41,12 +42,6 @@ SETTINGS = {
 }
 
 
-def short(spec: str) -> str:
-    fam, _, params = spec.partition(":")
-    keep = [kv for kv in params.split(",") if not kv.startswith(("width", "signed", "compensate=false"))]
-    return f"{fam}({','.join(keep)})" if keep else fam
-
-
 def markdown(all_results: dict) -> str:
     lines = []
     for ds, r in all_results.items():
@@ -60,7 +55,7 @@ def markdown(all_results: dict) -> str:
                   "| measured mean | predicted bias K·mu |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for v in r["validation"]:
-            lines.append(f"| {v['layer']} | {v['fan_in']} | {short(v['multiplier'])} | {v['measured_std']:.0f} "
+            lines.append(f"| {v['layer']} | {v['fan_in']} | {short_spec(v['multiplier'])} | {v['measured_std']:.0f} "
                          f"| {v['global_sigma']:.0f} | {100 * v['global_rel_error']:+.1f}% "
                          f"| {v['population_sigma']:.0f} | {100 * v['population_rel_error']:+.1f}% "
                          f"| {v['measured_mean']:.0f} | {v['global_bias']:.0f} |")
@@ -73,13 +68,13 @@ def markdown(all_results: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for row in plan["layers"]:
             lines.append(f"| {row['layer']} | {row['ops']} | {row['sigma_l']:.3f} | {row['exact_std']:.0f} "
-                         f"| {row['tolerance']:.0f} | {short(row['chosen'])}{'' if row['fits'] else ' (none fits)'} "
+                         f"| {row['tolerance']:.0f} | {short_spec(row['chosen'])}{'' if row['fits'] else ' (none fits)'} "
                          f"| {row['predicted_sigma']:.0f} | {row['cost']:.3f} |")
         lines += ["", f"Total ops-weighted relative {plan['cost_figure']}: **{plan['total_relative_cost']:.3f}**", "",
                   "### Cost vs accuracy (test set; STE retraining)", "",
                   "| configuration | relative cost | accuracy before retraining | after |", "|---|---|---|---|"]
         for p in sorted(r["points"], key=lambda p: p["cost"]):
-            lines.append(f"| {'**assignment**' if p['kind'] == 'heterogeneous' else short(p['label'])} "
+            lines.append(f"| {'**assignment**' if p['kind'] == 'heterogeneous' else short_spec(p['label'])} "
                          f"| {p['cost']:.3f} | {100 * p['accuracy_before']:.2f}% | {100 * p['accuracy']:.2f}% |")
         lines.append("")
     return "\n".join(lines)
