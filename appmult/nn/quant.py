@@ -81,6 +81,25 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad * inside / scale, None, None, None, None
 
 
+def _fake_quant_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                       qmin: int, qmax: int) -> torch.Tensor:
+    """``_FakeQuantSTE``'s forward without the STE mask or autograd: one new tensor, then in
+    place (``x / s``, ``+ Z``, round, clamp -- the same float operations in the same order,
+    so bit-identical to ``clamp(round(x / s + Z))``)."""
+    t = torch.div(x, scale)
+    t.add_(zero_point)
+    t.round_()
+    return t.clamp_(qmin, qmax)
+
+
+def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+                ) -> torch.Tensor:
+    """Integer-valued quantization; the STE autograd function only where a gradient can flow."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax)
+    return _fake_quant_nograd(x, scale, zero_point, qmin, qmax)
+
+
 def _scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, width: int, signed: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     qmin, qmax = quant_range(width, signed)
@@ -144,7 +163,7 @@ class WeightQuantizer(_Quantizer):
     def forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(q, scale, zero_point)``; ``q`` holds integer values (float dtype, STE gradient)."""
         s, z = self.scale_zero_point(w)
-        return _FakeQuantSTE.apply(w, s, z, self.qmin, self.qmax), s, z
+        return _fake_quant(w, s, z, self.qmin, self.qmax), s, z
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.scheme.value}"
@@ -182,7 +201,8 @@ class ActivationQuantizer(_Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Update the range from a batch."""
-        lo, hi = x.min().to(self.min_val.dtype), x.max().to(self.max_val.dtype)
+        lo, hi = torch.aminmax(x)  # one pass (min and max separately were two)
+        lo, hi = lo.to(self.min_val.dtype), hi.to(self.max_val.dtype)
         if not bool(self.initialized):
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
@@ -204,7 +224,7 @@ class ActivationQuantizer(_Quantizer):
         if update or not bool(self.initialized):
             self.observe(x)
         s, z = self.scale_zero_point()
-        return _FakeQuantSTE.apply(x, s, z, self.qmin, self.qmax), s, z
+        return _fake_quant(x, s, z, self.qmin, self.qmax), s, z
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.observer.value}"
