@@ -168,3 +168,104 @@ def test_dequantize_in_place_matches_out_of_place():
     assert torch.equal(y, ref)
     y.sum().backward()
     assert torch.equal(a.grad, scale.expand_as(acc)) and torch.equal(b.grad, torch.full_like(bias, 100.0))
+
+
+# ------------------------------------------------------------------------------------------
+# Weight-side cache (no-grad forwards)
+# ------------------------------------------------------------------------------------------
+
+from test_nn_luts import random_lut, truncated  # noqa: E402
+
+CACHE_LUTS = {"exact8u": (exact(8, False), 8, False), "trunc8u": (truncated(8, 4), 8, False),
+              "trunc6s": (truncated(6, 3, signed=True), 6, True), "random6u": (random_lut(6, 2), 6, False)}
+
+
+def _fresh_output(layer, x):
+    """The output without any cache: computed with a gradient flowing to the weight."""
+    with torch.enable_grad():
+        return layer(x).detach()
+
+
+def _cache_layers(name):
+    p, w, s = CACHE_LUTS[name]
+    cfg = ApproxConfig(LutFile(p, width_a=w, width_b=w, signed=s))
+    torch.manual_seed(1)
+    conv = ApproxConv2d.from_float(torch.nn.Conv2d(4, 6, 3, padding=1), cfg)
+    lin = ApproxLinear.from_float(torch.nn.Linear(12, 5), cfg)
+    return [(conv, torch.rand(2, 4, 7, 7) - 0.3), (lin, torch.rand(6, 12) - 0.3)]
+
+
+@pytest.mark.parametrize("name", list(CACHE_LUTS))
+def test_weight_cache_sees_every_weight_update(name):
+    for layer, x in _cache_layers(name):
+        layer.eval()
+        layer(x)
+        with torch.no_grad():
+            y0 = layer(x)
+            assert layer._weight_cache() is not None  # cached
+            assert torch.equal(layer(x), y0)  # a cache hit gives the same output
+        assert torch.equal(_fresh_output(layer, x), y0)
+        updates = [
+            lambda w: w.add_(0.05),                                     # in place (version bump)
+            lambda w: w.data.copy_(torch.randn_like(w) * 0.2),          # through .data (no bump)
+            lambda w: w.data.mul_(-1.0),
+            lambda w: setattr(layer.weight, "data", torch.randn_like(w)),  # new storage
+        ]
+        for upd in updates:
+            with torch.no_grad():
+                before = layer(x)
+                upd(layer.weight)
+                after = layer(x)
+            ref = _fresh_output(layer, x)
+            assert torch.equal(after, ref)
+            assert not torch.equal(after, before)
+        # load_state_dict and an optimizer step
+        sd = layer.state_dict()
+        sd["weight"] = sd["weight"].clone() * 0.5
+        layer.load_state_dict(sd)
+        with torch.no_grad():
+            assert torch.equal(layer(x), _fresh_output(layer, x))
+        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+        layer.train()
+        layer(x).square().sum().backward()
+        opt.step()
+        layer.eval()
+        with torch.no_grad():
+            assert torch.equal(layer(x), _fresh_output(layer, x))
+
+
+def test_weight_cache_follows_zero_point_mode_and_scheme():
+    layer, x = _cache_layers("trunc8u")[0]
+    layer.eval()
+    layer(x)
+    with torch.no_grad():
+        y0 = layer(x)
+        # the activation zero point changes (observer update in training mode): new folded tables
+        zx0 = float(layer.act_quant.scale_zero_point()[1])
+        layer.train()
+        layer(x * 3 - 1)
+        layer.eval()
+        assert float(layer.act_quant.scale_zero_point()[1]) != zx0
+        assert torch.equal(layer(x * 3 - 1), _fresh_output(layer, x * 3 - 1))
+        layer.exact_multiplication = True
+        ye = layer(x)
+        assert torch.equal(ye, _fresh_output(layer, x))
+        layer.exact_multiplication = False
+        layer.weight_quant.scheme = Q.WeightScheme.PER_TENSOR
+        yt = layer(x)
+        assert torch.equal(yt, _fresh_output(layer, x))
+        assert not torch.equal(yt, y0)
+
+
+def test_weight_cache_not_used_with_weight_gradients():
+    layer, x = _cache_layers("trunc8u")[0]
+    layer.train()
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert layer.__dict__.get("_wcache") is None and layer._weight_cache() is None
+    # a frozen weight may use the cache even with gradients enabled (input gradients only)
+    layer.weight.requires_grad_(False)
+    layer.eval()
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert layer._weight_cache() is not None and xg.grad is not None

@@ -598,7 +598,7 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
-def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dilation, groups):
+def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dilation, groups, prep=None):
     """Rank-1 ``U = value(x)`` accumulator as an ordinary zero-padded conv of ``qx - Zx``, or ``None``.
 
     ``sum_k qx_k wv_k + C = sum_k (qx_k - Zx) wv_k + (C + Zx sum_k wv_k)``; padded positions
@@ -610,15 +610,25 @@ def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dil
     q = qx.detach()
     if q.dtype != torch.float32 or q.dim() != 4:
         return None
+    prep = _rank1_prep(zx, wv, const, tabs) if prep is None else prep
+    if prep is False:
+        return None
+    wc, bias = prep
+    zxf = float(zx)
+    xs = q if zxf == 0.0 else q - zxf
+    return F.conv2d(xs, wc, bias, stride, padding, dilation, groups)
+
+
+def _rank1_prep(zx, wv, const, tabs: LutTables):
+    """Weights and bias of :func:`_rank1_shifted_conv` (``False`` when not exact in float32)."""
     zxf = float(zx)
     wc = wv.contiguous()
     w64 = wc.to(torch.float64)
     bias = const.to(torch.float64) + zxf * w64.sum((1, 2, 3))
     xmax = max(abs(tabs.lo_x - zxf), abs(tabs.lo_x + tabs.prod.shape[0] - 1 - zxf))
     if float((w64.abs().sum((1, 2, 3)) * xmax + bias.abs()).max()) >= K.FP32_EXACT_LIMIT:
-        return None
-    xs = q if zxf == 0.0 else q - zxf
-    return F.conv2d(xs, wc, bias.to(torch.float32), stride, padding, dilation, groups)
+        return False
+    return wc, bias.to(torch.float32)
 
 
 class _LowRankConvZpFn(torch.autograd.Function):
@@ -631,7 +641,7 @@ class _LowRankConvZpFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, padding, stride, dilation, groups):
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, padding, stride, dilation, groups, r1=None):
         ph, pw = padding
         zidx = int(round(float(zx))) - tabs.lo_x
         # int32 indices padded with the zero point's index (a numba value -> U-row pass was
@@ -639,7 +649,7 @@ class _LowRankConvZpFn(torch.autograd.Function):
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
         if tabs.u_is_value:
-            y = _rank1_shifted_conv(qx, zx, wv, const, tabs, padding, stride, dilation, groups)
+            y = _rank1_shifted_conv(qx, zx, wv, const, tabs, padding, stride, dilation, groups, r1)
             if y is not None:
                 return y
             # rank 1 with U = value(x) (e.g. the exact product): the mapped operand is qx itself
@@ -655,7 +665,7 @@ class _LowRankConvZpFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gx, gw = _zp_conv_backward(ctx, grad)
-        return gx, gw, None, None, None, None, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None, None, None, None, None
 
 
 def _zp_conv_backward(ctx, grad):
@@ -744,6 +754,16 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
                          f"inputs and cannot represent non-finite values")
 
 
+def _cached(cache: dict | None, key, make):
+    """``make()``, memoized in ``cache`` (a layer's weight-side cache, cleared when its weight
+    changes; ``None``: no caching)."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def _dequantize(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
                 ) -> torch.Tensor:
     """``scale * acc + bias`` (same operations, same order), in place on the fresh accumulator
@@ -764,7 +784,7 @@ def _dequantize(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
 
 def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                   zw: torch.Tensor, bias: torch.Tensor | None, tabs: LutTables | None, *,
-                  exact: bool = False) -> torch.Tensor:
+                  exact: bool = False, cache: dict | None = None) -> torch.Tensor:
     """Dequantized linear output from quantized operands.
 
     ``y = sx * sw * sum_k (AM(qx, qw) - qx*zw - zx*qw + zx*zw) + bias``; with ``tabs=None``
@@ -776,6 +796,8 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
         bias: optional ``(N,)``.
         tabs: LUT tables, or ``None`` for exact multiplication.
         exact: exact accumulation.
+        cache: optional dict for weight-side tables derived from ``qw``/``zw`` (and ``zx``);
+            the caller must pass a fresh one whenever the weights change.
 
     Returns:
         ``(M, N)`` output in ``qx``'s dtype.
@@ -786,7 +808,8 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
     fold = None
     if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and _FUSED_LOWRANK and qx.dim() == 2:
         n, k = qw.shape
-        fold = _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs)
+        fold = _cached(cache, ("fold", id(tabs), float(zx)),
+                       lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs))
     if fold is not None:
         acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1]).to(dt)
     elif tabs is None:
@@ -801,7 +824,8 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 
 def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
                   zw: torch.Tensor, bias: torch.Tensor | None, tabs: LutTables | None, *, stride=1,
-                  padding=0, dilation=1, groups: int = 1, exact: bool = False) -> torch.Tensor:
+                  padding=0, dilation=1, groups: int = 1, exact: bool = False, cache: dict | None = None
+                  ) -> torch.Tensor:
     """Dequantized conv2d output from quantized operands (see :func:`approx_linear`).
 
     Padding inserts the activation zero point (a code), not a literal 0: a padded position
@@ -818,9 +842,12 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
     swr = sw.reshape(1, co, 1, 1) if sw.dim() else sw
     fold = None
     if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and _FUSED_LOWRANK:
-        fold = _folded_lowrank_weights(qw, zx, zw, tabs)
+        fold = _cached(cache, ("fold", id(tabs), float(zx)), lambda: _folded_lowrank_weights(qw, zx, zw, tabs))
     if fold is not None:
-        acc = _LowRankConvZpFn.apply(qx, qw, zx, zw, tabs, fold[0], fold[1], (ph, pw), st, dil, groups).to(dt)
+        r1 = None
+        if tabs.u_is_value:
+            r1 = _cached(cache, ("rank1", id(tabs), float(zx)), lambda: _rank1_prep(zx, fold[0], fold[1], tabs))
+        acc = _LowRankConvZpFn.apply(qx, qw, zx, zw, tabs, fold[0], fold[1], (ph, pw), st, dil, groups, r1).to(dt)
         return _dequantize(acc, (sx * swr).to(dt), None if bias is None else bias.to(dt).reshape(1, co, 1, 1), qx.dtype)
     if tabs is not None and _FUSED_GATHER and tabs.kernel is Kernel.GATHER:
         acc = _gather_conv_zp(qx, qw, zx, zw, tabs, (ph, pw), st, dil, groups, dt)

@@ -52,8 +52,39 @@ class _ApproxMixin:
     def _quantize(self, x: torch.Tensor):
         _check_finite(x, type(self).__name__)
         qx, sx, zx = self.act_quant(x)
-        qw, sw, zw = self.weight_quant(self.weight)
+        (qw, sw, zw), _ = self._quantized_weight()
         return qx, sx, zx, qw, sw, zw
+
+    def _quantized_weight(self):
+        """``((qw, sw, zw), cache)``: the quantized weight and a dict for weight-side tables.
+
+        Where no gradient can reach the weight (``torch.no_grad()``, or a frozen weight) both
+        are kept between forwards and reused while the weight is unchanged: same storage,
+        same version counter (bumped by every in-place update: optimizer steps,
+        ``load_state_dict``) and, against writes through ``.data`` that bypass the counter,
+        the same values as a private copy (one pass over the weight, small next to the
+        activations). Otherwise they are computed afresh and ``cache`` is ``None``.
+        """
+        w, wq = self.weight, self.weight_quant
+        if torch.is_grad_enabled() and w.requires_grad:
+            self.__dict__["_wcache"] = None
+            return wq(w), None
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, id(wq), wq.scheme, wq.width, wq.signed)
+        c = self.__dict__.get("_wcache")
+        if c is None or c["key"] != key or not torch.equal(c["w"], w.detach()):
+            with torch.no_grad():
+                q = wq(w)
+            c = {"key": key, "w": w.detach().clone(), "q": q, "tables": {}}
+            self.__dict__["_wcache"] = c
+        return c["q"], c["tables"]
+
+    def _weight_cache(self):
+        """The weight-side table cache of the current forward (``None`` when not cached)."""
+        c = self.__dict__.get("_wcache")
+        w = self.weight
+        if c is None or (torch.is_grad_enabled() and w.requires_grad) or c["key"][:2] != (w.data_ptr(), w._version):
+            return None
+        return c["tables"]
 
     def _int_quantize(self, x: torch.Tensor):
         saved = self.act_quant.observing
@@ -129,7 +160,8 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         lead = x.shape[:-1]
         qx, sx, zx, qw, sw, zw = self._quantize(self._flat(x))
         tabs = None if self.exact_multiplication else self.lut
-        y = approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate)
+        y = approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
+                          cache=self._weight_cache())
         if self._corrects():
             # The correction is a constant of the inference pass (no gradient through it).
             c = self._correction(self._act_sum_linear(qx), qw, 1)
@@ -232,7 +264,7 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         qx, sx, zx, qw, sw, zw = self._quantize(x)
         tabs = None if self.exact_multiplication else self.lut
         y = approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
-                          **self._geom())
+                          cache=self._weight_cache(), **self._geom())
         if self._corrects():
             c = self._correction(self._act_sum_conv(qx, zx), qw, 1)
             y = y - (sx * sw.reshape(1, -1, 1, 1) * c.to(y.dtype)).detach()
