@@ -67,8 +67,7 @@ class _ApproxMixin:
         """
         w, wq = self.weight, self.weight_quant
         if torch.is_grad_enabled() and w.requires_grad:
-            self.__dict__["_wcache"] = None
-            return wq(w), None
+            return wq(w), None  # (a kept cache stays valid: it is checked against the weight when used)
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, id(wq), wq.scheme, wq.width, wq.signed)
         c = self.__dict__.get("_wcache")
         if c is None or c["key"] != key or not torch.equal(c["w"], w.detach()):
