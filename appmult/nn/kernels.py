@@ -55,10 +55,13 @@ __all__ = [
 FP32_EXACT_LIMIT = 1 << 24
 FP64_EXACT_LIMIT = 1 << 53
 
-#: Largest rank the automatic choice sends to the low-rank kernel. The low-rank GEMM costs
-#: about ``r`` exact GEMMs; the numba gather costs about 10-25 exact fp32 GEMMs on a
-#: 2-core AVX2 machine (benchmarks/bench_nn.py), so beyond ~12 the gather is faster.
-AUTO_MAX_RANK = 12
+#: Largest rank the automatic choice sends to the low-rank kernel. Measured forward (2-core
+#: AVX-512 EPYC, batch 128, after the quantizer/caching work; benchmarks/bench_nn.py sizes):
+#: low-rank costs ~(r + 0.5..1) exact convs on the ResNet-20 conv (r = 5..8: 5.9-7.9x) against
+#: ~9.2x for the gather, i.e. a crossover near r = 9-10; on the LeNet conv and the linear layer
+#: the gather is relatively slower (11-14x), crossover ~13. 10 favours the large layers,
+#: which dominate a network's time.
+AUTO_MAX_RANK = 10
 
 
 # ------------------------------------------------------------------------------------------
