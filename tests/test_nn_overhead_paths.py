@@ -269,3 +269,30 @@ def test_weight_cache_not_used_with_weight_gradients():
     xg = x.clone().requires_grad_(True)
     layer(xg).sum().backward()
     assert layer._weight_cache() is not None and xg.grad is not None
+
+
+def test_rank1_linear_uses_qx_directly_and_is_bit_exact():
+    lut = LutFile(exact(8, False), width_a=8, width_b=8, signed=False)
+    torch.manual_seed(3)
+    layer = ApproxLinear.from_float(torch.nn.Linear(37, 9), ApproxConfig(lut, kernel="lowrank"))
+    assert layer.lut.u_is_value
+    x = torch.rand(11, 37) * 2 - 0.6
+    layer.eval()
+    layer(x)
+    with torch.no_grad():
+        y = layer(x)
+    qx, sx, zx = layer.act_quant(x)
+    qw, sw, zw = layer.weight_quant(layer.weight)
+    assert float(zx) != 0.0
+    acc = (qx.detach().numpy().astype(np.int64) - int(zx)) @ (qw.detach().numpy().astype(np.int64)
+                                                              - zw.detach().numpy().astype(np.int64)).T
+    ref = (sx * sw.reshape(1, -1)) * torch.from_numpy(acc).to(torch.float32) + layer.bias.detach()
+    assert torch.equal(y, ref)
+    # with gradients (STE backward unchanged)
+    layer.train()
+    layer.act_quant.observing = False
+    xg = x.clone().requires_grad_(True)
+    out = layer(xg)
+    assert torch.equal(out.detach(), ref)
+    out.sum().backward()
+    assert xg.grad is not None and layer.weight.grad is not None

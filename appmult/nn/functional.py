@@ -400,7 +400,10 @@ class _LowRankLinearZpFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const):
         m, k = qx.shape
-        xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
+        if tabs.u_is_value and qx.dtype == torch.float32:
+            xu = qx.detach()  # rank 1 with U = value(x): the mapped operand is qx itself
+        else:
+            xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
         return torch.addmm(const, xu.reshape(m, -1), wv.t())
