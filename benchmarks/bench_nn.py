@@ -6,7 +6,9 @@ built here with numpy so the benchmark needs no Yosys): a low-rank truncated mul
 (unsigned, low partial-product columns dropped: exact integer rank 1 + columns) and a
 high-rank one (exact product plus a random error table: no factorization, gather kernel).
 Baseline: the naive PyTorch emulation (unfold, then one table look-up per product and a
-sum), timed on a slice of the batch and scaled. All callables of a layer run interleaved
+sum), timed on a slice of the batch and scaled. ``fwd`` rows are repeated eval forwards
+(observer frozen, weights unchanged, so the layers' weight-side cache hits); ``fwd+bwd`` rows
+run in training mode. All callables of a layer run interleaved
 (one run of each per round, best of N rounds) and the load average is printed, because
 the development machine is shared.
 
