@@ -79,14 +79,14 @@ def _rank1_layer(signed, geom, seed):
     return ApproxConv2d.from_float(base, ApproxConfig(lut, kernel="lowrank")), g
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("geom", range(len(FUSED_GEOMS)))
 @pytest.mark.parametrize("offset", [0.0, -0.5, -0.2])
-def test_rank1_shifted_conv_is_bit_exact(geom, offset):
+def test_rank1_shifted_conv_is_bit_exact(signed, geom, offset):
     """The zero-padded conv of ``qx - Zx`` == brute-force accumulator with padding ``Zx``.
 
-    (The signed exact product factors as ``U = -value(x)``, so only unsigned takes this path.)
+    (The signed exact product factors as ``U = -value(x)``; the tables negate both factors.)
     """
-    signed = False
     layer, g = _rank1_layer(signed, geom, geom)
     layer.eval()
     assert layer.lut.u_is_value
@@ -98,6 +98,8 @@ def test_rank1_shifted_conv_is_bit_exact(geom, offset):
     qw, sw, zw = layer.weight_quant(layer.weight)
     if not signed:
         assert (float(zx) == 0.0) == (offset == 0.0)
+    else:
+        assert float(zx) == 0.0  # symmetric
     st, pd, dl = (FN._pair(g[k]) for k in ("stride", "padding", "dilation"))
     wv, const = FN._folded_lowrank_weights(qw, zx, zw, layer.lut)
     assert FN._rank1_shifted_conv(qx, zx, wv, const, layer.lut, pd, st, dl, g["groups"]) is not None

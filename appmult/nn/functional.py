@@ -160,6 +160,10 @@ class LutTables(nn.Module):
         self.register_buffer("prod", torch.from_numpy(prod.copy()).to(dt), persistent=False)
 
         fac = K.cached_integer_factorization(self.sha256 + activation_operand, prod, vx, vw)
+        if fac is not None and fac.rank == 1 and np.array_equal(fac.u[:, 0], -vx):
+            # U = -value(x) (the echelon form's sign, e.g. the signed exact product): negate
+            # both factors (same product, same bound) so the rank-1 shortcuts apply
+            fac = K.LowRank(-fac.u, -fac.v, fac.bound)
         self.rank = None if fac is None else fac.rank
         self.bound = None if fac is None else fac.bound
         kern = Kernel(kernel)
