@@ -80,7 +80,11 @@ def test_conv_int_accumulators_bit_exact(name, kernel, geom):
     size = g.pop("size")
     torch.manual_seed(geom)
     if kernel == "lowrank" and LutTables(lut).rank is None:
-        pytest.skip("no exact low-rank factorization")
+        # A high-rank LUT cannot take the low-rank kernel: asking for it is a clear error.
+        with pytest.raises(ValueError, match=f"LUT {lut.lut_id} has no exact integer factorization "
+                                             r"of rank <= 32; use kernel='gather' or kernel='auto'"):
+            ApproxConv2d(4, 4, 3, bias=True, config=ApproxConfig(lut, kernel=kernel), **g)
+        return
     layer = ApproxConv2d(4, 4, 3, bias=True, config=ApproxConfig(lut, kernel=kernel), **g).eval()
     # Inputs shifted positive so that unsigned zero points are nonzero and padding matters.
     x = torch.randn(2, 4, size, size) + 0.7
@@ -99,7 +103,9 @@ def test_conv_int_accumulators_bit_exact(name, kernel, geom):
 def test_linear_int_accumulators_bit_exact(name, kernel):
     lut = make_lut(name)
     if kernel == "lowrank" and LutTables(lut).rank is None:
-        pytest.skip("no exact low-rank factorization")
+        with pytest.raises(ValueError, match=r"has no exact integer factorization of rank <= 32"):
+            ApproxLinear(37, 5, config=ApproxConfig(lut, kernel=kernel))
+        return
     torch.manual_seed(1)
     layer = ApproxLinear(37, 5, config=ApproxConfig(lut, kernel=kernel)).eval()
     x = torch.randn(6, 37) + 0.3
