@@ -21,6 +21,16 @@ from .quant import ActivationQuantizer, WeightQuantizer
 __all__ = ["ApproxConv2d", "ApproxLinear"]
 
 
+
+def _adopt_trained(new: nn.Module, module: nn.Module) -> nn.Module:
+    """Give a freshly built approximate layer the float module's trained weights, bias and mode."""
+    with torch.no_grad():
+        new.weight.copy_(module.weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+    new.train(module.training)
+    return new
+
 class _ApproxMixin:
     """Shared set-up of the quantizers and tables from a config."""
 
@@ -142,12 +152,7 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
             raise TypeError(f"ApproxLinear.from_float needs an nn.Linear, not {type(module).__name__}")
         new = cls(module.in_features, module.out_features, module.bias is not None, config=config,
                   device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
-        new.train(module.training)
-        return new
+        return _adopt_trained(new, module)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -248,12 +253,7 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, config=config,
                   device=module.weight.device, dtype=module.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(module.weight)
-            if module.bias is not None:
-                new.bias.copy_(module.bias)
-        new.train(module.training)
-        return new
+        return _adopt_trained(new, module)
 
     def _geom(self) -> dict:
         return dict(stride=self.stride, padding=_pair(self.padding), dilation=self.dilation, groups=self.groups)
