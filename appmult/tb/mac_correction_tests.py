@@ -25,13 +25,13 @@ from typing import Any
 
 import cocotb
 import numpy as np
-from cocotb.triggers import Timer
 
 from appmult.codes import codes_to_values
 from appmult.hdl.mac import mac_correction_reference, mac_reference
 from appmult.lut_gen.lutfile import LutFile
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.runner import CONFIG_ENV, pack_lanes, read_tb_config, write_tb_result
+from appmult.tb.mac_drive import run_beats
+from appmult.tb.runner import pack_lanes, read_tb_config, write_tb_result
 
 __all__ = ["run_mac_correction"]
 
@@ -74,30 +74,17 @@ async def corrected_accumulator_matches_reference(dut) -> None:
 
     t0 = time.perf_counter()
     n = len(a_words)
-    dut.clk.value = 0
-    dut.rst.value = 1
-    for port in ("valid_in", "clear", "a", "b", "alpha_fx", "beta"):
-        getattr(dut, port).value = 0
-    await Timer(1, "ns")
-    dut.clk.value = 1
-    await Timer(1, "ns")
-    dut.rst.value = 0
-    seen: list[tuple[Any, Any, Any]] = []
-    for k in range(n + latency - 1):
-        beat = k < n
-        dut.a.value = a_words[k] if beat else 0
-        dut.b.value = b_words[k] if beat else 0
-        dut.valid_in.value = int(st["valid"][k]) if beat else 0
-        dut.clear.value = int(st["clear"][k]) if beat else 0
-        shown = k - (latency - 1)          # the beat that acc holds after this edge
+
+    def hold_correction(k: int) -> None:
+        # The correction inputs belong to the beat that acc shows after this edge.
+        shown = k - (latency - 1)
         if shown >= 0:
             dut.alpha_fx.value = int(st["alpha_fx"][shown])
             dut.beta.value = int(st["beta"][shown])
-        dut.clk.value = 0
-        await Timer(1, "ns")
-        dut.clk.value = 1
-        await Timer(1, "ns")
-        seen.append((dut.acc.value, dut.xsum.value, dut.corrected.value))
+
+    seen = await run_beats(dut, a_words, b_words, st["valid"], st["clear"], latency=latency,
+                           sample=lambda d: (d.acc.value, d.xsum.value, d.corrected.value),
+                           extra_ports=("alpha_fx", "beta"), before_edge=hold_correction)
     sim_s = time.perf_counter() - t0
 
     def read(v, is_signed: bool) -> int | None:

@@ -19,11 +19,11 @@ from typing import Any
 
 import cocotb
 import numpy as np
-from cocotb.triggers import Timer
 
 from appmult.codes import codes_by_value
 from appmult.hdl.mac import mac_reference
 from appmult.lut_gen.lutfile import load as load_lut
+from appmult.tb.mac_drive import run_beats
 from appmult.tb.runner import pack_lanes, read_tb_config, write_tb_result
 
 
@@ -78,30 +78,8 @@ async def accumulator_matches_lut(dut) -> None:
 
     t0 = time.perf_counter()
     n = cfg["cycles"]
-    dut.clk.value = 0
-    dut.rst.value = 1
-    dut.valid_in.value = 0
-    dut.clear.value = 0
-    dut.a.value = 0
-    dut.b.value = 0
-    await Timer(1, "ns")
-    dut.clk.value = 1
-    await Timer(1, "ns")
-    dut.rst.value = 0
-    observed = []
-    # Beat k is sampled at edge k and shows after edge k + latency - 1; run idle cycles
-    # at the end so the last beats come out.
-    for k in range(n + latency - 1):
-        beat = k < n
-        dut.a.value = a_words[k] if beat else 0
-        dut.b.value = b_words[k] if beat else 0
-        dut.valid_in.value = int(st["valid"][k]) if beat else 0
-        dut.clear.value = int(st["clear"][k]) if beat else 0
-        dut.clk.value = 0
-        await Timer(1, "ns")
-        dut.clk.value = 1
-        await Timer(1, "ns")
-        observed.append((dut.acc.value, dut.valid_out.value))
+    observed = await run_beats(dut, a_words, b_words, st["valid"], st["clear"], latency=latency,
+                               sample=lambda d: (d.acc.value, d.valid_out.value))
     sim_s = time.perf_counter() - t0
 
     mismatches = []
