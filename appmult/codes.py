@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidTypeError, InvalidValueError
+
 __all__ = [
     "check_codes",
     "code_range",
@@ -24,7 +26,7 @@ __all__ = [
 
 def _check_width(width: int) -> None:
     if not isinstance(width, (int, np.integer)) or isinstance(width, bool) or not 1 <= width <= 62:
-        raise TypeError(f"Width must be an integer in 1..62, not {width!r}")
+        raise InvalidTypeError(f"Width must be an integer in 1..62, not {width!r}")
 
 
 def value_range(width: int, signed: bool) -> tuple[int, int]:
@@ -69,12 +71,12 @@ def values_to_codes(values, width: int, signed: bool) -> np.ndarray:
     """
     v = np.asarray(values)
     if v.dtype.kind not in "iub":
-        raise TypeError(f"Values must be integers, not {v.dtype}")
+        raise InvalidTypeError(f"Values must be integers, not {v.dtype}")
     v = v.astype(np.int64)
     lo, hi = value_range(width, signed)
     if v.size and (v.min() < lo or v.max() > hi):
         bad = v[(v < lo) | (v > hi)].flat[0]
-        raise ValueError(
+        raise InvalidValueError(
             f"Value {int(bad)} does not fit a {width}-bit {'signed' if signed else 'unsigned'} "
             f"operand ({lo}..{hi})"
         )
@@ -91,11 +93,11 @@ def check_codes(codes, width: int) -> np.ndarray:
     _check_width(width)
     c = np.asarray(codes)
     if c.dtype.kind not in "iub":
-        raise TypeError(f"Operand codes must be integers, not {c.dtype}")
+        raise InvalidTypeError(f"Operand codes must be integers, not {c.dtype}")
     c = c.astype(np.int64)
     if c.size and (c.min() < 0 or c.max() >= (1 << width)):
         bad = c[(c < 0) | (c >= (1 << width))].flat[0]
-        raise ValueError(f"Operand code {int(bad)} is out of range for a {width}-bit operand (0..{(1 << width) - 1})")
+        raise InvalidValueError(f"Operand code {int(bad)} is out of range for a {width}-bit operand (0..{(1 << width) - 1})")
     return c
 
 

@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .files import atomic_write_text
     from .hdl import ExactMultiplier, MacUnit, export_verilog, from_spec
-    from .lut_gen import characterize
+    from .flows import RetrainConfig, characterize, run_retrain
     from .lut_gen.report import write_report
-    from .nn.retrain import RetrainConfig, run_retrain
     from .tb import verify_multiplier
 
     out = Path(args.out)
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     files.update({f"char_{k}": v for k, v in written.items()})
     m, cost = char.metrics, char.cost or {}
     rel = cost.get("relative", {})
-    print(f"      ER {m['er']:.1f}%  MRE {m['mre_pct']:.2f}%  NMED {m['nmed_pct']:.3f}%  WCE {m['wce']}  "
+    print(f"      ER {m['er_pct']:.1f}%  MRE {m['mre_pct']:.2f}%  NMED {m['nmed_pct']:.3f}%  WCE {m['wce']}  "
           f"bias {m['bias']:.1f}")
     if rel:
         print(f"      cost vs exact {ExactMultiplier(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed).spec}:"
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _done(t, "(timed inside step 5)")
 
-    summary = {"spec": mult.spec, "metrics": {k: m[k] for k in ("er", "mre_pct", "nmed_pct", "wce", "bias")},
+    summary = {"spec": mult.spec, "metrics": {k: m[k] for k in ("er_pct", "mre_pct", "nmed_pct", "wce", "bias")},
                "cost_relative": rel, "verify": {"simulator": ver.simulator, "pairs": ver.pairs_checked,
                                                 "passed": ver.passed},
                "retrain": results["modes"], "rtl_check_passed": rtl_ok, "seconds": round(time.perf_counter() - t_start, 1)}

@@ -30,7 +30,10 @@ class atomic_writer:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self.tmp.unlink(missing_ok=True)
+            return
+        try:
             with open(self.tmp, "rb+") as f:
                 os.fsync(f.fileno())
             # mkstemp creates the file 0600; give it the mode a plain open() would (umask).
@@ -38,8 +41,10 @@ class atomic_writer:
             os.umask(umask)
             os.chmod(self.tmp, 0o666 & ~umask)
             os.replace(self.tmp, self.path)
-        else:
+        except BaseException:
+            # e.g. the target is a directory: never leave the temporary behind.
             self.tmp.unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

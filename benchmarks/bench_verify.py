@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 
 from appmult.hdl import from_spec
-from appmult.tb import circuit_lut, simulator_available, verify_multiplier
+from appmult.flows import circuit_lut
+from appmult.tb import simulator_available, verify_multiplier
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from amaranth.hdl import Cat, Const, Module
 
 from appmult.codes import codes_to_values
 from appmult.hdl import Multiplier, Param, export_verilog, from_spec, register_family
-from appmult.lut_gen import characterize
+from appmult.flows import characterize
 from appmult.sim import synthesize
 
 

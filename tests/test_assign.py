@@ -9,9 +9,9 @@ import pytest
 
 from appmult.cli import main
 from appmult.lut_gen import LutFile
-from appmult.nn.assign import (PLAN_FORMAT, AssignConfig, AssignError, Candidate, assign, check_plan, choose,
-                               load_candidate, plan_configs)
-from appmult.nn.error_model import OperandStats
+from appmult.methods import (PLAN_FORMAT, AssignError, Candidate, assign, check_plan, choose, plan_configs)
+from appmult.flows import AssignConfig, load_candidate
+from appmult.methods.error_model import OperandStats
 
 
 def lut(cut: int) -> LutFile:

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from appmult.codes import codes_to_values, values_to_codes
 from appmult.hdl import from_spec
 from appmult.lut_gen import LutFile
-from appmult.lut_gen.characterization import characterize
+from appmult.flows import characterize
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
-from appmult.nn.correction import (channel_correction, correct_accumulator, fit_error_model,
-                                   quantize_error_model)
+from appmult.nn.correction import channel_correction, fit_error_model, quantize_error_model
+from appmult.reference import correct_accumulator
 
 _LUTS: dict[str, LutFile] = {}
 

@@ -39,7 +39,7 @@ DRIVER = textwrap.dedent("""
 @pytest.mark.slow
 def test_two_ranks_end_identical(tmp_path):
     pytest.importorskip("amaranth")
-    from appmult.lut_gen.characterization import characterize
+    from appmult.flows import characterize
     lut = tmp_path / "trunc6.npz"
     characterize(SPEC, progress=False, cost=False).save(lut)
     driver = tmp_path / "driver.py"

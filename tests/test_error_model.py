@@ -9,8 +9,7 @@ from torch import nn
 
 from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, approximate_, calibrate
-from appmult.nn.error_model import (error_map, measure_error, predict_global, predict_population, predict_sigma,
-                                    record_operands)
+from appmult.methods.error_model import (error_map, measure_error, predict_global, predict_population, predict_sigma, record_operands)
 
 
 def truncated_lut(width: int, cut: int) -> LutFile:

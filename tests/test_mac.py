@@ -13,9 +13,12 @@ import pytest
 from amaranth.sim import Simulator
 
 from appmult.hdl import from_spec
-from appmult.hdl.mac import MacUnit, mac_reference, required_acc_width
+from appmult.hdl.mac import MacUnit
+from appmult.reference import mac_reference
+from appmult.flows import required_acc_width
 from appmult.lut_gen import LutFile
-from appmult.tb import circuit_lut, run_mac, simulator_available, verify_mac
+from appmult.flows import circuit_lut
+from appmult.tb import run_mac, simulator_available, verify_mac
 from appmult.tb.runner import pack_lanes
 
 _LUTS: dict[str, LutFile] = {}

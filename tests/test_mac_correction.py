@@ -11,11 +11,13 @@ from amaranth.sim import Simulator
 from appmult.codes import values_to_codes
 from appmult.hdl import from_spec
 from appmult.hdl.export import export_verilog
-from appmult.hdl.mac import MacUnit, mac_correction_reference, mac_reference
+from appmult.hdl.mac import MacUnit
+from appmult.reference import mac_correction_reference, mac_reference
 from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, ApproxLinear
-from appmult.nn.correction import correct_accumulator
-from appmult.tb import circuit_lut, simulator_available
+from appmult.reference import correct_accumulator
+from appmult.flows import circuit_lut
+from appmult.tb import simulator_available
 from appmult.tb.runner import pack_lanes
 
 _LUTS: dict[str, LutFile] = {}
@@ -169,7 +171,7 @@ icarus = pytest.mark.skipif(not simulator_available("icarus"), reason="Icarus Ve
 @pytest.mark.parametrize("spec,frac", [("truncated:width=8,columns=6", 8),
                                        ("perforated:width=8,rows=[0,1,2],signed=true", 4)])
 def test_rtl_mac_equals_corrected_layer(spec, frac, tmp_path):
-    from appmult.tb.mac_correction_tests import run_mac_correction
+    from appmult.tb import run_mac_correction
     lut = lut_of(spec)
     torch.manual_seed(1)
     layer = ApproxLinear(16, 3, config=ApproxConfig(lut, correction="control_variate",
@@ -188,7 +190,7 @@ def test_rtl_mac_equals_corrected_layer(spec, frac, tmp_path):
 
 
 def test_run_mac_correction_wrong(tmp_path):
-    from appmult.tb.mac_correction_tests import run_mac_correction
+    from appmult.tb import run_mac_correction
     lut = lut_of("exact:width=4")
     with pytest.raises(TypeError, match="run_mac_correction needs a MacUnit with correction=True"):
         run_mac_correction(MacUnit(from_spec("exact:width=4"), lanes=2), lut, {}, build_dir=tmp_path)

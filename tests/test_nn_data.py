@@ -14,9 +14,7 @@ from conftest import exact
 
 torch = pytest.importorskip("torch")
 
-from appmult.nn.data import (DATASETS, DatasetFormatError, ImageDataset,  # noqa: E402
-                             load_cifar10, load_digits_dataset, load_mnist5k, load_mnist_idx,
-                             make_loaders)
+from appmult.train.data import (DATASETS, DatasetFormatError, ImageDataset, load_cifar10, load_digits_dataset, load_mnist5k, load_mnist_idx, make_loaders)  # noqa: E402
 
 
 
@@ -425,7 +423,7 @@ def test_image_dataset_wrong():
 def test_import_stays_light():
     # The data, model and training modules must not pull in Amaranth (nor the optional
     # data packages) at import time.
-    code = ("import sys, appmult.nn.data, appmult.nn.models, appmult.nn.training; "
+    code = ("import sys, appmult.train.data, appmult.train.models, appmult.train.training; "
             "print(sorted(m for m in ('amaranth', 'sklearn', 'mlxtend') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -9,8 +9,8 @@ from conftest import exact
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from appmult.nn.data import DATASETS  # noqa: E402
-from appmult.nn.models import MLP, LeNet5, ResNet, build_model  # noqa: E402
+from appmult.train.data import DATASETS  # noqa: E402
+from appmult.train.models import MLP, LeNet5, ResNet, build_model  # noqa: E402
 
 
 

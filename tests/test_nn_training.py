@@ -13,13 +13,10 @@ pytest.importorskip("sklearn")
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-import appmult.nn.training as training  # noqa: E402
-from appmult.nn.data import make_loaders  # noqa: E402
-from appmult.nn.models import build_model  # noqa: E402
-from appmult.nn.training import (CHECKPOINT_NAME, CheckpointError, Metrics,  # noqa: E402
-                                 default_milestones, deterministic_algorithms, evaluate, fit,
-                                 load_checkpoint, load_pretrained, plot_history, pretrain_fp32,
-                                 seed_everything)
+import appmult.train.training as training  # noqa: E402
+from appmult.train.data import make_loaders  # noqa: E402
+from appmult.train.models import build_model  # noqa: E402
+from appmult.train.training import (CHECKPOINT_NAME, CheckpointError, Metrics, default_milestones, deterministic_algorithms, evaluate, fit, load_checkpoint, load_pretrained, plot_history, pretrain_fp32, seed_everything)  # noqa: E402
 
 
 

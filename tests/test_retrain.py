@@ -16,11 +16,8 @@ from torch import nn  # noqa: E402
 
 from appmult.cli import main  # noqa: E402
 from appmult.nn import ApproxConfig, approximate_, calibrate  # noqa: E402
-from appmult.nn.noise import (SimulatedError, attach_simulated_error, lut_mre,  # noqa: E402
-                              noise_variance_conv2d, noise_variance_linear, product_noise_conv2d,
-                              product_noise_linear)
-from appmult.nn.retrain import (RESULTS_FORMAT, RetrainConfig, RetrainError, run_retrain,  # noqa: E402
-                                with_half_window)
+from appmult.methods.simulated_error import (SimulatedError, attach_simulated_error, lut_mre, noise_variance_conv2d, noise_variance_linear, product_noise_conv2d, product_noise_linear)  # noqa: E402
+from appmult.flows.retrain import RESULTS_FORMAT, RetrainConfig, RetrainError, run_retrain, with_half_window  # noqa: E402
 from appmult.lut_gen import LutFile  # noqa: E402
 
 SPEC = "truncated:width=6,signed=false,columns=4"
@@ -34,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def lut_path(tmp_path_factory):
     """A 6x6 truncated multiplier characterized from its gate netlist, with gradient tables."""
     pytest.importorskip("amaranth")
-    from appmult.lut_gen.characterization import characterize
+    from appmult.flows import characterize
     path = tmp_path_factory.mktemp("lut") / "trunc6.npz"
     characterize(SPEC, progress=False, cost=False).save(path)
     return path
@@ -168,8 +165,8 @@ def test_explicit_half_window_changes_tables(lut_path):
 
 
 def test_start_from_checkpoint(lut_path, pretrained_dir, tmp_path):
-    from appmult.nn.data import make_loaders
-    from appmult.nn.models import build_model
+    from appmult.train.data import make_loaders
+    from appmult.train.models import build_model
     torch.manual_seed(0)
     model = build_model("mlp", make_loaders("digits", 64).info)
     torch.save(model.state_dict(), tmp_path / "sd.pt")
@@ -228,7 +225,7 @@ def test_cli_missing_lut(tmp_path, capsys):
 
 def test_cli_checkpoint_of_another_model(lut_path, pretrained_dir, tmp_path, capsys):
     # A pretrained MLP offered to a LeNet-5 run: refused before any training.
-    from appmult.nn.training import pretrain_fp32
+    from appmult.train.training import pretrain_fp32
     pre = pretrain_fp32("mlp", "digits", 2, 0, out_dir=pretrained_dir, batch_size=64, progress=False)
     rc, err = run_cli(capsys, "--lut", lut_path, "--model", "lenet5", "--checkpoint", pre.path,
                       "--out", tmp_path, "--no-progress")

@@ -16,9 +16,10 @@ import torch
 
 from appmult.cli import main
 from appmult.hdl import from_spec
-from appmult.lut_gen import LutFile, characterize
+from appmult.lut_gen import LutFile
+from appmult.flows import characterize
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
-from appmult.nn.rtlcheck import RtlCheckError, _fill_pair, layer_operands, verify_layer_rtl
+from appmult.flows.rtlcheck import RtlCheckError, _fill_pair, layer_operands, verify_layer_rtl
 from appmult.tb import simulator_available
 
 UNSIGNED = "drum:width=6,k=3"
@@ -225,7 +226,7 @@ def test_retrain_cli_records_rtl_check(lut_path, pretrained_dir, tmp_path, capsy
 @pytest.mark.simulator
 @pytest.mark.skipif(not simulator_available("icarus"), reason="Icarus Verilog is not installed")
 def test_retrain_cli_fails_on_rtl_mismatch(lut_path, pretrained_dir, tmp_path, capsys, monkeypatch):
-    import appmult.nn.rtlcheck as rtlcheck
+    import appmult.flows.rtlcheck as rtlcheck
     original = rtlcheck.verify_layer_rtl
 
     def other_circuit(layer, x, **kw):

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from appmult.nn.surrogate import (attach_noise_surrogate, detach_noise_surrogate, learned_sigmas, surrogate_loss,
-                                  surrogate_loss_fn, train_surrogate)
+from appmult.methods.surrogate import (attach_noise_surrogate, detach_noise_surrogate, learned_sigmas, surrogate_loss, surrogate_loss_fn, train_surrogate)
 
 
 def model():

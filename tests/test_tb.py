@@ -17,16 +17,8 @@ import pytest
 from appmult.codes import codes_to_values
 from appmult.hdl import export_verilog, from_spec
 from appmult.lut_gen import LutFile, LutFileError
-from appmult.tb import (
-    Mismatch,
-    SimulationError,
-    SimulatorNotFound,
-    check_simulator,
-    circuit_lut,
-    corner_codes,
-    simulator_available,
-    verify_multiplier,
-)
+from appmult.tb import (Mismatch, SimulationError, SimulatorNotFound, check_simulator, corner_codes, simulator_available, verify_multiplier)
+from appmult.flows import circuit_lut
 
 needs_icarus = [pytest.mark.simulator,
                 pytest.mark.skipif(not simulator_available("icarus"),

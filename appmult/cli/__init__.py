@@ -12,16 +12,11 @@ import importlib
 import pkgutil
 import sys
 
+from ..errors import UserError
+
 __all__ = ["main", "build_parser"]
 
 ORDER = ["list", "export", "cost", "characterize", "compare", "verify", "retrain", "assign"]
-
-
-_USER_RUNTIME_ERRORS = {"YosysError", "SimulatorNotFound"}
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def _modules() -> list[str]:
@@ -52,15 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as exc:
+    except UserError as exc:
+        # The user's input or environment (appmult.errors): one line, exit status 2.
+        # Anything else is a bug and keeps its traceback.
         print(f"appmult {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        # Tool failures the user can act on (Yosys rejecting a design, a missing simulator)
-        # are reported as one line; anything else is a bug and keeps its traceback.
-        if not getattr(exc, "user_facing", False) and type(exc).__name__ not in _USER_RUNTIME_ERRORS:
+    except OSError as exc:
+        if exc.filename is None:
             raise
-        print(f"appmult {args.command}: error: {exc}", file=sys.stderr)
+        # A file the user named cannot be read or written (missing, a directory, no
+        # permission): the message names it.
+        print(f"appmult {args.command}: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -45,12 +45,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..nn.assign import AssignConfig, run_assign
-    from ..nn.training import CheckpointError
-    from . import CliError
+    from ..errors import UsageError
+    from ..flows import AssignConfig, run_assign
     if args.threads is not None:
         if args.threads < 1:
-            raise CliError(f"--threads must be a positive integer, not {args.threads}")
+            raise UsageError(f"--threads must be a positive integer, not {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
     cfg = AssignConfig(candidates=tuple(args.candidates), model=args.model, dataset=args.dataset,
@@ -61,10 +60,7 @@ def run(args: argparse.Namespace) -> int:
                        cost_figure=args.cost_figure, include_exact=not args.no_exact,
                        homogeneous=not args.no_homogeneous, validate=not args.no_validate, out=args.out,
                        progress=not args.no_progress)
-    try:
-        results = run_assign(cfg)
-    except CheckpointError as exc:
-        raise CliError(str(exc)) from None
+    results = run_assign(cfg)
     if not args.no_progress:
         plan = results["plan"]
         for row in plan["layers"]:

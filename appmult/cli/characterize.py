@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..hdl import from_spec
-    from ..lut_gen.characterization import MAX_LUT_WIDTH, characterize
+    from ..flows import characterize
+    from ..lut_gen.characterization import MAX_LUT_WIDTH
     from ..lut_gen.report import write_report
     mult = from_spec(args.spec)
     gradients = tuple(g.strip() for g in args.gradients.split(",") if g.strip())
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
                         cache=not args.no_cache, product=full, cost=not args.no_cost)
     files = write_report(char, args.output, plots=not args.no_plots)
     m = char.metrics
-    print(f"{char.name}: ER {m['er']:.2f}%  NMED {m['nmed_pct']:.4g}%  MRE {m['mre_pct']:.4g}%  "
+    print(f"{char.name}: ER {m['er_pct']:.2f}%  NMED {m['nmed_pct']:.4g}%  MRE {m['mre_pct']:.4g}%  "
           f"WCE {m['wce']}" + (f"  H={char.half_window}" if full and gradients else ""))
     for path in files.values():
         print(f"wrote {path}", file=sys.stderr)

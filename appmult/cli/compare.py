@@ -28,11 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
     from ..files import atomic_write_text
     from ..hdl import from_spec
-    from ..lut_gen.characterization import MAX_LUT_WIDTH, characterize
+    from ..errors import UsageError
+    from ..flows import characterize
+    from ..lut_gen.characterization import MAX_LUT_WIDTH
     from ..lut_gen.metrics import METRIC_KEYS
     from ..lut_gen.report import compare_rows, format_table, pareto_plot
     if args.error not in METRIC_KEYS:
-        raise ValueError(f"Unknown error metric {args.error!r}; choose from {', '.join(METRIC_KEYS[:12])}")
+        raise UsageError(f"Unknown error metric {args.error!r}; choose from {', '.join(METRIC_KEYS[:12])}")
     mults = [from_spec(s) for s in args.specs]  # all specs checked before any long work
     chars = []
     for m in tqdm(mults, desc="characterizing", unit="multiplier", disable=args.quiet or len(mults) < 2):

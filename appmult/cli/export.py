@@ -23,16 +23,16 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..files import atomic_write_text
-    from ..hdl import export_verilog, from_spec
+    from ..hdl import MacUnit, export_verilog, from_spec
     mult = from_spec(args.spec)
     if args.mac is not None:
-        from ..hdl.mac import MacUnit
         if args.registered:
-            raise ValueError("--registered applies to a bare multiplier; a MAC unit (--mac) is always registered")
+            raise UsageError("--registered applies to a bare multiplier; a MAC unit (--mac) is always registered")
         text = export_verilog(MacUnit(mult, lanes=args.mac, acc_width=args.acc_width), name=args.name)
     elif args.acc_width is not None:
-        raise ValueError("--acc-width applies to a MAC unit; add --mac N")
+        raise UsageError("--acc-width applies to a MAC unit; add --mac N")
     else:
         text = export_verilog(mult, name=args.name, registered=args.registered)
     if args.output:

@@ -67,11 +67,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..nn.functional import LutMismatchError
-    from ..nn.retrain import RetrainConfig, run_retrain
-    from ..nn.training import CheckpointError
-    from ..tb.runner import SimulatorNotFound
-    from . import CliError
+    from ..flows import RetrainConfig, results_markdown, run_retrain
     cfg = RetrainConfig(lut=args.lut, spec=args.spec, model=args.model, dataset=args.dataset,
                         data_dir=args.data_dir, epochs=args.epochs, pretrain_epochs=args.pretrain_epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, grads=tuple(args.grad),
@@ -83,13 +79,9 @@ def run(args: argparse.Namespace) -> int:
                         trial_batches=args.trial_batches, time_exact=not args.no_time_exact,
                         threads=args.threads, verify_rtl=args.verify_rtl, rtl_positions=args.rtl_positions,
                         rtl_sim=args.rtl_sim)
-    try:
-        results = run_retrain(cfg)
-    except (CheckpointError, LutMismatchError, SimulatorNotFound) as exc:
-        raise CliError(str(exc)) from None
+    results = run_retrain(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"
     if not args.no_progress and main_rank:
-        from ..nn.retrain import results_markdown
         print(results_markdown(results), file=sys.stderr)
     failed = [(mode, m["rtl_check"]) for mode, m in results["modes"].items()
               if m.get("rtl_check") and not m["rtl_check"]["passed"]]

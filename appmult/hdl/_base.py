@@ -24,6 +24,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from ..codes import check_codes, codes_to_values, wrap_value
+from ..errors import InvalidTypeError, InvalidValueError
 
 __all__ = [
     "MAX_WIDTH",
@@ -58,7 +59,7 @@ class Param:
 
 def _check_width(name: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not MIN_WIDTH <= value <= MAX_WIDTH:
-        raise TypeError(f"Operand width {name} must be an integer in {MIN_WIDTH}..{MAX_WIDTH}, not {value!r}")
+        raise InvalidTypeError(f"Operand width {name} must be an integer in {MIN_WIDTH}..{MAX_WIDTH}, not {value!r}")
     return value
 
 
@@ -99,15 +100,15 @@ class Multiplier(wiring.Component):
             _check_width("width", width)
             for name, value in (("width_a", width_a), ("width_b", width_b)):
                 if value is not None and value != width:
-                    raise ValueError(f"Give either width or {name}, not both with different values "
+                    raise InvalidValueError(f"Give either width or {name}, not both with different values "
                                      f"(width={width}, {name}={value})")
             width_a = width_b = width
         if width_a is None or width_b is None:
-            raise ValueError("Operand widths are required: give width=N, or width_a=N and width_b=M")
+            raise InvalidValueError("Operand widths are required: give width=N, or width_a=N and width_b=M")
         self._width_a = _check_width("width_a", width_a)
         self._width_b = _check_width("width_b", width_b)
         if not isinstance(signed, bool):
-            raise TypeError(f"signed must be a bool, not {signed!r}")
+            raise InvalidTypeError(f"signed must be a bool, not {signed!r}")
         self._signed = signed
         shape = sshape if signed else ushape
         super().__init__({

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidTypeError
 from ._base import Param, PartialProductMultiplier
 from .registry import register_family
 
@@ -48,9 +49,9 @@ class BrokenArrayMultiplier(PartialProductMultiplier):
         super().__init__(**kwargs)
         top_h, top_v = self.width_b - 1, self.width_p - 1
         if not isinstance(hbl, int) or isinstance(hbl, bool) or not 0 <= hbl <= top_h:
-            raise TypeError(f"Broken-array hbl (rows removed) must be an integer in 0..{top_h}, not {hbl!r}")
+            raise InvalidTypeError(f"Broken-array hbl (rows removed) must be an integer in 0..{top_h}, not {hbl!r}")
         if not isinstance(vbl, int) or isinstance(vbl, bool) or not 0 <= vbl <= top_v:
-            raise TypeError(f"Broken-array vbl (columns removed) must be an integer in 0..{top_v}, not {vbl!r}")
+            raise InvalidTypeError(f"Broken-array vbl (columns removed) must be an integer in 0..{top_v}, not {vbl!r}")
         self._hbl = hbl
         self._vbl = vbl
 

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from amaranth.hdl import Const, Module, Mux, Value
 
+from ..errors import InvalidTypeError
 from ._base import Param, SignMagnitudeMultiplier
 from ._leading_one import leading_one, leading_one_np
 from .registry import register_family
@@ -57,7 +58,7 @@ class DrumMultiplier(SignMagnitudeMultiplier):
         super().__init__(**kwargs)
         top = max(self.width_a, self.width_b)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= top:
-            raise TypeError(f"DRUM segment width k must be an integer in 2..{top}, not {k!r}")
+            raise InvalidTypeError(f"DRUM segment width k must be an integer in 2..{top}, not {k!r}")
         self._k = k
         self._limit = (1 << (self.width_p - 1)) - 1 if self.signed else (1 << self.width_p) - 1
         # The approximation is monotone in the magnitude, so the largest magnitudes give

@@ -9,6 +9,7 @@ from amaranth.hdl import Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ._base import Multiplier
 
 __all__ = ["RegisteredMultiplier", "export_verilog"]
@@ -28,7 +29,7 @@ class RegisteredMultiplier(wiring.Component):
 
     def __init__(self, multiplier: Multiplier):
         if not isinstance(multiplier, Multiplier):
-            raise TypeError(f"RegisteredMultiplier wraps a Multiplier, not {multiplier!r}")
+            raise InvalidTypeError(f"RegisteredMultiplier wraps a Multiplier, not {multiplier!r}")
         self._mult = multiplier
         sig = multiplier.signature.members
         super().__init__({"a": In(sig["a"].shape), "b": In(sig["b"].shape), "p": Out(sig["p"].shape)})
@@ -67,11 +68,11 @@ def export_verilog(component: wiring.Component, *, name: str = "appmult_mul",
         ValueError: ``name`` is not a Verilog identifier.
     """
     if not isinstance(component, wiring.Component):
-        raise TypeError(f"export_verilog takes an Amaranth wiring.Component, not {component!r}")
+        raise InvalidTypeError(f"export_verilog takes an Amaranth wiring.Component, not {component!r}")
     if not isinstance(name, str) or not _IDENT.match(name):
-        raise ValueError(f"Module name must be a Verilog identifier, not {name!r}")
+        raise InvalidValueError(f"Module name must be a Verilog identifier, not {name!r}")
     if registered:
         if not isinstance(component, Multiplier):
-            raise TypeError("registered=True applies to a Multiplier; other components define their own timing")
+            raise InvalidTypeError("registered=True applies to a Multiplier; other components define their own timing")
         component = RegisteredMultiplier(component)
     return verilog.convert(component, name=name, emit_src=False)

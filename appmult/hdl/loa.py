@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, Value
 
+from ..errors import InvalidTypeError
 from ._base import Param, SignMagnitudeMultiplier
 from .registry import register_family
 
@@ -61,7 +62,7 @@ class LoaArrayMultiplier(SignMagnitudeMultiplier):
         super().__init__(**kwargs)
         top = self.width_p
         if not isinstance(lower, int) or isinstance(lower, bool) or not 0 <= lower <= top:
-            raise TypeError(f"LOA lower-part width must be an integer in 0..{top}, not {lower!r}")
+            raise InvalidTypeError(f"LOA lower-part width must be an integer in 0..{top}, not {lower!r}")
         self._lower = lower
 
     @property

@@ -1,7 +1,8 @@
 """MAC / dot-product unit: N lanes of one approximate multiplier, an adder tree, an accumulator.
 
 This is what an accelerator built on an approximate multiplier computes for one output of
-a layer, so it is what :mod:`appmult.tb` checks against sums of LUT entries.
+a layer, so it is what :mod:`appmult.tb` checks against sums of LUT entries
+(:func:`appmult.reference.mac_reference`).
 
 Ports (``N = lanes``; lane ``i`` of a packed bus sits in bits ``[i*w +: w]``):
 
@@ -24,7 +25,7 @@ in order with the data around it:
 * ``valid_in`` alone: ``acc = acc + products of this beat``;
 * neither: ``acc`` holds.
 
-Optional control-variate correction (``correction=True``; see :mod:`appmult.nn.correction`
+Optional control-variate correction (``correction=True``; see :mod:`appmult.reference`
 for the arithmetic). Extra ports:
 
 * ``alpha_fx``: ``alpha_width`` bits in, signed: the output channel's ``alpha_bar`` with
@@ -45,7 +46,7 @@ at the end of the sum), and ``corrected`` follows ``acc``, ``xsum``, ``alpha_fx`
 Overflow: the accumulator is ``acc_width`` bits and wraps modulo ``2**acc_width`` (two's
 complement when signed), exactly like an integer register -- no saturation. To avoid it
 for a sum of ``K`` products (``K`` = lanes x beats between clears), size the accumulator
-with :func:`required_acc_width`, which uses the LUT's actual minimum and maximum product;
+with :func:`appmult.reference.required_acc_width`, which uses the LUT's actual minimum and maximum product;
 the generic bound is ``width_p + ceil(log2(K))``.
 """
 
@@ -53,15 +54,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 from amaranth.hdl import Module, Mux, Signal, Value, signed as sshape, unsigned as ushape
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..codes import check_codes, wrap_value
+from ..errors import InvalidTypeError, InvalidValueError
+from ..reference import MAX_FRAC_BITS
 from ._base import Multiplier
 
-__all__ = ["MAX_ACC_WIDTH", "MacUnit", "mac_correction_reference", "mac_reference", "required_acc_width"]
+__all__ = ["MAX_ACC_WIDTH", "MacUnit"]
 
 #: Widest accumulator supported (the numpy reference sums in int64).
 MAX_ACC_WIDTH = 62
@@ -117,16 +118,16 @@ class MacUnit(wiring.Component):
         # required_acc_width); building one without elaborating it is normal.
         self._MustUse__silence = True
         if not isinstance(multiplier, Multiplier):
-            raise TypeError(f"MacUnit needs a Multiplier, not {multiplier!r}")
+            raise InvalidTypeError(f"MacUnit needs a Multiplier, not {multiplier!r}")
         if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= _MAX_LANES:
-            raise TypeError(f"MAC lane count must be an integer in 1..{_MAX_LANES}, not {lanes!r}")
+            raise InvalidTypeError(f"MAC lane count must be an integer in 1..{_MAX_LANES}, not {lanes!r}")
         tree_width = multiplier.width_p + _ceil_log2(lanes)
         if acc_width is None:
             acc_width = max(32, tree_width)
         if not isinstance(acc_width, int) or isinstance(acc_width, bool) or not 1 <= acc_width <= MAX_ACC_WIDTH:
-            raise TypeError(f"MAC accumulator width must be an integer in 1..{MAX_ACC_WIDTH}, not {acc_width!r}")
+            raise InvalidTypeError(f"MAC accumulator width must be an integer in 1..{MAX_ACC_WIDTH}, not {acc_width!r}")
         if factory is not None and not callable(factory):
-            raise TypeError(f"MAC lane factory must be callable, not {factory!r}")
+            raise InvalidTypeError(f"MAC lane factory must be callable, not {factory!r}")
         self._mult = multiplier
         self._lanes = lanes
         self._acc_width = acc_width
@@ -152,29 +153,29 @@ class MacUnit(wiring.Component):
 
     def _check_correction(self, correction, frac_bits, alpha_width, sum_width) -> tuple[int, int, int] | None:
         if not isinstance(correction, bool):
-            raise TypeError(f"MAC correction must be a bool, not {correction!r}")
+            raise InvalidTypeError(f"MAC correction must be a bool, not {correction!r}")
         if not correction:
             if alpha_width is not None or sum_width is not None:
-                raise ValueError("MAC alpha_width and sum_width need correction=True")
+                raise InvalidValueError("MAC alpha_width and sum_width need correction=True")
             return None
-        if not isinstance(frac_bits, int) or isinstance(frac_bits, bool) or not 0 <= frac_bits <= 24:
-            raise TypeError(f"MAC alpha fractional bits must be an integer in 0..24, not {frac_bits!r}")
+        if not isinstance(frac_bits, int) or isinstance(frac_bits, bool) or not 0 <= frac_bits <= MAX_FRAC_BITS:
+            raise InvalidTypeError(f"MAC alpha fractional bits must be an integer in 0..{MAX_FRAC_BITS}, not {frac_bits!r}")
         mult = self._mult
         if alpha_width is None:
             alpha_width = mult.width_b + frac_bits + 2
         if not isinstance(alpha_width, int) or isinstance(alpha_width, bool) or not 2 <= alpha_width <= 40:
-            raise TypeError(f"MAC alpha width must be an integer in 2..40, not {alpha_width!r}")
+            raise InvalidTypeError(f"MAC alpha width must be an integer in 2..40, not {alpha_width!r}")
         if sum_width is None:
             sum_width = max(mult.width_a + 1, self._acc_width - mult.width_b)
         if not isinstance(sum_width, int) or isinstance(sum_width, bool) or not 1 <= sum_width <= MAX_ACC_WIDTH:
-            raise TypeError(f"MAC sum width must be an integer in 1..{MAX_ACC_WIDTH}, not {sum_width!r}")
+            raise InvalidTypeError(f"MAC sum width must be an integer in 1..{MAX_ACC_WIDTH}, not {sum_width!r}")
         return frac_bits, alpha_width, sum_width
 
     def _check_lane(self, lane) -> Multiplier:
         if not isinstance(lane, Multiplier):
-            raise TypeError(f"MAC lane factory must return a Multiplier, not {lane!r}")
+            raise InvalidTypeError(f"MAC lane factory must return a Multiplier, not {lane!r}")
         if lane.spec != self._mult.spec:
-            raise ValueError(f"MAC lane factory made {lane.spec}, but the template is {self._mult.spec}")
+            raise InvalidValueError(f"MAC lane factory made {lane.spec}, but the template is {self._mult.spec}")
         return lane
 
     @property
@@ -278,109 +279,3 @@ class MacUnit(wiring.Component):
         if frac:
             scaled = (scaled + (1 << (frac - 1))) >> frac  # arithmetic shift: floor, i.e. round half up
         m.d.comb += self.corrected.eq(self.acc - (scaled + self.beta))
-
-
-def _product_range(source) -> tuple[int, int]:
-    from ..lut_gen.lutfile import LutFile
-    if isinstance(source, Multiplier):
-        # The circuit's LUT, never the Python model (that is what the hardware computes).
-        from ..tb.runner import circuit_lut
-        source = circuit_lut(source)
-    if isinstance(source, LutFile):
-        table = source.product
-    else:
-        raise TypeError(f"required_acc_width needs a LutFile or a Multiplier, not {source!r}")
-    return int(table.min()), int(table.max())
-
-
-def required_acc_width(lut_or_multiplier, fan_in: int) -> int:
-    """Smallest accumulator width that holds any sum of ``fan_in`` products without overflow.
-
-    Uses the LUT's actual product range ``[lo, hi]``: a sum of ``K`` products lies in
-    ``[K*min(lo, 0), K*max(hi, 0)]``. Signed multipliers need a two's complement width
-    holding both ends; unsigned ones ``ceil(log2(K*hi + 1))`` bits. Approximate
-    multipliers that never reach the exact extremes can need a bit less than the generic
-    ``width_p + ceil(log2(K))``; ones that exceed them, more.
-
-    Args:
-        lut_or_multiplier: a :class:`~appmult.lut_gen.LutFile`, or a multiplier whose
-            circuit is characterized to get one.
-        fan_in: number of products summed between clears (lanes x beats), >= 1.
-
-    Returns:
-        The width in bits (at least 1).
-
-    Raises:
-        TypeError: ``fan_in`` is not a positive integer, or the first argument is neither
-            a LutFile nor a Multiplier.
-    """
-    if not isinstance(fan_in, int) or isinstance(fan_in, bool) or fan_in < 1:
-        raise TypeError(f"Fan-in must be a positive integer, not {fan_in!r}")
-    signed = lut_or_multiplier.signed
-    lo, hi = _product_range(lut_or_multiplier)
-    low, high = fan_in * min(lo, 0), fan_in * max(hi, 0)
-    if not signed:
-        return max(1, high.bit_length())
-    # W bits hold -2**(W-1) .. 2**(W-1) - 1.
-    return 1 + max(high.bit_length(), (-low - 1).bit_length() if low < 0 else 0)
-
-
-def mac_reference(product, a_codes, b_codes, *, valid, clear, acc_width: int, signed: bool) -> np.ndarray:
-    """Accumulator after each beat, as :class:`MacUnit` computes it from a product LUT.
-
-    Args:
-        product: the LUT's product table ``[a_code, b_code]``.
-        a_codes: ``(beats, lanes)`` operand codes of ``a``.
-        b_codes: ``(beats, lanes)`` operand codes of ``b``.
-        valid: ``(beats,)`` booleans, ``valid_in`` per beat.
-        clear: ``(beats,)`` booleans, ``clear`` per beat (clear first, then add).
-        acc_width: accumulator width; sums wrap modulo ``2**acc_width``.
-        signed: two's complement accumulator.
-
-    Returns:
-        int64 array ``(beats,)``: ``acc`` after each beat (unchanged on idle beats).
-    """
-    table = np.asarray(product, dtype=np.int64)
-    a = check_codes(a_codes, int(table.shape[0]).bit_length() - 1)
-    b = check_codes(b_codes, int(table.shape[1]).bit_length() - 1)
-    beat_sums = table[a, b].sum(axis=1)
-    valid = np.asarray(valid, dtype=bool)
-    clear = np.asarray(clear, dtype=bool)
-    out = np.empty(len(beat_sums), dtype=np.int64)
-    acc = 0
-    mask = (1 << acc_width) - 1
-    for k, s in enumerate(beat_sums):
-        if clear[k]:
-            acc = 0
-        if valid[k]:
-            acc = (acc + int(s)) & mask
-        out[k] = acc
-    return wrap_value(out, acc_width, signed)
-
-
-def mac_correction_reference(acc, xsum, alpha_fx: int, beta: int, *, frac_bits: int, acc_width: int) -> np.ndarray:
-    """``corrected`` of a :class:`MacUnit` with ``correction=True``, from its ``acc`` and ``xsum``.
-
-    ``acc - (floor((alpha_fx * xsum + 2**(F-1)) / 2**F) + beta)`` wrapped to ``acc_width + 1``
-    bits (two's complement); the same integer formula as
-    :func:`appmult.nn.correction.correct_accumulator`.
-
-    Args:
-        acc: accumulator values (as the port reads, signed or unsigned).
-        xsum: activation-sum values (as the port reads).
-        alpha_fx: the ``alpha_fx`` input value (signed).
-        beta: the ``beta`` input value (signed).
-        frac_bits: ``F``.
-        acc_width: the MAC's accumulator width.
-
-    Returns:
-        int64 array of ``corrected`` values.
-    """
-    d = 1 << frac_bits
-    width = acc_width + 1
-    out = []
-    # Python integers: alpha_fx * xsum may pass 2**63 for wide sums before the wrap.
-    for a, x in zip(np.ravel(acc).tolist(), np.ravel(xsum).tolist()):
-        v = (int(a) - ((2 * int(alpha_fx) * int(x) + d) // (2 * d) + int(beta))) & ((1 << width) - 1)
-        out.append(v - (1 << width) if v >> (width - 1) else v)
-    return np.asarray(out, dtype=np.int64).reshape(np.shape(acc))

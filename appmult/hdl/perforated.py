@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ._base import Param, PartialProductMultiplier
 from .registry import register_family
 
@@ -41,13 +42,13 @@ class PerforatedMultiplier(PartialProductMultiplier):
     def __init__(self, *, rows: list[int] | tuple[int, ...] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if not isinstance(rows, (list, tuple)):
-            raise TypeError(f"Perforated rows must be a list of integers, not {rows!r}")
+            raise InvalidTypeError(f"Perforated rows must be a list of integers, not {rows!r}")
         top = self.width_b - 1
         for row in rows:
             if not isinstance(row, int) or isinstance(row, bool) or not 0 <= row <= top:
-                raise TypeError(f"Perforated row must be an integer in 0..{top}, not {row!r}")
+                raise InvalidTypeError(f"Perforated row must be an integer in 0..{top}, not {row!r}")
         if len(set(rows)) != len(rows):
-            raise ValueError(f"Perforated rows must be distinct, not {list(rows)!r}")
+            raise InvalidValueError(f"Perforated rows must be distinct, not {list(rows)!r}")
         # Sorted, so that equal multipliers have equal specs.
         self._rows = tuple(sorted(rows))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidTypeError
 from ._base import Param, PartialProductMultiplier
 from .registry import register_family
 
@@ -49,9 +50,9 @@ class TruncatedMultiplier(PartialProductMultiplier):
         super().__init__(**kwargs)
         top = self.width_p - 1
         if not isinstance(columns, int) or isinstance(columns, bool) or not 0 <= columns <= top:
-            raise TypeError(f"Truncated column count must be an integer in 0..{top}, not {columns!r}")
+            raise InvalidTypeError(f"Truncated column count must be an integer in 0..{top}, not {columns!r}")
         if not isinstance(compensate, bool):
-            raise TypeError(f"Truncated compensate must be a bool, not {compensate!r}")
+            raise InvalidTypeError(f"Truncated compensate must be a bool, not {compensate!r}")
         self._columns = columns
         self._compensate = compensate
 

@@ -1,36 +1,22 @@
-"""Exhaustive characterization of a multiplier circuit: product LUT, metrics, gradients, cost.
+"""What a characterization holds: product LUT, metrics, cost, gradient tables, provenance.
 
-The product table always comes from simulating the synthesized gate netlist
-(:func:`appmult.sim.synthesize` then :meth:`~appmult.sim.Netlist.exhaustive`), never
-from a family's numpy model: the LUT must be what the hardware computes.
-
-Results are cached on disk under ``$APPMULT_CACHE/lut/`` (default
-``~/.cache/appmult/lut/``), keyed by what determines the circuit: for a
-:class:`~appmult.hdl.Multiplier`, its canonical spec, its class and the SHA-256 of the
-source files of the classes it is built from, plus the versions of appmult, Amaranth,
-Yosys and numpy; for a :class:`~appmult.sim.Netlist`, the SHA-256 of the gate list and
-its port mapping. A hit skips synthesis, simulation and the cost figures. Entries are
-written atomically, so concurrent processes may share the cache.
-
-Amaranth and Yosys are imported inside the functions that need them, so importing this
-module (and :mod:`appmult.lut_gen`) stays light.
+:class:`Characterization` is numpy only. It is built by
+:func:`appmult.flows.characterize`, which simulates the synthesized gate netlist of a
+circuit (never a family's numpy model), or rebuilt from a LUT file with
+:meth:`Characterization.from_lutfile`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import inspect
-import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .. import __version__ as _appmult_version
-from ..files import atomic_write_text
+from ..errors import InvalidValueError
 from .gradients import (
     auto_half_window,
     broadcast_lut1d,
@@ -40,16 +26,14 @@ from .gradients import (
     ste_gradients,
 )
 from .lutfile import LutFile, LutFileError
-from .metrics import METRIC_KEYS, MetricsAccumulator, exact_product, metrics_under as _metrics_under
+from .metrics import METRIC_KEYS, exact_product, metrics_under as _metrics_under
 
 __all__ = [
     "GRADIENT_METHODS",
     "MAX_LUT_WIDTH",
     "MAX_METRICS_WIDTH",
     "Characterization",
-    "characterize",
-    "characterize_metrics",
-    "lut_cache_dir",
+    "check_gradients",
     "tool_versions",
 ]
 
@@ -59,19 +43,6 @@ MAX_LUT_WIDTH = 12
 MAX_METRICS_WIDTH = 16
 #: Gradient methods :meth:`Characterization.gradient` knows.
 GRADIENT_METHODS = ("ste", "lut2d", "lut1d", "lre")
-
-# Bump when the cache entry layout or the meaning of its contents changes.
-_CACHE_FORMAT = 1
-
-
-def lut_cache_dir() -> Path:
-    """Directory of the characterization cache.
-
-    ``$APPMULT_CACHE/lut`` when the environment variable is set, else
-    ``~/.cache/appmult/lut``. Read at every call, so tests can redirect it.
-    """
-    root = os.environ.get("APPMULT_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "appmult") / "lut"
 
 
 def _dist_version(name: str) -> str:
@@ -88,123 +59,6 @@ def tool_versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
-def _class_sources_hash(cls: type) -> str:
-    """SHA-256 over the source files of ``cls`` and its bases (outside Amaranth).
-
-    appmult's version does not change while a family is being edited, so the files
-    themselves go into the cache key: editing a family invalidates its LUTs.
-    """
-    h = hashlib.sha256()
-    for klass in cls.__mro__:
-        module = klass.__module__ or ""
-        if module == "builtins" or module.startswith("amaranth"):
-            continue
-        try:
-            path = inspect.getsourcefile(klass)
-        except TypeError:
-            continue
-        if path and os.path.isfile(path):
-            h.update(f"{module}.{klass.__qualname__}\n".encode())
-            h.update(Path(path).read_bytes())
-    return h.hexdigest()
-
-
-def _key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-class _Source:
-    """What is being characterized: a multiplier (synthesized on demand) or a netlist."""
-
-    def __init__(self, source):
-        from ..hdl import Multiplier, from_spec
-        from ..sim import Netlist
-        if isinstance(source, str):
-            source = from_spec(source)
-        if isinstance(source, Multiplier):
-            self.multiplier, self._netlist = source, None
-            self.width_a, self.width_b, self.signed = source.width_a, source.width_b, source.signed
-            self.spec: str | None = source.spec
-            self.name = self.spec
-            self.describe = source.describe()
-            self.origin = "amaranth"
-            self.key_payload = {"spec": self.spec, "class": f"{type(source).__module__}.{type(source).__qualname__}",
-                                "sources": _class_sources_hash(type(source))}
-        elif isinstance(source, Netlist):
-            self.multiplier, self._netlist = None, source
-            self.width_a, self.width_b, self.signed = source.width_a, source.width_b, source.signed
-            self.spec = None
-            self.name = source.top
-            self.describe = {"family": f"netlist:{source.source_format}", "width_a": source.width_a,
-                             "width_b": source.width_b, "signed": source.signed,
-                             "params": {"top": source.top, "ports": list(source.ports)}}
-            self.origin = source.source_format
-            self.key_payload = {"netlist": source.sha256_netlist, "ports": list(source.ports),
-                                "width_p": source.width_p, "top": source.top}
-        else:
-            raise TypeError(f"characterize takes a Multiplier, a Netlist or a spec string, not {source!r}")
-        for name, w in (("width_a", self.width_a), ("width_b", self.width_b)):
-            if w > MAX_METRICS_WIDTH:
-                raise ValueError(f"Operand {name}={w} is too wide: characterization supports up to "
-                                 f"{MAX_METRICS_WIDTH} bits")
-
-    @property
-    def netlist(self):
-        if self._netlist is None:
-            # Looked up on the module at call time so tests can count synthesis runs.
-            from .. import sim
-            self._netlist = sim.synthesize(self.multiplier)
-        return self._netlist
-
-    def cache_key(self, kind: str) -> str:
-        return _key({"format": _CACHE_FORMAT, "kind": kind, "widths": [self.width_a, self.width_b],
-                     "signed": self.signed, "tools": tool_versions(), **self.key_payload})
-
-
-def _cost(source: _Source) -> dict[str, Any] | None:
-    from ..sim import YosysError
-    try:
-        return source.netlist.cost()
-    except YosysError as exc:  # e.g. a third-party netlist synth_ice40 cannot map
-        warnings.warn(f"No hardware cost for {source.name}: {exc}", RuntimeWarning, stacklevel=3)
-        return None
-
-
-def _simulate(source: _Source, *, want_product: bool, progress: bool, hist_a=None, hist_b=None,
-              chunk_vectors: int = 1 << 22) -> tuple[np.ndarray | None, dict[str, Any], dict[str, Any] | None]:
-    """Stream the netlist's exhaustive output: product table (optional) and metrics."""
-    from tqdm.auto import tqdm
-    wa, wb, signed = source.width_a, source.width_b, source.signed
-    weighted = hist_a is not None or hist_b is not None
-    if weighted:
-        pa = _hist(hist_a, 1 << wa, "hist_a")
-        pb = _hist(hist_b, 1 << wb, "hist_b")
-    product = np.empty((1 << wa, 1 << wb), dtype=np.int64) if want_product else None
-    acc = MetricsAccumulator()
-    wacc = MetricsAccumulator(weighted=True) if weighted else None
-    netlist = source.netlist
-    with tqdm(total=1 << (wa + wb), unit="pair", unit_scale=True, disable=not progress,
-              desc=f"simulating {source.name}", leave=False) as bar:
-        for a0, a1, block in netlist.exhaustive_chunks(chunk_vectors=chunk_vectors):
-            exact = exact_product(wa, wb, signed, a0, a1)
-            acc.update(block, exact)
-            if wacc is not None:
-                wacc.update(block, exact, np.outer(pa[a0:a1], pb))
-            if product is not None:
-                product[a0:a1] = block
-            bar.update(block.size)
-    return product, acc.result(), (wacc.result() if wacc is not None else None)
-
-
-def _hist(hist, n: int, name: str) -> np.ndarray:
-    h = np.ones(n) if hist is None else np.asarray(hist, dtype=np.float64)
-    if h.shape != (n,):
-        raise ValueError(f"Histogram {name} must have one entry per code ({n},), not shape {h.shape}")
-    if not np.isfinite(h).all() or h.min() < 0 or h.sum() <= 0:
-        raise ValueError(f"Histogram {name} must be finite, non-negative and not all zeros")
-    return h / h.sum()
-
-
 def _zero_metrics(template: dict[str, Any]) -> dict[str, Any]:
     out = {k: (0 if isinstance(template[k], int) and not isinstance(template[k], bool) else 0.0)
            for k in METRIC_KEYS if k not in ("pairs", "max_exact", "weighted")}
@@ -215,7 +69,7 @@ def _zero_metrics(template: dict[str, Any]) -> dict[str, Any]:
 class Characterization:
     """Product LUT, error metrics, hardware cost and gradient tables of one circuit.
 
-    Built by :func:`characterize` (or :meth:`from_lutfile`); not meant to be built by hand.
+    Built by :func:`appmult.flows.characterize` (or :meth:`from_lutfile`); not meant to be built by hand.
 
     Attributes:
         width_a, width_b, signed: operand widths and signedness.
@@ -250,7 +104,7 @@ class Characterization:
         self._half_window: int | None = None if self._half_window_setting == "auto" else self._half_window_setting
         self._grad_cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.gradient_methods = tuple(gradient_methods)
-        #: Metrics under the operand histograms given to :func:`characterize_metrics`, if any.
+        #: Metrics under the operand histograms given to :func:`appmult.flows.characterize_metrics`, if any.
         self.metrics_weighted: dict[str, Any] | None = None
 
     # -- product and metrics ------------------------------------------------------------------
@@ -267,7 +121,7 @@ class Characterization:
             ValueError: this is a metrics-only characterization.
         """
         if self._product is None:
-            raise ValueError(f"{self.name} was characterized for metrics only; it holds no product table")
+            raise InvalidValueError(f"{self.name} was characterized for metrics only; it holds no product table")
         return self._product
 
     def exact_product(self) -> np.ndarray:
@@ -289,11 +143,11 @@ class Characterization:
         """Error metrics under operand histograms over codes (see :func:`appmult.lut_gen.metrics_under`).
 
         Raises:
-            ValueError: metrics-only characterization (use :func:`characterize_metrics`
+            ValueError: metrics-only characterization (use :func:`appmult.flows.characterize_metrics`
                 with ``hist_a``/``hist_b``), or histograms not matching the widths.
         """
         if self._product is None:
-            raise ValueError(f"{self.name} holds no product table; use characterize_metrics(source, "
+            raise InvalidValueError(f"{self.name} holds no product table; use appmult.flows.characterize_metrics(source, "
                              f"hist_a=..., hist_b=...) for metrics under a distribution")
         return _metrics_under(self._product, self.exact_product(), hist_a, hist_b)
 
@@ -324,10 +178,10 @@ class Characterization:
         allowed = {"ste": set(), "lut2d": {"half_window"}, "lut1d": {"half_window", "compact"},
                    "lre": {"compact"}}
         if method not in allowed:
-            raise ValueError(f"Gradient method must be one of {', '.join(GRADIENT_METHODS)}, not {method!r}")
+            raise InvalidValueError(f"Gradient method must be one of {', '.join(GRADIENT_METHODS)}, not {method!r}")
         unknown = set(params) - allowed[method]
         if unknown:
-            raise ValueError(f"Gradient method {method!r} takes no parameter(s) {', '.join(sorted(unknown))}"
+            raise InvalidValueError(f"Gradient method {method!r} takes no parameter(s) {', '.join(sorted(unknown))}"
                              + (f"; it takes {', '.join(sorted(allowed[method]))}" if allowed[method] else ""))
         wa, wb, s = self.width_a, self.width_b, self.signed
         if method == "ste":
@@ -441,161 +295,13 @@ class Characterization:
                 f"{'signed' if self.signed else 'unsigned'} mre={self.metrics['mre']:.4g}>")
 
 
-def _check_gradients(gradients: Iterable[str]) -> tuple[str, ...]:
+def check_gradients(gradients: Iterable[str]) -> tuple[str, ...]:
     if isinstance(gradients, str):
         gradients = (gradients,)
     out = []
     for g in gradients:
         if g not in GRADIENT_METHODS:
-            raise ValueError(f"Gradient method must be one of {', '.join(GRADIENT_METHODS)}, not {g!r}")
+            raise InvalidValueError(f"Gradient method must be one of {', '.join(GRADIENT_METHODS)}, not {g!r}")
         if g not in out:
             out.append(g)
     return tuple(out)
-
-
-def characterize(source, *, gradients: Iterable[str] = ("ste", "lut2d", "lut1d"),
-                 half_window: int | str = "auto", progress: bool = True, cache: bool = True,
-                 product: bool = True, cost: bool = True) -> Characterization:
-    """Characterize a circuit by exhaustive simulation of its gate netlist.
-
-    Args:
-        source: a :class:`~appmult.hdl.Multiplier`, a spec string, or a
-            :class:`~appmult.sim.Netlist` (e.g. from :meth:`~appmult.sim.Netlist.from_verilog`).
-        gradients: gradient methods to compute and store in the LUT file (any of
-            ``"ste"``, ``"lut2d"``, ``"lut1d"``, ``"lre"``).
-        half_window: LUT-2D half window, one of 1, 2, 4, ..., 64 or ``"auto"``
-            (:func:`~appmult.lut_gen.auto_half_window`).
-        progress: show a tqdm progress bar while simulating.
-        cache: read and write the on-disk characterization cache.
-        product: build the full product LUT (up to 12x12); ``False`` gives metrics only
-            (streamed, bounded memory, up to 16x16; see :func:`characterize_metrics`).
-        cost: compute hardware-cost figures (Yosys; cached).
-
-    Returns:
-        The :class:`Characterization`.
-
-    Raises:
-        TypeError: an unsupported source.
-        ValueError: unknown gradient method, invalid half window, or a full LUT asked for
-            operands wider than 12 bits.
-        appmult.sim.YosysError: synthesis failed.
-    """
-    methods = _check_gradients(gradients)
-    half_window = check_half_window(half_window)
-    src = _Source(source)
-    if not product:
-        return characterize_metrics(src, progress=progress, cache=cache, cost=cost)
-    if max(src.width_a, src.width_b) > MAX_LUT_WIDTH:
-        raise ValueError(f"Full product LUTs are limited to {MAX_LUT_WIDTH}x{MAX_LUT_WIDTH} operands; "
-                         f"{src.name} is {src.width_a}x{src.width_b}. Use characterize_metrics(...) or "
-                         f"characterize(..., product=False) for streamed metrics only")
-    stem = lut_cache_dir() / "full" / src.cache_key("full" if cost else "full-nocost")
-    if cache:
-        char = _load_full_entry(stem, src, half_window, methods)
-        if char is not None:
-            for m in methods:
-                char.gradient(m)
-            return char
-    table, metrics, _ = _simulate(src, want_product=True, progress=progress)
-    netlist = src.netlist
-    char = Characterization(product=table, width_a=src.width_a, width_b=src.width_b, signed=src.signed,
-                            metrics=metrics, cost=_cost(src) if cost else None, description=src.describe,
-                            spec=src.spec, name=src.name, sha256_verilog=netlist.sha256_verilog,
-                            sha256_netlist=netlist.sha256_netlist, versions=tool_versions(), origin=src.origin,
-                            half_window=half_window, gradient_methods=methods)
-    for m in methods:
-        char.gradient(m)
-    if cache:
-        _save_full_entry(stem, char)
-    return char
-
-
-def _save_full_entry(stem: Path, char: Characterization) -> None:
-    # A raw .npy (not the compressed LUT file): zlib on a 12x12 table costs seconds each
-    # way, and the cache is local and written atomically, so it needs no content hash.
-    # The JSON goes last: its presence marks a complete entry.
-    info = {"metrics": char.metrics, "cost": char.cost, "sha256_verilog": char.sha256_verilog,
-            "sha256_netlist": char.sha256_netlist, "tools": char.versions}
-    try:
-        from ..files import atomic_writer
-        with atomic_writer(stem.with_suffix(".npy"), suffix=".npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, char.product, allow_pickle=False)
-        atomic_write_text(stem.with_suffix(".json"), json.dumps(info))
-    except OSError:
-        pass  # a read-only cache is not an error
-
-
-def _load_full_entry(stem: Path, src: _Source, half_window, methods) -> Characterization | None:
-    try:
-        info = json.loads(stem.with_suffix(".json").read_text("utf-8"))
-        table = np.load(stem.with_suffix(".npy"), allow_pickle=False)
-    except (OSError, ValueError):
-        return None  # a miss, or an unreadable entry that is simply rebuilt
-    if table.shape != (1 << src.width_a, 1 << src.width_b) or table.dtype != np.int64:
-        return None
-    return Characterization(product=table, width_a=src.width_a, width_b=src.width_b, signed=src.signed,
-                            metrics=info["metrics"], cost=info["cost"], description=src.describe,
-                            spec=src.spec, name=src.name, sha256_verilog=info["sha256_verilog"],
-                            sha256_netlist=info["sha256_netlist"], versions=info["tools"], origin=src.origin,
-                            half_window=half_window, gradient_methods=methods)
-
-
-def characterize_metrics(source, *, hist_a=None, hist_b=None, progress: bool = True, cache: bool = True,
-                         cost: bool = True, chunk_vectors: int = 1 << 22) -> Characterization:
-    """Error metrics (and cost) streamed from the netlist in bounded memory, up to 16x16.
-
-    The product table is never held: blocks of rows from
-    :meth:`~appmult.sim.Netlist.exhaustive_chunks` go through a
-    :class:`~appmult.lut_gen.MetricsAccumulator` (bit-identical to one-shot metrics).
-
-    Args:
-        source: as for :func:`characterize`.
-        hist_a: optional histogram over codes of ``a`` (``None``: uniform). When either
-            histogram is given, the weighted metrics are also computed, in the same pass,
-            into :attr:`Characterization.metrics_weighted`.
-        hist_b: optional histogram over codes of ``b``.
-        progress: tqdm progress bar over the pairs.
-        cache: use the on-disk cache (unweighted results only).
-        cost: compute hardware-cost figures.
-        chunk_vectors: pairs simulated per block (memory bound: about 100 bytes per pair).
-
-    Returns:
-        A metrics-only :class:`Characterization` (``has_product`` is ``False``).
-
-    Raises:
-        TypeError, ValueError: as :func:`characterize`; histogram shape errors.
-    """
-    src = source if isinstance(source, _Source) else _Source(source)
-    weighted = hist_a is not None or hist_b is not None
-    path = lut_cache_dir() / "metrics" / f"{src.cache_key('metrics' if cost else 'metrics-nocost')}.json"
-    if cache and not weighted and path.is_file():
-        try:
-            d = json.loads(path.read_text("utf-8"))
-            return _metrics_only(src, d["metrics"], d["cost"], d["sha256_verilog"], d["sha256_netlist"],
-                                 d["tools"])
-        except (OSError, ValueError, KeyError):
-            pass
-    _, metrics, wmetrics = _simulate(src, want_product=False, progress=progress, hist_a=hist_a,
-                                     hist_b=hist_b, chunk_vectors=chunk_vectors)
-    netlist = src.netlist
-    char = _metrics_only(src, metrics, _cost(src) if cost else None, netlist.sha256_verilog,
-                         netlist.sha256_netlist, tool_versions())
-    char.metrics_weighted = wmetrics
-    if cache and not weighted:
-        try:
-            atomic_write_text(path, json.dumps({"metrics": metrics, "cost": char.cost,
-                                                "sha256_verilog": char.sha256_verilog,
-                                                "sha256_netlist": char.sha256_netlist,
-                                                "tools": char.versions}))
-        except OSError:
-            pass
-    return char
-
-
-def _metrics_only(src: _Source, metrics, cost, sha_v, sha_n, versions) -> Characterization:
-    char = Characterization(product=None, width_a=src.width_a, width_b=src.width_b, signed=src.signed,
-                            metrics=metrics, cost=cost, description=src.describe, spec=src.spec,
-                            name=src.name, sha256_verilog=sha_v, sha256_netlist=sha_n, versions=versions,
-                            origin=src.origin)
-    return char

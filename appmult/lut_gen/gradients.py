@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 
 from ..codes import codes_by_value, codes_to_values
+from ..errors import InvalidTypeError, InvalidValueError
 
 __all__ = [
     "HALF_WINDOWS",
@@ -74,25 +75,25 @@ def check_half_window(half_window, *, allow_auto: bool = True) -> int | str:
             and int(half_window) in HALF_WINDOWS:
         return int(half_window)
     choices = "1, 2, 4, ..., 64" + (" or 'auto'" if allow_auto else "")
-    raise ValueError(f"Half window must be one of {choices}, not {half_window!r}")
+    raise InvalidValueError(f"Half window must be one of {choices}, not {half_window!r}")
 
 
 def _check_widths(width_a: int, width_b: int, signed: bool) -> None:
     for name, w in (("width_a", width_a), ("width_b", width_b)):
         if not isinstance(w, (int, np.integer)) or isinstance(w, bool) or not 1 <= int(w) <= 16:
-            raise TypeError(f"Operand width {name} must be an integer in 1..16, not {w!r}")
+            raise InvalidTypeError(f"Operand width {name} must be an integer in 1..16, not {w!r}")
     if not isinstance(signed, (bool, np.bool_)):
-        raise TypeError(f"signed must be a bool, not {signed!r}")
+        raise InvalidTypeError(f"signed must be a bool, not {signed!r}")
 
 
 def _check_table(product, width_a: int, width_b: int, signed: bool) -> np.ndarray:
     _check_widths(width_a, width_b, signed)
     p = np.asarray(product)
     if p.dtype.kind not in "iu":
-        raise TypeError(f"Product table must hold integers, not {p.dtype}")
+        raise InvalidTypeError(f"Product table must hold integers, not {p.dtype}")
     shape = (1 << int(width_a), 1 << int(width_b))
     if p.shape != shape:
-        raise ValueError(f"Product table shape {p.shape} does not match widths {width_a}x{width_b} "
+        raise InvalidValueError(f"Product table shape {p.shape} does not match widths {width_a}x{width_b} "
                          f"(expected {shape})")
     return p.astype(np.int64, copy=False)
 
@@ -123,7 +124,7 @@ def ste_gradients(width_a: int, width_b: int, signed: bool) -> tuple[np.ndarray,
 def _check_fits(half_window: int, width: int, name: str) -> None:
     n = 1 << width
     if 2 * half_window + 1 >= n:
-        raise ValueError(f"Half window {half_window} is too large for a {width}-bit operand {name}: "
+        raise InvalidValueError(f"Half window {half_window} is too large for a {width}-bit operand {name}: "
                          f"LUT-2D needs 2*H+1 < {n}")
 
 
@@ -270,7 +271,7 @@ def lut1d_gradients(product, width_a: int, width_b: int, signed: bool,
     if method == "lre":
         return lre_gradients(product, width_a, width_b, signed)
     if method != "mean":
-        raise ValueError(f"LUT-1D method must be 'mean' or 'lre', not {method!r}")
+        raise InvalidValueError(f"LUT-1D method must be 'mean' or 'lre', not {method!r}")
     p = _check_table(product, width_a, width_b, signed)
     h = check_half_window(half_window)
     if h == "auto":
@@ -298,7 +299,7 @@ def broadcast_lut1d(grad_a, grad_b, width_a: int, width_b: int) -> tuple[np.ndar
     gb = np.asarray(grad_b, dtype=np.float32)
     na, nb = 1 << width_a, 1 << width_b
     if ga.shape != (nb,) or gb.shape != (na,):
-        raise ValueError(f"Compact LUT-1D tables must have shapes ({nb},) and ({na},) for "
+        raise InvalidValueError(f"Compact LUT-1D tables must have shapes ({nb},) and ({na},) for "
                          f"{width_a}x{width_b} operands, not {ga.shape} and {gb.shape}")
     return (np.ascontiguousarray(np.broadcast_to(ga[None, :], (na, nb))),
             np.ascontiguousarray(np.broadcast_to(gb[:, None], (na, nb))))
@@ -351,7 +352,7 @@ def auto_half_window(product, width_a: int, width_b: int, signed: bool, *,
     p = _check_table(product, width_a, width_b, signed)
     candidates = [h for h in HALF_WINDOWS if 2 * h + 1 < min(p.shape)]
     if not candidates:
-        raise ValueError(f"No LUT-2D half window fits {width_a}x{width_b} operands "
+        raise InvalidValueError(f"No LUT-2D half window fits {width_a}x{width_b} operands "
                          f"(needs 2*H+1 < {min(p.shape)})")
     order_a = codes_by_value(width_a, signed)
     order_b = codes_by_value(width_b, signed)

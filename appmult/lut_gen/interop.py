@@ -18,7 +18,7 @@
 * :func:`characterize_verilog` -- an EvoApprox-style Verilog module (ports ``A``, ``B``,
   ``O``) through :meth:`appmult.sim.Netlist.from_verilog` and :func:`characterize`.
 
-Only :func:`characterize_verilog` imports Amaranth/Yosys (lazily).
+A third-party Verilog circuit is characterized by :func:`appmult.flows.characterize_verilog`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..codes import codes_by_value, codes_to_values, values_to_codes
+from ..errors import InvalidTypeError, InvalidValueError
 from ..files import atomic_write_bytes, atomic_write_text
 
 __all__ = [
@@ -45,17 +46,17 @@ __all__ = [
 def _check(product, width_a: int, width_b: int) -> np.ndarray:
     p = np.asarray(product)
     if p.dtype.kind not in "iu":
-        raise TypeError(f"Product table must hold integers, not {p.dtype}")
+        raise InvalidTypeError(f"Product table must hold integers, not {p.dtype}")
     shape = (1 << width_a, 1 << width_b)
     if p.shape != shape:
-        raise ValueError(f"Product table shape {p.shape} does not match widths {width_a}x{width_b} "
+        raise InvalidValueError(f"Product table shape {p.shape} does not match widths {width_a}x{width_b} "
                          f"(expected {shape})")
     return p.astype(np.int64, copy=False)
 
 
 def _check_operands(operands: str) -> None:
     if operands not in ("values", "codes"):
-        raise ValueError(f"Listing operands must be 'values' or 'codes', not {operands!r}")
+        raise InvalidValueError(f"Listing operands must be 'values' or 'codes', not {operands!r}")
 
 
 def write_listing(path: str | os.PathLike, product, width_a: int, width_b: int, signed: bool, *,
@@ -112,9 +113,9 @@ def read_listing(path: str | os.PathLike, width_a: int, width_b: int, signed: bo
     try:
         data = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as exc:
-        raise ValueError(f"Listing {path} is not lines of three integers 'a b product': {exc}") from None
+        raise InvalidValueError(f"Listing {path} is not lines of three integers 'a b product': {exc}") from None
     if data.shape[1:] != (3,):
-        raise ValueError(f"Listing {path} must have three integers per line, not {data.shape[1]}")
+        raise InvalidValueError(f"Listing {path} must have three integers per line, not {data.shape[1]}")
     if operands == "values":
         a = values_to_codes(data[:, 0], width_a, signed)
         b = values_to_codes(data[:, 1], width_b, signed)
@@ -124,7 +125,7 @@ def read_listing(path: str | os.PathLike, width_a: int, width_b: int, signed: bo
     n = 1 << (width_a + width_b)
     flat = a * (1 << width_b) + b
     if data.shape[0] != n or np.unique(flat).size != n:
-        raise ValueError(f"Listing {path} must hold every one of the {n} operand pairs exactly once "
+        raise InvalidValueError(f"Listing {path} must hold every one of the {n} operand pairs exactly once "
                          f"({data.shape[0]} lines, {np.unique(flat).size} distinct pairs)")
     table = np.empty(n, dtype=np.int64)
     table[flat] = data[:, 2]
@@ -133,7 +134,7 @@ def read_listing(path: str | os.PathLike, width_a: int, width_b: int, signed: bo
 
 def _check_8x8(width_a: int, width_b: int, what: str) -> None:
     if (width_a, width_b) != (8, 8):
-        raise ValueError(f"{what} holds 8x8 tables only, not {width_a}x{width_b}")
+        raise InvalidValueError(f"{what} holds 8x8 tables only, not {width_a}x{width_b}")
 
 
 def write_tfapprox(path: str | os.PathLike, product, width_a: int = 8, width_b: int = 8,
@@ -145,10 +146,10 @@ def write_tfapprox(path: str | os.PathLike, product, width_a: int = 8, width_b: 
     """
     _check_8x8(width_a, width_b, "The TFApprox format")
     if signed:
-        raise ValueError("The TFApprox format holds unsigned 8x8 multipliers only, not signed ones")
+        raise InvalidValueError("The TFApprox format holds unsigned 8x8 multipliers only, not signed ones")
     p = _check(product, 8, 8)
     if p.min() < 0 or p.max() > 0xFFFF:
-        raise ValueError(f"Products {int(p.min())}..{int(p.max())} do not fit the TFApprox uint16 table")
+        raise InvalidValueError(f"Products {int(p.min())}..{int(p.max())} do not fit the TFApprox uint16 table")
     atomic_write_bytes(path, p.astype("<u2").tobytes())
     return Path(path)
 
@@ -161,7 +162,7 @@ def read_tfapprox(path: str | os.PathLike) -> np.ndarray:
     """
     raw = Path(path).read_bytes()
     if len(raw) != 2 * 256 * 256:
-        raise ValueError(f"TFApprox table {path} must be {2 * 256 * 256} bytes (256x256 uint16), not {len(raw)}")
+        raise InvalidValueError(f"TFApprox table {path} must be {2 * 256 * 256} bytes (256x256 uint16), not {len(raw)}")
     return np.frombuffer(raw, dtype="<u2").astype(np.int64).reshape(256, 256)
 
 
@@ -185,7 +186,7 @@ def to_torchapprox(product, width_a: int = 8, width_b: int = 8, signed: bool = T
     _check_8x8(width_a, width_b, "A TorchApprox LUT")
     p = _check(product, 8, 8)
     if p.min() < -(1 << 15) or p.max() >= 1 << 15:
-        raise ValueError(f"Products {int(p.min())}..{int(p.max())} do not fit TorchApprox's int16 table")
+        raise InvalidValueError(f"Products {int(p.min())}..{int(p.max())} do not fit TorchApprox's int16 table")
     return np.ascontiguousarray((p.T if transpose else p).astype(np.int16))
 
 
@@ -197,38 +198,6 @@ def from_torchapprox(lut, *, transpose: bool = False) -> np.ndarray:
     """
     t = np.asarray(lut)
     if t.shape != (256, 256) or t.dtype.kind not in "iu":
-        raise ValueError(f"A TorchApprox LUT is a 256x256 integer array, not {t.dtype} of shape {t.shape}")
+        raise InvalidValueError(f"A TorchApprox LUT is a 256x256 integer array, not {t.dtype} of shape {t.shape}")
     t = t.astype(np.int64)
     return np.ascontiguousarray(t.T if transpose else t)
-
-
-def characterize_verilog(path: str | os.PathLike, *, top: str, width_a: int, width_b: int, signed: bool,
-                         a: str = "A", b: str = "B", p: str = "O", **kwargs):
-    """Characterize a third-party combinational multiplier written in Verilog.
-
-    Defaults match EvoApprox8b modules (ports ``A``, ``B``, ``O``).
-
-    Args:
-        path: Verilog file.
-        top: module name.
-        width_a: width of port ``a``.
-        width_b: width of port ``b``.
-        signed: two's complement operands and product.
-        a: first operand port name.
-        b: second operand port name.
-        p: product port name.
-        **kwargs: passed to :func:`appmult.lut_gen.characterize` (``gradients``,
-            ``half_window``, ``cache``, ``cost``, ...).
-
-    Returns:
-        The :class:`~appmult.lut_gen.characterization.Characterization`.
-
-    Raises:
-        FileNotFoundError, appmult.sim.YosysError, appmult.sim.NetlistError: as
-            :meth:`appmult.sim.Netlist.from_verilog`.
-    """
-    from ..sim import Netlist
-    from .characterization import characterize
-    netlist = Netlist.from_verilog(path, top=top, width_a=width_a, width_b=width_b, signed=signed,
-                                   a=a, b=b, p=p)
-    return characterize(netlist, **kwargs)

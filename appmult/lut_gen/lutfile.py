@@ -28,6 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..errors import InvalidValueError, MissingFileError, UserError
 from ..files import atomic_writer
 
 __all__ = ["FORMAT_VERSION", "LutFile", "LutFileError", "load"]
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 _MAGIC = "appmult-lut"
 
 
-class LutFileError(ValueError):
+class LutFileError(UserError, ValueError):
     """A LUT file that cannot be trusted: corrupt, tampered, wrong format, or mismatched."""
 
 
@@ -46,7 +47,7 @@ def _canonical_json(obj: Any) -> bytes:
 
 def _check_name(method: str) -> None:
     if not isinstance(method, str) or not method.isidentifier() or "__" in method:
-        raise ValueError(f"Gradient method name must be an identifier without '__', not {method!r}")
+        raise InvalidValueError(f"Gradient method name must be an identifier without '__', not {method!r}")
 
 
 class LutFile:
@@ -234,7 +235,7 @@ class LutFile:
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"LUT file {path} does not exist")
+            raise MissingFileError(f"LUT file {path} does not exist")
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":
                 # np.load would take any non-zip file for a pickle: say what it really is.

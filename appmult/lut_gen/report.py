@@ -1,7 +1,7 @@
 """Human-readable results of a characterization: JSON, Markdown, tables and PNG plots.
 
-Plots use matplotlib's Agg backend (no display needed); matplotlib is imported only
-when a plot is drawn.
+Plots go through :mod:`appmult.plotting` (Figure on the Agg canvas, atomic save);
+matplotlib is imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..codes import codes_by_value, codes_to_values
-from ..files import atomic_write_text, atomic_writer
+from ..errors import InvalidValueError
+from ..files import atomic_write_text
+from ..plotting import new_figure, save_figure
+from ..spec import short_spec
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -27,12 +30,13 @@ __all__ = [
 ]
 
 # (key, header, format) of the error metrics shown in tables.
-_METRIC_ROWS = (("er", "ER %", "{:.2f}"), ("mae", "MAE (MED)", "{:.4g}"), ("nmed_pct", "NMED %", "{:.4g}"),
-                ("mre_pct", "MRE %", "{:.4g}"), ("wce", "WCE", "{}"), ("wcre_pct", "WCRE %", "{:.4g}"),
+_METRIC_ROWS = (("er_pct", "ER (EP) %", "{:.2f}"), ("mae", "MAE (MED)", "{:.4g}"), ("mae_pct", "MAE %", "{:.4g}"),
+                ("nmed_pct", "NMED %", "{:.4g}"), ("mre_pct", "MRE %", "{:.4g}"), ("wce", "WCE", "{}"),
+                ("wce_pct", "WCE %", "{:.4g}"), ("wcre_pct", "WCRE %", "{:.4g}"),
                 ("mse", "MSE", "{:.4g}"), ("bias", "bias", "{:.4g}"), ("std", "std", "{:.4g}"))
 _COST_ROWS = ("gates", "aig_nodes", "depth", "transistors", "ice40_lut4", "toggles_per_op")
 #: Columns of ``appmult compare``.
-COMPARE_COLUMNS = ("name", "er", "nmed_pct", "mre_pct", "wce", "bias", "transistors", "aig_nodes", "depth",
+COMPARE_COLUMNS = ("name", "er_pct", "nmed_pct", "mre_pct", "wce", "bias", "transistors", "aig_nodes", "depth",
                    "rel_transistors", "rel_aig_nodes")
 
 
@@ -67,7 +71,8 @@ def markdown_report(char) -> str:
     for key, header, fmt in _METRIC_ROWS:
         lines.append(f"| {header} | {_fmt(char.metrics[key], fmt)} | {_fmt(exact[key], fmt)} |")
     lines += ["", f"Pairs: {char.metrics['pairs']}; max |exact| = {char.metrics['max_exact']}. "
-              "MRE divides by max(1, |exact|).", ""]
+              "MRE and WCRE run over the pairs with exact != 0 (EvoApprox); "
+              "MAE % and WCE % divide by 2**(width_a + width_b).", ""]
     cost = char.cost
     lines += ["## Hardware cost", ""]
     if cost:
@@ -93,14 +98,6 @@ def markdown_report(char) -> str:
     return "\n".join(lines)
 
 
-def _save_fig(fig, path: Path) -> Path:
-    with atomic_writer(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path
-
-
 def _value_axes(char):
     oa = codes_by_value(char.width_a, char.signed)
     ob = codes_by_value(char.width_b, char.signed)
@@ -117,49 +114,45 @@ def _downsample(table: np.ndarray, limit: int = 512) -> np.ndarray:
 
 
 def _plots(char, out: Path) -> dict[str, Path]:
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     oa, ob, va, vb = _value_axes(char)
     err = (char.product - char.exact_product())[np.ix_(oa, ob)]
     extent = (vb[0] - 0.5, vb[-1] + 0.5, va[-1] + 0.5, va[0] - 0.5)
     files: dict[str, Path] = {}
 
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = new_figure(figsize=(6, 5))
     lim = max(1, int(np.abs(err).max()))
     im = ax.imshow(_downsample(err), cmap="RdBu_r", vmin=-lim, vmax=lim, extent=extent, aspect="auto",
                    interpolation="nearest")
     fig.colorbar(im, ax=ax, label="error = approx - exact")
     ax.set(xlabel="b (value)", ylabel="a (value)", title=f"Error map: {char.name}")
     ax.title.set_fontsize(8)
-    files["error_heatmap"] = _save_fig(fig, out / "error_heatmap.png")
+    files["error_heatmap"] = save_figure(fig, out / "error_heatmap.png", dpi=100)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     values, counts = np.unique(err, return_counts=True)
     if values.size <= 200:
         ax.bar(values, counts / err.size, width=max(1.0, (values.max() - values.min()) / 200))
     else:
         ax.hist(err.reshape(-1), bins=200, weights=np.full(err.size, 1 / err.size))
     ax.set(xlabel="error = approx - exact", ylabel="share of pairs", title="Error histogram")
-    files["error_histogram"] = _save_fig(fig, out / "error_histogram.png")
+    files["error_histogram"] = save_figure(fig, out / "error_histogram.png", dpi=100)
 
     h = char.half_window
     l2a, l2b = char.gradient("lut2d", half_window=h)
     sa, sb = char.gradient("ste")
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    fig, axes = new_figure(2, 2, figsize=(10, 8))
     for ax, table, title in ((axes[0, 0], sa, "STE d/da"), (axes[0, 1], l2a, f"LUT-2D d/da (H={h})"),
                              (axes[1, 0], sb, "STE d/db"), (axes[1, 1], l2b, f"LUT-2D d/db (H={h})")):
         im = ax.imshow(_downsample(table[np.ix_(oa, ob)]), extent=extent, aspect="auto", cmap="viridis",
                        interpolation="nearest")
         fig.colorbar(im, ax=ax)
         ax.set(xlabel="b (value)", ylabel="a (value)", title=title)
-    fig.tight_layout()
-    files["gradient_tables"] = _save_fig(fig, out / "gradient_tables.png")
+    files["gradient_tables"] = save_figure(fig, out / "gradient_tables.png", dpi=100)
 
     l1a, _ = char.gradient("lut1d", half_window=h, compact=True)
     lra, _ = char.gradient("lre", compact=True)
     picks = np.unique(np.linspace(0, len(ob) - 1, 6)[1:-1].astype(int))
-    fig, axes = plt.subplots(1, len(picks), figsize=(4 * len(picks), 3.5), squeeze=False)
+    fig, axes = new_figure(1, len(picks), figsize=(4 * len(picks), 3.5), squeeze=False)
     for ax, k in zip(axes[0], picks):
         code_b = ob[k]
         ax.plot(va, l2a[oa, code_b], label="LUT-2D", lw=1)
@@ -169,8 +162,7 @@ def _plots(char, out: Path) -> dict[str, Path]:
         ax.set(xlabel="a (value)", title=f"d/da at b = {vb[k]}")
     axes[0, 0].set_ylabel("gradient (product per unit of a)")
     axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    files["gradient_curves"] = _save_fig(fig, out / "gradient_curves.png")
+    files["gradient_curves"] = save_figure(fig, out / "gradient_curves.png", dpi=100)
     return files
 
 
@@ -206,7 +198,7 @@ def compare_rows(chars: Sequence) -> list[dict[str, Any]]:
     for c in chars:
         cost = c.cost or {}
         rel = cost.get("relative", {}) or {}
-        rows.append({"name": c.name, "er": c.metrics["er"], "nmed_pct": c.metrics["nmed_pct"],
+        rows.append({"name": c.name, "er_pct": c.metrics["er_pct"], "nmed_pct": c.metrics["nmed_pct"],
                      "mre_pct": c.metrics["mre_pct"], "wce": c.metrics["wce"], "bias": c.metrics["bias"],
                      "transistors": cost.get("transistors"), "aig_nodes": cost.get("aig_nodes"),
                      "depth": cost.get("depth"), "rel_transistors": rel.get("transistors"),
@@ -228,28 +220,6 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COMPAR
     return "\n".join(lines)
 
 
-def short_spec(spec: str) -> str:
-    """A spec for plot labels: family and its own parameters, without widths and signedness.
-
-    ``"truncated:width_a=8,width_b=8,signed=false,columns=8,compensate=false"`` becomes
-    ``"truncated(columns=8)"``; default-off flags (``=false``) are left out too, and a
-    signed multiplier says ``signed``.
-    """
-    family, _, params = spec.partition(":")
-    items, depth, cur = [], 0, ""
-    for ch in params + ",":
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-            continue
-        depth += (ch == "[") - (ch == "]")
-        cur += ch
-    keep = [kv for kv in items if kv and not kv.startswith(("width", "signed=")) and not kv.endswith("=false")]
-    if "signed=true" in items:
-        keep.append("signed")
-    return f"{family}({','.join(keep)})" if keep else family
-
-
 def pareto_plot(chars: Sequence, path: str | os.PathLike, *, error: str = "mre_pct",
                 cost: str = "transistors") -> Path:
     """Scatter of an error metric against a cost figure, with the Pareto front drawn.
@@ -266,17 +236,14 @@ def pareto_plot(chars: Sequence, path: str | os.PathLike, *, error: str = "mre_p
     Raises:
         ValueError: unknown metric.
     """
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     pts = []
     for c in chars:
         if error not in c.metrics:
-            raise ValueError(f"Unknown error metric {error!r}; choose from {', '.join(k for k in c.metrics)}")
+            raise InvalidValueError(f"Unknown error metric {error!r}; choose from {', '.join(k for k in c.metrics)}")
         x = (c.cost or {}).get(cost)
         if x is not None:
             pts.append((float(x), float(c.metrics[error]), c.name))
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = new_figure(figsize=(7, 5))
     if pts:
         xs, ys, names = zip(*pts)
         ax.scatter(xs, ys)
@@ -290,4 +257,4 @@ def pareto_plot(chars: Sequence, path: str | os.PathLike, *, error: str = "mre_p
         ax.step(*zip(*front), where="post", color="C1", lw=1, label="Pareto front")
         ax.legend()
     ax.set(xlabel=cost, ylabel=error, title="Error vs cost")
-    return _save_fig(fig, Path(path))
+    return save_figure(fig, path, dpi=100)

@@ -7,9 +7,10 @@ import functools
 import os
 from pathlib import Path
 
+from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
 from ..lut_gen.lutfile import LutFile
 from ..lut_gen.lutfile import load as _load
-from .correction import check_frac_bits
+from ..reference import check_frac_bits
 from .functional import GradMode, Kernel
 from .quant import Observer, WeightScheme
 
@@ -30,7 +31,7 @@ def load_lut(path: str | os.PathLike) -> LutFile:
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"LUT file {p} does not exist")
+        raise MissingFileError(f"LUT file {p} does not exist")
     st = p.stat()
     return _load_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
 
@@ -94,7 +95,7 @@ class ApproxConfig:
         if isinstance(lut, os.PathLike):
             object.__setattr__(self, "lut", os.fspath(lut))
         elif not isinstance(lut, (str, LutFile)):
-            raise TypeError(f"ApproxConfig lut must be a LUT file path or a LutFile, not {type(lut).__name__}")
+            raise InvalidTypeError(f"ApproxConfig lut must be a LUT file path or a LutFile, not {type(lut).__name__}")
 
         def check(enum_cls, field):
             value = getattr(self, field)
@@ -102,49 +103,49 @@ class ApproxConfig:
                 object.__setattr__(self, field, enum_cls(value).value)
             except ValueError:
                 allowed = ", ".join(repr(e.value) for e in enum_cls)
-                raise ValueError(f"ApproxConfig {field} must be one of {allowed}, not {value!r}") from None
+                raise InvalidValueError(f"ApproxConfig {field} must be one of {allowed}, not {value!r}") from None
 
         check(GradMode, "grad")
         check(WeightScheme, "weight_scheme")
         check(Observer, "act_observer")
         check(Kernel, "kernel")
         if self.activation_operand not in ("a", "b"):
-            raise ValueError(f"ApproxConfig activation_operand must be 'a' or 'b', not {self.activation_operand!r}")
+            raise InvalidValueError(f"ApproxConfig activation_operand must be 'a' or 'b', not {self.activation_operand!r}")
         for flag in ("exact_accumulate", "compute_missing_gradients"):
             if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"ApproxConfig {flag} must be a bool, not {getattr(self, flag)!r}")
+                raise InvalidTypeError(f"ApproxConfig {flag} must be a bool, not {getattr(self, flag)!r}")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) \
                 or not 0.0 < float(self.momentum) <= 1.0:
-            raise ValueError(f"ApproxConfig momentum must be a number in (0, 1], not {self.momentum!r}")
+            raise InvalidValueError(f"ApproxConfig momentum must be a number in (0, 1], not {self.momentum!r}")
         hw = self.half_window
         if not (hw == "auto" or (isinstance(hw, int) and not isinstance(hw, bool) and hw >= 1)):
-            raise ValueError(f"ApproxConfig half_window must be 'auto' or a positive int, not {hw!r}")
+            raise InvalidValueError(f"ApproxConfig half_window must be 'auto' or a positive int, not {hw!r}")
 
         bits = self.bits
         if bits is not None:
             pair = (bits, bits) if isinstance(bits, int) else tuple(bits) if isinstance(bits, (tuple, list)) else ()
             if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 16
                                          for b in pair):
-                raise ValueError(f"ApproxConfig bits must be an int in 1..16 or a pair of them, not {bits!r}")
+                raise InvalidValueError(f"ApproxConfig bits must be an int in 1..16 or a pair of them, not {bits!r}")
             object.__setattr__(self, "bits", pair)
         if self.signed is not None and not isinstance(self.signed, bool):
-            raise TypeError(f"ApproxConfig signed must be a bool or None, not {self.signed!r}")
+            raise InvalidTypeError(f"ApproxConfig signed must be a bool or None, not {self.signed!r}")
 
         self._check_correction()
 
     def _check_correction(self) -> None:
         corr = "none" if self.correction is None else self.correction
         if corr not in ("none", "control_variate"):
-            raise ValueError(f"ApproxConfig correction must be 'none' or 'control_variate', not {corr!r}")
+            raise InvalidValueError(f"ApproxConfig correction must be 'none' or 'control_variate', not {corr!r}")
         object.__setattr__(self, "correction", corr)
         hist = self.correction_hist
         if hist is not None:
             try:
                 values = tuple(float(v) for v in hist)
             except (TypeError, ValueError):
-                raise ValueError("ApproxConfig correction_hist must be a sequence of non-negative counts") from None
+                raise InvalidValueError("ApproxConfig correction_hist must be a sequence of non-negative counts") from None
             if not values or any(not (v >= 0.0) or v == float("inf") for v in values):
-                raise ValueError("ApproxConfig correction_hist must be a sequence of non-negative counts")
+                raise InvalidValueError("ApproxConfig correction_hist must be a sequence of non-negative counts")
             # A tuple keeps the config hashable (arrays are not).
             object.__setattr__(self, "correction_hist", values)
         check_frac_bits(self.correction_frac_bits)

@@ -7,6 +7,7 @@ from typing import Callable, Iterator, Mapping
 
 from torch import nn
 
+from ..errors import InvalidTypeError
 from .config import ApproxConfig
 from .layers import ApproxConv2d, ApproxLinear
 
@@ -53,12 +54,12 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
             raise KeyError(f"approximate_: no nn.Linear/nn.Conv2d layer named {', '.join(map(repr, unknown))}")
         for name, c in config.items():
             if not isinstance(c, ApproxConfig):
-                raise TypeError(f"approximate_: config for {name!r} is a {type(c).__name__}, not an ApproxConfig")
+                raise InvalidTypeError(f"approximate_: config for {name!r} is a {type(c).__name__}, not an ApproxConfig")
 
         def pick(name: str) -> ApproxConfig | None:
             return config.get(name)
     else:
-        raise TypeError(f"approximate_ needs an ApproxConfig or a dict of them, not {type(config).__name__}")
+        raise InvalidTypeError(f"approximate_ needs an ApproxConfig or a dict of them, not {type(config).__name__}")
 
     def visit(module: nn.Module, name: str) -> nn.Module:
         cfg = pick(name)

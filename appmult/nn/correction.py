@@ -57,34 +57,17 @@ import torch
 from torch import nn
 
 from ..codes import codes_to_values
+from ..errors import InvalidTypeError, InvalidValueError
 from ..lut_gen.lutfile import LutFile
+from ..reference import check_frac_bits, correction_term, round_half_up_div
 
 __all__ = [
-    "MAX_FRAC_BITS",
     "ControlVariate",
     "channel_correction",
-    "check_frac_bits",
-    "correct_accumulator",
-    "correction_term",
     "fit_error_model",
     "quantize_error_model",
-    "round_half_up_div",
 ]
 
-#: Largest number of fractional bits of ``alpha_fx`` (int64 headroom for the products).
-MAX_FRAC_BITS = 24
-
-
-def check_frac_bits(frac_bits: int) -> int:
-    """Validate a fractional bit count.
-
-    Raises:
-        TypeError: not an integer in ``0 .. MAX_FRAC_BITS``.
-    """
-    if not isinstance(frac_bits, (int, np.integer)) or isinstance(frac_bits, bool) \
-            or not 0 <= int(frac_bits) <= MAX_FRAC_BITS:
-        raise TypeError(f"Correction fractional bits must be an integer in 0..{MAX_FRAC_BITS}, not {frac_bits!r}")
-    return int(frac_bits)
 
 
 def _histogram(hist, n: int, operand: str) -> np.ndarray | None:
@@ -92,10 +75,10 @@ def _histogram(hist, n: int, operand: str) -> np.ndarray | None:
         return None
     p = np.asarray(hist, dtype=np.float64)
     if p.shape != (n,):
-        raise ValueError(f"Activation histogram must have {n} entries (one per code of operand {operand}), "
+        raise InvalidValueError(f"Activation histogram must have {n} entries (one per code of operand {operand}), "
                          f"not shape {p.shape}")
     if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
-        raise ValueError("Activation histogram must hold finite non-negative counts with a positive sum")
+        raise InvalidValueError("Activation histogram must hold finite non-negative counts with a positive sum")
     return p
 
 
@@ -120,9 +103,9 @@ def fit_error_model(lut: LutFile, hist_a=None, *, activation_operand: str = "a"
         ValueError: a bad operand name or histogram.
     """
     if not isinstance(lut, LutFile):
-        raise TypeError(f"fit_error_model needs a LutFile, not {type(lut).__name__}")
+        raise InvalidTypeError(f"fit_error_model needs a LutFile, not {type(lut).__name__}")
     if activation_operand not in ("a", "b"):
-        raise ValueError(f"Activation operand must be 'a' or 'b', not {activation_operand!r}")
+        raise InvalidValueError(f"Activation operand must be 'a' or 'b', not {activation_operand!r}")
     prod = lut.product if activation_operand == "a" else lut.product.T
     wx, ww = (lut.width_a, lut.width_b) if activation_operand == "a" else (lut.width_b, lut.width_a)
     x = codes_to_values(np.arange(1 << wx), wx, lut.signed).astype(np.float64)
@@ -155,14 +138,9 @@ def quantize_error_model(alpha, beta, frac_bits: int) -> tuple[np.ndarray, np.nd
     for name, v in (("alpha", alpha), ("beta", beta)):
         v = np.asarray(v, dtype=np.float64)
         if not np.all(np.isfinite(v)):
-            raise ValueError(f"Error model {name} must be finite")
+            raise InvalidValueError(f"Error model {name} must be finite")
         out.append(np.floor(v * float(1 << f) + 0.5).astype(np.int64))
     return out[0], out[1]
-
-
-def round_half_up_div(n, d: int):
-    """``floor(n / d + 1/2)`` in exact integer arithmetic (numpy or torch integers, ``d >= 1``)."""
-    return (2 * n + d) // (2 * d)
 
 
 def channel_correction(alpha_q, beta_q, w_codes, frac_bits: int):
@@ -180,24 +158,10 @@ def channel_correction(alpha_q, beta_q, w_codes, frac_bits: int):
     f = check_frac_bits(frac_bits)
     k = int(w_codes.shape[1])
     if k < 1:
-        raise ValueError("A channel needs a fan-in of at least 1")
+        raise InvalidValueError("A channel needs a fan-in of at least 1")
     sa = alpha_q[w_codes].sum(1)
     sb = beta_q[w_codes].sum(1)
     return round_half_up_div(sa, k), round_half_up_div(sb, 1 << f)
-
-
-def correction_term(act_sum, alpha_fx, beta, frac_bits: int):
-    """Step 3: ``c = floor((alpha_fx * S + 2**(F-1)) / 2**F) + B`` (``F = 0``: ``alpha_fx*S + B``).
-
-    Integer arrays/tensors broadcast against each other.
-    """
-    f = check_frac_bits(frac_bits)
-    return round_half_up_div(alpha_fx * act_sum, 1 << f) + beta
-
-
-def correct_accumulator(acc, act_sum, alpha_fx, beta, frac_bits: int):
-    """The corrected accumulator ``acc - c`` (see :func:`correction_term`)."""
-    return acc - correction_term(act_sum, alpha_fx, beta, frac_bits)
 
 
 class ControlVariate(nn.Module):

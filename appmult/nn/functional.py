@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codes import codes_by_value, codes_to_values
+from ..errors import InvalidTypeError, InvalidValueError, UserError
 from ..lut_gen.lutfile import LutFile, LutFileError
 from . import kernels as K
 
@@ -87,7 +88,7 @@ class MissingGradientError(LutFileError):
     """The LUT file lacks the gradient tables a layer's grad mode needs."""
 
 
-class LutMismatchError(RuntimeError):
+class LutMismatchError(UserError, RuntimeError):
     """A state_dict was saved with a different LUT than the layer it is loaded into."""
 
 
@@ -136,9 +137,9 @@ class LutTables(nn.Module):
                  compute_missing_gradients: bool = False, half_window: int | str = "auto"):
         super().__init__()
         if not isinstance(lut, LutFile):
-            raise TypeError(f"LutTables needs a LutFile, not {type(lut).__name__}")
+            raise InvalidTypeError(f"LutTables needs a LutFile, not {type(lut).__name__}")
         if activation_operand not in ("a", "b"):
-            raise ValueError(f"Activation operand must be 'a' or 'b', not {activation_operand!r}")
+            raise InvalidValueError(f"Activation operand must be 'a' or 'b', not {activation_operand!r}")
         self.lut_file = lut
         self.grad = GradMode(grad)
         self.activation_operand = activation_operand
@@ -170,7 +171,7 @@ class LutTables(nn.Module):
         if kern is Kernel.AUTO:
             kern = Kernel(K.choose_kernel(self.rank))
         if kern is Kernel.LOWRANK and fac is None:
-            raise ValueError(f"LUT {lut.lut_id} has no exact integer factorization of rank <= 32; "
+            raise InvalidValueError(f"LUT {lut.lut_id} has no exact integer factorization of rank <= 32; "
                              f"use kernel='gather' or kernel='auto'")
         self.kernel = kern
         #: Integer ``c`` with ``U @ c == value(x)`` exactly (or ``None``): lets the activation
@@ -757,7 +758,7 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
     # aminmax). Only when the sum is not finite (or overflowed) do min/max decide.
     if x.numel() and not bool(torch.isfinite(x.sum())) \
             and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
-        raise ValueError(f"{what} input contains NaN or Inf; approximate layers quantize their "
+        raise InvalidValueError(f"{what} input contains NaN or Inf; approximate layers quantize their "
                          f"inputs and cannot represent non-finite values")
 
 
@@ -926,7 +927,7 @@ def approx_matmul(a: torch.Tensor, b: torch.Tensor, lut: LutFile | str | os.Path
     _check_finite(a, "approx_matmul")
     _check_finite(b, "approx_matmul")
     if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"approx_matmul shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
+        raise InvalidValueError(f"approx_matmul shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
     tabs = _tables_for(lut, grad, kernel, a.device)
     qa_ = ActivationQuantizer(tabs.width_x, tabs.signed, "minmax").to(a.device)
     qb_ = ActivationQuantizer(tabs.width_w, tabs.signed, "minmax").to(a.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from .config import ApproxConfig
 from .correction import ControlVariate
 from .functional import LutTables, _check_finite, _pair, approx_conv2d, approx_linear
@@ -36,7 +37,7 @@ class _ApproxMixin:
 
     def _setup(self, config: ApproxConfig) -> None:
         if not isinstance(config, ApproxConfig):
-            raise TypeError(f"{type(self).__name__} needs an ApproxConfig, not {type(config).__name__}")
+            raise InvalidTypeError(f"{type(self).__name__} needs an ApproxConfig, not {type(config).__name__}")
         self.config = config
         lut = config.load()
         self.lut = LutTables(lut, grad=config.grad, kernel=config.kernel,
@@ -149,14 +150,14 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
             A new ``ApproxLinear`` on the module's device, in its training mode.
         """
         if not isinstance(module, nn.Linear):
-            raise TypeError(f"ApproxLinear.from_float needs an nn.Linear, not {type(module).__name__}")
+            raise InvalidTypeError(f"ApproxLinear.from_float needs an nn.Linear, not {type(module).__name__}")
         new = cls(module.in_features, module.out_features, module.bias is not None, config=config,
                   device=module.weight.device, dtype=module.weight.dtype)
         return _adopt_trained(new, module)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"ApproxLinear expects {self.in_features} input features, got {x.shape[-1]}")
+            raise InvalidValueError(f"ApproxLinear expects {self.in_features} input features, got {x.shape[-1]}")
         return x.reshape(-1, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +234,7 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, *, config: ApproxConfig, device=None, dtype=None):
         if isinstance(padding, str):
-            raise ValueError(f"ApproxConv2d padding must be integers, not {padding!r}")
+            raise InvalidValueError(f"ApproxConv2d padding must be integers, not {padding!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          device=device, dtype=dtype)
         self._setup(config)
@@ -247,9 +248,9 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
             ValueError: a padding mode other than ``"zeros"`` or string padding.
         """
         if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"ApproxConv2d.from_float needs an nn.Conv2d, not {type(module).__name__}")
+            raise InvalidTypeError(f"ApproxConv2d.from_float needs an nn.Conv2d, not {type(module).__name__}")
         if module.padding_mode != "zeros":
-            raise ValueError(f"ApproxConv2d supports padding_mode 'zeros' only, not {module.padding_mode!r}")
+            raise InvalidValueError(f"ApproxConv2d supports padding_mode 'zeros' only, not {module.padding_mode!r}")
         new = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                   module.dilation, module.groups, module.bias is not None, config=config,
                   device=module.weight.device, dtype=module.weight.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..codes import check_codes, codes_to_values, wrap_value
+from ..errors import InvalidTypeError
 
 __all__ = ["simulate_amaranth"]
 
@@ -35,10 +36,10 @@ def simulate_amaranth(multiplier, a_codes, b_codes) -> np.ndarray:
     from amaranth.sim import Simulator
 
     if not isinstance(multiplier, wiring.Component):
-        raise TypeError(f"simulate_amaranth takes an Amaranth wiring.Component, not {multiplier!r}")
+        raise InvalidTypeError(f"simulate_amaranth takes an Amaranth wiring.Component, not {multiplier!r}")
     members = multiplier.signature.members
     if not all(n in members for n in ("a", "b", "p")):
-        raise TypeError(f"{multiplier!r} has no ports a, b, p")
+        raise InvalidTypeError(f"{multiplier!r} has no ports a, b, p")
     sa, sb, sp = (Shape.cast(members[n].shape) for n in ("a", "b", "p"))
     a = check_codes(a_codes, sa.width)
     b = check_codes(b_codes, sb.width)

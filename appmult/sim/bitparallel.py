@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import InvalidValueError
+
 __all__ = ["GATE_TYPES", "BitParallelEvaluator", "words_to_values"]
 
 # Input port names of each supported Yosys internal gate cell (output is always Y).
@@ -216,12 +218,12 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
     """Generate the kernel source: topological order, liveness, buffer allocation."""
     for ctype, _ in cells:
         if ctype not in GATE_TYPES:
-            raise ValueError(f"Unsupported cell type {ctype} (supported: {', '.join(sorted(GATE_TYPES))})")
+            raise InvalidValueError(f"Unsupported cell type {ctype} (supported: {', '.join(sorted(GATE_TYPES))})")
     driver: dict[Net, int] = {}
     for i, (ctype, conn) in enumerate(cells):
         y = conn["Y"]
         if y in driver or y in inputs:
-            raise ValueError(f"Net {y} is driven more than once")
+            raise InvalidValueError(f"Net {y} is driven more than once")
         driver[y] = i
 
     # Buffers are aliases, resolved before anything else.
@@ -230,7 +232,7 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
             net = cells[driver[net]][1]["A"]
             depth += 1
             if depth > len(cells):
-                raise ValueError("Combinational loop through buffers")
+                raise InvalidValueError("Combinational loop through buffers")
         return net
 
     outputs = [resolve(n) for n in outputs]
@@ -327,5 +329,5 @@ def _toposort(gates: dict[int, tuple[str, list[Net], Net]], driver: dict[Net, in
             if indeg[j] == 0:
                 ready.append(j)
     if len(order) != len(gates):
-        raise ValueError("The netlist has a combinational loop")
+        raise InvalidValueError("The netlist has a combinational loop")
     return order

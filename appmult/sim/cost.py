@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidValueError
 from .bitparallel import BitParallelEvaluator
 from .netlist import Netlist, synthesize
 from .yosys import run_yosys
@@ -144,7 +145,7 @@ def switching_activity(netlist: Netlist, *, samples: int = 1 << 14, p_a=None, p_
             return rng.integers(0, 1 << width, size=2 * n)
         p = np.asarray(p, dtype=np.float64)
         if p.shape != (1 << width,) or (p < 0).any() or p.sum() <= 0:
-            raise ValueError(f"{name} must be {1 << width} non-negative probabilities, not shape {p.shape}")
+            raise InvalidValueError(f"{name} must be {1 << width} non-negative probabilities, not shape {p.shape}")
         return rng.choice(1 << width, size=2 * n, p=p / p.sum())
 
     a = draw(netlist.width_a, p_a, "p_a")

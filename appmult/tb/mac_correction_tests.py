@@ -4,8 +4,8 @@
 ``correction=True``, drives given operand beats (``a``, ``b``, ``valid``, ``clear``) and,
 per beat, the output channel's ``alpha_fx`` and ``beta``, and reads back ``acc``, ``xsum``
 and ``corrected`` after every beat. Inside the simulator every cycle is checked against
-:func:`appmult.hdl.mac.mac_reference` (products from the LUT, activation sums from the
-``a`` values) and :func:`appmult.hdl.mac.mac_correction_reference`; the observed values
+:func:`appmult.reference.mac_reference` (products from the LUT, activation sums from the
+``a`` values) and :func:`appmult.reference.mac_correction_reference`; the observed values
 are also returned, so a caller can compare them with a layer's
 :meth:`~appmult.nn.ApproxLinear.int_forward_corrected`. Not collected by pytest.
 
@@ -27,15 +27,14 @@ import cocotb
 import numpy as np
 
 from appmult.codes import codes_to_values
-from appmult.hdl.mac import mac_correction_reference, mac_reference
+from appmult.reference import mac_correction_reference, mac_reference
 from appmult.lut_gen.lutfile import LutFile
 from appmult.lut_gen.lutfile import load as load_lut
 from appmult.tb.mac_drive import run_beats
-from appmult.tb.runner import pack_lanes, read_tb_config, write_tb_result
+from appmult.tb.runner import MAC_CORRECTION_STIMULUS, pack_lanes, read_tb_config, write_tb_result
 
 __all__ = ["run_mac_correction"]
 
-_STIMULUS_KEYS = ("a", "b", "valid", "clear", "alpha_fx", "beta")
 
 
 def expected_outputs(lut: LutFile, st: dict[str, np.ndarray], *, acc_width: int, sum_width: int,
@@ -62,7 +61,7 @@ async def corrected_accumulator_matches_reference(dut) -> None:
     try:
         lut = load_lut(cfg["lut"])
         with np.load(cfg["stimulus"], allow_pickle=False) as z:
-            st = {k: z[k] for k in _STIMULUS_KEYS}
+            st = {k: z[k] for k in MAC_CORRECTION_STIMULUS}
         signed, latency = cfg["signed"], cfg["latency"]
         want = expected_outputs(lut, st, acc_width=cfg["acc_width"], sum_width=cfg["sum_width"],
                                 frac_bits=cfg["frac_bits"])
@@ -109,68 +108,3 @@ async def corrected_accumulator_matches_reference(dut) -> None:
                         "sim_loop_s": sim_s})
     listing = "\n".join(f"  {m}" for m in mismatches)
     assert count == 0, f"{count} of {n} beats differ from the reference; first ones:\n{listing}"
-
-
-def run_mac_correction(mac, lut: LutFile, stimulus: dict[str, np.ndarray], *, sim: str = "icarus",
-                       build_dir: str | os.PathLike, name: str = "appmult_mac_cv", max_report: int = 10
-                       ) -> dict[str, Any]:
-    """Export a correcting MAC, drive ``stimulus`` in a simulator, return what it showed.
-
-    Args:
-        mac: a :class:`~appmult.hdl.MacUnit` with ``correction=True``.
-        lut: its multiplier's LUT.
-        stimulus: per beat ``a``, ``b`` ``(beats, lanes)`` operand codes; ``valid``,
-            ``clear`` ``(beats,)`` booleans; ``alpha_fx``, ``beta`` ``(beats,)`` integers,
-            the correction of the output that beat belongs to.
-        sim: ``"icarus"`` or ``"verilator"``.
-        build_dir: build directory (kept).
-        name: Verilog module name.
-        max_report: mismatches reported in detail.
-
-    Returns:
-        The testbench's result: ``mismatch_count``, ``mismatches`` and ``observed``
-        (``acc``, ``xsum``, ``corrected`` after each beat), plus build/run seconds.
-
-    Raises:
-        TypeError: ``mac`` is not a correcting MacUnit.
-        ValueError: a stimulus array is missing or mis-shaped, or an ``alpha_fx``/``beta``
-            does not fit its port.
-        appmult.tb.SimulationError: the build or simulation failed.
-    """
-    from appmult.hdl.export import export_verilog
-    from appmult.hdl.mac import MacUnit
-    from appmult.tb.runner import _run_cocotb, check_simulator, read_tb_config, write_tb_result
-
-    if not isinstance(mac, MacUnit) or not mac.correction:
-        raise TypeError(f"run_mac_correction needs a MacUnit with correction=True, not {mac!r}")
-    check_simulator(sim)
-    mult = mac.multiplier
-    lut.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
-                         what=f"the MAC's multiplier {mult.spec}")
-    missing = [k for k in _STIMULUS_KEYS if k not in stimulus]
-    if missing:
-        raise ValueError(f"MAC correction stimulus lacks {', '.join(missing)}")
-    st = {k: np.asarray(stimulus[k]) for k in _STIMULUS_KEYS}
-    beats = len(st["valid"])
-    if st["a"].shape != (beats, mac.lanes) or st["b"].shape != (beats, mac.lanes) \
-            or any(st[k].shape != (beats,) for k in ("clear", "alpha_fx", "beta")):
-        raise ValueError(f"MAC correction stimulus must be (beats, {mac.lanes}) operands and (beats,) controls")
-    for key, width in (("alpha_fx", mac.alpha_width), ("beta", mac.acc_width)):
-        lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
-        if st[key].size and (int(st[key].min()) < lo or int(st[key].max()) > hi):
-            raise ValueError(f"MAC {key} values must fit the {width}-bit signed port ({lo}..{hi})")
-    bdir = Path(build_dir).resolve()
-    bdir.mkdir(parents=True, exist_ok=True)
-    dut = bdir / f"{name}.v"
-    dut.write_text(export_verilog(mac, name=name))
-    lut_path = bdir / "reference_lut.npz"
-    lut.save(lut_path)
-    stim_path = bdir / "stimulus.npz"
-    np.savez(stim_path, **{k: v.astype(np.int64) for k, v in st.items()})
-    config = {"lut": str(lut_path), "stimulus": str(stim_path), "signed": mult.signed,
-              "acc_width": mac.acc_width, "sum_width": mac.sum_width, "frac_bits": mac.alpha_frac_bits,
-              "latency": mac.latency, "max_report": max_report}
-    result, build_s, run_s = _run_cocotb(sim=sim, build_dir=bdir, sources=[dut], toplevel=name,
-                                         test_module="appmult.tb.mac_correction_tests", config=config)
-    result.update(build_s=build_s, run_s=run_s)
-    return result

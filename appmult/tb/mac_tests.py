@@ -6,7 +6,7 @@ with idle cycles (``valid_in`` low), ``clear`` pulses alone and together with a 
 beats of extreme operands so that narrow accumulators overflow -- or the beats given in
 the config's ``stimulus`` file. Every beat's ``valid_out`` must follow ``valid_in``; its
 ``acc`` is compared with the given ``expected`` accumulators, else with
-:func:`appmult.hdl.mac.mac_reference` evaluated on the LUT (wrapped to ``acc_width``), and
+:func:`appmult.reference.mac_reference` evaluated on the LUT (wrapped to ``acc_width``), and
 recorded either way (``run_mac`` has no reference and reads them back). Not collected by
 pytest.
 """
@@ -21,7 +21,7 @@ import cocotb
 import numpy as np
 
 from appmult.codes import codes_by_value
-from appmult.hdl.mac import mac_reference
+from appmult.reference import mac_reference
 from appmult.lut_gen.lutfile import load as load_lut
 from appmult.tb.mac_drive import run_beats
 from appmult.tb.runner import pack_lanes, read_tb_config, write_tb_result

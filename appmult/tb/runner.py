@@ -32,7 +32,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..codes import values_to_codes
-from ..lut_gen.lutfile import LutFile
+from ..errors import InvalidTypeError, InvalidValueError, MissingFileError, UserError
+from ..hdl import MacUnit, Multiplier, export_verilog
+from ..lut_gen.lutfile import LutFile, load as load_lut
 
 __all__ = [
     "CONFIG_ENV",
@@ -44,10 +46,10 @@ __all__ = [
     "SimulatorNotFound",
     "VerifyResult",
     "check_simulator",
-    "circuit_lut",
     "corner_codes",
     "pack_lanes",
     "run_mac",
+    "run_mac_correction",
     "simulator_available",
     "unpack_lanes",
     "verify_mac",
@@ -77,11 +79,11 @@ _MODULE_RE = re.compile(r"^\s*module\s+(\\\S+|[A-Za-z_][A-Za-z0-9_$]*)", re.MULT
 _TOP_ATTR_RE = re.compile(r"\(\*\s*top\s*=\s*1\s*\*\)\s*(?:\(\*[^)]*\*\)\s*)*module\s+([A-Za-z_][A-Za-z0-9_$]*)")
 
 
-class SimulatorNotFound(RuntimeError):
+class SimulatorNotFound(UserError, RuntimeError):
     """The requested HDL simulator is not installed (the message says how to install it)."""
 
 
-class SimulationError(RuntimeError):
+class SimulationError(UserError, RuntimeError):
     """The simulator did not produce a result: a build error, a crash or a testbench error."""
 
 
@@ -263,7 +265,7 @@ def check_simulator(sim: str) -> None:
         SimulatorNotFound: the simulator is not installed (or too old), with an install hint.
     """
     if sim not in SIMULATORS:
-        raise ValueError(f"Simulator must be one of {', '.join(SIMULATORS)}, not {sim!r}")
+        raise InvalidValueError(f"Simulator must be one of {', '.join(SIMULATORS)}, not {sim!r}")
     try:
         import cocotb_tools.runner  # noqa: F401
     except ImportError:
@@ -304,31 +306,12 @@ def simulator_available(sim: str) -> bool:
 
 # -- design and LUT inputs --------------------------------------------------------------------
 
-def circuit_lut(multiplier) -> LutFile:
-    """The product LUT of a multiplier's *circuit* (never its Python model).
-
-    Uses :func:`appmult.lut_gen.characterize` (the exhaustive netlist simulation, with
-    full metadata).
-
-    Args:
-        multiplier: an :class:`appmult.hdl.Multiplier`.
-
-    Returns:
-        A :class:`LutFile` for the multiplier's widths and signedness.
-    """
-    from ..lut_gen import characterize
-
-    # Only the product table is needed here: no gradients, no cost synthesis.
-    return characterize(multiplier, gradients=(), progress=False, cost=False).to_lutfile()
-
-
 def _load_lut(lut: LutFile | str | os.PathLike) -> LutFile:
     if isinstance(lut, LutFile):
         return lut
     if isinstance(lut, (str, os.PathLike)):
-        from ..lut_gen.lutfile import load
-        return load(lut)
-    raise TypeError(f"lut must be a LutFile or the path of a LUT file, not {lut!r}")
+        return load_lut(lut)
+    raise InvalidTypeError(f"lut must be a LutFile or the path of a LUT file, not {lut!r}")
 
 
 def _top_module(verilog: str) -> str:
@@ -339,7 +322,7 @@ def _top_module(verilog: str) -> str:
     names = _MODULE_RE.findall(verilog)
     if len(names) == 1 and not names[0].startswith("\\"):
         return names[0]
-    raise ValueError(f"Cannot tell the top module among {', '.join(names) or 'no modules'}; "
+    raise InvalidValueError(f"Cannot tell the top module among {', '.join(names) or 'no modules'}; "
                      f"pass name=NAME")
 
 
@@ -347,22 +330,21 @@ def _design_verilog(design, *, name: str | None, registered: bool) -> tuple[str,
     """Verilog text and top module name for a design argument."""
     from amaranth.lib import wiring
     if isinstance(design, wiring.Component):
-        from ..hdl.export import export_verilog
         top = name or "appmult_dut"
         return export_verilog(design, name=top, registered=registered), top
     if isinstance(design, os.PathLike) or (isinstance(design, str) and "module" not in design
                                            and design.endswith((".v", ".sv"))):
         path = Path(design)
         if not path.is_file():
-            raise FileNotFoundError(f"Verilog file {path} does not exist")
+            raise MissingFileError(f"Verilog file {path} does not exist")
         text = path.read_text()
     elif isinstance(design, str):
         text = design
     else:
-        raise TypeError(f"design must be an Amaranth component, Verilog text or a .v path, not {design!r}")
+        raise InvalidTypeError(f"design must be an Amaranth component, Verilog text or a .v path, not {design!r}")
     top = name or _top_module(text)
     if not re.search(rf"^\s*module\s+{re.escape(top)}\b", text, re.MULTILINE):
-        raise ValueError(f"Verilog has no module named {top!r}")
+        raise InvalidValueError(f"Verilog has no module named {top!r}")
     return text, top
 
 
@@ -397,7 +379,7 @@ def _operand_pairs(width_a: int, width_b: int, signed: bool, *, seed: int,
     total = 1 << (width_a + width_b)
     if max_pairs is not None and (not isinstance(max_pairs, int) or isinstance(max_pairs, bool)
                                   or max_pairs < 1):
-        raise ValueError(f"max_pairs must be a positive integer or None, not {max_pairs!r}")
+        raise InvalidValueError(f"max_pairs must be a positive integer or None, not {max_pairs!r}")
     exhaustive_ok = max(width_a, width_b) <= EXHAUSTIVE_MAX_WIDTH
     if exhaustive_ok and (max_pairs is None or max_pairs >= total):
         a, b = np.meshgrid(np.arange(1 << width_a), np.arange(1 << width_b), indexing="ij")
@@ -604,19 +586,18 @@ def verify_multiplier(design, lut: LutFile | str | os.PathLike, *, sim: str = "i
     """
     check_simulator(sim)
     if not isinstance(lanes, int) or isinstance(lanes, bool) or not 1 <= lanes <= 256:
-        raise ValueError(f"lanes must be an integer in 1..256, not {lanes!r}")
+        raise InvalidValueError(f"lanes must be an integer in 1..256, not {lanes!r}")
     if not isinstance(max_report, int) or isinstance(max_report, bool) or max_report < 0:
-        raise ValueError(f"max_report must be a non-negative integer, not {max_report!r}")
+        raise InvalidValueError(f"max_report must be a non-negative integer, not {max_report!r}")
     if not isinstance(registered, bool):
-        raise TypeError(f"registered must be a bool, not {registered!r}")
+        raise InvalidTypeError(f"registered must be a bool, not {registered!r}")
     table = _load_lut(lut)
-    from ..hdl._base import Multiplier
     if isinstance(design, Multiplier):
         table.check_compatible(width_a=design.width_a, width_b=design.width_b, signed=design.signed,
                                what=f"multiplier {design.spec}")
     verilog, top = _design_verilog(design, name=name, registered=registered)
     if top == WRAPPER:
-        raise ValueError(f"Module name {WRAPPER!r} is reserved for the testbench wrapper")
+        raise InvalidValueError(f"Module name {WRAPPER!r} is reserved for the testbench wrapper")
     wa, wb = table.width_a, table.width_b
     pairs, exhaustive = _operand_pairs(wa, wb, table.signed, seed=seed, max_pairs=max_pairs)
     lanes = min(lanes, len(pairs))
@@ -647,35 +628,35 @@ def verify_multiplier(design, lut: LutFile | str | os.PathLike, *, sim: str = "i
 def _mac_stimulus(mac, stimulus: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Validated ``a``, ``b`` (beats, lanes) codes and ``valid``, ``clear`` (beats,) flags."""
     if not isinstance(stimulus, Mapping):
-        raise TypeError(f"MAC stimulus must be a mapping with keys 'a', 'b' (and optionally 'valid', "
+        raise InvalidTypeError(f"MAC stimulus must be a mapping with keys 'a', 'b' (and optionally 'valid', "
                         f"'clear'), not {type(stimulus).__name__}")
     unknown = sorted(set(stimulus) - {"a", "b", "valid", "clear"})
     if unknown:
-        raise ValueError(f"MAC stimulus has unknown keys {', '.join(map(repr, unknown))}; "
+        raise InvalidValueError(f"MAC stimulus has unknown keys {', '.join(map(repr, unknown))}; "
                          f"expected 'a', 'b', 'valid', 'clear'")
     mult = mac.multiplier
     out: dict[str, np.ndarray] = {}
     for key, width in (("a", mult.width_a), ("b", mult.width_b)):
         if key not in stimulus:
-            raise ValueError(f"MAC stimulus needs {key!r}: (beats, lanes) operand codes")
+            raise InvalidValueError(f"MAC stimulus needs {key!r}: (beats, lanes) operand codes")
         arr = np.asarray(stimulus[key])
         if arr.ndim != 2 or arr.shape[1] != mac.lanes or arr.shape[0] < 1:
-            raise ValueError(f"MAC stimulus {key!r} must have shape (beats >= 1, {mac.lanes}) for a "
+            raise InvalidValueError(f"MAC stimulus {key!r} must have shape (beats >= 1, {mac.lanes}) for a "
                              f"{mac.lanes}-lane MAC, not {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"MAC stimulus {key!r} must hold integer codes, not {arr.dtype}")
+            raise InvalidTypeError(f"MAC stimulus {key!r} must hold integer codes, not {arr.dtype}")
         if arr.min() < 0 or arr.max() >= (1 << width):
-            raise ValueError(f"MAC stimulus {key!r} holds codes outside 0..{(1 << width) - 1} "
+            raise InvalidValueError(f"MAC stimulus {key!r} holds codes outside 0..{(1 << width) - 1} "
                              f"({width}-bit operand)")
         out[key] = arr.astype(np.int64)
     beats = out["a"].shape[0]
     if out["b"].shape[0] != beats:
-        raise ValueError(f"MAC stimulus 'a' has {beats} beats but 'b' has {out['b'].shape[0]}")
+        raise InvalidValueError(f"MAC stimulus 'a' has {beats} beats but 'b' has {out['b'].shape[0]}")
     # Defaults: every beat valid; no clear (reset leaves the accumulator at 0).
     for key, default in (("valid", True), ("clear", False)):
         arr = np.asarray(stimulus.get(key, np.full(beats, default)))
         if arr.shape != (beats,) or arr.dtype != np.bool_:
-            raise ValueError(f"MAC stimulus {key!r} must be {beats} booleans (one per beat), "
+            raise InvalidValueError(f"MAC stimulus {key!r} must be {beats} booleans (one per beat), "
                              f"not {arr.dtype} of shape {arr.shape}")
         out[key] = arr
     return out
@@ -685,7 +666,6 @@ def _simulate_mac(mac, *, lut: LutFile | None, stimulus: dict[str, np.ndarray] |
                   expected: np.ndarray | None, sim: str, build_dir, seed: int, cycles: int, name: str,
                   max_report: int) -> MacVerifyResult:
     """Export ``mac``, drive it (random or given beats) in cocotb and collect the result."""
-    from ..hdl.export import export_verilog
     mult = mac.multiplier
     with _build_directory(build_dir) as (bdir, keep):
         dut_path = bdir / f"{name}.v"
@@ -717,9 +697,8 @@ def _simulate_mac(mac, *, lut: LutFile | None, stimulus: dict[str, np.ndarray] |
 
 
 def _check_mac(mac, caller: str) -> None:
-    from ..hdl.mac import MacUnit
     if not isinstance(mac, MacUnit):
-        raise TypeError(f"{caller} takes a MacUnit, not {mac!r}")
+        raise InvalidTypeError(f"{caller} takes a MacUnit, not {mac!r}")
 
 
 def run_mac(mac, stimulus: Mapping[str, Any], *, sim: str = "icarus",
@@ -804,7 +783,7 @@ def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
     check_simulator(sim)
     _check_mac(mac, "verify_mac")
     if not isinstance(cycles, int) or isinstance(cycles, bool) or cycles < 1:
-        raise ValueError(f"cycles must be a positive integer, not {cycles!r}")
+        raise InvalidValueError(f"cycles must be a positive integer, not {cycles!r}")
     table = _load_lut(lut)
     mult = mac.multiplier
     table.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
@@ -813,11 +792,76 @@ def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
     want = None
     if expected is not None:
         if st is None:
-            raise ValueError("expected accumulators need a stimulus (the random beats are drawn in the testbench)")
+            raise InvalidValueError("expected accumulators need a stimulus (the random beats are drawn in the testbench)")
         want = np.asarray(expected)
         if want.shape != st["valid"].shape or not np.issubdtype(want.dtype, np.integer):
-            raise ValueError(f"expected must be {len(st['valid'])} integers (acc after each beat), "
+            raise InvalidValueError(f"expected must be {len(st['valid'])} integers (acc after each beat), "
                              f"not {want.dtype} of shape {want.shape}")
         want = want.astype(np.int64)
     return _simulate_mac(mac, lut=table, stimulus=st, expected=want, sim=sim, build_dir=build_dir, seed=seed,
                          cycles=cycles, name=name, max_report=max_report)
+
+
+#: The per-beat arrays :func:`run_mac_correction` drives.
+MAC_CORRECTION_STIMULUS = ("a", "b", "valid", "clear", "alpha_fx", "beta")
+
+
+def run_mac_correction(mac, lut: LutFile, stimulus: dict[str, np.ndarray], *, sim: str = "icarus",
+                       build_dir: str | os.PathLike, name: str = "appmult_mac_cv", max_report: int = 10
+                       ) -> dict[str, Any]:
+    """Export a correcting MAC, drive ``stimulus`` in a simulator, return what it showed.
+
+    Args:
+        mac: a :class:`~appmult.hdl.MacUnit` with ``correction=True``.
+        lut: its multiplier's LUT.
+        stimulus: per beat ``a``, ``b`` ``(beats, lanes)`` operand codes; ``valid``,
+            ``clear`` ``(beats,)`` booleans; ``alpha_fx``, ``beta`` ``(beats,)`` integers,
+            the correction of the output that beat belongs to.
+        sim: ``"icarus"`` or ``"verilator"``.
+        build_dir: build directory (kept).
+        name: Verilog module name.
+        max_report: mismatches reported in detail.
+
+    Returns:
+        The testbench's result: ``mismatch_count``, ``mismatches`` and ``observed``
+        (``acc``, ``xsum``, ``corrected`` after each beat), plus build/run seconds.
+
+    Raises:
+        TypeError: ``mac`` is not a correcting MacUnit.
+        ValueError: a stimulus array is missing or mis-shaped, or an ``alpha_fx``/``beta``
+            does not fit its port.
+        appmult.tb.SimulationError: the build or simulation failed.
+    """
+    if not isinstance(mac, MacUnit) or not mac.correction:
+        raise InvalidTypeError(f"run_mac_correction needs a MacUnit with correction=True, not {mac!r}")
+    check_simulator(sim)
+    mult = mac.multiplier
+    lut.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
+                         what=f"the MAC's multiplier {mult.spec}")
+    missing = [k for k in MAC_CORRECTION_STIMULUS if k not in stimulus]
+    if missing:
+        raise InvalidValueError(f"MAC correction stimulus lacks {', '.join(missing)}")
+    st = {k: np.asarray(stimulus[k]) for k in MAC_CORRECTION_STIMULUS}
+    beats = len(st["valid"])
+    if st["a"].shape != (beats, mac.lanes) or st["b"].shape != (beats, mac.lanes) \
+            or any(st[k].shape != (beats,) for k in ("clear", "alpha_fx", "beta")):
+        raise InvalidValueError(f"MAC correction stimulus must be (beats, {mac.lanes}) operands and (beats,) controls")
+    for key, width in (("alpha_fx", mac.alpha_width), ("beta", mac.acc_width)):
+        lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
+        if st[key].size and (int(st[key].min()) < lo or int(st[key].max()) > hi):
+            raise InvalidValueError(f"MAC {key} values must fit the {width}-bit signed port ({lo}..{hi})")
+    bdir = Path(build_dir).resolve()
+    bdir.mkdir(parents=True, exist_ok=True)
+    dut = bdir / f"{name}.v"
+    dut.write_text(export_verilog(mac, name=name))
+    lut_path = bdir / "reference_lut.npz"
+    lut.save(lut_path)
+    stim_path = bdir / "stimulus.npz"
+    np.savez(stim_path, **{k: v.astype(np.int64) for k, v in st.items()})
+    config = {"lut": str(lut_path), "stimulus": str(stim_path), "signed": mult.signed,
+              "acc_width": mac.acc_width, "sum_width": mac.sum_width, "frac_bits": mac.alpha_frac_bits,
+              "latency": mac.latency, "max_report": max_report}
+    result, build_s, run_s = _run_cocotb(sim=sim, build_dir=bdir, sources=[dut], toplevel=name,
+                                         test_module="appmult.tb.mac_correction_tests", config=config)
+    result.update(build_s=build_s, run_s=run_s)
+    return result

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from appmult.lut_gen.report import short_spec
-from appmult.nn.assign import AssignConfig, run_assign
+from appmult.flows import AssignConfig, run_assign
 
 HERE = Path(__file__).resolve().parent
 

@@ -60,7 +60,7 @@ def log(msg: str) -> None:
 
 
 def make_luts(work: Path) -> dict:
-    from appmult.lut_gen.characterization import characterize
+    from appmult.flows import characterize
     from appmult.lut_gen.lutfile import load
     out = {}
     for name, spec in SPECS.items():
@@ -72,7 +72,7 @@ def make_luts(work: Path) -> dict:
 
 
 def accuracy(model, loader) -> float:
-    from appmult.nn.training import evaluate
+    from appmult.train.training import evaluate
     return evaluate(model, loader).accuracy
 
 
@@ -108,8 +108,8 @@ def run_one(ds: str, seed: int, luts: dict, work: Path) -> list[dict]:
 
     from appmult.nn import ApproxConfig, approximate_, approximate_layers, calibrate, exact_multiplication
     from appmult.nn.correction import ControlVariate
-    from appmult.nn.data import make_loaders
-    from appmult.nn.training import pretrain_fp32
+    from appmult.train.data import make_loaders
+    from appmult.train.training import pretrain_fp32
 
     p = DATASETS[ds]
     pre = pretrain_fp32("lenet5", ds, p["pretrain_epochs"], seed, out_dir=work / "pretrained",

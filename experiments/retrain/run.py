@@ -52,7 +52,7 @@ ALL_MODES = MODES + ("simulated-error-values",)
 
 def cached_run(cfg):
     """``run_retrain(cfg)``, or the results a finished earlier run left in ``cfg.out``."""
-    from appmult.nn.retrain import run_retrain
+    from appmult.flows.retrain import run_retrain
     done = Path(cfg.out) / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 
 def make_luts(work: Path, names: list[str]) -> dict[str, Path]:
-    from appmult.lut_gen.characterization import characterize
+    from appmult.flows import characterize
     out = {}
     for name in names:
         path = work / "luts" / f"{name}.npz"
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from appmult.files import atomic_write_text
-    from appmult.nn.retrain import RetrainConfig
+    from appmult.flows.retrain import RetrainConfig
 
     work = Path(args.work)
     t0 = time.perf_counter()

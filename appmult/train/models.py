@@ -16,12 +16,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
+
 __all__ = ["MLP", "LeNet5", "MODEL_NAMES", "ResNet", "build_model"]
 
 
 def _check_positive(what: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise TypeError(f"{what} must be a positive integer, not {value!r}")
+        raise InvalidTypeError(f"{what} must be a positive integer, not {value!r}")
     return value
 
 
@@ -84,7 +86,7 @@ class LeNet5(nn.Module):
         _check_positive("Input channel count", in_channels)
         _check_positive("Class count", num_classes)
         if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 4:
-            raise TypeError(f"Input size must be an integer of at least 4, not {input_size!r}")
+            raise InvalidTypeError(f"Input size must be an integer of at least 4, not {input_size!r}")
         pad1 = 2 if input_size < 32 else 0
         size1 = (input_size + 2 * pad1 - 4) // 2
         pad2 = 2 if size1 < 10 else 0
@@ -157,7 +159,7 @@ class ResNet(nn.Module):
         _check_positive("Class count", num_classes)
         _check_positive("Width", width)
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), "
+            raise InvalidValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), "
                              f"not {depth}")
         blocks = (depth - 2) // 6
         self.depth = depth
@@ -201,7 +203,7 @@ def build_model(name: str, dataset_info: _HasShape) -> nn.Module:
         name: ``"mlp"``, ``"lenet5"``, or ``"resnet<depth>"`` with depth ``6n + 2``
             (``"resnet8"``, ``"resnet20"``, ...).
         dataset_info: Anything with ``in_channels``, ``input_size`` and ``num_classes``,
-            usually :class:`appmult.nn.data.DatasetInfo` (``Loaders.info``).
+            usually :class:`appmult.train.DatasetInfo` (``Loaders.info``).
 
     Returns:
         The untrained model (initialized from the global torch RNG: seed it first).
@@ -218,5 +220,5 @@ def build_model(name: str, dataset_info: _HasShape) -> nn.Module:
     match = _RESNET.fullmatch(name)
     if match:
         return ResNet(int(match.group(1)), channels, classes)
-    raise ValueError(f"Model must be one of {', '.join(map(repr, MODEL_NAMES))} "
+    raise InvalidValueError(f"Model must be one of {', '.join(map(repr, MODEL_NAMES))} "
                      f"(or 'resnet<6n+2>'), not {name!r}")

@@ -15,7 +15,7 @@ with -- for a few output positions:
 2. Each chosen output's ``K`` pairs are cut into beats of ``lanes`` pairs, the first beat
    with ``clear``, and driven through :func:`appmult.tb.run_mac` on a
    :class:`appmult.hdl.MacUnit` of ``from_spec(lut.metadata["spec"])`` with an
-   accumulator of :func:`~appmult.hdl.mac.required_acc_width` bits (no wrap-around).
+   accumulator of :func:`~appmult.reference.required_acc_width` bits (no wrap-around).
 3. The accumulator after each output's last beat is compared with ``int_forward``.
 
 Filling the last beat. The MAC has no per-lane enable, so when ``lanes`` does not divide
@@ -26,9 +26,7 @@ constant bias) needs a non-zero fill: then the known ``fill_pairs * LUT[fill]`` 
 to the expected value and reported. This keeps the MAC unchanged (no test-only port) and
 the comparison exact.
 
-This is the one ``nn`` module that reaches into :mod:`appmult.hdl` and :mod:`appmult.tb`
-(Amaranth, cocotb); it imports them only when called, so ``import appmult.nn`` stays
-torch-only.
+A flow: here the torch layers meet :mod:`appmult.hdl` and :mod:`appmult.tb`.
 """
 
 from __future__ import annotations
@@ -43,14 +41,17 @@ import torch
 import torch.nn.functional as F
 
 from ..codes import values_to_codes
-from .functional import _pair
-from .layers import ApproxConv2d, ApproxLinear
+from ..errors import InvalidTypeError, InvalidValueError, UserError
+from ..hdl import MAX_ACC_WIDTH, MacUnit, Multiplier, from_spec
+from ..nn import ApproxConv2d, ApproxLinear
+from ..reference import required_acc_width
+from ..tb import check_simulator, run_mac
 
 __all__ = ["LayerOperands", "LayerRtlResult", "PositionCheck", "RtlCheckError", "layer_operands",
            "verify_layer_rtl"]
 
 
-class RtlCheckError(ValueError):
+class RtlCheckError(UserError, ValueError):
     """The layer cannot be checked against RTL (no circuit behind its LUT, widths differ, ...)."""
 
 
@@ -208,7 +209,7 @@ def layer_operands(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor) -> Layer
     tabs = layer.lut
     if isinstance(layer, ApproxConv2d):
         qx, zx, qw = _quantized(layer, x)
-        ph, pw = _pair(layer.padding)
+        ph, pw = (layer.padding, layer.padding) if isinstance(layer.padding, int) else layer.padding
         real = torch.ones_like(qx)
         if ph or pw:
             qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
@@ -240,7 +241,7 @@ def layer_operands(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor) -> Layer
         pads = torch.zeros(m, nout)
         out_shape = (m, nout)
     else:
-        raise TypeError(f"layer_operands needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
+        raise InvalidTypeError(f"layer_operands needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
     xc = _to_codes(xs, tabs.width_x, tabs.signed)
     wc = _to_codes(ws, tabs.width_w, tabs.signed)
     a, b = (wc, xc) if tabs.activation_operand == "b" else (xc, wc)
@@ -254,10 +255,10 @@ def _positions(out_shape: tuple[int, ...], positions: int | Sequence[Sequence[in
     """Explicit positions validated, or ``positions`` of them: both corners first, then seeded random."""
     total = math.prod(out_shape)
     if isinstance(positions, bool):
-        raise TypeError(f"positions must be a count or a list of index tuples, not {positions!r}")
+        raise InvalidTypeError(f"positions must be a count or a list of index tuples, not {positions!r}")
     if isinstance(positions, int):
         if positions < 1:
-            raise ValueError(f"positions must be at least 1, not {positions}")
+            raise InvalidValueError(f"positions must be at least 1, not {positions}")
         # The first corner sees the most padding (top-left border of the first image and
         # channel); the last corner the bottom-right border of the last image and channel.
         chosen = [tuple(0 for _ in out_shape), tuple(s - 1 for s in out_shape)]
@@ -277,10 +278,10 @@ def _positions(out_shape: tuple[int, ...], positions: int | Sequence[Sequence[in
     for p in positions:
         pos = tuple(int(v) for v in p)
         if len(pos) != len(out_shape) or any(not 0 <= v < s for v, s in zip(pos, out_shape)):
-            raise ValueError(f"Position {tuple(p)} is outside the layer's output of shape {out_shape}")
+            raise InvalidValueError(f"Position {tuple(p)} is outside the layer's output of shape {out_shape}")
         out.append(pos)
     if not out:
-        raise ValueError("positions is empty")
+        raise InvalidValueError("positions is empty")
     return out
 
 
@@ -324,16 +325,11 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
         appmult.tb.SimulatorNotFound: the simulator is not installed.
         appmult.tb.SimulationError: the MAC did not build or simulate.
     """
-    from ..hdl import from_spec
-    from ..hdl._base import Multiplier
-    from ..hdl.mac import MAX_ACC_WIDTH, MacUnit, required_acc_width
-    from ..tb.runner import check_simulator, run_mac
-
     t0 = time.perf_counter()
     if not isinstance(layer, (ApproxConv2d, ApproxLinear)):
-        raise TypeError(f"verify_layer_rtl needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
+        raise InvalidTypeError(f"verify_layer_rtl needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
     if not isinstance(lanes, int) or isinstance(lanes, bool) or lanes < 1:
-        raise ValueError(f"lanes must be a positive integer, not {lanes!r}")
+        raise InvalidValueError(f"lanes must be a positive integer, not {lanes!r}")
     lut = layer.lut.lut_file
     spec = lut.metadata.get("spec")
     if multiplier is None:
@@ -343,7 +339,7 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
                                 f"multiplier=... to name one)")
         multiplier = from_spec(spec)
     elif not isinstance(multiplier, Multiplier):
-        raise TypeError(f"multiplier must be an appmult.hdl Multiplier, not {multiplier!r}")
+        raise InvalidTypeError(f"multiplier must be an appmult.hdl Multiplier, not {multiplier!r}")
     have = (multiplier.width_a, multiplier.width_b, multiplier.signed)
     want = (lut.width_a, lut.width_b, lut.signed)
     if have != want:

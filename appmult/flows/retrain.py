@@ -2,7 +2,7 @@
 
 Pipeline (:func:`run_retrain`):
 
-1. An FP32 model: pretrained and cached (:func:`appmult.nn.training.pretrain_fp32`) or
+1. An FP32 model: pretrained and cached (:func:`appmult.train.pretrain_fp32`) or
    loaded from a checkpoint.
 2. Quantize and calibrate once against the LUT: this is the *starting point* every
    gradient mode retrains from (same weights, same activation ranges).
@@ -10,7 +10,7 @@ Pipeline (:func:`run_retrain`):
    "exact-quantized" reference) and with the approximate multiplier ("approx before").
 4. Retrain once per mode -- ``ste``, ``lut2d``, ``lut1d`` backward (Meng et al.) and,
    optionally, ``simulated-error`` (Hammad et al.: exact products plus per-product noise
-   of the LUT's MRE in training, see :mod:`appmult.nn.noise`) -- each from the same start,
+   of the LUT's MRE in training, see :mod:`appmult.methods.simulated_error`) -- each from the same start,
    with the same seeds and batch order; optional hybrid schedule (exact products, same
    quantization, for the last ``exact_last`` epochs).
 5. Evaluate each result on the approximate multiplier and with exact products; write
@@ -18,7 +18,7 @@ Pipeline (:func:`run_retrain`):
 6. Optionally (``verify_rtl``) the hardware proof per mode: the retrained model's first
    approximate conv layer (the first linear one in a model without convolutions), fed a
    few real test images, has its integer accumulators recomputed by the RTL MAC unit of
-   the LUT's circuit in a simulator (:func:`appmult.nn.rtlcheck.verify_layer_rtl`); the
+   the LUT's circuit in a simulator (:func:`appmult.flows.verify_layer_rtl`); the
    outcome is recorded per mode, and ``appmult retrain`` exits non-zero on a mismatch.
 
 LUT-2D half window: the LUT file's stored tables by default; an explicit ``H``; or
@@ -56,18 +56,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ..errors import InvalidTypeError, MissingFileError, UserError
 from ..files import atomic_write_text
 from ..lut_gen.gradients import HALF_WINDOWS, check_half_window, lut2d_and_lut1d
 from ..lut_gen.lutfile import LutFile
-from .config import ApproxConfig, load_lut
-from .convert import approximate_, exact_, exact_multiplication
-from .data import DATASETS, Loaders, make_loaders
-from .functional import GradMode
-from .models import MODEL_NAMES, build_model
-from .noise import NOISE_OPERANDS, SimulatedError, attach_simulated_error, lut_mre
-from .quant import ActivationQuantizer, calibrate
-from .training import (CHECKPOINT_NAME, evaluate, fit, load_checkpoint, load_pretrained,
-                       plot_history, pretrain_fp32, seed_everything, train_epoch)
+from ..methods.simulated_error import NOISE_OPERANDS, SimulatedError, attach_simulated_error, lut_mre
+from ..nn import (ActivationQuantizer, ApproxConfig, ApproxConv2d, ApproxLinear, GradMode, approximate_,
+                  calibrate, exact_, exact_multiplication, load_lut)
+from ..tb import check_simulator
+from ..train import (CHECKPOINT_NAME, DATASETS, MODEL_NAMES, Loaders, build_model, evaluate, fit,
+                     load_checkpoint, load_pretrained, make_loaders, plot_history, pretrain_fp32,
+                     seed_everything, train_epoch)
+from .characterization import characterize
+from . import rtlcheck
 
 __all__ = [
     "RESULTS_FORMAT",
@@ -89,7 +90,7 @@ GRAD_MODES = tuple(g.value for g in GradMode)
 EpochHook = Callable[[str, int, dict], Any]
 
 
-class RetrainError(ValueError):
+class RetrainError(UserError, ValueError):
     """A retraining run that cannot proceed as asked (mismatched files, bad arguments)."""
 
 
@@ -310,9 +311,6 @@ def _shard_loaders(loaders: Loaders, d: _Dist, batch_size: int) -> Loaders:
 def _resolve_lut(cfg: RetrainConfig) -> LutFile:
     if cfg.lut is not None:
         return load_lut(cfg.lut)
-    # Characterization needs Amaranth and Yosys: imported only when a spec is given, so that
-    # retraining from a LUT file works with the learning half installed alone.
-    from ..lut_gen.characterization import characterize
     return characterize(cfg.spec, gradients=("ste", "lut2d", "lut1d"), progress=cfg.progress,
                         cost=False).to_lutfile()
 
@@ -393,7 +391,7 @@ def _fp32_model(cfg: RetrainConfig, loaders: Loaders, d: _Dist) -> tuple[nn.Modu
 def _load_fp32_checkpoint(cfg: RetrainConfig, loaders: Loaders) -> nn.Module:
     path = Path(cfg.checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist")
+        raise MissingFileError(f"Checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign files
@@ -711,12 +709,10 @@ def _check_rtl_possible(cfg: RetrainConfig, lut: LutFile) -> None:
     if not lut.metadata.get("spec"):
         raise RetrainError(f"--verify-rtl needs a LUT characterized from a circuit; LUT {lut.lut_id} has no "
                            f"'spec' in its metadata")
-    from ..tb.runner import check_simulator
     check_simulator(cfg.rtl_sim)
 
 
 def _first_approx_layer(model: nn.Module) -> tuple[str, nn.Module]:
-    from .layers import ApproxConv2d, ApproxLinear
     named = list(model.named_modules())
     for kind in (ApproxConv2d, ApproxLinear):
         for name, m in named:
@@ -742,12 +738,11 @@ def _layer_input(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> to
 
 def _rtl_check(model: nn.Module, test_loader: Iterable, cfg: RetrainConfig, device: torch.device,
                build_dir: Path) -> dict[str, Any]:
-    """:func:`~appmult.nn.rtlcheck.verify_layer_rtl` on the first approximate layer, as a results dict."""
-    from .rtlcheck import verify_layer_rtl
+    """:func:`~appmult.flows.verify_layer_rtl` on the first approximate layer, as a results dict."""
     name, layer = _first_approx_layer(model)
     images = next(iter(test_loader))[0][:RTL_IMAGES].to(device)
     x = _layer_input(model, layer, images)
-    result = verify_layer_rtl(layer, x, positions=cfg.rtl_positions, sim=cfg.rtl_sim, build_dir=build_dir,
+    result = rtlcheck.verify_layer_rtl(layer, x, positions=cfg.rtl_positions, sim=cfg.rtl_sim, build_dir=build_dir,
                               seed=cfg.seed)
     return dict(result.to_dict(), layer_name=name, images=int(images.shape[0]))
 
@@ -832,7 +827,7 @@ def run_retrain(cfg: RetrainConfig, *, on_epoch_end: EpochHook | None = None) ->
         appmult.nn.training.CheckpointError: a corrupt checkpoint in the output directory.
     """
     if not isinstance(cfg, RetrainConfig):
-        raise TypeError(f"run_retrain needs a RetrainConfig, not {type(cfg).__name__}")
+        raise InvalidTypeError(f"run_retrain needs a RetrainConfig, not {type(cfg).__name__}")
     saved_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import InvalidValueError, MissingFileError, UserError
+
 __all__ = [
     "DATASETS",
     "DatasetFormatError",
@@ -54,7 +56,7 @@ __all__ = [
 ]
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A data file exists but is not in the expected format (corrupt, truncated, hostile)."""
 
 
@@ -111,10 +113,10 @@ class ImageDataset(Dataset):
                  *, scale: float = 255.0, normalize: bool = True):
         expected = (info.in_channels, info.input_size, info.input_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"Images must have shape N x {' x '.join(map(str, expected))}, "
+            raise InvalidValueError(f"Images must have shape N x {' x '.join(map(str, expected))}, "
                              f"not {' x '.join(map(str, images.shape))}")
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-            raise ValueError(f"Expected {images.shape[0]} labels, not shape {tuple(labels.shape)}")
+            raise InvalidValueError(f"Expected {images.shape[0]} labels, not shape {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
         self.info = info
@@ -161,7 +163,7 @@ class Loaders(NamedTuple):
 
 def _check_fraction(test_fraction: float) -> None:
     if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"Test fraction must be a number strictly between 0 and 1, "
+        raise InvalidValueError(f"Test fraction must be a number strictly between 0 and 1, "
                          f"not {test_fraction!r}")
 
 
@@ -271,7 +273,7 @@ _IDX_PREFIX = {"train": "train", "test": "t10k"}
 
 def _check_split(split: str) -> None:
     if split not in ("train", "test"):
-        raise ValueError(f"Split must be 'train' or 'test', not {split!r}")
+        raise InvalidValueError(f"Split must be 'train' or 'test', not {split!r}")
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -291,7 +293,7 @@ def _find_idx(directory: Path, stem: str, kind: str) -> Path:
     for name in names:
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(f"No {stem}-{kind}[.gz] in {directory}")
+    raise MissingFileError(f"No {stem}-{kind}[.gz] in {directory}")
 
 
 def _parse_idx(path: Path, *, ndim: int) -> np.ndarray:
@@ -478,7 +480,7 @@ def load_cifar10(directory: str | os.PathLike, split: str = "train", *,
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     for name in names:
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"No {name} in {directory}")
+            raise MissingFileError(f"No {name} in {directory}")
     parts = [_read_cifar_batch(directory / name) for name in names]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
@@ -496,7 +498,7 @@ def make_loaders(name: str, batch_size: int, seed: int = 0,
 
     The train loader shuffles with its own ``torch.Generator`` seeded from ``seed``, so
     the batch order does not depend on what else used the global RNG;
-    :func:`appmult.nn.training.fit` re-seeds that generator at every epoch to make a
+    :func:`appmult.train.fit` re-seeds that generator at every epoch to make a
     resumed run replay the same batches.
 
     Args:
@@ -517,10 +519,10 @@ def make_loaders(name: str, batch_size: int, seed: int = 0,
             ``data_dir`` for ``"mnist"`` / ``"cifar10"``.
     """
     if name not in DATASETS:
-        raise ValueError(f"Dataset must be one of {', '.join(map(repr, DATASETS))}, "
+        raise InvalidValueError(f"Dataset must be one of {', '.join(map(repr, DATASETS))}, "
                          f"not {name!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"Batch size must be a positive integer, not {batch_size!r}")
+        raise InvalidValueError(f"Batch size must be a positive integer, not {batch_size!r}")
     if name == "digits":
         train, test, info = load_digits_dataset(test_fraction=test_fraction, seed=seed,
                                                 normalize=normalize)
@@ -529,7 +531,7 @@ def make_loaders(name: str, batch_size: int, seed: int = 0,
                                          normalize=normalize)
     else:
         if data_dir is None:
-            raise ValueError(f"Dataset {name!r} is read from disk: pass data_dir, the "
+            raise InvalidValueError(f"Dataset {name!r} is read from disk: pass data_dir, the "
                              f"directory holding its files")
         load = load_mnist_idx if name == "mnist" else load_cifar10
         train, test = load(data_dir, "train", normalize=normalize), \

@@ -39,7 +39,7 @@ quantized layer's (STE) -- the surrogate trains the weights to tolerate the pert
 as in the paper, without differentiating through a random draw.
 
 Randomness comes from torch's global generator (or the one passed), which
-:func:`appmult.nn.training.fit` reseeds at every epoch: runs are reproducible and resumable.
+:func:`appmult.train.fit` reseeds at every epoch: runs are reproducible and resumable.
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..lut_gen.lutfile import LutFile
-from .layers import ApproxConv2d, ApproxLinear
+from ..lut_gen.metrics import exact_product
+from ..nn import ApproxConv2d, ApproxLinear
 
 __all__ = [
     "GAUSSIAN_MIN_FAN_IN",
@@ -118,7 +120,7 @@ class SimulatedError:
     def __post_init__(self) -> None:
         mre = self.mre
         if isinstance(mre, bool) or not isinstance(mre, (int, float)) or not math.isfinite(mre) or mre < 0:
-            raise ValueError(f"Simulated-error MRE must be a finite number >= 0, not {mre!r}")
+            raise InvalidValueError(f"Simulated-error MRE must be a finite number >= 0, not {mre!r}")
         object.__setattr__(self, "mre", float(mre))
         for name, cls in (("distribution", ErrorDistribution), ("method", NoiseMethod)):
             value = getattr(self, name)
@@ -126,7 +128,7 @@ class SimulatedError:
                 object.__setattr__(self, name, cls(value).value)
             except ValueError:
                 allowed = ", ".join(repr(e.value) for e in cls)
-                raise ValueError(f"Simulated-error {name} must be one of {allowed}, not {value!r}") from None
+                raise InvalidValueError(f"Simulated-error {name} must be one of {allowed}, not {value!r}") from None
 
     @classmethod
     def from_lut(cls, lut: LutFile, **kwargs: Any) -> "SimulatedError":
@@ -166,8 +168,9 @@ class SimulatedError:
 def lut_mre(lut: LutFile) -> float:
     """A LUT's mean relative error: the recorded ``metrics["mre"]``, else computed from the table.
 
-    The computed value uses the EvoApprox convention of :mod:`appmult.lut_gen.metrics`:
-    ``mean(|approx - exact| / max(1, |exact|))`` over all input pairs.
+    The computed value uses the EvoApprox convention of :mod:`appmult.lut_gen.metrics`
+    (the recorded ``mre``): ``mean(|approx - exact| / |exact|)`` over the input pairs
+    whose exact product is not 0 (the model's noise ``x*w*s*e`` is 0 there anyway).
 
     Args:
         lut: the LUT file.
@@ -178,10 +181,10 @@ def lut_mre(lut: LutFile) -> float:
     recorded = (lut.metadata.get("metrics") or {}).get("mre")
     if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and math.isfinite(recorded):
         return float(recorded)
-    from ..lut_gen.metrics import exact_product
     exact = exact_product(lut.width_a, lut.width_b, lut.signed).astype(np.float64)
     err = np.abs(lut.product.astype(np.float64) - exact)
-    return float((err / np.maximum(1.0, np.abs(exact))).mean())
+    nonzero = exact != 0
+    return float((err[nonzero] / np.abs(exact[nonzero])).mean())
 
 
 # --- per-product noise of one layer ---------------------------------------------------------
@@ -271,7 +274,7 @@ def product_noise_conv2d(qx: torch.Tensor, qw: torch.Tensor, sim: SimulatedError
     method = _method(sim, k, b * co * ho * wo * k, groups)
     if method is NoiseMethod.EXACT:
         if groups != 1:
-            raise ValueError("Exact simulated-error sampling supports groups=1 convolutions only; "
+            raise InvalidValueError("Exact simulated-error sampling supports groups=1 convolutions only; "
                              "use method='gaussian' or 'auto'")
         cols = F.unfold(qx, (kh, kw), dilation=dilation, stride=stride)     # (B, K, L)
         prods = cols[:, None, :, :] * qw.reshape(1, co, k, 1)               # (B, Co, K, L)
@@ -298,9 +301,9 @@ class SimulatedErrorHooks:
 
     def __init__(self, model: nn.Module, sim: SimulatedError, operands: str = "codes"):
         if not isinstance(sim, SimulatedError):
-            raise TypeError(f"attach_simulated_error needs a SimulatedError, not {type(sim).__name__}")
+            raise InvalidTypeError(f"attach_simulated_error needs a SimulatedError, not {type(sim).__name__}")
         if operands not in NOISE_OPERANDS:
-            raise ValueError(f"Simulated-error operands must be 'codes' or 'values', not {operands!r}")
+            raise InvalidValueError(f"Simulated-error operands must be 'codes' or 'values', not {operands!r}")
         self.sim = sim
         self.operands = operands
         self.enabled = True
@@ -308,7 +311,7 @@ class SimulatedErrorHooks:
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
                          if isinstance(m, (ApproxLinear, ApproxConv2d))]
         if not self._handles:
-            raise ValueError("Model has no approximate layers to add simulated error to; "
+            raise InvalidValueError("Model has no approximate layers to add simulated error to; "
                              "convert it with approximate_ first")
 
     def remove(self) -> None:

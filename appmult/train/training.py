@@ -37,7 +37,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from appmult.files import atomic_write_text, atomic_writer
+from ..errors import InvalidTypeError, InvalidValueError, MissingFileError, UserError
+from ..files import atomic_write_text, atomic_writer
+from ..plotting import new_figure, save_figure
+from .data import DatasetInfo, make_loaders
+from .models import build_model
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -63,7 +67,7 @@ _PRETRAINED_FORMAT = "appmult.training.pretrained/1"
 EpochCallback = Callable[[int, dict], "bool | None"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file exists but cannot be used (corrupt, foreign, or another run's)."""
 
 
@@ -88,7 +92,7 @@ def seed_everything(seed: int) -> None:
         TypeError: If ``seed`` is not a non-negative integer.
     """
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise TypeError(f"Seed must be a non-negative integer, not {seed!r}")
+        raise InvalidTypeError(f"Seed must be a non-negative integer, not {seed!r}")
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -221,7 +225,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         count += labels.shape[0]
     bar.close()
     if count == 0:
-        raise ValueError("Training loader yielded no samples")
+        raise InvalidValueError("Training loader yielded no samples")
     return Metrics(total_loss.item() / count, correct.item() / count)
 
 
@@ -260,7 +264,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *,
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("Evaluation loader yielded no samples")
+        raise InvalidValueError("Evaluation loader yielded no samples")
     return Metrics(total_loss.item() / count, correct.item() / count)
 
 
@@ -294,7 +298,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}")
+        raise MissingFileError(f"No checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
@@ -330,7 +334,7 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
 
     Args:
         model: The network, trained in place (moved to ``device`` if given).
-        loaders: ``(train, test)`` loaders, e.g. :class:`appmult.nn.data.Loaders`;
+        loaders: ``(train, test)`` loaders, e.g. :class:`appmult.train.Loaders`;
             ``test`` may be None (no evaluation).
         epochs: Total epochs of the run (including those done before a resume).
         optimizer: Optimizer over ``model``'s parameters (default: Adam at ``lr``).
@@ -359,7 +363,7 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
             another seed or schedule, or is further along than ``epochs``.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-        raise TypeError(f"Epoch count must be a positive integer, not {epochs!r}")
+        raise InvalidTypeError(f"Epoch count must be a positive integer, not {epochs!r}")
     train_loader, test_loader = loaders[0], loaders[1]
     if device is not None:
         model.to(device)
@@ -443,12 +447,10 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
         FileNotFoundError: If ``path`` does not exist.
         CheckpointError: If the file is unreadable or not a pretrained-model file.
     """
-    from appmult.nn.data import DatasetInfo
-    from appmult.nn.models import build_model
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"No pretrained model at {path}")
+        raise MissingFileError(f"No pretrained model at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -476,8 +478,8 @@ def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
     checkpoint directory ``<stem>.ckpt``, which is removed once the model is saved.
 
     Args:
-        model_name: A name accepted by :func:`appmult.nn.models.build_model`.
-        dataset: A name accepted by :func:`appmult.nn.data.make_loaders`.
+        model_name: A name accepted by :func:`appmult.train.build_model`.
+        dataset: A name accepted by :func:`appmult.train.make_loaders`.
         epochs: Training epochs.
         seed: Seed of the initial weights, the data split and the training run.
         out_dir: Cache directory.
@@ -494,8 +496,6 @@ def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
         ValueError: For unknown model or dataset names.
         CheckpointError: If a cached file is corrupt.
     """
-    from appmult.nn.data import make_loaders
-    from appmult.nn.models import build_model
 
     out_dir = Path(out_dir)
     stem = f"{model_name}-{dataset}-e{epochs}-bs{batch_size}-lr{lr:g}-s{seed}"
@@ -540,15 +540,8 @@ def plot_history(histories: dict[str, list[dict[str, Any]]], path: str | os.Path
         ValueError: If ``histories`` is empty.
     """
     if not histories:
-        raise ValueError("Nothing to plot: histories is empty")
-    # The object-oriented API (Figure + Agg canvas) leaves pyplot's global state alone
-    # and works without a display.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
+        raise InvalidValueError("Nothing to plot: histories is empty")
+    fig, (ax_loss, ax_acc) = new_figure(1, 2, figsize=(10, 4))
     colors = [f"C{i % 10}" for i in range(len(histories))]
     nan = math.nan
     for (label, history), color in zip(histories.items(), colors):
@@ -569,7 +562,4 @@ def plot_history(histories: dict[str, list[dict[str, Any]]], path: str | os.Path
         ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    with atomic_writer(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..lut_gen.lutfile import LutFile
 from ..lut_gen.metrics import exact_product
-from .layers import ApproxConv2d, ApproxLinear
+from ..nn import ApproxConv2d, ApproxLinear
 
 __all__ = [
     "OperandStats",
@@ -83,7 +84,7 @@ def error_map(lut: LutFile, activation_operand: str = "a") -> np.ndarray:
         ValueError: ``activation_operand`` is neither ``"a"`` nor ``"b"``.
     """
     if activation_operand not in ("a", "b"):
-        raise ValueError(f"activation_operand must be 'a' or 'b', not {activation_operand!r}")
+        raise InvalidValueError(f"activation_operand must be 'a' or 'b', not {activation_operand!r}")
     e = (lut.product - exact_product(lut.width_a, lut.width_b, lut.signed)).astype(np.float64)
     return e if activation_operand == "a" else e.T
 
@@ -91,15 +92,15 @@ def error_map(lut: LutFile, activation_operand: str = "a") -> np.ndarray:
 def _norm(h, n: int, what: str) -> np.ndarray:
     p = np.asarray(h, dtype=np.float64)
     if p.shape != (n,):
-        raise ValueError(f"Histogram {what} must have one entry per code ({n},), not shape {p.shape}")
+        raise InvalidValueError(f"Histogram {what} must have one entry per code ({n},), not shape {p.shape}")
     if not np.isfinite(p).all() or p.min() < 0 or p.sum() <= 0:
-        raise ValueError(f"Histogram {what} must be finite, non-negative and not all zeros")
+        raise InvalidValueError(f"Histogram {what} must be finite, non-negative and not all zeros")
     return p / p.sum()
 
 
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"Fan-in K must be a positive integer, not {k!r}")
+        raise InvalidValueError(f"Fan-in K must be a positive integer, not {k!r}")
     return int(k)
 
 
@@ -147,11 +148,11 @@ def predict_population(e: np.ndarray, fields: np.ndarray, weights: np.ndarray) -
     fields, weights = np.asarray(fields), np.asarray(weights)
     if fields.ndim != 2 or weights.ndim != 2 or fields.shape[1] != weights.shape[1] or 0 in fields.shape \
             or 0 in weights.shape:
-        raise ValueError(f"Fields (J x K) and weights (C x K) must be non-empty with the same K, "
+        raise InvalidValueError(f"Fields (J x K) and weights (C x K) must be non-empty with the same K, "
                          f"not shapes {fields.shape} and {weights.shape}")
     for arr, n, what in ((fields, e.shape[0], "field"), (weights, e.shape[1], "weight")):
         if arr.min() < 0 or arr.max() >= n:
-            raise ValueError(f"{what.capitalize()} codes must lie in 0..{n - 1}")
+            raise InvalidValueError(f"{what.capitalize()} codes must lie in 0..{n - 1}")
     k = fields.shape[1]
     mus = np.empty(len(fields))
     vars_ = np.empty(len(fields))
@@ -260,10 +261,10 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (ApproxConv2d, ApproxLinear))}
     if not layers:
-        raise ValueError("record_operands: the model has no approximate layer; convert it with approximate_ first")
+        raise InvalidValueError("record_operands: the model has no approximate layer; convert it with approximate_ first")
     for n, m in layers.items():
         if isinstance(m, ApproxConv2d) and m.groups != 1:
-            raise ValueError(f"record_operands: grouped convolution {n!r} (groups={m.groups}) is not supported")
+            raise InvalidValueError(f"record_operands: grouped convolution {n!r} (groups={m.groups}) is not supported")
     gen = torch.Generator().manual_seed(seed)
     acc: dict[str, dict] = {n: {"hx": None, "hw": None, "fields": [], "s1": 0.0, "s2": 0.0, "cnt": 0,
                                 "inputs": [], "kept": 0, "ops": 0} for n in layers}
@@ -309,7 +310,7 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
             h.remove()
         model.train(was_training)
     if seen == 0:
-        raise ValueError("record_operands: the loader yielded no batches")
+        raise InvalidValueError("record_operands: the loader yielded no batches")
     out = {}
     for n, a in acc.items():
         all_fields = torch.cat(a["fields"])
@@ -339,10 +340,10 @@ def predict_sigma(stats: OperandStats, lut: LutFile, model: str = "population") 
         ValueError: an unknown model, or a LUT whose widths do not match the statistics.
     """
     if model not in ("global", "population"):
-        raise ValueError(f"Error model must be 'global' or 'population', not {model!r}")
+        raise InvalidValueError(f"Error model must be 'global' or 'population', not {model!r}")
     e = error_map(lut, stats.activation_operand)
     if e.shape != (len(stats.hist_x), len(stats.hist_w)):
-        raise ValueError(f"LUT operand ranges {e.shape} do not match the recorded codes of layer {stats.name!r} "
+        raise InvalidValueError(f"LUT operand ranges {e.shape} do not match the recorded codes of layer {stats.name!r} "
                          f"({len(stats.hist_x)}, {len(stats.hist_w)})")
     if model == "global":
         return predict_global(e, stats.hist_x, stats.hist_w, stats.fan_in)
@@ -370,7 +371,7 @@ def measure_error(layer: nn.Module, stats: OperandStats, lut: LutFile) -> Measur
         ValueError: no inputs were kept.
     """
     if not stats.inputs:
-        raise ValueError(f"No inputs kept for layer {stats.name!r}; record_operands(..., keep_inputs > 0)")
+        raise InvalidValueError(f"No inputs kept for layer {stats.name!r}; record_operands(..., keep_inputs > 0)")
     cfg = dataclasses.replace(layer.config, lut=lut, grad="ste")
     new = type(layer).from_float(layer, cfg)
     new.act_quant.load_state_dict(layer.act_quant.state_dict())

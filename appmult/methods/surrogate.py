@@ -10,7 +10,7 @@ that output::
 The reward term pushes every ``sigma_l`` up, weighted by the layer's share of the
 multiply-accumulates (``ops_l``: MACs for one input sample), until the cross-entropy says
 the layer cannot take more. The learned ``|sigma_l|`` is the relative error the layer
-tolerates; :mod:`appmult.nn.assign` turns it into a tolerance on the predicted error std
+tolerates; :mod:`appmult.methods.assignment` turns it into a tolerance on the predicted error std
 of a multiplier.
 
 Choices (documented because the paper leaves them open):
@@ -40,6 +40,9 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from ..errors import InvalidValueError
+from ..train import fit
 
 __all__ = [
     "ATTRIBUTE",
@@ -151,7 +154,7 @@ def _check_positive(what: str, value: object, *, allow_zero: bool = False) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value < 0 or (value == 0 and not allow_zero):
         kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"Noise surrogate {what} must be {kind} finite number, not {value!r}")
+        raise InvalidValueError(f"Noise surrogate {what} must be {kind} finite number, not {value!r}")
     return float(value)
 
 
@@ -179,16 +182,16 @@ def attach_noise_surrogate(model: nn.Module, *, init: float = 0.1, lam: float = 
     _check_positive("lambda", lam, allow_zero=True)
     _check_positive("sigma_max", sigma_max)
     if isinstance(getattr(model, ATTRIBUTE, None), NoiseSurrogate):
-        raise ValueError("A noise surrogate is already attached to this model; detach_noise_surrogate() it first")
+        raise InvalidValueError("A noise surrogate is already attached to this model; detach_noise_surrogate() it first")
     found = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     if layers is not None:
         wanted = list(layers)
         unknown = [n for n in wanted if n not in found]
         if unknown:
-            raise ValueError(f"Noise surrogate: no nn.Conv2d/nn.Linear layer named {', '.join(map(repr, unknown))}")
+            raise InvalidValueError(f"Noise surrogate: no nn.Conv2d/nn.Linear layer named {', '.join(map(repr, unknown))}")
         found = {n: found[n] for n in wanted}
     if not found:
-        raise ValueError("Noise surrogate: the model has no nn.Conv2d or nn.Linear layer")
+        raise InvalidValueError("Noise surrogate: the model has no nn.Conv2d or nn.Linear layer")
     p = next(model.parameters(), None)
     surrogate = NoiseSurrogate(found, init=init, lam=lam, sigma_max=sigma_max)
     if p is not None:
@@ -201,7 +204,7 @@ def attach_noise_surrogate(model: nn.Module, *, init: float = 0.1, lam: float = 
 def _get(model: nn.Module) -> NoiseSurrogate:
     s = getattr(model, ATTRIBUTE, None)
     if not isinstance(s, NoiseSurrogate):
-        raise ValueError("This model has no noise surrogate; call attach_noise_surrogate(model) first")
+        raise InvalidValueError("This model has no noise surrogate; call attach_noise_surrogate(model) first")
     return s
 
 
@@ -240,7 +243,7 @@ def surrogate_loss(model: nn.Module, ce: torch.Tensor) -> torch.Tensor:
 
 
 def surrogate_loss_fn(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A ``loss_fn(logits, labels)`` for :func:`appmult.nn.training.fit`.
+    """A ``loss_fn(logits, labels)`` for :func:`appmult.train.fit`.
 
     It adds the reward term only while the model is in training mode, so the test loss
     that ``fit`` reports stays the plain cross-entropy.
@@ -284,7 +287,7 @@ def learned_sigmas(model: nn.Module) -> dict[str, float]:
 def train_surrogate(model: nn.Module, loaders, epochs: int, *, lr: float = 1e-3, sigma_lr: float = 1e-2,
                     init: float = 0.1, lam: float = 0.2, sigma_max: float = 0.5, seed: int = 0,
                     progress: bool = False, detach: bool = True) -> tuple[dict[str, float], list[dict]]:
-    """Attach a surrogate, train ``model`` with it (:func:`appmult.nn.training.fit`), read the sigmas.
+    """Attach a surrogate, train ``model`` with it (:func:`appmult.train.fit`), read the sigmas.
 
     The model's weights are trained too (the paper trains both jointly); pass a copy to
     keep the original.
@@ -303,7 +306,6 @@ def train_surrogate(model: nn.Module, loaders, epochs: int, *, lr: float = 1e-3,
     Returns:
         ``(sigmas, history)``: learned ``|sigma_l|`` per layer and ``fit``'s history.
     """
-    from .training import fit
     attach_noise_surrogate(model, init=init, lam=lam, sigma_max=sigma_max)
     # One forward pass so that the MAC counts exist before the first loss.
     x0 = next(iter(loaders[0]))[0][:2]

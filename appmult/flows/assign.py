@@ -1,66 +1,34 @@
-"""Heterogeneous multiplier assignment (Trommer, Waschneck, Kumar; ICCAD 2022).
+"""The assignment run: candidates, surrogate, operand statistics, plan, retraining, Pareto plot.
 
-Per layer ``l``: the noise surrogate (:mod:`appmult.nn.surrogate`) learns the relative
-error ``|sigma_l|`` the layer tolerates; the tolerance in accumulator units is
-``std(exact accumulators of l) * |sigma_l|``; the error model
-(:mod:`appmult.nn.error_model`) predicts each candidate multiplier's accumulated-error
-std on that layer's real operands; the layer gets the **cheapest candidate whose
-predicted std is within the tolerance** (ties: the more accurate one).
-
-When no candidate fits, the layer gets the **most accurate candidate** (smallest
-predicted std; ties: the cheaper one) and is marked ``"fits": false`` in the plan.
-:func:`run_assign` adds the exact multiplier of the candidates' widths to the set unless
-told not to, and its predicted std is 0, so with it every layer fits.
-
-Costs are our own netlist figures relative to the exact multiplier
-(``characterize(spec).cost["relative"][figure]``); the plan's total is ops-weighted:
-``sum_l ops_l cost_l / sum_l ops_l``.
+The algorithm itself (:func:`appmult.methods.assign`) is torch and numpy only; this flow
+characterizes candidate specs from their circuits (Amaranth and Yosys) and runs it on a
+trained network.
 """
+
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
-from ..lut_gen.lutfile import LutFile
+from ..files import atomic_write_text
+from ..methods.assignment import AssignError, Candidate, assign, check_candidates, plan_configs
+from ..methods.error_model import measure_error, predict_sigma, record_operands
+from ..methods.surrogate import train_surrogate
+from ..nn import ApproxConfig, approximate_, calibrate, load_lut
+from ..plotting import save_figure, new_figure
+from ..sim.cost import FIGURES as COST_FIGURES
+from ..spec import short_spec
+from ..train import evaluate, fit, load_pretrained, make_loaders, pretrain_fp32
+from .characterization import characterize
 
-__all__ = [
-    "AssignConfig",
-    "AssignError",
-    "Candidate",
-    "PLAN_FORMAT",
-    "assign",
-    "check_plan",
-    "choose",
-    "load_candidate",
-    "plan_configs",
-    "plot_pareto",
-    "run_assign",
-]
-
-PLAN_FORMAT = "appmult.assign.plan/1"
-_COST_FIGURES = ("gates", "aig_nodes", "depth", "depth_with_not", "transistors", "ice40_lut4", "ice40_carry",
-                 "toggles_per_op", "weighted_toggles_per_op")
-
-
-class AssignError(ValueError):
-    """Candidates or inputs that cannot be assigned (mixed widths, no cost, ...)."""
-
-
-class Candidate(NamedTuple):
-    """A candidate multiplier: its name, LUT and cost relative to the exact multiplier."""
-
-    name: str
-    lut: LutFile
-    cost: float
-    spec: str | None = None
+__all__ = ["AssignConfig", "load_candidate", "plot_pareto", "run_assign"]
 
 
 def _exact_spec(lut: LutFile) -> str:
@@ -83,11 +51,10 @@ def load_candidate(source: str | os.PathLike, *, figure: str = "transistors", pr
         AssignError: an unknown figure, or a LUT file without that cost figure.
         FileNotFoundError: a path that does not exist.
     """
-    if figure not in _COST_FIGURES:
-        raise AssignError(f"Cost figure must be one of {', '.join(_COST_FIGURES)}, not {figure!r}")
+    if figure not in COST_FIGURES:
+        raise AssignError(f"Cost figure must be one of {', '.join(COST_FIGURES)}, not {figure!r}")
     text = os.fspath(source)
     if text.endswith(".npz") or os.sep in text:
-        from .config import load_lut
         lut = load_lut(text)
         cost = (lut.metadata.get("cost") or {}).get("relative", {}).get(figure)
         if cost is None:
@@ -95,157 +62,10 @@ def load_candidate(source: str | os.PathLike, *, figure: str = "transistors", pr
                               f"multiplier from its spec (with cost) or pass the spec instead")
         spec = lut.metadata.get("spec")
         return Candidate(spec or Path(text).stem, lut, float(cost), spec)
-    # Characterization needs Amaranth and Yosys: imported only for specs.
-    from ..lut_gen.characterization import characterize
     char = characterize(text, gradients=("ste",), progress=progress, cost=True)
     if char.cost is None or char.cost.get("relative", {}).get(figure) is None:
         raise AssignError(f"No relative {figure!r} cost for {text}")
     return Candidate(char.spec or text, char.to_lutfile(), float(char.cost["relative"][figure]), char.spec)
-
-
-def _check_candidates(candidates: Sequence[Candidate]) -> None:
-    if not candidates:
-        raise AssignError("Assignment needs at least one candidate multiplier")
-    names = [c.name for c in candidates]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise AssignError(f"Candidate names must be unique; repeated: {', '.join(dup)}")
-    first = candidates[0].lut
-    for c in candidates[1:]:
-        if (c.lut.width_a, c.lut.width_b, c.lut.signed) != (first.width_a, first.width_b, first.signed):
-            raise AssignError(f"All candidates must share widths and signedness (one quantization); "
-                              f"{candidates[0].name} is {first.width_a}x{first.width_b} "
-                              f"{'signed' if first.signed else 'unsigned'}, {c.name} is "
-                              f"{c.lut.width_a}x{c.lut.width_b} {'signed' if c.lut.signed else 'unsigned'}")
-
-
-def choose(tolerances: Mapping[str, float], predictions: Mapping[str, Mapping[str, float]],
-           costs: Mapping[str, float]) -> dict[str, dict[str, Any]]:
-    """Per layer, the cheapest candidate whose predicted std is within the tolerance.
-
-    Ties in cost go to the smaller predicted std. When nothing fits, the most accurate
-    candidate (smallest predicted std, then cheapest) is taken with ``fits`` False.
-
-    Args:
-        tolerances: layer -> tolerated error std (accumulator units, >= 0).
-        predictions: layer -> {candidate -> predicted error std}.
-        costs: candidate -> relative cost.
-
-    Returns:
-        layer -> ``{"chosen", "predicted_sigma", "tolerance", "cost", "fits"}``.
-
-    Raises:
-        AssignError: a layer without predictions, a candidate without a cost, or a
-            negative / non-finite tolerance.
-    """
-    out = {}
-    for layer, tol in tolerances.items():
-        if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-            raise AssignError(f"Tolerance of layer {layer!r} must be a finite non-negative number, not {tol!r}")
-        preds = predictions.get(layer)
-        if not preds:
-            raise AssignError(f"No predicted error for layer {layer!r}")
-        missing = [c for c in preds if c not in costs]
-        if missing:
-            raise AssignError(f"No cost for candidate {', '.join(map(repr, missing))}")
-        fitting = [c for c, s in preds.items() if s <= tol]
-        if fitting:
-            best = min(fitting, key=lambda c: (costs[c], preds[c]))
-        else:
-            best = min(preds, key=lambda c: (preds[c], costs[c]))
-        out[layer] = {"chosen": best, "predicted_sigma": float(preds[best]), "tolerance": float(tol),
-                      "cost": float(costs[best]), "fits": bool(fitting)}
-    return out
-
-
-def assign(stats: Mapping[str, Any], sigmas: Mapping[str, float], candidates: Sequence[Candidate], *,
-           error_model: str = "population", cost_figure: str = "transistors") -> dict[str, Any]:
-    """The per-layer plan from operand statistics, learned sigmas and candidates.
-
-    Args:
-        stats: layer -> :class:`~appmult.nn.error_model.OperandStats`.
-        sigmas: layer -> learned ``|sigma_l|`` (from :func:`~appmult.nn.surrogate.learned_sigmas`).
-        candidates: the candidate multipliers (same widths and signedness).
-        error_model: ``"population"`` or ``"global"``.
-        cost_figure: name of the cost figure (recorded in the plan).
-
-    Returns:
-        The plan (JSON-ready; see :func:`check_plan`).
-
-    Raises:
-        AssignError: inconsistent candidates, or a layer without a sigma.
-    """
-    from .error_model import predict_sigma
-    _check_candidates(candidates)
-    missing = [n for n in stats if n not in sigmas]
-    if missing:
-        raise AssignError(f"No learned sigma for layer {', '.join(map(repr, missing))}")
-    costs = {c.name: c.cost for c in candidates}
-    tol = {n: s.exact_std * abs(float(sigmas[n])) for n, s in stats.items()}
-    preds, biases = {}, {}
-    for n, s in stats.items():
-        preds[n], biases[n] = {}, {}
-        for c in candidates:
-            p = predict_sigma(s, c.lut, error_model)
-            preds[n][c.name], biases[n][c.name] = p.sigma, p.bias
-    picked = choose(tol, preds, costs)
-    layers = []
-    for n, s in stats.items():
-        row = {"layer": n, **picked[n], "spec": next(c.spec for c in candidates if c.name == picked[n]["chosen"]),
-               "sigma_l": abs(float(sigmas[n])), "exact_std": s.exact_std, "fan_in": s.fan_in, "ops": s.ops,
-               "predicted_bias": biases[n][picked[n]["chosen"]], "predictions": preds[n]}
-        layers.append(row)
-    total_ops = sum(r["ops"] for r in layers)
-    return {"format": PLAN_FORMAT, "error_model": error_model, "cost_figure": cost_figure,
-            "candidates": [{"name": c.name, "spec": c.spec, "cost": c.cost} for c in candidates],
-            "layers": layers,
-            "total_relative_cost": sum(r["ops"] * r["cost"] for r in layers) / total_ops}
-
-
-def check_plan(plan: Any) -> dict[str, Any]:
-    """Validate a plan (e.g. read back from JSON).
-
-    Returns:
-        ``plan``.
-
-    Raises:
-        AssignError: a missing key, a wrong type, or a chosen multiplier that is not a candidate.
-    """
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT:
-        raise AssignError(f"Not an assignment plan (format must be {PLAN_FORMAT!r})")
-    for key, typ in (("layers", list), ("candidates", list), ("total_relative_cost", (int, float)),
-                     ("error_model", str), ("cost_figure", str)):
-        if not isinstance(plan.get(key), typ):
-            raise AssignError(f"Assignment plan key {key!r} is missing or not a {getattr(typ, '__name__', 'number')}")
-    names = {c.get("name") for c in plan["candidates"] if isinstance(c, dict)}
-    for row in plan["layers"]:
-        for key in ("layer", "chosen", "predicted_sigma", "tolerance", "cost", "fits", "ops"):
-            if not isinstance(row, dict) or key not in row:
-                raise AssignError(f"Assignment plan layer entry lacks {key!r}: {row!r}")
-        if row["chosen"] not in names:
-            raise AssignError(f"Layer {row['layer']!r} chose {row['chosen']!r}, which is not a candidate")
-    return plan
-
-
-def plan_configs(plan: Mapping[str, Any], candidates: Sequence[Candidate], **config: Any) -> dict[str, Any]:
-    """``{layer: ApproxConfig}`` for :func:`~appmult.nn.approximate_` from a plan.
-
-    Args:
-        plan: the plan.
-        candidates: the candidates it was made from.
-        **config: further :class:`~appmult.nn.ApproxConfig` fields (``grad``, ...).
-
-    Raises:
-        AssignError: a chosen multiplier not among ``candidates``.
-    """
-    from .config import ApproxConfig
-    by_name = {c.name: c for c in candidates}
-    out = {}
-    for row in plan["layers"]:
-        if row["chosen"] not in by_name:
-            raise AssignError(f"Layer {row['layer']!r} chose {row['chosen']!r}, which is not a candidate")
-        out[row["layer"]] = ApproxConfig(by_name[row["chosen"]].lut, **config)
-    return out
 
 
 def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str | None = None,
@@ -263,14 +83,7 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     Returns:
         ``path``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ..files import atomic_writer
-    from ..lut_gen.report import short_spec
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ax = new_figure(figsize=(8, 5))
     for p in points:
         het = p.get("kind") == "heterogeneous"
         color, marker = ("C3", "*") if het else ("C0", "o")
@@ -284,13 +97,10 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     ax.set(xlabel=f"ops-weighted relative cost ({cost_figure}, exact = 1)", ylabel="test accuracy (%)",
            title=title or "accuracy vs. multiplier cost (filled: retrained, hollow: before)")
     ax.grid(alpha=0.3)
-    path = Path(path)
-    with atomic_writer(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class AssignConfig:
     """One assignment run (:func:`run_assign`); the CLI's arguments.
 
@@ -341,8 +151,8 @@ class AssignConfig:
             raise AssignError("Give at least one candidate multiplier (spec or LUT file)")
         if self.error_model not in ("population", "global"):
             raise AssignError(f"Error model must be 'population' or 'global', not {self.error_model!r}")
-        if self.cost_figure not in _COST_FIGURES:
-            raise AssignError(f"Cost figure must be one of {', '.join(_COST_FIGURES)}, not {self.cost_figure!r}")
+        if self.cost_figure not in COST_FIGURES:
+            raise AssignError(f"Cost figure must be one of {', '.join(COST_FIGURES)}, not {self.cost_figure!r}")
         for name in ("pretrain_epochs", "surrogate_epochs", "calib_batches", "stats_batches", "batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -365,9 +175,6 @@ def _reseed(loaders, seed: int) -> None:
 
 
 def _convert_eval_retrain(fp32, configs, loaders, cfg: AssignConfig) -> dict[str, Any]:
-    from .convert import approximate_
-    from .quant import calibrate
-    from .training import evaluate, fit
     model = approximate_(copy.deepcopy(fp32), configs)
     _reseed(loaders, cfg.seed)
     calibrate(model, loaders.train, cfg.calib_batches)
@@ -393,20 +200,12 @@ def run_assign(cfg: AssignConfig) -> dict[str, Any]:
         AssignError: bad candidates (mixed widths, no cost).
         FileNotFoundError: a missing checkpoint or LUT file.
     """
-    from ..files import atomic_write_text
-    from .config import ApproxConfig
-    from .convert import approximate_
-    from .data import make_loaders
-    from .error_model import measure_error, predict_sigma, record_operands
-    from .quant import calibrate
-    from .surrogate import train_surrogate
-    from .training import evaluate, load_pretrained, pretrain_fp32
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cands = [load_candidate(s, figure=cfg.cost_figure, progress=cfg.progress) for s in cfg.candidates]
-    _check_candidates(cands)
+    check_candidates(cands)
     if cfg.include_exact and not any(c.spec == _exact_spec(c.lut) for c in cands):
         cands.append(load_candidate(_exact_spec(cands[0].lut), figure=cfg.cost_figure))
     exact = next((c for c in cands if c.spec == _exact_spec(c.lut)), None)

@@ -1,0 +1,77 @@
+"""Generic training: offline data sets, reference models, the training loop, checkpoints.
+
+Knows nothing of approximate multipliers: any ``torch.nn.Module`` trains here. Data that
+ships offline (``digits``, ``mnist5k``) and standard-format loaders for user directories
+(MNIST IDX, CIFAR-10 pickles); models built by name (``lenet5``, ``mlp``, ``resnet8`` ...);
+``fit`` with per-epoch atomic checkpoints and bit-identical resume.
+"""
+
+from .data import (
+    DATASETS,
+    DatasetFormatError,
+    DatasetInfo,
+    ImageDataset,
+    Loaders,
+    TrainTest,
+    load_cifar10,
+    load_digits_dataset,
+    load_mnist5k,
+    load_mnist_idx,
+    make_loaders,
+)
+from .models import (
+    LeNet5,
+    MLP,
+    MODEL_NAMES,
+    ResNet,
+    build_model,
+)
+from .training import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    Metrics,
+    Pretrained,
+    default_milestones,
+    deterministic_algorithms,
+    evaluate,
+    fit,
+    load_checkpoint,
+    load_pretrained,
+    plot_history,
+    pretrain_fp32,
+    seed_everything,
+    train_epoch,
+)
+
+__all__ = [
+    "build_model",
+    "CHECKPOINT_NAME",
+    "CheckpointError",
+    "DatasetFormatError",
+    "DatasetInfo",
+    "DATASETS",
+    "default_milestones",
+    "deterministic_algorithms",
+    "evaluate",
+    "fit",
+    "ImageDataset",
+    "LeNet5",
+    "load_checkpoint",
+    "load_cifar10",
+    "load_digits_dataset",
+    "load_mnist5k",
+    "load_mnist_idx",
+    "load_pretrained",
+    "Loaders",
+    "make_loaders",
+    "Metrics",
+    "MLP",
+    "MODEL_NAMES",
+    "plot_history",
+    "pretrain_fp32",
+    "Pretrained",
+    "ResNet",
+    "seed_everything",
+    "train_epoch",
+    "TrainTest",
+]
