@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..codes import check_codes
+from ..errors import InvalidTypeError, InvalidValueError, UserError
 from ..files import atomic_write_text
 from .bitparallel import GATE_TYPES, BitParallelEvaluator, words_to_values
 from .yosys import YosysError, cache_dir, cache_key, run_yosys, yosys_version
@@ -40,28 +42,41 @@ _READERS = {"rtlil": "read_rtlil", "verilog": "read_verilog -sv", "blif": "read_
 _SOURCE_FILE = {"rtlil": "design.il", "verilog": "design.v", "blif": "design.blif"}
 _SEQUENTIAL_HINTS = ("DFF", "DLATCH", "SR_", "$ff", "$dff", "$adff", "$sdff", "$aldff", "$dlatch",
                      "$sr", "$mem", "$fsm", "$_FF_")
+#: Longest list of net names or bits an error message spells out.
+_LIST_MAX = 16
+
+_log = logging.getLogger(__name__)
 
 
-class NetlistError(ValueError):
+class NetlistError(UserError, ValueError):
     """A circuit cannot be used as a multiplier netlist (ports, widths, cell types)."""
 
 
-def synthesis_script(source_format: str, top: str | None) -> str:
+def synthesis_script(source_format: str, top: str | None, *, source_checks: bool = False) -> str:
     """The Yosys script that turns a design into the gate netlist ``netlist.json``.
 
     Args:
         source_format: ``"rtlil"``, ``"verilog"`` or ``"blif"``.
         top: top module name, or ``None`` to let Yosys pick (``-auto-top``).
+        source_checks: also write ``checks.json``, the design before any optimisation
+            (only ``proc`` and ``flatten``), in which sequential elements and undriven
+            nets are still visible: synthesis removes a flip-flop whose clock is undriven
+            and folds undriven nets as "don't care", so the gate netlist alone cannot
+            show them. The gate netlist is the same either way.
     """
     top_opt = f"-top {top}" if top else "-auto-top"
     synth_top = f" -top {top}" if top else ""
+    save = ["design -save source"] if source_checks else []
+    checks = ["design -load source", "proc", "flatten", "write_json checks.json"] if source_checks else []
     return "\n".join([
         f"{_READERS[source_format]} {_SOURCE_FILE[source_format]}",
         f"hierarchy -check {top_opt}",
+        *save,
         f"synth -flatten{synth_top}",
         f"abc -g {ABC_GATES}",
         "opt_clean -purge",
         "write_json netlist.json",
+        *checks,
         "",
     ])
 
@@ -74,27 +89,37 @@ class Netlist:
     Ports ``a`` (``width_a`` bits), ``b`` (``width_b`` bits) in, ``p`` (``width_p``
     bits) out; bit order as declared in the design (index 0 is the LSB).
 
+    Ports not named: ports called ``a``, ``b``, ``p`` are taken by name; otherwise,
+    when the module has exactly two inputs and one output (``A, B, O``, ``A, B, Z``,
+    ``IN1, IN2, Out``, ...), the first declared input is operand ``a``, the second
+    ``b`` and the output ``p``. Widths not given are the ports' widths. What was
+    inferred is logged (``logging`` INFO, logger ``appmult.sim.netlist``) and kept in
+    :attr:`inferred`.
+
     Args:
         netlist_json: the Yosys ``write_json`` text of the synthesized design.
         top: name of the top module in it.
-        width_a: expected width of port ``a``.
-        width_b: expected width of port ``b``.
+        width_a: expected width of port ``a`` (``None``: whatever the port has).
+        width_b: expected width of port ``b`` (``None``: whatever the port has).
         signed: interpret operands and product as two's complement.
-        ports: names of the ``a``, ``b`` and ``p`` ports in the design.
+        ports: names of the ``a``, ``b`` and ``p`` ports in the design; ``None``
+            entries are inferred as above.
         source_format: ``"rtlil"``/``"verilog"``/``"blif"``: what ``source_text`` is.
         source_text: the design the netlist was synthesized from (for a synthesized
             Amaranth design: its exported Verilog, as ``appmult export`` writes it).
         width_p: expected output width (``None``: whatever the port has).
 
     Raises:
-        NetlistError: missing port, width mismatch, sequential or unsupported cells.
+        NetlistError: missing port, ports that cannot be told apart, width mismatch,
+            sequential or unsupported cells, an output bit or a gate input that nothing
+            drives.
     """
 
-    def __init__(self, netlist_json: str, *, top: str, width_a: int, width_b: int, signed: bool,
-                 ports: tuple[str, str, str] = ("a", "b", "p"), source_format: str = "verilog",
-                 source_text: str = "", width_p: int | None = None):
+    def __init__(self, netlist_json: str, *, top: str, width_a: int | None = None, width_b: int | None = None,
+                 signed: bool, ports: tuple[str | None, str | None, str | None] = (None, None, None),
+                 source_format: str = "verilog", source_text: str = "", width_p: int | None = None):
         if source_format not in _READERS:
-            raise ValueError(f"source_format must be one of {', '.join(_READERS)}, not {source_format!r}")
+            raise InvalidValueError(f"source_format must be one of {', '.join(_READERS)}, not {source_format!r}")
         try:
             design = json.loads(netlist_json)
             modules = design["modules"]
@@ -106,13 +131,14 @@ class Netlist:
         self._json = netlist_json
         self._top = top
         self._signed = bool(signed)
-        self._ports = tuple(ports)
         self._source_format = source_format
         self._source_text = source_text
         # Cell types first: a sequential circuit also has extra ports (clock), and
         # "not combinational" is the message that explains the problem.
         self._cells: list[tuple[str, dict[str, Any]]] = []
         unsupported: dict[str, int] = {}
+        gate_reads: list[Any] = []  # raw Yosys bits, before constants are mapped
+        gate_drives: set[Any] = set()
         for cell in module.get("cells", {}).values():
             ctype = cell["type"]
             if ctype not in GATE_TYPES:
@@ -120,14 +146,24 @@ class Netlist:
                 continue
             conn = {port: _net(bits[0]) for port, bits in cell["connections"].items()}
             self._cells.append((ctype, conn))
+            for port, bits in cell["connections"].items():
+                if port == "Y":
+                    gate_drives.update(bits)
+                else:
+                    gate_reads.extend(bits)
         if unsupported:
             listing = ", ".join(f"{t} ({n})" for t, n in sorted(unsupported.items()))
-            if any(h in t for t in unsupported for h in _SEQUENTIAL_HINTS):
+            if any(_is_sequential(t) for t in unsupported):
                 raise NetlistError(f"Module {top!r} is not combinational: it contains sequential cells "
                                    f"{listing}; the circuit must be combinational")
             raise NetlistError(f"Module {top!r} contains unsupported cell types {listing}; "
                                f"supported: {', '.join(sorted(GATE_TYPES))}")
         port_table = module.get("ports", {})
+        given = tuple(ports)
+        if len(given) != 3:
+            raise InvalidValueError(f"ports must name the a, b and p ports (3 entries, None to infer), not {given!r}")
+        ports, inferred_roles = _resolve_ports(top, port_table, given)
+        self._ports = ports
         self._bits: dict[str, list[Any]] = {}
         for role, name, direction, want in (("a", ports[0], "input", width_a),
                                             ("b", ports[1], "input", width_b),
@@ -148,23 +184,43 @@ class Netlist:
                                f"{', '.join(extra)}; a multiplier netlist has exactly two operands")
         if not 1 <= len(self._bits["p"]) <= MAX_OUTPUT_WIDTH:
             raise NetlistError(f"Port {ports[2]!r} is {len(self._bits['p'])} bits wide; 1..{MAX_OUTPUT_WIDTH} supported")
+        # A net without a driver would evaluate as 0: a wrong table without an error. (The
+        # constants "x"/"z" of a hand-written netlist do read as 0; user files are checked
+        # for them before synthesis, see _check_source_design.)
+        driven = {bit for bit in self._bits["a"] + self._bits["b"] if isinstance(bit, int)} | gate_drives
+        loose = [k for k, bit in enumerate(port_table[ports[2]]["bits"]) if isinstance(bit, int) and bit not in driven]
+        if loose:
+            raise NetlistError(_undriven_output_message(top, ports[2], loose))
+        floating = sorted({bit for bit in gate_reads if isinstance(bit, int) and bit not in driven})
+        if floating:
+            raise NetlistError(f"Module {top!r} has gates reading nets that nothing drives: "
+                               f"{_listing(_bit_names(module, floating))}; an undriven net has no defined value")
+        self._inferred = _inference_note(top, ports, inferred_roles, self._bits,
+                                         [r for r, w in (("a", width_a), ("b", width_b)) if w is None])
+        if self._inferred:
+            _log.info(self._inferred)
         self._evaluator: BitParallelEvaluator | None = None
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
-    def from_verilog(cls, path: str | os.PathLike, *, top: str, width_a: int, width_b: int, signed: bool,
-                     a: str = "a", b: str = "b", p: str = "p", width_p: int | None = None) -> Netlist:
+    def from_verilog(cls, path: str | os.PathLike, *, top: str | None = None, width_a: int | None = None,
+                     width_b: int | None = None, signed: bool, a: str | None = None, b: str | None = None,
+                     p: str | None = None, width_p: int | None = None) -> Netlist:
         """Synthesize a user's combinational multiplier written in Verilog.
 
+        Ports and widths not given are inferred (see :class:`Netlist`): a module with
+        ports ``A, B, O`` (EvoApprox), ``A, B, Z`` or ``IN1, IN2, Out`` needs only
+        ``signed``; :attr:`inferred` says what was taken.
+
         Args:
-            path: Verilog (or SystemVerilog subset that Yosys reads) file.
-            top: top module name.
-            width_a: width of the ``a`` operand port.
-            width_b: width of the ``b`` operand port.
+            path: Verilog (or SystemVerilog subset that Yosys reads) file, UTF-8.
+            top: top module name (``None``: the one Yosys finds on top).
+            width_a: width of the ``a`` operand port (``None``: the port's width).
+            width_b: width of the ``b`` operand port (``None``: the port's width).
             signed: the operands and product are two's complement.
-            a: name of the first operand port (EvoApprox circuits use ``A``).
-            b: name of the second operand port (``B``).
-            p: name of the product port (``O``).
+            a: name of the first operand port (``None``: ``a``, else the first input).
+            b: name of the second operand port (``None``: ``b``, else the other input).
+            p: name of the product port (``None``: ``p``, else the one output).
             width_p: expected product width (``None``: take the port's width).
 
         Returns:
@@ -173,14 +229,16 @@ class Netlist:
         Raises:
             FileNotFoundError: no such file.
             YosysError: Yosys cannot read or synthesize it (message has the log tail).
-            NetlistError: missing port, width mismatch, sequential or unsupported cells.
+            NetlistError: the file is not UTF-8 text; a missing port or ports that cannot
+                be told apart; width mismatch; sequential elements (flip-flops, latches,
+                memories); an output bit or a net that nothing drives; unsupported cells.
         """
         return cls._from_file(path, "verilog", top, width_a, width_b, signed, (a, b, p), width_p)
 
     @classmethod
-    def from_blif(cls, path: str | os.PathLike, *, top: str | None = None, width_a: int, width_b: int,
-                  signed: bool, a: str = "a", b: str = "b", p: str = "p",
-                  width_p: int | None = None) -> Netlist:
+    def from_blif(cls, path: str | os.PathLike, *, top: str | None = None, width_a: int | None = None,
+                  width_b: int | None = None, signed: bool, a: str | None = None, b: str | None = None,
+                  p: str | None = None, width_p: int | None = None) -> Netlist:
         """Synthesize a user's combinational multiplier given as BLIF.
 
         Args:
@@ -194,16 +252,22 @@ class Netlist:
         Raises:
             FileNotFoundError: no such file.
             YosysError: Yosys cannot read it.
-            NetlistError: missing port, width mismatch, sequential or unsupported cells.
+            NetlistError: as for :meth:`from_verilog`.
         """
         return cls._from_file(path, "blif", top, width_a, width_b, signed, (a, b, p), width_p)
 
     @classmethod
     def _from_file(cls, path, fmt, top, width_a, width_b, signed, ports, width_p) -> Netlist:
         path = Path(path)
-        text = path.read_text("utf-8")
+        data = path.read_bytes()
         try:
-            out = run_yosys(synthesis_script(fmt, top), {_SOURCE_FILE[fmt]: text}, ("netlist.json",))
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NetlistError(f"Cannot read {str(path)!r}: byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                               "is not UTF-8 text; save the file as UTF-8 (or ASCII)") from None
+        try:
+            out = run_yosys(synthesis_script(fmt, top, source_checks=True), {_SOURCE_FILE[fmt]: text},
+                            ("netlist.json", "checks.json"))
         except YosysError as exc:
             # Yosys saw the file under a fixed temporary name; point at the user's file.
             message = str(exc).replace(_SOURCE_FILE[fmt], path.name)
@@ -211,8 +275,10 @@ class Netlist:
         netlist_json = out["netlist.json"].decode("utf-8")
         if top is None:
             top = _json_top(netlist_json)
-        return cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
-                   source_format=fmt, source_text=text, width_p=width_p)
+        net = cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
+                  source_format=fmt, source_text=text, width_p=width_p)
+        _check_source_design(out["checks.json"].decode("utf-8"), top, net.ports[2])
+        return net
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary from which :meth:`from_dict` rebuilds an equal netlist."""
@@ -261,7 +327,12 @@ class Netlist:
     @property
     def ports(self) -> tuple[str, str, str]:
         """Names of the ``a``, ``b``, ``p`` ports in the design."""
-        return self._ports  # type: ignore[return-value]
+        return self._ports
+
+    @property
+    def inferred(self) -> str | None:
+        """What the constructor inferred (port names, widths) as a sentence, or ``None``."""
+        return self._inferred
 
     @property
     def source_format(self) -> str:
@@ -396,7 +467,7 @@ class Netlist:
                 it with :meth:`exhaustive_chunks` instead.
         """
         if self.width_a + self.width_b > MAX_TABLE_LOG2:
-            raise ValueError(f"A {self.width_a}x{self.width_b} table has 2**{self.width_a + self.width_b} "
+            raise InvalidValueError(f"A {self.width_a}x{self.width_b} table has 2**{self.width_a + self.width_b} "
                              f"entries (more than 2**{MAX_TABLE_LOG2}); stream it with exhaustive_chunks()")
         lut = np.empty((1 << self.width_a, 1 << self.width_b), dtype=np.int64)
         for a0, a1, block in self.exhaustive_chunks(chunk_vectors=chunk_vectors):
@@ -425,6 +496,125 @@ def _net(bit: Any) -> Any:
     return "1" if bit == "1" else "0"
 
 
+def _undriven_output_message(top: str, name: str, bits: list[int]) -> str:
+    return (f"Output {name!r} of module {top!r} is not driven at bits {_listing(bits)}: an undriven output "
+            "has no defined value; assign every bit (a constant 0 or 1 where intended)")
+
+
+def _listing(items: list[Any]) -> str:
+    shown = ", ".join(str(i) for i in items[:_LIST_MAX])
+    return shown if len(items) <= _LIST_MAX else f"{shown}, ... ({len(items)} in all)"
+
+
+def _bit_names(module: dict[str, Any], bits: list[Any]) -> list[str]:
+    """User-visible names of nets (``t[1]``), preferring names the user wrote."""
+    names: dict[Any, str] = {}
+    ranked = sorted(module.get("netnames", {}).items(), key=lambda kv: (kv[0].startswith("$"), kv[0]))
+    for name, net in ranked:
+        width = len(net["bits"])
+        for k, bit in enumerate(net["bits"]):
+            names.setdefault(bit, f"{name}[{k}]" if width > 1 else name)
+    return [names.get(bit, str(bit)) for bit in bits]
+
+
+def _resolve_ports(top: str, port_table: dict[str, Any],
+                   given: tuple[str | None, ...]) -> tuple[tuple[str, str, str], list[str]]:
+    """Names of the a, b, p ports, and the roles whose names were inferred."""
+    for name, direction in zip(given, ("input", "input", "output")):
+        if name is None:
+            continue
+        if name not in port_table:
+            raise NetlistError(f"Module {top!r} has no port {name!r} "
+                               f"(ports: {', '.join(sorted(port_table)) or 'none'})")
+        if port_table[name]["direction"] != direction:
+            raise NetlistError(f"Port {name!r} of module {top!r} is an {port_table[name]['direction']}, "
+                               f"expected an {direction}")
+    if None not in given:
+        return given, []  # type: ignore[return-value]
+    if given == (None, None, None) and all(n in port_table for n in ("a", "b", "p")):
+        return ("a", "b", "p"), []
+    inputs = [n for n, port in port_table.items() if port["direction"] == "input"]
+    outputs = [n for n, port in port_table.items() if port["direction"] == "output"]
+    if (None in given[:2] and len(inputs) != 2) or (given[2] is None and len(outputs) != 1):
+        raise NetlistError(f"Cannot tell which ports of module {top!r} are the operands a, b and the product p: "
+                           f"inputs {', '.join(inputs) or 'none'}; outputs {', '.join(outputs) or 'none'}. "
+                           "Name them with a=, b= and p=")
+    # Yosys lists ports in declaration order; a port literally named after its role wins.
+    free = {"input": [n for n in inputs if n not in given], "output": [n for n in outputs if n not in given]}
+    names = list(given)
+    roles = []
+    for k, (role, direction) in enumerate((("a", "input"), ("b", "input"), ("p", "output"))):
+        if names[k] is None:
+            pool = free[direction]
+            names[k] = role if role in pool else pool[0]
+            pool.remove(names[k])
+            roles.append(role)
+    return (names[0], names[1], names[2]), roles
+
+
+def _inference_note(top: str, ports: tuple[str, str, str], roles: list[str], bits: dict[str, list[Any]],
+                    widths: list[str]) -> str | None:
+    if roles:
+        what = {"a": "operand a", "b": "operand b", "p": "product p"}
+        parts = [f"{what[r]} = {ports['abp'.index(r)]!r} ({len(bits[r])} bits)" for r in roles]
+        taken = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+        return f"Module {top!r}: took {taken} from its two inputs and one output in declaration order"
+    if widths:
+        values = " and ".join(f"width_{r} = {len(bits[r])}" for r in widths)
+        names = " and ".join(repr(ports["abp".index(r)]) for r in widths)
+        return f"Module {top!r}: took {values} from port{'s' if len(widths) > 1 else ''} {names}"
+    return None
+
+
+def _is_sequential(cell_type: str) -> bool:
+    return any(h in cell_type for h in _SEQUENTIAL_HINTS) or "latch" in cell_type.lower()
+
+
+def _check_source_design(checks_json: str, top: str, product: str) -> None:
+    """Refuse what synthesis hides: sequential elements and nets that nothing drives.
+
+    ``checks_json`` is the design after ``proc`` and ``flatten`` only (see
+    :func:`synthesis_script`): a flip-flop clocked by an undriven net is still there,
+    an undriven wire is still read by the cells that use it, and an output bit assigned
+    ``x`` or ``z`` is still visible as such.
+    """
+    module = json.loads(checks_json)["modules"][top]
+    sequential: dict[str, int] = {}
+    driven: set[Any] = set()
+    reads: list[Any] = []
+    for port in module.get("ports", {}).values():
+        if port["direction"] in ("input", "inout"):
+            driven.update(port["bits"])
+        if port["direction"] in ("output", "inout"):
+            reads.extend(port["bits"])
+    for cell in module.get("cells", {}).values():
+        ctype = cell["type"]
+        if _is_sequential(ctype):
+            sequential[ctype] = sequential.get(ctype, 0) + 1
+        directions = cell.get("port_directions", {})
+        for port, bits in cell.get("connections", {}).items():
+            direction = directions.get(port, "inout")  # unknown: count as both
+            if direction in ("output", "inout"):
+                driven.update(bits)
+            if direction in ("input", "inout"):
+                reads.extend(bits)
+    if sequential:
+        listing = ", ".join(f"{t} ({n})" for t, n in sorted(sequential.items()))
+        raise NetlistError(f"Module {top!r} is not combinational: it contains sequential cells "
+                           f"{listing}; the circuit must be combinational")
+    product_bits = module["ports"][product]["bits"]
+    loose = [k for k, bit in enumerate(product_bits)
+             if (bit not in driven if isinstance(bit, int) else bit not in ("0", "1"))]
+    if loose:
+        raise NetlistError(_undriven_output_message(top, product, loose))
+    # Constants inside the logic ("x" as don't-care included) need no driver.
+    floating = sorted({bit for bit in reads if isinstance(bit, int) and bit not in driven})
+    if floating:
+        raise NetlistError(f"Module {top!r} reads nets that nothing drives: "
+                           f"{_listing(_bit_names(module, floating))}; an undriven net has no defined value "
+                           "(synthesis would fold it away as \"don't care\"): drive it or remove it")
+
+
 def _json_top(netlist_json: str) -> str:
     modules = json.loads(netlist_json)["modules"]
     for name, mod in modules.items():
@@ -439,7 +629,7 @@ def _json_top(netlist_json: str) -> str:
 def _component_widths(component) -> tuple[int, int, int, bool]:
     from amaranth.lib import wiring
     if not isinstance(component, wiring.Component):
-        raise TypeError(f"synthesize takes an Amaranth wiring.Component (e.g. a Multiplier), not {component!r}")
+        raise InvalidTypeError(f"synthesize takes an Amaranth wiring.Component (e.g. a Multiplier), not {component!r}")
     members = component.signature.members
     for name in ("a", "b", "p"):
         if name not in members:
