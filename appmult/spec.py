@@ -1,7 +1,8 @@
 """The spec-string grammar: ``FAMILY`` or ``FAMILY:key=value,key=value``.
 
-Values are integers, ``true``/``false``, floats, or lists of integers in brackets
-(``rows=[0,2]``). This module knows the grammar only; which families and keys exist is
+Values are integers, ``true``/``false``, floats, lists of integers in brackets
+(``rows=[0,2]``), or plain text (``path=circuit.json``: no commas, brackets or spaces at
+either end). This module knows the grammar only; which families and keys exist is
 :mod:`appmult.hdl.registry`'s business. Report and plot labels use :func:`short_spec`.
 """
 
@@ -15,7 +16,7 @@ __all__ = ["VALUE_KINDS", "convert_value", "echo", "format_value", "short_spec",
 
 #: Value kinds a spec key can have, with how a user is told to write them.
 VALUE_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false",
-               "ints": "a list of integers like [0,2]"}
+               "ints": "a list of integers like [0,2]", "str": "text without commas or brackets"}
 
 # Echoing a huge spec back in every message helps nobody.
 _ECHO_LIMIT = 80
@@ -98,6 +99,11 @@ def convert_value(kind: str, text: str, where: str) -> Any:
                 raise ValueError
             inner = t[1:-1].strip()
             return [int(x, 0) for x in inner.split(",")] if inner else []
+        if kind == "str":
+            # split_items already cut at top-level commas; a bracket would not survive a round trip.
+            if not t or any(c in t for c in ",[]"):
+                raise ValueError
+            return t
     except ValueError:
         pass
     raise SpecError(f"Spec value for {where} must be {VALUE_KINDS[kind]}, not {echo(text)}")

@@ -21,7 +21,7 @@ SPEC = "truncated:width=6,signed=false,columns=4"
 
 DRIVER = textwrap.dedent("""
     import json, os, sys
-    from appmult.nn.retrain import RetrainConfig, run_retrain
+    from appmult.flows import RetrainConfig, run_retrain
     lut, out, pre, marks = sys.argv[1:5]
     cfg = RetrainConfig(lut=lut, model="mlp", dataset="digits", epochs=2, pretrain_epochs=1,
                         batch_size=64, grads=("ste", "lut1d"), simulated_error=True, out=out,

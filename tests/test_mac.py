@@ -19,7 +19,7 @@ from appmult.flows import required_acc_width
 from appmult.lut_gen import LutFile
 from appmult.flows import circuit_lut
 from appmult.tb import run_mac, simulator_available, verify_mac
-from appmult.tb.runner import pack_lanes
+from appmult.tb.stimulus import pack_lanes
 
 _LUTS: dict[str, LutFile] = {}
 

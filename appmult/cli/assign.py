@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+
+from ..flows import AssignConfig
+from ._config import add_option, build_config
 
 
 def register(sub) -> None:
@@ -14,54 +18,49 @@ def register(sub) -> None:
                     "cheapest candidate within its tolerance (Trommer et al., ICCAD 2022), then convert, "
                     "calibrate, retrain (STE) and compare with homogeneous assignments. Writes plan.json, "
                     "results.json and pareto.png to --out.")
+    opt = functools.partial(add_option, p, AssignConfig)
     p.add_argument("candidates", nargs="+", metavar="SPEC|FILE",
                    help="candidate multipliers: specs (e.g. truncated:width=8,signed=false,columns=6) or LUT "
                         "files that carry their cost; all of the same widths and signedness")
-    p.add_argument("--model", default="lenet5", help="mlp, lenet5, resnet8, resnet20 (default lenet5)")
-    p.add_argument("--dataset", default="digits", help="digits, mnist5k, mnist, cifar10 (default digits)")
-    p.add_argument("--data-dir", metavar="DIR", help="directory of the mnist / cifar10 files")
-    p.add_argument("--checkpoint", metavar="FILE", help="FP32 model from pretraining instead of pretraining here")
-    p.add_argument("--pretrain-epochs", type=int, default=30, help="FP32 pretraining epochs (default 30)")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--surrogate-epochs", type=int, default=5, help="noise-surrogate epochs (default 5)")
-    p.add_argument("--sigma-lr", type=float, default=1e-2, help="learning rate of the sigmas (default 1e-2)")
-    p.add_argument("--lam", type=float, default=0.2, help="surrogate reward weight lambda (default 0.2)")
-    p.add_argument("--sigma-max", type=float, default=0.5, help="reward saturation sigma_max (default 0.5)")
-    p.add_argument("--retrain-epochs", type=int, default=2, help="STE retraining epochs after conversion (default 2)")
-    p.add_argument("--error-model", choices=("population", "global"), default="population",
-                   help="error-std predictor used for the choice (default population)")
-    p.add_argument("--cost-figure", default="transistors",
-                   help="relative hardware cost figure: transistors, aig_nodes, gates, ice40_lut4, "
-                        "weighted_toggles_per_op, ... (default transistors)")
-    p.add_argument("--no-exact", action="store_true", help="do not add the exact multiplier to the candidates")
-    p.add_argument("--no-homogeneous", action="store_true", help="skip the homogeneous comparison runs")
-    p.add_argument("--no-validate", action="store_true", help="skip measuring the real error std per layer")
-    p.add_argument("--out", default="assign-out", metavar="DIR", help="output directory (default assign-out)")
+    opt("model", "--model", help="mlp, lenet5, resnet8, resnet20 (default %(default)s)")
+    opt("dataset", "--dataset", help="digits, mnist5k, mnist, cifar10 (default %(default)s)")
+    opt("data_dir", "--data-dir", metavar="DIR", help="directory of the mnist / cifar10 files")
+    opt("checkpoint", "--checkpoint", metavar="FILE", help="FP32 model from pretraining instead of pretraining here")
+    opt("pretrain_epochs", "--pretrain-epochs", type=int, help="FP32 pretraining epochs (default %(default)s)")
+    opt("batch_size", "--batch-size", type=int, help="batch size (default %(default)s)")
+    opt("lr", "--lr", type=float, help="Adam learning rate (default %(default)s)")
+    opt("seed", "--seed", type=int, help="seed (default %(default)s)")
+    opt("surrogate_epochs", "--surrogate-epochs", type=int, help="noise-surrogate epochs (default %(default)s)")
+    opt("sigma_lr", "--sigma-lr", type=float, help="learning rate of the sigmas (default %(default)s)")
+    opt("lam", "--lam", type=float, help="surrogate reward weight lambda (default %(default)s)")
+    opt("sigma_max", "--sigma-max", type=float, help="reward saturation sigma_max (default %(default)s)")
+    opt("retrain_epochs", "--retrain-epochs", type=int,
+        help="STE retraining epochs after conversion (default %(default)s)")
+    opt("error_model", "--error-model", choices=("population", "global"),
+        help="error-std predictor used for the choice (default %(default)s)")
+    opt("cost_figure", "--cost-figure",
+        help="relative hardware cost figure: transistors, aig_nodes, gates, ice40_lut4, "
+             "weighted_toggles_per_op, ... (default %(default)s)")
+    opt("include_exact", "--no-exact", action="store_false", help="do not add the exact multiplier to the candidates")
+    opt("homogeneous", "--no-homogeneous", action="store_false", help="skip the homogeneous comparison runs")
+    opt("validate", "--no-validate", action="store_false", help="skip measuring the real error std per layer")
+    opt("out", "--out", metavar="DIR", help="output directory (default %(default)s)")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no stage messages")
+    opt("progress", "--no-progress", action="store_false", help="no stage messages")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..flows import AssignConfig, run_assign
+    from ..flows import run_assign
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be a positive integer, not {args.threads}")
         import torch
         torch.set_num_threads(args.threads)
-    cfg = AssignConfig(candidates=tuple(args.candidates), model=args.model, dataset=args.dataset,
-                       data_dir=args.data_dir, checkpoint=args.checkpoint, pretrain_epochs=args.pretrain_epochs,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                       surrogate_epochs=args.surrogate_epochs, sigma_lr=args.sigma_lr, lam=args.lam,
-                       sigma_max=args.sigma_max, retrain_epochs=args.retrain_epochs, error_model=args.error_model,
-                       cost_figure=args.cost_figure, include_exact=not args.no_exact,
-                       homogeneous=not args.no_homogeneous, validate=not args.no_validate, out=args.out,
-                       progress=not args.no_progress)
+    cfg = build_config(AssignConfig, args)
     results = run_assign(cfg)
-    if not args.no_progress:
+    if cfg.progress:
         plan = results["plan"]
         for row in plan["layers"]:
             print(f"{row['layer']:<16} {row['chosen']:<48} sigma {row['predicted_sigma']:10.1f} "

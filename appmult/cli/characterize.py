@@ -6,6 +6,11 @@ import argparse
 import sys
 
 
+# What write_report puts into -o DIR (checked before the work, so a clash fails in a second).
+_REPORT_FILES = ("lut.npz", "report.json", "report.md", "error_heatmap.png", "error_histogram.png",
+                 "gradient_tables.png", "gradient_curves.png")
+
+
 def _half_window(text: str):
     return text if text == "auto" else int(text)
 
@@ -31,10 +36,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hdl import from_spec
+    from ..files import check_output_dir
     from ..flows import characterize
+    from ..hdl import from_spec
     from ..lut_gen.characterization import MAX_LUT_WIDTH
     from ..lut_gen.report import write_report
+    check_output_dir(args.output, files=_REPORT_FILES)
     mult = from_spec(args.spec)
     gradients = tuple(g.strip() for g in args.gradients.split(",") if g.strip())
     full = not args.metrics_only and max(mult.width_a, mult.width_b) <= MAX_LUT_WIDTH

@@ -26,15 +26,17 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..files import atomic_write_text
-    from ..hdl import from_spec
     from ..errors import UsageError
+    from ..files import atomic_write_text, check_output_dir
+    from ..hdl import from_spec
     from ..flows import characterize
     from ..lut_gen.characterization import MAX_LUT_WIDTH
     from ..lut_gen.metrics import METRIC_KEYS
     from ..lut_gen.report import compare_rows, format_table, pareto_plot
     if args.error not in METRIC_KEYS:
         raise UsageError(f"Unknown error metric {args.error!r}; choose from {', '.join(METRIC_KEYS[:12])}")
+    if args.output:
+        check_output_dir(args.output, files=("compare.json", "pareto.png"))
     mults = [from_spec(s) for s in args.specs]  # all specs checked before any long work
     chars = []
     for m in tqdm(mults, desc="characterizing", unit="multiplier", disable=args.quiet or len(mults) < 2):

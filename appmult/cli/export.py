@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def register(sub) -> None:
@@ -18,19 +19,27 @@ def register(sub) -> None:
                    help="export a MAC / dot-product unit of N lanes of this multiplier instead "
                         "(ports a, b packed, valid_in, clear, acc, valid_out, clk, rst; latency 2)")
     p.add_argument("--acc-width", type=int, metavar="W",
-                   help="MAC accumulator width (default max(32, width_p + ceil(log2 N)); wraps mod 2**W)")
+                   help="MAC accumulator width (default max(32, width_p + ceil(log2 N)); wraps mod 2**W; "
+                        "narrower than one product warns)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
-    from ..files import atomic_write_text
+    from ..files import atomic_write_text, check_output_file
     from ..hdl import MacUnit, export_verilog, from_spec
+    if args.output:
+        check_output_file(args.output)
     mult = from_spec(args.spec)
     if args.mac is not None:
         if args.registered:
             raise UsageError("--registered applies to a bare multiplier; a MAC unit (--mac) is always registered")
-        text = export_verilog(MacUnit(mult, lanes=args.mac, acc_width=args.acc_width), name=args.name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mac = MacUnit(mult, lanes=args.mac, acc_width=args.acc_width)
+        for w in caught:  # e.g. an accumulator narrower than one product: one line, not a source excerpt
+            print(f"appmult export: warning: {w.message}", file=sys.stderr)
+        text = export_verilog(mac, name=args.name)
     elif args.acc_width is not None:
         raise UsageError("--acc-width applies to a MAC unit; add --mac N")
     else:

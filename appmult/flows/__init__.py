@@ -9,12 +9,20 @@
 
 Each name is imported on first use (PEP 562), so ``from appmult.flows import characterize``
 does not import torch and ``from appmult.flows import run_retrain`` does not wait for it.
+:class:`RetrainConfig` and :class:`AssignConfig` live in modules that import neither torch
+nor numpy: the command line reads its defaults from them.
+
+The retraining workflow is split into its steps: ``retrain_config`` (the config),
+``retrain`` (the pipeline), ``retrain_start`` (FP32 model, shared starting point),
+``half_window`` (LUT-2D half window: stored, explicit or by trials), ``retrain_mode``
+(one mode: schedule, checkpoints, per-epoch side effects), ``distributed`` (DDP),
+``retrain_results`` (the files written).
 """
 
 import importlib
 
 _HOMES = {
-    "AssignConfig": "assign",
+    "AssignConfig": "assign_config",
     "load_candidate": "assign",
     "plot_pareto": "assign",
     "run_assign": "assign",
@@ -24,20 +32,18 @@ _HOMES = {
     "circuit_lut": "characterization",
     "lut_cache_dir": "characterization",
     "required_acc_width": "characterization",
-    "RESULTS_FORMAT": "retrain",
-    "SIMULATED_ERROR_MODE": "retrain",
-    "RetrainConfig": "retrain",
-    "RetrainError": "retrain",
-    "half_window_trials": "retrain",
-    "results_markdown": "retrain",
+    "RESULTS_FORMAT": "retrain_results",
+    "SIMULATED_ERROR_MODE": "retrain_config",
+    "RetrainConfig": "retrain_config",
+    "RetrainError": "retrain_config",
+    "half_window_trials": "half_window",
+    "results_markdown": "retrain_results",
     "run_retrain": "retrain",
     "state_digest": "retrain",
-    "with_half_window": "retrain",
-    "LayerOperands": "rtlcheck",
+    "with_half_window": "half_window",
     "LayerRtlResult": "rtlcheck",
     "PositionCheck": "rtlcheck",
     "RtlCheckError": "rtlcheck",
-    "layer_operands": "rtlcheck",
     "verify_layer_rtl": "rtlcheck",
 }
 

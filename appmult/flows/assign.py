@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..files import atomic_write_text
+from ..lut_gen import LutFile
 from ..methods.assignment import AssignError, Candidate, assign, check_candidates, plan_configs
 from ..methods.error_model import measure_error, predict_sigma, record_operands
 from ..methods.surrogate import train_surrogate
@@ -26,6 +27,7 @@ from ..plotting import save_figure, new_figure
 from ..sim.cost import FIGURES as COST_FIGURES
 from ..spec import short_spec
 from ..train import evaluate, fit, load_pretrained, make_loaders, pretrain_fp32
+from .assign_config import AssignConfig
 from .characterization import characterize
 
 __all__ = ["AssignConfig", "load_candidate", "plot_pareto", "run_assign"]
@@ -100,67 +102,6 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
     return save_figure(fig, path, dpi=120)
 
 
-@dataclasses.dataclass(frozen=True)
-class AssignConfig:
-    """One assignment run (:func:`run_assign`); the CLI's arguments.
-
-    Args:
-        candidates: specs or LUT files.
-        model, dataset, data_dir: network and data (:func:`appmult.nn.data.make_loaders`).
-        checkpoint: FP32 model file from :func:`~appmult.nn.training.pretrain_fp32`
-            (default: pretrain ``pretrain_epochs`` epochs, cached in ``out/pretrained``).
-        pretrain_epochs, batch_size, lr, seed: FP32 pretraining and retraining settings.
-        surrogate_epochs, sigma_lr, lam, sigma_max: noise-surrogate training.
-        retrain_epochs: STE retraining epochs after conversion (0: none).
-        calib_batches, stats_batches: batches for calibration and operand statistics.
-        error_model: ``"population"`` or ``"global"``.
-        cost_figure: relative cost figure.
-        include_exact: add the exact multiplier to the candidates.
-        homogeneous: also convert/retrain with each candidate everywhere (Pareto plot).
-        validate: measure each candidate's real error std per layer next to the predictions.
-        out: output directory.
-        progress: stage messages.
-    """
-
-    candidates: Sequence[str]
-    model: str = "lenet5"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    checkpoint: str | None = None
-    pretrain_epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    seed: int = 0
-    surrogate_epochs: int = 5
-    sigma_lr: float = 1e-2
-    lam: float = 0.2
-    sigma_max: float = 0.5
-    retrain_epochs: int = 2
-    calib_batches: int = 8
-    stats_batches: int = 8
-    error_model: str = "population"
-    cost_figure: str = "transistors"
-    include_exact: bool = True
-    homogeneous: bool = True
-    validate: bool = True
-    out: str = "assign-out"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.candidates:
-            raise AssignError("Give at least one candidate multiplier (spec or LUT file)")
-        if self.error_model not in ("population", "global"):
-            raise AssignError(f"Error model must be 'population' or 'global', not {self.error_model!r}")
-        if self.cost_figure not in COST_FIGURES:
-            raise AssignError(f"Cost figure must be one of {', '.join(COST_FIGURES)}, not {self.cost_figure!r}")
-        for name in ("pretrain_epochs", "surrogate_epochs", "calib_batches", "stats_batches", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise AssignError(f"{name} must be a positive integer, not {v!r}")
-        if isinstance(self.retrain_epochs, bool) or not isinstance(self.retrain_epochs, int) or self.retrain_epochs < 0:
-            raise AssignError(f"retrain_epochs must be a non-negative integer, not {self.retrain_epochs!r}")
-
-
 def _say(cfg: AssignConfig, msg: str) -> None:
     if cfg.progress:
         print(f"[assign] {msg}", file=sys.stderr, flush=True)
@@ -187,6 +128,45 @@ def _convert_eval_retrain(fp32, configs, loaders, cfg: AssignConfig) -> dict[str
     return {"accuracy_before": before, "accuracy": after, "retrain_s": time.perf_counter() - started}
 
 
+def _candidates(cfg: AssignConfig) -> tuple[list[Candidate], Candidate | None, LutFile]:
+    """The candidates (plus the exact multiplier if asked), the exact one among them, the exact LUT."""
+    cands = [load_candidate(s, figure=cfg.cost_figure, progress=cfg.progress) for s in cfg.candidates]
+    check_candidates(cands)
+    if cfg.include_exact and not any(c.spec == _exact_spec(c.lut) for c in cands):
+        cands.append(load_candidate(_exact_spec(cands[0].lut), figure=cfg.cost_figure))
+    exact = next((c for c in cands if c.spec == _exact_spec(c.lut)), None)
+    ref_lut = exact.lut if exact is not None else load_candidate(_exact_spec(cands[0].lut)).lut
+    return cands, exact, ref_lut
+
+
+def _fp32_model(cfg: AssignConfig, out: Path):
+    """The FP32 model: from ``cfg.checkpoint``, or pretrained (cached in ``out/pretrained``)."""
+    if cfg.checkpoint is not None:
+        return load_pretrained(cfg.checkpoint).model
+    _say(cfg, f"FP32 {cfg.model} on {cfg.dataset}, {cfg.pretrain_epochs} epochs (cached)")
+    return pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out / "pretrained",
+                         batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir, progress=False).model
+
+
+def _validation(ref, stats, cands: Sequence[Candidate], exact: Candidate | None) -> list[dict[str, Any]]:
+    """Per layer and approximate candidate: both predictions of the error std next to the measured one."""
+    rows = []
+    layers = dict(ref.named_modules())
+    for c in cands:
+        if c is exact:
+            continue
+        for n, s in stats.items():
+            g, p = predict_sigma(s, c.lut, "global"), predict_sigma(s, c.lut, "population")
+            m = measure_error(layers[n], s, c.lut)
+            rows.append({
+                "layer": n, "multiplier": c.name, "fan_in": s.fan_in, "measured_std": m.std,
+                "measured_mean": m.mean, "global_sigma": g.sigma, "population_sigma": p.sigma,
+                "global_bias": g.bias, "population_bias": p.bias,
+                "global_rel_error": (g.sigma - m.std) / m.std if m.std else None,
+                "population_rel_error": (p.sigma - m.std) / m.std if m.std else None})
+    return rows
+
+
 def run_assign(cfg: AssignConfig) -> dict[str, Any]:
     """Surrogate, statistics, plan, conversion, retraining, Pareto plot; files in ``cfg.out``.
 
@@ -204,20 +184,9 @@ def run_assign(cfg: AssignConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cands = [load_candidate(s, figure=cfg.cost_figure, progress=cfg.progress) for s in cfg.candidates]
-    check_candidates(cands)
-    if cfg.include_exact and not any(c.spec == _exact_spec(c.lut) for c in cands):
-        cands.append(load_candidate(_exact_spec(cands[0].lut), figure=cfg.cost_figure))
-    exact = next((c for c in cands if c.spec == _exact_spec(c.lut)), None)
-    ref_lut = exact.lut if exact is not None else load_candidate(_exact_spec(cands[0].lut)).lut
-
+    cands, exact, ref_lut = _candidates(cfg)
     loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir)
-    if cfg.checkpoint is not None:
-        fp32 = load_pretrained(cfg.checkpoint).model
-    else:
-        _say(cfg, f"FP32 {cfg.model} on {cfg.dataset}, {cfg.pretrain_epochs} epochs (cached)")
-        fp32 = pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out / "pretrained",
-                             batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir, progress=False).model
+    fp32 = _fp32_model(cfg, out)
     fp32_acc = evaluate(fp32, loaders.test).accuracy
 
     _say(cfg, f"noise surrogate, {cfg.surrogate_epochs} epochs")
@@ -237,19 +206,7 @@ def run_assign(cfg: AssignConfig) -> dict[str, Any]:
     validation = []
     if cfg.validate:
         _say(cfg, "predicted vs measured error std per layer and multiplier")
-        layers = dict(ref.named_modules())
-        for c in cands:
-            if c is exact:
-                continue
-            for n, s in stats.items():
-                g, p = predict_sigma(s, c.lut, "global"), predict_sigma(s, c.lut, "population")
-                m = measure_error(layers[n], s, c.lut)
-                validation.append({
-                    "layer": n, "multiplier": c.name, "fan_in": s.fan_in, "measured_std": m.std,
-                    "measured_mean": m.mean, "global_sigma": g.sigma, "population_sigma": p.sigma,
-                    "global_bias": g.bias, "population_bias": p.bias,
-                    "global_rel_error": (g.sigma - m.std) / m.std if m.std else None,
-                    "population_rel_error": (p.sigma - m.std) / m.std if m.std else None})
+        validation = _validation(ref, stats, cands, exact)
 
     plan = assign(stats, sigmas, cands, error_model=cfg.error_model, cost_figure=cfg.cost_figure)
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=1) + "\n")

@@ -10,13 +10,16 @@ Results are cached on disk under ``$APPMULT_CACHE/lut/`` (default
 source files of the classes it is built from, plus the versions of appmult, Amaranth,
 Yosys and numpy; for a :class:`~appmult.sim.Netlist`, the SHA-256 of the gate list and
 its port mapping. A hit skips synthesis, simulation and the cost figures. Entries are
-written atomically, so concurrent processes may share the cache.
+written atomically, so concurrent processes may share the cache, and carry SHA-256
+hashes of their contents that are checked on every read: an entry damaged or edited on
+disk is rebuilt (with a warning), never served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 import warnings
@@ -27,7 +30,7 @@ import numpy as np
 
 from .. import hdl, sim
 from ..errors import InvalidTypeError, InvalidValueError
-from ..files import atomic_write_text, atomic_writer
+from ..files import atomic_write_bytes, atomic_write_text
 from ..lut_gen import LutFile
 from ..lut_gen.characterization import (MAX_LUT_WIDTH, MAX_METRICS_WIDTH, Characterization, check_gradients,
                                         tool_versions)
@@ -39,7 +42,7 @@ __all__ = ["characterize", "characterize_metrics", "characterize_verilog", "circ
            "required_acc_width"]
 
 # Bump when the cache entry layout or the meaning of its contents changes.
-_CACHE_FORMAT = 2  # 2: EvoApprox metric conventions (er fraction, mre over exact != 0)
+_CACHE_FORMAT = 3  # 2: EvoApprox metric conventions (er fraction, mre over exact != 0); 3: sealed by SHA-256
 
 
 def lut_cache_dir() -> Path:
@@ -222,27 +225,60 @@ def characterize(source, *, gradients: Iterable[str] = ("ste", "lut2d", "lut1d")
     return char
 
 
+def _sealed(entry: dict[str, Any]) -> str:
+    """An entry's JSON with the SHA-256 of its canonical form, checked by :func:`_unsealed`."""
+    return json.dumps({"entry": entry, "sha256": _key(entry)})
+
+
+def _unsealed(text: str) -> dict[str, Any] | None:
+    """The entry of :func:`_sealed` text, or None when it is malformed or does not match its hash."""
+    try:
+        doc = json.loads(text)
+        entry = doc["entry"]
+        if isinstance(entry, dict) and doc["sha256"] == _key(entry):
+            return entry
+    except (ValueError, TypeError, KeyError):
+        pass
+    return None
+
+
+def _corrupt(path: Path) -> None:
+    warnings.warn(f"Characterization cache entry {path} is corrupt; rebuilding it", RuntimeWarning, stacklevel=4)
+
+
 def _save_full_entry(stem: Path, char: Characterization) -> None:
     # A raw .npy (not the compressed LUT file): zlib on a 12x12 table costs seconds each
-    # way, and the cache is local and written atomically, so it needs no content hash.
+    # way. The JSON carries the .npy's SHA-256 and its own, so an entry edited or damaged on
+    # disk is rebuilt, never served (a LUT file made from it would carry a valid hash).
     # The JSON goes last: its presence marks a complete entry.
+    buf = io.BytesIO()
+    np.save(buf, char.product, allow_pickle=False)
+    table = buf.getvalue()
     info = {"metrics": char.metrics, "cost": char.cost, "sha256_verilog": char.sha256_verilog,
-            "sha256_netlist": char.sha256_netlist, "tools": char.versions}
+            "sha256_netlist": char.sha256_netlist, "tools": char.versions,
+            "table_sha256": hashlib.sha256(table).hexdigest()}
     try:
-        with atomic_writer(stem.with_suffix(".npy"), suffix=".npy") as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, char.product, allow_pickle=False)
-        atomic_write_text(stem.with_suffix(".json"), json.dumps(info))
+        atomic_write_bytes(stem.with_suffix(".npy"), table)
+        atomic_write_text(stem.with_suffix(".json"), _sealed(info))
     except OSError:
         pass  # a read-only cache is not an error
 
 
 def _load_full_entry(stem: Path, src: _Source, half_window, methods) -> Characterization | None:
     try:
-        info = json.loads(stem.with_suffix(".json").read_text("utf-8"))
-        table = np.load(stem.with_suffix(".npy"), allow_pickle=False)
+        text = stem.with_suffix(".json").read_text("utf-8")
+        table_bytes = stem.with_suffix(".npy").read_bytes()
     except (OSError, ValueError):
-        return None  # a miss, or an unreadable entry that is simply rebuilt
+        return None  # a miss, or an incomplete entry that is simply rebuilt
+    info = _unsealed(text)
+    if info is None or info.get("table_sha256") != hashlib.sha256(table_bytes).hexdigest():
+        _corrupt(stem)
+        return None
+    try:
+        table = np.load(io.BytesIO(table_bytes), allow_pickle=False)
+    except ValueError:
+        _corrupt(stem)
+        return None
     if table.shape != (1 << src.width_a, 1 << src.width_b) or table.dtype != np.int64:
         return None
     return Characterization(product=table, width_a=src.width_a, width_b=src.width_b, signed=src.signed,
@@ -282,11 +318,13 @@ def characterize_metrics(source, *, hist_a=None, hist_b=None, progress: bool = T
     path = lut_cache_dir() / "metrics" / f"{src.cache_key('metrics' if cost else 'metrics-nocost')}.json"
     if cache and not weighted and path.is_file():
         try:
-            d = json.loads(path.read_text("utf-8"))
+            d = _unsealed(path.read_text("utf-8"))
+        except (OSError, ValueError):
+            d = None
+        if d is not None and {"metrics", "cost", "sha256_verilog", "sha256_netlist", "tools"} <= set(d):
             return _metrics_only(src, d["metrics"], d["cost"], d["sha256_verilog"], d["sha256_netlist"],
                                  d["tools"])
-        except (OSError, ValueError, KeyError):
-            pass
+        _corrupt(path)
     _, metrics, wmetrics = _simulate(src, want_product=False, progress=progress, hist_a=hist_a,
                                      hist_b=hist_b, chunk_vectors=chunk_vectors)
     netlist = src.netlist
@@ -295,10 +333,10 @@ def characterize_metrics(source, *, hist_a=None, hist_b=None, progress: bool = T
     char.metrics_weighted = wmetrics
     if cache and not weighted:
         try:
-            atomic_write_text(path, json.dumps({"metrics": metrics, "cost": char.cost,
-                                                "sha256_verilog": char.sha256_verilog,
-                                                "sha256_netlist": char.sha256_netlist,
-                                                "tools": char.versions}))
+            atomic_write_text(path, _sealed({"metrics": metrics, "cost": char.cost,
+                                             "sha256_verilog": char.sha256_verilog,
+                                             "sha256_netlist": char.sha256_netlist,
+                                             "tools": char.versions}))
         except OSError:
             pass
     return char

@@ -6,12 +6,12 @@ of a MAC unit built from the layer's multiplier computes the same integer accumu
 as the layer's :meth:`int_forward` -- the sums the network was trained and evaluated
 with -- for a few output positions:
 
-1. The inputs are quantized by the layer's own quantizers (observers frozen, as in
-   ``int_forward``), padded with the activation zero point's code, and unfolded into one
-   row of ``K = Cin/groups * kh * kw`` operand code pairs per output (``K = in_features``
-   for a linear layer). Before anything is simulated, the sum of LUT entries over these
-   codes must reproduce ``int_forward`` for *every* output of ``x``; otherwise this module
-   mirrors the layer wrongly and refuses to go on.
+1. The chosen outputs' operand codes come from the layer itself
+   (:meth:`~appmult.nn.ApproxConv2d.operands`: its quantizers with observers frozen,
+   padding with the activation zero point's code, one row of ``K = Cin/groups * kh * kw``
+   code pairs per output, ``K = in_features`` for a linear layer) -- the same quantize and
+   padding code as ``int_forward``. As a guard, the sum of LUT entries over each row must
+   equal ``int_forward`` there before anything is simulated.
 2. Each chosen output's ``K`` pairs are cut into beats of ``lanes`` pairs, the first beat
    with ``clear``, and driven through :func:`appmult.tb.run_mac` on a
    :class:`appmult.hdl.MacUnit` of ``from_spec(lut.metadata["spec"])`` with an
@@ -38,43 +38,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..codes import values_to_codes
 from ..errors import InvalidTypeError, InvalidValueError, UserError
 from ..hdl import MAX_ACC_WIDTH, MacUnit, Multiplier, from_spec
 from ..nn import ApproxConv2d, ApproxLinear
 from ..reference import required_acc_width
 from ..tb import check_simulator, run_mac
 
-__all__ = ["LayerOperands", "LayerRtlResult", "PositionCheck", "RtlCheckError", "layer_operands",
-           "verify_layer_rtl"]
+__all__ = ["LayerRtlResult", "PositionCheck", "RtlCheckError", "verify_layer_rtl"]
 
 
 class RtlCheckError(UserError, ValueError):
     """The layer cannot be checked against RTL (no circuit behind its LUT, widths differ, ...)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerOperands:
-    """The MAC operand codes of every output of a layer for one input.
-
-    Attributes:
-        a: int64 ``(*out_shape, K)`` codes on the LUT's operand ``a`` per output position.
-        b: int64 ``(*out_shape, K)`` codes on operand ``b``.
-        padded: int64 ``out_shape``: how many of each output's ``K`` activations are padding.
-        out_shape: ``(N, Cout, Ho, Wo)`` for a conv layer, ``(rows, out_features)`` for linear.
-    """
-
-    a: np.ndarray
-    b: np.ndarray
-    padded: np.ndarray
-    out_shape: tuple[int, ...]
-
-    @property
-    def fan_in(self) -> int:
-        """Products per output, ``K``."""
-        return int(self.a.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,84 +145,6 @@ class LayerRtlResult:
         return d
 
 
-# -- operand codes, mirroring int_forward --------------------------------------------------
-
-def _quantized(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(qx, zx, qw)`` as ``int_forward`` gets them: the layer's quantizers, observers frozen."""
-    saved = layer.act_quant.observing
-    layer.act_quant.observing = False
-    try:
-        with torch.no_grad():
-            qx, _, zx, qw, _, _ = layer._quantize(x)
-    finally:
-        layer.act_quant.observing = saved
-    return qx.detach().cpu(), zx.detach().cpu(), qw.detach().cpu()
-
-
-def _to_codes(values: torch.Tensor, width: int, signed: bool) -> np.ndarray:
-    return values_to_codes(values.to(torch.int64).numpy(), width, signed).astype(np.int64)
-
-
-@torch.no_grad()
-def layer_operands(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor) -> LayerOperands:
-    """Operand codes of every output of ``layer`` on input ``x``, as its MAC would receive them.
-
-    Mirrors :meth:`int_forward`: the layer's quantizers (observers frozen), padding with
-    the activation zero point, stride, dilation and groups; activations go to the LUT
-    operand named by the layer's ``activation_operand``.
-
-    Args:
-        layer: the approximate layer.
-        x: its input, ``(N, C, H, W)`` for a conv layer, ``(..., in_features)`` for linear.
-
-    Returns:
-        A :class:`LayerOperands`.
-
-    Raises:
-        TypeError: not an ``ApproxConv2d``/``ApproxLinear``.
-    """
-    tabs = layer.lut
-    if isinstance(layer, ApproxConv2d):
-        qx, zx, qw = _quantized(layer, x)
-        ph, pw = (layer.padding, layer.padding) if isinstance(layer.padding, int) else layer.padding
-        real = torch.ones_like(qx)
-        if ph or pw:
-            qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
-            real = F.pad(real, (pw, pw, ph, ph), value=0.0)
-        kh, kw = layer.kernel_size
-        geom = dict(kernel_size=(kh, kw), dilation=layer.dilation, stride=layer.stride)
-        cols = F.unfold(qx.double(), **geom)  # (N, C*kh*kw, L), channel-major like weight.reshape
-        real_cols = F.unfold(real.double(), **geom)
-        n, cout = qx.shape[0], qw.shape[0]
-        hp, wp = qx.shape[2:]
-        sh, sw = layer.stride
-        dh, dw = layer.dilation
-        ho = (hp - dh * (kh - 1) - 1) // sh + 1
-        wo = (wp - dw * (kw - 1) - 1) // sw + 1
-        k = qw[0].numel()
-        per_group = cout // layer.groups
-        # Output channel j reads the input-channel block of its group.
-        group_of = torch.arange(cout) // per_group
-        rows = (group_of[:, None] * k + torch.arange(k)[None, :])  # (Cout, K) rows of cols
-        xs = cols[:, rows, :].permute(0, 1, 3, 2).reshape(n, cout, ho, wo, k)
-        pads = (1 - real_cols[:, rows, :]).sum(2).reshape(n, cout, ho, wo)
-        ws = qw.reshape(1, cout, 1, 1, k).expand(n, cout, ho, wo, k)
-        out_shape = (n, cout, ho, wo)
-    elif isinstance(layer, ApproxLinear):
-        qx, _, qw = _quantized(layer, layer._flat(x))
-        m, nout = qx.shape[0], qw.shape[0]
-        xs = qx[:, None, :].expand(m, nout, qx.shape[1])
-        ws = qw[None, :, :].expand(m, nout, qw.shape[1])
-        pads = torch.zeros(m, nout)
-        out_shape = (m, nout)
-    else:
-        raise InvalidTypeError(f"layer_operands needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
-    xc = _to_codes(xs, tabs.width_x, tabs.signed)
-    wc = _to_codes(ws, tabs.width_w, tabs.signed)
-    a, b = (wc, xc) if tabs.activation_operand == "b" else (xc, wc)
-    return LayerOperands(a=a, b=b, padded=pads.round().to(torch.int64).numpy(), out_shape=out_shape)
-
-
 # -- positions and beats -------------------------------------------------------------------
 
 def _positions(out_shape: tuple[int, ...], positions: int | Sequence[Sequence[int]], seed: int
@@ -320,7 +217,8 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
     Raises:
         TypeError: not an approximate layer, or ``positions`` of the wrong type.
         RtlCheckError: the LUT has no circuit spec, the multiplier's widths or signedness
-            differ from the LUT's, or the operand codes do not reproduce ``int_forward``.
+            differ from the LUT's, or (a guard) the layer's operand codes do not reproduce
+            its ``int_forward``.
         ValueError: bad ``positions`` or ``lanes``.
         appmult.tb.SimulatorNotFound: the simulator is not installed.
         appmult.tb.SimulationError: the MAC did not build or simulate.
@@ -350,30 +248,35 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
 
     check_simulator(sim)
 
-    ops = layer_operands(layer, x)
-    product = lut.product.astype(np.int64)
-    sums = product[ops.a, ops.b].sum(-1)
     reference = layer.int_forward(x).detach().cpu().numpy().astype(np.int64)
-    reference = reference.reshape(ops.out_shape)
-    if sums.shape != reference.shape or not np.array_equal(sums, reference):
-        bad = int((sums != reference).sum()) if sums.shape == reference.shape else "all"
-        raise RtlCheckError(f"The operand codes of {type(layer).__name__} do not reproduce its int_forward "
-                            f"({bad} outputs differ): rtlcheck no longer mirrors the layer's code path")
+    if isinstance(layer, ApproxLinear):
+        reference = reference.reshape(-1, layer.out_features)  # operands() flattens the leading dims
+    chosen = _positions(reference.shape, positions, seed)
+    ops = layer.operands(x, positions=chosen)
+    op_a, op_b = ops.a.cpu().numpy(), ops.b.cpu().numpy()
+    padded = ops.padded.cpu().numpy()
+    product = lut.product.astype(np.int64)
+    expected = np.array([reference[pos] for pos in chosen], dtype=np.int64)
+    # True by construction (operands() and int_forward share the quantize and padding code);
+    # kept because a wrong row here would make the whole RTL comparison meaningless.
+    if not np.array_equal(product[op_a, op_b].sum(-1), expected):
+        raise RtlCheckError(f"The operand codes of {type(layer).__name__} do not reproduce its int_forward: "
+                            f"operands() and int_forward disagree")
 
-    chosen = _positions(ops.out_shape, positions, seed)
     k = ops.fan_in
     beats = -(-k // lanes)
     fill = beats * lanes - k
     fa, fb = _fill_pair(product)
     fill_product = int(product[fa, fb])
-    acc_width = required_acc_width(lut, beats * lanes)
+    # Never narrower than one product: no wrap-around, whatever the LUT's range.
+    acc_width = max(required_acc_width(lut, beats * lanes), multiplier.width_p)
     if acc_width > MAX_ACC_WIDTH:
         raise RtlCheckError(f"A sum of {beats * lanes} products needs a {acc_width}-bit accumulator; the MAC "
                             f"supports at most {MAX_ACC_WIDTH}")
     a_beats, b_beats = [], []
-    for pos in chosen:
-        a_row = np.concatenate([ops.a[pos], np.full(fill, fa, dtype=np.int64)])
-        b_row = np.concatenate([ops.b[pos], np.full(fill, fb, dtype=np.int64)])
+    for a_codes, b_codes in zip(op_a, op_b):
+        a_row = np.concatenate([a_codes, np.full(fill, fa, dtype=np.int64)])
+        b_row = np.concatenate([b_codes, np.full(fill, fb, dtype=np.int64)])
         a_beats.append(a_row.reshape(beats, lanes))
         b_beats.append(b_row.reshape(beats, lanes))
     clear = np.zeros(beats * len(chosen), dtype=bool)
@@ -383,9 +286,9 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
     mac = MacUnit(multiplier, lanes=lanes, acc_width=acc_width)
     acc = run_mac(mac, stimulus, sim=sim, build_dir=build_dir)
     finals = acc[beats - 1::beats]
-    checks = tuple(PositionCheck(position=pos, expected=int(reference[pos]) + fill * fill_product,
-                                 actual=int(v), padded_operands=int(ops.padded[pos]))
-                   for pos, v in zip(chosen, finals))
+    checks = tuple(PositionCheck(position=pos, expected=int(ref) + fill * fill_product,
+                                 actual=int(v), padded_operands=int(pad))
+                   for pos, ref, v, pad in zip(chosen, expected, finals, padded))
     return LayerRtlResult(passed=all(c.matched for c in checks), layer=type(layer).__name__,
                           spec=multiplier.spec, lut_id=lut.lut_id, fan_in=k, lanes=lanes, beats=beats,
                           fill_pairs=fill, fill_codes=(fa, fb), fill_product=fill_product, acc_width=acc_width,

@@ -19,10 +19,15 @@ from .broken_array import BrokenArrayMultiplier
 from .drum import DrumMultiplier
 from .mitchell import MitchellMultiplier
 from .loa import LoaArrayMultiplier
+from .netlist_multiplier import (CIRCUIT_FORMAT, CIRCUIT_VERSION, GATE_OPS, NetlistMultiplier, check_circuit,
+                                 circuit_digest, load_circuit)
 # isort: on
 
 __all__ = [
+    "CIRCUIT_FORMAT",
+    "CIRCUIT_VERSION",
     "FAMILIES",
+    "GATE_OPS",
     "MAX_WIDTH",
     "MIN_WIDTH",
     "BrokenArrayMultiplier",
@@ -33,15 +38,19 @@ __all__ = [
     "MacUnit",
     "MitchellMultiplier",
     "Multiplier",
+    "NetlistMultiplier",
     "Param",
     "PartialProductMultiplier",
     "PerforatedMultiplier",
     "RegisteredMultiplier",
     "SignMagnitudeMultiplier",
     "TruncatedMultiplier",
+    "check_circuit",
+    "circuit_digest",
     "export_verilog",
     "format_spec",
     "from_spec",
+    "load_circuit",
     "parse_spec",
     "register_family",
 ]

@@ -89,6 +89,9 @@ class Multiplier(wiring.Component):
     PARAMS: ClassVar[tuple[Param, ...]] = ()
     #: One line describing the family and how it handles sign.
     DESCRIPTION: ClassVar[str] = ""
+    #: Widths and signedness come from a file a parameter names (``netlist:path=...``):
+    #: a spec needs no width, and parameter sweeps over families leave the family out.
+    FILE_BACKED: ClassVar[bool] = False
 
     def __init__(self, *, width_a: int | None = None, width_b: int | None = None,
                  width: int | None = None, signed: bool = False):

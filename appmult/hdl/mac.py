@@ -44,7 +44,8 @@ at the end of the sum), and ``corrected`` follows ``acc``, ``xsum``, ``alpha_fx`
 ``beta`` combinationally -- one multiplier and two adders per MAC, used once per output.
 
 Overflow: the accumulator is ``acc_width`` bits and wraps modulo ``2**acc_width`` (two's
-complement when signed), exactly like an integer register -- no saturation. To avoid it
+complement when signed), exactly like an integer register -- no saturation. An
+accumulator narrower than one product warns (``UserWarning``). To avoid it
 for a sum of ``K`` products (``K`` = lanes x beats between clears), size the accumulator
 with :func:`appmult.reference.required_acc_width`, which uses the LUT's actual minimum and maximum product;
 the generic bound is ``width_p + ceil(log2(K))``.
@@ -52,6 +53,7 @@ the generic bound is ``width_p + ceil(log2(K))``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 from amaranth.hdl import Module, Mux, Signal, Value, signed as sshape, unsigned as ushape
@@ -92,7 +94,11 @@ class MacUnit(wiring.Component):
             instance with the same family and parameters).
         lanes: number of parallel multipliers, 1..1024.
         acc_width: accumulator width in bits, 1..62; default ``max(32, width_p +
-            ceil(log2(lanes)))``. Sums wrap modulo ``2**acc_width``.
+            ceil(log2(lanes)))``. Sums wrap modulo ``2**acc_width``. Narrower than one
+            product (``width_p`` bits) is allowed, with a ``UserWarning``:
+            the unit then computes the exact sum modulo ``2**acc_width`` -- the same
+            arithmetic as any wrap, so it is legitimate for modular sums and for exercising
+            wrap-around in a few beats, but a layer's dot product almost never wants it.
         factory: optional callable returning one lane's multiplier; each result must have
             the template's widths, signedness and spec.
         correction: add the control-variate correction (``xsum`` accumulator, ``alpha_fx``
@@ -109,6 +115,9 @@ class MacUnit(wiring.Component):
             ``correction`` is not a bool, or a correction width is not an integer in range.
         ValueError: correction widths given without ``correction=True``.
         ValueError: a factory-made lane differs from the template.
+
+    Warns:
+        UserWarning: ``acc_width`` is narrower than one product.
     """
 
     def __init__(self, multiplier: Multiplier, *, lanes: int, acc_width: int | None = None,
@@ -126,6 +135,12 @@ class MacUnit(wiring.Component):
             acc_width = max(32, tree_width)
         if not isinstance(acc_width, int) or isinstance(acc_width, bool) or not 1 <= acc_width <= MAX_ACC_WIDTH:
             raise InvalidTypeError(f"MAC accumulator width must be an integer in 1..{MAX_ACC_WIDTH}, not {acc_width!r}")
+        if acc_width < multiplier.width_p:
+            # Legitimate (modular arithmetic; tests that exercise wrap-around in a few beats),
+            # but for a layer's dot product almost certainly a slip: say it where it is made.
+            warnings.warn(f"MAC accumulator width {acc_width} is narrower than one {multiplier.width_p}-bit product "
+                          f"of {multiplier.spec}: it keeps products and sums modulo 2**{acc_width}",
+                          UserWarning, stacklevel=2)
         if factory is not None and not callable(factory):
             raise InvalidTypeError(f"MAC lane factory must be callable, not {factory!r}")
         self._mult = multiplier

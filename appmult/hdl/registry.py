@@ -3,7 +3,8 @@
 A spec is ``FAMILY`` or ``FAMILY:key=value,key=value``. Keys are ``width`` (both
 operands), ``width_a``, ``width_b``, ``signed`` and the family's parameters
 (``appmult list`` shows them). Values: integers, ``true``/``false``, floats, and
-lists of integers in brackets (``rows=[0,2]``).
+lists of integers in brackets (``rows=[0,2]``), and text (``path=circuit.json``). A
+file-backed family (``netlist:path=circuit.json``) takes its widths from the file.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def from_spec(spec: str) -> Multiplier:
             value the family rejects.
     """
     cls, kwargs = parse_spec(spec)
-    if "width" not in kwargs and "width_a" not in kwargs and "width_b" not in kwargs:
+    if not cls.FILE_BACKED and "width" not in kwargs and "width_a" not in kwargs and "width_b" not in kwargs:
         raise SpecError(f"Spec {echo(spec)} gives no width; add width=N or width_a=N,width_b=M")
     return cls(**kwargs)
 

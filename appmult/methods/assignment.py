@@ -116,7 +116,7 @@ def assign(stats: Mapping[str, Any], sigmas: Mapping[str, float], candidates: Se
     """The per-layer plan from operand statistics, learned sigmas and candidates.
 
     Args:
-        stats: layer -> :class:`~appmult.nn.error_model.OperandStats`.
+        stats: layer -> :class:`~appmult.methods.error_model.OperandStats`.
         sigmas: layer -> learned ``|sigma_l|`` (from :func:`~appmult.nn.surrogate.learned_sigmas`).
         candidates: the candidate multipliers (same widths and signedness).
         error_model: ``"population"`` or ``"global"``.

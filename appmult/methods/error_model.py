@@ -41,7 +41,7 @@ from torch import nn
 from ..errors import InvalidValueError
 from ..lut_gen.lutfile import LutFile
 from ..lut_gen.metrics import exact_product
-from ..nn import ApproxConv2d, ApproxLinear
+from ..nn import ApproxConv2d, ApproxLinear, QuantizedOperands
 
 __all__ = [
     "OperandStats",
@@ -198,40 +198,18 @@ class OperandStats:
     inputs: list[torch.Tensor] = dataclasses.field(default_factory=list, repr=False)
 
 
-def _codes(q: torch.Tensor, width: int) -> torch.Tensor:
-    # Two's complement bit pattern for signed values; identity for unsigned codes.
-    return torch.remainder(q.to(torch.int64), 1 << width)
+def _exact_acc(layer: nn.Module, q: QuantizedOperands, *, centered: bool) -> torch.Tensor:
+    """``sum qx*qw`` over each output in float64 (exact for these operand widths and fan-ins).
 
-
-def _quantized(layer: nn.Module, x: torch.Tensor):
-    saved = layer.act_quant.observing
-    layer.act_quant.observing = False
-    try:
-        qx, _, zx = layer.act_quant(x)
-        qw, _, zw = layer.weight_quant(layer.weight)
-    finally:
-        layer.act_quant.observing = saved
-    return qx.detach(), zx.detach(), qw.detach(), zw.detach()
-
-
-def _patches(layer: nn.Module, q: torch.Tensor, pad_value: float) -> torch.Tensor:
-    """Rows of operand values, one per output position: ``(N*L, K)``."""
+    ``q`` holds the layer's own padded operands; ``centered`` sums the zero-point-corrected
+    values ``(qx - Zx)(qw - Zw)`` instead (padding then contributes 0).
+    """
+    qx, qw = q.qx.double(), q.qw.double()
+    if centered:
+        qx, qw = qx - q.zero_x.double(), qw - q.zero_w.double()
     if isinstance(layer, ApproxConv2d):
-        ph, pw = layer.padding
-        if ph or pw:
-            q = F.pad(q, (pw, pw, ph, ph), value=pad_value)
-        cols = F.unfold(q, layer.kernel_size, dilation=layer.dilation, stride=layer.stride)  # (N, K, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return q.reshape(-1, layer.in_features)
-
-
-def _exact_acc(layer: nn.Module, qx: torch.Tensor, qw: torch.Tensor, pad: float) -> torch.Tensor:
-    """``sum qx*qw`` in float64 (exact for these operand widths and fan-ins)."""
-    if isinstance(layer, ApproxConv2d):
-        ph, pw = layer.padding
-        x = F.pad(qx.double(), (pw, pw, ph, ph), value=pad) if (ph or pw) else qx.double()
-        return F.conv2d(x, qw.double(), stride=layer.stride, dilation=layer.dilation, groups=layer.groups)
-    return qx.double().reshape(-1, layer.in_features) @ qw.double().t()
+        return F.conv2d(qx, qw, stride=layer.stride, dilation=layer.dilation, groups=layer.groups)
+    return qx @ qw.t()
 
 
 @torch.no_grad()
@@ -240,8 +218,8 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
     """Record per-layer operand statistics of a calibrated model with approximate layers.
 
     The model runs in eval mode (observers frozen, no gradients); forward hooks on every
-    :class:`~appmult.nn.ApproxConv2d`/:class:`~appmult.nn.ApproxLinear` quantize the
-    layer's input and weight as the layer does and count the codes.
+    :class:`~appmult.nn.ApproxConv2d`/:class:`~appmult.nn.ApproxLinear` read the layer's
+    own operand codes (:meth:`~appmult.nn.ApproxConv2d.operands`) and count them.
 
     Args:
         model: model converted with :func:`~appmult.nn.approximate_` and calibrated
@@ -272,11 +250,12 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
     def hook_for(name: str, layer: nn.Module):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            qx, zx, qw, zw = _quantized(layer, x)
+            ops = layer.operands(x)
             a = acc[name]
             wx, ww = layer.lut.width_x, layer.lut.width_w
-            rows = _codes(_patches(layer, qx, float(zx)), wx)
-            wcodes = _codes(qw.reshape(qw.shape[0], -1), ww)
+            # One row per receptive field: with groups == 1 every output channel reads the same one.
+            rows = ops.x[:, 0].reshape(-1, ops.fan_in)
+            wcodes = ops.weight_codes
             hx = torch.bincount(rows.reshape(-1), minlength=1 << wx).double()
             a["hx"] = hx if a["hx"] is None else a["hx"] + hx
             a["hw"] = torch.bincount(wcodes.reshape(-1), minlength=1 << ww).double()
@@ -284,11 +263,11 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
             take = min(fields, rows.shape[0])
             idx = torch.randperm(rows.shape[0], generator=gen)[:take]
             a["fields"].append(rows[idx])
-            corrected = _exact_acc(layer, qx - zx, qw - zw, 0.0)
+            corrected = _exact_acc(layer, ops.quantized, centered=True)
             a["s1"] += float(corrected.sum())
             a["s2"] += float((corrected ** 2).sum())
             a["cnt"] += corrected.numel()
-            a["ops"] = int(corrected[0].numel() if corrected.dim() > 1 else corrected.numel()) * rows.shape[1]
+            a["ops"] = math.prod(ops.out_shape[1:]) * ops.fan_in
             if a["kept"] < keep_inputs:
                 part = x[:keep_inputs - a["kept"]]
                 a["inputs"].append(part.clone())
@@ -380,8 +359,7 @@ def measure_error(layer: nn.Module, stats: OperandStats, lut: LutFile) -> Measur
     n = 0
     for x in stats.inputs:
         approx = new.int_forward(x).double()
-        qx, zx, qw, _ = _quantized(layer, x)
-        exact = _exact_acc(layer, qx, qw, float(zx)).reshape(approx.shape)
+        exact = _exact_acc(layer, layer.quantize(x), centered=False).reshape(approx.shape)
         d = approx - exact
         s1 += float(d.sum())
         s2 += float((d ** 2).sum())

@@ -320,37 +320,22 @@ class SimulatedErrorHooks:
             h.remove()
         self._handles = []
 
-    @torch.no_grad()
-    def _codes(self, module: nn.Module, x: torch.Tensor):
-        # The forward already updated the observer; quantize again with it frozen so the
-        # codes are exactly the ones the forward used and the range is not observed twice.
-        saved = module.act_quant.observing
-        module.act_quant.observing = False
-        try:
-            qx, sx, zx = module.act_quant(x)
-        finally:
-            module.act_quant.observing = saved
-        qw, sw, zw = module.weight_quant(module.weight)
-        return qx, sx, zx, qw, sw, zw
-
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if not (self.enabled and module.training):
             return None
-        x = inputs[0]
-        qx, sx, zx, qw, sw, zw = self._codes(module, x)
+        # The forward already updated the observer; the layer's quantize() freezes it, so these
+        # are exactly the operands the forward used and the range is not observed twice.
+        q = module.quantize(inputs[0])
+        qx, sx, zx, qw, sw, zw = q.qx, q.scale_x, q.zero_x, q.qw, q.scale_w, q.zero_w
         if self.operands == "values":
             qw = qw - zw
         if isinstance(module, ApproxLinear):
-            qx = qx.reshape(-1, module.in_features)
             if self.operands == "values":
                 qx = qx - zx
             noise = product_noise_linear(qx, qw, self.sim)
             scale = sx * (sw.reshape(1, -1) if sw.dim() else sw)
             noise = (noise * scale).reshape(output.shape)
-        else:
-            ph, pw = module.padding if isinstance(module.padding, tuple) else (module.padding,) * 2
-            if ph or pw:
-                qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
+        else:  # qx is padded with the zero point, as the layer pads it
             if self.operands == "values":
                 qx = qx - zx  # padded positions become value 0: no product, no noise
             noise = product_noise_conv2d(qx, qw, self.sim, stride=module.stride, dilation=module.dilation,

@@ -3,8 +3,9 @@
 Quantize activations and weights to the LUT's operand widths (activations -> operand
 ``a``, weights -> operand ``b`` by default, as in the RTL MAC), accumulate
 ``sum LUT[qx, qw]`` with a low-rank or gather kernel, and backpropagate with STE, LUT-2D
-or LUT-1D gradients. Never imports Amaranth: the LUT file is the only interface to the
-hardware half.
+or LUT-1D gradients. ``layer.operands(x)`` returns the operand codes each output's MAC
+receives (what ``int_forward`` sums); ``frozen(model)`` keeps activation observers still.
+Never imports Amaranth: the LUT file is the only interface to the hardware half.
 
 Example:
     >>> cfg = ApproxConfig("trunc8.npz", grad="lut1d")          # doctest: +SKIP
@@ -19,10 +20,12 @@ RTL check of a trained layer in :mod:`appmult.flows`.
 from .config import ApproxConfig, load_lut
 from .convert import approximate_, approximate_layers, exact_, exact_multiplication
 from .correction import ControlVariate, fit_error_model
-from .functional import (GradMode, Kernel, LutMismatchError, LutTables, MissingGradientError, approx_conv2d,
-                         approx_linear, approx_matmul, lut_conv2d, lut_linear)
-from .layers import ApproxConv2d, ApproxLinear
-from .quant import ActivationQuantizer, Observer, WeightQuantizer, WeightScheme, calibrate, calibrating, quant_range
+from .functional import approx_conv2d, approx_linear, approx_matmul, lut_conv2d, lut_linear
+from .layers import ApproxConv2d, ApproxLinear, layer_operands
+from .operands import LayerOperands, QuantizedOperands
+from .quant import (ActivationQuantizer, Observer, WeightQuantizer, WeightScheme, calibrate, calibrating, frozen,
+                    quant_range)
+from .tables import GradMode, Kernel, LutMismatchError, LutTables, MissingGradientError
 
 __all__ = [
     "ActivationQuantizer",
@@ -32,10 +35,12 @@ __all__ = [
     "ControlVariate",
     "GradMode",
     "Kernel",
+    "LayerOperands",
     "LutMismatchError",
     "LutTables",
     "MissingGradientError",
     "Observer",
+    "QuantizedOperands",
     "WeightQuantizer",
     "WeightScheme",
     "approx_conv2d",
@@ -48,6 +53,8 @@ __all__ = [
     "exact_",
     "exact_multiplication",
     "fit_error_model",
+    "frozen",
+    "layer_operands",
     "load_lut",
     "lut_conv2d",
     "lut_linear",

@@ -2,38 +2,79 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import os
+import threading
 from pathlib import Path
 
-from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
-from ..lut_gen.lutfile import LutFile
+from ..errors import InvalidTypeError, InvalidValueError
+from ..lut_gen.lutfile import LutFile, read_sha256
 from ..lut_gen.lutfile import load as _load
 from ..reference import check_frac_bits
-from .functional import GradMode, Kernel
+from .tables import GradMode, Kernel
 from .quant import Observer, WeightScheme
 
 __all__ = ["ApproxConfig", "load_lut"]
 
 
-@functools.lru_cache(maxsize=32)
-def _load_cached(path: str, mtime_ns: int, size: int) -> LutFile:
-    return _load(path)
+#: At most this many LUTs, and about this many bytes of tables, stay cached by :func:`load_lut`.
+LUT_CACHE_ENTRIES = 16
+LUT_CACHE_BYTES = 1 << 30
+
+# content hash -> (the verified LUT, the file states it was verified at); oldest first.
+_lut_cache: collections.OrderedDict[str, tuple[LutFile, list[tuple]]] = collections.OrderedDict()
+_lut_cache_lock = threading.Lock()
+
+
+def _file_state(path: Path) -> tuple:
+    st = path.stat()
+    # ctime changes on every write and cannot be set back, unlike mtime.
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _nbytes(lut: LutFile) -> int:
+    return lut.product.nbytes + sum(t.nbytes for pair in lut.gradients.values() for t in pair)
 
 
 def load_lut(path: str | os.PathLike) -> LutFile:
-    """Load (and verify) a LUT file, cached by path, modification time and size.
+    """Load (and verify) a LUT file, cached by its content hash.
+
+    The file's stated hash is read first (one small member); a LUT with that hash that was
+    verified at this very file state (path, inode, size, modification and change times) is
+    returned without reading the tables again. Otherwise the whole file is loaded and
+    verified. So a rewritten file is never answered with an older LUT, and a file that was
+    changed is verified again even if it still claims the same hash. The cache holds at most
+    :data:`LUT_CACHE_ENTRIES` LUTs and about :data:`LUT_CACHE_BYTES` bytes of tables
+    (least recently used go first).
 
     Raises:
-        FileNotFoundError: no such file.
+        FileNotFoundError: no such file, or a directory.
         appmult.lut_gen.LutFileError: not a valid LUT file.
     """
     p = Path(path)
-    if not p.is_file():
-        raise MissingFileError(f"LUT file {p} does not exist")
-    st = p.stat()
-    return _load_cached(str(p.resolve()), st.st_mtime_ns, st.st_size)
+    stated = read_sha256(p)  # also the missing-file and directory messages
+    before = _file_state(p)
+    with _lut_cache_lock:
+        hit = _lut_cache.get(stated)
+        if hit is not None and before in hit[1]:
+            _lut_cache.move_to_end(stated)
+            return hit[0]
+    lut = _load(p)
+    stable = _file_state(p) == before  # not rewritten while it was read
+    with _lut_cache_lock:
+        entry = _lut_cache.get(lut.sha256)
+        if entry is None:
+            entry = _lut_cache[lut.sha256] = (lut, [])
+        _lut_cache.move_to_end(lut.sha256)
+        if stable and before not in entry[1]:
+            entry[1].append(before)
+            del entry[1][:-8]  # a few paths per LUT are plenty
+        total = sum(_nbytes(v[0]) for v in _lut_cache.values())
+        while len(_lut_cache) > 1 and (len(_lut_cache) > LUT_CACHE_ENTRIES or total > LUT_CACHE_BYTES):
+            _, (old, _) = _lut_cache.popitem(last=False)
+            total -= _nbytes(old)
+        return entry[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,12 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from .config import ApproxConfig
 from .correction import ControlVariate
-from .functional import LutTables, _check_finite, _pair, approx_conv2d, approx_linear
-from .quant import ActivationQuantizer, WeightQuantizer
+from .functional import _check_finite, _pair, approx_conv2d, approx_linear
+from .operands import LayerOperands, QuantizedOperands, _conv_operands, _linear_operands, _pad
+from .quant import ActivationQuantizer, WeightQuantizer, frozen
+from .tables import LutTables
 
-__all__ = ["ApproxConv2d", "ApproxLinear"]
+__all__ = ["ApproxConv2d", "ApproxLinear", "layer_operands"]
 
 
 
@@ -97,12 +99,9 @@ class _ApproxMixin:
         return c["tables"]
 
     def _int_quantize(self, x: torch.Tensor):
-        saved = self.act_quant.observing
-        self.act_quant.observing = False
-        try:
+        """:meth:`_quantize` with the activation observer frozen (the analysis passes' quantizer)."""
+        with frozen(self):
             return self._quantize(x)
-        finally:
-            self.act_quant.observing = saved
 
     def _correction(self, act_sum: torch.Tensor, qw: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """Integer correction ``c`` per output (int64); ``act_sum`` holds each output's ``sum a``."""
@@ -185,14 +184,9 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         No zero-point cross terms, scales or bias: this is what a MAC array built from the
         multiplier accumulates. Observers are not updated.
         """
-        saved = self.act_quant.observing
-        self.act_quant.observing = False
-        try:
-            qx, _, _, qw, _, _ = self._quantize(self._flat(x))
-        finally:
-            self.act_quant.observing = saved
         from .functional import lut_linear
-        acc = lut_linear(qx, qw, self.lut, exact=True)
+        q = self.quantize(x)
+        acc = lut_linear(q.qx, q.qw, self.lut, exact=True)
         return acc.to(torch.int64).reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
@@ -208,9 +202,44 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         if self.correction is None:
             raise RuntimeError("ApproxLinear.int_forward_corrected needs ApproxConfig(correction='control_variate')")
         acc = self.int_forward(x)
-        qx, _, _, qw, _, _ = self._int_quantize(self._flat(x))
-        c = self._correction(self._act_sum_linear(qx), qw, 1)
+        q = self.quantize(x)
+        c = self._correction(self._act_sum_linear(q.qx), q.qw, 1)
         return acc - c.reshape(acc.shape)
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> QuantizedOperands:
+        """The quantized operands :meth:`int_forward` multiplies (observer frozen, no gradient).
+
+        Args:
+            x: input, ``(..., in_features)``.
+
+        Returns:
+            :class:`~appmult.nn.QuantizedOperands` with ``qx`` flattened to ``(M, in_features)``.
+
+        Raises:
+            InvalidValueError: wrong feature count, or a non-finite input.
+        """
+        qx, sx, zx, qw, sw, zw = self._int_quantize(self._flat(x))
+        return QuantizedOperands(qx, sx, zx, qw, sw, zw)
+
+    @torch.no_grad()
+    def operands(self, x: torch.Tensor, *, positions=None) -> LayerOperands:
+        """The operand codes each output's MAC receives: one row of ``in_features`` pairs per output.
+
+        Args:
+            x: input, ``(..., in_features)``.
+            positions: ``None`` for every output, or ``(row, out)`` index tuples (or an int64
+                ``(P, 2)`` tensor) of the outputs wanted; rows index the flattened leading dims.
+
+        Returns:
+            :class:`~appmult.nn.LayerOperands` with ``out_shape = (M, out_features)``.
+
+        Raises:
+            InvalidValueError: wrong feature count, a non-finite input, or a position outside
+                the output.
+        """
+        return _linear_operands(self.quantize(x), width_x=self.lut.width_x, width_w=self.lut.width_w,
+                                activation_operand=self.lut.activation_operand, positions=positions)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._mode_repr()}"
@@ -256,8 +285,11 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
                   device=module.weight.device, dtype=module.weight.dtype)
         return _adopt_trained(new, module)
 
+    def _padding(self) -> tuple[int, int]:
+        return _pair(self.padding)
+
     def _geom(self) -> dict:
-        return dict(stride=self.stride, padding=_pair(self.padding), dilation=self.dilation, groups=self.groups)
+        return dict(stride=self.stride, padding=self._padding(), dilation=self.dilation, groups=self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize, accumulate through the LUT (or exactly), dequantize, add bias."""
@@ -266,17 +298,14 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         y = approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
                           cache=self._weight_cache(), **self._geom())
         if self._corrects():
-            c = self._correction(self._act_sum_conv(qx, zx), qw, 1)
+            c = self._correction(self._act_sum_conv(_pad(qx.detach(), self._padding(), zx)), qw, 1)
             y = y - (sx * sw.reshape(1, -1, 1, 1) * c.to(y.dtype)).detach()
         return y
 
-    def _act_sum_conv(self, qx: torch.Tensor, zx: torch.Tensor) -> torch.Tensor:
-        """``sum a`` over each output's receptive field (padding holds the code ``Zx``), int64."""
+    def _act_sum_conv(self, qx: torch.Tensor) -> torch.Tensor:
+        """``sum a`` over each output's receptive field of the padded ``qx`` (padding holds ``Zx``), int64."""
         import torch.nn.functional as F
         qx = qx.detach().to(torch.float64)
-        ph, pw = _pair(self.padding)
-        if ph or pw:
-            qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
         g = self.groups
         ones = torch.ones(g, self.in_channels // g, *self.kernel_size, dtype=torch.float64, device=qx.device)
         # One sum per group, shared by that group's output channels; float64 is exact here.
@@ -290,19 +319,9 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         Padded positions contribute ``LUT[Zx, qw]``. No cross terms, scales or bias.
         Observers are not updated.
         """
-        import torch.nn.functional as F
-
         from .functional import lut_conv2d
-        saved = self.act_quant.observing
-        self.act_quant.observing = False
-        try:
-            qx, _, zx, qw, _, _ = self._quantize(x)
-        finally:
-            self.act_quant.observing = saved
-        ph, pw = _pair(self.padding)
-        if ph or pw:
-            qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
-        acc = lut_conv2d(qx, qw, self.lut, stride=self.stride, dilation=self.dilation, groups=self.groups,
+        q = self.quantize(x)
+        acc = lut_conv2d(q.qx, q.qw, self.lut, stride=self.stride, dilation=self.dilation, groups=self.groups,
                          exact=True)
         return acc.to(torch.int64)
 
@@ -319,8 +338,62 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         if self.correction is None:
             raise RuntimeError("ApproxConv2d.int_forward_corrected needs ApproxConfig(correction='control_variate')")
         acc = self.int_forward(x)
-        qx, _, zx, qw, _, _ = self._int_quantize(x)
-        return acc - self._correction(self._act_sum_conv(qx, zx), qw, 1)
+        q = self.quantize(x)
+        return acc - self._correction(self._act_sum_conv(q.qx), q.qw, 1)
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> QuantizedOperands:
+        """The quantized operands :meth:`int_forward` multiplies (observer frozen, no gradient).
+
+        Args:
+            x: input, ``(N, C, H, W)``.
+
+        Returns:
+            :class:`~appmult.nn.QuantizedOperands` with ``qx`` padded with the activation
+            zero point (the code that padded positions carry in hardware).
+
+        Raises:
+            InvalidValueError: a non-finite input.
+        """
+        qx, sx, zx, qw, sw, zw = self._int_quantize(x)
+        padding = self._padding()
+        return QuantizedOperands(_pad(qx, padding, zx), sx, zx, qw, sw, zw, padding)
+
+    @torch.no_grad()
+    def operands(self, x: torch.Tensor, *, positions=None) -> LayerOperands:
+        """The operand codes each output's MAC receives: one row of ``K = Cin/groups*kh*kw`` pairs per output.
+
+        Rows follow ``weight.reshape(Cout, -1)`` (channel-major); padded positions carry the
+        activation zero point's code and are marked in ``is_padding``.
+
+        Args:
+            x: input, ``(N, C, H, W)``.
+            positions: ``None`` for every output, or ``(n, cout, y, x)`` index tuples (or an
+                int64 ``(P, 4)`` tensor) of the outputs wanted: only their rows are gathered.
+
+        Returns:
+            :class:`~appmult.nn.LayerOperands` with ``out_shape = (N, Cout, Ho, Wo)``.
+
+        Raises:
+            InvalidValueError: a non-finite input, or a position outside the output.
+        """
+        return _conv_operands(self.quantize(x), kernel_size=self.kernel_size, stride=self.stride,
+                              dilation=self.dilation, groups=self.groups, width_x=self.lut.width_x,
+                              width_w=self.lut.width_w, activation_operand=self.lut.activation_operand,
+                              positions=positions)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._mode_repr()}"
+
+
+def layer_operands(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *, positions=None) -> LayerOperands:
+    """``layer.operands(x, positions=positions)`` for either approximate layer, type-checked.
+
+    For analysis code that walks a model's modules.
+
+    Raises:
+        InvalidTypeError: not an :class:`ApproxConv2d` or :class:`ApproxLinear`.
+    """
+    if not isinstance(layer, (ApproxConv2d, ApproxLinear)):
+        raise InvalidTypeError(f"layer_operands needs an ApproxConv2d or ApproxLinear, not {type(layer).__name__}")
+    return layer.operands(x, positions=positions)

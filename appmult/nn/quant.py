@@ -32,6 +32,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError
+
 __all__ = [
     "ActivationQuantizer",
     "Observer",
@@ -39,6 +41,7 @@ __all__ = [
     "WeightScheme",
     "calibrate",
     "calibrating",
+    "frozen",
     "quant_range",
 ]
 
@@ -231,27 +234,62 @@ class ActivationQuantizer(_Quantizer):
 
 
 @contextlib.contextmanager
-def calibrating(model: nn.Module, *, reset: bool = True) -> Iterator[nn.Module]:
+def _observers(module: nn.Module, observing: bool, reset: bool, what: str) -> Iterator[nn.Module]:
+    """Set ``observing`` on every activation quantizer in ``module``; restore it on exit, even on errors."""
+    if not isinstance(module, nn.Module):
+        raise InvalidTypeError(f"{what} needs a torch.nn.Module, not {type(module).__name__}")
+    quants = [m for m in module.modules() if isinstance(m, ActivationQuantizer)]
+    saved = [q.observing for q in quants]
+    try:
+        for q in quants:
+            if reset:
+                q.reset()
+            q.observing = observing
+        yield module
+    finally:
+        for q, s in zip(quants, saved):
+            q.observing = s
+
+
+def calibrating(model: nn.Module, *, reset: bool = True) -> contextlib.AbstractContextManager[nn.Module]:
     """Context manager: activation observers of ``model`` update on every forward (any mode).
 
     Args:
         model: a model with approximate layers.
         reset: forget previously observed ranges first.
 
-    Yields:
-        ``model``. Observers return to their previous setting on exit.
+    Returns:
+        A context manager that yields ``model``. Observers return to their previous
+        setting on exit.
+
+    Raises:
+        InvalidTypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    quants = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
-    saved = [q.observing for q in quants]
-    try:
-        for q in quants:
-            if reset:
-                q.reset()
-            q.observing = True
-        yield model
-    finally:
-        for q, s in zip(quants, saved):
-            q.observing = s
+    return _observers(model, True, reset, "calibrating")
+
+
+def frozen(module: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """Context manager: activation observers in ``module`` do not update (any mode).
+
+    For analysis passes that must quantize exactly as the last forward did (``int_forward``,
+    operand recording, the RTL check). An observer that has never seen data still takes its
+    range from its first batch, as in eval mode.
+
+    Args:
+        module: a model, an approximate layer or an :class:`ActivationQuantizer`.
+
+    Returns:
+        A context manager that yields ``module``. Every observer's previous ``observing``
+        setting is restored on exit, also when the body raises.
+
+    Raises:
+        InvalidTypeError: ``module`` is not a ``torch.nn.Module``.
+
+    Example:
+        >>> with frozen(model):                                   # doctest: +SKIP
+        ...     acc = layer.int_forward(x)
+    """
+    return _observers(module, False, False, "frozen")
 
 
 @torch.no_grad()

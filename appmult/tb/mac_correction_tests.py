@@ -1,6 +1,6 @@
 """cocotb test (run inside the simulator) of a MAC unit with the control-variate correction.
 
-:func:`run_mac_correction` exports a :class:`appmult.hdl.MacUnit` built with
+:func:`appmult.tb.run_mac_correction` exports a :class:`appmult.hdl.MacUnit` built with
 ``correction=True``, drives given operand beats (``a``, ``b``, ``valid``, ``clear``) and,
 per beat, the output channel's ``alpha_fx`` and ``beta``, and reads back ``acc``, ``xsum``
 and ``corrected`` after every beat. Inside the simulator every cycle is checked against
@@ -17,10 +17,8 @@ operands, i.e. while beat ``k``'s sum is what ``acc`` holds.
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import cocotb
@@ -30,11 +28,9 @@ from appmult.codes import codes_to_values
 from appmult.reference import mac_correction_reference, mac_reference
 from appmult.lut_gen.lutfile import LutFile
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.mac_drive import run_beats
-from appmult.tb.runner import MAC_CORRECTION_STIMULUS, pack_lanes, read_tb_config, write_tb_result
-
-__all__ = ["run_mac_correction"]
-
+from appmult.tb.mac_drive import read_int, run_beats
+from appmult.tb.protocol import read_tb_config, write_tb_result
+from appmult.tb.stimulus import MAC_CORRECTION_STIMULUS, pack_lanes
 
 
 def expected_outputs(lut: LutFile, st: dict[str, np.ndarray], *, acc_width: int, sum_width: int,
@@ -57,7 +53,7 @@ def expected_outputs(lut: LutFile, st: dict[str, np.ndarray], *, acc_width: int,
 @cocotb.test()
 async def corrected_accumulator_matches_reference(dut) -> None:
     """Every valid beat's ``acc``, ``xsum`` and ``corrected`` against the numpy reference."""
-    cfg = read_tb_config("appmult.tb.mac_correction_tests.run_mac_correction")
+    cfg = read_tb_config("appmult.tb.run_mac_correction")
     try:
         lut = load_lut(cfg["lut"])
         with np.load(cfg["stimulus"], allow_pickle=False) as z:
@@ -86,17 +82,12 @@ async def corrected_accumulator_matches_reference(dut) -> None:
                            extra_ports=("alpha_fx", "beta"), before_edge=hold_correction)
     sim_s = time.perf_counter() - t0
 
-    def read(v, is_signed: bool) -> int | None:
-        if not v.is_resolvable:
-            return None
-        return v.to_signed() if is_signed else v.to_unsigned()
-
     observed = {"acc": [], "xsum": [], "corrected": []}
     mismatches: list[dict[str, Any]] = []
     count = 0
     for k in range(n):
         acc_v, xs_v, cor_v = seen[k + latency - 1]
-        got = {"acc": read(acc_v, signed), "xsum": read(xs_v, signed), "corrected": read(cor_v, True)}
+        got = {"acc": read_int(acc_v, signed), "xsum": read_int(xs_v, signed), "corrected": read_int(cor_v, True)}
         for key in observed:
             observed[key].append(got[key])
         if any(got[key] != int(want[key][k]) for key in got):
@@ -105,6 +96,6 @@ async def corrected_accumulator_matches_reference(dut) -> None:
                 mismatches.append({"beat": k, **{f"expected_{key}": int(want[key][k]) for key in got},
                                    **{f"actual_{key}": got[key] for key in got}})
     write_tb_result(cfg, {"beats": n, "mismatch_count": count, "mismatches": mismatches, "observed": observed,
-                        "sim_loop_s": sim_s})
+                          "sim_loop_s": sim_s}, lut=lut)
     listing = "\n".join(f"  {m}" for m in mismatches)
     assert count == 0, f"{count} of {n} beats differ from the reference; first ones:\n{listing}"

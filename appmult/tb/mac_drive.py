@@ -62,3 +62,17 @@ async def run_beats(dut, a_words: Sequence[int], b_words: Sequence[int], valid, 
         await _edge(dut)
         samples.append(sample(dut))
     return samples
+
+
+def read_int(value, signed: bool) -> int | None:
+    """A sampled port value as an integer (``None`` when it holds X or Z).
+
+    A 1-bit port reads as a ``Logic``, wider ones as a ``LogicArray``; a signed 1-bit
+    port holds -1 or 0.
+    """
+    if not value.is_resolvable:
+        return None
+    if hasattr(value, "to_unsigned"):
+        return value.to_signed() if signed else value.to_unsigned()
+    bit = int(value)
+    return -bit if signed else bit

@@ -23,8 +23,9 @@ import numpy as np
 from appmult.codes import codes_by_value
 from appmult.reference import mac_reference
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.mac_drive import run_beats
-from appmult.tb.runner import pack_lanes, read_tb_config, write_tb_result
+from appmult.tb.mac_drive import read_int, run_beats
+from appmult.tb.protocol import read_tb_config, write_tb_result
+from appmult.tb.stimulus import pack_lanes
 
 
 def stimulus(cfg: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -60,6 +61,7 @@ async def accumulator_matches_lut(dut) -> None:
     try:
         st = stimulus(cfg)
         signed, width, latency = cfg["signed"], cfg["acc_width"], cfg["latency"]
+        lut = None
         if "expected" in st:
             expected = st["expected"]
         elif cfg.get("lut"):
@@ -87,7 +89,7 @@ async def accumulator_matches_lut(dut) -> None:
     count = 0
     for k in range(n):
         acc_v, vo = observed[k + latency - 1]
-        actual = (acc_v.to_signed() if signed else acc_v.to_unsigned()) if acc_v.is_resolvable else None
+        actual = read_int(acc_v, signed)
         accs.append(actual)
         vo_bit = int(str(vo)) if str(vo) in ("0", "1") else None  # a 1-bit port reads as Logic
         want = int(expected[k]) if expected is not None else None
@@ -100,6 +102,6 @@ async def accumulator_matches_lut(dut) -> None:
                                    "expected_valid_out": int(st["valid"][k]), "actual_valid_out": vo_bit})
     result = {"cycles": n, "results_checked": int(st["valid"].sum()), "mismatch_count": count,
               "mismatches": mismatches, "sim_loop_s": sim_s, "acc": accs}
-    write_tb_result(cfg, result)
+    write_tb_result(cfg, result, lut=lut)
     listing = "\n".join(f"  {m}" for m in mismatches)
     assert count == 0, f"{count} of {n} cycles differ from the reference; first ones:\n{listing}"

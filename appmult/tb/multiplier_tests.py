@@ -22,7 +22,8 @@ import numpy as np
 from cocotb.triggers import Timer
 
 from appmult.lut_gen.lutfile import load as load_lut
-from appmult.tb.runner import pack_lanes, read_tb_config, unpack_lanes, write_tb_result
+from appmult.tb.protocol import read_tb_config, write_tb_result
+from appmult.tb.stimulus import pack_lanes, unpack_lanes
 
 
 def _as_value(code: int, width: int, signed: bool) -> int:
@@ -59,6 +60,46 @@ def _check_port_widths(dut, cfg: dict[str, Any]) -> None:
                          f"LUT needs {want['a']}/{want['b']}/{want['p']}")
 
 
+async def _drive_combinational(dut, a_words: list[int], b_words: list[int]) -> list:
+    """Each batch of operands on the inputs, ``p`` read 1 ns later."""
+    outputs = []
+    for a_word, b_word in zip(a_words, b_words):
+        dut.a.value = a_word
+        dut.b.value = b_word
+        await Timer(1, "ns")
+        outputs.append(dut.p.value)
+    return outputs
+
+
+async def _drive_registered(dut, a_words: list[int], b_words: list[int]) -> tuple[list, int]:
+    """Reset, then one batch per clock edge; ``p`` after each edge, and how often it moved before one."""
+    dut.clk.value = 0
+    dut.rst.value = 1
+    dut.a.value = 0
+    dut.b.value = 0
+    await Timer(1, "ns")
+    dut.clk.value = 1
+    await Timer(1, "ns")
+    dut.clk.value = 0
+    dut.rst.value = 0
+    previous = dut.p.value
+    outputs = []
+    held_changed = 0
+    for a_word, b_word in zip(a_words, b_words):
+        dut.a.value = a_word
+        dut.b.value = b_word
+        dut.clk.value = 0
+        await Timer(1, "ns")
+        # New operands are on the inputs but no edge yet: a registered output must hold.
+        if dut.p.value != previous:
+            held_changed += 1
+        dut.clk.value = 1
+        await Timer(1, "ns")
+        previous = dut.p.value
+        outputs.append(previous)
+    return outputs, held_changed
+
+
 @cocotb.test()
 async def products_match_lut(dut) -> None:
     """Drive every configured operand pair and compare ``p`` with the LUT."""
@@ -80,37 +121,10 @@ async def products_match_lut(dut) -> None:
         raise
 
     t0 = time.perf_counter()
-    outputs = []
-    held_changed = 0
-    if not registered:
-        for a_word, b_word in zip(a_words, b_words):
-            dut.a.value = a_word
-            dut.b.value = b_word
-            await Timer(1, "ns")
-            outputs.append(dut.p.value)
+    if registered:
+        outputs, held_changed = await _drive_registered(dut, a_words, b_words)
     else:
-        dut.clk.value = 0
-        dut.rst.value = 1
-        dut.a.value = 0
-        dut.b.value = 0
-        await Timer(1, "ns")
-        dut.clk.value = 1
-        await Timer(1, "ns")
-        dut.clk.value = 0
-        dut.rst.value = 0
-        previous = dut.p.value
-        for a_word, b_word in zip(a_words, b_words):
-            dut.a.value = a_word
-            dut.b.value = b_word
-            dut.clk.value = 0
-            await Timer(1, "ns")
-            # New operands are on the inputs but no edge yet: a registered output must hold.
-            if dut.p.value != previous:
-                held_changed += 1
-            dut.clk.value = 1
-            await Timer(1, "ns")
-            previous = dut.p.value
-            outputs.append(previous)
+        outputs, held_changed = await _drive_combinational(dut, a_words, b_words), 0
     sim_s = time.perf_counter() - t0
 
     actual, unresolved = _resolve(outputs, lanes, wp)
@@ -136,7 +150,7 @@ async def products_match_lut(dut) -> None:
     if held_changed:
         result["error"] = (f"registered output changed before the clock edge in {held_changed} cycles: "
                            f"the design is not registered as configured")
-    write_tb_result(cfg, result)
+    write_tb_result(cfg, result, lut=lut)
     assert held_changed == 0, result["error"]
     listing = "\n".join(
         f"  a={m['a_value']} (code {m['a_code']:#x}), b={m['b_value']} (code {m['b_code']:#x}): "

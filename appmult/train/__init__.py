@@ -39,6 +39,7 @@ from .training import (
     load_pretrained,
     plot_history,
     pretrain_fp32,
+    read_torch_file,
     seed_everything,
     train_epoch,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "MLP",
     "MODEL_NAMES",
     "plot_history",
+    "read_torch_file",
     "pretrain_fp32",
     "Pretrained",
     "ResNet",

@@ -1,7 +1,7 @@
 """Control-variate correction (Zervakis et al.) at inference, no retraining: accuracy and hardware cost.
 
 For each dataset (digits, MNIST-5k) and seed: LeNet-5 pretrained in FP32
-(:func:`appmult.nn.training.pretrain_fp32`, cached; the same recipe as
+(:func:`appmult.train.pretrain_fp32`, cached; the same recipe as
 ``experiments/retrain``), converted with 8x8 unsigned approximate multipliers
 (asymmetric quantization, zero-point terms exact), calibrated, then evaluated
 

@@ -1,7 +1,7 @@
 """Retraining experiment: STE vs LUT-2D vs LUT-1D (and simulated error) on aggressive multipliers.
 
 For each dataset (digits, MNIST-5k), multiplier and seed this runs the ``appmult retrain``
-workflow (:func:`appmult.nn.retrain.run_retrain`) with LeNet-5: FP32 pretraining (cached
+workflow (:func:`appmult.flows.run_retrain`) with LeNet-5: FP32 pretraining (cached
 per seed), calibration, exact-quantized and approximate accuracy before retraining, then
 retraining with STE, LUT-2D and LUT-1D backward and with simulated error (Hammad et
 al.), each from the same start. On digits it also repeats LUT-2D with the half window
@@ -52,7 +52,7 @@ ALL_MODES = MODES + ("simulated-error-values",)
 
 def cached_run(cfg):
     """``run_retrain(cfg)``, or the results a finished earlier run left in ``cfg.out``."""
-    from appmult.flows.retrain import run_retrain
+    from appmult.flows import run_retrain
     done = Path(cfg.out) / "results.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from appmult.files import atomic_write_text
-    from appmult.flows.retrain import RetrainConfig
+    from appmult.flows import RetrainConfig
 
     work = Path(args.work)
     t0 = time.perf_counter()

@@ -1,0 +1,116 @@
+"""The FP32 model of a retraining run and the starting point every mode shares.
+
+The FP32 model is pretrained (and cached) or loaded from a checkpoint. Each mode (and each
+half-window trial) then gets its own approximate copy, loaded with the shared starting
+state: weights, biases and calibrated activation ranges -- everything but the LUT buffers,
+which differ between modes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..lut_gen import LutFile
+from ..nn import ApproxConfig, approximate_
+from ..train import Loaders, build_model, load_pretrained, pretrain_fp32, read_torch_file, seed_everything
+from .distributed import Dist
+from .retrain_config import RetrainConfig, RetrainError
+
+__all__ = ["approx_model", "fixed_batches", "fp32_model", "load_start", "reseed", "start_state"]
+
+
+def fp32_model(cfg: RetrainConfig, loaders: Loaders, d: Dist) -> tuple[nn.Module, dict[str, Any]]:
+    """The FP32 model (from ``cfg.checkpoint``, or pretrained and cached) and where it came from."""
+    if cfg.checkpoint is not None:
+        return _load_fp32_checkpoint(cfg, loaders), {"source": "checkpoint", "path": cfg.checkpoint}
+    cache = Path(cfg.pretrained_dir) if cfg.pretrained_dir else Path(cfg.out) / "pretrained"
+
+    def pretrain():
+        return pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out_dir=cache,
+                             batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir,
+                             progress=cfg.progress and d.main)
+    # Rank 0 pretrains (or finds the cache); the others then load its file.
+    if d.main:
+        pre = pretrain()
+    d.barrier()
+    if not d.main:
+        pre = pretrain()
+    times = [r["epoch_time_s"] for r in pre.history if r.get("epoch_time_s") is not None]
+    return pre.model, {"source": "pretrained", "path": str(pre.path), "epochs": len(pre.history),
+                       "epoch_time_s": float(np.mean(times)) if times else None}
+
+
+def _load_fp32_checkpoint(cfg: RetrainConfig, loaders: Loaders) -> nn.Module:
+    path = Path(cfg.checkpoint)
+    state = read_torch_file(path)
+    if isinstance(state, dict) and "model_name" in state and "model" in state:
+        if state["model_name"] != cfg.model or state.get("dataset") != cfg.dataset:
+            raise RetrainError(f"Checkpoint {path} holds a {state['model_name']!r} model for "
+                               f"{state.get('dataset')!r}; this run asks for {cfg.model!r} on {cfg.dataset!r}")
+        return load_pretrained(path).model
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a fit() checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RetrainError(f"Checkpoint {path} is neither a pretrained model file nor a state_dict")
+    model = build_model(cfg.model, loaders.info)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise RetrainError(f"Checkpoint {path} does not fit model {cfg.model!r} for {cfg.dataset!r}: "
+                           f"{first}") from None
+    return model
+
+
+def _is_lut_key(key: str) -> bool:
+    return ".lut." in f".{key}"
+
+
+def approx_model(fp32: nn.Module, lut: LutFile, grad: str, device: torch.device) -> nn.Module:
+    """A copy of ``fp32`` on ``device`` with every supported layer approximate (``lut``, ``grad`` backward)."""
+    model = copy.deepcopy(fp32).to(device)
+    return approximate_(model, ApproxConfig(lut, grad=grad, compute_missing_gradients=True))
+
+
+def start_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A calibrated approximate model's state, less its LUT buffers: the shared starting point."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not _is_lut_key(k)}
+
+
+def load_start(model: nn.Module, start: dict[str, torch.Tensor]) -> nn.Module:
+    """``model`` with the shared starting state loaded (its own LUT buffers kept)."""
+    # The LUT buffers and identity differ between modes (gradient tables change the LUT's
+    # hash); everything else -- weights, biases, activation ranges -- is the shared start.
+    missing, unexpected = model.load_state_dict(start, strict=False)
+    bad = [k for k in missing if not _is_lut_key(k)] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"Starting state does not fit the model: {', '.join(bad[:5])}")
+    return model
+
+
+def fixed_batches(loader: DataLoader, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` batches of ``loader`` with its generator seeded by ``seed`` (calibration, probes)."""
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(seed)
+    out = []
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        out.append((batch[0], batch[1]))
+    return out
+
+
+def reseed(seed: int, loader: Any) -> None:
+    """Seed every generator and ``loader``'s batch order: a trial or a timing epoch starts alike."""
+    seed_everything(seed)
+    gen = getattr(loader, "generator", None)
+    if isinstance(gen, torch.Generator):
+        gen.manual_seed(seed)

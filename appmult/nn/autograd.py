@@ -1,0 +1,292 @@
+"""The autograd functions of LUT-exact products: forward through the kernels, LUT backward.
+
+Forward. Every output accumulates ``sum_k LUT[qx_k, qw_k]`` over its receptive field,
+computed by one of the kernels of :mod:`appmult.nn.kernels` on the tables of
+:class:`~appmult.nn.tables.LutTables` (low-rank GEMMs/convs on operands mapped through the
+integer factors, or the gather kernels); see :mod:`appmult.nn.functional` for when each
+is exact.
+
+Backward, with ``y_j = sum_k f(qx_k, qw_kj)``:
+``dL/dqx_k = sum_j dL/dy_j df/da(qx_k, qw_kj)`` and
+``dL/dqw_kj = sum_batch dL/dy_j df/db(qx_k, qw_kj)``:
+
+* ``ste``: ``df/da = value(b)``, ``df/db = value(a)`` -- two ordinary GEMMs/convs;
+* ``lut1d``: ``df/da ~ g_a(b)``, ``df/db ~ g_b(a)`` -- two ordinary GEMMs/convs on weights
+  (resp. activations) mapped through the compact tables;
+* ``lut2d``: full tables, through a (float) low-rank factorization of each gradient table
+  (r GEMMs/convs) or the gather kernels.
+
+With zero points (the ``...ZpFn`` functions, whose forward is a fused accumulator of
+:mod:`appmult.nn.fused`), the gradients of the cross terms ``- qx Zw - Zx qw`` are
+included. Gradients then flow through the quantizers' clipped straight-through
+estimators. Every function here takes integer-valued float tensors and returns float
+accumulators; the functional API in :mod:`appmult.nn.functional` wraps them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels as K
+from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _small_idx, _unfold_idx
+
+# ------------------------------------------------------------------------------------------
+# Linear
+# ------------------------------------------------------------------------------------------
+
+
+def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: bool) -> torch.Tensor:
+    # int32 indices (embedding takes them; a row gather, much faster than advanced indexing)
+    ix, iw = _idx32(qx, tabs.lo_x), _idx32(qw, tabs.lo_w)
+    m, k = ix.shape
+    dtype = torch.float64 if exact else torch.float32
+    if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
+        xu = F.embedding(ix, tabs.u.to(dtype)).reshape(m, -1)
+        wv = F.embedding(iw, tabs.v.to(dtype)).reshape(iw.shape[0], -1)
+        acc = xu @ wv.t()
+        return torch.round(acc) if exact else acc
+    out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
+    a = _small_idx(ix, tabs.prod.shape[0]).t().unsqueeze(0)
+    acc = K.gather_forward(a, _small_idx(iw, tabs.prod.shape[1]), tabs.prod, 1, out_dt)[0].t()
+    return acc.to(device=qx.device, dtype=dtype)
+
+
+def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, zx=None, zw=None):
+    dt = grad.dtype
+    if zx is not None:
+        # with the cross terms -qx Zw - Zx qw (see _conv_backward)
+        n = qw.shape[0]
+        zwc = zw.detach().to(dt).reshape(n, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(())
+        zxs = zx.detach().to(dt).reshape(())
+        if tabs.grad is GradMode.STE:
+            return grad @ (qw.detach().to(dt) - zwc), grad.t() @ (qx.detach().to(dt) - zxs)
+        gx, gw = _linear_backward(grad, qx, qw, tabs)
+        gx = gx - (grad @ torch.ones((n, 1), dtype=dt, device=grad.device).mul(zwc)).expand_as(gx)
+        gw = gw - zxs * grad.sum(0).reshape(n, 1)
+        return gx, gw
+    if tabs.grad is GradMode.STE:
+        return grad @ qw.detach().to(dt), grad.t() @ qx.detach().to(dt)
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    if tabs.gx1 is not None:
+        gx = grad @ tabs.gx1.to(dt)[iw]
+        gw = grad.t() @ tabs.gw1.to(dt)[ix]
+        return gx, gw
+    m, k = ix.shape
+    n = iw.shape[0]
+    if tabs.grad_kernel is Kernel.LOWRANK:
+        ra, rb = tabs.gx_p.shape[1], tabs.gw_p.shape[1]
+        t = (grad @ tabs.gx_q.to(dt)[iw].reshape(n, k * ra)).reshape(m, k, ra)
+        gx = (t * tabs.gx_p.to(dt)[ix]).sum(-1)
+        t2 = (grad.t() @ tabs.gw_p.to(dt)[ix].reshape(m, k * rb)).reshape(n, k, rb)
+        gw = (t2 * tabs.gw_q.to(dt)[iw]).sum(-1)
+        return gx, gw
+    a = _small_idx(ix, tabs.prod.shape[0]).t().unsqueeze(0)
+    b = _small_idx(iw, tabs.prod.shape[1])
+    g = grad.t().unsqueeze(0)
+    gx = K.gather_grad_a(a, b, tabs.gx2, g, 1)[0].t()
+    gw = K.gather_grad_b(a, b, tabs.gw2, g, 1)
+    return gx.to(device=grad.device, dtype=dt), gw.to(device=grad.device, dtype=dt)
+
+
+class _LutLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: bool) -> torch.Tensor:
+        ctx.save_for_backward(qx, qw)
+        ctx.tabs = tabs
+        return _linear_forward(qx, qw, tabs, exact)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qx, qw = ctx.saved_tensors
+        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None
+
+
+class _LowRankLinearZpFn(torch.autograd.Function):
+    """The whole integer accumulator ``sum LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` of a linear
+    layer as one float32 ``addmm(C, U[qx], (V - c Zw)[qw].T)`` (weights and bias from
+    :func:`appmult.nn.fused._folded_lowrank_weights`)."""
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const):
+        m, k = qx.shape
+        if tabs.u_is_value and qx.dtype == torch.float32:
+            xu = qx.detach()  # rank 1 with U = value(x): the mapped operand is qx itself
+        else:
+            xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs = tabs
+        return torch.addmm(const, xu.reshape(m, -1), wv.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        qx, qw, zx, zw = ctx.saved_tensors
+        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------
+# Conv2d (input already padded with the activation zero point)
+# ------------------------------------------------------------------------------------------
+
+def _conv_forward(qx, qw, tabs: LutTables, stride, dilation, groups, exact: bool) -> torch.Tensor:
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    k = qw[0].numel()
+    dtype = torch.float64 if exact else torch.float32
+    if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
+        xu = _map_channels(tabs.u, ix, dtype)
+        wv = _map_channels(tabs.v, iw, dtype)
+        acc = F.conv2d(xu, wv, None, stride, 0, dilation, groups)
+        return torch.round(acc) if exact else acc
+    n = qx.shape[0]
+    kh, kw = qw.shape[2:]
+    a = _unfold_idx(_small_idx(ix, tabs.prod.shape[0]), (kh, kw), stride, dilation)
+    ho = (qx.shape[2] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (qx.shape[3] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
+    acc = K.gather_forward(a, _small_idx(iw, tabs.prod.shape[1]).reshape(qw.shape[0], -1), tabs.prod, groups, out_dt)
+    return acc.reshape(n, qw.shape[0], ho, wo).to(device=qx.device, dtype=dtype)
+
+
+def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=None, zw=None):
+    """Gradients of ``sum LUT[qx, qw]`` w.r.t. the (padded) ``qx`` and ``qw``.
+
+    With zero points ``zx``/``zw`` (tensors), the gradients of the cross terms
+    ``- qx Zw - Zx qw`` are included: for the 1-D grad tables they fold into the mapped
+    operands of the two convolutions (``g_a(w) - Zw``, ``g_b(x) - Zx``), otherwise they are
+    subtracted.
+    """
+    dt = grad.dtype
+    cin_g = qw.shape[1]
+    co = qw.shape[0]
+    zp = zx is not None
+    if zp:
+        zwr = zw.detach().to(dt).reshape(co, 1, 1, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(())
+        zxs = zx.detach().to(dt).reshape(())
+    if tabs.grad is GradMode.STE:
+        # The STE tables are the operand values: the mapped operands are qw and qx themselves
+        # (no index conversion or gather over the activations).
+        wmap = qw.detach().to(dt)
+        xmap = qx.detach().to(dt)
+        if zp:
+            wmap = wmap - zwr
+            xmap = xmap - zxs
+        gx = torch.nn.grad.conv2d_input(qx.shape, wmap, grad, stride, 0, dilation, groups)
+        gw = torch.nn.grad.conv2d_weight(xmap, qw.shape, grad, stride, 0, dilation, groups)
+        return gx, gw
+    ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
+    if tabs.gx1 is not None:
+        wmap = tabs.gx1.to(dt)[iw]
+        xtab = tabs.gw1.to(dt)
+        if zp:
+            wmap = wmap - zwr
+            xtab = xtab - zxs  # shift the 2**w-entry table, not the gathered activations
+        xmap = xtab[ix]
+        gx = torch.nn.grad.conv2d_input(qx.shape, wmap, grad, stride, 0, dilation, groups)
+        gw = torch.nn.grad.conv2d_weight(xmap, qw.shape, grad, stride, 0, dilation, groups)
+        return gx, gw
+    if zp:
+        gx, gw = _conv_backward(grad, qx, qw, tabs, stride, dilation, groups)
+        zmap = torch.ones_like(qw, dtype=dt) * zwr
+        gx = gx - torch.nn.grad.conv2d_input(qx.shape, zmap, grad, stride, 0, dilation, groups)
+        gw = gw - zxs * grad.sum((0, 2, 3)).reshape(co, 1, 1, 1)
+        return gx, gw
+    n, c, hp, wp = qx.shape
+    co, _, kh, kw = qw.shape
+    if tabs.grad_kernel is Kernel.LOWRANK:
+        ra, rb = tabs.gx_p.shape[1], tabs.gw_p.shape[1]
+        t = torch.nn.grad.conv2d_input((n, c * ra, hp, wp), _map_channels(tabs.gx_q, iw, dt), grad,
+                                       stride, 0, dilation, groups)
+        gx = (t.reshape(n, c, ra, hp, wp) * _map_channels(tabs.gx_p, ix, dt).reshape(n, c, ra, hp, wp)).sum(2)
+        t2 = torch.nn.grad.conv2d_weight(_map_channels(tabs.gw_p, ix, dt), (co, cin_g * rb, kh, kw), grad,
+                                         stride, 0, dilation, groups)
+        gw = (t2.reshape(co, cin_g, rb, kh, kw)
+              * _map_channels(tabs.gw_q, iw, dt).reshape(co, cin_g, rb, kh, kw)).sum(2)
+        return gx, gw
+    a = _unfold_idx(_small_idx(ix, tabs.prod.shape[0]), (kh, kw), stride, dilation)
+    b = _small_idx(iw, tabs.prod.shape[1]).reshape(co, -1)
+    g = grad.reshape(n, co, -1)
+    cols = K.gather_grad_a(a, b, tabs.gx2, g, groups).to(device=grad.device, dtype=dt)
+    gx = F.fold(cols, (hp, wp), (kh, kw), dilation=dilation, padding=0, stride=stride)
+    gw = K.gather_grad_b(a, b, tabs.gw2, g, groups).reshape(qw.shape)
+    return gx, gw.to(device=grad.device, dtype=dt)
+
+
+class _LutConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qx, qw, tabs: LutTables, stride, dilation, groups: int, exact: bool) -> torch.Tensor:
+        ctx.save_for_backward(qx, qw)
+        ctx.tabs, ctx.geom = tabs, (stride, dilation, groups)
+        return _conv_forward(qx, qw, tabs, stride, dilation, groups, exact)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qx, qw = ctx.saved_tensors
+        gx, gw = _conv_backward(grad.contiguous(), qx, qw, ctx.tabs, *ctx.geom)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+
+
+def _zp_conv_backward(ctx, grad):
+    """Gradients of a fused conv accumulator (LUT sum plus cross terms) w.r.t. unpadded qx, qw."""
+    qx, qw, zx, zw = ctx.saved_tensors
+    (ph, pw), stride, dilation, groups = ctx.geom
+    qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
+    zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+    gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs)
+    if ph or pw:
+        gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
+    return gx.to(qx.dtype), gw.to(qw.dtype)
+
+
+class _LowRankConvZpFn(torch.autograd.Function):
+    """The whole integer accumulator ``sum LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` of a
+    padded conv as one float32 low-rank convolution (weights and bias from
+    :func:`appmult.nn.fused._folded_lowrank_weights`).
+
+    Forward: activation indices (int32) are padded with the zero point's index, mapped
+    through ``U`` straight into a channels-last tensor, and convolved with the folded
+    weights and bias. Backward: the LUT's grad rule plus the cross terms' gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, padding, stride, dilation, groups):
+        ph, pw = padding
+        zidx = int(round(float(zx))) - tabs.lo_x
+        # int32 indices padded with the zero point's index (a numba value -> U-row pass was
+        # measured slower than torch's embedding here), mapped straight to channels-last.
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
+        if tabs.u_is_value:
+            # rank 1 with U = value(x) (e.g. the exact product): the mapped operand is qx itself
+            q = qx.detach().to(torch.float32)
+            xu = F.pad(q, (pw, pw, ph, ph), value=float(zidx + tabs.lo_x)) if (ph or pw) else q
+        else:
+            idx = _idx32(qx, tabs.lo_x)
+            if ph or pw:
+                idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
+            xu = _map_channels(tabs.u_f32, idx, torch.float32)
+        return F.conv2d(xu, wv, const, stride, 0, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = _zp_conv_backward(ctx, grad)
+        return gx, gw, None, None, None, None, None, None, None, None, None
+
+
+class _AccConvZpFn(torch.autograd.Function):
+    """A conv accumulator (LUT sum plus cross terms) that a fused path of
+    :mod:`appmult.nn.fused` computed without autograd -- the numba row kernel or the rank-1
+    shifted convolution -- returned as ``dtype`` with the LUT's backward attached."""
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, acc, dtype, padding, stride, dilation, groups):
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs, ctx.geom = tabs, (padding, stride, dilation, groups)
+        return acc.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = _zp_conv_backward(ctx, grad)
+        return gx, gw, None, None, None, None, None, None, None, None, None

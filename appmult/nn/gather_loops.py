@@ -1,0 +1,151 @@
+"""The numba-compiled inner loops of the CPU gather kernels.
+
+Each loop works on numpy arrays of value-offset indices and integer (or float32 gradient)
+tables in the layout of :mod:`appmult.nn.kernels`, which chooses among them, sizes their
+blocks and tiles, and falls back to torch where numba is missing or the tensors are not
+on the CPU. numba is an optional dependency of the ``nn`` extra: without it this module
+defines only :data:`AVAILABLE` (``False``). Compiled with ``cache=True``: the first call
+after an edit here compiles for a few seconds, later processes load the cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # numba is an optional dependency of the nn extra; the torch path works without it
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+
+#: Whether numba is installed (the environment switch is read by
+#: :func:`appmult.nn.kernels.numba_available`, at each call).
+AVAILABLE = numba is not None
+
+
+def num_threads() -> int:
+    """numba's thread count (call only when :data:`AVAILABLE`)."""
+    return numba.get_num_threads()
+
+
+if numba is not None:
+    @njit(parallel=True, cache=True, fastmath=False)
+    def forward(a, b, table_t, groups, chunk, out):  # pragma: no cover - compiled
+        # a: (nb, G*Kg, L) idx, b: (G*Ng, Kg) idx, table_t[b_idx, a_idx], out: (nb, G*Ng, L) zeroed
+        nbatch, ktot, length = a.shape
+        nout, kg = b.shape
+        ng = nout // groups
+        nch = (length + chunk - 1) // chunk
+        for t in prange(nbatch * nch):
+            bi = t // nch
+            i0 = (t % nch) * chunk
+            i1 = min(length, i0 + chunk)
+            acc = np.zeros((nout, i1 - i0), dtype=out.dtype)
+            for g in range(groups):
+                for k in range(kg):
+                    arow = a[bi, g * kg + k, i0:i1]
+                    for jj in range(ng):
+                        j = g * ng + jj
+                        row = table_t[b[j, k]]
+                        accj = acc[j]
+                        for i in range(i1 - i0):
+                            accj[i] += row[arow[i]]
+            out[bi, :, i0:i1] = acc
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def expand(b, table_t, g, groups, j0, j1, e):  # pragma: no cover - compiled
+        # e[k, x, jj] = table[x, b[g*Ng + j0 + jj, k]]: the products of every activation
+        # value with one weight code, laid out so a position adds one contiguous row.
+        nout, kg = b.shape
+        ng = nout // groups
+        na = table_t.shape[1]
+        for k in prange(kg):
+            for jj in range(j1 - j0):
+                row = table_t[b[g * ng + j0 + jj, k]]
+                for x in range(na):
+                    e[k, x, jj] = row[x]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def rows(a, e, g, kg, kblock, per_task, out):  # pragma: no cover - compiled
+        # out[bi, i, jj] += sum_k e[k, a[bi, g*Kg + k, i], jj]: vector adds of rows of e.
+        # k-blocks keep a slab of e (kblock * NA * nj values) in L2 while every position of
+        # the task's batch items adds to its accumulator row. ``out`` is this channel
+        # block's own contiguous (nb, L, nj) array and rows are taken as 1-D contiguous
+        # slices (``e[k, x]``, ``out[bi, i]``): with 3-D indexing and a channel offset LLVM
+        # could not prove contiguity and the inner loop ran ~2-3x slower.
+        nbatch, ktot, length = a.shape
+        nj = e.shape[2]
+        ntask = (nbatch + per_task - 1) // per_task
+        for t in prange(ntask):
+            b0 = t * per_task
+            b1 = min(nbatch, b0 + per_task)
+            for k0 in range(0, kg, kblock):
+                k1 = min(kg, k0 + kblock)
+                for bi in range(b0, b1):
+                    for k in range(k0, k1):
+                        ek = e[k]
+                        ak = a[bi, g * kg + k]
+                        ob = out[bi]
+                        for i in range(length):
+                            row = ek[np.intp(ak[i])]
+                            o = ob[i]
+                            for jj in range(nj):
+                                o[jj] += row[jj]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def expand_zp(b, table_t, g, groups, j0, j1, lo_x, lo_w, zx, zw, e):  # pragma: no cover
+        # e[k, x, jj] = table[x, w] - (x + lo_x) zw_j - zx (w + lo_w) + zx zw_j,  w = b[j, k]:
+        # the zero-point cross terms of an asymmetric layer folded into the expanded rows.
+        nout, kg = b.shape
+        ng = nout // groups
+        na = table_t.shape[1]
+        for k in prange(kg):
+            for jj in range(j1 - j0):
+                j = g * ng + j0 + jj
+                w = b[j, k]
+                row = table_t[w]
+                c = zx * zw[j] - zx * (np.int64(w) + lo_w) - lo_x * zw[j]
+                for x in range(na):
+                    e[k, x, jj] = row[x] + c - x * zw[j]
+
+    @njit(parallel=True, cache=True, fastmath=False)
+    def grad_a(a, b, ga_t, grad, groups, chunk, out):  # pragma: no cover - compiled
+        # out[bi, g*Kg+k, i] = sum_j grad[bi, j, i] * ga_t[b[j,k], a[bi, g*Kg+k, i]]
+        nbatch, ktot, length = a.shape
+        nout, kg = b.shape
+        ng = nout // groups
+        nch = (length + chunk - 1) // chunk
+        for t in prange(nbatch * nch):
+            bi = t // nch
+            i0 = (t % nch) * chunk
+            i1 = min(length, i0 + chunk)
+            for g in range(groups):
+                for k in range(kg):
+                    arow = a[bi, g * kg + k, i0:i1]
+                    acc = np.zeros(i1 - i0, dtype=np.float32)
+                    for jj in range(ng):
+                        j = g * ng + jj
+                        row = ga_t[b[j, k]]
+                        grow = grad[bi, j, i0:i1]
+                        for i in range(i1 - i0):
+                            acc[i] += grow[i] * row[arow[i]]
+                    out[bi, g * kg + k, i0:i1] = acc
+
+    @njit(parallel=True, cache=True, fastmath=False)
+    def grad_b(a, b, gb_t, grad, groups, out):  # pragma: no cover - compiled
+        # out[j, k] = sum_bi sum_i grad[bi, j, i] * gb_t[b[j,k], a[bi, g*Kg+k, i]]
+        nbatch, ktot, length = a.shape
+        nout, kg = b.shape
+        ng = nout // groups
+        for t in prange(nout * kg):
+            j = t // kg
+            k = t % kg
+            g = j // ng
+            row = gb_t[b[j, k]]
+            s = 0.0
+            for bi in range(nbatch):
+                arow = a[bi, g * kg + k]
+                grow = grad[bi, j]
+                for i in range(length):
+                    s += grow[i] * row[arow[i]]
+            out[j, k] = s
