@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import appmult.train.training as training  # noqa: E402
 from appmult.train.data import make_loaders  # noqa: E402
 from appmult.train.models import build_model  # noqa: E402
-from appmult.train.training import (CHECKPOINT_NAME, CheckpointError, Metrics, default_milestones, deterministic_algorithms, evaluate, fit, load_checkpoint, load_pretrained, plot_history, pretrain_fp32, seed_everything)  # noqa: E402
+from appmult.train import (CHECKPOINT_NAME, CheckpointError, Metrics, default_milestones, deterministic_algorithms, evaluate, fit, load_checkpoint, load_pretrained, plot_history, pretrain_fp32, seed_everything)  # noqa: E402
 
 
 

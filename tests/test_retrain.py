@@ -225,7 +225,7 @@ def test_cli_missing_lut(tmp_path, capsys):
 
 def test_cli_checkpoint_of_another_model(lut_path, pretrained_dir, tmp_path, capsys):
     # A pretrained MLP offered to a LeNet-5 run: refused before any training.
-    from appmult.train.training import pretrain_fp32
+    from appmult.train import pretrain_fp32
     pre = pretrain_fp32("mlp", "digits", 2, 0, out_dir=pretrained_dir, batch_size=64, progress=False)
     rc, err = run_cli(capsys, "--lut", lut_path, "--model", "lenet5", "--checkpoint", pre.path,
                       "--out", tmp_path, "--no-progress")

@@ -215,7 +215,30 @@ class BitParallelEvaluator:
 
 
 def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict[str, Net]]]):
-    """Generate the kernel source: topological order, liveness, buffer allocation."""
+    """Generate the kernel source: topological order, liveness, buffer allocation.
+
+    Returns:
+        ``(source, number of buffers, number of gates evaluated)``.
+    """
+    driver = _drivers(inputs, cells)
+    resolve = _buffer_resolver(cells, driver)
+    outputs = [resolve(n) for n in outputs]
+    gates = _cone(outputs, cells, driver, resolve)
+    order = _toposort(gates, driver)
+    body, n_regs = _emit(inputs, outputs, gates, order, driver)
+    head = ["def kernel(I, O, R, ZEROS, ONES,",
+            "           _and=_np.bitwise_and, _or=_np.bitwise_or, _xor=_np.bitwise_xor,",
+            "           _not=_np.invert, _copy=_np.copyto):"]
+    if inputs:
+        head.append("    " + ", ".join(f"i{k}" for k in range(len(inputs))) + ", = I")
+    if n_regs:
+        head.append("    " + ", ".join(f"r{k}" for k in range(n_regs)) + ", = R")
+    source = "import numpy as _np\n" + "\n".join(head + ["    " + line for line in body] + ["    return O", ""])
+    return source, n_regs, len(order)
+
+
+def _drivers(inputs: list[Net], cells: list[tuple[str, dict[str, Net]]]) -> dict[Net, int]:
+    """Net -> index of the cell driving it; every cell type supported, every net driven once."""
     for ctype, _ in cells:
         if ctype not in GATE_TYPES:
             raise InvalidValueError(f"Unsupported cell type {ctype} (supported: {', '.join(sorted(GATE_TYPES))})")
@@ -225,18 +248,25 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
         if y in driver or y in inputs:
             raise InvalidValueError(f"Net {y} is driven more than once")
         driver[y] = i
+    return driver
 
-    # Buffers are aliases, resolved before anything else.
-    def resolve(net: Net, depth: int = 0) -> Net:
+
+def _buffer_resolver(cells: list[tuple[str, dict[str, Net]]], driver: dict[Net, int]):
+    """A function mapping a net to the net behind any chain of buffers (buffers are aliases)."""
+    def resolve(net: Net) -> Net:
+        depth = 0
         while isinstance(net, int) and net in driver and cells[driver[net]][0] == "$_BUF_":
             net = cells[driver[net]][1]["A"]
             depth += 1
             if depth > len(cells):
                 raise InvalidValueError("Combinational loop through buffers")
         return net
+    return resolve
 
-    outputs = [resolve(n) for n in outputs]
-    # Only the cone of the outputs is evaluated (dead logic costs nothing).
+
+def _cone(outputs: list[Net], cells: list[tuple[str, dict[str, Net]]], driver: dict[Net, int],
+          resolve) -> dict[int, tuple[str, list[Net], Net]]:
+    """The gates in the cone of the outputs (dead logic costs nothing): index -> (type, sources, output)."""
     needed: set[int] = set()
     stack = [driver[n] for n in outputs if n in driver]
     while stack:
@@ -248,10 +278,13 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
             src = resolve(cells[i][1][port])
             if src in driver:
                 stack.append(driver[src])
-    gates = {i: (cells[i][0], [resolve(cells[i][1][p]) for p in GATE_TYPES[cells[i][0]]], cells[i][1]["Y"])
-             for i in needed}
-    order = _toposort(gates, driver)
+    return {i: (cells[i][0], [resolve(cells[i][1][p]) for p in GATE_TYPES[cells[i][0]]], cells[i][1]["Y"])
+            for i in needed}
 
+
+def _emit(inputs: list[Net], outputs: list[Net], gates: dict[int, tuple[str, list[Net], Net]],
+          order: list[int], driver: dict[Net, int]) -> tuple[list[str], int]:
+    """Kernel body lines in ``order``, reusing a buffer as soon as its net is dead; ``(lines, buffers)``."""
     last_use: dict[Net, int] = {}
     for step, i in enumerate(order):
         for src in gates[i][1]:
@@ -260,7 +293,6 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
     out_pos: dict[Net, list[int]] = {}
     for k, net in enumerate(outputs):
         out_pos.setdefault(net, []).append(k)
-
     reg_of: dict[Net, int] = {}
     free: list[int] = []
     n_regs = 0
@@ -275,22 +307,17 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
         # Constants "0"/"x"/"z" and undriven wires read as 0.
         return "ZEROS"
 
-    body: list[str] = []
-    for k, net in enumerate(outputs):
-        if net not in driver:
-            body.append(f"_copy(O[{k}], {operand(net)})")
+    body = [f"_copy(O[{k}], {operand(net)})" for k, net in enumerate(outputs) if net not in driver]
     for step, i in enumerate(order):
         ctype, srcs, y = gates[i]
         if free:
             r = free.pop()
         else:
-            r = n_regs
-            n_regs += 1
+            r, n_regs = n_regs, n_regs + 1
         ops = dict(zip(GATE_TYPES[ctype], (operand(s) for s in srcs)))
         reg_of[y] = r
         body.append(_TEMPLATES[ctype].format(y=f"r{r}", **ops))
-        for k in out_pos.get(y, ()):
-            body.append(f"_copy(O[{k}], r{r})")
+        body += [f"_copy(O[{k}], r{r})" for k in out_pos.get(y, ())]
         released = set()
         for src in srcs:
             if src in reg_of and last_use.get(src) == step and src not in released:
@@ -298,16 +325,7 @@ def _generate(inputs: list[Net], outputs: list[Net], cells: list[tuple[str, dict
                 free.append(reg_of.pop(src))
         if y not in last_use:  # output only (or dead): its buffer is free right away
             free.append(reg_of.pop(y))
-
-    head = ["def kernel(I, O, R, ZEROS, ONES,",
-            "           _and=_np.bitwise_and, _or=_np.bitwise_or, _xor=_np.bitwise_xor,",
-            "           _not=_np.invert, _copy=_np.copyto):"]
-    if inputs:
-        head.append("    " + ", ".join(f"i{k}" for k in range(len(inputs))) + ", = I")
-    if n_regs:
-        head.append("    " + ", ".join(f"r{k}" for k in range(n_regs)) + ", = R")
-    source = "import numpy as _np\n" + "\n".join(head + ["    " + line for line in body] + ["    return O", ""])
-    return source, n_regs, len(order)
+    return body, n_regs
 
 
 def _toposort(gates: dict[int, tuple[str, list[Net], Net]], driver: dict[Net, int]) -> list[int]:

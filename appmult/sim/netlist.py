@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 
 from ..codes import check_codes
-from ..errors import InvalidTypeError, InvalidValueError, UserError
+from ..errors import InvalidTypeError, InvalidValueError
 from ..files import atomic_write_text
-from .bitparallel import GATE_TYPES, BitParallelEvaluator, words_to_values
+from .bitparallel import BitParallelEvaluator, words_to_values
+from .netlist_checks import (NetlistError, check_driven, check_source_design, inference_note, read_cells,
+                             read_port_bits, resolve_ports)
 from .yosys import YosysError, cache_dir, cache_key, run_yosys, yosys_version
 
 __all__ = ["Netlist", "NetlistError", "synthesize"]
@@ -35,21 +37,11 @@ ABC_GATES = "AND,NAND,OR,NOR,XOR,XNOR,ANDNOT,ORNOT,MUX"
 TOP = "appmult_mul"
 #: log2 of the largest table :meth:`Netlist.exhaustive` builds in memory (8 GiB of int64).
 MAX_TABLE_LOG2 = 30
-#: Largest output width the int64 evaluator supports.
-MAX_OUTPUT_WIDTH = 62
 
 _READERS = {"rtlil": "read_rtlil", "verilog": "read_verilog -sv", "blif": "read_blif -wideports"}
 _SOURCE_FILE = {"rtlil": "design.il", "verilog": "design.v", "blif": "design.blif"}
-_SEQUENTIAL_HINTS = ("DFF", "DLATCH", "SR_", "$ff", "$dff", "$adff", "$sdff", "$aldff", "$dlatch",
-                     "$sr", "$mem", "$fsm", "$_FF_")
-#: Longest list of net names or bits an error message spells out.
-_LIST_MAX = 16
 
 _log = logging.getLogger(__name__)
-
-
-class NetlistError(UserError, ValueError):
-    """A circuit cannot be used as a multiplier netlist (ports, widths, cell types)."""
 
 
 def synthesis_script(source_format: str, top: str | None, *, source_checks: bool = False) -> str:
@@ -133,69 +125,16 @@ class Netlist:
         self._signed = bool(signed)
         self._source_format = source_format
         self._source_text = source_text
-        # Cell types first: a sequential circuit also has extra ports (clock), and
-        # "not combinational" is the message that explains the problem.
-        self._cells: list[tuple[str, dict[str, Any]]] = []
-        unsupported: dict[str, int] = {}
-        gate_reads: list[Any] = []  # raw Yosys bits, before constants are mapped
-        gate_drives: set[Any] = set()
-        for cell in module.get("cells", {}).values():
-            ctype = cell["type"]
-            if ctype not in GATE_TYPES:
-                unsupported[ctype] = unsupported.get(ctype, 0) + 1
-                continue
-            conn = {port: _net(bits[0]) for port, bits in cell["connections"].items()}
-            self._cells.append((ctype, conn))
-            for port, bits in cell["connections"].items():
-                if port == "Y":
-                    gate_drives.update(bits)
-                else:
-                    gate_reads.extend(bits)
-        if unsupported:
-            listing = ", ".join(f"{t} ({n})" for t, n in sorted(unsupported.items()))
-            if any(_is_sequential(t) for t in unsupported):
-                raise NetlistError(f"Module {top!r} is not combinational: it contains sequential cells "
-                                   f"{listing}; the circuit must be combinational")
-            raise NetlistError(f"Module {top!r} contains unsupported cell types {listing}; "
-                               f"supported: {', '.join(sorted(GATE_TYPES))}")
+        self._cells, gate_reads, gate_drives = read_cells(module, top)
         port_table = module.get("ports", {})
         given = tuple(ports)
         if len(given) != 3:
             raise InvalidValueError(f"ports must name the a, b and p ports (3 entries, None to infer), not {given!r}")
-        ports, inferred_roles = _resolve_ports(top, port_table, given)
+        ports, inferred_roles = resolve_ports(top, port_table, given)
         self._ports = ports
-        self._bits: dict[str, list[Any]] = {}
-        for role, name, direction, want in (("a", ports[0], "input", width_a),
-                                            ("b", ports[1], "input", width_b),
-                                            ("p", ports[2], "output", width_p)):
-            if name not in port_table:
-                raise NetlistError(f"Module {top!r} has no port {name!r} (ports: {', '.join(sorted(port_table)) or 'none'})")
-            port = port_table[name]
-            if port["direction"] != direction:
-                raise NetlistError(f"Port {name!r} of module {top!r} is an {port['direction']}, expected an {direction}")
-            bits = [_net(b) for b in port["bits"]]
-            if want is not None and len(bits) != want:
-                what = {"a": "width_a", "b": "width_b", "p": "width_p"}[role]
-                raise NetlistError(f"Port {name!r} of module {top!r} is {len(bits)} bits wide, expected {what}={want}")
-            self._bits[role] = bits
-        extra = sorted(n for n, p in port_table.items() if p["direction"] != "output" and n not in ports[:2])
-        if extra:
-            raise NetlistError(f"Module {top!r} has inputs besides {ports[0]!r} and {ports[1]!r}: "
-                               f"{', '.join(extra)}; a multiplier netlist has exactly two operands")
-        if not 1 <= len(self._bits["p"]) <= MAX_OUTPUT_WIDTH:
-            raise NetlistError(f"Port {ports[2]!r} is {len(self._bits['p'])} bits wide; 1..{MAX_OUTPUT_WIDTH} supported")
-        # A net without a driver would evaluate as 0: a wrong table without an error. (The
-        # constants "x"/"z" of a hand-written netlist do read as 0; user files are checked
-        # for them before synthesis, see _check_source_design.)
-        driven = {bit for bit in self._bits["a"] + self._bits["b"] if isinstance(bit, int)} | gate_drives
-        loose = [k for k, bit in enumerate(port_table[ports[2]]["bits"]) if isinstance(bit, int) and bit not in driven]
-        if loose:
-            raise NetlistError(_undriven_output_message(top, ports[2], loose))
-        floating = sorted({bit for bit in gate_reads if isinstance(bit, int) and bit not in driven})
-        if floating:
-            raise NetlistError(f"Module {top!r} has gates reading nets that nothing drives: "
-                               f"{_listing(_bit_names(module, floating))}; an undriven net has no defined value")
-        self._inferred = _inference_note(top, ports, inferred_roles, self._bits,
+        self._bits = read_port_bits(top, port_table, ports, (width_a, width_b, width_p))
+        check_driven(module, top, ports, self._bits, gate_reads, gate_drives)
+        self._inferred = inference_note(top, ports, inferred_roles, self._bits,
                                          [r for r, w in (("a", width_a), ("b", width_b)) if w is None])
         if self._inferred:
             _log.info(self._inferred)
@@ -277,7 +216,7 @@ class Netlist:
             top = _json_top(netlist_json)
         net = cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
                   source_format=fmt, source_text=text, width_p=width_p)
-        _check_source_design(out["checks.json"].decode("utf-8"), top, net.ports[2])
+        check_source_design(out["checks.json"].decode("utf-8"), top, net.ports[2])
         return net
 
     def to_dict(self) -> dict[str, Any]:
@@ -486,133 +425,6 @@ class Netlist:
         """
         from .cost import hardware_cost
         return hardware_cost(self, relative=relative, **kwargs)
-
-
-def _net(bit: Any) -> Any:
-    # Yosys writes driven bits as integers and constants as "0", "1", "x", "z";
-    # undefined constants evaluate as 0.
-    if isinstance(bit, int):
-        return bit
-    return "1" if bit == "1" else "0"
-
-
-def _undriven_output_message(top: str, name: str, bits: list[int]) -> str:
-    return (f"Output {name!r} of module {top!r} is not driven at bits {_listing(bits)}: an undriven output "
-            "has no defined value; assign every bit (a constant 0 or 1 where intended)")
-
-
-def _listing(items: list[Any]) -> str:
-    shown = ", ".join(str(i) for i in items[:_LIST_MAX])
-    return shown if len(items) <= _LIST_MAX else f"{shown}, ... ({len(items)} in all)"
-
-
-def _bit_names(module: dict[str, Any], bits: list[Any]) -> list[str]:
-    """User-visible names of nets (``t[1]``), preferring names the user wrote."""
-    names: dict[Any, str] = {}
-    ranked = sorted(module.get("netnames", {}).items(), key=lambda kv: (kv[0].startswith("$"), kv[0]))
-    for name, net in ranked:
-        width = len(net["bits"])
-        for k, bit in enumerate(net["bits"]):
-            names.setdefault(bit, f"{name}[{k}]" if width > 1 else name)
-    return [names.get(bit, str(bit)) for bit in bits]
-
-
-def _resolve_ports(top: str, port_table: dict[str, Any],
-                   given: tuple[str | None, ...]) -> tuple[tuple[str, str, str], list[str]]:
-    """Names of the a, b, p ports, and the roles whose names were inferred."""
-    for name, direction in zip(given, ("input", "input", "output")):
-        if name is None:
-            continue
-        if name not in port_table:
-            raise NetlistError(f"Module {top!r} has no port {name!r} "
-                               f"(ports: {', '.join(sorted(port_table)) or 'none'})")
-        if port_table[name]["direction"] != direction:
-            raise NetlistError(f"Port {name!r} of module {top!r} is an {port_table[name]['direction']}, "
-                               f"expected an {direction}")
-    if None not in given:
-        return given, []  # type: ignore[return-value]
-    if given == (None, None, None) and all(n in port_table for n in ("a", "b", "p")):
-        return ("a", "b", "p"), []
-    inputs = [n for n, port in port_table.items() if port["direction"] == "input"]
-    outputs = [n for n, port in port_table.items() if port["direction"] == "output"]
-    if (None in given[:2] and len(inputs) != 2) or (given[2] is None and len(outputs) != 1):
-        raise NetlistError(f"Cannot tell which ports of module {top!r} are the operands a, b and the product p: "
-                           f"inputs {', '.join(inputs) or 'none'}; outputs {', '.join(outputs) or 'none'}. "
-                           "Name them with a=, b= and p=")
-    # Yosys lists ports in declaration order; a port literally named after its role wins.
-    free = {"input": [n for n in inputs if n not in given], "output": [n for n in outputs if n not in given]}
-    names = list(given)
-    roles = []
-    for k, (role, direction) in enumerate((("a", "input"), ("b", "input"), ("p", "output"))):
-        if names[k] is None:
-            pool = free[direction]
-            names[k] = role if role in pool else pool[0]
-            pool.remove(names[k])
-            roles.append(role)
-    return (names[0], names[1], names[2]), roles
-
-
-def _inference_note(top: str, ports: tuple[str, str, str], roles: list[str], bits: dict[str, list[Any]],
-                    widths: list[str]) -> str | None:
-    if roles:
-        what = {"a": "operand a", "b": "operand b", "p": "product p"}
-        parts = [f"{what[r]} = {ports['abp'.index(r)]!r} ({len(bits[r])} bits)" for r in roles]
-        taken = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
-        return f"Module {top!r}: took {taken} from its two inputs and one output in declaration order"
-    if widths:
-        values = " and ".join(f"width_{r} = {len(bits[r])}" for r in widths)
-        names = " and ".join(repr(ports["abp".index(r)]) for r in widths)
-        return f"Module {top!r}: took {values} from port{'s' if len(widths) > 1 else ''} {names}"
-    return None
-
-
-def _is_sequential(cell_type: str) -> bool:
-    return any(h in cell_type for h in _SEQUENTIAL_HINTS) or "latch" in cell_type.lower()
-
-
-def _check_source_design(checks_json: str, top: str, product: str) -> None:
-    """Refuse what synthesis hides: sequential elements and nets that nothing drives.
-
-    ``checks_json`` is the design after ``proc`` and ``flatten`` only (see
-    :func:`synthesis_script`): a flip-flop clocked by an undriven net is still there,
-    an undriven wire is still read by the cells that use it, and an output bit assigned
-    ``x`` or ``z`` is still visible as such.
-    """
-    module = json.loads(checks_json)["modules"][top]
-    sequential: dict[str, int] = {}
-    driven: set[Any] = set()
-    reads: list[Any] = []
-    for port in module.get("ports", {}).values():
-        if port["direction"] in ("input", "inout"):
-            driven.update(port["bits"])
-        if port["direction"] in ("output", "inout"):
-            reads.extend(port["bits"])
-    for cell in module.get("cells", {}).values():
-        ctype = cell["type"]
-        if _is_sequential(ctype):
-            sequential[ctype] = sequential.get(ctype, 0) + 1
-        directions = cell.get("port_directions", {})
-        for port, bits in cell.get("connections", {}).items():
-            direction = directions.get(port, "inout")  # unknown: count as both
-            if direction in ("output", "inout"):
-                driven.update(bits)
-            if direction in ("input", "inout"):
-                reads.extend(bits)
-    if sequential:
-        listing = ", ".join(f"{t} ({n})" for t, n in sorted(sequential.items()))
-        raise NetlistError(f"Module {top!r} is not combinational: it contains sequential cells "
-                           f"{listing}; the circuit must be combinational")
-    product_bits = module["ports"][product]["bits"]
-    loose = [k for k, bit in enumerate(product_bits)
-             if (bit not in driven if isinstance(bit, int) else bit not in ("0", "1"))]
-    if loose:
-        raise NetlistError(_undriven_output_message(top, product, loose))
-    # Constants inside the logic ("x" as don't-care included) need no driver.
-    floating = sorted({bit for bit in reads if isinstance(bit, int) and bit not in driven})
-    if floating:
-        raise NetlistError(f"Module {top!r} reads nets that nothing drives: "
-                           f"{_listing(_bit_names(module, floating))}; an undriven net has no defined value "
-                           "(synthesis would fold it away as \"don't care\"): drive it or remove it")
 
 
 def _json_top(netlist_json: str) -> str:

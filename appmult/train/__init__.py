@@ -26,20 +26,24 @@ from .models import (
     ResNet,
     build_model,
 )
-from .training import (
+from .checkpoints import (
     CHECKPOINT_NAME,
     CheckpointError,
-    Metrics,
+    load_checkpoint,
+    read_torch_file,
+)
+from .pretraining import (
     Pretrained,
+    load_pretrained,
+    pretrain_fp32,
+)
+from .training import (
+    Metrics,
     default_milestones,
     deterministic_algorithms,
     evaluate,
     fit,
-    load_checkpoint,
-    load_pretrained,
     plot_history,
-    pretrain_fp32,
-    read_torch_file,
     seed_everything,
     train_epoch,
 )

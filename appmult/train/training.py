@@ -13,29 +13,19 @@ an uninterrupted run would. The checkpoint additionally stores the RNG states at
 of the epoch and restores them on resume, so code that runs after :func:`fit` also sees
 the same random stream either way.
 
-Checkpoints are written atomically (``appmult.files.atomic_writer``), hold only tensors
-and plain Python containers, and are read with ``torch.load(weights_only=True)``:
-loading a checkpoint never unpickles arbitrary objects. Each checkpoint and pretrained
-model file carries the SHA-256 of its contents (one more record in torch's zip archive,
-so it stays an ordinary torch file), checked on every load: a corrupt or modified file
-is refused, never resumed from.
+Checkpoints: :mod:`appmult.train.checkpoints` (atomic, sealed with a content hash, never
+unpickled); pretrained FP32 models: :mod:`appmult.train.pretraining`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import pickle
 import random
-import shutil
 import time
-import zipfile
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,39 +34,23 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import InvalidTypeError, InvalidValueError, MissingFileError, UserError
-from ..files import atomic_write_text, atomic_writer
+from ..errors import InvalidTypeError, InvalidValueError
+from ..files import atomic_write_text
 from ..plotting import new_figure, save_figure
-from .data import DatasetInfo, make_loaders
-from .models import build_model
+from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = [
-    "CHECKPOINT_NAME",
-    "CheckpointError",
     "Metrics",
-    "Pretrained",
     "default_milestones",
     "deterministic_algorithms",
     "evaluate",
     "fit",
-    "load_checkpoint",
-    "load_pretrained",
     "plot_history",
-    "pretrain_fp32",
-    "read_torch_file",
     "seed_everything",
     "train_epoch",
 ]
 
-CHECKPOINT_NAME = "last.pt"
-_CHECKPOINT_FORMAT = "appmult.training.checkpoint/1"
-_PRETRAINED_FORMAT = "appmult.training.pretrained/1"
-
 EpochCallback = Callable[[int, dict], "bool | None"]
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint file exists but cannot be used (corrupt, foreign, or another run's)."""
 
 
 class Metrics(NamedTuple):
@@ -293,143 +267,6 @@ def default_milestones(epochs: int) -> list[int]:
 # A torch file is a zip archive; the hash of all its records is one more record in it, so
 # the file stays an ordinary torch file (torch.load ignores the record) and the state dict
 # keeps its keys.
-_HASH_RECORD = "appmult.sha256"
-
-
-def _records_digest(archive: zipfile.ZipFile, skip: str | None) -> str:
-    h = hashlib.sha256()
-    for info in sorted(archive.infolist(), key=lambda i: i.filename):
-        if info.filename == skip:
-            continue
-        h.update(f"{info.filename}\0{info.file_size}\0".encode())
-        with archive.open(info) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _seal(path: Path) -> None:
-    """Add the SHA-256 of every record to the torch archive at ``path``."""
-    with zipfile.ZipFile(path, "a") as archive:
-        names = archive.namelist()
-        prefix = names[0].split("/", 1)[0] if names and "/" in names[0] else "archive"
-        archive.writestr(f"{prefix}/{_HASH_RECORD}", _records_digest(archive, None))
-
-
-def _seal_state(path: Path) -> bool | None:
-    """True: ``path`` carries a hash that matches its records; False: one that does not
-    (or records that fail their zip checksum); None: no hash (or not a zip archive)."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return None
-    with archive:
-        record = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == _HASH_RECORD), None)
-        if record is None:
-            return None
-        try:
-            return archive.read(record).decode("ascii") == _records_digest(archive, record)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, zlib.error):
-            return False
-
-
-def _save_torch(path: Path, obj: Any) -> None:
-    with atomic_writer(path) as tmp:
-        torch.save(obj, tmp)
-        _seal(tmp)
-
-
-def _torch_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_torch_file(path: str | os.PathLike) -> Any:
-    """Read any torch file with weights only (a :func:`fit` checkpoint, a :func:`pretrain_fp32`
-    model, a plain ``state_dict``), on the CPU; a file that carries appmult's content hash is
-    verified first.
-
-    For files a user names (``--checkpoint``): the errors say what the file is, never how
-    to load it unsafely.
-
-    Args:
-        path: The file.
-
-    Returns:
-        What the file holds (tensors and plain containers).
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist or is a directory.
-        CheckpointError: If the file is not a torch file, holds other objects than tensors and
-            plain containers, or does not match the content hash it carries.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise MissingFileError(f"Checkpoint {path} is a directory, not a file")
-    if not path.is_file():
-        raise MissingFileError(f"Checkpoint {path} does not exist")
-    if _seal_state(path) is False:
-        raise CheckpointError(f"Checkpoint {path} does not match the content hash stored with it: it is "
-                              f"corrupt or was modified")
-    try:
-        return _torch_load(path)
-    except pickle.UnpicklingError:
-        if zipfile.is_zipfile(path):
-            raise CheckpointError(f"Checkpoint {path} holds objects other than tensors and plain containers; "
-                                  f"appmult reads only weights and never unpickles code") from None
-        raise CheckpointError(f"Checkpoint {path} is not an appmult or torch checkpoint file") from None
-    except Exception:  # torch raises several types for foreign or damaged files
-        raise CheckpointError(f"Checkpoint {path} is not an appmult or torch checkpoint file") from None
-
-
-def _load_sealed(path: Path, fmt: str, what: str, advice: str) -> dict[str, Any] | None:
-    """A file of format ``fmt`` written by :func:`_save_torch`, verified (None: another format);
-    messages name the file as ``what`` and end in ``advice``."""
-    sealed = _seal_state(path)
-    if sealed is False:
-        raise CheckpointError(f"{what} {path} does not match the content hash stored with it: it is corrupt "
-                              f"or was modified; {advice}")
-    try:
-        state = _torch_load(path)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"{what} {path} is corrupt or not a torch file; {advice}") from exc
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        return None  # the caller says what it is not
-    if sealed is None:
-        raise CheckpointError(f"{what} {path} carries no content hash (written by another program or an "
-                              f"older appmult); {advice}")
-    return state
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`fit` (on the CPU, ``weights_only=True``), verified
-    against the content hash stored in it.
-
-    Args:
-        path: The checkpoint file (``<checkpoint_dir>/last.pt``).
-
-    Returns:
-        Dict with ``epoch`` (completed epochs), ``model``, ``optimizer``, ``scheduler``
-        (state dicts), ``rng``, ``history`` and ``run`` (seed and schedule).
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        CheckpointError: If the file is unreadable, not a :func:`fit` checkpoint, or does not
-            match its content hash (one flipped bit is enough).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"No checkpoint at {path}")
-    state = _load_sealed(path, _CHECKPOINT_FORMAT, "Checkpoint", "delete it or pass resume=False")
-    if state is None:
-        raise CheckpointError(f"{path} is not an appmult training checkpoint; delete it "
-                              f"or pass resume=False")
-    return state
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    _save_torch(path, state)
-
-
 def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
         optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
         milestones: Sequence[int] | None = None, gamma: float = 0.5, seed: int = 0,
@@ -526,8 +363,8 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
             }
             history.append(record)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, {
-                    "format": _CHECKPOINT_FORMAT, "epoch": epoch + 1, "run": run,
+                save_checkpoint(checkpoint, {
+                    "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "run": run,
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                     "history": history,
@@ -540,96 +377,6 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
 
 
 # --- pretrained FP32 models -----------------------------------------------------------
-
-class Pretrained(NamedTuple):
-    """A trained model with where it came from."""
-
-    model: nn.Module
-    history: list[dict[str, Any]]
-    path: Path
-
-
-def load_pretrained(path: str | os.PathLike) -> Pretrained:
-    """Rebuild a model saved by :func:`pretrain_fp32` (read with ``weights_only=True``).
-
-    Args:
-        path: The ``.pt`` file written by :func:`pretrain_fp32`.
-
-    Returns:
-        :class:`Pretrained` with the model on the CPU.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        CheckpointError: If the file is unreadable or not a pretrained-model file.
-    """
-
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"No pretrained model at {path}")
-    state = _load_sealed(path, _PRETRAINED_FORMAT, "Pretrained model", "delete it to retrain")
-    if state is None:
-        raise CheckpointError(f"{path} is not an appmult pretrained model; delete it to retrain")
-    info = DatasetInfo(**state["dataset_info"])
-    model = build_model(state["model_name"], info)
-    model.load_state_dict(state["model"])
-    return Pretrained(model, list(state["history"]), path)
-
-
-def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
-                  out_dir: str | os.PathLike = "pretrained", *, batch_size: int = 64,
-                  lr: float = 1e-3, data_dir: str | os.PathLike | None = None,
-                  progress: bool = True, device: torch.device | str | None = None,
-                  ) -> Pretrained:
-    """Train (or load from cache) an FP32 model, the common start of retraining runs.
-
-    The result is cached in ``out_dir`` as
-    ``<model>-<dataset>-e<epochs>-bs<batch>-lr<lr>-s<seed>.pt`` (with a ``.json`` history
-    and a ``.png`` training curve beside it); a second call with the same arguments
-    loads it instead of training. An interrupted pretraining resumes from its
-    checkpoint directory ``<stem>.ckpt``, which is removed once the model is saved.
-
-    Args:
-        model_name: A name accepted by :func:`appmult.train.build_model`.
-        dataset: A name accepted by :func:`appmult.train.make_loaders`.
-        epochs: Training epochs.
-        seed: Seed of the initial weights, the data split and the training run.
-        out_dir: Cache directory.
-        batch_size: Training batch size.
-        lr: Initial Adam learning rate (halved at 1/3 and 2/3 of the run).
-        data_dir: Data directory for ``"mnist"`` and ``"cifar10"``.
-        progress: Show progress bars.
-        device: Where to train (default: CPU); the returned model is on the CPU.
-
-    Returns:
-        :class:`Pretrained` ``(model, history, path)``.
-
-    Raises:
-        ValueError: For unknown model or dataset names.
-        CheckpointError: If a cached file is corrupt.
-    """
-
-    out_dir = Path(out_dir)
-    stem = f"{model_name}-{dataset}-e{epochs}-bs{batch_size}-lr{lr:g}-s{seed}"
-    path = out_dir / f"{stem}.pt"
-    if path.exists():
-        return load_pretrained(path)
-    loaders = make_loaders(dataset, batch_size, seed, data_dir)
-    seed_everything(seed)
-    model = build_model(model_name, loaders.info)
-    history = fit(model, loaders, epochs, lr=lr, seed=seed, checkpoint_dir=out_dir / f"{stem}.ckpt",
-                  resume=True, progress=progress, device=device)
-    model.cpu()
-    _save_torch(path, {"format": _PRETRAINED_FORMAT, "model_name": model_name, "dataset": dataset,
-                       "dataset_info": asdict(loaders.info), "epochs": epochs, "seed": seed,
-                       "batch_size": batch_size, "lr": lr, "model": model.state_dict(),
-                       "history": history})
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(history, indent=1) + "\n")
-    plot_history({stem: history}, out_dir / f"{stem}.png")
-    shutil.rmtree(out_dir / f"{stem}.ckpt", ignore_errors=True)
-    return Pretrained(model, history, path)
-
-
-# --- plots -----------------------------------------------------------------------------
 
 def plot_history(histories: dict[str, list[dict[str, Any]]], path: str | os.PathLike, *,
                  title: str | None = None) -> Path:
