@@ -1,0 +1,133 @@
+"""``appmult explore``: search for approximate multipliers cheaper than the built-in families."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "explore", help="search for approximate multipliers: family sweep + gate-level evolution",
+        description="Start from a circuit (the exact multiplier by default, any spec, a circuit file or your "
+                    "Verilog), evolve it gate by gate under a sweep of error bounds (every candidate simulated "
+                    "exhaustively up to 12-bit operands), and write the Pareto front: each circuit as a "
+                    "netlist:path=... multiplier (JSON) with its Verilog, front.md/front.json with figures "
+                    "measured after re-synthesis, and pareto.png against the built-in families' front.")
+    p.add_argument("start", nargs="?", metavar="START",
+                   help="seed circuit: a spec (exact:width=8), a circuit file (.json) or Verilog (.v); "
+                        "default: the exact multiplier of --width and --signed")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--width", type=int, help="operand width of the default seed (both operands)")
+    p.add_argument("--width-a", type=int, help="width of operand a of the default seed")
+    p.add_argument("--width-b", type=int, help="width of operand b of the default seed")
+    p.add_argument("--signed", action="store_true", default=None, help="two's complement (default seed, Verilog)")
+    p.add_argument("--unsigned", dest="signed", action="store_false", help="unsigned (Verilog seed)")
+    p.add_argument("--error", default="mae", help="error objective: mae, mre, wce, mse, er (default mae)")
+    p.add_argument("--cost", default="transistors",
+                   help="cost figure: transistors, gates, aig_nodes, depth (default transistors)")
+    p.add_argument("--bounds", metavar="B1,B2,...",
+                   help="increasing error bounds (%% for mae/wce of 2**(wa+wb), %% for mre/er; absolute for mse)")
+    for metric in ("mae", "wce", "mre", "er", "mse"):
+        p.add_argument(f"--max-{metric}", type=float, metavar="X",
+                       help=f"constraint: every reported circuit has {metric} <= X (units as --bounds)")
+    p.add_argument("--budget", metavar="TIME", help="wall-clock budget, e.g. 90s, 10m, 1h")
+    p.add_argument("--evaluations", type=int, metavar="N", help="candidate evaluations (reproducible budget)")
+    p.add_argument("--lam", type=int, default=4, help="children per generation (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--hist", metavar="FILE.npz",
+                   help="operand distributions: arrays p_a and/or p_b (one weight per code) for weighted errors")
+    p.add_argument("--report", type=int, default=30, metavar="N",
+                   help="measure and report at most N found circuits (default 30)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the family sweep")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.json")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _bounds(text: str | None):
+    from ..errors import UsageError
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--bounds must be comma-separated numbers, not {text!r}") from None
+
+
+def _hist(path: str | None):
+    if path is None:
+        return None, None
+    import numpy as np
+
+    from ..errors import MissingFileError, UsageError
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise MissingFileError(f"Histogram file {path!r} does not exist") from None
+    except ValueError as exc:
+        raise UsageError(f"Cannot read histogram file {path!r}: {exc}") from None
+    pa = tuple(data["p_a"].tolist()) if "p_a" in data else None
+    pb = tuple(data["p_b"].tolist()) if "p_b" in data else None
+    if pa is None and pb is None:
+        raise UsageError(f"Histogram file {path!r} has neither p_a nor p_b")
+    return pa, pb
+
+
+def build_config(args: argparse.Namespace):
+    """The :class:`~appmult.explore.ExploreConfig` of the command-line arguments."""
+    from ..explore import ExploreConfig, parse_budget
+    p_a, p_b = _hist(args.hist)
+    constraints = tuple((m, getattr(args, f"max_{m}")) for m in ("mae", "wce", "mre", "er", "mse")
+                        if getattr(args, f"max_{m}") is not None)
+    return ExploreConfig(error=args.error, cost=args.cost, bounds=_bounds(args.bounds), constraints=constraints,
+                         evaluations=args.evaluations,
+                         budget_s=parse_budget(args.budget) if args.budget is not None else None,
+                         lam=args.lam, seed=args.seed, p_a=p_a, p_b=p_b)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..explore import Evaluator, search, seed_genome, sweep_families, write_outputs
+    config = build_config(args)  # every argument checked before the long work
+    if args.report < 1:
+        raise UsageError(f"--report must be at least 1, not {args.report}")
+    start = args.start
+    if start is None:
+        wa = args.width_a or args.width
+        wb = args.width_b or args.width
+        if not wa or not wb:
+            raise UsageError("Give a seed circuit (START) or --width (or --width-a and --width-b)")
+        start = f"exact:width_a={wa},width_b={wb},signed={'true' if args.signed else 'false'}"
+    genome, seed_name = seed_genome(start, signed=args.signed)
+    config.check_widths(genome.width_a, genome.width_b)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    family = None
+    if not args.no_sweep:
+        ev = Evaluator(genome.width_a, genome.width_b, genome.signed, p_a=config.p_a, p_b=config.p_b,
+                       samples=config.samples, seed=config.seed)
+        family = sweep_families(genome.width_a, genome.width_b, genome.signed, evaluator=ev,
+                                progress=not args.quiet)
+    print(f"searching from {seed_name} ({genome.n_gates} gates, {genome.cost()['transistors']} transistors "
+          f"estimated) ...", file=sys.stderr)
+    result = search(genome, config, checkpoint=out / "checkpoint.json", resume=args.resume,
+                    progress=not args.quiet)
+    vectors = None
+    if not result.exhaustive:
+        ev = Evaluator(genome.width_a, genome.width_b, genome.signed, samples=config.samples, seed=config.seed)
+        vectors = ev.vectors()
+    doc = write_outputs(result, out, family=family, vectors=vectors, max_report=args.report,
+                        progress=not args.quiet, seed_name=seed_name)
+    key = doc["error_key"]
+    print(f"{result.evaluations} evaluations in {result.seconds:.1f} s ({result.throughput:.0f}/s), "
+          f"{'exhaustive' if result.exhaustive else 'sampled (not exhaustive)'}")
+    for r in doc["found"]:
+        if r["pareto"]:
+            print(f"  {r['name']}  {key} {r['metrics'][key]:.4g}  transistors {r['cost']['transistors']}  "
+                  f"{r['spec']}")
+    for name in ("front.md", "front.json", "pareto.png", "circuits/"):
+        print(f"wrote {out / name}", file=sys.stderr)
+    return 0
