@@ -14,7 +14,8 @@ Which test covers which item of issue 11:
 * item 9  (a crash between checkpoint and ``multiplication.json`` lost the epoch's labels):
   ``test_crash_after_checkpoint_keeps_the_epochs_labels``
 * item 13, retrain and assign (read-only ``--out``, ``--out`` that is a file):
-  ``test_retrain_output_checked_before_work``, ``test_assign_output_checked_before_work``
+  ``test_retrain_output_checked_before_work``, ``test_assign_output_checked_before_work`` (and
+  ``test_verify_build_dir_checked_before_work`` for ``verify --build-dir``)
 * item 16 (a moved run directory could not be resumed): ``test_moved_run_resumes``
 * message (Verilator without perl quoted a build log in a deleted directory):
   ``test_verilator_without_perl_says_so``, ``test_build_failure_never_names_a_deleted_directory``
@@ -22,6 +23,7 @@ Which test covers which item of issue 11:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -121,7 +123,7 @@ def test_tb_result_of_another_run_is_refused(tmp_path):
 # --- retraining: the smallest runs ----------------------------------------------------------------
 
 torch_missing = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("torch") is None or __import__("importlib").util.find_spec("sklearn") is None,
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("sklearn") is None,
     reason="torch and scikit-learn are needed for retraining")
 
 
@@ -170,7 +172,8 @@ def test_retrain_refuses_an_existing_run(lut_path, pretrained_dir, tmp_path, cap
     with pytest.raises(RetrainError, match=exact(message)):
         _run(small(lut_path, out, pretrained_dir, grads=("lut1d",)))
     assert checkpoint.read_bytes() == before
-    assert json.loads((out / "results.json").read_text())["modes"]["ste"] == json.loads(json.dumps(first))["modes"]["ste"]
+    kept = json.loads((out / "results.json").read_text())
+    assert kept["modes"]["ste"] == json.loads(json.dumps(first))["modes"]["ste"]
     # The command line: exit status 2 and the same message.
     argv = ["retrain", "--lut", str(lut_path), "--model", "mlp", "--epochs", "1", "--out", str(out),
             "--pretrained-dir", str(pretrained_dir), "--no-progress"]
@@ -323,6 +326,15 @@ def test_assign_output_checked_before_work(kind, tmp_path, request, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err == f"appmult assign: error: Cannot write output directory {out}: {why}\n"
     assert leftovers(tmp_path) == []
+
+
+def test_verify_build_dir_checked_before_work(tmp_path, capsys):
+    # Item 13, beside retrain: `verify --build-dir FILE` is refused before characterizing the circuit.
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    assert main(["verify", "exact:width=4", "--build-dir", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == (f"appmult verify: error: Cannot write build directory {tmp_path / 'file'}: "
+                                       f"it is a file, not a directory\n")
 
 
 # --- item 16: a run directory is resumable wherever it is ----------------------------------------------

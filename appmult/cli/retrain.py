@@ -40,6 +40,9 @@ def register(sub) -> None:
         help="batches per --half-window auto trial (default one epoch)")
     opt("out", "--out", metavar="DIR", help="output directory (default %(default)s)")
     opt("resume", "--resume", action="store_true", help="continue an interrupted run in --out")
+    opt("overwrite", "--overwrite", action="store_true",
+        help="replace the run already in --out (its checkpoints and results); without it, or --resume, "
+             "a run found there is refused")
     opt("exact_last", "--exact-last", type=int, metavar="N",
         help="hybrid training: exact products (same quantization) in the last N epochs (default %(default)s)")
     opt("simulated_error", "--simulated-error", action="store_true",

@@ -22,19 +22,23 @@ def register(sub) -> None:
     p.add_argument("--registered", action="store_true",
                    help="export and check the registered variant (clk, rst, one cycle latency)")
     p.add_argument("--build-dir", metavar="DIR",
-                   help="keep the Verilog, logs and JSON result here (default: a temporary directory)")
+                   help="keep the Verilog, logs and JSON result here (default: a temporary directory); "
+                        "runs sharing one take turns")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample for wide operands")
     p.add_argument("--max-pairs", type=int, metavar="N", help="check at most N operand pairs")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import check_output_dir
     from ..flows import circuit_lut
     from ..hdl import from_spec
     from ..lut_gen import load
     from ..tb import verify_multiplier
 
     mult = from_spec(args.spec)
+    if args.build_dir:
+        check_output_dir(args.build_dir, what="build directory")
     if args.lut:
         lut = load(args.lut)
         lut.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, check_output_dir
 from ..lut_gen import LutFile
 from ..methods.assignment import AssignError, Candidate, assign, check_candidates, plan_configs
 from ..methods.error_model import measure_error, predict_sigma, record_operands
@@ -177,11 +177,12 @@ def run_assign(cfg: AssignConfig) -> dict[str, Any]:
         The results dict.
 
     Raises:
+        appmult.errors.UsageError: an output directory that cannot be written (checked first).
         AssignError: bad candidates (mixed widths, no cost).
         FileNotFoundError: a missing checkpoint or LUT file.
     """
 
-    out = Path(cfg.out)
+    out = check_output_dir(cfg.out, files=("plan.json", "results.json", "pareto.png"))  # before any work
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cands, exact, ref_lut = _candidates(cfg)

@@ -2,7 +2,10 @@
 
 Pipeline (:func:`run_retrain`), one step function each:
 
-1. The LUT: loaded, or characterized from a spec (:func:`_resolve_lut`).
+0. Before any work: the output directory can be written and holds no earlier run, unless
+   this one resumes it (``resume``) or replaces it (``overwrite``) (:func:`_check_output`).
+1. The LUT: loaded, or characterized from a spec; with ``verify_rtl``, everything the RTL
+   check will need is checked here, before any training (:func:`_resolve_lut`).
 2. An FP32 model: pretrained and cached (:func:`appmult.train.pretrain_fp32`) or
    loaded from a checkpoint (:func:`_fp32_step`).
 3. Quantize and calibrate once against the LUT: this is the *starting point* every
@@ -30,9 +33,10 @@ Pipeline (:func:`run_retrain`), one step function each:
 7. Write ``results.json``, ``results.md`` and ``curves.png`` (:mod:`appmult.flows.retrain_results`).
 
 Every epoch is checkpointed atomically per mode (``<out>/modes/<mode>/last.pt``); with
-``resume=True`` an interrupted run continues where it stopped and ends with the same
-numbers as an uninterrupted one. Under ``torchrun`` (``WORLD_SIZE > 1``) the same call
-trains with DistributedDataParallel (:mod:`appmult.flows.distributed`).
+``resume=True`` an interrupted run continues where it stopped -- also after its directory
+was moved or copied -- and ends with the same numbers as an uninterrupted one. Under
+``torchrun`` (``WORLD_SIZE > 1``) the same call trains with DistributedDataParallel
+(:mod:`appmult.flows.distributed`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InvalidTypeError
+from ..errors import InvalidTypeError, UserError
+from ..files import check_output_dir
+from ..hdl import from_spec
 from ..lut_gen import LutFile
 from ..methods.simulated_error import lut_mre
 from ..nn import ApproxConv2d, ApproxLinear, calibrate, exact_, exact_multiplication, load_lut
@@ -61,8 +67,8 @@ from .characterization import characterize
 from .distributed import Dist, init_distributed, run_device, shard_loaders
 from .half_window import half_window_candidates, half_window_trials, stored_half_window, with_half_window
 from .retrain_config import SIMULATED_ERROR_MODE, RetrainConfig, RetrainError
-from .retrain_mode import EpochHook, mode_identity, train_mode
-from .retrain_results import RESULTS_FORMAT, lut_summary, versions, write_results
+from .retrain_mode import MODES_DIR, EpochHook, existing_run, mode_identity, remove_modes, train_mode
+from .retrain_results import RESULT_FILES, RESULTS_FORMAT, lut_summary, remove_results, versions, write_results
 from .retrain_start import approx_model, fixed_batches, fp32_model, reseed, start_state
 
 __all__ = ["run_retrain", "state_digest"]
@@ -84,7 +90,10 @@ def run_retrain(cfg: RetrainConfig, *, on_epoch_end: EpochHook | None = None) ->
         The results dict, as written to ``<out>/results.json`` (on every rank).
 
     Raises:
-        RetrainError: mismatched checkpoint or output directory, or invalid settings.
+        RetrainError: mismatched checkpoint or output directory, an earlier run in the
+            output directory (without ``resume`` or ``overwrite``), an impossible RTL
+            check, or invalid settings.
+        appmult.errors.UsageError: an output directory that cannot be written.
         FileNotFoundError: a missing LUT file or checkpoint.
         appmult.lut_gen.LutFileError: an invalid LUT file.
         appmult.train.CheckpointError: a corrupt checkpoint in the output directory.
@@ -139,6 +148,7 @@ def _pipeline(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     """The steps of the module docstring, in order; the results dict."""
     t_start = time.perf_counter()
     cfg, d = run.cfg, run.dist
+    _check_output(run)
     lut = _resolve_lut(run)
     full_loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir)
     loaders = shard_loaders(full_loaders, d, cfg.batch_size)
@@ -148,6 +158,11 @@ def _pipeline(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     exact_epoch_s = _time_exact_epoch(start_model, loaders, cfg, run.device) if cfg.time_exact else None
     del start_model
 
+    if cfg.overwrite and d.main:
+        # Only now, when this run is about to write: a run that fails before keeps the old one.
+        remove_modes(Path(cfg.out))
+        remove_results(Path(cfg.out))
+    d.barrier()
     modes: dict[str, Any] = {}
     for mode in cfg.modes:
         model, modes[mode] = _retrain_mode(run, mode, tables[mode], fp32, fp32_info, start, loaders,
@@ -166,6 +181,28 @@ def _pipeline(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
 
 
 # --- steps ---------------------------------------------------------------------------------------
+
+def _check_output(run: _Run) -> None:
+    """Before any work: ``out`` can be written, and holds no run this one would destroy.
+
+    Rank 0 looks (the others would race its first writes) and every rank raises what it found.
+    """
+    cfg, d = run.cfg, run.dist
+    problem: UserError | None = None
+    if d.main:
+        try:
+            out = check_output_dir(cfg.out, files=RESULT_FILES)
+            if not (cfg.resume or cfg.overwrite):
+                found = existing_run(out, finished=(out / RESULT_FILES[0]).is_file()) if out.is_dir() else None
+                if found:
+                    raise RetrainError(f"Output directory {out} already holds a retraining run ({found}): pass "
+                                       f"--resume to continue it, --overwrite to replace it, or choose another --out")
+        except UserError as exc:
+            problem = exc
+    problem = d.share(problem)
+    if problem is not None:
+        raise problem
+
 
 def _resolve_lut(run: _Run) -> LutFile:
     """The LUT file, or the spec characterized with every gradient table; refuses an impossible RTL check."""
@@ -186,6 +223,7 @@ def _fp32_step(run: _Run, full_loaders: Loaders, test: Iterable) -> tuple[nn.Mod
     """The FP32 model on the run's device, and where it came from and its test accuracy."""
     fp32, fp32_info = fp32_model(run.cfg, full_loaders, run.dist)
     fp32 = fp32.to(run.device)
+    fp32_info["sha256"] = state_digest(fp32)  # what a resumed run must start from, wherever its file is
     fp32_info["accuracy"] = evaluate(fp32, test, device=run.device).accuracy
     run.say(f"FP32 {run.cfg.model}: {100 * fp32_info['accuracy']:.2f}% ({fp32_info['source']})")
     return fp32, fp32_info
@@ -323,10 +361,27 @@ def state_digest(model: nn.Module) -> str:
 # --- the hardware proof --------------------------------------------------------------------------
 
 def _check_rtl_possible(cfg: RetrainConfig, lut: LutFile) -> None:
-    """Refuse ``verify_rtl`` before any training when it cannot work."""
-    if not lut.metadata.get("spec"):
+    """Refuse ``verify_rtl`` before any training when it cannot work.
+
+    What :func:`_rtl_step` will need: a circuit behind the LUT (a spec in its metadata that
+    names one, of the LUT's widths and signedness) and a working simulator.
+    """
+    spec = lut.metadata.get("spec")
+    if not spec:
         raise RetrainError(f"--verify-rtl needs a LUT characterized from a circuit; LUT {lut.lut_id} has no "
                            f"'spec' in its metadata")
+    try:
+        mult = from_spec(spec)
+    except (UserError, ValueError, TypeError) as exc:
+        raise RetrainError(f"--verify-rtl needs the circuit of LUT {lut.lut_id}, but its metadata spec {spec!r} "
+                           f"does not name one: {exc}") from None
+    have = (mult.width_a, mult.width_b, mult.signed)
+    want = (lut.width_a, lut.width_b, lut.signed)
+    if have != want:
+        def fmt(t):
+            return f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}"
+        raise RetrainError(f"--verify-rtl needs the circuit of LUT {lut.lut_id}: its spec {spec} is {fmt(have)} "
+                           f"but the LUT is {fmt(want)}")
     check_simulator(cfg.rtl_sim)
 
 
@@ -363,7 +418,7 @@ def _rtl_step(run: _Run, mode: str, model: nn.Module, test_loader: Iterable) -> 
         images = next(iter(test_loader))[0][:RTL_IMAGES].to(run.device)
         x = _layer_input(model, layer, images)
         check = rtlcheck.verify_layer_rtl(layer, x, positions=cfg.rtl_positions, sim=cfg.rtl_sim,
-                                          build_dir=Path(cfg.out) / "modes" / mode / "rtl", seed=cfg.seed)
+                                          build_dir=Path(cfg.out) / MODES_DIR / mode / "rtl", seed=cfg.seed)
         result = dict(check.to_dict(), layer_name=name, images=int(images.shape[0]))
         run.say(f"{mode}: {result['summary']}")
     return run.dist.share(result)

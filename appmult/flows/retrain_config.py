@@ -57,6 +57,8 @@ class RetrainConfig:
             one of 1, 2, 4, ..., 64, or ``"auto"`` (training trials).
         out: output directory.
         resume: continue an interrupted run in ``out``.
+        overwrite: replace the run ``out`` already holds (its checkpoints and results);
+            without it (and without ``resume``) a run found there is refused.
         exact_last: hybrid schedule: exact products (same quantization) in the last N epochs.
         simulated_error: also train a ``simulated-error`` mode (exact products plus
             per-product noise of the LUT's MRE), evaluated on the real LUT.
@@ -96,6 +98,7 @@ class RetrainConfig:
     half_window: int | str | None = None
     out: str = "retrain-out"
     resume: bool = False
+    overwrite: bool = False
     exact_last: int = 0
     simulated_error: bool = False
     mre: float | None = None
@@ -172,9 +175,12 @@ class RetrainConfig:
             raise RetrainError(f"Noise operands must be 'codes' or 'values', not {self.noise_operands!r}")
 
     def _check_run(self) -> None:
-        """How the run behaves: resume, progress, threads, the RTL check."""
-        for name in ("resume", "progress", "time_exact", "verify_rtl"):
+        """How the run behaves: resume or overwrite, progress, threads, the RTL check."""
+        for name in ("resume", "overwrite", "progress", "time_exact", "verify_rtl"):
             check_bool(RetrainError, name, getattr(self, name))
+        if self.resume and self.overwrite:
+            raise RetrainError("resume continues the run in the output directory and overwrite replaces it: "
+                               "give one, not both")
         if self.threads is not None:
             check_int(RetrainError, "threads", self.threads)
         check_int(RetrainError, "rtl_positions", self.rtl_positions)

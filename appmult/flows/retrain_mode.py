@@ -2,9 +2,12 @@
 
 A mode is a gradient mode (``ste``, ``lut2d``, ``lut1d``) or ``simulated-error`` (STE
 backward, exact products plus per-product noise in training). Its files live in
-``<out>/modes/<mode>/``: ``run.json`` (what the run depends on, checked on resume),
-``last.pt`` (the checkpoint of every epoch, written by :func:`appmult.train.fit`) and
-``multiplication.json`` (what each epoch's forwards really used).
+``<out>/modes/<mode>/``: ``run.json`` (what the run depends on, checked on resume; by
+content, so a run directory resumes wherever it was moved or copied), ``last.pt`` (the
+checkpoint of every epoch, written by :func:`appmult.train.fit`) and
+``multiplication.json`` (what each epoch's forwards really used, written *before* that
+epoch's checkpoint, so that a resumed run never finds a checkpoint without its labels).
+:func:`existing_run` says what run an output directory already holds.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ from .distributed import Dist
 from .retrain_config import SIMULATED_ERROR_MODE, RetrainConfig, RetrainError
 from .retrain_start import approx_model, load_start
 
-__all__ = ["EpochHook", "mode_identity", "train_mode"]
+__all__ = ["MODES_DIR", "EpochHook", "existing_run", "mode_identity", "remove_modes", "train_mode"]
+
+#: The directory of ``<out>`` holding one directory per mode.
+MODES_DIR = "modes"
+_RUN_FILE = "run.json"
+_LABELS_FILE = "multiplication.json"
+_HISTORY_FILE = "history.json"  # written by appmult.train.fit beside each checkpoint
 
 #: ``on_epoch_end(mode, epoch, record)`` of :func:`~appmult.flows.run_retrain`.
 EpochHook = Callable[[str, int, dict], Any]
@@ -85,23 +94,85 @@ class _Schedule:
 # --- the mode's directory --------------------------------------------------------------------------
 
 def mode_identity(cfg: RetrainConfig, mode: str, lut: LutFile, fp32_info: dict, half_window) -> dict[str, Any]:
-    """What one mode's training depends on (``run.json``); a resumed run must match it."""
+    """What one mode's training depends on (``run.json``); a resumed run must match it.
+
+    Files are identified by content, never by path: the LUT by its content hash, the FP32
+    model by :func:`~appmult.flows.state_digest` (``fp32_info["sha256"]``).
+    """
     return {"mode": mode, "lut_sha256": lut.sha256, "half_window": half_window, "model": cfg.model,
             "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "seed": cfg.seed, "exact_last": cfg.exact_last, "mre": cfg.mre,
             "noise_operands": cfg.noise_operands if mode == SIMULATED_ERROR_MODE else None,
-            "fp32": fp32_info.get("path"), "calib_batches": cfg.calib_batches}
+            "fp32_sha256": fp32_info["sha256"], "calib_batches": cfg.calib_batches}
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _check_resumable(mode_dir: Path, identity: dict[str, Any]) -> None:
-    path = mode_dir / "run.json"
+    path = mode_dir / _RUN_FILE
     if not path.is_file():
         return
-    theirs = json.loads(path.read_text())
+    theirs = _read_json(path)
+    if not isinstance(theirs, dict):
+        raise RetrainError(f"{path} is not a run description (JSON object); use another --out, or replace the "
+                           f"run with --overwrite")
     diffs = [f"{k}: {theirs.get(k)!r} != {v!r}" for k, v in identity.items() if theirs.get(k) != v]
     if diffs:
-        raise RetrainError(f"{mode_dir} holds another run ({'; '.join(diffs[:3])}); use another --out "
-                           f"or run without --resume")
+        raise RetrainError(f"{mode_dir} holds another run ({'; '.join(diffs[:3])}); use another --out, or "
+                           f"replace it with --overwrite instead of --resume")
+
+
+def _mode_dirs(out: Path) -> list[Path]:
+    """The mode directories of ``out`` that hold something of a run (a description or a checkpoint)."""
+    modes = out / MODES_DIR
+    if not modes.is_dir():
+        return []
+    return sorted(d for d in modes.iterdir()
+                  if d.is_dir() and ((d / _RUN_FILE).exists() or (d / CHECKPOINT_NAME).exists()))
+
+
+def existing_run(out: Path, *, finished: bool) -> str | None:
+    """The retraining run ``out`` holds, in words, or None when it holds none.
+
+    E.g. ``"mlp on digits, LUT 0123456789abcdef: ste 1/3 epochs; interrupted"``. A
+    directory with nothing but the FP32 cache (``pretrained/``) holds no run.
+
+    Args:
+        out: the output directory.
+        finished: whether the run's results (``results.json``) are there.
+    """
+    dirs = _mode_dirs(out)
+    state = "finished" if finished else "interrupted"
+    if not dirs:
+        return f"{state}; results.json" if finished else None
+    idents = {d.name: _read_json(d / _RUN_FILE) for d in dirs}
+    idents = {k: v if isinstance(v, dict) else {} for k, v in idents.items()}
+    modes = []
+    for d in dirs:
+        history = _read_json(d / _HISTORY_FILE)
+        done = len(history) if isinstance(history, list) else 0
+        modes.append(f"{d.name} {done}/{idents[d.name].get('epochs', '?')} epochs")
+    listing = f"{', '.join(modes)}; {state}"
+    # The LUT as the user knows it: a mode with the file's own tables (no half window chosen here).
+    known = [i for i in idents.values() if i.get("lut_sha256")]
+    plain = [i for i in known if i.get("half_window") is None] or known
+    if not plain:
+        return listing
+    first = plain[0]
+    return f"{first.get('model')} on {first.get('dataset')}, LUT {str(first['lut_sha256'])[:16]}: {listing}"
+
+
+def remove_modes(out: Path) -> None:
+    """Delete the mode directories of the run ``out`` holds (``--overwrite``)."""
+    modes = out / MODES_DIR
+    if modes.is_dir():
+        shutil.rmtree(modes)
 
 
 class _EpochLabels:
@@ -113,7 +184,11 @@ class _EpochLabels:
 
     def load(self) -> None:
         if self.path.is_file():
-            self.labels = json.loads(self.path.read_text())
+            labels = _read_json(self.path)
+            if not isinstance(labels, dict):
+                raise RetrainError(f"{self.path} is not a record of epoch labels (JSON object); the run cannot "
+                                   f"be resumed: replace it with --overwrite")
+            self.labels = labels
 
     def record(self, epoch: int, used: dict[str, str]) -> None:
         self.labels[str(epoch)] = used
@@ -135,8 +210,8 @@ class _ModeDir:
     """
 
     def __init__(self, cfg: RetrainConfig, d: Dist, mode: str, identity: dict[str, Any]):
-        self.path = Path(cfg.out) / "modes" / mode
-        self.labels = _EpochLabels(self.path / "multiplication.json", write=d.main)
+        self.path = Path(cfg.out) / MODES_DIR / mode
+        self.labels = _EpochLabels(self.path / _LABELS_FILE, write=d.main)
         self.resumed_epoch = 0  # epochs already done (from the checkpoint)
         self.scratch: str | None = None
         checkpoint = self.path / CHECKPOINT_NAME
@@ -149,7 +224,7 @@ class _ModeDir:
             if not cfg.resume and self.path.exists():
                 shutil.rmtree(self.path)
             self.path.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path / "run.json", json.dumps(identity, indent=1) + "\n")
+            atomic_write_text(self.path / _RUN_FILE, json.dumps(identity, indent=1) + "\n")
         else:
             self.scratch = tempfile.mkdtemp(prefix=f"appmult-retrain-rank{d.rank}-")
             if cfg.resume and checkpoint.is_file():
@@ -166,20 +241,46 @@ class _ModeDir:
 
 # --- per epoch ---------------------------------------------------------------------------------------
 
-class _EpochEnd:
-    """``fit``'s ``on_epoch_end`` for one mode: ranges synced, labels recorded, progress, the user's hook."""
+class _LabelsBeforeCheckpoint:
+    """``fit``'s test loader: when an epoch's evaluation has seen its last batch, its labels are recorded.
 
-    def __init__(self, cfg: RetrainConfig, d: Dist, mode: str, model: nn.Module, schedule: _Schedule,
-                 labels: _EpochLabels, hook: EpochHook | None):
+    :func:`appmult.train.fit` evaluates each epoch, then writes its checkpoint, then calls
+    ``on_epoch_end``. Recording what the epoch's forwards used at the end of its evaluation
+    -- its last forward -- writes ``multiplication.json`` before the checkpoint: a crash
+    between the two leaves labels of an epoch that is retrained on resume (and labelled
+    again), never a checkpoint without its labels.
+    """
+
+    def __init__(self, loader: Any, schedule: _Schedule, labels: _EpochLabels):
+        self.loader, self.schedule, self.labels = loader, schedule, labels
+
+    def __iter__(self):
+        yield from self.loader
+        epoch = self.schedule.epoch + 1  # 1-based, as fit counts
+        self.labels.record(epoch, self.schedule.take())
+        self.schedule.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)  # dataset, batch_size, ... of the real loader
+
+
+class _EpochEnd:
+    """``fit``'s ``on_epoch_end`` for one mode: ranges synced, labels reported, progress, the user's hook."""
+
+    def __init__(self, cfg: RetrainConfig, d: Dist, mode: str, model: nn.Module, labels: _EpochLabels,
+                 hook: EpochHook | None):
         self.cfg, self.d, self.mode, self.model = cfg, d, mode, model
-        self.schedule, self.labels, self.hook = schedule, labels, hook
+        self.labels, self.hook = labels, hook
 
     def __call__(self, epoch: int, record: dict) -> Any:
         self.d.sync_observers(self.model)
-        used = self.schedule.take()
+        used = self.labels.labels[str(epoch)]  # recorded when the epoch's evaluation ended
         record.update(used)
-        self.labels.record(epoch, used)
-        self.schedule.epoch = epoch
         if self.cfg.progress and self.d.main:
             print(f"[retrain] {self.mode} epoch {epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f}, "
                   f"test acc {100 * record['test_accuracy']:.2f}% ({used['train_multiplication']}, "
@@ -214,9 +315,10 @@ def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: Lut
         from torch.nn.parallel import DistributedDataParallel as DDP
         trained = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False)
-    epoch_end = _EpochEnd(cfg, d, mode, model, schedule, mode_dir.labels, on_epoch_end)
+    epoch_end = _EpochEnd(cfg, d, mode, model, mode_dir.labels, on_epoch_end)
+    labelled = (loaders.train, _LabelsBeforeCheckpoint(loaders.test, schedule, mode_dir.labels))
     try:
-        history = fit(trained, loaders, cfg.epochs, lr=cfg.lr, seed=cfg.seed, checkpoint_dir=mode_dir.checkpoints,
+        history = fit(trained, labelled, cfg.epochs, lr=cfg.lr, seed=cfg.seed, checkpoint_dir=mode_dir.checkpoints,
                       resume=cfg.resume, progress=cfg.progress and d.main, on_epoch_end=epoch_end)
     finally:
         schedule.remove()

@@ -15,9 +15,12 @@ from ..files import atomic_write_text
 from ..lut_gen import LutFile
 from ..train import plot_history
 
-__all__ = ["RESULTS_FORMAT", "lut_summary", "results_markdown", "versions", "write_results"]
+__all__ = ["RESULTS_FORMAT", "RESULT_FILES", "lut_summary", "remove_results", "results_markdown", "versions",
+           "write_results"]
 
 RESULTS_FORMAT = "appmult.retrain.results/1"
+#: The files :func:`write_results` writes into the output directory.
+RESULT_FILES = ("results.json", "results.md", "curves.png")
 
 
 def lut_summary(lut: LutFile) -> dict[str, Any]:
@@ -78,10 +81,17 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def remove_results(out: Path) -> None:
+    """Delete the result files of an earlier run in ``out`` (``--overwrite``)."""
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
     """``results.json``, ``results.md`` and ``curves.png`` (every mode's history) in ``out``."""
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
-    atomic_write_text(out / "results.md", results_markdown(results))
-    plot_history({name: m["history"] for name, m in results["modes"].items()}, out / "curves.png",
+    json_name, md_name, png_name = RESULT_FILES
+    atomic_write_text(out / json_name, json.dumps(results, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(out / md_name, results_markdown(results))
+    plot_history({name: m["history"] for name, m in results["modes"].items()}, out / png_name,
                  title=f"{results['config']['model']} / {results['config']['dataset']} / "
                        f"{results['lut']['spec'] or results['lut']['id']}")

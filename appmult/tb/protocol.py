@@ -50,9 +50,13 @@ def _hashes(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
 def _write_json(path: Path, obj: Any) -> None:
     # Renamed into place: a reader never sees half a file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- host side --------------------------------------------------------------------------------

@@ -47,8 +47,6 @@ LOCK_FILE = ".appmult-tb.lock"
 @contextlib.contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
     """Hold ``directory``'s lock: waits while another run (thread or process) holds it."""
-    yield
-    return
     try:
         import fcntl
     except ImportError:  # no flock (Windows): runs may collide, but a foreign result is still refused
@@ -198,6 +196,8 @@ def _simulate_mac(mac, *, lut: LutFile | None, stimulus: dict[str, np.ndarray] |
             lut.save(lut_path)
             config["lut"] = str(lut_path)
         inputs = []
+        # What the testbench compares against: given accumulators (an input file), else the LUT.
+        reference_lut = lut.sha256 if lut is not None and expected is None else None
         if stimulus is not None:
             # The beats travel as a file: JSON would be slow and lossy for large arrays.
             arrays = dict(stimulus)
@@ -209,8 +209,7 @@ def _simulate_mac(mac, *, lut: LutFile | None, stimulus: dict[str, np.ndarray] |
             inputs.append(bdir / "stimulus.npz")
         result, build_s, run_s = run_test_module(sim=sim, build_dir=bdir, sources=[dut_path], toplevel=name,
                                                  test_module="appmult.tb.mac_tests", config=config,
-                                                 inputs=inputs, lut_sha256=None if lut is None else lut.sha256,
-                                                 kept=keep)
+                                                 inputs=inputs, lut_sha256=reference_lut, kept=keep)
         return MacVerifyResult(passed=result["mismatch_count"] == 0 and result["results_checked"] > 0,
                                cycles=result["cycles"], results_checked=result["results_checked"],
                                mismatch_count=result["mismatch_count"],
