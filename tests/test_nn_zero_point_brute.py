@@ -146,9 +146,6 @@ def test_exact_accumulate_matches_brute_force(spec):
     np.testing.assert_allclose(got.detach().double().numpy(), brute_conv(lut, layer, x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="known bug: Module.double() also casts LutTables' float32 low-rank factors "
-                          "(u_f32), and the fused low-rank linear then multiplies float64 by float32")
 def test_double_converted_linear_with_low_rank_lut():
     """A float32 layer converted with ``.double()`` computes like one built in float64."""
     lut = lut_of("truncated:width=6,columns=4")

@@ -25,11 +25,37 @@ accumulators; the functional API in :mod:`appmult.nn.functional` wraps them.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import kernels as K
 from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _small_idx, _unfold_idx
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` (a no-op context when it is not enabled).
+
+    The LUT sums are integer sums that float32 (or float64) holds exactly; autocast would run
+    their convolutions and GEMMs in float16/bfloat16 and round them. So the approximate
+    layers, the functional API and the backward passes here compute with autocast off,
+    like the ops autocast itself keeps in float32.
+    """
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _backward_without_autocast(backward):
+    """Decorate an autograd ``backward`` to run with autocast off (autocast applies in
+    backward when ``.backward()`` is called inside an autocast region)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, grad):
+        with _autocast_off(grad.device.type):
+            return backward(ctx, grad)
+    return wrapper
 
 # ------------------------------------------------------------------------------------------
 # Linear
@@ -42,8 +68,9 @@ def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: 
     m, k = ix.shape
     dtype = torch.float64 if exact else torch.float32
     if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
-        xu = F.embedding(ix, tabs.u.to(dtype)).reshape(m, -1)
-        wv = F.embedding(iw, tabs.v.to(dtype)).reshape(iw.shape[0], -1)
+        r = tabs.u.shape[1]  # explicit sizes: an empty batch has no -1 to infer
+        xu = F.embedding(ix, tabs.u.to(dtype)).reshape(m, k * r)
+        wv = F.embedding(iw, tabs.v.to(dtype)).reshape(iw.shape[0], k * r)
         acc = xu @ wv.t()
         return torch.round(acc) if exact else acc
     out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
@@ -97,6 +124,7 @@ class _LutLinearFn(torch.autograd.Function):
         return _linear_forward(qx, qw, tabs, exact)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         qx, qw = ctx.saved_tensors
         gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs)
@@ -117,9 +145,10 @@ class _LowRankLinearZpFn(torch.autograd.Function):
             xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
-        return torch.addmm(const, xu.reshape(m, -1), wv.t())
+        return torch.addmm(const, xu.reshape(m, wv.shape[1]), wv.t())
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad):
         qx, qw, zx, zw = ctx.saved_tensors
         zargs = (None, None) if ctx.tabs.signed else (zx, zw)
@@ -222,6 +251,7 @@ class _LutConv2dFn(torch.autograd.Function):
         return _conv_forward(qx, qw, tabs, stride, dilation, groups, exact)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad):
         qx, qw = ctx.saved_tensors
         gx, gw = _conv_backward(grad.contiguous(), qx, qw, ctx.tabs, *ctx.geom)
@@ -270,6 +300,7 @@ class _LowRankConvZpFn(torch.autograd.Function):
         return F.conv2d(xu, wv, const, stride, 0, dilation, groups)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad):
         gx, gw = _zp_conv_backward(ctx, grad)
         return gx, gw, None, None, None, None, None, None, None, None, None
@@ -287,6 +318,7 @@ class _AccConvZpFn(torch.autograd.Function):
         return acc.to(dtype)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad):
         gx, gw = _zp_conv_backward(ctx, grad)
         return gx, gw, None, None, None, None, None, None, None, None, None

@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import InvalidTypeError
 from .config import ApproxConfig
 from .layers import ApproxConv2d, ApproxLinear
+from .tables import LutTables
 
 __all__ = ["approximate_", "approximate_layers", "exact_", "exact_multiplication"]
 
@@ -25,6 +26,15 @@ def _convert_one(module: nn.Module, config: ApproxConfig) -> nn.Module | None:
     return None
 
 
+def _check_luts_before_load(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook of a converted model: every approximate layer's LUT is checked
+    against the state_dict before anything (float layers included) is loaded, so a refused
+    load changes nothing. (A module-level function: a pickled model keeps its hook.)"""
+    for name, m in module.named_modules():
+        if isinstance(m, LutTables):
+            m.check_state_dict(state_dict, f"{prefix}{name}.")
+
+
 def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxConfig],
                  filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by approximate ones, in place.
@@ -38,7 +48,8 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
         filter_fn: ``filter_fn(module, name) -> bool``; only layers it accepts are converted.
 
     Returns:
-        The converted model.
+        The converted model. Its ``load_state_dict`` refuses a state_dict saved with other
+        LUTs before it changes anything.
 
     Raises:
         KeyError: a name in the config dict is not a Linear/Conv2d layer of the model.
@@ -74,7 +85,11 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
                 setattr(module, child_name, new_child)
         return module
 
-    return visit(model, "")
+    root = visit(model, "")
+    hooks = root._load_state_dict_pre_hooks.values()
+    if not any(getattr(h, "hook", h) is _check_luts_before_load for h in hooks):
+        root.register_load_state_dict_pre_hook(_check_luts_before_load)
+    return root
 
 
 def approximate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -185,10 +185,27 @@ class ControlVariate(nn.Module):
         super().__init__()
         self.frac_bits = check_frac_bits(frac_bits)
         self.width_w = lut.width_b if activation_operand == "a" else lut.width_a
+        self._init_args = (lut, hist, dict(frac_bits=frac_bits, activation_operand=activation_operand))
         alpha, beta = fit_error_model(lut, hist, activation_operand=activation_operand)
         aq, bq = quantize_error_model(alpha, beta, self.frac_bits)
         self.register_buffer("alpha_q", torch.from_numpy(aq), persistent=False)
         self.register_buffer("beta_q", torch.from_numpy(bq), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Leaving the meta device (to_empty) the new storage holds no values: refit from the LUT.
+        fresh: dict[str, torch.Tensor] = {}
+
+        def refit(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.is_meta and not out.is_meta:
+                if not fresh:
+                    lut, hist, kw = self._init_args
+                    fresh.update(ControlVariate(lut, hist, **kw)._buffers)
+                name = next(k for k, b in self._buffers.items() if b is t)
+                return fresh[name].to(device=out.device)
+            return out
+
+        return super()._apply(refit, recurse)
 
     def channel_params(self, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(alpha_fx, B)`` per output channel (int64, ``(C,)``) from quantized weight values.

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidValueError
 from ..lut_gen.lutfile import LutFile
-from .autograd import _AccConvZpFn, _LowRankConvZpFn, _LowRankLinearZpFn, _LutConv2dFn, _LutLinearFn
+from .autograd import _AccConvZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn, _LutConv2dFn, _LutLinearFn
 from .config import load_lut
 from .fused import _folded_lowrank_weights, _gather_conv_zp, _rank1_prep, _rank1_shifted_conv
 from .quant import ActivationQuantizer
@@ -96,8 +96,13 @@ def lut_linear(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, exact: bo
 
     Returns:
         ``(M, N)`` accumulators (float32, or float64 when ``exact``), integer-valued.
+
+    Raises:
+        InvalidValueError: an operand outside the LUT's value range (or NaN).
     """
-    return _LutLinearFn.apply(qx, qw, tabs, exact)
+    _check_codes(qx, qw, tabs, "lut_linear")
+    with _autocast_off(qx.device.type):
+        return _LutLinearFn.apply(qx, qw, tabs, exact)
 
 
 def lut_conv2d(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, stride=1, dilation=1, groups: int = 1,
@@ -115,8 +120,13 @@ def lut_conv2d(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, stride=1,
 
     Returns:
         ``(N, Co, Ho, Wo)`` accumulators, integer-valued.
+
+    Raises:
+        InvalidValueError: an operand outside the LUT's value range (or NaN).
     """
-    return _LutConv2dFn.apply(qx, qw, tabs, _pair(stride), _pair(dilation), int(groups), exact)
+    _check_codes(qx, qw, tabs, "lut_conv2d")
+    with _autocast_off(qx.device.type):
+        return _LutConv2dFn.apply(qx, qw, tabs, _pair(stride), _pair(dilation), int(groups), exact)
 
 
 # ------------------------------------------------------------------------------------------
@@ -130,6 +140,22 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
             and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
         raise InvalidValueError(f"{what} input contains NaN or Inf; approximate layers quantize their "
                                 f"inputs and cannot represent non-finite values")
+
+
+def _check_codes(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, what: str) -> None:
+    """Refuse operands outside the LUT's value range (NaN included) before they become indices.
+
+    The functional API takes operands from the caller; the layers' own operands are in range
+    by construction (finite inputs and weights, clamped by the quantizers), so they skip this.
+    """
+    for q, lo, n, role in ((qx, tabs.lo_x, tabs.prod.shape[0], "activations"),
+                           (qw, tabs.lo_w, tabs.prod.shape[1], "weights")):
+        if q.numel() == 0:
+            continue
+        mn, mx = torch.stack(torch.aminmax(q.detach())).tolist()  # one host sync
+        if not (mn >= lo and mx <= lo + n - 1):  # also false for NaN
+            raise InvalidValueError(f"{what}: quantized {role} must be integers in [{lo}, {lo + n - 1}] (the LUT's "
+                                    f"operand range), got values in [{mn:g}, {mx:g}]")
 
 
 def _cached(cache: dict | None, key, make):
@@ -182,9 +208,23 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
             the caller must pass a fresh one whenever the weights change.
 
     Returns:
-        ``(M, N)`` output in ``qx``'s dtype.
+        ``(M, N)`` output in ``qx``'s dtype (computed in float32 or wider: float16/bfloat16
+        sums would round).
+
+    Raises:
+        InvalidValueError: an operand outside the LUT's value range (or NaN).
     """
-    dt = torch.float64 if exact else qx.dtype
+    if tabs is not None:
+        _check_codes(qx, qw, tabs, "approx_linear")
+    with _autocast_off(qx.device.type):
+        return _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs, exact=exact, cache=cache)
+
+
+def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exact: bool = False,
+                   cache: dict | None = None) -> torch.Tensor:
+    """:func:`approx_linear` without the operand check (the layers' operands are in range by
+    construction) and with autocast already off."""
+    dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
     zwr = zw.reshape(1, -1) if zw.dim() else zw
     swr = sw.reshape(1, -1) if sw.dim() else sw
     fold = None
@@ -215,9 +255,22 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
     contributes ``LUT[Zx, qw]`` like any other, as it does in the hardware.
 
     Returns:
-        ``(N, Co, Ho, Wo)`` output in ``qx``'s dtype.
+        ``(N, Co, Ho, Wo)`` output in ``qx``'s dtype (computed in float32 or wider).
+
+    Raises:
+        InvalidValueError: an operand outside the LUT's value range (or NaN).
     """
-    dt = torch.float64 if exact else qx.dtype
+    if tabs is not None:
+        _check_codes(qx, qw, tabs, "approx_conv2d")
+    with _autocast_off(qx.device.type):
+        return _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs, stride=stride, padding=padding,
+                              dilation=dilation, groups=groups, exact=exact, cache=cache)
+
+
+def _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, stride=1, padding=0, dilation=1,
+                   groups: int = 1, exact: bool = False, cache: dict | None = None) -> torch.Tensor:
+    """:func:`approx_conv2d` without the operand check and with autocast already off."""
+    dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
     ph, pw = _pair(padding)
     st, dil = _pair(stride), _pair(dilation)
     co = qw.shape[0]
@@ -309,22 +362,28 @@ def approx_matmul(a: torch.Tensor, b: torch.Tensor, lut: LutFile | str | os.Path
         exact: exact accumulation.
 
     Returns:
-        ``(..., M, N)`` tensor.
+        ``(..., M, N)`` tensor of the operands' promoted dtype (computed in float32 or wider).
 
     Raises:
         ValueError: NaN/Inf inputs or mismatched shapes.
     """
-    _check_finite(a, "approx_matmul")
-    _check_finite(b, "approx_matmul")
     if a.shape[-1] != b.shape[-2]:
         raise InvalidValueError(f"approx_matmul shapes {tuple(a.shape)} and {tuple(b.shape)} do not chain")
-    tabs = _tables_for(lut, grad, kernel, a.device)
-    qa_ = ActivationQuantizer(tabs.width_x, tabs.signed, "minmax").to(a.device)
-    qb_ = ActivationQuantizer(tabs.width_w, tabs.signed, "minmax").to(a.device)
-    qa, sa, za = qa_(a)
-    qb, sb, zb = qb_(b)
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    qa = qa.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    qb = qb.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    outs = [approx_linear(qa[i], sa, za, qb[i].t(), sb, zb, None, tabs, exact=exact) for i in range(qa.shape[0])]
-    return torch.stack(outs).reshape(*batch, a.shape[-2], b.shape[-1])
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    ct = torch.promote_types(out_dtype, torch.float32)
+    with _autocast_off(a.device.type):
+        a, b = a.to(ct), b.to(ct)
+        _check_finite(a, "approx_matmul")
+        _check_finite(b, "approx_matmul")
+        tabs = _tables_for(lut, grad, kernel, a.device)
+        qa_ = ActivationQuantizer(tabs.width_x, tabs.signed, "minmax").to(a.device)
+        qb_ = ActivationQuantizer(tabs.width_w, tabs.signed, "minmax").to(a.device)
+        qa, sa, za = qa_(a)
+        qb, sb, zb = qb_(b)
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        qa = qa.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        qb = qb.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        outs = [_approx_linear(qa[i], sa, za, qb[i].t(), sb, zb, None, tabs, exact=exact)
+                for i in range(qa.shape[0])]
+        y = torch.stack(outs) if outs else qa.new_zeros((0, a.shape[-2], b.shape[-1]))
+        return y.reshape(*batch, a.shape[-2], b.shape[-1]).to(out_dtype)

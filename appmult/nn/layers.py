@@ -6,17 +6,30 @@ Each layer quantizes its input (activation quantizer with an observer) and its w
 applies the zero-point cross terms exactly and dequantizes. Submodules: ``act_quant``,
 ``weight_quant`` and ``lut`` (a :class:`~appmult.nn.functional.LutTables`, whose buffers
 carry the LUT and its derived tables through ``.to(device)`` and ``state_dict``).
+
+What the layers guarantee, whatever the input:
+
+* Every index into a table is in range by construction: inputs and weights are checked
+  finite (weights once per weight change: their quantization is cached) and the
+  quantizers clamp to the LUT's operand range.
+* The integer sums are exact in any dtype: layers compute in float32 (float64 for a
+  float64 model) with autocast off, and return the input's dtype.
+* Inputs as torch accepts them: empty batches, unbatched ``(C, H, W)`` convolution input.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
+from .autograd import _autocast_off
 from .config import ApproxConfig
 from .correction import ControlVariate
-from .functional import _check_finite, _pair, approx_conv2d, approx_linear
+from .functional import _approx_conv2d, _approx_linear, _check_finite, _pair
 from .operands import LayerOperands, QuantizedOperands, _conv_operands, _linear_operands, _pad
 from .quant import ActivationQuantizer, WeightQuantizer, frozen
 from .tables import LutTables
@@ -33,6 +46,18 @@ def _adopt_trained(new: nn.Module, module: nn.Module) -> nn.Module:
             new.bias.copy_(module.bias)
     new.train(module.training)
     return new
+
+
+def _computes_exactly(method):
+    """Run a layer method taking an input ``x`` with autocast off, after refusing inputs it
+    cannot compute with (not a tensor; the meta device)."""
+    @functools.wraps(method)
+    def wrapper(self, x, *args, **kwargs):
+        self._check_input_device(x)
+        with _autocast_off(x.device.type):
+            return method(self, x, *args, **kwargs)
+    return wrapper
+
 
 class _ApproxMixin:
     """Shared set-up of the quantizers and tables from a config."""
@@ -62,11 +87,47 @@ class _ApproxMixin:
         if self.correction is not None:
             self.correction.to(p.device)
 
+    def _compute_dtype(self) -> torch.dtype:
+        """float32, or the weight's dtype when wider: float16/bfloat16 would round the integer sums."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    def _check_input_device(self, x) -> None:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise InvalidTypeError(f"{name} needs a torch.Tensor input, not {type(x).__name__}")
+        if x.is_meta or self.weight.is_meta or self.lut.prod.is_meta:
+            raise InvalidValueError(
+                f"{name} cannot run on the 'meta' device: its outputs are sums of LUT entries picked by the "
+                f"data. Materialize the model first: model.to_empty(device=...), then load_state_dict(...)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The LUT is checked before the weight and bias are copied: a refused load changes nothing.
+        self.lut.check_state_dict(state_dict, prefix + "lut.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _quantize(self, x: torch.Tensor):
+        """Quantized operands in the compute dtype; checks first, so a refused input changes no observer."""
+        x = x.to(self._compute_dtype())
         _check_finite(x, type(self).__name__)
-        qx, sx, zx = self.act_quant(x)
         (qw, sw, zw), _ = self._quantized_weight()
+        qx, sx, zx = self.act_quant(x)
         return qx, sx, zx, qw, sw, zw
+
+    def _check_quantized_weight(self, q, ct: torch.dtype) -> None:
+        """Refuse a weight whose quantization is not finite (NaN/Inf weights, or a range wider
+        than ``ct`` holds): a NaN code would become an arbitrary table index."""
+        qw, sw, _ = q
+        if bool(torch.isfinite(qw.detach().sum() + sw.detach().sum())):  # bounded integers, positive scales
+            return
+        w = self.weight.detach()
+        name = type(self).__name__
+        if not bool(torch.isfinite(w).all()):
+            raise InvalidValueError(f"{name} weight contains NaN or Inf; approximate layers quantize their weights "
+                                    f"and cannot represent non-finite values")
+        lo, hi = torch.stack(torch.aminmax(w.to(ct))).tolist()
+        raise InvalidValueError(f"{name} weight range [{lo:g}, {hi:g}] is too wide to quantize in {ct}")
 
     def _quantized_weight(self):
         """``((qw, sw, zw), cache)``: the quantized weight and a dict for weight-side tables.
@@ -79,13 +140,17 @@ class _ApproxMixin:
         activations). Otherwise they are computed afresh and ``cache`` is ``None``.
         """
         w, wq = self.weight, self.weight_quant
+        ct = self._compute_dtype()
         if torch.is_grad_enabled() and w.requires_grad:
-            return wq(w), None  # (a kept cache stays valid: it is checked against the weight when used)
+            q = wq(w.to(ct))
+            self._check_quantized_weight(q, ct)
+            return q, None  # (a kept cache stays valid: it is checked against the weight when used)
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, id(wq), wq.scheme, wq.width, wq.signed)
         c = self.__dict__.get("_wcache")
         if c is None or c["key"] != key or not torch.equal(c["w"], w.detach()):
             with torch.no_grad():
-                q = wq(w)
+                q = wq(w.to(ct))
+            self._check_quantized_weight(q, ct)  # once per weight change, not per forward
             c = {"key": key, "w": w.detach().clone(), "q": q, "tables": {}}
             self.__dict__["_wcache"] = c
         return c["q"], c["tables"]
@@ -155,22 +220,33 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         return _adopt_trained(new, module)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise InvalidValueError(f"ApproxLinear expects {self.in_features} input features, got {x.shape[-1]}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = "a scalar" if x.dim() == 0 else x.shape[-1]
+            raise InvalidValueError(f"ApproxLinear expects {self.in_features} input features, got {got}")
         return x.reshape(-1, self.in_features)
 
+    @_computes_exactly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize, accumulate through the LUT (or exactly), dequantize, add bias."""
+        """Quantize, accumulate through the LUT (or exactly), dequantize, add bias.
+
+        Computed in float32 (float64 for a float64 layer) whatever the input's dtype or
+        autocast, returned in the input's dtype. An empty batch gives an empty output (and
+        zero gradients), as ``nn.Linear`` does.
+        """
         lead = x.shape[:-1]
-        qx, sx, zx, qw, sw, zw = self._quantize(self._flat(x))
+        xf = self._flat(x)
+        if xf.numel() == 0:
+            ct = self._compute_dtype()
+            return F.linear(x.to(ct), self.weight.to(ct), None if self.bias is None else self.bias.to(ct)).to(x.dtype)
+        qx, sx, zx, qw, sw, zw = self._quantize(xf)
         tabs = None if self.exact_multiplication else self.lut
-        y = approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
-                          cache=self._weight_cache())
+        y = _approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
+                           cache=self._weight_cache())
         if self._corrects():
             # The correction is a constant of the inference pass (no gradient through it).
             c = self._correction(self._act_sum_linear(qx), qw, 1)
             y = y - (sx * sw.reshape(1, -1) * c.to(y.dtype)).detach()
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
 
     @staticmethod
     def _act_sum_linear(qx: torch.Tensor) -> torch.Tensor:
@@ -178,6 +254,7 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         return qx.detach().to(torch.float64).sum(-1, keepdim=True).to(torch.int64)
 
     @torch.no_grad()
+    @_computes_exactly
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The raw integer accumulators ``sum_k LUT[qx_k, qw_k]`` (int64, bit-exact).
 
@@ -190,6 +267,7 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         return acc.to(torch.int64).reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
+    @_computes_exactly
     def int_forward_corrected(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`int_forward` minus the control-variate correction, bit for bit as the MAC computes it.
 
@@ -207,6 +285,7 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         return acc - c.reshape(acc.shape)
 
     @torch.no_grad()
+    @_computes_exactly
     def quantize(self, x: torch.Tensor) -> QuantizedOperands:
         """The quantized operands :meth:`int_forward` multiplies (observer frozen, no gradient).
 
@@ -217,12 +296,13 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
             :class:`~appmult.nn.QuantizedOperands` with ``qx`` flattened to ``(M, in_features)``.
 
         Raises:
-            InvalidValueError: wrong feature count, or a non-finite input.
+            InvalidValueError: wrong feature count, or a non-finite input or weight.
         """
         qx, sx, zx, qw, sw, zw = self._int_quantize(self._flat(x))
         return QuantizedOperands(qx, sx, zx, qw, sw, zw)
 
     @torch.no_grad()
+    @_computes_exactly
     def operands(self, x: torch.Tensor, *, positions=None) -> LayerOperands:
         """The operand codes each output's MAC receives: one row of ``in_features`` pairs per output.
 
@@ -291,16 +371,47 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
     def _geom(self) -> dict:
         return dict(stride=self.stride, padding=self._padding(), dilation=self.dilation, groups=self.groups)
 
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``(N, C, H, W)`` (an unbatched ``(C, H, W)`` input becomes a batch of one),
+        checked as ``nn.Conv2d`` checks it, in the user's terms."""
+        if x.dim() not in (3, 4):
+            raise InvalidValueError(f"Expected 3D (unbatched) or 4D (batched) input to ApproxConv2d, but got input "
+                                    f"of size: {list(x.shape)}")
+        x = x.unsqueeze(0) if x.dim() == 3 else x
+        if x.shape[1] != self.in_channels:
+            raise InvalidValueError(f"Given groups={self.groups}, weight of size {list(self.weight.shape)}, expected "
+                                    f"input{list(x.shape)} to have {self.in_channels} channels, but got "
+                                    f"{x.shape[1]} channels instead")
+        return x
+
+    def _empty_output(self, x: torch.Tensor) -> torch.Tensor:
+        # torch's own convolution: its output shape, its checks, zero gradients
+        ct = self._compute_dtype()
+        return F.conv2d(x.to(ct), self.weight.to(ct), None if self.bias is None else self.bias.to(ct),
+                        self.stride, self._padding(), self.dilation, self.groups).to(x.dtype)
+
+    @_computes_exactly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize, accumulate through the LUT (or exactly), dequantize, add bias."""
-        qx, sx, zx, qw, sw, zw = self._quantize(x)
-        tabs = None if self.exact_multiplication else self.lut
-        y = approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
-                          cache=self._weight_cache(), **self._geom())
-        if self._corrects():
-            c = self._correction(self._act_sum_conv(_pad(qx.detach(), self._padding(), zx)), qw, 1)
-            y = y - (sx * sw.reshape(1, -1, 1, 1) * c.to(y.dtype)).detach()
-        return y
+        """Quantize, accumulate through the LUT (or exactly), dequantize, add bias.
+
+        Takes ``(N, C, H, W)`` or unbatched ``(C, H, W)`` input, as ``nn.Conv2d`` does.
+        Computed in float32 (float64 for a float64 layer) whatever the input's dtype or
+        autocast, returned in the input's dtype. An empty batch gives an empty output (and
+        zero gradients).
+        """
+        x4 = self._batched(x)
+        if x4.numel() == 0:
+            y = self._empty_output(x4)
+        else:
+            qx, sx, zx, qw, sw, zw = self._quantize(x4)
+            tabs = None if self.exact_multiplication else self.lut
+            y = _approx_conv2d(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,
+                               cache=self._weight_cache(), **self._geom())
+            if self._corrects():
+                c = self._correction(self._act_sum_conv(_pad(qx.detach(), self._padding(), zx)), qw, 1)
+                y = y - (sx * sw.reshape(1, -1, 1, 1) * c.to(y.dtype)).detach()
+            y = y.to(x.dtype)
+        return y.squeeze(0) if x.dim() == 3 else y
 
     def _act_sum_conv(self, qx: torch.Tensor) -> torch.Tensor:
         """``sum a`` over each output's receptive field of the padded ``qx`` (padding holds ``Zx``), int64."""
@@ -313,19 +424,22 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         return s.repeat_interleave(self.out_channels // g, dim=1).to(torch.int64)
 
     @torch.no_grad()
+    @_computes_exactly
     def int_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The raw integer accumulators ``sum LUT[qx, qw]`` per output (int64, bit-exact).
 
         Padded positions contribute ``LUT[Zx, qw]``. No cross terms, scales or bias.
-        Observers are not updated.
+        Observers are not updated. An unbatched ``(C, H, W)`` input gives ``(Co, Ho, Wo)``.
         """
         from .functional import lut_conv2d
         q = self.quantize(x)
         acc = lut_conv2d(q.qx, q.qw, self.lut, stride=self.stride, dilation=self.dilation, groups=self.groups,
                          exact=True)
-        return acc.to(torch.int64)
+        acc = acc.to(torch.int64)
+        return acc.squeeze(0) if x.dim() == 3 else acc
 
     @torch.no_grad()
+    @_computes_exactly
     def int_forward_corrected(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`int_forward` minus the control-variate correction, bit for bit as the MAC computes it.
 
@@ -339,27 +453,30 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
             raise RuntimeError("ApproxConv2d.int_forward_corrected needs ApproxConfig(correction='control_variate')")
         acc = self.int_forward(x)
         q = self.quantize(x)
-        return acc - self._correction(self._act_sum_conv(q.qx), q.qw, 1)
+        c = self._correction(self._act_sum_conv(q.qx), q.qw, 1)
+        return acc - (c.squeeze(0) if x.dim() == 3 else c)
 
     @torch.no_grad()
+    @_computes_exactly
     def quantize(self, x: torch.Tensor) -> QuantizedOperands:
         """The quantized operands :meth:`int_forward` multiplies (observer frozen, no gradient).
 
         Args:
-            x: input, ``(N, C, H, W)``.
+            x: input, ``(N, C, H, W)`` (an unbatched ``(C, H, W)`` input is a batch of one).
 
         Returns:
             :class:`~appmult.nn.QuantizedOperands` with ``qx`` padded with the activation
             zero point (the code that padded positions carry in hardware).
 
         Raises:
-            InvalidValueError: a non-finite input.
+            InvalidValueError: a non-finite input or weight, or the wrong channel count.
         """
-        qx, sx, zx, qw, sw, zw = self._int_quantize(x)
+        qx, sx, zx, qw, sw, zw = self._int_quantize(self._batched(x))
         padding = self._padding()
         return QuantizedOperands(_pad(qx, padding, zx), sx, zx, qw, sw, zw, padding)
 
     @torch.no_grad()
+    @_computes_exactly
     def operands(self, x: torch.Tensor, *, positions=None) -> LayerOperands:
         """The operand codes each output's MAC receives: one row of ``K = Cin/groups*kh*kw`` pairs per output.
 
@@ -367,7 +484,7 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         activation zero point's code and are marked in ``is_padding``.
 
         Args:
-            x: input, ``(N, C, H, W)``.
+            x: input, ``(N, C, H, W)`` (an unbatched ``(C, H, W)`` input is a batch of one).
             positions: ``None`` for every output, or ``(n, cout, y, x)`` index tuples (or an
                 int64 ``(P, 4)`` tensor) of the outputs wanted: only their rows are gathered.
 

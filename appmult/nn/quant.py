@@ -201,9 +201,29 @@ class ActivationQuantizer(_Quantizer):
         self.max_val.zero_()
         self.initialized.fill_(False)
 
+    def _apply(self, fn, recurse=True):
+        # The range statistics stay in float32 or wider (``model.half()`` would round the
+        # observed range and its moving average), and storage that leaves the meta device
+        # (``to_empty``) holds no range yet.
+        leaving_meta = self.initialized.is_meta
+
+        def wide(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
+                keep = t.dtype if torch.finfo(t.dtype).bits >= 32 else torch.float32
+                out = t.to(device=out.device, dtype=keep)
+            return out
+
+        super()._apply(wide, recurse)
+        if leaving_meta and not self.initialized.is_meta:
+            self.reset()
+        return self
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Update the range from a batch."""
+        """Update the range from a batch (an empty batch has none: nothing changes)."""
+        if x.numel() == 0:
+            return
         lo, hi = torch.aminmax(x)  # one pass (min and max separately were two)
         lo, hi = lo.to(self.min_val.dtype), hi.to(self.max_val.dtype)
         if not bool(self.initialized):
