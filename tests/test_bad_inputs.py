@@ -126,11 +126,23 @@ def compare_read_only(tmp, ro):  # item 13
             f"Cannot write output directory {ro}: directory {ro} is not writable")
 
 
+def huge_spec_item(tmp):  # a 100 KB spec was echoed back whole
+    item = "x" * 100_000
+    return (["export", f"drum:width=8,k=3,{item}"],
+            f"Spec item '{'x' * 59}...{'x' * 11}' (100000 characters) must be key=value")
+
+
+def huge_family_name(tmp):
+    return (["export", "q" * 100_000 + ":width=8"],
+            f"Unknown multiplier family '{'q' * 59}...{'q' * 11}' (100000 characters); known families: "
+            f"exact, truncated, perforated, broken_array, drum, mitchell, loa, netlist")
+
+
 ROWS = [lut_is_directory, retrain_lut_is_directory, lut_gradients_not_a_list, lut_metadata_is_a_list,
         lut_header_without_width_a, lut_header_is_a_list, lut_metadata_says_4x4, lut_with_extra_member,
         export_to_directory, export_below_a_file, export_read_only,
         characterize_into_a_file, characterize_read_only, characterize_over_a_directory, compare_into_a_file,
-        compare_read_only]
+        compare_read_only, huge_spec_item, huge_family_name]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.__name__ for r in ROWS])
