@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")  # building a config looks its names up in 
 
 from appmult.methods import AssignError  # noqa: E402
 from appmult.flows import RetrainError  # noqa: E402
+from appmult.train import MODEL_NAMES  # noqa: E402
 
 #: AssignConfig fields with no command-line option.
 ASSIGN_NOT_ON_CLI = {"calib_batches", "stats_batches"}
@@ -116,8 +117,8 @@ def test_assign_config(tmp_path):
     (dict(candidates=None), "candidates must be a list or tuple of specs or LUT files, not None"),
     (dict(candidates=("a", 3)), "Each candidate must be a spec or a LUT file path, not 3"),
     (dict(candidates=("a", "")), "Each candidate must be a spec or a LUT file path, not ''"),
-    (dict(model="vgg"), "Model must be one of 'mlp', 'lenet5', 'resnet8', 'resnet20', not 'vgg'"),
-    (dict(dataset="imagenet"), "Dataset must be one of 'digits', 'mnist5k', 'mnist', 'cifar10', not 'imagenet'"),
+    (dict(model="vgg"), f"Model must be one of {', '.join(map(repr, MODEL_NAMES))}, not 'vgg'"),
+    (dict(dataset="imagenet"), "Dataset must be one of 'digits', 'mnist5k', 'mnist', 'cifar10', 'cifar100', not 'imagenet'"),
     (dict(data_dir=3), "data_dir must be a path or None, not 3"),
     (dict(checkpoint=b"x.pt"), "checkpoint must be a path or None, not b'x.pt'"),
     (dict(pretrain_epochs=0), "pretrain_epochs must be a positive integer, not 0"),
@@ -173,7 +174,7 @@ def test_retrain_config(tmp_path):
     (dict(lut=3), "lut must be a path or None, not 3"),
     (dict(lut=None, spec=3), "spec must be a spec string or None, not 3"),
     (dict(out=None), "out must be a path, not None"),
-    (dict(dataset="imagenet"), "Dataset must be one of 'digits', 'mnist5k', 'mnist', 'cifar10', not 'imagenet'"),
+    (dict(dataset="imagenet"), "Dataset must be one of 'digits', 'mnist5k', 'mnist', 'cifar10', 'cifar100', not 'imagenet'"),
     (dict(lr=-1), "lr must be a positive number, not -1"),
     (dict(trial_batches=0), "trial_batches must be a positive integer or None, not 0"),
     (dict(threads=0), "threads must be a positive integer, not 0"),

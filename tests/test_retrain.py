@@ -19,6 +19,7 @@ from appmult.nn import ApproxConfig, approximate_, calibrate  # noqa: E402
 from appmult.methods.simulated_error import (SimulatedError, attach_simulated_error, lut_mre, noise_variance_conv2d, noise_variance_linear, product_noise_conv2d, product_noise_linear)  # noqa: E402
 from appmult.flows import RESULTS_FORMAT, RetrainConfig, RetrainError, run_retrain, with_half_window  # noqa: E402
 from appmult.lut_gen import LutFile  # noqa: E402
+from appmult.train import MODEL_NAMES  # noqa: E402
 
 SPEC = "truncated:width=6,signed=false,columns=4"
 
@@ -182,8 +183,8 @@ def test_start_from_checkpoint(lut_path, pretrained_dir, tmp_path):
     (dict(grads=("ste", "ste")), "Gradient modes repeat: ste ste"),
     (dict(grads=()), "Give at least one gradient mode (--grad ste lut2d lut1d) or --simulated-error"),
     (dict(exact_last=2), "exact_last must be an integer in 0..1 (at least one approximate epoch), not 2"),
-    (dict(half_window=3), "Half window must be one of 1, 2, 4, 8, 16, 32, 64 or 'auto', not 3"),
-    (dict(model="vgg"), "Model must be one of 'mlp', 'lenet5', 'resnet8', 'resnet20', not 'vgg'"),
+    (dict(half_window=3), "Half window must be one of 1, 2, 4, 8, 16, 32, 64, 'auto' or 'stored', not 3"),
+    (dict(model="vgg"), f"Model must be one of {', '.join(map(repr, MODEL_NAMES))}, not 'vgg'"),
     (dict(epochs=0), "epochs must be a positive integer, not 0"),
     (dict(spec="exact:width=4"), "Give exactly one of a LUT file (--lut) or a multiplier spec (--spec), not both"),
     (dict(mre=-0.1), "Simulated-error MRE must be a finite number >= 0, not -0.1"),
@@ -313,9 +314,8 @@ def test_conv_noise_matches_unfolded_brute_force():
     assert torch.allclose(want, brute)
     got = empirical_var(lambda: product_noise_conv2d(qx, qw, sim, stride=2), 3000)
     assert torch.allclose(got, want, rtol=0.12)
-    with pytest.raises(ValueError, match=exact("Exact simulated-error sampling supports groups=1 "
-                                               "convolutions only; use method='gaussian' or 'auto'")):
-        product_noise_conv2d(qx[:, :2], qw[:, :1], sim, groups=2)
+    # Grouped convolutions are sampled exactly too (against brute force in test_grouped_conv.py).
+    assert product_noise_conv2d(qx[:, :2], qw[:, :1], sim, groups=2).shape == (2, 4, 4, 4)
 
 
 def test_hooks_add_noise_in_training_only(lut_path):

@@ -7,7 +7,7 @@ import functools
 import os
 import sys
 
-from ..flows import RetrainConfig
+from ..flows import RECIPES, RetrainConfig
 from ._config import add_option, build_config
 
 
@@ -23,21 +23,47 @@ def register(sub) -> None:
     add_option(src, RetrainConfig, "lut", "--lut", metavar="FILE", help="LUT file (.npz) from 'appmult characterize'")
     add_option(src, RetrainConfig, "spec", "--spec", metavar="SPEC",
                help="multiplier spec, characterized on the fly (e.g. truncated:width=8,signed=false,columns=6)")
-    opt("model", "--model", help="mlp, lenet5, resnet8, resnet20 (default %(default)s)")
-    opt("dataset", "--dataset", help="digits, mnist5k, mnist, cifar10 (default %(default)s)")
-    opt("data_dir", "--data-dir", metavar="DIR", help="directory of the mnist / cifar10 files")
-    opt("epochs", "--epochs", type=int, help="retraining epochs per mode (default %(default)s)")
+    opt("recipe", "--recipe", choices=tuple(RECIPES),
+        help="a published retraining protocol; date25 (Meng et al., DATE 2025): unsigned asymmetric per-tensor "
+             "quantization, --approximate conv, --calibration epoch, Adam lr 1e-3 without weight decay, batch 64, "
+             "30 epochs halving the rate at 10 and 20, --augment crop-flip on CIFAR, --half-window auto from "
+             "5-epoch lenet5 trials. Every flag given explicitly overrides the recipe")
+    opt("model", "--model",
+        help="mlp, lenet5, resnet8, resnet20, vgg19_bn, resnet18, resnet34, resnet50, or torchvision:NAME "
+             "(default %(default)s)")
+    opt("dataset", "--dataset", help="digits, mnist5k, mnist, cifar10, cifar100 (default %(default)s)")
+    opt("data_dir", "--data-dir", metavar="DIR", help="directory of the mnist / cifar10 / cifar100 files")
+    opt("epochs", "--epochs", type=int, help="retraining epochs per mode (default 3; date25: 30)")
     opt("pretrain_epochs", "--pretrain-epochs", type=int, help="FP32 pretraining epochs (default %(default)s)")
-    opt("batch_size", "--batch-size", type=int, help="global batch size (default %(default)s)")
-    opt("lr", "--lr", type=float, help="Adam learning rate (default %(default)s)")
+    opt("batch_size", "--batch-size", type=int, help="global batch size (default 64)")
+    opt("lr", "--lr", type=float, help="Adam learning rate (default 0.001)")
+    opt("weight_decay", "--weight-decay", type=float, help="Adam weight decay of the retraining (default 0)")
+    opt("milestones", "--milestones", type=int, nargs="+", metavar="EPOCH",
+        help="epochs after which the learning rate is halved (default 1/3 and 2/3 of the run; date25: 10 20)")
+    opt("weight_scheme", "--weight-scheme", choices=("per_channel", "per_tensor"),
+        help="weight scales (activations are per tensor) (default per_channel; date25: per_tensor)")
+    opt("approximate", "--approximate", choices=("all", "conv"),
+        help="layers through the multiplier: all, or conv (Linear layers quantized but exact) "
+             "(default all; date25: conv)")
+    opt("calibration", "--calibration", choices=("batches", "epoch"),
+        help="activation ranges from --calib-batches batches in eval mode, or from one epoch of un-augmented "
+             "training data in train mode without backward (also BatchNorm statistics) "
+             "(default batches; date25: epoch)")
+    opt("augment", "--augment", choices=("none", "crop-flip"),
+        help="training augmentation: pad-4 random crop and horizontal flip (default none; date25: crop-flip "
+             "on CIFAR)")
     opt("seed", "--seed", type=int, help="seed of split, weights, batch order (default %(default)s)")
     opt("grads", "--grad", nargs="+", metavar="MODE",
         help="one or more of ste lut2d lut1d, each retrained from the same start (default %(default)s)")
-    opt("half_window", "--half-window", metavar="H|auto",
-        help="LUT-2D/LUT-1D half window 1,2,4,...,64, or 'auto' (short training trials, lowest "
-             "training loss); default: the LUT file's tables")
+    opt("half_window", "--half-window", metavar="H|auto|stored",
+        help="LUT-2D/LUT-1D half window 1,2,4,...,64, 'auto' (short training trials, lowest "
+             "training loss) or 'stored' (the LUT file's tables) (default stored; date25: auto)")
+    opt("trial_model", "--trial-model", metavar="MODEL",
+        help="network of the --half-window auto trials (default the run's model; date25: lenet5)")
+    opt("trial_epochs", "--trial-epochs", type=int, metavar="N",
+        help="epochs per --half-window auto trial (default 1; date25: 5)")
     opt("trial_batches", "--trial-batches", type=int, metavar="N",
-        help="batches per --half-window auto trial (default one epoch)")
+        help="batches per epoch of a --half-window auto trial (default whole epochs)")
     opt("out", "--out", metavar="DIR", help="output directory (default %(default)s)")
     opt("resume", "--resume", action="store_true", help="continue an interrupted run in --out")
     opt("overwrite", "--overwrite", action="store_true",

@@ -6,6 +6,8 @@
 * :func:`run_retrain` -- FP32 -> quantized -> approximate -> retrained, per gradient mode.
 * :func:`run_assign` -- heterogeneous multiplier assignment on a trained network.
 * :func:`verify_layer_rtl` -- a trained layer's accumulators recomputed by the RTL MAC.
+* :func:`run_network_explore` -- search multipliers under a trained network's operand
+  distributions, retrain a shortlist, verify the chosen circuit's RTL.
 
 Each name is imported on first use (PEP 562), so ``from appmult.flows import characterize``
 does not import torch and ``from appmult.flows import run_retrain`` does not wait for it.
@@ -33,6 +35,7 @@ _HOMES = {
     "lut_cache_dir": "characterization",
     "required_acc_width": "characterization",
     "RESULTS_FORMAT": "retrain_results",
+    "RECIPES": "retrain_config",
     "SIMULATED_ERROR_MODE": "retrain_config",
     "RetrainConfig": "retrain_config",
     "RetrainError": "retrain_config",
@@ -41,6 +44,8 @@ _HOMES = {
     "run_retrain": "retrain",
     "state_digest": "retrain",
     "with_half_window": "half_window",
+    "NetworkExploreConfig": "explore",
+    "run_network_explore": "explore",
     "LayerRtlResult": "rtlcheck",
     "PositionCheck": "rtlcheck",
     "RtlCheckError": "rtlcheck",

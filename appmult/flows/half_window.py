@@ -19,7 +19,7 @@ from ..lut_gen import LutFile
 from ..lut_gen.gradients import HALF_WINDOWS, lut2d_and_lut1d
 from ..train import evaluate, train_epoch
 from ._fields import is_int
-from .retrain_start import approx_model, load_start, reseed
+from .retrain_start import Conversion, approx_model, load_start, reseed
 
 __all__ = ["half_window_candidates", "half_window_trials", "stored_half_window", "with_half_window"]
 
@@ -84,14 +84,16 @@ class _Limited:
 def half_window_trials(fp32: nn.Module, lut: LutFile, grad: str, start: dict[str, torch.Tensor],
                        loader: DataLoader, probe: Sequence[tuple[torch.Tensor, torch.Tensor]], *,
                        lr: float, seed: int, trial_batches: int | None, device: torch.device,
-                       candidates: Iterable[int] | None = None) -> dict[str, Any]:
+                       candidates: Iterable[int] | None = None, epochs: int = 1,
+                       conversion: Conversion = Conversion(), model_name: str | None = None) -> dict[str, Any]:
     """The published automatic choice of the LUT-2D half window: short training trials.
 
     For each candidate ``H`` the model is rebuilt from the same start with ``grad``
-    tables of half window ``H``, trained for ``trial_batches`` batches (one epoch when
-    None) with Adam, identically seeded, and its training loss is then measured on fixed
-    ``probe`` batches of training data in evaluation mode. The lowest loss wins (ties: the
-    smaller ``H``).
+    tables of half window ``H``, trained for ``epochs`` epochs of ``trial_batches``
+    batches each (whole epochs when None) with Adam, identically seeded, and its training
+    loss is then measured on fixed ``probe`` batches of training data in evaluation mode.
+    The lowest loss wins (ties: the smaller ``H``). (Meng et al. ran 5-epoch trials of a
+    LeNet on the same data: ``fp32`` need not be the network that is retrained.)
 
     Args:
         fp32: the FP32 model (copied, not changed).
@@ -105,23 +107,29 @@ def half_window_trials(fp32: nn.Module, lut: LutFile, grad: str, start: dict[str
         trial_batches: batches per trial (``None``: one epoch).
         device: where to train.
         candidates: half windows to try (default: 1, 2, 4, ... while ``2H+1`` fits).
+        epochs: epochs per trial.
+        conversion: how the trial model is quantized (as the run's model).
+        model_name: the trial network's name, recorded.
 
     Returns:
-        ``{"grad", "trial_batches", "criterion", "trials": [{"half_window", "train_loss_during",
-        "train_loss_after", "time_s"}...], "chosen"}``.
+        ``{"grad", "model", "epochs", "trial_batches", "criterion", "trials": [{"half_window",
+        "train_loss_during", "train_loss_after", "time_s"}...], "chosen"}``
+        (``train_loss_during``: the last epoch's).
     """
     cands = list(candidates) if candidates is not None else half_window_candidates(lut)
     trials = []
     limited = _Limited(loader, trial_batches)
     for h in cands:
         t0 = time.perf_counter()
-        model = load_start(approx_model(fp32, with_half_window(lut, h), grad, device), start)
+        model = load_start(approx_model(fp32, with_half_window(lut, h), grad, device, conversion), start)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         reseed(seed, loader)
-        during = train_epoch(model, limited, opt, device=device, desc=f"H={h}")
+        for e in range(epochs):
+            during = train_epoch(model, limited, opt, device=device, desc=f"H={h} epoch {e + 1}/{epochs}")
         after = evaluate(model, probe, device=device)
         trials.append({"half_window": h, "train_loss_during": during.loss, "train_loss_after": after.loss,
                        "time_s": time.perf_counter() - t0})
     chosen = min(trials, key=lambda t: (t["train_loss_after"], t["half_window"]))["half_window"]
-    return {"grad": grad, "trial_batches": trial_batches, "criterion": "train_loss_after",
+    return {"grad": grad, "model": model_name, "epochs": epochs, "trial_batches": trial_batches,
+            "criterion": "train_loss_after",
             "trials": trials, "chosen": chosen}

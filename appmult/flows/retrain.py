@@ -8,7 +8,11 @@ Pipeline (:func:`run_retrain`), one step function each:
    check will need is checked here, before any training (:func:`_resolve_lut`).
 2. An FP32 model: pretrained and cached (:func:`appmult.train.pretrain_fp32`) or
    loaded from a checkpoint (:func:`_fp32_step`).
-3. Quantize and calibrate once against the LUT: this is the *starting point* every
+3. Quantize (weight scales per channel or per tensor; every layer through the LUT, or only
+   the convolutions with ``approximate="conv"``) and calibrate once against the LUT --
+   on a few batches in eval mode, or (``calibration="epoch"``, as published) over one
+   epoch of un-augmented training data in train mode without backward, which also sets
+   BatchNorm statistics: this is the *starting point* every
    gradient mode retrains from (same weights, same activation ranges). Evaluate it with
    exact products (same quantization: the "exact-quantized" reference) and with the
    approximate multiplier ("approx before") (:func:`_starting_point`).
@@ -30,7 +34,10 @@ Pipeline (:func:`run_retrain`), one step function each:
    the LUT's circuit in a simulator (:func:`appmult.flows.verify_layer_rtl`); the
    outcome is recorded per mode, and ``appmult retrain`` exits non-zero on a mismatch
    (:func:`_rtl_step`).
-7. Write ``results.json``, ``results.md`` and ``curves.png`` (:mod:`appmult.flows.retrain_results`).
+7. Write ``results.json``, ``results.md`` and ``curves.png`` (:mod:`appmult.flows.retrain_results`);
+   ``results.json["protocol"]`` records every setting of the protocol (quantization, which
+   layers are approximate, calibration, augmentation, schedule, half window) and which of
+   them were given explicitly over the recipe (``RetrainConfig.recipe``, e.g. ``"date25"``).
 
 Every epoch is checkpointed atomically per mode (``<out>/modes/<mode>/last.pt``); with
 ``resume=True`` an interrupted run continues where it stopped -- also after its directory
@@ -69,7 +76,7 @@ from .half_window import half_window_candidates, half_window_trials, stored_half
 from .retrain_config import SIMULATED_ERROR_MODE, RetrainConfig, RetrainError
 from .retrain_mode import MODES_DIR, EpochHook, existing_run, mode_identity, remove_modes, train_mode
 from .retrain_results import RESULT_FILES, RESULTS_FORMAT, lut_summary, remove_results, versions, write_results
-from .retrain_start import approx_model, fixed_batches, fp32_model, reseed, start_state
+from .retrain_start import Conversion, approx_model, calibrate_epoch, fixed_batches, fp32_model, reseed, start_state
 
 __all__ = ["run_retrain", "state_digest"]
 
@@ -131,9 +138,10 @@ class _Start:
     """The starting point every mode shares, and its two reference evaluations."""
 
     state: dict[str, torch.Tensor]  # weights and activation ranges, no LUT buffers
-    calib: list[tuple[torch.Tensor, torch.Tensor]]  # the fixed calibration batches (CPU)
+    calib: list[tuple[torch.Tensor, torch.Tensor]]  # fixed un-augmented training batches (CPU): calibration, probe
     exact_quantized: Metrics  # exact products, same quantization
     approx_before: Metrics  # the approximate multiplier, before retraining
+    calibration: dict[str, Any]  # how the activation ranges were set
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +158,13 @@ def _pipeline(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
     cfg, d = run.cfg, run.dist
     _check_output(run)
     lut = _resolve_lut(run)
-    full_loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir)
+    full_loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir, augment=cfg.augment)
     loaders = shard_loaders(full_loaders, d, cfg.batch_size)
+    plain_train = _plain_train_loader(full_loaders.train, cfg)
     fp32, fp32_info = _fp32_step(run, full_loaders, loaders.test)
-    start_model, start = _starting_point(run, fp32, lut, full_loaders.train, loaders.test)
-    tables, trials = _mode_tables(run, fp32, lut, start, full_loaders.train)
+    start_model, start = _starting_point(run, fp32, lut, plain_train, loaders.test)
+    layers = _layer_kinds(start_model, lut)
+    tables, trials = _mode_tables(run, fp32, lut, start, full_loaders, plain_train)
     exact_epoch_s = _time_exact_epoch(start_model, loaders, cfg, run.device) if cfg.time_exact else None
     del start_model
 
@@ -171,6 +181,7 @@ def _pipeline(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
             modes[mode]["rtl_check"] = _rtl_step(run, mode, model, loaders.test)
 
     results = _results(run, lut, fp32_info, start, trials, modes, exact_epoch_s)
+    results["protocol"] = _protocol(run, lut, layers, start, tables)
     results["timing"]["total_s"] = time.perf_counter() - t_start
     if d.main:
         out = Path(cfg.out)
@@ -212,6 +223,10 @@ def _resolve_lut(run: _Run) -> LutFile:
     else:
         lut = characterize(cfg.spec, gradients=("ste", "lut2d", "lut1d"), progress=cfg.progress,
                            cost=False).to_lutfile()
+    if cfg.recipe == "date25" and lut.signed:
+        raise RetrainError(f"Recipe date25 quantizes unsigned asymmetric, for unsigned multipliers; LUT "
+                           f"{lut.lut_id} is signed. Run without --recipe (signed symmetric quantization), "
+                           f"or give an unsigned multiplier")
     if cfg.verify_rtl:
         _check_rtl_possible(cfg, lut)
     run.say(f"LUT {lut.lut_id} ({lut.metadata.get('spec') or 'custom'}), "
@@ -229,28 +244,70 @@ def _fp32_step(run: _Run, full_loaders: Loaders, test: Iterable) -> tuple[nn.Mod
     return fp32, fp32_info
 
 
-def _starting_point(run: _Run, fp32: nn.Module, lut: LutFile, train: Iterable,
-                    test: Iterable) -> tuple[nn.Module, _Start]:
-    """Quantize and calibrate once, on fixed training batches; evaluate exact and approximate."""
+def _plain_train_loader(train: Any, cfg: RetrainConfig) -> Any:
+    """The training data without augmentation, shuffled by ``cfg.seed`` (calibration, probe batches)."""
+    if cfg.augment == "none":
+        return train
+    return torch.utils.data.DataLoader(train.dataset.with_augment("none"), batch_size=cfg.batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _calibrated(run: _Run, fp32: nn.Module, lut: LutFile, plain_train: Iterable,
+                calib: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[nn.Module, dict[str, Any]]:
+    """``fp32`` quantized for ``lut`` (STE) and calibrated as the run asks; how it was calibrated."""
     cfg, device = run.cfg, run.device
-    calib = fixed_batches(train, cfg.calib_batches, cfg.seed)
-    start_model = approx_model(fp32, lut, "ste", device)
-    calibrate(start_model, [(x.to(device), y) for x, y in calib])
+    model = approx_model(fp32, lut, "ste", device, Conversion.of(cfg))
+    if cfg.calibration == "epoch":
+        n = calibrate_epoch(model, plain_train, device)
+        return model, {"method": "epoch", "batches": n, "mode": "train", "augmented": False,
+                       "batchnorm_updated": True}
+    calibrate(model, [(x.to(device), y) for x, y in calib])
+    return model, {"method": "batches", "batches": len(calib), "mode": "eval", "augmented": False,
+                   "batchnorm_updated": False}
+
+
+def _starting_point(run: _Run, fp32: nn.Module, lut: LutFile, plain_train: Iterable,
+                    test: Iterable) -> tuple[nn.Module, _Start]:
+    """Quantize and calibrate once; evaluate exact and approximate."""
+    cfg, device = run.cfg, run.device
+    calib = fixed_batches(plain_train, cfg.calib_batches, cfg.seed)
+    start_model, calibration = _calibrated(run, fp32, lut, plain_train, calib)
     state = start_state(start_model)
-    with exact_multiplication(start_model):
-        exact_q = evaluate(start_model, test, device=device)
-    approx_before = evaluate(start_model, test, device=device)
+    top5 = _top5(cfg)
+    reference = start_model
+    if cfg.calibration == "epoch":
+        # Calibrated in train mode, the BatchNorm statistics follow the multiplier's outputs; the
+        # exact-quantized reference gets its own calibration epoch with exact products.
+        reference = approx_model(fp32, lut, "ste", device, Conversion.of(cfg))
+        with exact_multiplication(reference):
+            calibrate_epoch(reference, plain_train, device)
+    with exact_multiplication(reference):
+        exact_q = evaluate(reference, test, device=device, top5=top5)
+    del reference
+    approx_before = evaluate(start_model, test, device=device, top5=top5)
     run.say(f"exact-quantized {100 * exact_q.accuracy:.2f}%, approximate before retraining "
             f"{100 * approx_before.accuracy:.2f}%")
-    return start_model, _Start(state, calib, exact_q, approx_before)
+    return start_model, _Start(state, calib, exact_q, approx_before, calibration)
 
 
-def _mode_tables(run: _Run, fp32: nn.Module, lut: LutFile, start: _Start,
-                 train: Iterable) -> tuple[dict[str, _Tables], dict[str, Any]]:
+def _top5(cfg: RetrainConfig) -> bool:
+    """Whether top-5 accuracy is measured too (CIFAR-100)."""
+    return cfg.dataset == "cifar100"
+
+
+def _mode_tables(run: _Run, fp32: nn.Module, lut: LutFile, start: _Start, full_loaders: Loaders,
+                 plain_train: Iterable) -> tuple[dict[str, _Tables], dict[str, Any]]:
     """Per mode, which tables (half window) to retrain with; the half-window trials, if any."""
     cfg, d, device = run.cfg, run.dist, run.device
+    train = full_loaders.train
     tables = {m: _Tables(lut, None) for m in cfg.modes}
     trials: dict[str, Any] = {}
+    trial_fp32, trial_state = fp32, start.state
+    if cfg.half_window == "auto" and cfg.trial_model != cfg.model and any(g in cfg.grads for g in ("lut2d", "lut1d")):
+        # The trials' own network (Meng et al.: a LeNet), pretrained and quantized like the run's.
+        trial_fp32, _ = fp32_model(cfg, full_loaders, d, model_name=cfg.trial_model)
+        trial_fp32 = trial_fp32.to(device)
+        trial_state = start_state(_calibrated(run, trial_fp32, lut, plain_train, start.calib)[0])
     for g in ("lut2d", "lut1d"):
         if g not in cfg.grads:
             continue
@@ -262,9 +319,11 @@ def _mode_tables(run: _Run, fp32: nn.Module, lut: LutFile, start: _Start,
             result = None
             if d.main:
                 run.say(f"half-window trials for {g}: H in {half_window_candidates(lut)}")
-                result = half_window_trials(fp32, lut, g, start.state, train,
+                result = half_window_trials(trial_fp32, lut, g, trial_state, train,
                                             [(x.to(device), y.to(device)) for x, y in start.calib], lr=cfg.lr,
-                                            seed=cfg.seed, trial_batches=cfg.trial_batches, device=device)
+                                            seed=cfg.seed, trial_batches=cfg.trial_batches, device=device,
+                                            epochs=cfg.trial_epochs, conversion=Conversion.of(cfg),
+                                            model_name=cfg.trial_model)
             trials[g] = result = d.share(result)
             h = result["chosen"]
             run.say(f"{g}: chose H={h} " + ", ".join(f"H={t['half_window']}: {t['train_loss_after']:.4f}"
@@ -295,9 +354,10 @@ def _retrain_mode(run: _Run, mode: str, tables: _Tables, fp32: nn.Module, fp32_i
     identity = mode_identity(cfg, mode, tables.lut, fp32_info, tables.half_window)
     model, history, start_acc = train_mode(cfg, run.dist, mode, fp32, tables.lut, start.state, loaders, device,
                                            identity, on_epoch_end)
-    approx_after = evaluate(model, loaders.test, device=device)
+    top5 = _top5(cfg)
+    approx_after = evaluate(model, loaders.test, device=device, top5=top5)
     with exact_multiplication(model):
-        exact_after = evaluate(model, loaders.test, device=device)
+        exact_after = evaluate(model, loaders.test, device=device, top5=top5)
     approx_times = [r["epoch_time_s"] for r in history if r.get("train_multiplication") != "exact"]
     simulated = mode == SIMULATED_ERROR_MODE
     return model, {
@@ -309,6 +369,7 @@ def _retrain_mode(run: _Run, mode: str, tables: _Tables, fp32: nn.Module, fp32_i
         "approx_start": start_acc, "state_sha256": state_digest(model),
         "approx_after": approx_after.accuracy, "approx_after_loss": approx_after.loss,
         "exact_after": exact_after.accuracy, "exact_after_loss": exact_after.loss,
+        "approx_after_top5": approx_after.top5, "exact_after_top5": exact_after.top5,
         "epoch_time_s": float(np.mean(approx_times)) if approx_times else None,
         "history": history,
         "rtl_check": None,
@@ -327,7 +388,8 @@ def _results(run: _Run, lut: LutFile, fp32_info: dict[str, Any], start: _Start, 
         "start": {"exact_quantized_accuracy": start.exact_quantized.accuracy,
                   "exact_quantized_loss": start.exact_quantized.loss,
                   "approx_accuracy": start.approx_before.accuracy, "approx_loss": start.approx_before.loss,
-                  "calib_batches": len(start.calib)},
+                  "exact_quantized_top5": start.exact_quantized.top5, "approx_top5": start.approx_before.top5,
+                  "calib_batches": start.calibration["batches"], "calibration": start.calibration},
         "half_window_trials": trials,
         "modes": modes,
         "timing": {"exact_quantized_epoch_s": exact_epoch_s, "fp32_epoch_s": fp32_info.get("epoch_time_s"),
@@ -339,6 +401,44 @@ def _results(run: _Run, lut: LutFile, fp32_info: dict[str, Any], start: _Start, 
         "device": str(run.device),
         "threads": torch.get_num_threads(),
         "versions": versions(),
+    }
+
+
+def _layer_kinds(model: nn.Module, lut: LutFile) -> dict[str, list[str]]:
+    """Names of the layers that multiply through ``lut`` and of those quantized but exact."""
+    out: dict[str, list[str]] = {"approximate": [], "quantized_exact": [], "weight_schemes": []}
+    schemes = set()
+    for name, m in model.named_modules():
+        if isinstance(m, (ApproxConv2d, ApproxLinear)):
+            out["approximate" if m.lut.sha256 == lut.sha256 else "quantized_exact"].append(name)
+            schemes.add(m.weight_quant.scheme.value)
+    out["weight_schemes"] = sorted(schemes)  # as the layers hold them
+    return out
+
+
+def _protocol(run: _Run, lut: LutFile, layers: dict[str, list[str]], start: _Start,
+              tables: dict[str, _Tables]) -> dict[str, Any]:
+    """What the run did, setting by setting: the recipe, the fields given explicitly, and every setting."""
+    cfg = run.cfg
+    scheme = "signed symmetric" if lut.signed else "unsigned asymmetric"
+    return {
+        "recipe": cfg.recipe,
+        "given": {name: getattr(cfg, name) for name in cfg.given},
+        "quantization": {"activations": f"{scheme} per-tensor",
+                         "weights": f"{scheme} {cfg.weight_scheme.replace('_', '-')}",
+                         "weight_scheme": cfg.weight_scheme,
+                         "bits": {"activations": lut.width_a, "weights": lut.width_b}, "signed": lut.signed,
+                         "zero_point_terms": None if lut.signed else "exact"},
+        "approximate": {"setting": cfg.approximate, **layers},
+        "calibration": start.calibration,
+        "augmentation": cfg.augment,
+        "schedule": {"optimizer": "adam", "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                     "batch_size": cfg.batch_size, "epochs": cfg.epochs, "milestones": list(cfg.milestones),
+                     "gamma": 0.5, "test_every_epoch": True},
+        "half_window": {"setting": "stored" if cfg.half_window is None else cfg.half_window,
+                        "trial_model": cfg.trial_model, "trial_epochs": cfg.trial_epochs,
+                        "chosen": {m: t.half_window for m, t in tables.items() if m in ("lut2d", "lut1d")}},
+        "metrics": ["top1", "top5"] if _top5(cfg) else ["top1"],
     }
 
 

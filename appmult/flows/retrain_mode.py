@@ -31,7 +31,7 @@ from ..nn import exact_
 from ..train import CHECKPOINT_NAME, Loaders, evaluate, fit, load_checkpoint
 from .distributed import Dist
 from .retrain_config import SIMULATED_ERROR_MODE, RetrainConfig, RetrainError
-from .retrain_start import approx_model, load_start
+from .retrain_start import Conversion, approx_model, load_start
 
 __all__ = ["MODES_DIR", "EpochHook", "existing_run", "mode_identity", "remove_modes", "train_mode"]
 
@@ -102,6 +102,9 @@ def mode_identity(cfg: RetrainConfig, mode: str, lut: LutFile, fp32_info: dict, 
     return {"mode": mode, "lut_sha256": lut.sha256, "half_window": half_window, "model": cfg.model,
             "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "seed": cfg.seed, "exact_last": cfg.exact_last, "mre": cfg.mre,
+            "weight_decay": cfg.weight_decay, "milestones": list(cfg.milestones),
+            "weight_scheme": cfg.weight_scheme, "approximate": cfg.approximate, "calibration": cfg.calibration,
+            "augment": cfg.augment,
             "noise_operands": cfg.noise_operands if mode == SIMULATED_ERROR_MODE else None,
             "fp32_sha256": fp32_info["sha256"], "calib_batches": cfg.calib_batches}
 
@@ -300,12 +303,15 @@ def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: Lut
         (evidence that every mode starts from the same point).
     """
     grad = "ste" if mode == SIMULATED_ERROR_MODE else mode
-    model = load_start(approx_model(fp32, lut, grad, device), start)
+    model = load_start(approx_model(fp32, lut, grad, device, Conversion.of(cfg)), start)
     start_accuracy = evaluate(model, loaders.test, device=device).accuracy
     noise = None
     if mode == SIMULATED_ERROR_MODE:
         sim = SimulatedError(cfg.mre if cfg.mre is not None else lut_mre(lut))
-        noise = attach_simulated_error(model, sim, cfg.noise_operands)
+        # Only the layers that multiply through the LUT carry its error (not quantized-but-exact ones).
+        noise = attach_simulated_error(model, sim, cfg.noise_operands,
+                                       layers=[m for m in model.modules() if getattr(m, "lut", None) is not None
+                                               and getattr(m.lut, "sha256", None) == lut.sha256])
     schedule = _Schedule(model, cfg.epochs, cfg.exact_last, noise)
     mode_dir = _ModeDir(cfg, d, mode, identity)
     schedule.epoch = mode_dir.resumed_epoch
@@ -318,8 +324,10 @@ def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: Lut
     epoch_end = _EpochEnd(cfg, d, mode, model, mode_dir.labels, on_epoch_end)
     labelled = (loaders.train, _LabelsBeforeCheckpoint(loaders.test, schedule, mode_dir.labels))
     try:
-        history = fit(trained, labelled, cfg.epochs, lr=cfg.lr, seed=cfg.seed, checkpoint_dir=mode_dir.checkpoints,
-                      resume=cfg.resume, progress=cfg.progress and d.main, on_epoch_end=epoch_end)
+        optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        history = fit(trained, labelled, cfg.epochs, optimizer=optimizer, milestones=cfg.milestones, gamma=0.5,
+                      seed=cfg.seed, checkpoint_dir=mode_dir.checkpoints, resume=cfg.resume,
+                      progress=cfg.progress and d.main, on_epoch_end=epoch_end, top5=cfg.dataset == "cifar100")
     finally:
         schedule.remove()
         mode_dir.cleanup()

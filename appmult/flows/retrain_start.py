@@ -9,6 +9,8 @@ which differ between modes.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +19,61 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..lut_gen import LutFile
-from ..nn import ApproxConfig, approximate_
+from ..lut_gen import LutFile, exact_product
+from ..nn import ApproxConfig, approximate_, calibrating
 from ..train import Loaders, build_model, load_pretrained, pretrain_fp32, read_torch_file, seed_everything
 from .distributed import Dist
 from .retrain_config import RetrainConfig, RetrainError
 
-__all__ = ["approx_model", "fixed_batches", "fp32_model", "load_start", "reseed", "start_state"]
+__all__ = ["Conversion", "approx_model", "calibrate_epoch", "exact_lut", "fixed_batches", "fp32_model",
+           "load_start", "reseed", "start_state"]
 
 
-def fp32_model(cfg: RetrainConfig, loaders: Loaders, d: Dist) -> tuple[nn.Module, dict[str, Any]]:
-    """The FP32 model (from ``cfg.checkpoint``, or pretrained and cached) and where it came from."""
-    if cfg.checkpoint is not None:
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """How a run converts its FP32 model: weight scales, and which layers multiply through the LUT.
+
+    Attributes:
+        weight_scheme: ``"per_channel"`` or ``"per_tensor"`` weight scales.
+        approximate: ``"all"`` (every Linear and Conv2d through the LUT) or ``"conv"``
+            (Conv2d through the LUT; Linear layers quantized alike but with the exact
+            multiplier of the same widths, :func:`exact_lut`).
+    """
+
+    weight_scheme: str = "per_channel"
+    approximate: str = "all"
+
+    @classmethod
+    def of(cls, cfg: RetrainConfig) -> Conversion:
+        return cls(cfg.weight_scheme, cfg.approximate)
+
+
+@functools.lru_cache(maxsize=8)
+def _exact_lut(width_a: int, width_b: int, signed: bool) -> LutFile:
+    return LutFile(exact_product(width_a, width_b, signed), width_a=width_a, width_b=width_b, signed=signed,
+                   metadata={"name": "exact", "family": "exact",
+                             "spec": f"exact:width_a={width_a},width_b={width_b},signed={str(signed).lower()}"})
+
+
+def exact_lut(lut: LutFile) -> LutFile:
+    """The exact multiplier of ``lut``'s widths and signedness, as a LUT file (quantized-but-exact layers)."""
+    return _exact_lut(lut.width_a, lut.width_b, lut.signed)
+
+
+def fp32_model(cfg: RetrainConfig, loaders: Loaders, d: Dist, model_name: str | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """The FP32 model (from ``cfg.checkpoint``, or pretrained and cached) and where it came from.
+
+    ``model_name``: another network than the run's (the half-window trials' network),
+    always pretrained (the checkpoint is the run's model).
+    """
+    if cfg.checkpoint is not None and model_name in (None, cfg.model):
         return _load_fp32_checkpoint(cfg, loaders), {"source": "checkpoint", "path": cfg.checkpoint}
     cache = Path(cfg.pretrained_dir) if cfg.pretrained_dir else Path(cfg.out) / "pretrained"
+    name = model_name or cfg.model
 
     def pretrain():
-        return pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out_dir=cache,
+        return pretrain_fp32(name, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out_dir=cache,
                              batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir,
                              progress=cfg.progress and d.main)
     # Rank 0 pretrains (or finds the cache); the others then load its file.
@@ -73,10 +113,52 @@ def _is_lut_key(key: str) -> bool:
     return ".lut." in f".{key}"
 
 
-def approx_model(fp32: nn.Module, lut: LutFile, grad: str, device: torch.device) -> nn.Module:
-    """A copy of ``fp32`` on ``device`` with every supported layer approximate (``lut``, ``grad`` backward)."""
+def approx_model(fp32: nn.Module, lut: LutFile, grad: str, device: torch.device,
+                 conversion: Conversion = Conversion()) -> nn.Module:
+    """A copy of ``fp32`` on ``device``, its layers quantized for ``lut`` (``grad`` backward).
+
+    With ``conversion.approximate == "all"`` every Linear and Conv2d layer multiplies
+    through ``lut``; with ``"conv"`` only the Conv2d layers do, and the Linear layers get
+    the exact multiplier of the same widths (same quantization, STE backward, which is
+    the exact product's own gradient).
+
+    Raises:
+        RetrainError: ``"conv"`` for a model without Conv2d layers.
+    """
     model = copy.deepcopy(fp32).to(device)
-    return approximate_(model, ApproxConfig(lut, grad=grad, compute_missing_gradients=True))
+    approx = ApproxConfig(lut, grad=grad, compute_missing_gradients=True, weight_scheme=conversion.weight_scheme)
+    if conversion.approximate == "all":
+        return approximate_(model, approx)
+    exact = ApproxConfig(exact_lut(lut), grad="ste", weight_scheme=conversion.weight_scheme)
+    per_layer = {name: approx if type(m) is nn.Conv2d else exact
+                 for name, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)}
+    if not any(c is approx for c in per_layer.values()):
+        raise RetrainError(f"--approximate conv: the model ({type(fp32).__name__}) has no Conv2d layer to "
+                           f"approximate")
+    return approximate_(model, per_layer)
+
+
+@torch.no_grad()
+def calibrate_epoch(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """Calibration as published: one pass over ``loader`` in train mode without backward.
+
+    Activation observers start afresh and follow every batch; BatchNorm layers update
+    their running statistics (train mode). The model's training flag is restored.
+
+    Returns:
+        The number of batches seen.
+    """
+    was_training = model.training
+    model.train()
+    n = 0
+    try:
+        with calibrating(model):
+            for batch in loader:
+                model(batch[0].to(device))
+                n += 1
+    finally:
+        model.train(was_training)
+    return n
 
 
 def start_state(model: nn.Module) -> dict[str, torch.Tensor]:

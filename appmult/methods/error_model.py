@@ -235,14 +235,11 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
         ``{layer name: OperandStats}`` in model order.
 
     Raises:
-        ValueError: no approximate layer, a grouped convolution, or an empty loader.
+        ValueError: no approximate layer, or an empty loader.
     """
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (ApproxConv2d, ApproxLinear))}
     if not layers:
         raise InvalidValueError("record_operands: the model has no approximate layer; convert it with approximate_ first")
-    for n, m in layers.items():
-        if isinstance(m, ApproxConv2d) and m.groups != 1:
-            raise InvalidValueError(f"record_operands: grouped convolution {n!r} (groups={m.groups}) is not supported")
     gen = torch.Generator().manual_seed(seed)
     acc: dict[str, dict] = {n: {"hx": None, "hw": None, "fields": [], "s1": 0.0, "s2": 0.0, "cnt": 0,
                                 "inputs": [], "kept": 0, "ops": 0} for n in layers}
@@ -253,8 +250,10 @@ def record_operands(model: nn.Module, loader: Iterable, *, num_batches: int | No
             ops = layer.operands(x)
             a = acc[name]
             wx, ww = layer.lut.width_x, layer.lut.width_w
-            # One row per receptive field: with groups == 1 every output channel reads the same one.
-            rows = ops.x[:, 0].reshape(-1, ops.fan_in)
+            # One row per receptive field: the output channels of one group all read the same
+            # one, so the first channel of every group stands for its group (groups == 1: channel 0).
+            per_group = ops.out_shape[1] // getattr(layer, "groups", 1)
+            rows = ops.x[:, ::per_group].reshape(-1, ops.fan_in)
             wcodes = ops.weight_codes
             hx = torch.bincount(rows.reshape(-1), minlength=1 << wx).double()
             a["hx"] = hx if a["hx"] is None else a["hx"] + hx

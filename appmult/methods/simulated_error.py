@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -213,10 +214,10 @@ def noise_variance_conv2d(qx: torch.Tensor, qw: torch.Tensor, sim: SimulatedErro
     return F.conv2d(qx * qx, qw * qw, None, stride, 0, dilation, groups) * sim.second_moment
 
 
-def _method(sim: SimulatedError, fan_in: int, elements: int, groups: int = 1) -> NoiseMethod:
+def _method(sim: SimulatedError, fan_in: int, elements: int) -> NoiseMethod:
     method = NoiseMethod(sim.method)
     if method is NoiseMethod.AUTO:
-        small = fan_in < GAUSSIAN_MIN_FAN_IN and elements <= EXACT_MAX_ELEMENTS and groups == 1
+        small = fan_in < GAUSSIAN_MIN_FAN_IN and elements <= EXACT_MAX_ELEMENTS
         method = NoiseMethod.EXACT if small else NoiseMethod.GAUSSIAN
     return method
 
@@ -256,30 +257,26 @@ def product_noise_conv2d(qx: torch.Tensor, qw: torch.Tensor, sim: SimulatedError
         sim: the error model.
         stride: conv stride.
         dilation: conv dilation.
-        groups: conv groups (the exact method supports ``groups == 1`` only; ``auto``
-            falls back to Gaussian sampling for grouped convolutions).
+        groups: conv groups (depthwise included): each output sums the products of its
+            own group's ``Ci/groups`` input channels.
         generator: random generator (default: torch's global one).
 
     Returns:
         ``(B, Co, Ho, Wo)`` noise in product units.
-
-    Raises:
-        ValueError: ``method="exact"`` with ``groups > 1``.
     """
     b = qx.shape[0]
     co, cg, kh, kw = qw.shape
     k = cg * kh * kw
     var = noise_variance_conv2d(qx, qw, sim, stride=stride, dilation=dilation, groups=groups)
     ho, wo = var.shape[-2:]
-    method = _method(sim, k, b * co * ho * wo * k, groups)
+    method = _method(sim, k, b * co * ho * wo * k)
     if method is NoiseMethod.EXACT:
-        if groups != 1:
-            raise InvalidValueError("Exact simulated-error sampling supports groups=1 convolutions only; "
-                             "use method='gaussian' or 'auto'")
-        cols = F.unfold(qx, (kh, kw), dilation=dilation, stride=stride)     # (B, K, L)
-        prods = cols[:, None, :, :] * qw.reshape(1, co, k, 1)               # (B, Co, K, L)
+        # unfold orders rows channel-major, so each group's fields are a contiguous block of K rows.
+        cols = F.unfold(qx, (kh, kw), dilation=dilation, stride=stride)     # (B, G*K, L)
+        cols = cols.reshape(b, groups, 1, k, -1)                            # (B, G, 1, K, L)
+        prods = cols * qw.reshape(1, groups, co // groups, k, 1)            # (B, G, Co/G, K, L)
         rel = sim.sample_relative(prods.shape, dtype=prods.dtype, device=prods.device, generator=generator)
-        return (prods * rel).sum(2).reshape(b, co, ho, wo)
+        return (prods * rel).sum(3).reshape(b, co, ho, wo)
     return var.sqrt() * torch.randn(var.shape, dtype=var.dtype, device=var.device, generator=generator)
 
 
@@ -299,7 +296,8 @@ class SimulatedErrorHooks:
         noisy_forwards: how many layer forwards received noise (for bookkeeping and tests).
     """
 
-    def __init__(self, model: nn.Module, sim: SimulatedError, operands: str = "codes"):
+    def __init__(self, model: nn.Module, sim: SimulatedError, operands: str = "codes",
+                 layers: Iterable[nn.Module] | None = None):
         if not isinstance(sim, SimulatedError):
             raise InvalidTypeError(f"attach_simulated_error needs a SimulatedError, not {type(sim).__name__}")
         if operands not in NOISE_OPERANDS:
@@ -308,8 +306,9 @@ class SimulatedErrorHooks:
         self.operands = operands
         self.enabled = True
         self.noisy_forwards = 0
+        chosen = None if layers is None else {id(m) for m in layers}
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                         if isinstance(m, (ApproxLinear, ApproxConv2d))]
+                         if isinstance(m, (ApproxLinear, ApproxConv2d)) and (chosen is None or id(m) in chosen)]
         if not self._handles:
             raise InvalidValueError("Model has no approximate layers to add simulated error to; "
                              "convert it with approximate_ first")
@@ -346,7 +345,8 @@ class SimulatedErrorHooks:
         return output + noise.to(output.dtype).detach()
 
 
-def attach_simulated_error(model: nn.Module, sim: SimulatedError, operands: str = "codes") -> SimulatedErrorHooks:
+def attach_simulated_error(model: nn.Module, sim: SimulatedError, operands: str = "codes",
+                           layers: Iterable[nn.Module] | None = None) -> SimulatedErrorHooks:
     """Add per-product simulated error to the approximate layers of ``model`` in training.
 
     Typically the layers are switched to exact multiplication (:func:`appmult.nn.exact_`)
@@ -362,6 +362,7 @@ def attach_simulated_error(model: nn.Module, sim: SimulatedError, operands: str 
             compared with the zero-point-corrected signal. ``"values"``: the
             zero-point-corrected products ``(qx - zx) * (qw - zw)``, i.e. ``x * w`` of the
             network, as in the paper's floating-point simulation.
+        layers: only these approximate layers of ``model`` (default: all of them).
 
     Returns:
         The :class:`SimulatedErrorHooks` (call ``.remove()`` to detach).
@@ -370,4 +371,4 @@ def attach_simulated_error(model: nn.Module, sim: SimulatedError, operands: str 
         TypeError: ``sim`` is not a :class:`SimulatedError`.
         ValueError: the model has no approximate layers, or unknown ``operands``.
     """
-    return SimulatedErrorHooks(model, sim, operands)
+    return SimulatedErrorHooks(model, sim, operands, layers)

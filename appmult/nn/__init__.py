@@ -17,7 +17,9 @@ methods built on these layers in :mod:`appmult.methods`; the retraining workflow
 RTL check of a trained layer in :mod:`appmult.flows`.
 """
 
-from .config import ApproxConfig, load_lut
+from .attention import (ApproxMultiheadAttention, AttentionOperands, LutAttention, attention_modules, lut_bmm,
+                        lut_sdpa)
+from .config import PARTS, ApproxConfig, load_lut
 from .convert import approximate_, approximate_layers, exact_, exact_multiplication
 from .correction import ControlVariate, fit_error_model
 from .functional import approx_conv2d, approx_linear, approx_matmul, lut_conv2d, lut_linear
@@ -32,14 +34,18 @@ __all__ = [
     "ApproxConfig",
     "ApproxConv2d",
     "ApproxLinear",
+    "ApproxMultiheadAttention",
+    "AttentionOperands",
     "ControlVariate",
     "GradMode",
     "Kernel",
     "LayerOperands",
+    "LutAttention",
     "LutMismatchError",
     "LutTables",
     "MissingGradientError",
     "Observer",
+    "PARTS",
     "QuantizedOperands",
     "WeightQuantizer",
     "WeightScheme",
@@ -48,6 +54,7 @@ __all__ = [
     "approx_matmul",
     "approximate_",
     "approximate_layers",
+    "attention_modules",
     "calibrate",
     "calibrating",
     "exact_",
@@ -56,6 +63,8 @@ __all__ = [
     "frozen",
     "layer_operands",
     "load_lut",
+    "lut_sdpa",
+    "lut_bmm",
     "lut_conv2d",
     "lut_linear",
     "quant_range",

@@ -8,14 +8,20 @@ import os
 import threading
 from pathlib import Path
 
-from ..errors import InvalidTypeError, InvalidValueError
+from ..errors import ConfigError, InvalidTypeError, InvalidValueError
 from ..lut_gen.lutfile import LutFile, read_sha256
 from ..lut_gen.lutfile import load as _load
 from ..reference import check_frac_bits
 from .tables import GradMode, Kernel
 from .quant import Observer, WeightScheme
 
-__all__ = ["ApproxConfig", "load_lut"]
+__all__ = ["ApproxConfig", "PARTS", "load_lut"]
+
+#: The parts of a network :func:`~appmult.nn.approximate_` can approximate, in canonical order:
+#: ``projections`` (the Q/K/V and output projections of attention modules), ``attention``
+#: (the products QK^T and AV), ``mlp`` (every other ``nn.Linear``/``nn.Conv2d``: MLP blocks,
+#: patch embeddings, classifier heads, CNN layers).
+PARTS = ("projections", "attention", "mlp")
 
 
 #: At most this many LUTs, and about this many bytes of tables, stay cached by :func:`load_lut`.
@@ -108,11 +114,15 @@ class ApproxConfig:
             activation operand) weighting the error-model fit; stored as a tuple.
         correction_frac_bits: fractional bits ``F`` of the per-channel ``alpha_bar``
             (0..24), as the hardware holds it.
+        parts: which parts :func:`~appmult.nn.approximate_` approximates, a selection of
+            ``"projections"``, ``"attention"``, ``"mlp"`` (see :data:`PARTS`; a single
+            string is one part). Stored as a tuple in canonical order. Default: all.
 
     Raises:
         TypeError: ``lut`` is neither a path nor a LutFile, or a flag is not a bool.
         ValueError: an unknown mode string or a momentum outside ``(0, 1]``, or a
             correction histogram that is not a flat sequence of non-negative counts.
+        ConfigError: ``parts`` is empty or names an unknown part.
     """
 
     lut: str | LutFile
@@ -130,6 +140,7 @@ class ApproxConfig:
     correction: str | None = "none"
     correction_hist: tuple[float, ...] | None = None
     correction_frac_bits: int = 8
+    parts: tuple[str, ...] = PARTS
 
     def __post_init__(self) -> None:
         lut = self.lut
@@ -173,6 +184,19 @@ class ApproxConfig:
             raise InvalidTypeError(f"ApproxConfig signed must be a bool or None, not {self.signed!r}")
 
         self._check_correction()
+        self._check_parts()
+
+    def _check_parts(self) -> None:
+        given = self.parts
+        items = (given,) if isinstance(given, str) else given
+        try:
+            items = tuple(items)
+        except TypeError:
+            items = ()
+        if not items or any(not isinstance(p, str) or p not in PARTS for p in items):
+            allowed = ", ".join(map(repr, PARTS))
+            raise ConfigError(f"ApproxConfig parts must be a non-empty selection of {allowed}, not {given!r}")
+        object.__setattr__(self, "parts", tuple(p for p in PARTS if p in items))
 
     def _check_correction(self) -> None:
         corr = "none" if self.correction is None else self.correction

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError
 from .config import ApproxConfig
+from .attention import _convert_attention, _is_attention, attention_modules
 from .layers import ApproxConv2d, ApproxLinear
 from .tables import LutTables
 
@@ -17,7 +18,13 @@ __all__ = ["approximate_", "approximate_layers", "exact_", "exact_multiplication
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def _convert_one(module: nn.Module, config: ApproxConfig) -> nn.Module | None:
+def _convert_one(module: nn.Module, config: ApproxConfig, name: str = "") -> nn.Module | None:
+    # Attention modules first (their projections are "projections", not "mlp").
+    converted = _convert_attention(module, config, name)
+    if converted is not None:
+        return converted
+    if "mlp" not in config.parts:
+        return None
     # Exact type checks on purpose: an already converted layer is a subclass and stays.
     if type(module) is nn.Linear:
         return ApproxLinear.from_float(module, config)
@@ -39,6 +46,13 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
                  filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace the ``nn.Linear`` and ``nn.Conv2d`` layers of ``model`` by approximate ones, in place.
 
+    Attention too (``config.parts`` selects what is approximate): an
+    ``nn.MultiheadAttention`` becomes an :class:`~appmult.nn.ApproxMultiheadAttention`; a
+    module whose ``forward`` calls ``torch.nn.functional.scaled_dot_product_attention``
+    gets its ``nn.Linear`` layers converted as projections and those calls routed through a
+    :class:`~appmult.nn.LutAttention` child (``sdpa_lut``); any other module whose class
+    name says attention is refused when ``"attention"`` is in ``config.parts``.
+
     Trained weights and biases are reused (:meth:`ApproxLinear.from_float`).
 
     Args:
@@ -53,13 +67,14 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
 
     Raises:
         KeyError: a name in the config dict is not a Linear/Conv2d layer of the model.
+        ConfigError: an attention module whose products cannot be approximated (named).
         TypeError: ``config`` is neither an ApproxConfig nor a mapping of them.
     """
     if isinstance(config, ApproxConfig):
         def pick(name: str) -> ApproxConfig | None:
             return config
     elif isinstance(config, Mapping):
-        convertible = {n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+        convertible = {n for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) or _is_attention(m)}
         unknown = sorted(set(config) - convertible)
         if unknown:
             raise KeyError(f"approximate_: no nn.Linear/nn.Conv2d layer named {', '.join(map(repr, unknown))}")
@@ -75,7 +90,7 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
     def visit(module: nn.Module, name: str) -> nn.Module:
         cfg = pick(name)
         if cfg is not None and (filter_fn is None or filter_fn(module, name)):
-            new = _convert_one(module, cfg)
+            new = _convert_one(module, cfg, name)
             if new is not None:
                 return new
         for child_name, child in list(module.named_children()):
@@ -99,6 +114,11 @@ def approximate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, m
 
 
+def _switchable(model: nn.Module) -> list[nn.Module]:
+    """Approximate layers and attention products: everything ``exact_`` switches."""
+    return [m for _, m in approximate_layers(model)] + [m for _, m in attention_modules(model)]
+
+
 def exact_(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Switch every approximate layer to exact multiplication (same quantization), or back.
 
@@ -112,7 +132,7 @@ def exact_(model: nn.Module, enabled: bool = True) -> nn.Module:
     Returns:
         ``model``.
     """
-    for _, m in approximate_layers(model):
+    for m in _switchable(model):
         m.exact_multiplication = bool(enabled)
     return model
 
@@ -120,7 +140,7 @@ def exact_(model: nn.Module, enabled: bool = True) -> nn.Module:
 @contextlib.contextmanager
 def exact_multiplication(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager: exact products inside, each layer's previous mode restored after."""
-    layers = [m for _, m in approximate_layers(model)]
+    layers = _switchable(model)
     saved = [m.exact_multiplication for m in layers]
     try:
         for m in layers:

@@ -2,11 +2,12 @@
 
 Knows nothing of approximate multipliers: any ``torch.nn.Module`` trains here. Data that
 ships offline (``digits``, ``mnist5k``) and standard-format loaders for user directories
-(MNIST IDX, CIFAR-10 pickles); models built by name (``lenet5``, ``mlp``, ``resnet8`` ...);
+(MNIST IDX, CIFAR-10/100 pickles); models built by name (``lenet5``, ``mlp``, ``resnet8`` ...);
 ``fit`` with per-epoch atomic checkpoints and bit-identical resume.
 """
 
 from .data import (
+    AUGMENTATIONS,
     DATASETS,
     DatasetFormatError,
     DatasetInfo,
@@ -14,10 +15,18 @@ from .data import (
     Loaders,
     TrainTest,
     load_cifar10,
+    load_cifar100,
     load_digits_dataset,
     load_mnist5k,
     load_mnist_idx,
     make_loaders,
+)
+from .cifar_models import (
+    CIFAR_MODELS,
+    TORCHVISION_PREFIX,
+    CifarResNet,
+    VGG,
+    check_torchvision_name,
 )
 from .models import (
     LeNet5,
@@ -49,7 +58,14 @@ from .training import (
 )
 
 __all__ = [
+    "AUGMENTATIONS",
     "build_model",
+    "check_torchvision_name",
+    "CIFAR_MODELS",
+    "CifarResNet",
+    "TORCHVISION_PREFIX",
+    "VGG",
+    "load_cifar100",
     "CHECKPOINT_NAME",
     "CheckpointError",
     "DatasetFormatError",

@@ -12,7 +12,8 @@ a directory the user provides, in their standard formats:
 
 * ``mnist``: the IDX files (``train-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, ...,
   optionally gzipped), validated header by header.
-* ``cifar10``: the "python version" batches (``data_batch_1..5``, ``test_batch``).
+* ``cifar10``: the "python version" batches (``data_batch_1..5``, ``test_batch``);
+  ``cifar100``: its "python version" files (``train``, ``test``; the 100 fine labels).
   Those are pickles, and unpickling runs whatever the file names, so they are read with
   an unpickler that resolves only the three numpy names an array needs; anything else in
   the file is refused before it can run.
@@ -48,7 +49,9 @@ __all__ = [
     "ImageDataset",
     "Loaders",
     "TrainTest",
+    "AUGMENTATIONS",
     "load_cifar10",
+    "load_cifar100",
     "load_digits_dataset",
     "load_mnist5k",
     "load_mnist_idx",
@@ -92,7 +95,29 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,)),
     "cifar10": DatasetInfo("cifar10", 3, 32, 10,
                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo("cifar100", 3, 32, 100,
+                            (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+
+#: Training-set augmentations: ``"none"``, or ``"crop-flip"`` (zero-pad 4 pixels, random
+#: crop back to the image size, random horizontal flip; the usual CIFAR augmentation).
+AUGMENTATIONS = ("none", "crop-flip")
+_CROP_PAD = 4
+
+
+def _crop_flip(image: torch.Tensor) -> torch.Tensor:
+    """Pad-4 random crop and horizontal flip of one ``C x H x W`` image (global torch RNG).
+
+    The padding is pixel value 0 (black) before normalization, as torchvision's
+    ``RandomCrop(size, padding=4)`` on the raw image.
+    """
+    h, w = image.shape[-2:]
+    padded = torch.nn.functional.pad(image, (_CROP_PAD,) * 4)
+    top, left = (int(v) for v in torch.randint(0, 2 * _CROP_PAD + 1, (2,)))
+    out = padded[:, top:top + h, left:left + w]
+    if bool(torch.rand(()) < 0.5):
+        out = out.flip(-1)
+    return out
 
 
 class ImageDataset(Dataset):
@@ -104,13 +129,20 @@ class ImageDataset(Dataset):
         info: The dataset description (channels, size, normalization constants).
         scale: The largest pixel value (255 for 8-bit images, 16 for sklearn digits).
         normalize: If False, items are only scaled to [0, 1] (mean and std ignored).
+        augment: ``"none"`` or ``"crop-flip"`` (see :data:`AUGMENTATIONS`); random per
+            item, from the global torch RNG (which :func:`appmult.train.fit` seeds per epoch).
 
     Raises:
-        ValueError: If the shapes of ``images`` and ``labels`` do not match ``info``.
+        ValueError: If the shapes of ``images`` and ``labels`` do not match ``info``, or an
+            unknown augmentation.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo,
-                 *, scale: float = 255.0, normalize: bool = True):
+                 *, scale: float = 255.0, normalize: bool = True, augment: str = "none"):
+        if augment not in AUGMENTATIONS:
+            raise InvalidValueError(f"Augmentation must be one of {', '.join(map(repr, AUGMENTATIONS))}, "
+                                    f"not {augment!r}")
+        self.augment = augment
         expected = (info.in_channels, info.input_size, info.input_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise InvalidValueError(f"Images must have shape N x {' x '.join(map(str, expected))}, "
@@ -132,8 +164,16 @@ class ImageDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.images[index].to(torch.float32) / self.scale
+        image = self.images[index]
+        if self.augment == "crop-flip":
+            image = _crop_flip(image)
+        image = image.to(torch.float32) / self.scale
         return (image - self._mean) / self._std, self.labels[index]
+
+    def with_augment(self, augment: str) -> ImageDataset:
+        """The same images (shared, not copied) with another augmentation (``"none"``: plain)."""
+        return ImageDataset(self.images, self.labels, self.info, scale=self.scale, normalize=self.normalize,
+                            augment=augment)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All items at once, e.g. for calibration or full-batch evaluation.
@@ -385,7 +425,7 @@ def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only what a CIFAR-10 batch needs.
+    """Unpickler that resolves only what a CIFAR-10 (or CIFAR-100) batch needs.
 
     Dicts, lists, strings, bytes and ints are built by pickle opcodes and never look up a
     global. The only globals in the official files are numpy's array reconstructor,
@@ -395,9 +435,10 @@ class _CifarUnpickler(pickle.Unpickler):
     pickle that would call ``os.system`` fails before anything runs.
     """
 
-    def __init__(self, file: io.BufferedIOBase, path: Path):
+    def __init__(self, file: io.BufferedIOBase, path: Path, what: str = "CIFAR-10"):
         super().__init__(file, encoding="bytes")
         self._path = path
+        self._what = what
 
     def find_class(self, module: str, name: str) -> Any:
         if name == "_reconstruct" and module in ("numpy.core.multiarray",
@@ -409,7 +450,7 @@ class _CifarUnpickler(pickle.Unpickler):
             return np.dtype
         if module == "_codecs" and name == "encode":
             return _latin1_encode
-        raise DatasetFormatError(f"{self._path} is not a plain CIFAR-10 batch: refusing to "
+        raise DatasetFormatError(f"{self._path} is not a plain {self._what} batch: refusing to "
                                  f"load global '{module}.{name}' (only numpy arrays, dicts, "
                                  f"lists, bytes, str and int are allowed)")
 
@@ -421,23 +462,24 @@ def _get(batch: dict, key: str) -> Any:
     return batch[key]
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, *, what: str = "CIFAR-10", label_key: str = "labels",
+                      num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = _CifarUnpickler(f, path).load()
+            batch = _CifarUnpickler(f, path, what).load()
     except DatasetFormatError:
         raise
     except Exception as exc:  # truncated or garbled pickles raise many different types
-        raise DatasetFormatError(f"{path} is not a readable CIFAR-10 batch: "
+        raise DatasetFormatError(f"{path} is not a readable {what} batch: "
                                  f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(batch, dict):
-        raise DatasetFormatError(f"{path} is not a CIFAR-10 batch: it holds a "
+        raise DatasetFormatError(f"{path} is not a {what} batch: it holds a "
                                  f"{type(batch).__name__}, not a dict")
     try:
-        data, labels = _get(batch, "data"), _get(batch, "labels")
+        data, labels = _get(batch, "data"), _get(batch, label_key)
     except KeyError as exc:
-        raise DatasetFormatError(f"{path} is not a CIFAR-10 batch: no 'data' and "
-                                 f"'labels' entries") from exc
+        raise DatasetFormatError(f"{path} is not a {what} batch: no 'data' and "
+                                 f"'{label_key}' entries") from exc
     if (not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2
             or data.shape[1] != 3 * 32 * 32):
         shape = getattr(data, "shape", None)
@@ -448,8 +490,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
         raise DatasetFormatError(f"{path}: expected {data.shape[0]} integer labels, "
                                  f"found shape {labels.shape}")
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise DatasetFormatError(f"{path} has labels outside 0..9")
+    if labels.size and (labels.min() < 0 or labels.max() > num_classes - 1):
+        raise DatasetFormatError(f"{path} has labels outside 0..{num_classes - 1}")
     # Rows are 1024 red, 1024 green, 1024 blue values, each a row-major 32x32 plane.
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
@@ -488,12 +530,43 @@ def load_cifar10(directory: str | os.PathLike, split: str = "train", *,
                         DATASETS["cifar10"], scale=255.0, normalize=normalize)
 
 
+def load_cifar100(directory: str | os.PathLike, split: str = "train", *,
+                  normalize: bool = True) -> ImageDataset:
+    """CIFAR-100 from the official "python version" files, with the 100 fine labels.
+
+    Args:
+        directory: The ``cifar-100-python`` directory, or a directory containing it.
+        split: ``"train"`` (file ``train``) or ``"test"`` (file ``test``).
+        normalize: Standardize with the CIFAR-100 constants; if False, scale to [0, 1] only.
+
+    Returns:
+        :class:`ImageDataset` of ``3 x 32 x 32`` images with labels ``0..99``.
+
+    Raises:
+        ValueError: If ``split`` is not ``"train"`` or ``"test"``.
+        FileNotFoundError: If the file is missing.
+        DatasetFormatError: If the file is corrupt, not in the official layout (a
+            ``fine_labels`` list), or names any Python global other than numpy's array
+            reconstruction.
+    """
+    _check_split(split)
+    directory = Path(directory)
+    if (directory / "cifar-100-python").is_dir():
+        directory = directory / "cifar-100-python"
+    if not (directory / split).is_file():
+        raise MissingFileError(f"No {split} in {directory}")
+    images, labels = _read_cifar_batch(directory / split, what="CIFAR-100", label_key="fine_labels",
+                                       num_classes=100)
+    return ImageDataset(torch.from_numpy(images), torch.from_numpy(labels),
+                        DATASETS["cifar100"], scale=255.0, normalize=normalize)
+
+
 # --- loaders --------------------------------------------------------------------------
 
 def make_loaders(name: str, batch_size: int, seed: int = 0,
                  data_dir: str | os.PathLike | None = None, *,
                  test_batch_size: int | None = None, test_fraction: float = 0.2,
-                 normalize: bool = True, num_workers: int = 0) -> Loaders:
+                 normalize: bool = True, num_workers: int = 0, augment: str = "none") -> Loaders:
     """Standard shuffled train and ordered test loaders for one of :data:`DATASETS`.
 
     The train loader shuffles with its own ``torch.Generator`` seeded from ``seed``, so
@@ -502,14 +575,16 @@ def make_loaders(name: str, batch_size: int, seed: int = 0,
     resumed run replay the same batches.
 
     Args:
-        name: ``"digits"``, ``"mnist5k"``, ``"mnist"`` or ``"cifar10"``.
+        name: ``"digits"``, ``"mnist5k"``, ``"mnist"``, ``"cifar10"`` or ``"cifar100"``.
         batch_size: Training batch size.
         seed: Seed of the train/test split (digits, mnist5k) and of the shuffling.
-        data_dir: Directory of the files for ``"mnist"`` and ``"cifar10"``.
+        data_dir: Directory of the files for ``"mnist"``, ``"cifar10"``, ``"cifar100"``.
         test_batch_size: Test batch size (default: ``max(batch_size, 256)``).
         test_fraction: Held-out share for the bundled sets (digits, mnist5k).
         normalize: Standardize inputs (see :data:`DATASETS`).
         num_workers: DataLoader worker processes (0 = load in the main process).
+        augment: augmentation of the training set (:data:`AUGMENTATIONS`); the test set
+            is never augmented.
 
     Returns:
         :class:`Loaders` ``(train, test, info)``.
@@ -533,10 +608,12 @@ def make_loaders(name: str, batch_size: int, seed: int = 0,
         if data_dir is None:
             raise InvalidValueError(f"Dataset {name!r} is read from disk: pass data_dir, the "
                              f"directory holding its files")
-        load = load_mnist_idx if name == "mnist" else load_cifar10
+        load = {"mnist": load_mnist_idx, "cifar10": load_cifar10, "cifar100": load_cifar100}[name]
         train, test = load(data_dir, "train", normalize=normalize), \
             load(data_dir, "test", normalize=normalize)
         info = DATASETS[name]
+    if augment != "none":
+        train = train.with_augment(augment)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=generator,
                               num_workers=num_workers)

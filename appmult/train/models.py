@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
+from .vit import ViT
+from .cifar_models import CIFAR_MODELS, TORCHVISION_PREFIX, torchvision_model
 
 __all__ = ["MLP", "LeNet5", "MODEL_NAMES", "ResNet", "build_model"]
 
@@ -192,7 +194,7 @@ class _HasShape(Protocol):
     num_classes: int
 
 
-MODEL_NAMES = ("mlp", "lenet5", "resnet8", "resnet20")
+MODEL_NAMES = ("mlp", "lenet5", "resnet8", "resnet20", "vit-tiny", *CIFAR_MODELS)
 _RESNET = re.compile(r"resnet(\d+)")
 
 
@@ -200,8 +202,13 @@ def build_model(name: str, dataset_info: _HasShape) -> nn.Module:
     """Build a named network sized for a dataset.
 
     Args:
-        name: ``"mlp"``, ``"lenet5"``, or ``"resnet<depth>"`` with depth ``6n + 2``
-            (``"resnet8"``, ``"resnet20"``, ...).
+        name: ``"mlp"``, ``"lenet5"``, ``"resnet<depth>"`` with depth ``6n + 2``
+            (``"resnet8"``, ``"resnet20"``, ...), a CIFAR network of the published results
+            (``"vgg19_bn"``, ``"resnet18"``, ``"resnet34"``, ``"resnet50"``: see
+            :mod:`appmult.train.cifar_models`; these names take precedence over the
+            ``6n + 2`` family, whose depth 50 is not reachable by name), or
+            ``"torchvision:<name>"`` (needs torchvision), or ``"vit-tiny"`` (a 2-block
+            Vision Transformer on a 4x4 patch grid, :class:`appmult.train.vit.ViT`).
         dataset_info: Anything with ``in_channels``, ``input_size`` and ``num_classes``,
             usually :class:`appmult.train.DatasetInfo` (``Loaders.info``).
 
@@ -217,6 +224,12 @@ def build_model(name: str, dataset_info: _HasShape) -> nn.Module:
         return MLP(channels * size * size, (128, 64), classes)
     if name == "lenet5":
         return LeNet5(channels, classes, size)
+    if name == "vit-tiny":
+        return ViT(channels, classes, size)
+    if name in CIFAR_MODELS:
+        return CIFAR_MODELS[name](channels, classes, size)
+    if name.startswith(TORCHVISION_PREFIX):
+        return torchvision_model(name, channels, classes)
     match = _RESNET.fullmatch(name)
     if match:
         return ResNet(int(match.group(1)), channels, classes)

@@ -54,10 +54,15 @@ EpochCallback = Callable[[int, dict], "bool | None"]
 
 
 class Metrics(NamedTuple):
-    """Mean loss and accuracy (fraction correct, 0..1) over a pass through a loader."""
+    """Mean loss and accuracy (fraction correct, 0..1) over a pass through a loader.
+
+    ``top5`` (fraction with the label among the five highest logits) only where asked
+    for (:func:`evaluate` with ``top5=True``), else None.
+    """
 
     loss: float
     accuracy: float
+    top5: float | None = None
 
 
 # --- seeding -------------------------------------------------------------------------
@@ -214,7 +219,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, *,
              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-             device: torch.device | str | None = None) -> Metrics:
+             device: torch.device | str | None = None, top5: bool = False) -> Metrics:
     """Loss and accuracy of ``model`` in evaluation mode; its previous mode is restored.
 
     Args:
@@ -222,6 +227,8 @@ def evaluate(model: nn.Module, loader: DataLoader, *,
         loader: Batches of ``(inputs, integer labels)``.
         loss_fn: Mean loss over a batch (default: cross-entropy).
         device: Where to run (default: the model's device).
+        top5: Also measure top-5 accuracy (``Metrics.top5``; models with fewer than five
+            classes count every sample as correct).
 
     Returns:
         :class:`Metrics` averaged over all samples.
@@ -235,6 +242,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *,
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct5 = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     try:
         for inputs, labels in loader:
@@ -242,12 +250,16 @@ def evaluate(model: nn.Module, loader: DataLoader, *,
             logits = model(inputs)
             total_loss += loss_fn(logits, labels).to(torch.float64) * labels.shape[0]
             correct += (logits.argmax(dim=1) == labels).sum()
+            if top5:
+                best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                correct5 += (best == labels[:, None]).any(dim=1).sum()
             count += labels.shape[0]
     finally:
         model.train(was_training)
     if count == 0:
         raise InvalidValueError("Evaluation loader yielded no samples")
-    return Metrics(total_loss.item() / count, correct.item() / count)
+    return Metrics(total_loss.item() / count, correct.item() / count,
+                   correct5.item() / count if top5 else None)
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -274,7 +286,7 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
         progress: bool = True, on_epoch_end: EpochCallback | None = None,
         device: torch.device | str | None = None, deterministic: bool = True,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        ) -> list[dict[str, Any]]:
+        top5: bool = False) -> list[dict[str, Any]]:
     """Train ``model`` in place for ``epochs`` epochs, checkpointing and resuming.
 
     After each epoch the checkpoint ``<checkpoint_dir>/last.pt`` (model, optimizer,
@@ -303,11 +315,12 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
         device: Where to train (default: the model's device).
         deterministic: Use deterministic kernels during the run (restored afterwards).
         loss_fn: Mean batch loss (default: cross-entropy).
+        top5: Also record ``test_top5`` (top-5 test accuracy) per epoch.
 
     Returns:
         The history: one dict per completed epoch with ``epoch``, ``lr``, ``train_loss``,
-        ``train_accuracy``, ``test_loss``, ``test_accuracy`` (None without a test loader)
-        and ``epoch_time_s`` (training plus evaluation wall time).
+        ``train_accuracy``, ``test_loss``, ``test_accuracy`` (None without a test loader),
+        ``test_top5`` (with ``top5``) and ``epoch_time_s`` (training plus evaluation wall time).
 
     Raises:
         TypeError: If ``epochs`` is not a positive integer.
@@ -351,7 +364,7 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
             lr_now = optimizer.param_groups[0]["lr"]
             train = train_epoch(model, train_loader, optimizer, loss_fn=loss_fn, device=device,
                                 progress=progress, desc=f"epoch {epoch + 1}/{epochs}")
-            test = (evaluate(model, test_loader, loss_fn=loss_fn, device=device)
+            test = (evaluate(model, test_loader, loss_fn=loss_fn, device=device, top5=top5)
                     if test_loader is not None else None)
             scheduler.step()
             record = {
@@ -361,6 +374,8 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
                 "test_accuracy": test.accuracy if test else None,
                 "epoch_time_s": time.perf_counter() - started,
             }
+            if top5:
+                record["test_top5"] = test.top5 if test else None
             history.append(record)
             if checkpoint is not None:
                 save_checkpoint(checkpoint, {
