@@ -40,6 +40,28 @@ def register(sub) -> None:
     p.add_argument("--report", type=int, default=30, metavar="N",
                    help="measure and report at most N found circuits (default 30)")
     p.add_argument("--no-sweep", action="store_true", help="skip the family sweep")
+    p.add_argument("--family-starts", action="store_true",
+                   help="also start each bound from the family front: the fittest of the previous bound's "
+                        "circuit and the family members under that bound")
+    net = p.add_argument_group("network-aware mode (--model): histograms from a trained network, retraining")
+    net.add_argument("--model", help="network (mlp, lenet5, resnet8, ...): search under its operand "
+                                     "distributions, retrain a shortlist, verify the chosen circuit's RTL")
+    net.add_argument("--dataset", default="digits", help="data set (digits, mnist5k, ...; default digits)")
+    net.add_argument("--target-accuracy", type=float, metavar="PCT",
+                     help="accuracy (%%) after retraining the chosen circuit must reach "
+                          "(default: --max-drop below the exact-quantized or retrained-exact accuracy)")
+    net.add_argument("--max-drop", type=float, default=1.0, metavar="PP",
+                     help="allowed loss against the better of the exact-quantized accuracy and the exact "
+                          "multiplier retrained the same way, percentage points (default 1)")
+    net.add_argument("--pretrain-epochs", type=int, default=5, help="FP32 pretraining epochs (cached; default 5)")
+    net.add_argument("--epochs", type=int, default=2, help="retraining epochs per shortlisted circuit (default 2)")
+    net.add_argument("--grad", default="ste", help="retraining gradients: ste, lut2d, lut1d (default ste)")
+    net.add_argument("--shortlist", type=int, default=3,
+                     help="at most N found circuits retrained, bisecting along the found front for the "
+                          "cheapest that meets the target (default 3)")
+    net.add_argument("--family-shortlist", type=int, default=3,
+                     help="the same along the family front (default 3)")
+    net.add_argument("--no-verify", action="store_true", help="skip the RTL check of the chosen circuit")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -90,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..explore import Evaluator, search, seed_genome, sweep_families, write_outputs
+    from ..explore import Evaluator, pareto, search, seed_genome, sweep_families, write_outputs
     config = build_config(args)  # every argument checked before the long work
+    if args.model is not None:
+        return _run_network(args, config)
     if args.report < 1:
         raise UsageError(f"--report must be at least 1, not {args.report}")
     start = args.start
@@ -111,9 +135,15 @@ def run(args: argparse.Namespace) -> int:
                        samples=config.samples, seed=config.seed)
         family = sweep_families(genome.width_a, genome.width_b, genome.signed, evaluator=ev,
                                 progress=not args.quiet)
+    starts = ()
+    if args.family_starts:
+        if family is None:
+            raise UsageError("--family-starts needs the family sweep (drop --no-sweep)")
+        starts = tuple(p.genome for p in pareto(family, lambda p: p.cost[config.cost],
+                                                lambda p: p.evaluation.get(config.error)))
     print(f"searching from {seed_name} ({genome.n_gates} gates, {genome.cost()['transistors']} transistors "
           f"estimated) ...", file=sys.stderr)
-    result = search(genome, config, checkpoint=out / "checkpoint.json", resume=args.resume,
+    result = search(genome, config, starts=starts, checkpoint=out / "checkpoint.json", resume=args.resume,
                     progress=not args.quiet)
     vectors = None
     if not result.exhaustive:
@@ -131,3 +161,33 @@ def run(args: argparse.Namespace) -> int:
     for name in ("front.md", "front.json", "pareto.png", "circuits/"):
         print(f"wrote {out / name}", file=sys.stderr)
     return 0
+
+
+def _run_network(args: argparse.Namespace, config) -> int:
+    """``--model``: the network-aware mode (:func:`appmult.flows.explore.run_network_explore`)."""
+    from ..errors import UsageError
+    from ..flows.explore import NetworkExploreConfig, run_network_explore
+    if args.start is not None or args.width_a or args.width_b or args.signed:
+        raise UsageError("--model searches from the exact unsigned multiplier of --width; "
+                         "drop START, --width-a/--width-b and --signed")
+    if args.hist is not None:
+        raise UsageError("--model records its own operand histograms; drop --hist")
+    cfg = NetworkExploreConfig(out=args.output, search=config, model=args.model, dataset=args.dataset,
+                               width=args.width or 8, target_accuracy=args.target_accuracy,
+                               max_drop=args.max_drop, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs,
+                               grad=args.grad, seed=args.seed, sweep=not args.no_sweep,
+                               family_starts=args.family_starts, shortlist=args.shortlist,
+                               family_shortlist=args.family_shortlist, verify=not args.no_verify,
+                               progress=not args.quiet)
+    res = run_network_explore(cfg)
+    print(f"exact-quantized {res['exact_quantized_accuracy']:.2f}%, exact retrained "
+          f"{res['reference']['accuracy_after']:.2f}%, target {res['threshold']:.2f}%")
+    for r in res["candidates"]:
+        print(f"  {r['name']:<28} {r['kind']:<6} {res['error_key']} {r['error']:.4g}  transistors "
+              f"{r['transistors']:>5}  accuracy {r['accuracy_before']:.2f} -> {r['accuracy_after']:.2f}%")
+    chosen, ver = res["chosen"], res["verification"]
+    if chosen is None:
+        print("no shortlisted circuit reached the target")
+        return 1
+    print(f"chosen: {chosen['name']} ({chosen['spec']})" + (f"; RTL {ver['status']}" if ver else ""))
+    return 1 if ver is not None and ver["status"] == "FAILED" else 0

@@ -397,6 +397,116 @@ def gather_outputs(out, recompute, vp, vc, o):
 
 
 @_jit
+def _difference(o, e, signed, ab):
+    # ab = o - e (two's complement, width_p + 1 bits); the product's top bit is sign-extended
+    # when signed, zero-extended when not
+    wp = o.shape[0]
+    n = o.shape[1]
+    borrow = np.zeros(n, dtype=np.uint64)
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    for k in range(wp + 1):
+        src = wp - 1 if k >= wp else k
+        ek = e[k]
+        dk = ab[k]
+        if k < wp or signed:
+            ok = o[src]
+            for i in range(n):
+                x = ok[i] ^ ek[i]
+                dk[i] = x ^ borrow[i]
+                borrow[i] = ((ok[i] ^ ones) & ek[i]) | ((x ^ ones) & borrow[i])
+        else:
+            for i in range(n):
+                x = ek[i]
+                dk[i] = x ^ borrow[i]
+                borrow[i] = ek[i] | ((x ^ ones) & borrow[i])
+
+
+@_jit
+def _absolute(ab, valid, nz):
+    # ab := |ab| = (ab ^ s) + s with s the sign plane, masked by valid; nz |= any bit set
+    m = ab.shape[0]
+    n = ab.shape[1]
+    sign = ab[m - 1].copy()
+    carry = sign.copy()
+    for k in range(m):
+        dk = ab[k]
+        for i in range(n):
+            x = dk[i] ^ sign[i]
+            v = (x ^ carry[i]) & valid[i]
+            carry[i] = x & carry[i]
+            dk[i] = v
+            nz[i] |= v
+
+
+@_jit
+def _bit_counts(ab, nz, counts, stats):
+    # stats[0] += vectors with an error; counts[k] += vectors with bit k of |e| set
+    n = ab.shape[1]
+    total = np.int64(0)
+    for i in range(n):
+        total += np.int64(_popcount(nz[i]))
+    stats[0] += total
+    for k in range(ab.shape[0]):
+        c = np.int64(0)
+        dk = ab[k]
+        for i in range(n):
+            c += np.int64(_popcount(dk[i]))
+        counts[k] += c
+
+
+@_jit
+def _worst_case(ab, nz):
+    # greedy from the top plane over all vectors at once: the largest |e|
+    n = ab.shape[1]
+    cand = nz.copy()
+    w = 0
+    for k in range(ab.shape[0] - 1, -1, -1):
+        dk = ab[k]
+        hit = np.uint64(0)
+        for i in range(n):
+            hit |= cand[i] & dk[i]
+        if hit != 0:
+            for i in range(n):
+                cand[i] &= dk[i]
+            w |= 1 << k
+    return w
+
+
+@_jit
+def _weighted_sums(ab, nz, wv, wr, stats):
+    # stats[2:6] += sum w|e|, sum w e^2, sum w [e != 0], sum wr |e| (per-vector values)
+    m = ab.shape[0]
+    n = ab.shape[1]
+    vals = np.zeros(64, dtype=np.int64)
+    s_abs = 0.0
+    s_sq = 0.0
+    s_nz = 0.0
+    s_rel = 0.0
+    for i in range(n):
+        if nz[i] == 0:
+            continue
+        for j in range(64):
+            vals[j] = 0
+        # transpose the bit planes of this word into 64 integers (vectorizes over j)
+        for k in range(m):
+            x = ab[k, i]
+            for j in range(64):
+                vals[j] |= np.int64((x >> np.uint64(j)) & np.uint64(1)) << k
+        base = 64 * i
+        for j in range(64):
+            fv = float(vals[j])
+            wj = wv[base + j]
+            s_abs += wj * fv
+            s_sq += wj * fv * fv
+            s_nz += wj if vals[j] != 0 else 0.0
+            s_rel += wr[base + j] * fv
+    stats[2] += s_abs
+    stats[3] += s_sq
+    stats[4] += s_nz
+    stats[5] += s_rel
+
+
+@_jit
 def error_sums(o, e, valid, signed, unpack, wv, wr, counts, stats):
     """Error sums of one chunk of output words against the exact product's bits.
 
@@ -414,94 +524,17 @@ def error_sums(o, e, valid, signed, unpack, wv, wr, counts, stats):
         stats: float64 ``[nonzero count, wce, sum w|e|, sum w e^2, sum w [e != 0], sum wr |e|]``
             (added to; ``wce`` is a running maximum).
     """
-    wp = o.shape[0]
-    m = wp + 1
     n = o.shape[1]
-    ab = np.empty((m, n), dtype=np.uint64)
-    borrow = np.zeros(n, dtype=np.uint64)
-    carry = np.empty(n, dtype=np.uint64)
+    ab = np.empty((o.shape[0] + 1, n), dtype=np.uint64)
     nz = np.zeros(n, dtype=np.uint64)
-    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
-    # d = o - e (two's complement, m bits), into ab
-    for k in range(m):
-        src = wp - 1 if k >= wp else k
-        ek = e[k]
-        dk = ab[k]
-        if k < wp or signed:
-            ok = o[src]
-            for i in range(n):
-                x = ok[i] ^ ek[i]
-                dk[i] = x ^ borrow[i]
-                borrow[i] = ((ok[i] ^ ones) & ek[i]) | ((x ^ ones) & borrow[i])
-        else:
-            for i in range(n):
-                x = ek[i]
-                dk[i] = x ^ borrow[i]
-                borrow[i] = ek[i] | ((x ^ ones) & borrow[i])
-    # |d| = (d ^ s) + s with s the sign plane; masked by valid
-    sign = ab[m - 1].copy()
-    for i in range(n):
-        carry[i] = sign[i]
-    for k in range(m):
-        dk = ab[k]
-        for i in range(n):
-            x = dk[i] ^ sign[i]
-            v = (x ^ carry[i]) & valid[i]
-            carry[i] = x & carry[i]
-            dk[i] = v
-            nz[i] |= v
-    total = np.int64(0)
-    for i in range(n):
-        total += np.int64(_popcount(nz[i]))
-    stats[0] += total
-    for k in range(m):
-        c = np.int64(0)
-        dk = ab[k]
-        for i in range(n):
-            c += np.int64(_popcount(dk[i]))
-        counts[k] += c
-    # Worst case: greedy from the top plane over all vectors at once.
-    cand = nz.copy()
-    w = 0
-    for k in range(m - 1, -1, -1):
-        dk = ab[k]
-        hit = np.uint64(0)
-        for i in range(n):
-            hit |= cand[i] & dk[i]
-        if hit != 0:
-            for i in range(n):
-                cand[i] &= dk[i]
-            w |= 1 << k
+    _difference(o, e, signed, ab)
+    _absolute(ab, valid, nz)
+    _bit_counts(ab, nz, counts, stats)
+    w = _worst_case(ab, nz)
     if w > stats[1]:
         stats[1] = w
     if unpack:
-        vals = np.zeros(64, dtype=np.int64)
-        s_abs = 0.0
-        s_sq = 0.0
-        s_nz = 0.0
-        s_rel = 0.0
-        for i in range(n):
-            if nz[i] == 0:
-                continue
-            for j in range(64):
-                vals[j] = 0
-            # transpose the bit planes of this word into 64 integers (vectorizes over j)
-            for k in range(m):
-                x = ab[k, i]
-                for j in range(64):
-                    vals[j] |= np.int64((x >> np.uint64(j)) & np.uint64(1)) << k
-            base = 64 * i
-            for j in range(64):
-                fv = float(vals[j])
-                wj = wv[base + j]
-                s_abs += wj * fv
-                s_sq += wj * fv * fv
-                s_nz += wj if vals[j] != 0 else 0.0
-                s_rel += wr[base + j] * fv
-        stats[2] += s_abs
-        stats[3] += s_sq
-        stats[4] += s_nz
-        stats[5] += s_rel
+        _weighted_sums(ab, nz, wv, wr, stats)
 
 
 def error_sums_numpy(o, e, valid, signed, unpack, wv, wr, counts, stats):

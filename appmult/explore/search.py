@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +148,10 @@ class SearchResult:
         return self.evaluations / self.seconds if self.seconds > 0 else 0.0
 
 
-def _identity(seed: Genome, config: ExploreConfig) -> str:
+def _identity(seed: Genome, config: ExploreConfig, starts: tuple[Genome, ...] = ()) -> str:
     payload = {"seed": seed.to_state(), "config": dataclasses.asdict(config), "version": CHECKPOINT_VERSION}
+    if starts:  # absent when there are none, so that older checkpoints still match
+        payload["starts"] = [g.to_state() for g in starts]
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,18 +205,210 @@ def _active_gates(genome: Genome) -> np.ndarray:
     return np.flatnonzero(active[genome.n_in:]).astype(np.int64)
 
 
-def search(seed: Genome, config: ExploreConfig, *, checkpoint: str | os.PathLike | None = None,
-           resume: bool = False, progress: bool = True,
+_COUNTERS = ("bound_index", "evals_in_bound", "elapsed_in_bound", "evaluations", "elapsed", "generation")
+
+
+class _Fitness:
+    """Ranks circuits under a bound: feasible ones ``(0, cost)``, others ``(1, violation)``."""
+
+    def __init__(self, config: ExploreConfig):
+        self.config = config
+        self.constraints = config.constraints
+
+    def __call__(self, ev: Evaluation, cost: dict[str, int], bound: float) -> tuple[int, float]:
+        violation = 0.0
+        for metric, limit in self.constraints:
+            violation += max(0.0, ev.get(metric) - limit) / (limit or 1.0)
+        violation += max(0.0, ev.get(self.config.error) - bound) / (bound or 1.0)
+        return (0, float(cost[self.config.cost])) if violation == 0.0 else (1, violation)
+
+    def meets_constraints(self, ev: Evaluation) -> bool:
+        return all(ev.get(m) <= limit for m, limit in self.constraints)
+
+
+class _Checkpoint:
+    """The search state in a JSON file, tied to one seed circuit and configuration."""
+
+    def __init__(self, path: str | os.PathLike | None, identity: str):
+        self.path = Path(path) if path is not None else None
+        self.identity = identity
+
+    def load(self, state: dict[str, Any], rng: np.random.Generator) -> None:
+        """Restore ``state`` and ``rng`` from the file."""
+        ckpt = self.path
+        if ckpt is None or not ckpt.is_file():
+            raise InvalidValueError(f"Cannot resume: no checkpoint file {str(ckpt)!r}")
+        saved = json.loads(ckpt.read_text("utf-8"))
+        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != self.identity:
+            raise InvalidValueError(f"Checkpoint {str(ckpt)!r} belongs to another search (different seed circuit "
+                                    "or configuration); start afresh without --resume")
+        rng.bit_generator.state = saved["rng"]
+        state.update({k: saved[k] for k in _COUNTERS})
+        state["parent"] = Genome.from_state(saved["parent"])
+        state["bests"] = [Candidate.from_state(c) for c in saved["bests"]]
+        state["archive"] = [(c, e, Candidate.from_state(s)) for c, e, s in saved["archive"]]
+
+    def save(self, snap: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "identity": self.identity,
+                "rng": snap["rng"], "parent": snap["parent"].to_state(),
+                "bests": [c.to_state() for c in snap["bests"]],
+                "archive": [[c, e, cand.to_state()] for c, e, cand in snap["archive"]],
+                **{k: snap[k] for k in _COUNTERS}}
+        atomic_write_text(self.path, json.dumps(data))
+
+
+@dataclasses.dataclass
+class _Parent:
+    """The current parent with its figures under the current bound."""
+
+    genome: Genome
+    evaluation: Evaluation
+    cost: dict[str, int]
+    fit: tuple[int, float]
+    active: np.ndarray
+
+
+class _Run:
+    """One search: state, evaluator, mutator, archive, checkpoint and progress bar."""
+
+    def __init__(self, seed: Genome, config: ExploreConfig, starts: tuple[Genome, ...],
+                 checkpoint: _Checkpoint, on_generation: Callable[[dict[str, Any]], None] | None):
+        self.config = config
+        self.checkpoint = checkpoint
+        self.on_generation = on_generation
+        self.evaluator = Evaluator(seed.width_a, seed.width_b, seed.signed, p_a=config.p_a, p_b=config.p_b,
+                                   unpack=config.needs_unpack, samples=config.samples, seed=config.seed,
+                                   lam=config.lam)
+        self.rng = np.random.default_rng(config.seed)
+        self.fitness = _Fitness(config)
+        self.state: dict[str, Any] = {"bound_index": 0, "evals_in_bound": 0, "elapsed_in_bound": 0.0,
+                                      "evaluations": 0, "elapsed": 0.0, "generation": 0, "parent": seed,
+                                      "bests": [], "archive": []}
+        self.starts = [(g, self.evaluator.evaluate(g), g.cost()) for g in starts]
+        n_bounds = len(config.error_bounds)
+        self.per_bound_evals = None if config.evaluations is None else max(config.lam,
+                                                                            config.evaluations // n_bounds)
+        self.per_bound_s = None if config.budget_s is None else config.budget_s / n_bounds
+
+    def resume(self) -> None:
+        self.checkpoint.load(self.state, self.rng)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**self.state, "rng": self.rng.bit_generator.state, "archive": self.archive.entries(),
+                "bests": list(self.state["bests"])}
+
+    def run(self, progress: bool) -> None:
+        """All bounds from where the state stands; the checkpoint is written when interrupted."""
+        from tqdm.auto import tqdm
+        config, state = self.config, self.state
+        self.archive = Archive(state["archive"])
+        self.mutator = _Mutator(config, self.rng)
+        self.bar = tqdm(total=config.evaluations if config.evaluations else round(config.budget_s),
+                        initial=state["evaluations"] if config.evaluations else round(state["elapsed"]),
+                        unit="eval" if config.evaluations else "s", desc="explore", disable=not progress,
+                        leave=False)
+        self.snap = self.snapshot()
+        try:
+            while state["bound_index"] < len(config.error_bounds):
+                self._run_bound(config.error_bounds[state["bound_index"]])
+        except KeyboardInterrupt:
+            self.checkpoint.save(self.snap)
+            raise
+        finally:
+            self.bar.close()
+
+    def _first_parent(self, bound: float) -> _Parent:
+        """The parent a bound starts from: the state's, or at a bound's start the fittest start circuit."""
+        genome: Genome = self.state["parent"]
+        if self.state["evals_in_bound"] == 0 and self.starts:
+            ev, cost = self.evaluator.evaluate(genome), genome.cost()
+            best = (self.fitness(ev, cost, bound), -1)
+            for i, (g, g_ev, g_cost) in enumerate(self.starts):
+                best = min(best, (self.fitness(g_ev, g_cost, bound), i))
+            if best[1] >= 0:
+                genome = self.starts[best[1]][0]
+        ev = self.evaluator.set_parent(genome)
+        cost = genome.cost()
+        return _Parent(genome, ev, cost, self.fitness(ev, cost, bound), _active_gates(genome))
+
+    def _run_bound(self, bound: float) -> None:
+        state = self.state
+        parent = self._first_parent(bound)
+        started = time.perf_counter() - state["elapsed_in_bound"]
+        session_start = time.perf_counter() - state["elapsed"]
+        while True:
+            if self.per_bound_evals is not None and state["evals_in_bound"] >= self.per_bound_evals:
+                break
+            if self.per_bound_s is not None and time.perf_counter() - started >= self.per_bound_s:
+                break
+            n_children = self._generation(parent, bound)
+            self._count(parent, bound, n_children, started, session_start)
+        if parent.fit[0] == 0:
+            state["bests"].append(Candidate(parent.genome, parent.evaluation, parent.cost, bound))
+        state.update(bound_index=state["bound_index"] + 1, evals_in_bound=0, elapsed_in_bound=0.0)
+        self.snap = self.snapshot()
+        self.checkpoint.save(self.snap)
+
+    def _generation(self, parent: _Parent, bound: float) -> int:
+        """Make and evaluate ``lam`` children, offer them to the archive, replace the parent (in place)."""
+        config = self.config
+        children = self.mutator.children(parent.genome, parent.active, config.lam)
+        results = []
+        for slot, child in enumerate(children):
+            c_ev = self.evaluator.evaluate_child(child, slot)
+            c_cost = child.cost()
+            results.append((self.fitness(c_ev, c_cost, bound), c_ev, c_cost))
+        best = min(range(len(children)), key=lambda i: results[i][0])
+        for child, (_fit, c_ev, c_cost) in zip(children, results):
+            if self.fitness.meets_constraints(c_ev):
+                self.archive.offer(float(c_cost[config.cost]), c_ev.get(config.error),
+                                   lambda child=child, c_ev=c_ev, c_cost=c_cost: Candidate(child, c_ev, c_cost,
+                                                                                           bound))
+        if results[best][0] <= parent.fit:
+            self.evaluator.accept(children[best], best)
+            parent.genome = children[best]
+            parent.fit, parent.evaluation, parent.cost = results[best]
+            parent.active = _active_gates(parent.genome)
+        self.state["parent"] = parent.genome
+        return len(children)
+
+    def _count(self, parent: _Parent, bound: float, n_children: int, started: float, session_start: float) -> None:
+        """Counters, progress bar, periodic checkpoint and the ``on_generation`` callback."""
+        config, state = self.config, self.state
+        state["generation"] += 1
+        state["evals_in_bound"] += n_children
+        state["evaluations"] += n_children
+        now = time.perf_counter()
+        state["elapsed_in_bound"] = now - started
+        previous = state["elapsed"]
+        state["elapsed"] = now - session_start
+        self.bar.update(n_children if config.evaluations else round(state["elapsed"]) - round(previous))
+        self.snap = self.snapshot()
+        if state["generation"] % config.checkpoint_every == 0:
+            self.checkpoint.save(self.snap)
+        if self.on_generation is not None:
+            self.on_generation({"bound": bound, "generation": state["generation"],
+                                "evaluations": state["evaluations"], "parent_cost": parent.cost[config.cost],
+                                "parent_error": parent.evaluation.get(config.error)})
+
+
+def search(seed: Genome, config: ExploreConfig, *, starts: Sequence[Genome] = (),
+           checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
            on_generation: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
     """Search for cheaper circuits derived from ``seed`` (see the module docstring).
 
     Args:
         seed: the first parent (e.g. :func:`genome_from_netlist` of the exact multiplier).
         config: objectives, bounds, constraints and budget.
+        starts: more circuits to start from (e.g. family members): at the start of each
+            bound the parent becomes the fittest of the previous bound's parent and these
+            (feasible first, then cheapest), so that each bound can begin near its error.
         checkpoint: file to write the search state to (every ``config.checkpoint_every``
             generations, at the end of each bound, and when interrupted).
         resume: continue from ``checkpoint`` (which must exist and belong to the same
-            seed and configuration).
+            seed, start circuits and configuration).
         progress: show a progress bar.
         on_generation: called after every generation with a small dict (``bound``,
             ``generation``, ``evaluations``, ``parent_cost``, ``parent_error``); it may
@@ -224,126 +418,20 @@ def search(seed: Genome, config: ExploreConfig, *, checkpoint: str | os.PathLike
         The front and per-bound results.
 
     Raises:
-        appmult.errors.InvalidValueError: ``resume`` without a checkpoint file, or a
-            checkpoint of another search.
+        appmult.errors.InvalidValueError: ``resume`` without a checkpoint file, a
+            checkpoint of another search, or a start circuit of other widths.
         KeyboardInterrupt: interrupted (the checkpoint, if any, holds the state).
     """
     config.check_widths(seed.width_a, seed.width_b)
-    bounds = config.error_bounds
-    identity = _identity(seed, config)
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    evaluator = Evaluator(seed.width_a, seed.width_b, seed.signed, p_a=config.p_a, p_b=config.p_b,
-                          unpack=config.needs_unpack, samples=config.samples, seed=config.seed, lam=config.lam)
-    rng = np.random.default_rng(config.seed)
-    state: dict[str, Any] = {"bound_index": 0, "evals_in_bound": 0, "elapsed_in_bound": 0.0, "evaluations": 0,
-                             "elapsed": 0.0, "generation": 0, "parent": seed, "bests": [], "archive": []}
+    starts = tuple(starts)
+    for g in starts:
+        if (g.width_a, g.width_b, g.signed) != (seed.width_a, seed.width_b, seed.signed):
+            raise InvalidValueError("Every start circuit must have the seed's widths and signedness")
+    run = _Run(seed, config, starts, _Checkpoint(checkpoint, _identity(seed, config, starts)), on_generation)
     if resume:
-        if ckpt is None or not ckpt.is_file():
-            raise InvalidValueError(f"Cannot resume: no checkpoint file {str(ckpt)!r}")
-        saved = json.loads(ckpt.read_text("utf-8"))
-        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != identity:
-            raise InvalidValueError(f"Checkpoint {str(ckpt)!r} belongs to another search (different seed circuit "
-                                    "or configuration); start afresh without --resume")
-        rng.bit_generator.state = saved["rng"]
-        state.update({k: saved[k] for k in ("bound_index", "evals_in_bound", "elapsed_in_bound", "evaluations",
-                                            "elapsed", "generation")})
-        state["parent"] = Genome.from_state(saved["parent"])
-        state["bests"] = [Candidate.from_state(c) for c in saved["bests"]]
-        state["archive"] = [(c, e, Candidate.from_state(s)) for c, e, s in saved["archive"]]
-    archive = Archive(state["archive"])
-    mutator = _Mutator(config, rng)
-
-    def save(snap: dict[str, Any]) -> None:
-        if ckpt is None:
-            return
-        data = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "identity": identity,
-                "rng": snap["rng"], "parent": snap["parent"].to_state(),
-                "bests": [c.to_state() for c in snap["bests"]],
-                "archive": [[c, e, cand.to_state()] for c, e, cand in snap["archive"]],
-                **{k: snap[k] for k in ("bound_index", "evals_in_bound", "elapsed_in_bound", "evaluations",
-                                        "elapsed", "generation")}}
-        atomic_write_text(ckpt, json.dumps(data))
-
-    def snapshot() -> dict[str, Any]:
-        return {**state, "rng": rng.bit_generator.state, "archive": archive.entries(), "bests": list(state["bests"])}
-
-    constraints = config.constraints
-
-    def fitness(ev: Evaluation, cost: dict[str, int], bound: float) -> tuple[int, float]:
-        violation = 0.0
-        for metric, limit in constraints:
-            violation += max(0.0, ev.get(metric) - limit) / (limit or 1.0)
-        violation += max(0.0, ev.get(config.error) - bound) / (bound or 1.0)
-        return (0, float(cost[config.cost])) if violation == 0.0 else (1, violation)
-
-    def meets_constraints(ev: Evaluation) -> bool:
-        return all(ev.get(m) <= limit for m, limit in constraints)
-
-    n_bounds = len(bounds)
-    per_bound_evals = None if config.evaluations is None else max(config.lam, config.evaluations // n_bounds)
-    per_bound_s = None if config.budget_s is None else config.budget_s / n_bounds
-    from tqdm.auto import tqdm
-    bar = tqdm(total=config.evaluations if config.evaluations else round(config.budget_s),
-               initial=state["evaluations"] if config.evaluations else round(state["elapsed"]),
-               unit="eval" if config.evaluations else "s", desc="explore", disable=not progress, leave=False)
-    snap = snapshot()
-    try:
-        while state["bound_index"] < n_bounds:
-            bound = bounds[state["bound_index"]]
-            parent: Genome = state["parent"]
-            ev = evaluator.set_parent(parent)
-            cost = parent.cost()
-            parent_fit = fitness(ev, cost, bound)
-            active = _active_gates(parent)
-            started = time.perf_counter() - state["elapsed_in_bound"]
-            session_start = time.perf_counter() - state["elapsed"]
-            while True:
-                if per_bound_evals is not None and state["evals_in_bound"] >= per_bound_evals:
-                    break
-                if per_bound_s is not None and time.perf_counter() - started >= per_bound_s:
-                    break
-                children = mutator.children(parent, active, config.lam)
-                results = []
-                for slot, child in enumerate(children):
-                    c_ev = evaluator.evaluate_child(child, slot)
-                    c_cost = child.cost()
-                    results.append((fitness(c_ev, c_cost, bound), c_ev, c_cost))
-                best = min(range(len(children)), key=lambda i: results[i][0])
-                for child, (fit, c_ev, c_cost) in zip(children, results):
-                    if meets_constraints(c_ev):
-                        archive.offer(float(c_cost[config.cost]), c_ev.get(config.error),
-                                      lambda child=child, c_ev=c_ev, c_cost=c_cost: Candidate(child, c_ev, c_cost,
-                                                                                              bound))
-                if results[best][0] <= parent_fit:
-                    evaluator.accept(children[best], best)
-                    parent = children[best]
-                    parent_fit, ev, cost = results[best]
-                    active = _active_gates(parent)
-                state["parent"] = parent
-                state["generation"] += 1
-                state["evals_in_bound"] += len(children)
-                state["evaluations"] += len(children)
-                now = time.perf_counter()
-                state["elapsed_in_bound"] = now - started
-                previous = state["elapsed"]
-                state["elapsed"] = now - session_start
-                bar.update(len(children) if config.evaluations else round(state["elapsed"]) - round(previous))
-                snap = snapshot()
-                if state["generation"] % config.checkpoint_every == 0:
-                    save(snap)
-                if on_generation is not None:
-                    on_generation({"bound": bound, "generation": state["generation"],
-                                   "evaluations": state["evaluations"], "parent_cost": cost[config.cost],
-                                   "parent_error": ev.get(config.error)})
-            if parent_fit[0] == 0:
-                state["bests"].append(Candidate(parent, ev, cost, bound))
-            state.update(bound_index=state["bound_index"] + 1, evals_in_bound=0, elapsed_in_bound=0.0)
-            snap = snapshot()
-            save(snap)
-    except KeyboardInterrupt:
-        save(snap)
-        raise
-    finally:
-        bar.close()
-    return SearchResult(front=archive.candidates(), bests=list(state["bests"]), evaluations=state["evaluations"],
-                        seconds=state["elapsed"], exhaustive=evaluator.exhaustive, config=config)
+        run.resume()
+    run.run(progress)
+    state = run.state
+    return SearchResult(front=run.archive.candidates(), bests=list(state["bests"]),
+                        evaluations=state["evaluations"], seconds=state["elapsed"],
+                        exhaustive=run.evaluator.exhaustive, config=config)
