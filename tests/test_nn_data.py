@@ -402,7 +402,7 @@ def test_make_loaders_files(tmp_path, name):
 
 def test_make_loaders_wrong(tmp_path):
     with pytest.raises(ValueError, match=exact(
-            "Dataset must be one of 'digits', 'mnist5k', 'mnist', 'cifar10', not 'svhn'")):
+            "Dataset must be one of 'digits', 'mnist5k', 'mnist', 'cifar10', 'cifar100', not 'svhn'")):
         make_loaders("svhn", 32)
     with pytest.raises(ValueError, match=exact(
             "Batch size must be a positive integer, not 0")):

@@ -88,8 +88,8 @@ def test_build_model(name, dataset):
 
 def test_build_model_wrong():
     with pytest.raises(ValueError, match=exact(
-            "Model must be one of 'mlp', 'lenet5', 'resnet8', 'resnet20' (or 'resnet<6n+2>'), "
-            "not 'vgg19'")):
+            "Model must be one of 'mlp', 'lenet5', 'resnet8', 'resnet20', 'vit-tiny', 'vgg19_bn', 'resnet18', "
+            "'resnet34', 'resnet50' (or 'resnet<6n+2>'), not 'vgg19'")):
         build_model("vgg19", DATASETS["digits"])
 
 
