@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidValueError
-from ..hdl import CIRCUIT_FORMAT, CIRCUIT_VERSION, check_circuit
+from ..hdl import CIRCUIT_FORMAT, CIRCUIT_VERSION, check_circuit, from_spec, load_circuit
+from ..sim import Netlist, synthesize
 from . import _kernels as K
+
 
 __all__ = ["Genome", "genome_from_circuit", "genome_from_netlist", "seed_genome"]
 
@@ -263,8 +265,6 @@ def seed_genome(source: str, *, signed: bool | None = None) -> tuple[Genome, str
     """
     from pathlib import Path
 
-    from ..hdl import from_spec, load_circuit
-    from ..sim import Netlist, synthesize
     text = str(source)
     suffix = Path(text).suffix.lower()
     if suffix == ".json":

@@ -19,11 +19,18 @@ from typing import Any
 
 import numpy as np
 
+from ..codes import codes_to_values
 from ..files import atomic_write_text
+from ..hdl import ExactMultiplier, NetlistMultiplier, circuit_digest, from_spec
+from ..lut_gen import error_metrics, exact_product
+from ..lut_gen.metrics import metrics_under
+from ..plotting import new_figure, save_figure
+from ..sim import hardware_cost, synthesize
 from ..spec import short_spec
 from .config import ExploreConfig
 from .search import Candidate, SearchResult
 from .sweep import SweepPoint, pareto
+
 
 __all__ = ["ERROR_KEY", "compare_fronts", "measure", "thin_front", "write_outputs"]
 
@@ -46,10 +53,6 @@ def measure(multiplier, config: ExploreConfig, *, vectors: tuple[np.ndarray, np.
     Returns:
         ``{"metrics": {...}, "cost": {...}, "exhaustive": bool, "verilog": text}``.
     """
-    from ..lut_gen import error_metrics, exact_product
-    from ..lut_gen.metrics import metrics_under
-    from ..codes import codes_to_values
-    from ..sim import hardware_cost, synthesize
     net = synthesize(multiplier)
     wa, wb, signed = multiplier.width_a, multiplier.width_b, multiplier.signed
     if vectors is None:
@@ -135,7 +138,6 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
     """
     from tqdm.auto import tqdm
 
-    from ..hdl import NetlistMultiplier, circuit_digest
     config = result.config
     out = Path(out_dir)
     cdir = out / "circuits"
@@ -163,7 +165,6 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
     if family:
         est = pareto(family, lambda p: p.cost[config.cost], lambda p: p.evaluation.get(config.error))
         for p in tqdm(est, desc="measuring family front", unit="circuit", disable=not progress, leave=False):
-            from ..hdl import from_spec
             meas = measure(from_spec(p.spec), config, vectors=vectors)
             meas.pop("verilog")
             fam_rows.append({"name": short_spec(p.spec), "kind": "family", "spec": p.spec, **meas})
@@ -190,8 +191,6 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
 
 
 def _exact_cost(result: SearchResult, _exhaustive: bool) -> int | None:
-    from ..hdl import ExactMultiplier
-    from ..sim import hardware_cost, synthesize
     seed = result.front[0].genome if result.front else None
     if seed is None:
         return None
@@ -243,7 +242,6 @@ def _markdown(doc: dict[str, Any]) -> str:
 
 
 def _plot(doc: dict[str, Any], path: Path, cost_key: str, error_key: str) -> None:
-    from ..plotting import new_figure, save_figure
     fig, ax = new_figure(figsize=(7, 4.5))
     for rows, label, style in ((doc["family"], "family front (sweep)", dict(marker="s", color="tab:gray")),
                                ([r for r in doc["found"] if r.get("pareto")], "found (appmult explore)",

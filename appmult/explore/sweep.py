@@ -7,8 +7,10 @@ import itertools
 from collections.abc import Iterator
 
 from ..hdl import FAMILIES, Multiplier
+from ..sim import synthesize
 from .evaluator import Evaluation, Evaluator
 from .genome import Genome, genome_from_netlist
+
 
 __all__ = ["SweepPoint", "family_grid", "pareto", "sweep_families"]
 
@@ -77,7 +79,6 @@ def sweep_families(width_a: int, width_b: int, signed: bool, *, evaluator: Evalu
     """
     from tqdm.auto import tqdm
 
-    from ..sim import synthesize
     evaluator = evaluator or Evaluator(width_a, width_b, signed)
     points = []
     for mult in tqdm(family_grid(width_a, width_b, signed), desc="family sweep", unit="circuit",

@@ -38,8 +38,19 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..explore import ExploreConfig
+from ..explore import Evaluator, ExploreConfig, pareto, search, seed_genome, sweep_families, write_outputs
 from ..files import atomic_write_text
+from ..hdl import from_spec
+from ..methods import record_operands
+from ..nn import calibrate, exact_multiplication
+from ..plotting import new_figure, save_figure
+from ..tb import SimulatorNotFound, verify_multiplier
+from ..train import DATASETS, MODEL_NAMES, evaluate, make_loaders, pretrain_fp32
+from .characterization import circuit_lut
+from .retrain import run_retrain
+from .retrain_config import RetrainConfig
+from .retrain_start import approx_model, fixed_batches
+
 
 __all__ = ["NetworkExploreConfig", "run_network_explore"]
 
@@ -107,7 +118,6 @@ class NetworkExploreConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from ..train import DATASETS, MODEL_NAMES
         if not isinstance(self.search, ExploreConfig):
             raise ConfigError(f"search must be an ExploreConfig, not {type(self.search).__name__}")
         if self.model not in MODEL_NAMES and not str(self.model).startswith("resnet"):
@@ -149,7 +159,6 @@ def _say(cfg: NetworkExploreConfig, msg: str) -> None:
 
 # -- steps ------------------------------------------------------------------------------------------
 def _pretrained(cfg: NetworkExploreConfig):
-    from ..train import pretrain_fp32
     cache = Path(cfg.pretrained_dir) if cfg.pretrained_dir else Path(cfg.out) / "pretrained"
     return pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out_dir=cache,
                          batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir, progress=cfg.progress)
@@ -169,12 +178,6 @@ def _mix(stats: dict, operand: str, n: int) -> np.ndarray:
 
 def _distributions(cfg: NetworkExploreConfig, fp32) -> dict[str, Any]:
     """Exact-quantized accuracy and the operand distributions ``p_a``, ``p_b`` of the network."""
-    from ..hdl import from_spec
-    from ..methods import record_operands
-    from ..nn import calibrate, exact_multiplication
-    from ..train import evaluate, make_loaders
-    from .characterization import circuit_lut
-    from .retrain_start import approx_model, fixed_batches
     import torch
     loaders = make_loaders(cfg.dataset, cfg.batch_size, cfg.seed, cfg.data_dir)
     lut = circuit_lut(from_spec(cfg.exact_spec))
@@ -192,7 +195,6 @@ def _distributions(cfg: NetworkExploreConfig, fp32) -> dict[str, Any]:
 
 def _search(cfg: NetworkExploreConfig, p_a: np.ndarray, p_b: np.ndarray) -> dict[str, Any]:
     """The weighted search (and family sweep); the measured fronts as :func:`write_outputs` writes them."""
-    from ..explore import Evaluator, pareto, search, seed_genome, sweep_families, write_outputs
     config = dataclasses.replace(cfg.search, p_a=tuple(p_a.tolist()), p_b=tuple(p_b.tolist()))
     genome, seed_name = seed_genome(cfg.exact_spec)
     family, starts = None, ()
@@ -254,8 +256,6 @@ def _bisect(cfg: NetworkExploreConfig, checkpoint: Path, key: str, front: list[d
 
 def _retrain(cfg: NetworkExploreConfig, checkpoint: Path, row: dict[str, Any]) -> dict[str, Any]:
     """Retrain the FP32 model against one circuit; its accuracies (%)."""
-    from .retrain import run_retrain
-    from .retrain_config import RetrainConfig
     rcfg = RetrainConfig(spec=row["spec"], model=cfg.model, dataset=cfg.dataset, data_dir=cfg.data_dir,
                          epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, grads=(cfg.grad,),
                          out=str(Path(cfg.out) / "retrain" / re.sub(r"[^A-Za-z0-9_.-]+", "_", row["name"])),
@@ -269,9 +269,6 @@ def _retrain(cfg: NetworkExploreConfig, checkpoint: Path, row: dict[str, Any]) -
 
 def _verify(cfg: NetworkExploreConfig, row: dict[str, Any]) -> dict[str, Any]:
     """The chosen circuit's Verilog against its LUT (the one it was retrained with) in a simulator."""
-    from ..hdl import from_spec
-    from ..tb import SimulatorNotFound, verify_multiplier
-    from .characterization import circuit_lut
     mult = from_spec(row["spec"])
     try:
         res = verify_multiplier(mult, circuit_lut(mult), sim=cfg.sim)
@@ -371,7 +368,6 @@ def _markdown(res: dict[str, Any]) -> str:
 
 
 def _plot(res: dict[str, Any], path: Path) -> None:
-    from ..plotting import new_figure, save_figure
     fig, ax = new_figure(figsize=(6, 4))
     for kind, marker in (("family", "s"), ("found", "o")):
         rows = [r for r in res["candidates"] if r["kind"] == kind]

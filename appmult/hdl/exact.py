@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ..codes import codes_to_values
 from ._base import PartialProductMultiplier
 from .registry import register_family
+
 
 __all__ = ["ExactMultiplier"]
 
@@ -20,6 +22,5 @@ class ExactMultiplier(PartialProductMultiplier):
 
     def _model(self, a_codes, b_codes):
         # Independent of the partial-product expansion: the true product of the values.
-        from ..codes import codes_to_values
         return (codes_to_values(a_codes, self.width_a, self.signed)
                 * codes_to_values(b_codes, self.width_b, self.signed))

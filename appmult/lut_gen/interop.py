@@ -15,8 +15,6 @@
   on ``arange(256)``). 8x8 with products that fit int16 (signed; unsigned only if the
   products stay below 32768). Which operand is the weight is the caller's choice:
   ``transpose=True`` swaps them.
-* :func:`characterize_verilog` -- an EvoApprox-style Verilog module (ports ``A``, ``B``,
-  ``O``) through :meth:`appmult.sim.Netlist.from_verilog` and :func:`characterize`.
 
 A third-party Verilog circuit is characterized by :func:`appmult.flows.characterize_verilog`.
 """
@@ -28,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..codes import codes_by_value, codes_to_values, values_to_codes
+from ..codes import check_codes, codes_by_value, codes_to_values, values_to_codes
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import atomic_write_bytes, atomic_write_text
 
+
 __all__ = [
-    "characterize_verilog",
     "from_torchapprox",
     "read_listing",
     "read_tfapprox",
@@ -120,7 +118,6 @@ def read_listing(path: str | os.PathLike, width_a: int, width_b: int, signed: bo
         a = values_to_codes(data[:, 0], width_a, signed)
         b = values_to_codes(data[:, 1], width_b, signed)
     else:
-        from ..codes import check_codes
         a, b = check_codes(data[:, 0], width_a), check_codes(data[:, 1], width_b)
     n = 1 << (width_a + width_b)
     flat = a * (1 << width_b) + b

@@ -8,7 +8,7 @@
 * :func:`hardware_cost`, :meth:`Netlist.cost` -- gates, AIG size, depth, transistors, iCE40
   LUTs, switching activity, each relative to the exact multiplier.
 
-Importing this package does not import Amaranth; the functions that need it do.
+Importing this package imports Amaranth (through appmult.hdl) but not torch.
 """
 
 from .amaranth_sim import simulate_amaranth

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidValueError
+from ..hdl import ExactMultiplier
 from .bitparallel import BitParallelEvaluator
 from .netlist import Netlist, synthesize
 from .yosys import run_yosys
@@ -178,7 +179,6 @@ def _absolute(netlist: Netlist, activity: dict[str, Any]) -> dict[str, Any]:
 
 
 def _exact_netlist(netlist: Netlist) -> Netlist:
-    from ..hdl import ExactMultiplier
     return synthesize(ExactMultiplier(width_a=netlist.width_a, width_b=netlist.width_b, signed=netlist.signed))
 
 

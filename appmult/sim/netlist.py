@@ -21,6 +21,7 @@ import numpy as np
 from ..codes import check_codes
 from ..errors import InvalidTypeError, InvalidValueError
 from ..files import atomic_write_text
+from ..hdl import export_verilog
 from .bitparallel import BitParallelEvaluator, words_to_values
 from .netlist_checks import (NetlistError, check_driven, check_source_design, inference_note, read_cells,
                              read_port_bits, resolve_ports)
@@ -486,7 +487,6 @@ def synthesize(source, *, cache: bool = True) -> Netlist:
             return Netlist.from_dict(json.loads(path.read_text("utf-8")))
         except (OSError, ValueError):
             pass  # a miss, or an unreadable entry that is simply rebuilt
-    from ..hdl.export import export_verilog
     verilog = export_verilog(source, name=TOP)
     out = run_yosys(script, {"design.il": il}, ("netlist.json",), cache=cache)
     net = Netlist(out["netlist.json"].decode("utf-8"), top=TOP, width_a=width_a, width_b=width_b,
