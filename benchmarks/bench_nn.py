@@ -1,33 +1,46 @@
-"""Speed of the approximate layers against exact fp32 torch layers (same run, same machine).
+"""Speed of the approximate layers against the exact fp32 torch layer (same run, same machine).
 
-Layers: a LeNet-size conv (128x6x14x14, 6->16, 5x5), a ResNet-20-size conv
-(128x32x16x16, 32->32, 3x3, pad 1) and a linear layer (128x400 -> 120). LUTs (8x8,
-built here with numpy so the benchmark needs no Yosys): a low-rank truncated multiplier
-(unsigned, low partial-product columns dropped: exact integer rank 1 + columns) and a
-high-rank one (exact product plus a random error table: no factorization, gather kernel).
-Baseline: the naive PyTorch emulation (unfold, then one table look-up per product and a
-sum), timed on a slice of the batch and scaled. ``fwd`` rows are repeated eval forwards
-(observer frozen, weights unchanged, so the layers' weight-side cache hits); ``fwd+bwd`` rows
-run in training mode. All callables of a layer run interleaved
-(one run of each per round, best of N rounds) and the load average is printed, because
-the development machine is shared.
+The table of the speed issue: three layers -- a ResNet-20 conv (128x32x16x16, 32->32,
+3x3, pad 1), a LeNet conv (128x6x14x14, 6->16, 5x5) and a linear layer (128x512 ->
+512) -- times three unsigned 8x8 LUTs built here with numpy (no Yosys needed):
 
-Run: ``.venv/bin/python benchmarks/bench_nn.py [--threads 2] [--reps 5] [--quick]``.
+* ``rank1``: the exact product through the LUT path (exact integer rank 1);
+* ``rank7``: an array multiplier with the 8 low partial-product columns dropped (rank 7);
+* ``gather``: the exact product plus a random error table (no factorization: gather only);
+
+each with the automatic kernel choice (``auto``; the kernel it picked is shown) and every
+kernel forced (``lowrank`` where the LUT factors, ``gather`` always). Inputs are post-ReLU
+(``relu(randn)``), 2 threads by default, gradients ``ste``. ``fwd`` rows are eval forwards
+with the activation observer frozen after one calibration call (weights unchanged, so the
+layers' weight-side caches hit); ``fwd+bwd`` rows run in training mode.
+
+Timing on a shared machine: all callables of one layer run **interleaved** (one run of
+each per round, after one warm-up round that also lets ``auto`` probe), and each cell is
+the **median** of N rounds; ratios divide by the exact fp32 layer's median of the same
+rounds (``best x``: the ratio of the best runs, the least disturbed, for a heavily loaded
+machine). The load average is printed before and after.
+
+Run: ``.venv/bin/python benchmarks/bench_nn.py [--threads 2] [--reps 7] [--quick]
+[--layers resnet20,lenet,linear] [--clock wall|cpu]``. On a heavily loaded machine wall
+times of long calls are inflated by waiting for a core far more than those of short calls,
+which biases every ratio; ``--threads 1 --clock cpu`` (process CPU time, one thread, so no
+thread spins) measures the work itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
+from appmult.nn import kernels as K
 
 
 def truncated_lut(width: int, columns: int) -> np.ndarray:
@@ -49,65 +62,73 @@ def random_lut(width: int, seed: int = 0) -> np.ndarray:
     return np.outer(v, v) + rng.integers(-64, 65, size=(1 << width, 1 << width))
 
 
-def interleaved(fns: dict, reps: int, slow: set = frozenset()) -> dict:
-    """Best of ``reps`` runs of each callable, the callables interleaved in every round.
+def interleaved(fns: dict, reps: int, clock=time.perf_counter) -> tuple[dict, dict]:
+    """Median and best of ``reps`` runs of each callable, the callables interleaved in every round.
 
-    On a shared machine a disturbance then hits baseline and candidate alike, and the
-    minimum is the least disturbed run. ``slow`` callables run only every third round.
+    On a shared machine a disturbance then hits baseline and candidate alike; the median
+    is robust to the few rounds another process takes over, the best is the least
+    disturbed run (closer to the cost on an idle machine when the load is heavy).
     """
     for fn in fns.values():
-        fn()  # warm-up (numba compile, allocator, observers)
-    best = {k: float("inf") for k in fns}
-    for rnd in range(reps):
+        fn()  # warm-up (numba compile, allocator, observers, the auto kernel's probe)
+    times: dict = {k: [] for k in fns}
+    for _ in range(reps):
         for k, fn in fns.items():
-            if k in slow and rnd % 3:
-                continue
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            times[k].append(clock() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
 
 
-def naive_conv(x: torch.Tensor, conv: nn.Conv2d, lut: torch.Tensor) -> torch.Tensor:
-    """Unfold + one gather per product, like a straightforward PyTorch emulator."""
-    q = torch.clamp(torch.round(x * 16), 0, 255).long()
-    w = torch.clamp(torch.round(conv.weight.detach() * 64 + 128), 0, 255).long().reshape(conv.out_channels, -1)
-    cols = F.unfold(q.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride).long()
-    prods = lut.reshape(-1)[cols[:, :, None, :] * 256 + w.t()[None, :, :, None]]  # (N, K, Co, L)
-    return prods.sum(1)
-
-
-def naive_linear(x: torch.Tensor, lin: nn.Linear, lut: torch.Tensor) -> torch.Tensor:
-    q = torch.clamp(torch.round(x * 16), 0, 255).long()
-    w = torch.clamp(torch.round(lin.weight.detach() * 64 + 128), 0, 255).long()
-    return lut.reshape(-1)[q[:, None, :] * 256 + w[None, :, :]].sum(-1)
+def _picked(m: nn.Module) -> str:
+    """The kernel an auto layer ran with (its probe's choice where the library records one)."""
+    picked = getattr(m, "_bench_picked", None)
+    if picked is None:
+        choices = getattr(K, "probe_choices", None)
+        if choices is not None:
+            mine = [c for key, c in choices().items()
+                    if m.lut.sha256 in key and key[2] == tuple(m.weight.shape) and key[-1] == torch.float32]
+            picked = "/".join(sorted(set(mine))) if mine else None
+    return picked or m.lut.kernel.value
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--columns", type=int, default=4, help="truncated columns of the low-rank LUT")
     ap.add_argument("--quick", action="store_true", help="batch 32 instead of 128")
+    ap.add_argument("--layers", default="resnet20,lenet,linear")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: the process's CPU time (all threads) instead of wall time -- not inflated "
+                         "by waiting for a core on a loaded machine; meant for --threads 1, where no "
+                         "thread spins")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    try:
+        import numba
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     batch = 32 if args.quick else 128
 
     luts = {
-        f"trunc{args.columns}": LutFile(truncated_lut(8, args.columns), width_a=8, width_b=8, signed=False),
-        "random": LutFile(random_lut(8), width_a=8, width_b=8, signed=False),
+        "rank1": LutFile(truncated_lut(8, 0), width_a=8, width_b=8, signed=False),
+        "rank7": LutFile(truncated_lut(8, 8), width_a=8, width_b=8, signed=False),
+        "gather": LutFile(random_lut(8), width_a=8, width_b=8, signed=False),
     }
     cases = {
-        "lenet conv": (lambda: nn.Conv2d(6, 16, 5), (batch, 6, 14, 14)),
-        "resnet20 conv": (lambda: nn.Conv2d(32, 32, 3, padding=1), (batch, 32, 16, 16)),
-        "linear": (lambda: nn.Linear(400, 120), (batch, 400)),
+        "resnet20": ("ResNet-20 conv 32->32 3x3", lambda: nn.Conv2d(32, 32, 3, padding=1), (batch, 32, 16, 16)),
+        "lenet": ("LeNet conv 6->16 5x5", lambda: nn.Conv2d(6, 16, 5), (batch, 6, 14, 14)),
+        "linear": ("Linear 512->512", lambda: nn.Linear(512, 512), (batch, 512)),
     }
     rows = []
     load0 = os.getloadavg()
-    for cname, (make, shape) in cases.items():
+    for cname in args.layers.split(","):
+        title, make, shape = cases[cname]
         ref = make()
-        x = torch.rand(shape)
+        x = torch.relu(torch.randn(shape))
         xg = x.clone().requires_grad_(True)
 
         def fwd(m):
@@ -116,54 +137,53 @@ def main() -> None:
 
         def fwdbwd(m):
             m.zero_grad(set_to_none=True)
+            xg.grad = None
             m(xg).sum().backward()
 
-        fns = {("exact", "fwd"): lambda: fwd(ref), ("exact", "bwd"): lambda: fwdbwd(ref)}
+        fns = {("exact", "", "fwd"): lambda: fwd(ref), ("exact", "", "bwd"): lambda: fwdbwd(ref)}
         mods = {}
         for lname, lut in luts.items():
-            m = (ApproxConv2d if isinstance(ref, nn.Conv2d) else ApproxLinear).from_float(ref, ApproxConfig(lut))
-            m.eval()
-            m(x)  # calibrate the activation observer once, then freeze it
-            m.act_quant.observing = False
-            mods[lname] = m
-
-            def f(m=m):
+            kernels = ["auto", "lowrank", "gather"] if lname != "gather" else ["auto", "gather"]
+            for kern in kernels:
+                cls = ApproxConv2d if isinstance(ref, nn.Conv2d) else ApproxLinear
+                m = cls.from_float(ref, ApproxConfig(lut, kernel=kern))
                 m.eval()
-                fwd(m)
+                m(x)  # calibrate the activation observer once, then freeze it
+                m.act_quant.observing = False
+                mods[(lname, kern)] = m
 
-            def fb(m=m):
-                m.train()
-                fwdbwd(m)
-            fns[(lname, "fwd")] = f
-            fns[(lname, "bwd")] = fb
-        # Naive baseline on a slice of the batch, scaled to the full batch.
-        sl = max(1, batch // 16)
-        tlut = torch.from_numpy(luts["random"].product.copy())
-        naive = naive_conv if isinstance(ref, nn.Conv2d) else naive_linear
-        fns[("naive", "fwd")] = lambda: naive(x[:sl], ref, tlut)
-        best = interleaved(fns, args.reps, slow={("naive", "fwd")})
-        t_ex, t_exb = best[("exact", "fwd")], best[("exact", "bwd")]
-        t_nv = best[("naive", "fwd")] * batch / sl
-        rows.append((cname, "exact fp32 torch", "-", t_ex, 1.0, t_exb, 1.0, t_nv / t_ex))
-        for lname, m in mods.items():
-            t_f, t_b = best[(lname, "fwd")], best[(lname, "bwd")]
-            kern = f"{m.lut.kernel.value} r={m.lut.rank}" if m.lut.rank else m.lut.kernel.value
-            rows.append((cname, lname, kern, t_f, t_f / t_ex, t_b, t_b / t_exb, t_nv / t_f))
-        rows.append((cname, f"naive unfold+gather (x{batch // sl} scaled)", "-", t_nv, t_nv / t_ex, None, None, 1.0))
+                def f(m=m):
+                    m.eval()
+                    fwd(m)
+
+                def fb(m=m):
+                    m.train()
+                    fwdbwd(m)
+                fns[(lname, kern, "fwd")] = f
+                fns[(lname, kern, "bwd")] = fb
+        med, best = interleaved(fns, args.reps, clock)
+        t_ex, t_exb = med[("exact", "", "fwd")], med[("exact", "", "bwd")]
+        b_ex, b_exb = best[("exact", "", "fwd")], best[("exact", "", "bwd")]
+        rows.append((title, "exact fp32 torch", "-", t_ex, 1.0, 1.0, t_exb, 1.0, 1.0))
+        for (lname, kern), m in mods.items():
+            t_f, t_b = med[(lname, kern, "fwd")], med[(lname, kern, "bwd")]
+            b_f, b_b = best[(lname, kern, "fwd")], best[(lname, kern, "bwd")]
+            shown = f"auto->{_picked(m)}" if kern == "auto" else kern
+            rows.append((title, lname, shown, t_f, t_f / t_ex, b_f / b_ex, t_b, t_b / t_exb, b_b / b_exb))
     load1 = os.getloadavg()
 
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={batch}, grad=ste, "
-          f"best of {args.reps} (interleaved)")
+          f"median of {args.reps} interleaved rounds, post-ReLU inputs, {args.clock} clock")
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
           f"after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} ({os.cpu_count()} CPUs)")
-    hdr = f"{'layer':<14} {'multiplier':<34} {'kernel':<12} {'fwd ms':>8} {'x exact':>8} " \
-          f"{'fwd+bwd ms':>11} {'x exact':>8} {'naive/this':>11}"
+    print("ms and 'x fp32' are medians (ratio of the medians); 'best x' is the ratio of the best runs")
+    hdr = f"| {'layer':<26} | {'LUT':<6} | {'kernel':<21} | {'fwd ms':>8} | {'fwd x fp32':>10} | {'best x':>6} | " \
+          f"{'fwd+bwd ms':>10} | {'fwd+bwd x fp32':>14} | {'best x':>6} |"
     print(hdr)
-    print("-" * len(hdr))
-    for cname, lname, kern, tf, rf, tb, rb, sp in rows:
-        tb_s = f"{tb * 1e3:11.2f}" if tb is not None else f"{'-':>11}"
-        rb_s = f"{rb:8.2f}" if rb is not None else f"{'-':>8}"
-        print(f"{cname:<14} {lname:<34} {kern:<12} {tf * 1e3:8.2f} {rf:8.2f} {tb_s} {rb_s} {sp:10.1f}x")
+    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    for title, lname, kern, tf, rf, bf, tb, rb, bb in rows:
+        print(f"| {title:<26} | {lname:<6} | {kern:<21} | {tf * 1e3:8.2f} | {rf:10.2f} | {bf:6.2f} | "
+              f"{tb * 1e3:10.2f} | {rb:14.2f} | {bb:6.2f} |")
 
 
 if __name__ == "__main__":

@@ -36,16 +36,37 @@ from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _s
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled for ``device_type`` (a no-op context when it is not enabled).
+    """Autocast disabled for ``device_type`` (a no-op context when it is not enabled), and on
+    CUDA TF32 off for cuDNN convolutions and matmuls.
 
     The LUT sums are integer sums that float32 (or float64) holds exactly; autocast would run
-    their convolutions and GEMMs in float16/bfloat16 and round them. So the approximate
-    layers, the functional API and the backward passes here compute with autocast off,
-    like the ops autocast itself keeps in float32.
+    their convolutions and GEMMs in float16/bfloat16 and round them, and TF32 (on by default
+    for cuDNN convolutions on Ampere and later) rounds float32 operands to 10 mantissa bits,
+    so a low-rank factor above 2**11 would round. So the approximate layers, the functional
+    API and the backward passes here compute with autocast and TF32 off, like the ops
+    autocast itself keeps in float32. (TF32 is a process-wide switch: it is off for other
+    threads' CUDA work while the block runs.)
     """
+    if device_type == "cuda":
+        return _cuda_full_float32()
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _cuda_full_float32():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    prev = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        if torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cuda", enabled=False):
+                yield
+        else:
+            yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = prev
 
 
 def _backward_without_autocast(backward):
@@ -146,6 +167,27 @@ class _LowRankLinearZpFn(torch.autograd.Function):
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
         return torch.addmm(const, xu.reshape(m, wv.shape[1]), wv.t())
+
+    @staticmethod
+    @_backward_without_autocast
+    def backward(ctx, grad):
+        qx, qw, zx, zw = ctx.saved_tensors
+        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
+        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+
+
+class _AccLinearZpFn(torch.autograd.Function):
+    """A linear accumulator (LUT sum plus cross terms) that a fused path of
+    :mod:`appmult.nn.fused` computed without autograd (the numba weight-row gather), returned
+    as ``dtype`` with the LUT's backward attached."""
+
+    @staticmethod
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, acc, dtype):
+        ctx.save_for_backward(qx, qw, zx, zw)
+        ctx.tabs = tabs
+        # one pass into a row-major result (the kernel's accumulator is a transposed view)
+        return torch.empty(acc.shape, dtype=dtype, device=acc.device).copy_(acc)
 
     @staticmethod
     @_backward_without_autocast

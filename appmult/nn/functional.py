@@ -48,9 +48,12 @@ import torch.nn.functional as F
 
 from ..errors import InvalidValueError
 from ..lut_gen.lutfile import LutFile
-from .autograd import _AccConvZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn, _LutConv2dFn, _LutLinearFn
+from . import kernels as K
+from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn,
+                       _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
-from .fused import _folded_lowrank_weights, _gather_conv_zp, _rank1_prep, _rank1_shifted_conv
+from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp, _rank1_prep,
+                    _rank1_shifted_conv)
 from .quant import ActivationQuantizer
 from .tables import GradMode, Kernel, LutTables
 
@@ -65,8 +68,9 @@ __all__ = [
 #: Fused low-rank path on (``True``), off (``False``) or as the environment says at each call
 #: (``None``: off when ``APPMULT_NO_FUSED_LOWRANK`` is set to a non-empty value).
 _FUSED_LOWRANK: bool | None = None
-#: Fused numba gather conv (cross terms folded into its rows; CPU, 8-bit tables): as above,
-#: with ``APPMULT_NO_FUSED_GATHER``.
+#: Fused numba gather conv (cross terms folded into its rows) and linear (weight-row kernel,
+#: accumulators initialized with the cross terms); CPU, 8-bit tables: as above, with
+#: ``APPMULT_NO_FUSED_GATHER``.
 _FUSED_GATHER: bool | None = None
 
 
@@ -83,6 +87,29 @@ def _fused_on(override: bool | None, env: str) -> bool:
 
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _probes(tabs: LutTables | None) -> bool:
+    """Whether this call should take the automatic choice's probe (an ``auto`` table with more
+    than one kernel, not already inside a forced kernel, probing on)."""
+    return tabs is not None and len(tabs.auto_candidates) > 1 and K.forced(tabs) is None and K.probe_enabled()
+
+
+def _with_auto_kernel(tabs: LutTables, key: tuple, ref: torch.Tensor, run):
+    """``run()`` with the kernel :func:`~appmult.nn.kernels.probe_choice` picked for ``key``
+    (timing each candidate on these operands, without autograd, the first time)."""
+    key = key + (tabs.sha256, tabs.activation_operand, tabs.grad.value, tabs.auto_candidates,
+                 str(ref.device), ref.dtype)
+
+    def forced(kernel):
+        def go():
+            with K.forced_kernel(tabs, kernel), torch.no_grad():
+                run()
+        return go
+
+    choice = K.probe_choice(key, {c: forced(c) for c in tabs.auto_candidates}, ref.device)
+    with K.forced_kernel(tabs, choice):
+        return run()
 
 
 def lut_linear(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, exact: bool = False) -> torch.Tensor:
@@ -102,6 +129,9 @@ def lut_linear(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, exact: bo
     """
     _check_codes(qx, qw, tabs, "lut_linear")
     with _autocast_off(qx.device.type):
+        if _probes(tabs):
+            return _with_auto_kernel(tabs, ("lut_linear", tuple(qx.shape), tuple(qw.shape), exact), qx,
+                                     lambda: _LutLinearFn.apply(qx, qw, tabs, exact))
         return _LutLinearFn.apply(qx, qw, tabs, exact)
 
 
@@ -125,8 +155,12 @@ def lut_conv2d(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, stride=1,
         InvalidValueError: an operand outside the LUT's value range (or NaN).
     """
     _check_codes(qx, qw, tabs, "lut_conv2d")
+    geom = (_pair(stride), _pair(dilation), int(groups))
     with _autocast_off(qx.device.type):
-        return _LutConv2dFn.apply(qx, qw, tabs, _pair(stride), _pair(dilation), int(groups), exact)
+        if _probes(tabs):
+            return _with_auto_kernel(tabs, ("lut_conv2d", tuple(qx.shape), tuple(qw.shape), geom, exact), qx,
+                                     lambda: _LutConv2dFn.apply(qx, qw, tabs, *geom, exact))
+        return _LutConv2dFn.apply(qx, qw, tabs, *geom, exact)
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,6 +258,10 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
                    cache: dict | None = None) -> torch.Tensor:
     """:func:`approx_linear` without the operand check (the layers' operands are in range by
     construction) and with autocast already off."""
+    if _probes(tabs):
+        key = ("linear", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), exact)
+        return _with_auto_kernel(tabs, key, qx, lambda: _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs,
+                                                                        exact=exact, cache=cache))
     dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
     zwr = zw.reshape(1, -1) if zw.dim() else zw
     swr = sw.reshape(1, -1) if sw.dim() else sw
@@ -233,8 +271,15 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         n, k = qw.shape
         fold = _cached(cache, ("fold", id(tabs), float(zx)),
                        lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs))
+    gacc = None
+    if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
+            and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
+        prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
+        gacc = _gather_linear_zp(qx, prep, tabs)
     if fold is not None:
         acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1]).to(dt)
+    elif gacc is not None:
+        acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, gacc, dt)
     elif tabs is None:
         acc = (qx.to(dt) - zx) @ (qw.to(dt) - zw).t()
     else:
@@ -270,6 +315,12 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 def _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, stride=1, padding=0, dilation=1,
                    groups: int = 1, exact: bool = False, cache: dict | None = None) -> torch.Tensor:
     """:func:`approx_conv2d` without the operand check and with autocast already off."""
+    if _probes(tabs):
+        key = ("conv2d", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), _pair(stride), _pair(padding),
+               _pair(dilation), int(groups), exact)
+        return _with_auto_kernel(tabs, key, qx, lambda: _approx_conv2d(
+            qx, sx, zx, qw, sw, zw, bias, tabs, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            exact=exact, cache=cache))
     dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
     ph, pw = _pair(padding)
     st, dil = _pair(stride), _pair(dilation)

@@ -10,7 +10,8 @@ separate tensors; the paths here fold the cross terms and the padding into one k
   accumulator; for a rank-1 LUT with ``U = value(x)`` that convolution runs on ``qx - Zx``
   itself, zero-padded by the convolution (:func:`_rank1_shifted_conv`);
 * gather LUTs: the numba row kernel with the cross terms folded into its expanded rows
-  (:func:`_gather_conv_zp`).
+  (:func:`_gather_conv_zp`); for linear layers the numba weight-row kernel on a 16-bit
+  table, its accumulators initialized with the cross terms (:func:`_gather_linear_zp`).
 
 Each helper returns ``None`` (``False`` for :func:`_rank1_prep`) where its path would
 not be bit-exact or does not apply -- non-integer zero points, zero points with
@@ -134,3 +135,30 @@ def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, 
     iw = _idx(qw, tabs.lo_w).reshape(co, -1)
     return K.gather_conv_zp(qx.detach(), tabs.lo_x, iw, tabs.lo_w, tabs.prod, groups, tuple(qw.shape[2:]),
                             padding, stride, dilation, zxi, zwv, out_dtype, pad_value=zpad)
+
+
+def _gather_linear_prep(qw, zx, zw, tabs: LutTables):
+    """Weight side of :func:`_gather_linear_zp` (cacheable per weight and ``zx``), or ``False``."""
+    if zx.requires_grad or zw.requires_grad:
+        return False
+    zxf = float(zx)
+    if zxf != round(zxf) or not torch.equal(zw.detach(), torch.round(zw.detach())):
+        return False  # integer zero points only (what the quantizers produce)
+    n = qw.shape[0]
+    if tabs.signed:
+        zxi, zwv = 0, None  # no cross terms for signed LUTs (as in the unfused path)
+    else:
+        zxi = int(round(zxf))
+        zwv = zw.detach().reshape(-1).to(torch.int64).cpu().numpy()
+        if zwv.size not in (1, n):
+            return False
+    prep = K.gather_linear_prep(_idx(qw, tabs.lo_w), tabs.lo_w, tabs.prod, tabs.lo_x, zxi, zwv)
+    return False if prep is None else prep
+
+
+def _gather_linear_zp(qx, prep, tabs: LutTables):
+    """``(M, N)`` int32 accumulator with cross terms from the numba weight-row kernel, or
+    ``None`` (``prep`` is ``False``: see :func:`appmult.nn.kernels.gather_linear_prep`)."""
+    if prep is False or qx.dim() != 2 or qx.device.type != "cpu" or not qx.dtype.is_floating_point:
+        return None
+    return K.gather_linear_zp(qx, tabs.lo_x, prep)

@@ -29,28 +29,46 @@ def num_threads() -> int:
 
 
 if numba is not None:
-    @njit(parallel=True, cache=True, fastmath=False)
-    def forward(a, b, table_t, groups, chunk, out):  # pragma: no cover - compiled
-        # a: (nb, G*Kg, L) idx, b: (G*Ng, Kg) idx, table_t[b_idx, a_idx], out: (nb, G*Ng, L) zeroed
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def forward(a, b, table_t, groups, jtile, out):  # pragma: no cover - compiled
+        # out[bi, j, :] += sum_k table_t[b[j, k], a[bi, g*Kg + k, :]]: a task owns ``jtile``
+        # output channels and *all* positions of one batch item, so each weight's table row
+        # (``table_t[b[j, k]]``, 256 entries: 512 B as uint16) is loaded once and used for
+        # every position (128 rows of a linear layer); tasks over chunks of positions
+        # reloaded it per chunk (measured 1.8x slower on Linear 512->512, batch 128). The
+        # accumulator row (L int32) stays in L1, the activations' (Kg, L) uint8 slab in L2.
+        # ``table_t`` may be a uint16 table offset by its minimum (the caller adds
+        # ``Kg * min`` back, or starts ``out`` there).
+        # Four k per pass over the positions: one load and store of the accumulator per
+        # four look-ups (measured 1.18x over one k per pass, 1 thread).
         nbatch, ktot, length = a.shape
         nout, kg = b.shape
         ng = nout // groups
-        nch = (length + chunk - 1) // chunk
-        for t in prange(nbatch * nch):
-            bi = t // nch
-            i0 = (t % nch) * chunk
-            i1 = min(length, i0 + chunk)
-            acc = np.zeros((nout, i1 - i0), dtype=out.dtype)
-            for g in range(groups):
-                for k in range(kg):
-                    arow = a[bi, g * kg + k, i0:i1]
-                    for jj in range(ng):
-                        j = g * ng + jj
-                        row = table_t[b[j, k]]
-                        accj = acc[j]
-                        for i in range(i1 - i0):
-                            accj[i] += row[arow[i]]
-            out[bi, :, i0:i1] = acc
+        k4 = kg - kg % 4
+        nj = (nout + jtile - 1) // jtile
+        for t in prange(nbatch * nj):
+            bi = t // nj
+            j0 = (t % nj) * jtile
+            j1 = min(nout, j0 + jtile)
+            for j in range(j0, j1):
+                g = j // ng
+                o = out[bi, j]
+                bj = b[j]
+                ab = a[bi, g * kg:(g + 1) * kg]
+                for k in range(0, k4, 4):
+                    r0 = table_t[np.intp(bj[k])]
+                    r1 = table_t[np.intp(bj[k + 1])]
+                    r2 = table_t[np.intp(bj[k + 2])]
+                    r3 = table_t[np.intp(bj[k + 3])]
+                    a0, a1, a2, a3 = ab[k], ab[k + 1], ab[k + 2], ab[k + 3]
+                    for i in range(length):
+                        o[i] += (np.int64(r0[np.intp(a0[i])]) + np.int64(r1[np.intp(a1[i])])) \
+                            + (np.int64(r2[np.intp(a2[i])]) + np.int64(r3[np.intp(a3[i])]))
+                for k in range(k4, kg):
+                    row = table_t[np.intp(bj[k])]
+                    ak = ab[k]
+                    for i in range(length):
+                        o[i] += row[np.intp(ak[i])]
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def expand(b, table_t, g, groups, j0, j1, e):  # pragma: no cover - compiled

@@ -19,27 +19,51 @@ Two families, chosen per LUT (see :func:`choose_kernel`):
   position and ``k``, the contiguous row ``e[k, A_k, :]`` (all output channels) to the
   position's accumulator row, over k-blocks whose slab of ``e`` stays in L2
   (:func:`gather_conv_zp` also folds a quantized layer's zero-point cross terms into
-  ``e``); with few positions (small linear layers) a direct kernel reuses the LUT row of
-  each weight code ``LUT[:, B_kj]`` for a tile of positions. Elsewhere (CUDA, ...) a
-  chunked torch gather does the same arithmetic.
+  ``e``); with few positions (linear layers) the *weight-row kernel* loads the LUT row of
+  each weight code ``LUT[:, B_kj]`` once and uses it for every position (a task owns a
+  tile of output channels and all positions), from a uint16 copy of the table offset by
+  its minimum where the entries span fewer than ``2**16`` values (half the cache
+  footprint; the offset is added back exactly), and :func:`gather_linear_zp` starts its
+  accumulators at the zero-point cross terms so a quantized linear layer needs no other
+  pass. Elsewhere (CUDA, ...) a chunked torch gather does the same arithmetic.
 
 Both work on *indices* ``value - min_value`` (tables are stored in value order; see
 :mod:`appmult.nn.tables`), in a GEMM-shaped layout shared by linear layers and
 (unfolded) convolutions: ``A`` is ``(batch, G*Kg, L)`` (reduction index ``k`` then
 output position), ``B`` is ``(G*Ng, Kg)`` (a weight matrix in torch layout, ``G`` groups).
 
+Automatic choice: a one-time timed probe, not a cost model. The two families' costs
+depend on the layer shape, the LUT's rank, the fused path that applies (zero points,
+padding, rank-1 shortcuts), the BLAS/oneDNN algorithm torch picks, the cache sizes and the
+thread count, and their crossover moved by a factor of ~2 between layers of one network
+(a rank-7 LUT was faster by the low-rank GEMM on the linear layer and by the gather on the
+ResNet-20 conv). A cost model calibrated on the machine would need a term for each of those
+and would still miss the next oneDNN heuristic; timing the candidates on the real operands
+costs a few extra forwards once per (layer shape, LUT, candidates, device, dtype) and is
+right by construction, up to timing noise (best of interleaved rounds; a shared machine's
+load hits every candidate alike). :func:`probe_choice` keeps the choices in a bounded
+in-process LRU cache; :func:`choose_kernel` (the guess by rank) remains the choice where
+nothing is timed (``APPMULT_KERNEL_PROBE=0``). Every candidate returns the same integer
+accumulators (each is exact within the bounds in :mod:`appmult.nn.functional`), so the
+choice changes speed, never results.
+
 This module holds what decides and drives the kernels: the factorizations, the kernel
 choice, the gather drivers (blocking, tiling, the torch fallback) and their tuning
 constants, which tests set to force each path. The compiled inner loops are in
 :mod:`appmult.nn.gather_loops`. The two families stay together because
-:func:`choose_kernel` weighs one against the other with measured costs.
+:func:`probe_choice` weighs one against the other with measured costs.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import math
 import os
+import threading
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,12 +75,18 @@ __all__ = [
     "FP32_EXACT_LIMIT",
     "LowRank",
     "choose_kernel",
+    "clear_probe_cache",
     "float_factorization",
+    "forced",
+    "forced_kernel",
     "gather_forward",
     "gather_grad_a",
     "gather_grad_b",
     "integer_factorization",
     "numba_available",
+    "probe_choice",
+    "probe_choices",
+    "probe_enabled",
 ]
 
 #: Integers up to this magnitude are represented exactly in float32 (and every sum of them).
@@ -232,8 +262,134 @@ def float_factorization(table: np.ndarray, *, rel_tol: float = 1e-6, max_rank: i
 
 
 def choose_kernel(rank: int | None) -> str:
-    """The automatic kernel for a LUT of this exact integer rank (``None``: high rank)."""
+    """The kernel guessed for a LUT of this exact integer rank (``None``: high rank).
+
+    Used where nothing is timed (the probe is off) and as the first candidate of
+    :func:`probe_choice`, which it wins ties for.
+    """
     return "lowrank" if rank is not None and rank <= AUTO_MAX_RANK else "gather"
+
+
+# ------------------------------------------------------------------------------------------
+# Automatic kernel choice: one timed probe per layer shape (see the module notes)
+# ------------------------------------------------------------------------------------------
+
+#: Most probe results kept; the least recently used is dropped first (a key is a few
+#: shapes and strings, so this bounds memory, not time: a dropped key is probed again).
+PROBE_CACHE_MAX = 512
+#: Timed rounds of a probe (after one warm-up run of each candidate); the best of them counts.
+PROBE_ROUNDS = 3
+#: When the two fastest are within :data:`PROBE_CLOSE` of each other after
+#: :data:`PROBE_ROUNDS`, more rounds run, up to this many in all: on a loaded machine three
+#: wall-clock rounds mis-ranked kernels 12% apart (LeNet conv, rank-7 LUT, load average 9).
+PROBE_MAX_ROUNDS = 9
+PROBE_CLOSE = 1.3
+#: A later candidate must beat the earlier ones by this factor to be chosen (the rank-based
+#: guess comes first), so timing noise between near-equal kernels does not flip the choice.
+PROBE_MARGIN = 0.97
+
+_probe_lru: collections.OrderedDict[Hashable, str] = collections.OrderedDict()
+_probe_lock = threading.Lock()
+_forced_local = threading.local()
+
+
+def probe_enabled() -> bool:
+    """Whether ``auto`` layers time their kernels (``APPMULT_KERNEL_PROBE=0`` turns it off)."""
+    return os.environ.get("APPMULT_KERNEL_PROBE", "1") not in ("0", "")
+
+
+def forced(owner: object) -> str | None:
+    """The kernel forced for ``owner`` (a :class:`~appmult.nn.tables.LutTables`) on this thread, or ``None``."""
+    table = getattr(_forced_local, "kernels", None)
+    return None if not table else table.get(id(owner))
+
+
+@contextlib.contextmanager
+def forced_kernel(owner: object, kernel: str):
+    """Within the block, ``owner.kernel`` reads ``kernel`` on this thread (other threads and
+    other tables are unaffected); restored on exit, nested blocks included."""
+    table = getattr(_forced_local, "kernels", None)
+    if table is None:
+        table = _forced_local.kernels = {}
+    key = id(owner)
+    prev = table.get(key)
+    table[key] = kernel
+    try:
+        yield
+    finally:
+        if prev is None:
+            del table[key]
+        else:
+            table[key] = prev
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def probe_choice(key: Hashable, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The fastest of ``candidates`` for ``key``, timed on the first call and cached.
+
+    Each candidate runs once to warm up (compilation, allocator, weight-side caches), then
+    :data:`PROBE_ROUNDS` interleaved timed rounds -- up to :data:`PROBE_MAX_ROUNDS` while the
+    two fastest are within :data:`PROBE_CLOSE` -- and the best time of each counts (the least
+    disturbed run on a shared machine); a candidate must beat the earlier ones by
+    :data:`PROBE_MARGIN` to be chosen (dict order: put the default first).
+
+    Args:
+        key: everything the cost depends on: layer kind and shapes, geometry, LUT hash and
+            operand roles, the candidates, device and dtype, exactness.
+        candidates: kernel name -> a callable running the layer's forward with that kernel.
+        device: where they run (CUDA is synchronized around each timing).
+
+    Returns:
+        The chosen kernel name.
+    """
+    with _probe_lock:
+        hit = _probe_lru.get(key)
+        if hit is not None:
+            _probe_lru.move_to_end(key)
+            return hit
+    names = list(candidates)
+    if len(names) == 1:
+        choice = names[0]
+    else:
+        for name in names:
+            candidates[name]()
+        best = dict.fromkeys(names, math.inf)
+        for rnd in range(max(PROBE_ROUNDS, PROBE_MAX_ROUNDS)):
+            if rnd >= PROBE_ROUNDS:
+                top = sorted(best.values())
+                if top[1] > PROBE_CLOSE * top[0]:
+                    break
+            for name in names:
+                _sync(device)
+                t0 = time.perf_counter()
+                candidates[name]()
+                _sync(device)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        choice = names[0]
+        for name in names[1:]:
+            if best[name] < PROBE_MARGIN * best[choice]:
+                choice = name
+    with _probe_lock:
+        _probe_lru[key] = choice
+        while len(_probe_lru) > PROBE_CACHE_MAX:
+            _probe_lru.popitem(last=False)
+    return choice
+
+
+def probe_choices() -> dict:
+    """A copy of the cached probe results (key -> kernel), oldest first."""
+    with _probe_lock:
+        return dict(_probe_lru)
+
+
+def clear_probe_cache() -> None:
+    """Forget every probe result (the next call of each layer shape probes again)."""
+    with _probe_lock:
+        _probe_lru.clear()
 
 
 # ------------------------------------------------------------------------------------------
@@ -309,9 +465,15 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
     bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
     tt = table.t().to(out_dtype).contiguous().numpy()
     if nbatch * length < ROWS_MIN_POSITIONS * na:
-        # Few positions: expanding the per-weight tables would cost more than it saves.
+        # Few positions (linear layers): expanding the per-weight tables would cost more
+        # than it saves; each weight's table row is reused for all positions instead.
         out = np.zeros((nbatch, nout, length), dtype=tt.dtype)
-        loops.forward(ai, bi, tt, groups, _chunk(nbatch, length), out)
+        t16, base = _table16(table, tt.dtype, ai.shape[1] // groups)
+        threads = max(1, loops.num_threads())
+        jtile = int(max(1, min(64, math.ceil(nbatch * nout / (_TASKS_PER_THREAD * 2 * threads)))))
+        loops.forward(ai, bi, tt if t16 is None else t16, groups, jtile, out)
+        if base:
+            out += out.dtype.type(base * (ai.shape[1] // groups))
         return torch.from_numpy(out)
 
     def expand(g, j0, j1, e):
@@ -319,6 +481,21 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
 
     out = _rows_accumulate(ai, bi.shape[1], na, nout, groups, tt.dtype, expand)
     return torch.from_numpy(out).permute(0, 2, 1)
+
+
+def _table16(table: torch.Tensor, acc_dtype: np.dtype, kg: int) -> tuple[np.ndarray | None, int]:
+    """``(table - min)`` transposed as uint16 and ``min``, or ``(None, 0)``.
+
+    A 16-bit table halves the gather's cache footprint (512 B per weight's row). Used when
+    the entries span fewer than ``2**16`` values and the offset sums ``kg * (max - min)``
+    cannot overflow the accumulator; the caller adds ``kg * min`` back (exact: the true
+    sum fits the accumulator by the caller's choice of dtype).
+    """
+    lo, hi = (int(v) for v in torch.aminmax(table))
+    limit = (1 << 31) if acc_dtype == np.int32 else (1 << 63)
+    if hi - lo >= 1 << 16 or kg * (hi - lo) >= limit:
+        return None, 0
+    return np.ascontiguousarray((table.t().to(torch.int64) - lo).to(torch.int32).numpy().astype(np.uint16)), lo
 
 
 def _rows_accumulate(ai: np.ndarray, kg: int, na: int, nout: int, groups: int, dtype: np.dtype,
@@ -429,6 +606,80 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
 
     out = _rows_accumulate(ai, kg, na, nout, groups, np.dtype(np.int32), expand)
     return torch.from_numpy(out).reshape(n, ho, wo, nout).permute(0, 3, 1, 2).to(out_dtype)
+
+
+def gather_linear_prep(b: torch.Tensor, lo_w: int, table: torch.Tensor, lo_x: int, zx: int,
+                       zw: np.ndarray | None) -> tuple | None:
+    """The weight side of :func:`gather_linear_zp`, computed once per weight (cacheable), or ``None``.
+
+    Args:
+        b: ``(N, K)`` weight indices (value - ``lo_w``).
+        lo_w: smallest weight value.
+        table: ``(NA, NB)`` integer table indexed ``[x, w]`` (8-bit operands: at most 256 x 256).
+        lo_x: smallest activation value.
+        zx: activation zero point of the cross terms (0 for none).
+        zw: weight zero points (one, or one per output), ``None`` for none.
+
+    Returns:
+        An opaque tuple for :func:`gather_linear_zp`, or ``None`` where the fused path does not
+        apply (no numba, not on the CPU, tables over 8 bits, a sum that could overflow int32).
+    """
+    if not _use_numba(b, table):
+        return None
+    na, nb_ = table.shape
+    nout, k = b.shape
+    if na > 256 or nb_ > 256:
+        return None
+    _check_indices(b, nb_, "Weight")
+    zwv = np.zeros(nout, np.int64) if zw is None else \
+        np.array(np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,)))
+    bi = np.ascontiguousarray(b.to(torch.uint8).numpy())
+    t16, base = _table16(table, np.dtype(np.int32), k)
+    if t16 is None:
+        return None
+    # per-output constant: K * base (the uint16 offset) - Zx sum_k value(w) + K Zx Zw_j
+    wsum = bi.astype(np.int64).sum(1) + k * lo_w
+    const = k * base - zx * wsum + k * zx * zwv
+    # every partial sum in the kernel is init + (some of the K entries of t16 >= 0), with
+    # init = const_j - Zw_j * sum_k value(x): bound it, for int32
+    vx_max = max(abs(lo_x), abs(lo_x + na - 1))
+    bound = int(np.abs(const).max(initial=0)) + int(np.abs(zwv).max(initial=0)) * k * vx_max \
+        + k * int(t16.max(initial=0))
+    if bound >= 1 << 31:
+        return None
+    return bi, t16, const, zwv
+
+
+def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:
+    """``acc[m, j] = sum_k table[x_mk, w_jk] - value(x_mk) Zw_j - Zx value(w_jk) + Zx Zw_j`` (int32).
+
+    The linear layer's whole integer accumulator by the numba weight-row kernel
+    (:func:`loops.forward <appmult.nn.gather_loops.forward>`) on a 16-bit table: the
+    weight-side constants come from :func:`gather_linear_prep`; the activation row sums for
+    the ``Zw`` term are one integer reduction of the uint8 indices.
+
+    Args:
+        q: ``(M, K)`` integer-valued float activations, within the table's rows.
+        lo_x: smallest activation value.
+        prep: from :func:`gather_linear_prep`.
+
+    Returns:
+        ``(M, N)`` int32 accumulators (a transposed view).
+    """
+    bi, t16, const, zwv = prep
+    m, k = q.shape
+    nout = bi.shape[0]
+    ai = (q.detach() if lo_x == 0 else q.detach() - lo_x).to(torch.uint8).t().contiguous()
+    out = np.empty((1, nout, m), np.int32)
+    if np.any(zwv):
+        xsum = ai.sum(0, dtype=torch.int64).numpy() + k * lo_x                       # (M,)
+        out[0] = const[:, None] - zwv[:, None] * xsum[None, :]
+    else:
+        out[0] = const[:, None]
+    threads = max(1, loops.num_threads())
+    jtile = int(max(1, min(64, math.ceil(nout / (_TASKS_PER_THREAD * 2 * threads)))))
+    loops.forward(ai.numpy()[None], bi, t16, 1, jtile, out)
+    return torch.from_numpy(out[0]).t()
 
 
 def _unfold_uint8(q: torch.Tensor, lo_x: int, na: int, pad_value: int, kernel_size, padding, stride,

@@ -79,8 +79,9 @@ class LutTables(nn.Module):
     Args:
         lut: the LUT file contents.
         grad: backward mode.
-        kernel: forward kernel (``auto``: by exact integer rank, see
-            :func:`appmult.nn.kernels.choose_kernel`).
+        kernel: forward kernel (``auto``: timed once per layer shape among the kernels
+            that apply, see :func:`appmult.nn.kernels.probe_choice`; the guess by exact
+            integer rank, :func:`appmult.nn.kernels.choose_kernel`, where nothing is timed).
         activation_operand: LUT operand that receives activations (``"a"`` or ``"b"``).
         compute_missing_gradients: compute absent ``lut2d``/``lut1d`` tables with
             :mod:`appmult.lut_gen.gradients` instead of raising.
@@ -130,12 +131,18 @@ class LutTables(nn.Module):
         self.rank = None if fac is None else fac.rank
         self.bound = None if fac is None else fac.bound
         kern = Kernel(kernel)
+        #: Kernels the automatic choice times per layer shape (:func:`appmult.nn.kernels.probe_choice`);
+        #: empty when the kernel is forced or only the gather applies (no exact factorization).
+        self.auto_candidates: tuple[str, ...] = ()
         if kern is Kernel.AUTO:
             kern = Kernel(K.choose_kernel(self.rank))
+            if fac is not None:
+                # the rank-based guess first: it wins ties
+                self.auto_candidates = (kern.value,) + tuple(c for c in ("lowrank", "gather") if c != kern.value)
         if kern is Kernel.LOWRANK and fac is None:
             raise InvalidValueError(f"LUT {lut.lut_id} has no exact integer factorization of rank <= 32; "
                                     f"use kernel='gather' or kernel='auto'")
-        self.kernel = kern
+        self._kernel = kern
         self._register_factors(fac, vx)
         gx1, gw1, gx2, gw2 = _gradient_tables(lut, self.grad, swap, (cx, cw), (vx, vw),
                                               compute_missing_gradients, half_window)
@@ -177,10 +184,22 @@ class LutTables(nn.Module):
         fw = K.float_factorization(gw2)
         if fx is not None and fw is not None:
             r = max(fx[0].shape[1], fw[0].shape[1])
-            if self.kernel is Kernel.LOWRANK or r <= K.AUTO_MAX_RANK:
+            if self._kernel is Kernel.LOWRANK or r <= K.AUTO_MAX_RANK:
                 self.grad_kernel = Kernel.LOWRANK
                 self.gx_p, self.gx_q = (torch.from_numpy(a.astype(np.float32)) for a in fx)
                 self.gw_p, self.gw_q = (torch.from_numpy(a.astype(np.float32)) for a in fw)
+
+    @property
+    def kernel(self) -> Kernel:
+        """The forward kernel: the one forced for this table on the current thread (the
+        automatic choice's probe and its result, see :func:`appmult.nn.kernels.forced_kernel`),
+        else the configured kernel (for ``auto``: the guess by rank)."""
+        forced = K.forced(self)
+        return self._kernel if forced is None else Kernel(forced)
+
+    @kernel.setter
+    def kernel(self, value: str | Kernel) -> None:
+        self._kernel = Kernel(value)
 
     # -- identity --------------------------------------------------------------------------
     @property
