@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv iverilog test test-slow test-all demo bench clean
+.PHONY: venv iverilog test test-slow test-all demo bench mutate clean
 
 venv: $(STAMP)
 
@@ -52,5 +52,18 @@ bench: venv iverilog
 	$(PY) benchmarks/bench_nn.py
 	$(PY) benchmarks/bench_verify.py
 
+# Mutation testing (not part of `make test` or CI; hours the first time, see tests/README.md). Modules and
+# test subset: [tool.mutmut] in pyproject.toml; results and accepted survivors: tests/README.md.
+# MUTATE_CHILDREN parallel workers (default 1: a shared machine); MUTANTS="name ..." reruns
+# just those mutants. mutmut caches results in mutants/: a rerun only tests what changed.
+MUTATE_CHILDREN ?= 1
+MUTANTS ?=
+mutate: venv
+	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutate]'
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats
+	@cat mutants/mutmut-cicd-stats.json; echo
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) .pytest_cache demo-out
+	rm -rf $(VENV) .pytest_cache demo-out mutants
