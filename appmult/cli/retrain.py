@@ -52,6 +52,12 @@ def register(sub) -> None:
     opt("augment", "--augment", choices=("none", "crop-flip"),
         help="training augmentation: pad-4 random crop and horizontal flip (default none; date25: crop-flip "
              "on CIFAR)")
+    _add_run_options(opt)
+    p.set_defaults(func=run)
+
+
+def _add_run_options(opt) -> None:
+    """Gradient modes, half window, output, alternatives and the RTL check."""
     opt("seed", "--seed", type=int, help="seed of split, weights, batch order (default %(default)s)")
     opt("grads", "--grad", nargs="+", metavar="MODE",
         help="one or more of ste lut2d lut1d, each retrained from the same start (default %(default)s)")
@@ -92,7 +98,6 @@ def register(sub) -> None:
     opt("rtl_positions", "--rtl-positions", type=int, metavar="N",
         help="output positions per RTL check (default %(default)s)")
     opt("rtl_sim", "--rtl-sim", choices=("icarus", "verilator"), help="simulator of the RTL check (default %(default)s)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
