@@ -329,3 +329,111 @@ def test_a_block_larger_than_the_streaming_block():
     assert m["pairs"] == n and m["wce"] == 7
     assert m["mae"] == pytest.approx(16 / n) and m["bias"] == pytest.approx(2 / n)
     assert m["er"] == pytest.approx(5 / n)
+
+
+# -- the LUT file ----------------------------------------------------------------------------
+
+import io  # noqa: E402
+import zipfile  # noqa: E402
+
+from appmult.lut_gen import LutFile, LutFileError, load  # noqa: E402
+
+
+def _small_lut(wa=3, wb=2, signed=False) -> LutFile:
+    return LutFile(_noisy(wa, wb, signed, 1, 0), width_a=wa, width_b=wb, signed=signed)
+
+
+def test_set_gradient_stores_a_private_read_only_float32_copy_and_rehashes():
+    lut = _small_lut()
+    before = lut.sha256
+    ga = np.arange(32, dtype=np.float32).reshape(8, 4)
+    gb = np.ones((8, 4), dtype=np.float32)
+    lut.set_gradient("lut2d", ga, gb)
+    assert lut.sha256 != before                                    # the hash covers gradients
+    sa, sb = lut.gradient("lut2d")
+    assert not sa.flags.writeable and not sb.flags.writeable
+    ga[0, 0] = gb[0, 0] = 99.0                                     # the caller's arrays stay the caller's
+    assert sa[0, 0] == 0.0 and sb[0, 0] == 1.0
+    again = lut.sha256
+    lut.set_gradient("lut2d", ga, gb)
+    assert lut.sha256 != again
+    lut.set_gradient("lut1d", np.arange(4.0), np.asfortranarray(np.ones(8)))   # float64 in
+    assert all(g.dtype == np.float32 for g in lut.gradient("lut1d"))
+
+
+@pytest.mark.parametrize("ga_shape, gb_shape", [((8, 4), (4,)), ((4,), (8, 4)), ((4,), (4,)), ((8,), (8,))])
+def test_set_gradient_refuses_mixed_or_wrong_shapes(ga_shape, gb_shape):
+    with pytest.raises(LutFileError, match=r"^Gradient tables for 'lut1d' have shapes "):
+        _small_lut().set_gradient("lut1d", np.zeros(ga_shape), np.zeros(gb_shape))
+
+
+def test_non_square_gradients_and_wide_products_round_trip(tmp_path):
+    """12x3 bits: gradient members (128 KiB) beyond the fixed header slack, so the size
+    limits derived from the widths decide; a product beyond int32 is stored as int64."""
+    p = _noisy(12, 3, False, 1, 0)
+    p[0, 0] = 2 ** 40
+    full = (4096, 8)
+    lut = LutFile(p, width_a=12, width_b=3, signed=False,
+                  gradients={"lut2d": (np.ones(full), np.full(full, 2.0)),
+                             "lut1d": (np.arange(8.0), np.arange(4096.0))})
+    back = load(lut.save(tmp_path / "wide.npz"))
+    assert back.sha256 == lut.sha256 and np.array_equal(back.product, p)
+    assert np.array_equal(back.gradient("lut2d")[1], np.full(full, 2.0))
+    assert np.array_equal(back.gradient("lut1d")[1], np.arange(4096.0))
+
+
+def _rewrite_member(src, dst, name, transform):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == name:
+                buf = io.BytesIO()
+                np.save(buf, transform(np.load(io.BytesIO(data), allow_pickle=False)))
+                data = buf.getvalue()
+            zout.writestr(info.filename, data)
+
+
+def test_gradient_members_must_be_float32(tmp_path):
+    lut = LutFile(_noisy(3, 3, False, 1, 0), width_a=3, width_b=3, signed=False,
+                  gradients={"lut1d": (np.arange(8.0), np.ones(8))})
+    src = lut.save(tmp_path / "ok.npz")
+    _rewrite_member(src, tmp_path / "f64.npz", "grad__lut1d__a.npy", lambda a: a.astype(np.float64))
+    with pytest.raises(LutFileError, match=r"float32 of shape \(8, 8\) or \(8,\)"):
+        load(tmp_path / "f64.npz")
+
+
+def test_fortran_ordered_members_are_read_in_their_order(tmp_path):
+    """Another writer may store a member in Fortran order; its values must not come back
+    transposed (the content hash would refuse them, or worse, a square table would load
+    wrong if the hash did not cover it)."""
+    lut = LutFile(_noisy(3, 3, True, 2, 1), width_a=3, width_b=3, signed=True,
+                  gradients={"lut2d": (np.arange(64.0).reshape(8, 8), np.ones((8, 8)))})
+    src = lut.save(tmp_path / "c.npz")
+    _rewrite_member(src, tmp_path / "f1.npz", "product.npy", np.asfortranarray)
+    _rewrite_member(tmp_path / "f1.npz", tmp_path / "f.npz", "grad__lut2d__a.npy", np.asfortranarray)
+    back = load(tmp_path / "f.npz")
+    assert np.array_equal(back.product, lut.product)
+    assert np.array_equal(back.gradient("lut2d")[0], np.arange(64.0).reshape(8, 8))
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("exact:width_a=4,width_b=3", "width_a=4"),
+    ("exact:width_a=3,width_b=4", "width_b=4"),
+    ("exact:width_a=3,width_b=3,signed=true", "signed=true"),
+    ("exact:width=3,signed=false", None),                        # agrees
+    ("exact:width_a=3,width_b=3,k=4", None),                     # other parameters say nothing
+])
+def test_metadata_spec_claims_are_checked_one_by_one(spec, says):
+    table = _noisy(3, 3, False, 0, 0)
+    if says is None:
+        LutFile(table, width_a=3, width_b=3, signed=False, metadata={"spec": spec})
+        return
+    with pytest.raises(LutFileError, match=f"^LUT metadata spec '{spec}' says {says}, but the table is 3x3 unsigned$"):
+        LutFile(table, width_a=3, width_b=3, signed=False, metadata={"spec": spec})
+
+
+@pytest.mark.parametrize("wa, wb", [(1, 16), (16, 1)])
+def test_widths_one_and_sixteen_round_trip(wa, wb, tmp_path):
+    lut = LutFile(np.zeros((1 << wa, 1 << wb), np.int64), width_a=wa, width_b=wb, signed=False)
+    back = load(lut.save(tmp_path / "edge.npz"))
+    assert (back.width_a, back.width_b) == (wa, wb) and back.sha256 == lut.sha256
