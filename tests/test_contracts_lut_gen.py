@@ -437,3 +437,54 @@ def test_widths_one_and_sixteen_round_trip(wa, wb, tmp_path):
     lut = LutFile(np.zeros((1 << wa, 1 << wb), np.int64), width_a=wa, width_b=wb, signed=False)
     back = load(lut.save(tmp_path / "edge.npz"))
     assert (back.width_a, back.width_b) == (wa, wb) and back.sha256 == lut.sha256
+
+
+def test_content_hash_is_stable():
+    """Every LUT file on disk stores this hash: a change to how it is computed (canonical
+    JSON of header and metadata, little-endian int64 products, float32 gradients) makes
+    every existing file fail its integrity check. Change the expected value only together
+    with FORMAT_VERSION."""
+    def make(signed=True, **md):
+        return LutFile(np.array([[0, 1], [2, -3], [4, 5], [-6, 7]]), width_a=2, width_b=1, signed=signed,
+                       metadata=md or {"zeta": 1, "alpha": [1.5, "x"], "spec": "custom table"},
+                       gradients={"lut1d": (np.array([0.5, -1.0]), np.array([1.0, 2.0, 3.0, 4.0]))})
+    assert make().sha256 == "96143ccafc2940500d4c168b65902f68a537c46ca44dc19a5cb14878170a7337"
+    assert make(signed=False).sha256 != make().sha256             # the header is hashed
+    assert make(note="a").sha256 != make(note="b").sha256         # the metadata is hashed
+
+
+@pytest.mark.parametrize("metadata", [{"x": float("nan")}, {"x": np.arange(3)}, {"x": {1, 2}}])
+def test_metadata_must_be_canonical_json(metadata):
+    with pytest.raises(LutFileError, match="^LUT metadata must be JSON-serialisable: "):
+        LutFile(np.zeros((2, 2), np.int64), width_a=1, width_b=1, signed=False, metadata=metadata)
+
+
+@pytest.mark.parametrize("bad", [0, 17, True, 2.0])
+def test_lut_widths_out_of_range_are_refused(bad):
+    with pytest.raises(LutFileError, match=f"^LUT width_b must be an integer in 1..16, not {bad!r}$"):
+        LutFile(np.zeros((2, 2), np.int64), width_a=1, width_b=bad, signed=False)
+
+
+def _with_extra_member(src, dst, name: str, payload: np.ndarray):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        buf = io.BytesIO()
+        np.save(buf, payload)
+        zout.writestr(name, buf.getvalue())
+
+
+@pytest.mark.parametrize("member", ["notes__a.npy", "readme.txt", "grad__extra__a.npy"])
+def test_members_that_the_header_does_not_account_for_are_refused(member, tmp_path):
+    src = _small_lut().save(tmp_path / "ok.npz")
+    _with_extra_member(src, tmp_path / "extra.npz", member, np.zeros(4, np.float32))
+    with pytest.raises(LutFileError, match=f"{member}"):
+        load(tmp_path / "extra.npz")
+
+
+def test_missing_gradient_names_what_there_is():
+    lut = _small_lut()
+    with pytest.raises(KeyError, match=r"holds no 'lut2d' gradient tables \(it has: none\)"):
+        lut.gradient("lut2d")
+    with pytest.raises(LutFileError, match=r"^LUT width_a must be an integer in 1..16, not 0$"):
+        LutFile(np.zeros((1, 2), np.int64), width_a=0, width_b=1, signed=False)
