@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InvalidValueError
 from ..hdl import CIRCUIT_FORMAT, CIRCUIT_VERSION, check_circuit, from_spec, load_circuit
 from ..sim import Netlist, synthesize
+from ..sim.bitparallel import GATE_TYPES
 from . import _kernels as K
 
 
@@ -29,7 +30,6 @@ __all__ = ["Genome", "genome_from_circuit", "genome_from_netlist", "seed_genome"
 # Truth tables (x0 = A, x1 = B, x2 = S) of Yosys' gate cells and of the circuit file's ops.
 _YOSYS_TT = {"$_BUF_": 0xAA, "$_NOT_": 0x55, "$_AND_": 0x88, "$_OR_": 0xEE, "$_XOR_": 0x66, "$_NAND_": 0x77,
              "$_NOR_": 0x11, "$_XNOR_": 0x99, "$_ANDNOT_": 0x22, "$_ORNOT_": 0xBB, "$_MUX_": K.MUX_TT}
-_YOSYS_PORTS = {"$_BUF_": ("A",), "$_NOT_": ("A",), "$_MUX_": ("A", "B", "S")}
 _OP_TT = {"buf": 0xAA, "not": 0x55, "and": 0x88, "or": 0xEE, "xor": 0x66, "nand": 0x77, "nor": 0x11,
           "xnor": 0x99, "andnot": 0x22, "ornot": 0xBB, "mux": K.MUX_TT}
 # Two-input truth tables (i = a + 2 b) -> (op, swap inputs).
@@ -234,7 +234,7 @@ def genome_from_netlist(netlist) -> Genome:
                 stack.pop()
                 continue
             ctype, conn = driver[net]
-            ins = [conn[p] for p in _YOSYS_PORTS.get(ctype, ("A", "B"))]
+            ins = [conn[p] for p in GATE_TYPES[ctype]]
             pending = [x for x in ins if x not in node]
             if pending:
                 stack.extend(pending)

@@ -475,13 +475,10 @@ def _check_rtl_possible(cfg: RetrainConfig, lut: LutFile) -> None:
     except (UserError, ValueError, TypeError) as exc:
         raise RetrainError(f"--verify-rtl needs the circuit of LUT {lut.lut_id}, but its metadata spec {spec!r} "
                            f"does not name one: {exc}") from None
-    have = (mult.width_a, mult.width_b, mult.signed)
-    want = (lut.width_a, lut.width_b, lut.signed)
-    if have != want:
-        def fmt(t):
-            return f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}"
-        raise RetrainError(f"--verify-rtl needs the circuit of LUT {lut.lut_id}: its spec {spec} is {fmt(have)} "
-                           f"but the LUT is {fmt(want)}")
+    differ = rtlcheck.kind_mismatch(mult, lut)
+    if differ:
+        raise RetrainError(f"--verify-rtl needs the circuit of LUT {lut.lut_id}: its spec {spec} is {differ[0]} "
+                           f"but the LUT is {differ[1]}")
     check_simulator(cfg.rtl_sim)
 
 

@@ -193,6 +193,16 @@ def _fill_pair(product: np.ndarray) -> tuple[int, int]:
     return int(i // product.shape[1]), int(i % product.shape[1])
 
 
+def kind_mismatch(multiplier: Multiplier, lut) -> tuple[str, str] | None:
+    """``("8x8 signed", "8x8 unsigned")``-style texts of a circuit and a LUT whose widths or
+    signedness differ; ``None`` when they agree."""
+    have = (multiplier.width_a, multiplier.width_b, multiplier.signed)
+    want = (lut.width_a, lut.width_b, lut.signed)
+    if have == want:
+        return None
+    return tuple(f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}" for t in (have, want))
+
+
 def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
                      positions: int | Sequence[Sequence[int]] = 8, lanes: int = 8, sim: str = "icarus",
                      build_dir=None, multiplier=None, seed: int = 0) -> LayerRtlResult:
@@ -238,13 +248,10 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
         multiplier = from_spec(spec)
     elif not isinstance(multiplier, Multiplier):
         raise InvalidTypeError(f"multiplier must be an appmult.hdl Multiplier, not {multiplier!r}")
-    have = (multiplier.width_a, multiplier.width_b, multiplier.signed)
-    want = (lut.width_a, lut.width_b, lut.signed)
-    if have != want:
-        def fmt(t):
-            return f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}"
-        raise RtlCheckError(f"Multiplier {multiplier.spec} is {fmt(have)} but the layer's LUT {lut.lut_id} "
-                            f"is {fmt(want)}")
+    differ = kind_mismatch(multiplier, lut)
+    if differ:
+        raise RtlCheckError(f"Multiplier {multiplier.spec} is {differ[0]} but the layer's LUT {lut.lut_id} "
+                            f"is {differ[1]}")
 
     check_simulator(sim)
 

@@ -152,6 +152,14 @@ class _LutLinearFn(torch.autograd.Function):
         return gx.to(qx.dtype), gw.to(qw.dtype), None, None
 
 
+def _linear_zp_backward(ctx, grad):
+    """LUT backward of a linear accumulator with zero-point cross terms (both linear Functions)."""
+    qx, qw, zx, zw = ctx.saved_tensors
+    zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+    gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
+    return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+
+
 class _LowRankLinearZpFn(torch.autograd.Function):
     """The whole integer accumulator ``sum LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` of a linear
     layer as one float32 ``addmm(C, U[qx], (V - c Zw)[qw].T)`` (weights and bias from
@@ -168,13 +176,7 @@ class _LowRankLinearZpFn(torch.autograd.Function):
         ctx.tabs = tabs
         return torch.addmm(const, xu.reshape(m, wv.shape[1]), wv.t())
 
-    @staticmethod
-    @_backward_without_autocast
-    def backward(ctx, grad):
-        qx, qw, zx, zw = ctx.saved_tensors
-        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
-        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+    backward = staticmethod(_backward_without_autocast(_linear_zp_backward))
 
 
 class _AccLinearZpFn(torch.autograd.Function):
@@ -189,13 +191,7 @@ class _AccLinearZpFn(torch.autograd.Function):
         # one pass into a row-major result (the kernel's accumulator is a transposed view)
         return torch.empty(acc.shape, dtype=dtype, device=acc.device).copy_(acc)
 
-    @staticmethod
-    @_backward_without_autocast
-    def backward(ctx, grad):
-        qx, qw, zx, zw = ctx.saved_tensors
-        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
-        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+    backward = staticmethod(_backward_without_autocast(_linear_zp_backward))
 
 
 # ------------------------------------------------------------------------------------------

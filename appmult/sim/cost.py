@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InvalidValueError
 from ..hdl import ExactMultiplier
-from .bitparallel import BitParallelEvaluator
+from .bitparallel import GATE_TYPES, BitParallelEvaluator
 from .netlist import Netlist, synthesize
 from .yosys import run_yosys
 
@@ -44,7 +44,6 @@ FIGURES = ("gates", "aig_nodes", "depth", "depth_with_not", "transistors", "ice4
 _CMOS = {"$_BUF_": 4, "$_NOT_": 2, "$_AND_": 6, "$_OR_": 6, "$_NAND_": 4, "$_NOR_": 4, "$_XOR_": 12,
          "$_XNOR_": 12, "$_ANDNOT_": 6, "$_ORNOT_": 6, "$_MUX_": 12}
 _INVERTERS = ("$_NOT_", "$_BUF_")
-_INPUT_PORTS = {"$_BUF_": ("A",), "$_NOT_": ("A",), "$_MUX_": ("A", "B", "S")}
 
 
 def logic_depth(netlist: Netlist, *, count_inverters: bool = False) -> int:
@@ -74,7 +73,7 @@ def logic_depth(netlist: Netlist, *, count_inverters: bool = False) -> int:
                 stack.pop()
                 continue
             t, conn = driver[n]
-            srcs = [conn[p] for p in _INPUT_PORTS.get(t, ("A", "B"))]
+            srcs = [conn[p] for p in GATE_TYPES[t]]
             pending = [s for s in srcs if s not in level]
             if pending:
                 stack.extend(pending)

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, InvalidTypeError, InvalidValueError
+from ..errors import ConfigError, InvalidValueError
+from ._checks import positive_int
 
 __all__ = ["CIFAR_MODELS", "TORCHVISION_PREFIX", "CifarResNet", "VGG", "check_torchvision_name", "torchvision_model"]
 
@@ -34,12 +35,6 @@ TORCHVISION_PREFIX = "torchvision:"
 
 # Channels per conv layer, "M" a 2x2 max-pooling (Simonyan & Zisserman, configuration E).
 _VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
-
-
-def _positive(what: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidTypeError(f"{what} must be a positive integer, not {value!r}")
-    return value
 
 
 class VGG(nn.Module):
@@ -58,9 +53,9 @@ class VGG(nn.Module):
     def __init__(self, layers: Sequence[int | str] = _VGG19, in_channels: int = 3, num_classes: int = 10,
                  input_size: int = 32):
         super().__init__()
-        _positive("Input channel count", in_channels)
-        _positive("Class count", num_classes)
-        size = _positive("Input size", input_size)
+        positive_int("Input channel count", in_channels)
+        positive_int("Class count", num_classes)
+        size = positive_int("Input size", input_size)
         mods: list[nn.Module] = []
         c = in_channels
         for v in layers:
@@ -141,8 +136,8 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 18, in_channels: int = 3, num_classes: int = 10):
         super().__init__()
-        _positive("Input channel count", in_channels)
-        _positive("Class count", num_classes)
+        positive_int("Input channel count", in_channels)
+        positive_int("Class count", num_classes)
         if depth not in _RESNET_BLOCKS:
             raise InvalidValueError(f"CIFAR ResNet depth must be 18, 34 or 50, not {depth!r}")
         block, counts = _RESNET_BLOCKS[depth]

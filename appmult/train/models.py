@@ -17,16 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
+from ._checks import positive_int
 from .vit import ViT
 from .cifar_models import CIFAR_MODELS, TORCHVISION_PREFIX, torchvision_model
 
 __all__ = ["MLP", "LeNet5", "MODEL_NAMES", "ResNet", "build_model"]
-
-
-def _check_positive(what: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidTypeError(f"{what} must be a positive integer, not {value!r}")
-    return value
 
 
 class MLP(nn.Module):
@@ -44,9 +39,9 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: Sequence[int] = (128, 64),
                  num_classes: int = 10):
         super().__init__()
-        _check_positive("Input feature count", in_features)
-        _check_positive("Class count", num_classes)
-        widths = [in_features] + [_check_positive("Hidden width", h) for h in hidden]
+        positive_int("Input feature count", in_features)
+        positive_int("Class count", num_classes)
+        widths = [in_features] + [positive_int("Hidden width", h) for h in hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU(inplace=True)]
@@ -85,8 +80,8 @@ class LeNet5(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 28):
         super().__init__()
-        _check_positive("Input channel count", in_channels)
-        _check_positive("Class count", num_classes)
+        positive_int("Input channel count", in_channels)
+        positive_int("Class count", num_classes)
         if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 4:
             raise InvalidTypeError(f"Input size must be an integer of at least 4, not {input_size!r}")
         pad1 = 2 if input_size < 32 else 0
@@ -156,10 +151,10 @@ class ResNet(nn.Module):
     def __init__(self, depth: int = 20, in_channels: int = 3, num_classes: int = 10,
                  width: int = 16):
         super().__init__()
-        _check_positive("Depth", depth)
-        _check_positive("Input channel count", in_channels)
-        _check_positive("Class count", num_classes)
-        _check_positive("Width", width)
+        positive_int("Depth", depth)
+        positive_int("Input channel count", in_channels)
+        positive_int("Class count", num_classes)
+        positive_int("Width", width)
         if depth < 8 or (depth - 2) % 6:
             raise InvalidValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), "
                              f"not {depth}")

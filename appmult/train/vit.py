@@ -15,15 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidTypeError, InvalidValueError
+from ..errors import InvalidValueError
+from ._checks import positive_int
 
 __all__ = ["SelfAttention", "ViT"]
-
-
-def _positive(what: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InvalidTypeError(f"{what} must be a positive integer, not {value!r}")
-    return value
 
 
 class SelfAttention(nn.Module):
@@ -96,8 +91,8 @@ class ViT(nn.Module):
         for what, value in (("Input channel count", in_channels), ("Class count", num_classes),
                             ("Input size", input_size), ("Width", dim), ("Depth", depth),
                             ("Head count", heads), ("MLP ratio", mlp_ratio)):
-            _positive(what, value)
-        patch = max(1, input_size // 4) if patch_size is None else _positive("Patch size", patch_size)
+            positive_int(what, value)
+        patch = max(1, input_size // 4) if patch_size is None else positive_int("Patch size", patch_size)
         if input_size % patch:
             raise InvalidValueError(f"ViT patch size {patch} must divide the input size {input_size}")
         tokens = (input_size // patch) ** 2
