@@ -157,16 +157,18 @@ def _linear_zp_backward(ctx, grad):
     qx, qw, zx, zw = ctx.saved_tensors
     zargs = (None, None) if ctx.tabs.signed else (zx, zw)
     gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
-    return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+    return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None, None
 
 
 class _LowRankLinearZpFn(torch.autograd.Function):
     """The whole integer accumulator ``sum LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` of a linear
-    layer as one float32 ``addmm(C, U[qx], (V - c Zw)[qw].T)`` (weights and bias from
-    :func:`appmult.nn.fused._folded_lowrank_weights`)."""
+    layer as one float32 ``addmm(C, U[qx], (V - c Zw)[qw].T)`` (weights, bias and the chunk
+    length ``kc`` from :func:`appmult.nn.fused._folded_lowrank_weights` with ``split_k``):
+    where ``kc`` inputs are fewer than the layer's, one exact float32 GEMM per chunk of
+    ``kc`` inputs, the chunks and ``C`` added in float64."""
 
     @staticmethod
-    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const):
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, kc):
         m, k = qx.shape
         if tabs.u_is_value and qx.dtype == torch.float32:
             xu = qx.detach()  # rank 1 with U = value(x): the mapped operand is qx itself
@@ -174,7 +176,15 @@ class _LowRankLinearZpFn(torch.autograd.Function):
             xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
-        return torch.addmm(const, xu.reshape(m, wv.shape[1]), wv.t())
+        xu = xu.reshape(m, wv.shape[1])
+        if kc >= k:
+            return torch.addmm(const.to(torch.float32), xu, wv.t())
+        r = wv.shape[1] // k
+        acc = const.reshape(1, -1).expand(m, -1).clone()  # float64
+        for c0 in range(0, k, kc):
+            c1 = min(k, c0 + kc)
+            acc += xu[:, c0 * r:c1 * r] @ wv[:, c0 * r:c1 * r].t()  # exact float32 partial sums
+        return acc.to(torch.float32)
 
     backward = staticmethod(_backward_without_autocast(_linear_zp_backward))
 

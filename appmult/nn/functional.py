@@ -270,14 +270,14 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
             and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK"):
         n, k = qw.shape
         fold = _cached(cache, ("fold", id(tabs), float(zx)),
-                       lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs))
+                       lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
     if fold is not None:
-        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1]).to(dt)
+        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2]).to(dt)
     elif gacc is not None:
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, gacc, dt)
     elif tabs is None:

@@ -31,7 +31,8 @@ from . import kernels as K
 from .tables import LutTables, _idx, _idx32
 
 
-def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, *,
+                            split_k: bool = False):
     """Low-rank weights with the zero-point cross terms folded in, or ``None``.
 
     ``sum_k LUT[x, w] - x Zw - Zx w + Zx Zw = sum_k sum_r U[x, r] (V[w, r] - c_r Zw) + C_j``
@@ -40,8 +41,15 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     of that convolution is an integer below ``2**24`` (so float32 is exact whatever the
     summation order); otherwise the caller takes the unfused path.
 
+    With ``split_k`` (the linear layer), a reduction too long for one exact float32 GEMM is
+    cut into chunks of ``kc`` inputs whose partial sums stay below ``2**24``: each chunk's
+    float32 GEMM is exact, and the chunks and ``C`` are added in float64 (exact below
+    ``2**53``).
+
     Returns:
-        ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` or ``None``.
+        ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` -- with
+        ``split_k``, ``(weights, bias (Co,) float64, kc)`` (``kc == Cg*kh*kw``: no split)
+        -- or ``None``.
     """
     if tabs.u is None or (not tabs.signed and tabs.value_coef is None):
         return None
@@ -64,8 +72,12 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     # exact in float64; signed LUTs carry no cross terms (as in the unfused path)
     const = torch.zeros(co, dtype=torch.float64, device=qw.device) if tabs.signed else \
         -zxf * (q64 - zw_t[:, None]).sum(1)
+    kc = k
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
-        return None
+        if not split_k or float(step.max()) * 2 >= K.FP32_EXACT_LIMIT \
+                or float(const.abs().max()) + float((k * step).max()) >= K.FP64_EXACT_LIMIT:
+            return None
+        kc = int((K.FP32_EXACT_LIMIT - 1) // float(step.max()))  # kc * step < 2**24, kc >= 2
     vmax = max(float(np.abs(tabs._v_max).max()), float(np.abs(tabs._v_min).max()))
     if vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT:
         # every value and shift is an integer below 2**24: float32 is exact; shift only the
@@ -78,6 +90,8 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
         wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
+    if split_k:
+        return wv.contiguous(memory_format=torch.channels_last), const, kc
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
