@@ -152,7 +152,7 @@ def test_recipe_end_to_end_records_every_setting(lut_path, pretrained_dir, tmp_p
     # Only the convolutions multiply through the LUT; the Linear layers are quantized but exact.
     assert p["approximate"] == {"setting": "conv", "approximate": ["features.0", "features.3"],
                                 "quantized_exact": ["classifier.1", "classifier.3", "classifier.5"],
-                                "weight_schemes": ["per_tensor"]}
+                                "weight_schemes": ["per_tensor"], "attention": []}
     # Calibration: one un-augmented epoch in train mode (digits: 1437 training images, batch 64).
     assert p["calibration"] == {"method": "epoch", "batches": 23, "mode": "train", "augmented": False,
                                 "batchnorm_updated": True}
@@ -214,3 +214,12 @@ def test_make_loaders_augments_training_data_only():
 
 def test_recipe_listed():
     assert "date25" in RECIPES
+
+
+def test_vit_run_records_its_approximate_attention(lut_path, pretrained_dir, tmp_path):
+    """A ViT's attention products go through the LUT too; the results say which modules."""
+    res = recipe_run(lut_path, pretrained_dir, tmp_path / "vit", recipe=None, model="vit-tiny", grads=("ste",),
+                     half_window=None, approximate="all")
+    kinds = res["protocol"]["approximate"]
+    assert kinds["attention"] == ["blocks.0.attn.sdpa_lut", "blocks.1.attn.sdpa_lut"]
+    assert "blocks.0.attn.qkv" in kinds["approximate"] and kinds["quantized_exact"] == []

@@ -66,7 +66,7 @@ from ..files import check_output_dir
 from ..hdl import from_spec
 from ..lut_gen import LutFile
 from ..methods.simulated_error import lut_mre
-from ..nn import ApproxConv2d, ApproxLinear, calibrate, exact_, exact_multiplication, load_lut
+from ..nn import ApproxConv2d, ApproxLinear, attention_modules, calibrate, exact_, exact_multiplication, load_lut
 from ..tb import check_simulator
 from ..train import Loaders, Metrics, evaluate, make_loaders, train_epoch
 from . import rtlcheck
@@ -405,14 +405,16 @@ def _results(run: _Run, lut: LutFile, fp32_info: dict[str, Any], start: _Start, 
 
 
 def _layer_kinds(model: nn.Module, lut: LutFile) -> dict[str, list[str]]:
-    """Names of the layers that multiply through ``lut`` and of those quantized but exact."""
-    out: dict[str, list[str]] = {"approximate": [], "quantized_exact": [], "weight_schemes": []}
+    """Names of the layers that multiply through ``lut`` and of those quantized but exact;
+    ``attention``: the attention modules whose QK^T and AV products go through ``lut``."""
+    out: dict[str, list[str]] = {"approximate": [], "quantized_exact": [], "weight_schemes": [], "attention": []}
     schemes = set()
     for name, m in model.named_modules():
         if isinstance(m, (ApproxConv2d, ApproxLinear)):
             out["approximate" if m.lut.sha256 == lut.sha256 else "quantized_exact"].append(name)
             schemes.add(m.weight_quant.scheme.value)
     out["weight_schemes"] = sorted(schemes)  # as the layers hold them
+    out["attention"] = [name for name, m in attention_modules(model) if m.lut.sha256 == lut.sha256]
     return out
 
 

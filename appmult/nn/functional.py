@@ -26,7 +26,11 @@ Precision. Every output accumulates ``sum_k LUT[qx_k, qw_k]`` over its receptive
   possible accumulator, and in practice (random-order errors) about ``sqrt(n)`` times
   smaller: ~1 unit, against the multiplier's own accumulated error of MAE * K (a 4-column
   truncation has MAE ~ 8, so ~3200 per output). ``ApproxConfig(exact_accumulate=True)``
-  removes the question.
+  removes the question. The fused low-rank *linear* path does not round: a reduction too
+  long for one exact float32 GEMM is split into chunks that are each exact in float32 and
+  added in float64 (:func:`appmult.nn.fused._folded_lowrank_weights` with ``split_k``);
+  the rounding above remains possible on the unfused paths (LUTs whose factors do not
+  carry ``value(x)``, convolutions beyond the bound).
 
 Gradients flow through the LUT's backward rule, the zero-point cross terms (ordinary
 torch ops, or folded into the fused functions' backward) and the quantizers' clipped
