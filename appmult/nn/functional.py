@@ -18,7 +18,7 @@ Precision. Every output accumulates ``sum_k LUT[qx_k, qw_k]`` over its receptive
   (exact while ``K * S < 2**53``) or int32/int64 gather -- bit for bit the LUT sum.
 * default (training): low-rank in float32, which is *also exact* whenever
   ``K * S < 2**24`` (``S`` = largest ``sum_r |U V|`` of one product, e.g. 16384 for the
-  exact signed 8x8 product, so every K <= 1024); the gather path is always exact (int32).
+  exact signed 8x8 product, so every K < 1024); the gather path is always exact (int32).
   Where ``K * S >= 2**24`` the float32 low-rank sum may round: each of the ``n = K*r``
   additions errs by at most ``2**-24`` times the running sum, so
   ``|error| <= n * 2**-24 * K * S`` (the classical dot-product bound). For an unsigned 8x8

@@ -1,0 +1,579 @@
+"""Tests written for mutants of appmult.nn that survived mutation testing (mutmut).
+
+Each group covers one function; every test checks behaviour against an independent
+reference (numpy brute-force sums of ``LUT[qa, qb]``, exact messages, the exact product),
+and its docstring says which behaviour the surviving mutants broke. Operands are built on
+the quantization grid (integer codes times a scale the quantizer recovers exactly), so the
+references need no rounding model except where rounding is the point of the test.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from appmult.errors import InvalidValueError
+from appmult.lut_gen import LutFile
+from appmult.nn import (GradMode, Kernel, LutMismatchError, LutTables, MissingGradientError, approx_conv2d,
+                        approx_matmul)
+from appmult.nn import functional as FN
+from appmult.nn import kernels as K
+from conftest import exact as msg
+from test_nn_forward import brute_conv
+from test_nn_luts import codes, exact, mitchell_like, random_lut, values
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CPU = torch.device("cpu")
+
+
+def signed_lut(table: np.ndarray, width: int, **kw) -> LutFile:
+    return LutFile(table, width_a=width, width_b=width, signed=True, **kw)
+
+
+def on_grid(c: np.ndarray, step: float) -> torch.Tensor:
+    """Signed float32 operands ``c * step``: with ``-2**(w-1)`` among the codes, per-tensor
+    symmetric quantization recovers ``step`` as the scale and ``c`` as the codes exactly."""
+    return torch.from_numpy(c.astype(np.float64) * step).float()
+
+
+def signed_codes(rng, shape, width: int) -> np.ndarray:
+    c = rng.integers(-(1 << (width - 1)), 1 << (width - 1), size=shape)
+    c.flat[0] = -(1 << (width - 1))  # the range's end: scale = amax / 2**(w-1) = step
+    return c
+
+
+def matmul_ref(p: np.ndarray, width: int, ca: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """``sum_k LUT[code(a_mk), code(b_kn)]``, batch dimensions broadcast by numpy."""
+    return p[codes(ca, width)[..., :, :, None], codes(cb, width)[..., None, :, :]].sum(-2)
+
+
+@pytest.fixture
+def fresh_tables_cache(monkeypatch):
+    """An empty approx_matmul table cache for this test only."""
+    monkeypatch.setattr(FN, "_tables_lru", collections.OrderedDict())
+
+
+# -- approx_matmul ---------------------------------------------------------------------------
+
+MITCHELL6S = mitchell_like(6, True)
+
+
+@pytest.mark.parametrize("shape_a, shape_b", [
+    ((2, 3, 5), (5, 4)),          # only a batched
+    ((3, 5), (2, 5, 4)),          # only b batched
+    ((2, 3, 5), (2, 1, 5, 4)),    # b's batch broadcasts against a's
+    ((2, 1, 3, 5), (3, 5, 4)),
+])
+def test_approx_matmul_broadcasts_batch_dimensions(shape_a, shape_b, fresh_tables_cache):
+    """Batch dimensions broadcast like torch.matmul; each output is the LUT sum of its row of
+    ``a`` and column of ``b``, and a signed LUT quantizes both operands symmetrically.
+    (Mutants: the batch shape from one operand only or the wrong slice of a shape, ``b``
+    expanded over the wrong dimensions, the quantizers built unsigned.)"""
+    rng = np.random.default_rng(0)
+    ca, cb = signed_codes(rng, shape_a, 6), signed_codes(rng, shape_b, 6)
+    lut = signed_lut(MITCHELL6S, 6)
+    y = approx_matmul(on_grid(ca, 1 / 8), on_grid(cb, 1 / 4), lut)
+    ref = matmul_ref(MITCHELL6S, 6, ca, cb) / 32
+    assert y.shape == torch.Size(np.broadcast_shapes(shape_a[:-2], shape_b[:-2]) + (shape_a[-2], shape_b[-1]))
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape_a, shape_b", [((0, 3, 5), (0, 5, 4)), ((3, 5), (0, 5, 4)), ((0, 3, 5), (5, 4))])
+def test_approx_matmul_empty_batch(shape_a, shape_b, fresh_tables_cache):
+    """An empty batch gives an empty ``(0, M, N)`` result instead of failing (mutants: the
+    empty case stacked, or shaped from dimensions a 2-D operand lacks)."""
+    y = approx_matmul(torch.rand(shape_a), torch.rand(shape_b), signed_lut(MITCHELL6S, 6))
+    assert y.shape == (0, 3, 4) and y.dtype == torch.float32
+
+
+def test_approx_matmul_half_inputs_quantize_in_float32(fresh_tables_cache):
+    """float16 operands are quantized in float32 (``x / s`` in float16 would round to other
+    codes) and the result comes back as float16 (mutants: no float32 copy, no final cast)."""
+    rng = np.random.default_rng(28)
+    a = torch.from_numpy(rng.standard_normal((64, 1))).half()
+    b = torch.from_numpy(rng.standard_normal((1, 64))).half()
+
+    def quantize(x: torch.Tensor) -> tuple[np.ndarray, np.float32]:
+        x32 = x.float().numpy()
+        s = np.float32(np.abs(x32).max()) / np.float32(32)
+        return np.clip(np.rint(x32 / s), -32, 31).astype(np.int64), s
+
+    (qa, sa), (qb, sb) = quantize(a), quantize(b)
+    # the data discriminates: float16 division would give other codes, in both operands
+    for x, q, s in ((a, qa, sa), (b, qb, sb)):
+        assert (torch.clamp(torch.round(x / torch.tensor(s)), -32, 31) != torch.from_numpy(q)).any()
+    p = exact(6, True)
+    y = approx_matmul(a, b, signed_lut(p, 6))
+    assert y.dtype == torch.float16
+    ref = matmul_ref(p, 6, qa, qb) * (np.float64(sa) * np.float64(sb))
+    np.testing.assert_allclose(y.float().numpy(), ref, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+def test_approx_matmul_refuses_non_finite(operand, fresh_tables_cache):
+    """NaN or Inf in either operand is refused with the function's name in the message."""
+    ops = {"a": torch.rand(2, 3), "b": torch.rand(3, 2)}
+    ops[operand][1, 1] = float("nan") if operand == "a" else float("inf")
+    with pytest.raises(InvalidValueError, match=msg(
+            "approx_matmul input contains NaN or Inf; approximate layers quantize their inputs and cannot "
+            "represent non-finite values")):
+        approx_matmul(ops["a"], ops["b"], signed_lut(MITCHELL6S, 6))
+
+
+def big_sum_case():
+    """A high-rank 8-bit LUT with entries 8000..16000 and K = 1500: int32 sums just above
+    2**24, where float32 holds only even integers. Scales 3/128 and 1/128: the product
+    3/2**14 is not a power of two, so scaling a rounded sum rounds again."""
+    rng = np.random.default_rng(0)
+    p = rng.integers(8000, 16001, size=(256, 256))
+    ca, cb = signed_codes(rng, (4, 1500), 8), signed_codes(rng, (1500, 4), 8)
+    acc = matmul_ref(p, 8, ca, cb)
+    scale = np.float32(3 / 128) * np.float32(1 / 128)
+    exact_y = (acc * np.float64(scale)).astype(np.float32)            # one rounding
+    float32_y = np.float32(acc.astype(np.float32) * scale)            # sum rounded to float32, then scaled
+    assert acc.min() > (1 << 24) and (exact_y != float32_y).any()     # the data discriminates
+    return signed_lut(p, 8), on_grid(ca, 3 / 128), on_grid(cb, 1 / 128), exact_y, float32_y
+
+
+def test_approx_matmul_exact_accumulation(fresh_tables_cache):
+    """``exact=True`` reaches every batch element's product: the result is the exact LUT sum
+    scaled with one rounding (mutant: ``exact`` not passed on)."""
+    lut, a, b, exact_y, _ = big_sum_case()
+    np.testing.assert_array_equal(approx_matmul(a, b, lut, exact=True).numpy(), exact_y)
+
+
+def test_approx_matmul_default_is_the_float32_path(fresh_tables_cache):
+    """The default is the float32 training path of the module notes (the int32 sum converted
+    to float32, then scaled); pins the default ``exact=False`` (mutant: default ``True``)."""
+    lut, a, b, _, float32_y = big_sum_case()
+    np.testing.assert_array_equal(approx_matmul(a, b, lut).numpy(), float32_y)
+
+
+def test_approx_matmul_two_luts_in_turn(fresh_tables_cache):
+    """Each LUT computes with its own tables when several are used in turn (mutant: one
+    cache key for every LUT)."""
+    rng = np.random.default_rng(2)
+    ca, cb = signed_codes(rng, (3, 7), 6), signed_codes(rng, (7, 2), 6)
+    for p in (MITCHELL6S, random_lut(6, 4), MITCHELL6S):
+        y = approx_matmul(on_grid(ca, 1 / 8), on_grid(cb, 1 / 8), signed_lut(p, 6))
+        np.testing.assert_array_equal(y.numpy(), (matmul_ref(p, 6, ca, cb) / 64).astype(np.float32))
+
+
+# -- _tables_for (approx_matmul's table cache) ------------------------------------------------
+
+def test_tables_for_memoizes(fresh_tables_cache):
+    """The same LUT, grad mode, kernel and device give the same LutTables object (mutants:
+    nothing looked up, or nothing stored)."""
+    lut = signed_lut(MITCHELL6S, 6)
+    first = FN._tables_for(lut, "ste", "auto", CPU)
+    assert FN._tables_for(lut, "ste", "auto", CPU) is first
+    assert torch.equal(first.table, torch.tensor(lut.product))
+
+
+def test_tables_for_builds_the_requested_grad_and_kernel(fresh_tables_cache):
+    """The cached tables have the grad mode and kernel asked for (mutants: built with the
+    defaults, ``ste`` and ``auto``). The exact product has rank 1, so ``auto`` would pick
+    the low-rank kernel."""
+    p = exact(6, True)
+    lut = signed_lut(p, 6, gradients={"lut1d": (values(6, True), values(6, True))})
+    tabs = FN._tables_for(lut, "lut1d", "gather", CPU)
+    assert tabs.grad is GradMode.LUT1D and tabs.kernel is Kernel.GATHER
+    auto = FN._tables_for(lut, "ste", "auto", CPU)
+    assert auto.grad is GradMode.STE and auto.kernel is Kernel.LOWRANK
+
+
+def test_tables_for_keeps_the_most_recent_tables(fresh_tables_cache):
+    """The cache holds ``_TABLES_MAX`` tables; one more drops the least recently used
+    (mutant: one fewer kept)."""
+    luts = [signed_lut(random_lut(4, seed), 4) for seed in range(FN._TABLES_MAX + 1)]
+    first = [FN._tables_for(lut, "ste", "gather", CPU) for lut in luts[:-1]]
+    assert list(FN._tables_lru.values()) == first
+    FN._tables_for(luts[-1], "ste", "gather", CPU)
+    assert len(FN._tables_lru) == FN._TABLES_MAX
+    assert first[0] not in FN._tables_lru.values() and first[1] in FN._tables_lru.values()
+
+
+# -- approx_conv2d ----------------------------------------------------------------------------
+
+def conv_operands(rng, n=2, cin=4, cout=4, size=6, k=3, groups=1):
+    qx = signed_codes(rng, (n, cin, size, size), 6)
+    qw = signed_codes(rng, (cout, cin // groups, k, k), 6)
+    return qx, qw
+
+
+def conv_args(qx, qw, tabs, bias=None):
+    zero = torch.zeros(())
+    return (torch.from_numpy(qx).float(), torch.tensor(0.5), zero, torch.from_numpy(qw).float(), torch.tensor(0.25),
+            zero, bias, tabs)
+
+
+def test_approx_conv2d_defaults_are_stride1_unpadded_undilated():
+    """Without geometry arguments: stride 1, no padding, dilation 1 (mutants: other defaults)."""
+    qx, qw = conv_operands(np.random.default_rng(0))
+    y = approx_conv2d(*conv_args(qx, qw, LutTables(signed_lut(MITCHELL6S, 6))))
+    ref = brute_conv(MITCHELL6S, 6, qx, 0, qw, 1, 0, 1, 1) * 0.125
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+
+
+def test_approx_conv2d_passes_geometry_bias_and_lut():
+    """Stride, padding, dilation, groups, bias and the LUT all reach the computation (mutants:
+    one of them dropped, or ``None`` in place of the bias or the LUT)."""
+    qx, qw = conv_operands(np.random.default_rng(1), size=7, groups=2)
+    bias = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    y = approx_conv2d(*conv_args(qx, qw, LutTables(signed_lut(MITCHELL6S, 6)), bias), stride=2, padding=1,
+                      dilation=2, groups=2)
+    ref = brute_conv(MITCHELL6S, 6, qx, 0, qw, 2, 1, 2, 2) * 0.125 + bias.numpy().reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+
+
+def test_approx_conv2d_without_tables_multiplies_exactly():
+    """``tabs=None`` is exact multiplication, with nothing to check the codes against
+    (mutant: the code check run on ``None``)."""
+    qx, qw = conv_operands(np.random.default_rng(2))
+    y = approx_conv2d(*conv_args(qx, qw, None), padding=1)
+    ref = brute_conv(exact(6, True), 6, qx, 0, qw, 1, 1, 1, 1) * 0.125
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+
+
+def test_approx_conv2d_refuses_codes_outside_the_lut():
+    """Activations outside the LUT's range are refused, naming approx_conv2d (mutants: another
+    name in the message)."""
+    qx, qw = conv_operands(np.random.default_rng(3))
+    qx[0, 0, 0, 1] = 40
+    with pytest.raises(InvalidValueError, match=msg(
+            "approx_conv2d: quantized activations must be integers in [-32, 31] (the LUT's operand range), "
+            "got values in [-32, 40]")):
+        approx_conv2d(*conv_args(qx, qw, LutTables(signed_lut(MITCHELL6S, 6))))
+
+
+def big_conv_case():
+    """As :func:`big_sum_case`, for one 3x3 position over 192 channels (K = 1728)."""
+    rng = np.random.default_rng(0)
+    p = rng.integers(8000, 16001, size=(256, 256))
+    qx = signed_codes(rng, (1, 192, 3, 3), 8)
+    qw = signed_codes(rng, (8, 192, 3, 3), 8)
+    acc = brute_conv(p, 8, qx, 0, qw, 1, 0, 1, 1)
+    scale = np.float32(3 / 128) * np.float32(1 / 128)
+    exact_y = (acc * np.float64(scale)).astype(np.float32)
+    float32_y = np.float32(acc.astype(np.float32) * scale)
+    assert acc.min() > (1 << 24) and (exact_y != float32_y).any()  # the data discriminates
+    zero = torch.zeros(())
+    args = (torch.from_numpy(qx).float(), torch.tensor(3 / 128), zero, torch.from_numpy(qw).float(),
+            torch.tensor(1 / 128), zero, None, LutTables(signed_lut(p, 8)))
+    return args, exact_y, float32_y
+
+
+def test_approx_conv2d_exact_accumulation():
+    """``exact=True`` reaches the computation: the exact LUT sum, scaled with one rounding
+    (mutants: ``exact`` not passed on)."""
+    args, exact_y, _ = big_conv_case()
+    np.testing.assert_array_equal(approx_conv2d(*args, exact=True).numpy(), exact_y)
+
+
+def test_approx_conv2d_default_is_the_float32_path():
+    """The default is the float32 training path (int32 sum converted to float32, then scaled);
+    pins the default ``exact=False`` (mutant: default ``True``)."""
+    args, _, float32_y = big_conv_case()
+    np.testing.assert_array_equal(approx_conv2d(*args).numpy(), float32_y)
+
+
+def test_approx_conv2d_fills_the_callers_cache():
+    """The weight-side tables of the fused low-rank path go into the caller's ``cache``, and a
+    second call with it gives the same brute-force result (mutant: the cache not passed on)."""
+    p = exact(6, False)
+    rng = np.random.default_rng(4)
+    qx = rng.integers(0, 64, (2, 3, 6, 6))
+    qw = rng.integers(0, 64, (4, 3, 3, 3))
+    tabs = LutTables(LutFile(p, width_a=6, width_b=6, signed=False))
+    cache: dict = {}
+    ref = (brute_conv(p, 6, qx, 0, qw, 1, 1, 1, 1) * 0.125).astype(np.float32)
+    for _ in range(2):
+        y = approx_conv2d(*conv_args(qx, qw, tabs), padding=1, cache=cache)
+        np.testing.assert_array_equal(y.numpy(), ref)
+        assert cache
+
+
+# -- LutTables.describe -----------------------------------------------------------------------
+
+def test_describe_without_metadata_high_rank_ste():
+    """No spec or family: ``custom``; no integer factorization of rank <= 32 (a random
+    table has full rank): ``rank>32``; STE has no gradient kernel to name."""
+    p = random_lut(6, 7)
+    assert np.linalg.matrix_rank(p.astype(float)) > 32
+    lut = LutFile(p, width_a=6, width_b=6, signed=False)
+    assert LutTables(lut).describe() == (
+        f"lut={lut.lut_id} (custom, 6x6 unsigned), act=operand a, kernel=gather (rank>32), grad=ste")
+
+
+def test_describe_family_rank_and_gradient_kernel():
+    """The family names the LUT when there is no spec; the exact product has rank 1; rank-1
+    LUT-2D gradient tables get the low-rank gradient kernel, named after the grad mode."""
+    v = values(6, True).astype(np.float32)
+    grads = {"lut2d": (np.tile(v, (64, 1)), np.tile(v[:, None], (1, 64)))}  # rank 1 each
+    lut = signed_lut(exact(6, True), 6, gradients=grads, metadata={"family": "exact"})
+    assert LutTables(lut, grad="lut2d", activation_operand="b").describe() == (
+        f"lut={lut.lut_id} (exact, 6x6 signed), act=operand b, kernel=lowrank (rank=1), grad=lut2d/lowrank")
+
+
+def test_describe_spec_before_family():
+    lut = signed_lut(exact(6, True), 6, metadata={"spec": "exact6s", "family": "exact"})
+    assert LutTables(lut).describe() == (
+        f"lut={lut.lut_id} (exact6s, 6x6 signed), act=operand a, kernel=lowrank (rank=1), grad=ste")
+
+
+# -- _missing_gradients -----------------------------------------------------------------------
+
+def test_missing_gradients_lists_what_the_lut_has():
+    full = np.zeros((64, 64), np.float32)
+    compact = np.zeros(64, np.float32)
+    lut = signed_lut(exact(6, True), 6, gradients={"lut1d": (compact, compact), "custom": (full, full)})
+    with pytest.raises(MissingGradientError, match=msg(
+            f"LUT {lut.lut_id} has no 'lut2d' gradient tables (it has: custom, lut1d); produce them with "
+            f"`appmult characterize ... --gradients lut2d` or pass ApproxConfig(compute_missing_gradients=True) "
+            f"to compute them with appmult.lut_gen.gradients")):
+        LutTables(lut, grad="lut2d")
+
+
+# -- LutTables state: extra state, check_state_dict, _layer_name, _load_from_state_dict ------
+
+@pytest.fixture
+def two_luts():
+    ours = signed_lut(exact(4, True), 4)
+    theirs = signed_lut(random_lut(4, 3), 4)
+    return ours, theirs
+
+
+def wrong_lut_message(name: str, ours: LutFile, saved: str) -> str:
+    return msg(f"Layer '{name}' uses LUT {ours.lut_id} but the state_dict was saved with LUT {saved}; "
+               f"build the model with the LUT file it was trained with")
+
+
+@pytest.mark.parametrize("prefix, name", [
+    ("", "<root>"),
+    ("lut.", "<root>"),
+    ("features.3.lut.", "features.3"),
+    ("encX.lut.", "encX"),
+    ("fcX.", "fcX"),
+    ("blut.", "blut"),
+])
+def test_check_state_dict_names_the_layer(prefix, name, two_luts):
+    """The mismatch message names the layer that owns the tables: the prefix without its
+    trailing ``lut.`` (``<root>`` when nothing is left)."""
+    ours, theirs = two_luts
+    tabs = LutTables(ours)
+    with pytest.raises(LutMismatchError, match=wrong_lut_message(name, ours, theirs.lut_id)):
+        tabs.check_state_dict({prefix + "_extra_state": LutTables(theirs).get_extra_state()}, prefix)
+
+
+def test_check_state_dict_refuses_a_non_dict_extra_state(two_luts):
+    ours, _ = two_luts
+    with pytest.raises(LutMismatchError, match=wrong_lut_message("<root>", ours, "None")):
+        LutTables(ours).check_state_dict({"_extra_state": "not a dict"}, "")
+
+
+def test_check_state_dict_compares_the_table_without_extra_state(two_luts):
+    """A state_dict stripped of its extra state cannot bring another LUT's table (mutants:
+    the table never looked up)."""
+    ours, theirs = two_luts
+    tabs = LutTables(ours)
+    with pytest.raises(LutMismatchError, match=msg(
+            f"Layer 'blk' uses LUT {ours.lut_id} but the state_dict holds a different LUT table; build the model "
+            f"with the LUT file it was trained with")):
+        tabs.check_state_dict({"blk.lut.table": torch.tensor(theirs.product)}, "blk.lut.")
+    tabs.check_state_dict({"blk.lut.table": torch.tensor(ours.product)}, "blk.lut.")
+
+
+def test_check_state_dict_refuses_a_table_that_is_no_tensor(two_luts):
+    ours, _ = two_luts
+    with pytest.raises(LutMismatchError, match=msg(
+            f"Layer '<root>' uses LUT {ours.lut_id} but the state_dict holds a different LUT table; build the model "
+            f"with the LUT file it was trained with")):
+        LutTables(ours).check_state_dict({"table": ours.product.tolist()}, "")
+
+
+def test_check_state_dict_accepts_its_table_in_another_integer_dtype(two_luts):
+    ours, _ = two_luts
+    LutTables(ours).check_state_dict({"table": torch.tensor(ours.product, dtype=torch.int32)}, "")
+
+
+def test_extra_state_carries_hash_and_activation_operand(two_luts):
+    ours, _ = two_luts
+    tabs = LutTables(ours, activation_operand="b")
+    assert tabs.get_extra_state() == {"lut_sha256": ours.sha256, "activation_operand": "b"}
+    fresh = LutTables(ours, activation_operand="b")
+    fresh.load_state_dict(tabs.state_dict())  # round trip with operand b
+
+
+def test_extra_state_refuses_another_activation_operand(two_luts):
+    ours, _ = two_luts
+    with pytest.raises(LutMismatchError, match=msg(
+            "State_dict maps activations to LUT operand 'b' but the layer maps them to 'a'")):
+        LutTables(ours).load_state_dict(LutTables(ours, activation_operand="b").state_dict())
+
+
+def test_extra_state_without_operand_means_operand_a(two_luts):
+    """State saved before the activation operand was recorded loads into an operand-``a``
+    layer (mutants: another default)."""
+    ours, _ = two_luts
+    LutTables(ours).load_state_dict({"table": torch.tensor(ours.product), "_extra_state": {
+        "lut_sha256": ours.sha256}})
+
+
+def test_set_extra_state_refuses_another_lut(two_luts):
+    """Called directly (no prefix), the message names the root (mutants: another prefix)."""
+    ours, theirs = two_luts
+    with pytest.raises(LutMismatchError, match=wrong_lut_message("<root>", ours, theirs.lut_id)):
+        LutTables(ours).set_extra_state({"lut_sha256": theirs.sha256, "activation_operand": "a"})
+
+
+def test_load_state_dict_reports_missing_and_unexpected_keys(two_luts):
+    """torch's strict-loading reports reach the caller (mutants: ``strict``, ``missing_keys``
+    or ``unexpected_keys`` not passed on)."""
+    ours, _ = two_luts
+    tabs = LutTables(ours)
+    extra = tabs.get_extra_state()
+    with pytest.raises(RuntimeError, match=msg(
+            'Error(s) in loading state_dict for LutTables:\n\tMissing key(s) in state_dict: "table". ')):
+        tabs.load_state_dict({"_extra_state": extra})
+    assert tabs.load_state_dict({"_extra_state": extra}, strict=False).missing_keys == ["table"]
+    with pytest.raises(RuntimeError, match=msg(
+            'Error(s) in loading state_dict for LutTables:\n\tUnexpected key(s) in state_dict: "bogus". ')):
+        tabs.load_state_dict({**tabs.state_dict(), "bogus": torch.zeros(1)})
+    assert tabs.load_state_dict({**tabs.state_dict(), "bogus": torch.zeros(1)}, strict=False).unexpected_keys == [
+        "bogus"]
+
+
+def test_load_state_dict_reports_copy_errors(two_luts):
+    """A table that cannot be copied (a meta tensor holds no data) is reported as torch's
+    loading error (mutant: ``error_msgs`` not passed on)."""
+    ours, _ = two_luts
+    tabs = LutTables(ours)
+    sd = {"table": torch.empty((16, 16), dtype=torch.int64, device="meta"), "_extra_state": tabs.get_extra_state()}
+    with pytest.raises(RuntimeError, match="^" + re.escape(
+            'Error(s) in loading state_dict for LutTables:\n\tWhile copying the parameter named "table"')):
+        tabs.load_state_dict(sd)
+
+
+def test_load_state_dict_in_a_model_names_the_layer(two_luts):
+    ours, theirs = two_luts
+    model = nn.ModuleDict({"encX": nn.ModuleDict({"lut": LutTables(ours)})})
+    other = nn.ModuleDict({"encX": nn.ModuleDict({"lut": LutTables(theirs)})})
+    with pytest.raises(LutMismatchError, match=wrong_lut_message("encX", ours, theirs.lut_id)):
+        model.load_state_dict(other.state_dict())
+
+
+# -- kernels._torch_gather (the device-agnostic gather; CPU without numba) --------------------
+
+@pytest.fixture
+def torch_gather(monkeypatch):
+    """The torch path, in blocks of a few reductions so that ``k`` is split into chunks."""
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    monkeypatch.setattr(K, "_TORCH_BLOCK", 60)
+
+
+def gather_case(groups=2, nbatch=2, kg=7, ng=3, length=5, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 16, (nbatch, groups * kg, length))
+    b = rng.integers(0, 16, (groups * ng, kg))
+    return a, b
+
+
+def gather_ref(table, a, b, groups):
+    """``out[n, j, i] = sum_k table[a[n, g*Kg+k, i], b[j, k]]`` by loops."""
+    nbatch, ktot, length = a.shape
+    nout, kg = b.shape
+    ng = nout // groups
+    out = np.zeros((nbatch, nout, length), np.int64)
+    for n in range(nbatch):
+        for j in range(nout):
+            g = j // ng
+            for i in range(length):
+                out[n, j, i] = sum(int(table[a[n, g * kg + k, i], b[j, k]]) for k in range(kg))
+    return out
+
+
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int64])
+def test_torch_gather_forward_chunked_groups(out_dtype, torch_gather):
+    """Chunks over ``k`` add up, each group reads its own columns, and the sums stay integers
+    of ``out_dtype`` (int64 above 2**24: a float32 accumulator would round)."""
+    a, b = gather_case()
+    big = 1 << 22 if out_dtype == torch.int64 else 1000
+    table = np.random.default_rng(1).integers(big // 2, big, (16, 16)) * 2 + 1  # odd entries
+    y = K.gather_forward(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(table), 2, out_dtype)
+    assert y.dtype == out_dtype
+    np.testing.assert_array_equal(y.numpy(), gather_ref(table, a, b, 2))
+
+
+def test_torch_gather_grad_a_and_b(torch_gather):
+    """Both backward gathers against loops: ``ga[n, g*Kg+k, i] = sum_j grad[n,j,i] T[a, b[j,k]]``,
+    ``gb[j, k] = sum_{n,i} grad[n,j,i] T[a[n, g*Kg+k, i], b[j,k]]``, chunked over ``k``."""
+    a, b = gather_case()
+    nbatch, ktot, length = a.shape
+    nout, kg = b.shape
+    ng = nout // 2
+    rng = np.random.default_rng(2)
+    table = rng.standard_normal((16, 16)).astype(np.float32)
+    grad = rng.standard_normal((nbatch, nout, length)).astype(np.float32)
+    ga_ref = np.zeros((nbatch, ktot, length))
+    gb_ref = np.zeros((nout, kg))
+    for n in range(nbatch):
+        for j in range(nout):
+            g = j // ng
+            for k in range(kg):
+                t = table[a[n, g * kg + k], b[j, k]].astype(np.float64) * grad[n, j]
+                ga_ref[n, g * kg + k] += t
+                gb_ref[j, k] += t.sum()
+    ta, tb, tt, tg = (torch.from_numpy(x) for x in (a, b, table, grad))
+    ga, gb = K.gather_grad_a(ta, tb, tt, tg, 2), K.gather_grad_b(ta, tb, tt, tg, 2)
+    assert ga.dtype == gb.dtype == torch.float32
+    np.testing.assert_allclose(ga.numpy(), ga_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gb.numpy(), gb_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_gather_keeps_dtype_and_device_against_torch_defaults(torch_gather):
+    """The results live on the operands' device in the table's dtype whatever torch's defaults
+    are (on a GPU the torch path is the only one; here the default device is set to ``meta``
+    and the default dtype to float64 to show the same thing on a CPU)."""
+    a, b = gather_case(seed=3)
+    table = np.random.default_rng(4).integers(0, 100, (16, 16))
+    grad = torch.ones((2, 6, 5))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            fwd = K.gather_forward(ta, tb, torch.from_numpy(table), 2, torch.int64)
+            ga = K.gather_grad_a(ta, tb, torch.from_numpy(table), grad, 2)
+            gb = K.gather_grad_b(ta, tb, torch.from_numpy(table), grad, 2)
+    finally:
+        torch.set_default_dtype(previous)
+    assert (fwd.device, ga.device, gb.device) == (CPU, CPU, CPU)
+    assert (fwd.dtype, ga.dtype, gb.dtype) == (torch.int64, torch.float32, torch.float32)
+    np.testing.assert_array_equal(fwd.numpy(), gather_ref(table, a, b, 2))
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_gather_grads_refuse_indices_outside_the_table(which, numba, monkeypatch):
+    """Both backward gathers name the operand whose indices are out of range (rows for
+    activations, columns for weights) before any kernel reads them."""
+    if not numba:
+        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    a, b = gather_case()
+    table, grad = torch.ones((16, 16)), torch.ones((2, 6, 5))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    if which == "a":
+        ta[1, 2, 3] = 16
+        message = f"Activation indices outside the table's 16 rows: values in [{a.min()}, 16]"
+    else:
+        tb[0, 1] = 20
+        message = f"Weight indices outside the table's 16 columns: values in [{b.min()}, 20]"
+    for fn in (K.gather_grad_a, K.gather_grad_b):
+        with pytest.raises(IndexError, match=msg(message)):
+            fn(ta, tb, table, grad, 2)
