@@ -20,7 +20,8 @@ from torch import nn
 from appmult.errors import InvalidValueError
 from appmult.lut_gen import LutFile
 from appmult.nn import (GradMode, Kernel, LutMismatchError, LutTables, MissingGradientError, approx_conv2d,
-                        approx_matmul)
+                        approx_linear, approx_matmul)
+from appmult.nn import autograd as AG
 from appmult.nn import functional as FN
 from appmult.nn import kernels as K
 from conftest import exact as msg
@@ -577,3 +578,434 @@ def test_gather_grads_refuse_indices_outside_the_table(which, numba, monkeypatch
     for fn in (K.gather_grad_a, K.gather_grad_b):
         with pytest.raises(IndexError, match=msg(message)):
             fn(ta, tb, table, grad, 2)
+
+
+# -- autograd._linear_backward and _linear_zp_backward ---------------------------------------
+
+def unsigned_operands(rng, m, k, n, width=4):
+    """Unsigned integer codes (codes are values): ``(m, k)`` activations, ``(n, k)`` weights."""
+    qx = rng.integers(0, 1 << width, (m, k))
+    qw = rng.integers(0, 1 << width, (n, k))
+    return qx, qw
+
+
+def ste_zp_grads(qx, qw, zx, zw, g):
+    """The STE gradients of ``sum_k (qx qw - qx zw - zx qw + zx zw)``: ``dL/dqx = G (qw - zw)``,
+    ``dL/dqw = G^T (qx - zx)``, in float64 (``zw`` one value per output)."""
+    return g @ (qw - zw[:, None]), g.T @ (qx - zx)
+
+
+def test_lut_linear_exact_backward_in_grad_dtype():
+    """With ``exact=True`` the accumulator is float64, so its gradient arrives as float64
+    while the codes are float32: the STE backward computes in the gradient's dtype and
+    returns the codes' dtype, ``dL/dqx = G qw``, ``dL/dqw = G^T qx`` (mutants: a code
+    operand left float32 in a float64 GEMM)."""
+    rng = np.random.default_rng(40)
+    cx, cw = signed_codes(rng, (3, 5), 6), signed_codes(rng, (4, 5), 6)
+    qx = torch.tensor(cx, dtype=torch.float32, requires_grad=True)
+    qw = torch.tensor(cw, dtype=torch.float32, requires_grad=True)
+    y = FN.lut_linear(qx, qw, LutTables(signed_lut(MITCHELL6S, 6)), exact=True)
+    assert y.dtype == torch.float64
+    g = rng.standard_normal((3, 4))
+    y.backward(torch.from_numpy(g))
+    assert qx.grad.dtype == qw.grad.dtype == torch.float32
+    np.testing.assert_allclose(qx.grad.numpy(), g @ cw, rtol=1e-6)
+    np.testing.assert_allclose(qw.grad.numpy(), g.T @ cx, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["lowrank", "gather"])
+def test_signed_lut_zero_points_take_no_part_in_the_backward(kernel):
+    """A signed LUT has no cross terms: given zero points, approx_linear ignores them in
+    forward (the fused low-rank and gather paths) and so in backward, ``dL/dqx = G qw``
+    (mutant: the cross terms' gradients added for signed LUTs too)."""
+    rng = np.random.default_rng(41)
+    cx, cw = signed_codes(rng, (3, 5), 4), signed_codes(rng, (4, 5), 4)
+    p = exact(4, True)
+    tabs = LutTables(signed_lut(p, 4), kernel=kernel)
+    qx = torch.tensor(cx, dtype=torch.float32, requires_grad=True)
+    qw = torch.tensor(cw, dtype=torch.float32, requires_grad=True)
+    one = torch.tensor(1.0)
+    y = approx_linear(qx, one, torch.tensor(3.0), qw, one, torch.tensor(-2.0), None, tabs)
+    np.testing.assert_array_equal(y.detach().numpy(), matmul_ref(p, 4, cx, cw.T).astype(np.float32))
+    g = rng.standard_normal((3, 4)).astype(np.float32)
+    y.backward(torch.from_numpy(g))
+    np.testing.assert_allclose(qx.grad.numpy(), g.astype(np.float64) @ cw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qw.grad.numpy(), g.T.astype(np.float64) @ cx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", ["ste", "lut1d"])
+def test_zero_point_backward_of_float64_operands(grad):
+    """Float64 codes and per-channel zero points through the fused low-rank path (whose
+    accumulator is float32, so the gradient is float32): the cross terms' gradients
+    ``-G Zw``, ``-Zx G`` are computed in the gradient's dtype (mutants: a float64 operand or
+    zero point left in a float32 GEMM). LUT-1D: ``dL/dqx = G (g_a(qw) - Zw)``,
+    ``dL/dqw = G^T (g_b(qx) - Zx)``."""
+    rng = np.random.default_rng(42)
+    cx, cw = unsigned_operands(rng, 3, 5, 4)
+    p = exact(4, False)
+    ga_c, gb_c = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    lut = LutFile(p, width_a=4, width_b=4, signed=False, gradients={"lut1d": (ga_c, gb_c)})
+    tabs = LutTables(lut, grad=grad, kernel="lowrank")  # the fused low-rank path, not a probe's choice
+    zx, zw = 3.0, np.array([1.0, 2.0, 3.0, 4.0])
+    qx = torch.tensor(cx, dtype=torch.float64, requires_grad=True)
+    qw = torch.tensor(cw, dtype=torch.float64, requires_grad=True)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    y = approx_linear(qx, one, torch.tensor(zx, dtype=torch.float64), qw, torch.ones((4, 1), dtype=torch.float64),
+                      torch.from_numpy(zw[:, None]), None, tabs)
+    ref = (cx[:, None, :] - zx) * (cw[None, :, :] - zw[None, :, None])
+    np.testing.assert_array_equal(y.detach().numpy(), ref.sum(-1))
+    g = rng.standard_normal((3, 4))
+    y.backward(torch.from_numpy(g))
+    gx_ref, gw_ref = ste_zp_grads(cx, cw, zx, zw, g) if grad == "ste" else \
+        ste_zp_grads(gb_c[cx].astype(np.float64), ga_c[cw].astype(np.float64), zx, zw, g)
+    np.testing.assert_allclose(qx.grad.numpy(), gx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qw.grad.numpy(), gw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_zero_point_backward_float64_gradient_per_tensor_zero_point():
+    """The fused gather path returns float64 for float64 codes, so the gradient is float64;
+    with a per-tensor weight zero point the LUT-1D cross term ``-G Zw`` is a float64 GEMM
+    (mutants: its ones vector built in the default float32)."""
+    rng = np.random.default_rng(43)
+    cx, cw = unsigned_operands(rng, 3, 5, 4)
+    p = random_lut(4, 5) + 2000  # unsigned products, high rank: the gather kernel
+    ga_c, gb_c = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    tabs = LutTables(LutFile(p, width_a=4, width_b=4, signed=False, gradients={"lut1d": (ga_c, gb_c)}),
+                     grad="lut1d", kernel="gather")
+    zx, zw = 5.0, 7.0
+    qx = torch.tensor(cx, dtype=torch.float64, requires_grad=True)
+    qw = torch.tensor(cw, dtype=torch.float64, requires_grad=True)
+    one = torch.tensor(1.0, dtype=torch.float64)
+    y = approx_linear(qx, one, torch.tensor(zx, dtype=torch.float64), qw, one, torch.tensor(zw, dtype=torch.float64),
+                      None, tabs)
+    ref = matmul_ref(p, 4, cx, cw.T) - cx.sum(1, keepdims=True) * zw - zx * cw.sum(1)[None, :] + 5 * zx * zw
+    np.testing.assert_array_equal(y.detach().numpy(), ref)
+    g = rng.standard_normal((3, 4))
+    y.backward(torch.from_numpy(g))
+    gx_ref, gw_ref = ste_zp_grads(gb_c[cx].astype(np.float64), ga_c[cw].astype(np.float64), zx,
+                                  np.full(4, zw), g)
+    np.testing.assert_allclose(qx.grad.numpy(), gx_ref, rtol=1e-6)
+    np.testing.assert_allclose(qw.grad.numpy(), gw_ref, rtol=1e-6)
+
+
+def test_zero_point_backward_allocates_on_the_gradients_device():
+    """The cross-term GEMM's ones vector lives on the gradient's device whatever torch's
+    default device is (on a GPU the gradient is on CUDA; here the default device is ``meta``
+    to show the same thing on a CPU)."""
+    rng = np.random.default_rng(44)
+    cx, cw = unsigned_operands(rng, 3, 5, 4)
+    ga_c, gb_c = rng.standard_normal(16).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    tabs = LutTables(LutFile(exact(4, False), width_a=4, width_b=4, signed=False,
+                             gradients={"lut1d": (ga_c, gb_c)}), grad="lut1d")
+    g = rng.standard_normal((3, 4)).astype(np.float32)
+    args = (torch.from_numpy(g), torch.tensor(cx, dtype=torch.float32), torch.tensor(cw, dtype=torch.float32), tabs,
+            torch.tensor(2.0), torch.tensor(3.0))
+    with torch.device("meta"):
+        gx, gw = AG._linear_backward(*args)
+    assert gx.device == gw.device == CPU
+    gx_ref, gw_ref = ste_zp_grads(gb_c[cx].astype(np.float64), ga_c[cw].astype(np.float64), 2.0, np.full(4, 3.0),
+                                  g.astype(np.float64))
+    np.testing.assert_allclose(gx.numpy(), gx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw.numpy(), gw_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_lut2d_gather_backward_of_a_non_square_lut():
+    """A 9x4-bit LUT (512 activation rows, 16 weight columns) with full LUT-2D tables of
+    rank 16 (> AUTO_MAX_RANK: the gather gradient kernel): activation codes above 255 index
+    their own rows, ``dL/dqx[m,k] = sum_n G[m,n] g_a[qx[m,k], qw[n,k]]`` (mutant: the
+    activation indices narrowed by the column count, to uint8, wrapping)."""
+    rng = np.random.default_rng(45)
+    p = rng.integers(0, 1000, (512, 16))
+    ga = rng.standard_normal((512, 16)).astype(np.float32)
+    gb = rng.standard_normal((512, 16)).astype(np.float32)
+    tabs = LutTables(LutFile(p, width_a=9, width_b=4, signed=False, gradients={"lut2d": (ga, gb)}), grad="lut2d",
+                     kernel="gather")
+    assert tabs.grad_kernel is Kernel.GATHER
+    cx, cw = rng.integers(256, 512, (3, 5)), rng.integers(0, 16, (4, 5))
+    qx = torch.tensor(cx, dtype=torch.float32, requires_grad=True)
+    qw = torch.tensor(cw, dtype=torch.float32, requires_grad=True)
+    y = FN.lut_linear(qx, qw, tabs)
+    np.testing.assert_array_equal(y.detach().numpy(), p[cx[:, None, :], cw[None, :, :]].sum(-1))
+    g = rng.standard_normal((3, 4)).astype(np.float32)
+    y.backward(torch.from_numpy(g))
+    g64 = g.astype(np.float64)
+    gx_ref = np.einsum("mn,mnk->mk", g64, ga[cx[:, None, :], cw[None, :, :]].astype(np.float64))
+    gw_ref = np.einsum("mn,mnk->nk", g64, gb[cx[:, None, :], cw[None, :, :]].astype(np.float64))
+    np.testing.assert_allclose(qx.grad.numpy(), gx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qw.grad.numpy(), gw_ref, rtol=1e-5, atol=1e-5)
+
+
+# -- kernels.gather_grad_a / gather_grad_b: float32 arithmetic -------------------------------
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("operand", ["table", "grad"])
+def test_gather_grads_compute_in_float32(operand, numba, monkeypatch):
+    """Both backward gathers compute in float32 (their documented result): a float64 table or
+    gradient gives exactly the result of its float32 rounding, in float32 (mutants: the
+    float64 operand passed on unconverted, rounding differently or giving float64)."""
+    if not numba:
+        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    a, b = gather_case(seed=6)
+    rng = np.random.default_rng(7)
+    table = torch.from_numpy(rng.standard_normal((16, 16)) / 3)
+    grad = torch.from_numpy(rng.standard_normal((2, 6, 5)) / 3)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    if operand == "table":
+        wide, rounded = (table, grad.float()), (table.float(), grad.float())
+    else:
+        wide, rounded = (table.float(), grad), (table.float(), grad.float())
+    for fn in (K.gather_grad_a, K.gather_grad_b):
+        y = fn(ta, tb, *wide, 2)
+        assert y.dtype == torch.float32
+        np.testing.assert_array_equal(y.numpy(), fn(ta, tb, *rounded, 2).numpy())
+
+
+# -- kernels._verified (the exact-factorization check) ---------------------------------------
+
+def test_verified_refuses_partial_sums_from_two_to_the_62():
+    """A factorization whose partial-sum bound reaches ``2**62`` is refused (int64 sums of
+    two such steps could overflow); one just below is accepted with its bound (mutants: the
+    bound compared with ``>`` or a larger limit)."""
+    one = np.ones((1, 1), np.int64)
+    assert K._verified(np.array([[1 << 62]]), one << 31, one << 31) is None
+    fac = K._verified(np.array([[1 << 61]]), one << 30, one << 31)
+    assert fac is not None and fac.bound == 1 << 61
+
+
+def test_verified_bound_of_the_zero_table():
+    """The zero table's factorization adds nothing to a partial sum: bound 0 (mutant: at
+    least 1)."""
+    fac = K._verified(np.zeros((4, 4), np.int64), np.zeros((4, 1), np.int64), np.zeros((4, 1), np.int64))
+    assert fac is not None and fac.bound == 0
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (64, 64)])
+def test_integer_factorization_of_the_zero_table(shape):
+    """The zero table (numerical rank 0, also when larger than ``max_rank``) factors as one
+    zero column each side: int64 ``U (rows, 1)``, ``V (cols, 1)``, bound 0 (mutants: another
+    bound, float factors, the row count for both, every zero singular value counted as rank)."""
+    fac = K.integer_factorization(np.zeros(shape, np.int64))
+    assert fac is not None and fac.bound == 0
+    assert fac.u.dtype == fac.v.dtype == np.int64
+    assert fac.u.shape == (shape[0], 1) and fac.v.shape == (shape[1], 1)
+    assert not fac.u.any() and not fac.v.any()
+
+
+def test_integer_factorization_factors_fit_int32():
+    """Echelon factors of ``2**31`` or more are refused (the tables keep float32 copies of
+    them and the fused paths bound partial sums with them); ``2**31 - 1`` is accepted
+    (mutants: the limit compared with ``>`` or set higher)."""
+    assert K.integer_factorization(np.array([[1 << 31]])) is None
+    fac = K.integer_factorization(np.array([[(1 << 31) - 1]]))
+    assert fac is not None and fac.rank == 1
+    np.testing.assert_array_equal(fac.u @ fac.v.T, [[(1 << 31) - 1]])
+
+
+def rank_r_table(r: int, size: int = 40, seed: int = 0) -> np.ndarray:
+    """``C @ H`` with ``C = [I; random]``, ``H = [I | random]``: rank ``r``, small echelon factors."""
+    rng = np.random.default_rng(seed)
+    c = np.concatenate([np.eye(r, dtype=np.int64), rng.integers(-2, 3, (size - r, r))])
+    h = np.concatenate([np.eye(r, dtype=np.int64), rng.integers(-2, 3, (r, size - r))], axis=1)
+    return c @ h
+
+
+def test_integer_factorization_max_rank_default_32():
+    """Rank 32 is factored, rank 33 is not by default (``max_rank=32``) but is with
+    ``max_rank=33`` (mutants: default 33, or rank ``max_rank`` itself refused)."""
+    t32, t33 = rank_r_table(32), rank_r_table(33, seed=1)
+    assert np.linalg.matrix_rank(t32) == 32 and np.linalg.matrix_rank(t33) == 33
+    fac = K.integer_factorization(t32)
+    assert fac is not None and fac.rank == 32
+    np.testing.assert_array_equal(fac.u @ fac.v.T, t32)
+    assert K.integer_factorization(t33) is None
+    assert K.integer_factorization(t33, max_rank=33).rank == 33
+
+
+@pytest.mark.parametrize("given", ["values_a", "values_b"])
+def test_integer_factorization_with_one_operands_values(given):
+    """The exact-plus-error candidate needs the values of both operands; with only one of
+    them the table's own echelon factorization is returned (mutants: the candidate built
+    from a missing operand)."""
+    v = values(4, True)
+    table = exact(4, True) + np.eye(16, dtype=np.int64)
+    fac = K.integer_factorization(table, **{given: v})
+    assert fac is not None and fac.u.dtype == np.int64
+    np.testing.assert_array_equal(fac.u @ fac.v.T, table)
+
+
+# -- kernels._echelon (integer factorization) ------------------------------------------------
+
+def test_integer_factorization_of_a_column_with_two_nonzeros():
+    """Euclid runs until one nonzero is left in the pivot column: ``[[2, 3], [3, 5]]`` (two
+    nonzeros in its first column, neither dividing the other) has an exact rank-2 integer
+    factorization (mutant: Euclid stopped at two nonzeros, leaving no echelon form and no
+    factorization)."""
+    table = np.array([[2, 3], [3, 5]])
+    fac = K.integer_factorization(table)
+    assert fac is not None and fac.rank == 2
+    assert fac.u.dtype == fac.v.dtype == np.int64
+    np.testing.assert_array_equal(fac.u @ fac.v.T, table)
+
+
+# -- autograd._linear_forward (gather path: the integer accumulator) -------------------------
+
+@pytest.mark.parametrize("exact_acc", [False, True])
+def test_lut_linear_gather_sums_of_two_to_the_31(exact_acc):
+    """Two LUT entries of ``2**30`` sum to ``2**31``, one more than int32 holds: the gather
+    accumulates in int64 once ``K * max|LUT|`` reaches ``2**31`` (mutants: int32 up to
+    ``2**31`` inclusive or beyond, or the table's own int32 dtype)."""
+    rng = np.random.default_rng(46)
+    p = rng.integers(1 << 29, 1 << 30, (4, 4))
+    p[3, 3] = 1 << 30
+    tabs = LutTables(LutFile(p, width_a=2, width_b=2, signed=False), kernel="gather")
+    cx, cw = rng.integers(0, 4, (3, 2)), rng.integers(0, 4, (2, 2))
+    cx[0], cw[0] = 3, 3
+    y = FN.lut_linear(torch.tensor(cx, dtype=torch.float32), torch.tensor(cw, dtype=torch.float32), tabs,
+                      exact=exact_acc)
+    ref = p[cx[:, None, :], cw[None, :, :]].sum(-1)
+    assert ref[0, 0] == 1 << 31
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float64 if exact_acc else np.float32))
+
+
+# -- functional.lut_linear -------------------------------------------------------------------
+
+def test_lut_linear_default_is_float32():
+    """Without ``exact`` the accumulators are float32 (mutant: default ``exact=True``)."""
+    rng = np.random.default_rng(47)
+    cx, cw = signed_codes(rng, (3, 5), 6), signed_codes(rng, (4, 5), 6)
+    y = FN.lut_linear(torch.tensor(cx, dtype=torch.float32), torch.tensor(cw, dtype=torch.float32),
+                      LutTables(signed_lut(MITCHELL6S, 6)))
+    assert y.dtype == torch.float32
+    np.testing.assert_array_equal(y.numpy(), matmul_ref(MITCHELL6S, 6, cx, cw.T).astype(np.float32))
+
+
+def test_lut_linear_refuses_codes_outside_the_lut():
+    """The message names lut_linear (mutants: another name)."""
+    tabs = LutTables(signed_lut(MITCHELL6S, 6))
+    with pytest.raises(InvalidValueError, match=msg(
+            "lut_linear: quantized weights must be integers in [-32, 31] (the LUT's operand range), "
+            "got values in [0, 35]")):
+        FN.lut_linear(torch.zeros((2, 3)), torch.tensor([[0.0, 35.0, 1.0]]), tabs)
+
+
+def test_lut_linear_exact_while_probing_the_kernels(monkeypatch):
+    """An ``auto`` table times both kernels on the first call; ``exact=True`` reaches the
+    probed computation: float64 accumulators (mutant: ``exact`` dropped under the probe)."""
+    monkeypatch.setenv("APPMULT_KERNEL_PROBE", "1")
+    rng = np.random.default_rng(48)
+    cx, cw = signed_codes(rng, (3, 5), 6), signed_codes(rng, (4, 5), 6)
+    tabs = LutTables(signed_lut(exact(6, True), 6), kernel="auto")
+    assert len(tabs.auto_candidates) > 1
+    y = FN.lut_linear(torch.tensor(cx, dtype=torch.float32), torch.tensor(cw, dtype=torch.float32), tabs, exact=True)
+    assert y.dtype == torch.float64
+    np.testing.assert_array_equal(y.numpy(), cx @ cw.T)
+
+
+@pytest.mark.parametrize("exact_acc", [False, True])
+def test_lut_linear_of_the_zero_lut(exact_acc):
+    """The all-zero LUT (every partial product dropped) factors with rank 1 and bound 0, takes
+    the low-rank kernel and gives zero accumulators, exact or not (mutant: the exactness
+    limit tested as ``K / bound``, a division by zero)."""
+    tabs = LutTables(LutFile(np.zeros((16, 16), np.int64), width_a=4, width_b=4, signed=False), kernel="lowrank")
+    assert tabs.bound == 0
+    y = FN.lut_linear(torch.ones((2, 3)), torch.full((4, 3), 5.0), tabs, exact=exact_acc)
+    assert y.dtype == (torch.float64 if exact_acc else torch.float32)
+    np.testing.assert_array_equal(y.numpy(), np.zeros((2, 4)))
+
+
+# -- fused._rank1_shifted_conv (rank-1 U = value(x) conv of qx - Zx) -------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("zx", [0.0, 1.0, 3.0])
+def test_approx_conv2d_rank1_unsigned_zero_points(zx, dtype):
+    """A rank-1 unsigned LUT with ``U = value(x)``, ``LUT[x, w] = x * g(w)`` (``g`` drops the
+    weight's low bit), with zero points: the accumulator is ``sum LUT[qx, qw] - qx Zw - Zx qw
+    + Zx Zw`` with padding holding ``Zx``, here by plain float64 convs; float64 codes leave
+    the float32 shifted-conv path (mutants: the shift skipped for ``Zx = 1``, the bias
+    ``C + Zx sum w`` dropped, float64 codes sent into the float32 conv)."""
+    rng = np.random.default_rng(49)
+    qx = torch.from_numpy(rng.integers(0, 16, (2, 3, 5, 5)).astype(np.float64))
+    qw = torch.from_numpy(rng.integers(0, 16, (4, 3, 3, 3)).astype(np.float64))
+    v = values(4, False)
+    g = v & ~1
+    tabs = LutTables(LutFile(np.outer(v, g), width_a=4, width_b=4, signed=False), kernel="lowrank")
+    assert tabs.u_is_value
+    zw = 2.0
+    one = torch.tensor(1.0, dtype=dtype)
+    y = approx_conv2d(qx.to(dtype), one, torch.tensor(zx, dtype=dtype), qw.to(dtype), one,
+                      torch.tensor(zw, dtype=dtype), None, tabs, padding=1)
+    xp = torch.nn.functional.pad(qx, (1, 1, 1, 1), value=zx)
+    lut_sum = torch.nn.functional.conv2d(xp, torch.from_numpy(g)[qw.long()].double())
+    sum_x = torch.nn.functional.conv2d(xp, torch.ones((1, 3, 3, 3), dtype=torch.float64))
+    ref = lut_sum - zw * sum_x - zx * qw.sum((1, 2, 3)).reshape(1, -1, 1, 1) + 27 * zx * zw
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y.numpy(), ref.numpy().astype(np.float32 if dtype == torch.float32 else np.float64))
+
+
+# -- autograd._zp_conv_backward (backward of the fused conv accumulators) --------------------
+
+@pytest.mark.parametrize("padding", [(1, 0), (0, 2), (1, 2)])
+def test_fused_conv_backward_with_padding_on_one_side(padding):
+    """A signed exact-product LUT on the fused low-rank path, zero points given (padding holds
+    ``Zx``; a signed LUT has no cross terms), padding in one dimension or both, a non-square
+    input: the STE gradients are those of the plain float64 conv of the padded input, by
+    torch autograd (mutants: padding applied or cropped only when both sides are padded,
+    the crop sized by the width, cross terms for a signed LUT)."""
+    rng = np.random.default_rng(50)
+    cx = signed_codes(rng, (2, 3, 5, 7), 4)
+    cw = signed_codes(rng, (4, 3, 3, 3), 4)
+    tabs = LutTables(signed_lut(exact(4, True), 4), kernel="lowrank")
+    zx, zw = 3.0, -2.0
+    qx = torch.tensor(cx, dtype=torch.float32, requires_grad=True)
+    qw = torch.tensor(cw, dtype=torch.float32, requires_grad=True)
+    one = torch.tensor(1.0)
+    y = approx_conv2d(qx, one, torch.tensor(zx), qw, one, torch.tensor(zw), None, tabs, padding=padding)
+    rx = torch.tensor(cx, dtype=torch.float64, requires_grad=True)
+    rw = torch.tensor(cw, dtype=torch.float64, requires_grad=True)
+    ph, pw = padding
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(rx, (pw, pw, ph, ph), value=zx), rw)
+    np.testing.assert_array_equal(y.detach().numpy(), ref.detach().numpy().astype(np.float32))
+    g = torch.from_numpy(rng.standard_normal(tuple(ref.shape)))
+    y.backward(g.float())
+    ref.backward(g)
+    assert qx.grad.shape == qx.shape
+    np.testing.assert_allclose(qx.grad.numpy(), rx.grad.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qw.grad.numpy(), rw.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# -- fused._gather_linear_prep (the fused gather path's weight side) -------------------------
+
+@pytest.mark.parametrize("zx, zw", [(2.5, 3.0), (2.0, 1.5), (2.5, 1.5)])
+def test_approx_linear_gather_non_integer_zero_points(zx, zw):
+    """Non-integer zero points (not what the quantizers produce, but approx_linear takes any)
+    leave the integer fused gather path: the accumulator is ``sum LUT[qx, qw] - qx Zw - Zx qw
+    + K Zx Zw`` with the given values (mutants: the path taken when only one zero point is
+    non-integer, or when both are integers only)."""
+    rng = np.random.default_rng(51)
+    cx, cw = unsigned_operands(rng, 3, 5, 4)
+    p = random_lut(4, 5) + 2000
+    tabs = LutTables(LutFile(p, width_a=4, width_b=4, signed=False), kernel="gather")
+    one = torch.tensor(1.0)
+    y = approx_linear(torch.tensor(cx, dtype=torch.float32), one, torch.tensor(zx),
+                      torch.tensor(cw, dtype=torch.float32), one, torch.tensor(zw), None, tabs)
+    ref = matmul_ref(p, 4, cx, cw.T) - cx.sum(1, keepdims=True) * zw - zx * cw.sum(1)[None, :] + 5 * zx * zw
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True to a scalar")
+def test_approx_linear_gather_zero_point_gradient():
+    """An activation zero point that requires grad gets its gradient (the fused gather path,
+    computed without autograd, is not taken): ``dL/dZx = sum_mn G (K Zw - sum_k qw)``
+    (mutant: the fused path taken unless both zero points require grad)."""
+    rng = np.random.default_rng(52)
+    cx, cw = unsigned_operands(rng, 3, 5, 4)
+    tabs = LutTables(LutFile(random_lut(4, 5) + 2000, width_a=4, width_b=4, signed=False), kernel="gather")
+    one = torch.tensor(1.0)
+    zx = torch.tensor(3.0, requires_grad=True)
+    y = approx_linear(torch.tensor(cx, dtype=torch.float32), one, zx, torch.tensor(cw, dtype=torch.float32), one,
+                      torch.tensor(2.0), None, tabs)
+    g = rng.standard_normal((3, 4))
+    y.backward(torch.from_numpy(g).float())
+    ref = (g * (5 * 2.0 - cw.sum(1))[None, :]).sum()
+    assert zx.grad is not None
+    np.testing.assert_allclose(zx.grad.item(), ref, rtol=1e-5)
