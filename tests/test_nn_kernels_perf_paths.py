@@ -281,8 +281,9 @@ def test_fused_lowrank_linear(name, scheme, grad, monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["lowrank", "gather"])
 def test_signed_fused_conv_ignores_zero_points_like_unfused(kernel, monkeypatch):
-    """approx_conv2d with a signed LUT and (unusual) nonzero zero points: fused == unfused
-    (padding inserts zx; no cross terms for signed LUTs)."""
+    """The layers' internal _approx_conv2d with a signed LUT and (unusual) nonzero zero
+    points: fused == unfused (padding inserts zx; no cross terms for signed LUTs). The
+    public approx_conv2d refuses such zero points (tests/test_nn_mutation_survivors.py)."""
     p, w, s = FUSED_LUTS["trunc6s"]
     lut = LutFile(p, width_a=w, width_b=w, signed=s)
     tabs = FN.LutTables(lut, kernel=kernel)
@@ -296,5 +297,5 @@ def test_signed_fused_conv_ignores_zero_points_like_unfused(kernel, monkeypatch)
     for fused in (True, False):
         monkeypatch.setattr(FN, "_FUSED_LOWRANK", fused)
         monkeypatch.setattr(FN, "_FUSED_GATHER", fused)
-        outs.append(FN.approx_conv2d(*args, padding=1))
+        outs.append(FN._approx_conv2d(*args, padding=1))
     assert torch.equal(outs[0], outs[1])

@@ -615,9 +615,10 @@ def test_lut_linear_exact_backward_in_grad_dtype():
 
 @pytest.mark.parametrize("kernel", ["lowrank", "gather"])
 def test_signed_lut_zero_points_take_no_part_in_the_backward(kernel):
-    """A signed LUT has no cross terms: given zero points, approx_linear ignores them in
-    forward (the fused low-rank and gather paths) and so in backward, ``dL/dqx = G qw``
-    (mutant: the cross terms' gradients added for signed LUTs too)."""
+    """A signed LUT has no cross terms: given zero points, the layers' internal
+    ``_approx_linear`` ignores them in forward (the fused low-rank and gather paths) and so
+    in backward, ``dL/dqx = G qw`` (mutant: the cross terms' gradients added for signed
+    LUTs too). The public ``approx_linear`` refuses such zero points (next test)."""
     rng = np.random.default_rng(41)
     cx, cw = signed_codes(rng, (3, 5), 4), signed_codes(rng, (4, 5), 4)
     p = exact(4, True)
@@ -625,12 +626,31 @@ def test_signed_lut_zero_points_take_no_part_in_the_backward(kernel):
     qx = torch.tensor(cx, dtype=torch.float32, requires_grad=True)
     qw = torch.tensor(cw, dtype=torch.float32, requires_grad=True)
     one = torch.tensor(1.0)
-    y = approx_linear(qx, one, torch.tensor(3.0), qw, one, torch.tensor(-2.0), None, tabs)
+    y = FN._approx_linear(qx, one, torch.tensor(3.0), qw, one, torch.tensor(-2.0), None, tabs)
     np.testing.assert_array_equal(y.detach().numpy(), matmul_ref(p, 4, cx, cw.T).astype(np.float32))
     g = rng.standard_normal((3, 4)).astype(np.float32)
     y.backward(torch.from_numpy(g))
     np.testing.assert_allclose(qx.grad.numpy(), g.astype(np.float64) @ cw, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(qw.grad.numpy(), g.T.astype(np.float64) @ cx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", ["approx_linear", "approx_conv2d"])
+@pytest.mark.parametrize("zx, zw", [(3.0, 0.0), (0.0, -2.0)])
+def test_signed_lut_refuses_zero_points(fn, zx, zw):
+    """With a signed LUT no cross terms are computed, so the functional API refuses non-zero
+    zero points instead of dropping them (before: a silently wrong output)."""
+    tabs = LutTables(signed_lut(exact(4, True), 4))
+    one = torch.tensor(1.0)
+    if fn == "approx_linear":
+        qx, qw = torch.zeros(2, 3), torch.zeros(4, 3)
+        call = lambda: approx_linear(qx, one, torch.tensor(zx), qw, one, torch.tensor(zw), None, tabs)  # noqa: E731
+    else:
+        qx, qw = torch.zeros(1, 2, 3, 3), torch.zeros(4, 2, 2, 2)
+        call = lambda: approx_conv2d(qx, one, torch.tensor(zx), qw, one, torch.tensor(zw), None, tabs)  # noqa: E731
+    with pytest.raises(InvalidValueError, match=msg(
+            f"{fn}: a signed LUT takes symmetrically quantized operands (zero points 0), got activation zero "
+            f"point [{zx}] and weight zero points [{zw}]; quantize symmetrically or use an unsigned LUT")):
+        call()
 
 
 @pytest.mark.parametrize("grad", ["ste", "lut1d"])
@@ -959,7 +979,8 @@ def test_fused_conv_backward_with_padding_on_one_side(padding):
     qx = torch.tensor(cx, dtype=torch.float32, requires_grad=True)
     qw = torch.tensor(cw, dtype=torch.float32, requires_grad=True)
     one = torch.tensor(1.0)
-    y = approx_conv2d(qx, one, torch.tensor(zx), qw, one, torch.tensor(zw), None, tabs, padding=padding)
+    # the internal entry (the public one refuses zero points with a signed LUT)
+    y = FN._approx_conv2d(qx, one, torch.tensor(zx), qw, one, torch.tensor(zw), None, tabs, padding=padding)
     rx = torch.tensor(cx, dtype=torch.float64, requires_grad=True)
     rw = torch.tensor(cw, dtype=torch.float64, requires_grad=True)
     ph, pw = padding

@@ -196,6 +196,17 @@ def _check_codes(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, what: str)
                                     f"operand range), got values in [{mn:g}, {mx:g}]")
 
 
+def _check_symmetric(zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, what: str) -> None:
+    """Refuse zero points with a signed LUT: its products are of signed codes, quantized
+    symmetrically, and no cross terms are computed for it -- non-zero zero points would be
+    dropped silently."""
+    if tabs.signed and (bool(torch.as_tensor(zx).ne(0).any()) or bool(torch.as_tensor(zw).ne(0).any())):
+        raise InvalidValueError(f"{what}: a signed LUT takes symmetrically quantized operands (zero points 0), "
+                                f"got activation zero point {torch.as_tensor(zx).detach().flatten()[:4].tolist()} "
+                                f"and weight zero points {torch.as_tensor(zw).detach().flatten()[:4].tolist()}; "
+                                f"quantize symmetrically or use an unsigned LUT")
+
+
 def _cached(cache: dict | None, key, make):
     """``make()``, memoized in ``cache`` (a layer's weight-side cache, cleared when its weight
     changes; ``None``: no caching)."""
@@ -250,10 +261,12 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
         sums would round).
 
     Raises:
-        InvalidValueError: an operand outside the LUT's value range (or NaN).
+        InvalidValueError: an operand outside the LUT's value range (or NaN); non-zero
+            zero points with a signed LUT (its operands are quantized symmetrically).
     """
     if tabs is not None:
         _check_codes(qx, qw, tabs, "approx_linear")
+        _check_symmetric(zx, zw, tabs, "approx_linear")
     with _autocast_off(qx.device.type):
         return _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs, exact=exact, cache=cache)
 
@@ -307,10 +320,12 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
         ``(N, Co, Ho, Wo)`` output in ``qx``'s dtype (computed in float32 or wider).
 
     Raises:
-        InvalidValueError: an operand outside the LUT's value range (or NaN).
+        InvalidValueError: an operand outside the LUT's value range (or NaN); non-zero
+            zero points with a signed LUT.
     """
     if tabs is not None:
         _check_codes(qx, qw, tabs, "approx_conv2d")
+        _check_symmetric(zx, zw, tabs, "approx_conv2d")
     with _autocast_off(qx.device.type):
         return _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs, stride=stride, padding=padding,
                               dilation=dilation, groups=groups, exact=exact, cache=cache)
