@@ -4,7 +4,8 @@ An 8-bit unsigned LUT's products reach 255 * 255, so a linear layer with more th
 inputs can exceed ``2**24`` in a float32 GEMM: ``_folded_lowrank_weights(split_k=True)``
 then cuts the reduction into chunks whose float32 GEMMs are exact and adds them in
 float64. The reference is numpy: one look-up per product from the layer's own quantized
-operands, the zero-point cross terms, int64 sums.
+operands, the zero-point cross terms, int64 sums. Also the float32 bound of the rank-1
+conv shortcut on non-square LUTs (a survivor of mutation testing).
 """
 
 from __future__ import annotations
@@ -118,3 +119,25 @@ def test_split_path_trains_like_the_unfused_path():
         grads.append((xg.grad.clone(), layer.weight.grad.clone()))
     torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width_a, width_b", [(4, 8), (8, 4)])
+def test_rank1_conv_float32_bound_uses_the_activation_range(width_a, width_b):
+    """The rank-1 conv shortcut runs in float32 only while ``sum |w| * max|x - Zx| + |C|``
+    stays below ``2**24``; ``max|x - Zx|`` is over the *activation* operand's values, which
+    for a non-square LUT is not the weight operand's range."""
+    from appmult.nn.tables import LutTables
+
+    a = np.arange(1 << width_a)[:, None]
+    b = np.arange(1 << width_b)[None, :]
+    tabs = LutTables(LutFile(a * b, width_a=width_a, width_b=width_b, signed=False))
+    xmax = (1 << width_a) - 1                        # Zx = 0: the largest activation value
+    limit = 2 ** 24
+    below = torch.full((1, 1, 1, 1), float((limit - 1) // xmax))        # xmax * w < 2**24
+    above = torch.full((1, 1, 1, 1), float(limit // xmax + 1))          # xmax * w > 2**24
+    zero = torch.zeros(1)
+    assert FU._rank1_prep(torch.tensor(0.0), below, zero, tabs) is not False
+    assert FU._rank1_prep(torch.tensor(0.0), above, zero, tabs) is False
+    # the constant term counts as well
+    c = torch.full((1,), float(limit))
+    assert FU._rank1_prep(torch.tensor(0.0), below, c, tabs) is False
