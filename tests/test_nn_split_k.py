@@ -76,28 +76,28 @@ def test_split_reduction_is_bit_exact(columns, k):
     np.testing.assert_allclose(y, want, rtol=0, atol=float(np.min(scale)) * 0.25 + 1e-6 * np.abs(want).max())
 
 
-def test_split_chunks_keep_every_partial_sum_below_two_to_the_24():
-    table = truncated(0)
-    layer, x = layer_for(table, 700, 4, seed=1)
+def split_fold(k: int, n: int, seed: int):
+    """``_folded_lowrank_weights(split_k=True)`` of a ``k``-input layer over the exact product."""
+    layer, x = layer_for(truncated(0), k, n, seed=seed)
     with torch.no_grad():
         qx, sx, zx = layer.act_quant(x)
         qw, sw, zw = layer.weight_quant(layer.weight)
-        wv, const, kc = FU._folded_lowrank_weights(qw.reshape(4, 700, 1, 1), zx, zw, layer.lut, split_k=True)
+        return FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True)
+
+
+def test_split_chunks_keep_every_partial_sum_below_two_to_the_24():
+    wv, const, kc = split_fold(700, 4, seed=1)
     # the largest |partial sum| of one chunk: kc products of the largest |U| and |V - c Zw|
     vmax = float(wv.abs().max())
     assert kc * 255 * vmax < 2 ** 24
     assert (kc + 1) * 255 * vmax >= 2 ** 24 - 255 * vmax  # not needlessly short
-    assert const.dtype == torch.float64
+    assert const.dtype == torch.float64  # the chunks are added in float64
 
 
 def test_short_reductions_are_not_split():
-    table = truncated(0)
-    layer, x = layer_for(table, 200, 4, seed=2)
-    with torch.no_grad():
-        qx, sx, zx = layer.act_quant(x)
-        qw, sw, zw = layer.weight_quant(layer.weight)
-        wv, const, kc = FU._folded_lowrank_weights(qw.reshape(4, 200, 1, 1), zx, zw, layer.lut, split_k=True)
+    wv, const, kc = split_fold(200, 4, seed=2)
     assert kc == 200
+    assert const.dtype == torch.float32  # the bias of one float32 addmm
 
 
 def test_split_path_trains_like_the_unfused_path():

@@ -178,7 +178,7 @@ class _LowRankLinearZpFn(torch.autograd.Function):
         ctx.tabs = tabs
         xu = xu.reshape(m, wv.shape[1])
         if kc >= k:
-            return torch.addmm(const.to(torch.float32), xu, wv.t())
+            return torch.addmm(const, xu, wv.t())
         r = wv.shape[1] // k
         acc = const.reshape(1, -1).expand(m, -1).clone()  # float64
         for c0 in range(0, k, kc):

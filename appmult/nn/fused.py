@@ -48,8 +48,8 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
 
     Returns:
         ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` -- with
-        ``split_k``, ``(weights, bias (Co,) float64, kc)`` (``kc == Cg*kh*kw``: no split)
-        -- or ``None``.
+        ``split_k``, ``(weights, bias, kc)``: ``kc == Cg*kh*kw`` (no split) with a float32
+        bias, else a float64 one -- or ``None``.
     """
     if tabs.u is None or (not tabs.signed and tabs.value_coef is None):
         return None
@@ -91,7 +91,8 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
     if split_k:
-        return wv.contiguous(memory_format=torch.channels_last), const, kc
+        # the bias of one float32 addmm, or the float64 start of the chunked sum
+        return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32) if kc == k else const, kc
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
