@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_nn import random_lut, truncated_lut  # noqa: E402
+from bench_nn import bench_cases, bench_luts, step_fns  # noqa: E402
 
-from appmult.lut_gen import LutFile  # noqa: E402
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear  # noqa: E402
 from appmult.nn import kernels as K  # noqa: E402
 
@@ -66,36 +65,18 @@ def main() -> int:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     batch = 32 if args.quick else 128
-    luts = {
-        "rank1": LutFile(truncated_lut(8, 0), width_a=8, width_b=8, signed=False),
-        "rank7": LutFile(truncated_lut(8, 8), width_a=8, width_b=8, signed=False),
-        "gather": LutFile(random_lut(8), width_a=8, width_b=8, signed=False),
-    }
-    cases = {
-        "ResNet-20 conv 32->32 3x3": (lambda: nn.Conv2d(32, 32, 3, padding=1), (batch, 32, 16, 16)),
-        "LeNet conv 6->16 5x5": (lambda: nn.Conv2d(6, 16, 5), (batch, 6, 14, 14)),
-        "Linear 512->512": (lambda: nn.Linear(512, 512), (batch, 512)),
-    }
+    luts = bench_luts()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (script smoke test)"
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {name}, "
           f"batch={batch}, median of {args.reps}")
     failures = []
     rows = []
-    for title, (make, shape) in cases.items():
+    for title, make, shape in bench_cases(batch).values():
         ref = make()
         x = torch.relu(torch.randn(shape))
         ref_gpu = copy.deepcopy(ref).to(dev)
         xd = x.to(dev)
-        xg = xd.clone().requires_grad_(True)
-
-        def fwd(m):
-            with torch.no_grad():
-                m(xd)
-
-        def fwdbwd(m):
-            m.zero_grad(set_to_none=True)
-            xg.grad = None
-            m(xg).sum().backward()
+        fwd, fwdbwd = step_fns(xd)
 
         def exact_fwd():
             with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):

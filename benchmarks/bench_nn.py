@@ -92,6 +92,41 @@ def _picked(m: nn.Module) -> str:
     return picked or m.lut.kernel.value
 
 
+def bench_luts() -> dict[str, LutFile]:
+    """The benchmark's unsigned 8x8 LUTs: ``rank1`` (the exact product), ``rank7`` (8 low
+    columns truncated), ``gather`` (exact product + random error, no factorization)."""
+    return {
+        "rank1": LutFile(truncated_lut(8, 0), width_a=8, width_b=8, signed=False),
+        "rank7": LutFile(truncated_lut(8, 8), width_a=8, width_b=8, signed=False),
+        "gather": LutFile(random_lut(8), width_a=8, width_b=8, signed=False),
+    }
+
+
+def bench_cases(batch: int) -> dict[str, tuple]:
+    """Short name -> (title, float layer factory, input shape) of the three benchmark layers."""
+    return {
+        "resnet20": ("ResNet-20 conv 32->32 3x3", lambda: nn.Conv2d(32, 32, 3, padding=1), (batch, 32, 16, 16)),
+        "lenet": ("LeNet conv 6->16 5x5", lambda: nn.Conv2d(6, 16, 5), (batch, 6, 14, 14)),
+        "linear": ("Linear 512->512", lambda: nn.Linear(512, 512), (batch, 512)),
+    }
+
+
+def step_fns(x: torch.Tensor):
+    """``fwd(m)``: a no-grad forward of ``x``; ``fwdbwd(m)``: forward and backward of a copy
+    of ``x`` that requires grad, gradients cleared first."""
+    xg = x.clone().requires_grad_(True)
+
+    def fwd(m):
+        with torch.no_grad():
+            m(x)
+
+    def fwdbwd(m):
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
+        m(xg).sum().backward()
+    return fwd, fwdbwd
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -113,33 +148,15 @@ def main() -> None:
     torch.manual_seed(0)
     batch = 32 if args.quick else 128
 
-    luts = {
-        "rank1": LutFile(truncated_lut(8, 0), width_a=8, width_b=8, signed=False),
-        "rank7": LutFile(truncated_lut(8, 8), width_a=8, width_b=8, signed=False),
-        "gather": LutFile(random_lut(8), width_a=8, width_b=8, signed=False),
-    }
-    cases = {
-        "resnet20": ("ResNet-20 conv 32->32 3x3", lambda: nn.Conv2d(32, 32, 3, padding=1), (batch, 32, 16, 16)),
-        "lenet": ("LeNet conv 6->16 5x5", lambda: nn.Conv2d(6, 16, 5), (batch, 6, 14, 14)),
-        "linear": ("Linear 512->512", lambda: nn.Linear(512, 512), (batch, 512)),
-    }
+    luts = bench_luts()
+    cases = bench_cases(batch)
     rows = []
     load0 = os.getloadavg()
     for cname in args.layers.split(","):
         title, make, shape = cases[cname]
         ref = make()
         x = torch.relu(torch.randn(shape))
-        xg = x.clone().requires_grad_(True)
-
-        def fwd(m):
-            with torch.no_grad():
-                m(x)
-
-        def fwdbwd(m):
-            m.zero_grad(set_to_none=True)
-            xg.grad = None
-            m(xg).sum().backward()
-
+        fwd, fwdbwd = step_fns(x)
         fns = {("exact", "", "fwd"): lambda: fwd(ref), ("exact", "", "bwd"): lambda: fwdbwd(ref)}
         mods = {}
         for lname, lut in luts.items():
