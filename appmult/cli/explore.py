@@ -43,6 +43,10 @@ def register(sub) -> None:
     p.add_argument("--family-starts", action="store_true",
                    help="also start each bound from the family front: the fittest of the previous bound's "
                         "circuit and the family members under that bound")
+    p.add_argument("--greedy-starts", action="store_true",
+                   help="first walk from the seed by greedy approximate logic synthesis (constant and wire "
+                        "substitutions, the most cost saved per unit of error; seconds for 8x8) and start "
+                        "each bound from that walk's circuits too; they join the reported front")
     net = p.add_argument_group("network-aware mode (--model): histograms from a trained network, retraining")
     net.add_argument("--model", help="network (mlp, lenet5, resnet8, ...): search under its operand "
                                      "distributions, retrain a shortlist, verify the chosen circuit's RTL")
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..explore import Evaluator, pareto, search, seed_genome, sweep_families, write_outputs
+    from ..explore import Evaluator, search, search_starts, seed_genome, sweep_families, write_outputs
     config = build_config(args)  # every argument checked before the long work
     if args.model is not None:
         return _run_network(args, config)
@@ -135,16 +139,18 @@ def run(args: argparse.Namespace) -> int:
                        samples=config.samples, seed=config.seed)
         family = sweep_families(genome.width_a, genome.width_b, genome.signed, evaluator=ev,
                                 progress=not args.quiet)
-    starts = ()
-    if args.family_starts:
-        if family is None:
-            raise UsageError("--family-starts needs the family sweep (drop --no-sweep)")
-        starts = tuple(p.genome for p in pareto(family, lambda p: p.cost[config.cost],
-                                                lambda p: p.evaluation.get(config.error)))
+    if args.family_starts and family is None:
+        raise UsageError("--family-starts needs the family sweep (drop --no-sweep)")
+    starts, trajectory = search_starts(genome, config, family=family, family_starts=args.family_starts,
+                                       greedy=args.greedy_starts, progress=not args.quiet)
+    if trajectory:
+        last = trajectory[-1]
+        print(f"greedy walk: {len(trajectory)} steps, down to {last.cost['transistors']} transistors estimated "
+              f"at {config.error} {last.evaluation.get(config.error):.4g}", file=sys.stderr)
     print(f"searching from {seed_name} ({genome.n_gates} gates, {genome.cost()['transistors']} transistors "
           f"estimated) ...", file=sys.stderr)
     result = search(genome, config, starts=starts, checkpoint=out / "checkpoint.json", resume=args.resume,
-                    progress=not args.quiet)
+                    progress=not args.quiet).merged(trajectory)
     vectors = None
     if not result.exhaustive:
         ev = Evaluator(genome.width_a, genome.width_b, genome.signed, samples=config.samples, seed=config.seed)
@@ -176,7 +182,8 @@ def _run_network(args: argparse.Namespace, config) -> int:
                                width=args.width or 8, target_accuracy=args.target_accuracy,
                                max_drop=args.max_drop, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs,
                                grad=args.grad, seed=args.seed, sweep=not args.no_sweep,
-                               family_starts=args.family_starts, shortlist=args.shortlist,
+                               family_starts=args.family_starts, greedy_starts=args.greedy_starts,
+                               shortlist=args.shortlist,
                                family_shortlist=args.family_shortlist, verify=not args.no_verify,
                                progress=not args.quiet)
     res = run_network_explore(cfg)

@@ -8,6 +8,9 @@
 * :class:`ExploreConfig` -- error objective, cost figure, error bounds, constraints, budget.
 * :func:`search` -- (1 + lambda) CGP/ALS search under a sweep of error bounds, with an
   archive of non-dominated circuits, checkpoints and resume.
+* :func:`greedy_trajectory` -- greedy approximate logic synthesis (one constant or wire
+  substitution at a time, the most cost saved per unit of error): a trajectory of
+  circuits in seconds, and starts for the search (:func:`search_starts`).
 * :func:`sweep_families` -- every registered family over a parameter grid (the baseline).
 * :func:`write_outputs` -- found circuits as circuit files and Verilog (each a
   ``netlist:path=...`` multiplier), measured after re-synthesis; table and Pareto plot.
@@ -20,8 +23,10 @@ from ._kernels import COST_FIGURES, numba_available
 from .config import DEFAULT_BOUNDS, ERROR_METRICS, ExploreConfig, parse_budget
 from .evaluator import EXHAUSTIVE_MAX_WIDTH, Evaluation, Evaluator
 from .genome import Genome, genome_from_circuit, genome_from_netlist, seed_genome
+from .greedy import greedy_trajectory
 from .report import ERROR_KEY, compare_fronts, measure, thin_front, write_outputs
 from .search import Archive, Candidate, SearchResult, search
+from .starts import search_starts
 from .sweep import SweepPoint, family_grid, pareto, sweep_families
 
 __all__ = [
@@ -42,11 +47,13 @@ __all__ = [
     "family_grid",
     "genome_from_circuit",
     "genome_from_netlist",
+    "greedy_trajectory",
     "measure",
     "numba_available",
     "pareto",
     "parse_budget",
     "search",
+    "search_starts",
     "seed_genome",
     "sweep_families",
     "thin_front",

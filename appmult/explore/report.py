@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,11 @@ def _plain(x):
     return x
 
 
-def thin_front(front: list[Candidate], error: str, limit: int) -> list[Candidate]:
-    """At most ``limit`` members of a front, spread evenly over log(error) (ends kept)."""
+def thin_front(front: list[Candidate], error: str, limit: int, anchors: Sequence[float] = ()) -> list[Candidate]:
+    """At most ``limit`` members of a front, spread evenly over log(error) (ends kept),
+    plus, for each error in ``anchors``, the cheapest member with no higher error (so that
+    a comparison at those errors sees the best the search found there).
+    """
     if len(front) <= limit:
         return list(front)
     raw = np.array([c.evaluation.get(error) for c in front])
@@ -92,8 +96,12 @@ def thin_front(front: list[Candidate], error: str, limit: int) -> list[Candidate
     floor = positive.min() if positive.size else 1.0
     errs = np.maximum(raw, floor / 2)  # an exact circuit sits just below the smallest error
     targets = np.geomspace(errs.min(), errs.max(), limit)
-    picked = sorted({int(np.argmin(np.abs(np.log(errs) - np.log(t)))) for t in targets} | {0, len(front) - 1})
-    return [front[i] for i in picked]
+    picked = {int(np.argmin(np.abs(np.log(errs) - np.log(t)))) for t in targets} | {0, len(front) - 1}
+    for a in anchors:  # the front is sorted by cost: the first member within the error is the cheapest
+        within = np.flatnonzero(raw <= a)
+        if within.size:
+            picked.add(int(within[0]))
+    return [front[i] for i in sorted(picked)]
 
 
 def compare_fronts(found: list[dict], family: list[dict], error_key: str, *, low: float, high: float,
@@ -128,8 +136,9 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
         out_dir: output directory (created); circuits go to ``out_dir/circuits/``.
         family: the family sweep (its front is measured and drawn too).
         vectors: the search's sample when it was not exhaustive.
-        max_report: at most this many found circuits are measured and reported (spread
-            over the error range; the front's ends always).
+        max_report: about this many found circuits are measured and reported (spread
+            over the error range; the front's ends always), plus, at each family-front
+            point, the cheapest found circuit with no higher error.
         progress: show a progress bar while measuring.
         seed_name: how the seed circuit is named in the report.
 
@@ -143,7 +152,9 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
     cdir = out / "circuits"
     cdir.mkdir(parents=True, exist_ok=True)
     error_key = ERROR_KEY[config.error]
-    chosen = thin_front(result.front, config.error, max_report)
+    est = pareto(family, lambda p: p.cost[config.cost], lambda p: p.evaluation.get(config.error)) if family else []
+    chosen = thin_front(result.front, config.error, max_report,
+                        anchors=[p.evaluation.get(config.error) for p in est])
     found: list[dict[str, Any]] = []
     for k, cand in enumerate(tqdm(chosen, desc="measuring found circuits", unit="circuit", disable=not progress,
                                   leave=False)):
@@ -163,7 +174,6 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
                                                       "cost": cand.cost}, **meas})
     fam_rows: list[dict[str, Any]] = []
     if family:
-        est = pareto(family, lambda p: p.cost[config.cost], lambda p: p.evaluation.get(config.error))
         for p in tqdm(est, desc="measuring family front", unit="circuit", disable=not progress, leave=False):
             meas = measure(from_spec(p.spec), config, vectors=vectors)
             meas.pop("verilog")

@@ -147,6 +147,12 @@ class SearchResult:
         """Candidate evaluations per second."""
         return self.evaluations / self.seconds if self.seconds > 0 else 0.0
 
+    def merged(self, candidates: Sequence[Candidate]) -> SearchResult:
+        """This result with ``candidates`` (e.g. a greedy trajectory) offered to its front."""
+        cost, error = self.config.cost, self.config.error
+        archive = Archive([(float(c.cost[cost]), c.evaluation.get(error), c) for c in [*self.front, *candidates]])
+        return dataclasses.replace(self, front=archive.candidates())
+
 
 def _identity(seed: Genome, config: ExploreConfig, starts: tuple[Genome, ...] = ()) -> str:
     payload = {"seed": seed.to_state(), "config": dataclasses.asdict(config), "version": CHECKPOINT_VERSION}

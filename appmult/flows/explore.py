@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from ..explore import Evaluator, ExploreConfig, pareto, search, seed_genome, sweep_families, write_outputs
+from ..explore import (Evaluator, ExploreConfig, search, search_starts, seed_genome, sweep_families,
+                       write_outputs)
 from ..files import atomic_write_text
 from ..hdl import from_spec
 from ..methods import record_operands
@@ -79,6 +80,8 @@ class NetworkExploreConfig:
         sweep: also sweep the built-in families (they join the shortlist).
         family_starts: each bound may start from a family-front member
             (:func:`appmult.explore.search`'s ``starts``; needs ``sweep``).
+        greedy_starts: each bound may also start from a circuit of the greedy walk
+            (:func:`appmult.explore.greedy_trajectory`), whose circuits join the front.
         shortlist: at most this many found circuits are retrained (a bisection along the
             found front for the last one that meets the target).
         family_shortlist: the same along the family front.
@@ -109,6 +112,7 @@ class NetworkExploreConfig:
     record_batches: int = 8
     sweep: bool = True
     family_starts: bool = False
+    greedy_starts: bool = False
     shortlist: int = 3
     family_shortlist: int = 3
     verify: bool = True
@@ -197,15 +201,15 @@ def _search(cfg: NetworkExploreConfig, p_a: np.ndarray, p_b: np.ndarray) -> dict
     """The weighted search (and family sweep); the measured fronts as :func:`write_outputs` writes them."""
     config = dataclasses.replace(cfg.search, p_a=tuple(p_a.tolist()), p_b=tuple(p_b.tolist()))
     genome, seed_name = seed_genome(cfg.exact_spec)
-    family, starts = None, ()
+    family = None
     if cfg.sweep:
         ev = Evaluator(cfg.width, cfg.width, False, p_a=config.p_a, p_b=config.p_b)
         family = sweep_families(cfg.width, cfg.width, False, evaluator=ev, progress=cfg.progress)
-        if cfg.family_starts:
-            starts = tuple(p.genome for p in pareto(family, lambda p: p.cost[config.cost],
-                                                    lambda p: p.evaluation.get(config.error)))
+    starts, trajectory = search_starts(genome, config, family=family, family_starts=cfg.family_starts,
+                                       greedy=cfg.greedy_starts, progress=cfg.progress)
     out = Path(cfg.out) / "search"
-    result = search(genome, config, starts=starts, checkpoint=out / "checkpoint.json", progress=cfg.progress)
+    result = search(genome, config, starts=starts, checkpoint=out / "checkpoint.json",
+                    progress=cfg.progress).merged(trajectory)
     return write_outputs(result, out, family=family, max_report=max(cfg.shortlist, 1) * 4,
                          progress=cfg.progress, seed_name=seed_name)
 
