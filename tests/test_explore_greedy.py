@@ -185,3 +185,32 @@ def test_moves_cover_every_active_gate():
         else:
             assert int(np.flatnonzero(child.out != seed.out).size) == 1
     assert seen == active
+
+
+def test_family_bounds_are_the_family_front_errors_in_the_comparison_range():
+    from appmult.explore import SweepPoint, family_bounds
+
+    def point(cost, mae):
+        return SweepPoint("x", None, Evaluation(mae, 0.0, 0, 0.0, 0.0, 0.0), {"transistors": cost})
+
+    family = [point(100, 2.0), point(200, 0.5), point(250, 0.6), point(300, 0.05), point(400, 0.005),
+              point(500, 0.0), point(150, 0.8)]
+    # the front: (100, 2.0) (150, 0.8) (200, 0.5) (300, 0.05) (400, 0.005) (500, 0); in 0.01..1%: three
+    assert family_bounds(family, _config()) == (0.05, 0.5, 0.8)
+    assert family_bounds(family, _config(error="er")) == ()  # er: every positive front error; here all 0
+
+
+def test_cli_bounds_family(tmp_path, capsys):
+    from appmult.cli import main
+    out = tmp_path / "run"
+    assert main(["explore", "--width", "3", "-o", str(out), "--evaluations", "60", "--bounds", "family",
+                 "--report", "2", "-q"]) == 0
+    doc = json.loads((out / "front.json").read_text())
+    fam = [f["metrics"]["mae_pct"] for f in doc["family"] if f["spec"].split(":")[0] != "exact"]
+    assert doc["config"]["bounds"] == sorted({e for e in fam if 0.01 <= e <= 1.0})
+    assert [r["family_error"] for r in doc["comparison"]] == sorted(doc["config"]["bounds"], reverse=True)
+    assert "bounds at the family front:" in capsys.readouterr().err
+    assert main(["explore", "--width", "3", "-o", str(out), "--evaluations", "60", "--bounds", "family",
+                 "--no-sweep", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == ("appmult explore: error: --bounds family needs the family sweep "
+                                               "(drop --no-sweep)")

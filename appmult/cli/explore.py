@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -27,7 +28,9 @@ def register(sub) -> None:
     p.add_argument("--cost", default="transistors",
                    help="cost figure: transistors, gates, aig_nodes, depth (default transistors)")
     p.add_argument("--bounds", metavar="B1,B2,...",
-                   help="increasing error bounds (%% for mae/wce of 2**(wa+wb), %% for mre/er; absolute for mse)")
+                   help="increasing error bounds (%% for mae/wce of 2**(wa+wb), %% for mre/er; absolute for mse), "
+                        "or 'family': one bound at each family-front point (for mae those with 0.01-1%%), so "
+                        "that each bound has a family circuit to beat")
     for metric in ("mae", "wce", "mre", "er", "mse"):
         p.add_argument(f"--max-{metric}", type=float, metavar="X",
                        help=f"constraint: every reported circuit has {metric} <= X (units as --bounds)")
@@ -73,8 +76,8 @@ def register(sub) -> None:
 
 def _bounds(text: str | None):
     from ..errors import UsageError
-    if text is None:
-        return None
+    if text is None or text == "family":
+        return None  # "family": set from the sweep (run)
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -116,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UsageError
-    from ..explore import Evaluator, search, search_starts, seed_genome, sweep_families, write_outputs
+    from ..explore import (Evaluator, family_bounds, search, search_starts, seed_genome, sweep_families,
+                           write_outputs)
     config = build_config(args)  # every argument checked before the long work
     if args.model is not None:
         return _run_network(args, config)
@@ -141,6 +145,14 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
     if args.family_starts and family is None:
         raise UsageError("--family-starts needs the family sweep (drop --no-sweep)")
+    if args.bounds == "family":
+        if family is None:
+            raise UsageError("--bounds family needs the family sweep (drop --no-sweep)")
+        bounds = family_bounds(family, config)
+        if not bounds:
+            raise UsageError(f"The family front has no {config.error} values in the comparison range; give --bounds")
+        config = dataclasses.replace(config, bounds=bounds)
+        print(f"bounds at the family front: {', '.join(f'{b:.4g}' for b in bounds)}", file=sys.stderr)
     starts, trajectory = search_starts(genome, config, family=family, family_starts=args.family_starts,
                                        greedy=args.greedy_starts, progress=not args.quiet)
     if trajectory:
@@ -178,6 +190,9 @@ def _run_network(args: argparse.Namespace, config) -> int:
                          "drop START, --width-a/--width-b and --signed")
     if args.hist is not None:
         raise UsageError("--model records its own operand histograms; drop --hist")
+    if args.bounds == "family":
+        raise UsageError("--bounds family is not available with --model (the family front depends on the "
+                         "histograms); give the bounds")
     cfg = NetworkExploreConfig(out=args.output, search=config, model=args.model, dataset=args.dataset,
                                width=args.width or 8, target_accuracy=args.target_accuracy,
                                max_drop=args.max_drop, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs,

@@ -24,7 +24,7 @@ from .config import DEFAULT_BOUNDS, ERROR_METRICS, ExploreConfig, parse_budget
 from .evaluator import EXHAUSTIVE_MAX_WIDTH, Evaluation, Evaluator
 from .genome import Genome, genome_from_circuit, genome_from_netlist, seed_genome
 from .greedy import greedy_trajectory
-from .report import ERROR_KEY, compare_fronts, measure, thin_front, write_outputs
+from .report import ERROR_KEY, compare_fronts, comparison_range, family_bounds, measure, thin_front, write_outputs
 from .search import Archive, Candidate, SearchResult, search
 from .starts import search_starts
 from .sweep import SweepPoint, family_grid, pareto, sweep_families
@@ -44,6 +44,8 @@ __all__ = [
     "SearchResult",
     "SweepPoint",
     "compare_fronts",
+    "comparison_range",
+    "family_bounds",
     "family_grid",
     "genome_from_circuit",
     "genome_from_netlist",

@@ -104,6 +104,23 @@ def thin_front(front: list[Candidate], error: str, limit: int, anchors: Sequence
     return [front[i] for i in sorted(picked)]
 
 
+#: Error range of the family-front points the comparison covers (others: every point).
+COMPARISON_RANGE = {"mae_pct": (0.01, 1.0)}
+
+
+def comparison_range(error_key: str) -> tuple[float, float]:
+    """``(low, high)``: the family-front errors :func:`compare_fronts` covers for ``error_key``."""
+    return COMPARISON_RANGE.get(error_key, (0.0, math.inf))
+
+
+def family_bounds(family: Sequence[SweepPoint], config: ExploreConfig) -> tuple[float, ...]:
+    """Error bounds at the family front's points: its positive errors within the comparison
+    range (so that each bound of the search has one family circuit to beat)."""
+    low, high = comparison_range(ERROR_KEY[config.error])
+    front = pareto(list(family), lambda p: p.cost[config.cost], lambda p: p.evaluation.get(config.error))
+    return tuple(sorted({e for e in (p.evaluation.get(config.error) for p in front) if e > 0 and low <= e <= high}))
+
+
 def compare_fronts(found: list[dict], family: list[dict], error_key: str, *, low: float, high: float,
                    saving: float = 0.2) -> list[dict[str, Any]]:
     """For each family-front point with ``low <= error <= high``: the cheapest found circuit
@@ -191,7 +208,7 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
            "bests": [{"bound": b.bound, "error": b.evaluation.get(config.error), "cost": b.cost}
                      for b in result.bests]}
     if fam_rows:
-        lo, hi = (0.01, 1.0) if error_key == "mae_pct" else (0.0, math.inf)
+        lo, hi = comparison_range(error_key)
         doc["comparison"] = compare_fronts(found, [f for f in fam_rows if f["spec"].split(":")[0] != "exact"],
                                            error_key, low=lo, high=hi)
     atomic_write_text(out / "front.json", json.dumps(doc, indent=2) + "\n")
