@@ -36,6 +36,12 @@ def _warm_up_for_mutation_testing() -> None:
 
 if os.environ.get("APPMULT_MUTMUT_WARMUP") == "1":
     _warm_up_for_mutation_testing()
+    # Automatic kernel choice by the rank rule instead of the timed probe: each mutant's
+    # fork starts with an empty probe cache, and probing every candidate kernel of every
+    # layer shape cost about 0.2 s of a killed mutant's 0.5 s; a timed choice would also
+    # let the kernel a mutant runs depend on the machine's load. The probe's own tests
+    # turn it back on (tests/test_nn_kernel_choice.py).
+    os.environ.setdefault("APPMULT_KERNEL_PROBE", "0")
 
 
 def exact(message: str) -> str:

@@ -16,7 +16,8 @@ from test_nn_luts import exact, mitchell_like, truncated
 
 
 @pytest.fixture(autouse=True)
-def _fresh_probe_cache():
+def _fresh_probe_cache(monkeypatch):
+    monkeypatch.setenv("APPMULT_KERNEL_PROBE", "1")  # on, also under `make mutate` (conftest turns it off)
     K.clear_probe_cache()
     yield
     K.clear_probe_cache()
