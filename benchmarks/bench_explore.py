@@ -8,7 +8,9 @@ Measures, on the exact 8x8 multiplier's netlist (about 300 gates, 65,536 pairs):
 * incremental evaluation of mutated children (``evaluate_child``: only the changed cone);
 * the whole search loop (mutation, evaluation, cost estimate, selection, archive), as
   ``search`` reports it, for the MAE objective (bit-sliced sums) and the MRE objective
-  (per-vector unpacking).
+  (per-vector unpacking);
+* the greedy approximate-logic-synthesis walk (``greedy_trajectory``, MAE up to 2%):
+  steps, candidate moves evaluated, seconds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import time
 
 import numpy as np
 
-from appmult.explore import Evaluator, ExploreConfig, genome_from_netlist, numba_available, search
+from appmult.explore import (Evaluator, ExploreConfig, genome_from_netlist, greedy_trajectory, numba_available,
+                             search)
 from appmult.explore.search import _active_gates, _Mutator
 from appmult.hdl import ExactMultiplier
 from appmult.sim import synthesize
@@ -59,6 +62,13 @@ def main() -> None:
         result = search(genome, cfg, progress=False)
         print(f"search loop, {error}: {result.evaluations} evaluations in {result.seconds:.2f} s "
               f"({result.throughput:,.0f} candidates/s), archive {len(result.front)}")
+
+    walk_ev = Evaluator(8, 8, args.signed, unpack=False, lam=1)
+    t = time.perf_counter()
+    walk = greedy_trajectory(genome, ExploreConfig(bounds=(2.0,), evaluations=1), evaluator=walk_ev, progress=False)
+    dt = time.perf_counter() - t
+    print(f"greedy walk to MAE 2%: {len(walk)} steps, {walk_ev.evaluations:,} moves evaluated in {dt:.1f} s "
+          f"({walk_ev.evaluations / dt:,.0f}/s), down to {walk[-1].cost['transistors']} transistors (estimate)")
 
 
 if __name__ == "__main__":
