@@ -488,3 +488,18 @@ def test_missing_gradient_names_what_there_is():
         lut.gradient("lut2d")
     with pytest.raises(LutFileError, match=r"^LUT width_a must be an integer in 1..16, not 0$"):
         LutFile(np.zeros((1, 2), np.int64), width_a=0, width_b=1, signed=False)
+
+
+import warnings  # noqa: E402
+
+
+@pytest.mark.parametrize("wa, wb", [(2, 2), (2, 5), (5, 2)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_auto_half_window_two_bit_operand_has_no_interior(wa, wb, signed):
+    """A 2-bit operand leaves no interior gradient value at H = 1 (the only half window
+    that fits): its roughness is 0 by definition, not the mean of an empty slice, so the
+    choice follows the reference and no RuntimeWarning escapes."""
+    p = _noisy(wa, wb, signed, 3, wa * 16 + wb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_against_reference(p, wa, wb, signed)
