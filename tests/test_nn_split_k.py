@@ -141,3 +141,23 @@ def test_rank1_conv_float32_bound_uses_the_activation_range(width_a, width_b):
     # the constant term counts as well
     c = torch.full((1,), float(limit))
     assert FU._rank1_prep(torch.tensor(0.0), below, c, tabs) is False
+
+
+@pytest.mark.parametrize("k,zx", [(257, 2.0), (258, 1.0), (258, 3.0), (300, 255.0)])
+def test_split_reduction_when_the_cross_term_alone_breaks_the_float32_limit(k, zx):
+    # Just above 258 inputs (or with a large Zx) |C| can push the bound past 2**24 while
+    # one chunk would hold every input: the fold then keeps a float64 C and the forward
+    # must add it in float64 (it once handed a float64 bias to a float32 addmm: a crash).
+    from appmult.nn import LutTables, approx_linear
+    table = truncated(0)
+    tabs = LutTables(LutFile(table, width_a=8, width_b=8, signed=False), kernel="lowrank")
+    rng = np.random.default_rng(k)
+    qx = rng.integers(0, 256, (3, k)).astype(np.float32)
+    qw = np.full((2, k), 255.0, np.float32)
+    qw[1, ::3] = rng.integers(0, 256, qw[1, ::3].shape)
+    one = torch.tensor(1.0)
+    y = approx_linear(torch.from_numpy(qx), one, torch.tensor(zx), torch.from_numpy(qw), one,
+                      torch.tensor(0.0), None, tabs)
+    want = brute_acc(table, qx, zx, qw, np.zeros(2))
+    assert y.dtype == torch.float32
+    np.testing.assert_array_equal(y.numpy().astype(np.float64), want.astype(np.float32).astype(np.float64))

@@ -164,8 +164,8 @@ class _LowRankLinearZpFn(torch.autograd.Function):
     """The whole integer accumulator ``sum LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` of a linear
     layer as one float32 ``addmm(C, U[qx], (V - c Zw)[qw].T)`` (weights, bias and the chunk
     length ``kc`` from :func:`appmult.nn.fused._folded_lowrank_weights` with ``split_k``):
-    where ``kc`` inputs are fewer than the layer's, one exact float32 GEMM per chunk of
-    ``kc`` inputs, the chunks and ``C`` added in float64."""
+    where that sum can exceed ``2**24`` (``C`` is then float64), one exact float32 GEMM per
+    chunk of ``kc`` inputs, the chunks and ``C`` added in float64."""
 
     @staticmethod
     def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, kc):
@@ -177,7 +177,7 @@ class _LowRankLinearZpFn(torch.autograd.Function):
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
         xu = xu.reshape(m, wv.shape[1])
-        if kc >= k:
+        if const.dtype == torch.float32:  # no split: the whole sum, bias included, is exact in float32
             return torch.addmm(const, xu, wv.t())
         r = wv.shape[1] // k
         acc = const.reshape(1, -1).expand(m, -1).clone()  # float64

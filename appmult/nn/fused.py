@@ -48,8 +48,9 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
 
     Returns:
         ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` -- with
-        ``split_k``, ``(weights, bias, kc)``: ``kc == Cg*kh*kw`` (no split) with a float32
-        bias, else a float64 one -- or ``None``.
+        ``split_k``, ``(weights, bias, kc)``: a float32 bias where one float32 GEMM plus
+        the bias is exact (``kc == Cg*kh*kw``), else a float64 one, the chunked sum's start
+        (``kc`` may then equal ``Cg*kh*kw`` too) -- or ``None``.
     """
     if tabs.u is None or (not tabs.signed and tabs.value_coef is None):
         return None
@@ -72,12 +73,14 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     # exact in float64; signed LUTs carry no cross terms (as in the unfused path)
     const = torch.zeros(co, dtype=torch.float64, device=qw.device) if tabs.signed else \
         -zxf * (q64 - zw_t[:, None]).sum(1)
-    kc = k
+    kc, split = k, False
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
         if not split_k or float(step.max()) * 2 >= K.FP32_EXACT_LIMIT \
                 or float(const.abs().max()) + float((k * step).max()) >= K.FP64_EXACT_LIMIT:
             return None
-        kc = int((K.FP32_EXACT_LIMIT - 1) // float(step.max()))  # kc * step < 2**24, kc >= 2
+        # kc * step < 2**24, 2 <= kc <= k; kc == k when C alone breaks the limit: one
+        # exact float32 GEMM, C added in float64 all the same
+        kc, split = min(k, int((K.FP32_EXACT_LIMIT - 1) // float(step.max()))), True
     vmax = max(float(np.abs(tabs._v_max).max()), float(np.abs(tabs._v_min).max()))
     if vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT:
         # every value and shift is an integer below 2**24: float32 is exact; shift only the
@@ -92,7 +95,7 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
     if split_k:
         # the bias of one float32 addmm, or the float64 start of the chunked sum
-        return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32) if kc == k else const, kc
+        return wv.contiguous(memory_format=torch.channels_last), const if split else const.to(torch.float32), kc
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
