@@ -1030,3 +1030,219 @@ def test_approx_linear_gather_zero_point_gradient():
     ref = (g * (5 * 2.0 - cw.sum(1))[None, :]).sum()
     assert zx.grad is not None
     np.testing.assert_allclose(zx.grad.item(), ref, rtol=1e-5)
+
+
+# -- functional.approx_linear (the public entry: checks, then _approx_linear) -----------------
+
+def test_approx_linear_refuses_codes_outside_the_lut():
+    """Activations outside the LUT's range are refused, naming approx_linear (mutants: another
+    name, or none, in the message)."""
+    rng = np.random.default_rng(53)
+    cx, cw = signed_codes(rng, (2, 5), 6), signed_codes(rng, (3, 5), 6)
+    cx[1, 2] = 40
+    zero = torch.zeros(())
+    with pytest.raises(InvalidValueError, match=msg(
+            "approx_linear: quantized activations must be integers in [-32, 31] (the LUT's operand range), "
+            "got values in [-32, 40]")):
+        approx_linear(torch.tensor(cx, dtype=torch.float32), torch.tensor(1.0), zero,
+                      torch.tensor(cw, dtype=torch.float32), torch.tensor(1.0), zero, None,
+                      LutTables(signed_lut(MITCHELL6S, 6)))
+
+
+def test_approx_linear_adds_the_bias():
+    """``y = sx sw sum_k LUT[qx, qw] + bias`` (mutant: the bias not passed on)."""
+    rng = np.random.default_rng(54)
+    cx, cw = signed_codes(rng, (3, 7), 6), signed_codes(rng, (4, 7), 6)
+    bias = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    zero = torch.zeros(())
+    y = approx_linear(torch.tensor(cx, dtype=torch.float32), torch.tensor(0.5), zero,
+                      torch.tensor(cw, dtype=torch.float32), torch.tensor(0.25), zero, bias,
+                      LutTables(signed_lut(MITCHELL6S, 6)))
+    ref = matmul_ref(MITCHELL6S, 6, cx, cw.T) * 0.125 + bias.numpy()[None, :]
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+
+
+def big_linear_case():
+    """:func:`big_sum_case` as approx_linear operands: codes ``(4, 1500)`` and ``(4, 1500)``,
+    scales 3/128 and 1/128, zero points 0 (a signed LUT)."""
+    lut, a, b, exact_y, float32_y = big_sum_case()
+    qx, qw = torch.round(a * (128 / 3)), torch.round(b * 128).t().contiguous()
+    zero = torch.zeros(())
+    args = (qx, torch.tensor(3 / 128), zero, qw, torch.tensor(1 / 128), zero, None, LutTables(lut))
+    return args, exact_y, float32_y
+
+
+def test_approx_linear_exact_accumulation():
+    """``exact=True`` reaches the computation: the exact LUT sum, scaled with one rounding
+    (mutants: ``exact`` not passed on, or passed as ``None``)."""
+    args, exact_y, _ = big_linear_case()
+    np.testing.assert_array_equal(approx_linear(*args, exact=True).numpy(), exact_y)
+
+
+def test_approx_linear_default_is_the_float32_path():
+    """The default is the float32 training path (the int32 sum converted to float32, then
+    scaled); pins the default ``exact=False`` (mutant: default ``True``)."""
+    args, _, float32_y = big_linear_case()
+    np.testing.assert_array_equal(approx_linear(*args).numpy(), float32_y)
+
+
+def test_approx_linear_fills_the_callers_cache():
+    """The weight-side tables of the fused gather path go into the caller's ``cache``, and a
+    second call with it gives the same brute-force result (mutant: the cache not passed on)."""
+    rng = np.random.default_rng(55)
+    cx, cw = unsigned_operands(rng, 3, 5, 4)
+    p = random_lut(4, 6) + 2000
+    tabs = LutTables(LutFile(p, width_a=4, width_b=4, signed=False), kernel="gather")
+    one = torch.tensor(1.0)
+    zx, zw = 3.0, 2.0
+    ref = matmul_ref(p, 4, cx, cw.T) - cx.sum(1, keepdims=True) * zw - zx * cw.sum(1)[None, :] + 5 * zx * zw
+    cache: dict = {}
+    for _ in range(2):
+        y = approx_linear(torch.tensor(cx, dtype=torch.float32), one, torch.tensor(zx),
+                          torch.tensor(cw, dtype=torch.float32), one, torch.tensor(zw), None, tabs, cache=cache)
+        np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+        assert cache
+
+
+# -- fused._gather_linear_prep / _gather_linear_zp (the fused gather path of approx_linear) ---
+
+def test_approx_linear_gather_rounds_the_accumulator_once(monkeypatch):
+    """An unsigned 8-bit LUT on the gather kernel, per-channel weight zero points, N != K:
+    the fused path computes the whole accumulator ``sum LUT - qx Zw - Zx qw + K Zx Zw`` in
+    int32 and rounds it to float32 once. The sums are above 2**24, so the unfused path
+    (float32 LUT sum, then each cross term in float32) rounds differently: the data
+    discriminates (mutants: the fused path refused for per-channel zero points when
+    N != K, never taken, or taken only off the CPU or for integer activations)."""
+    rng = np.random.default_rng(56)
+    p = (1 << 20) + rng.integers(0, 60000, (256, 256))
+    tabs = LutTables(LutFile(p, width_a=8, width_b=8, signed=False), kernel="gather")
+    m, k, n = 3, 64, 5
+    cx, cw = unsigned_operands(rng, m, k, n, width=8)
+    zw = rng.integers(0, 256, (n, 1))
+    zx = 7
+    acc = p[cx[:, None, :], cw[None, :, :]].sum(-1) - cx.sum(1, keepdims=True) * zw.T - zx * cw.sum(1)[None, :] \
+        + k * zx * zw.T
+    assert acc.min() > (1 << 24)
+    ref = acc.astype(np.float32)  # one rounding (scales 1)
+    one = torch.tensor(1.0)
+
+    def run():
+        return approx_linear(torch.tensor(cx, dtype=torch.float32), one, torch.tensor(float(zx)),
+                             torch.tensor(cw, dtype=torch.float32), one, torch.tensor(zw, dtype=torch.float32),
+                             None, tabs).numpy()
+
+    np.testing.assert_array_equal(run(), ref)
+    monkeypatch.setattr(FN, "_FUSED_GATHER", False)
+    assert (run() != ref).any()  # the unfused path would round differently
+
+
+def test_approx_linear_gather_partial_sums_from_two_to_the_31():
+    """A 2-bit unsigned LUT with row 3 at 32767, K = 4, ``Zw = -178956960`` (a float32
+    integer), every activation 3: the fused int32 kernel would start each output at
+    ``-Zw * 12 = 2**31 - 128`` and add 4 * 32767, past int32. ``gather_linear_prep``'s bound
+    (``|C| + |Zw| K max|x| + K max(t16)``) is attained here, so it must refuse the fused path
+    and the result is the (float32-rounded) exact sum (mutants: the bound with a smaller
+    ``max|x|``, without the table term, ``K / max|x|`` or ``|Zw| / K``, or a limit of
+    ``2**32``)."""
+    p = np.zeros((4, 4), np.int64)
+    p[3] = 32767
+    zw = -178956960.0
+    tabs = LutTables(LutFile(p, width_a=2, width_b=2, signed=False), kernel="gather")
+    cx = np.full((2, 4), 3)
+    cw = np.random.default_rng(57).integers(0, 4, (3, 4))
+    one = torch.tensor(1.0)
+    y = approx_linear(torch.tensor(cx, dtype=torch.float32), one, torch.tensor(0.0),
+                      torch.tensor(cw, dtype=torch.float32), one, torch.tensor(zw), None, tabs)
+    ref = p[cx[:, None, :], cw[None, :, :]].sum(-1) - cx.sum(1, keepdims=True) * int(zw)
+    assert ref.max() >= 1 << 31 and -int(zw) * 12 < 1 << 31
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-6)
+
+
+def test_approx_linear_gather_without_outputs():
+    """A linear layer with no outputs (``qw`` of shape ``(0, K)``) on the fused gather path
+    gives an empty ``(M, 0)`` result (mutant: the bound's ``max |Zw|`` of an empty array
+    without the initial 0, which raises)."""
+    tabs = LutTables(LutFile(random_lut(4, 7) + 2000, width_a=4, width_b=4, signed=False), kernel="gather")
+    one = torch.tensor(1.0)
+    y = approx_linear(torch.ones((3, 5)), one, torch.tensor(2.0), torch.zeros((0, 5)), one, torch.tensor(1.0),
+                      None, tabs)
+    assert y.shape == (3, 0) and y.dtype == torch.float32
+
+
+def test_gather_linear_prep_refuses_weight_indices_outside_the_table():
+    """The kernel names the weight operand whose indices are out of range (mutant: another
+    spelling in the message)."""
+    b = torch.tensor([[0, 20, 3]])
+    with pytest.raises(IndexError, match=msg("Weight indices outside the table's 16 columns: values in [0, 20]")):
+        K.gather_linear_prep(b, 0, torch.ones((16, 16), dtype=torch.int64), 0, 0, None)
+
+
+# -- kernels.probe_choice (timed on a fake clock: each candidate advances it by its cost) ----
+
+def fake_clock_candidates(monkeypatch, costs: dict[str, int]):
+    """Candidates that advance a fake ``perf_counter`` by their integer cost, and the count of
+    each one's runs."""
+    import types
+    now = [0]
+    monkeypatch.setattr(K, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(K, "_probe_lru", collections.OrderedDict())
+    calls = dict.fromkeys(costs, 0)
+
+    def cand(name):
+        def run():
+            calls[name] += 1
+            now[0] += costs[name]
+        return run
+
+    return {name: cand(name) for name in costs}, calls
+
+
+@pytest.mark.parametrize("costs, choice", [({"a": 1, "b": 100}, "a"), ({"a": 100, "b": 1}, "b")])
+def test_probe_far_apart_stops_after_the_first_rounds(costs, choice, monkeypatch):
+    """Candidates 100x apart: one warm-up and :data:`PROBE_ROUNDS` timed rounds, then the
+    faster one is chosen, first or second (mutants: one more round, every round run, the
+    margin divided by the first's time instead of multiplied)."""
+    candidates, calls = fake_clock_candidates(monkeypatch, costs)
+    assert K.probe_choice(("far",), candidates, CPU) == choice
+    assert calls == dict.fromkeys(costs, 1 + K.PROBE_ROUNDS)
+
+
+def test_probe_at_exactly_probe_close_runs_every_round(monkeypatch):
+    """The two fastest exactly :data:`PROBE_CLOSE` apart (13 and 10 time units) are "within"
+    it: every round runs (mutants: stop when the ratio reaches ``PROBE_CLOSE``, or compare
+    with ``PROBE_CLOSE`` divided by the faster time)."""
+    assert K.PROBE_CLOSE * 10 == 13
+    candidates, calls = fake_clock_candidates(monkeypatch, {"a": 10, "b": 13})
+    assert K.probe_choice(("close",), candidates, CPU) == "a"
+    assert calls == {"a": 1 + K.PROBE_MAX_ROUNDS, "b": 1 + K.PROBE_MAX_ROUNDS}
+
+
+def test_probe_later_candidate_must_beat_the_margin(monkeypatch):
+    """A later candidate exactly :data:`PROBE_MARGIN` times the first's time (97 vs 100) does
+    not beat it: the first stays chosen (mutant: ``<=``)."""
+    assert K.PROBE_MARGIN * 100 == 97
+    candidates, _ = fake_clock_candidates(monkeypatch, {"a": 100, "b": 97})
+    assert K.probe_choice(("margin",), candidates, CPU) == "a"
+
+
+def test_approx_linear_gather_bound_just_below_two_to_the_31(monkeypatch):
+    """K = 1, a 2-bit unsigned LUT with row 3 at 30001 (offset 0), ``Zx = 0``,
+    ``Zw = -715817882`` (float64): every weight-side constant is 0 and the bound
+    ``|Zw| * 3 + 30001`` is ``2**31 - 1``, which int32 holds: the fused path runs and rounds the exact accumulator
+    ``2**31 - 1`` to float32 once; the unfused path would round ``Zw`` first (the data
+    discriminates) (mutant: the bound's ``max |C|`` with an initial 1, refusing it)."""
+    p = np.zeros((4, 4), np.int64)
+    p[3] = 30001
+    tabs = LutTables(LutFile(p, width_a=2, width_b=2, signed=False), kernel="gather")
+    zw = -715817882
+    ref = np.array([[30001 - 3 * zw]])
+    assert ref[0, 0] == (1 << 31) - 1
+    one = torch.tensor(1.0)
+
+    def run():
+        return approx_linear(torch.tensor([[3.0]]), one, torch.tensor(0.0), torch.tensor([[2.0]]), one,
+                             torch.tensor(float(zw), dtype=torch.float64), None, tabs).numpy()
+
+    np.testing.assert_array_equal(run(), ref.astype(np.float32))
+    monkeypatch.setattr(FN, "_FUSED_GATHER", False)
+    assert (run() != ref.astype(np.float32)).any()
