@@ -56,11 +56,14 @@ bench: venv iverilog
 # test subset: [tool.mutmut] in pyproject.toml; results and accepted survivors: tests/README.md.
 # MUTATE_CHILDREN parallel workers (default 1: a shared machine); MUTANTS="name ..." reruns
 # just those mutants. mutmut caches results in mutants/: a rerun only tests what changed.
+# One thread per worker (torch and numba): numba's own pool of one thread per core, in every
+# worker, doubled the CPU time of the numba-heavy tests and counted against mutmut's CPU
+# limit, so slow-but-killed mutants showed as timeouts.
 MUTATE_CHILDREN ?= 1
 MUTANTS ?=
 mutate: venv
 	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutate]'
-	OMP_NUM_THREADS=1 APPMULT_MUTMUT_WARMUP=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
+	OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 APPMULT_MUTMUT_WARMUP=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS)
 	$(VENV)/bin/mutmut export-cicd-stats
 	@cat mutants/mutmut-cicd-stats.json; echo
 	@# survivors, timeouts, ...: everything not killed (mutants not run yet are left out)
