@@ -1246,3 +1246,54 @@ def test_approx_linear_gather_bound_just_below_two_to_the_31(monkeypatch):
     np.testing.assert_array_equal(run(), ref.astype(np.float32))
     monkeypatch.setattr(FN, "_FUSED_GATHER", False)
     assert (run() != ref.astype(np.float32)).any()
+
+
+@pytest.mark.parametrize("width_a, width_b", [(9, 2), (2, 9)])
+def test_approx_linear_gather_lut_over_8_bits_on_one_side(width_a, width_b):
+    """A 9-bit x 2-bit unsigned LUT (either way round) on the gather kernel, with zero points:
+    the fused weight-row kernel takes uint8 indices, so ``gather_linear_prep`` must refuse a
+    table with more than 256 rows *or* columns, and the result is the brute-force sum
+    (mutant: refused only when both sides exceed 256, the 9-bit indices wrapped)."""
+    rng = np.random.default_rng(58)
+    p = rng.integers(0, 1000, (1 << width_a, 1 << width_b))
+    tabs = LutTables(LutFile(p, width_a=width_a, width_b=width_b, signed=False), kernel="gather")
+    m, k, n = 3, 6, 4
+    cx = rng.integers(0, 1 << width_a, (m, k))
+    cw = rng.integers(0, 1 << width_b, (n, k))
+    cx[0, 0], cw[0, 0] = (1 << width_a) - 1, (1 << width_b) - 1  # both ranges' ends
+    zx, zw = 5, 2
+    ref = p[cx[:, None, :], cw[None, :, :]].sum(-1) - cx.sum(1, keepdims=True) * zw - zx * cw.sum(1)[None, :] \
+        + k * zx * zw
+    one = torch.tensor(1.0)
+    y = approx_linear(torch.tensor(cx, dtype=torch.float32), one, torch.tensor(float(zx)),
+                      torch.tensor(cw, dtype=torch.float32), one, torch.tensor(float(zw)), None, tabs)
+    np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
+
+
+@pytest.mark.parametrize("c", [30001, 30002])
+def test_approx_linear_gather_constant_lut_bound_at_two_to_the_31(c, monkeypatch):
+    """K = 1, a constant 2-bit unsigned LUT (every entry ``c``: the uint16 table is all 0),
+    ``Zw = 0``, ``Zx = -715817882`` (float64), weight 3: the accumulator and the bound of
+    ``gather_linear_prep`` are both ``c + 3 |Zx|``. For ``c = 30001`` that is ``2**31 - 1``,
+    which int32 holds: the fused path runs and rounds the exact sum to float32 once (the
+    unfused path would round ``Zx`` first: the data discriminates). For ``c = 30002`` it is
+    ``2**31``, which int32 does not hold: the fused path is refused and the result is the
+    float32-rounded exact sum (mutants: the bound's ``max |Zw|`` or ``max(t16)`` with an
+    initial 1, refusing ``2**31 - 1``; the limit ``bound > 2**31``, wrapping ``2**31``)."""
+    p = np.full((4, 4), c, np.int64)
+    tabs = LutTables(LutFile(p, width_a=2, width_b=2, signed=False), kernel="gather")
+    zx = -715817882
+    ref = np.array([[c - zx * 3]])
+    assert ref[0, 0] == (1 << 31) - 30002 + c
+    one = torch.tensor(1.0)
+
+    def run():
+        return approx_linear(torch.tensor([[1.0]]), one, torch.tensor(float(zx), dtype=torch.float64),
+                             torch.tensor([[3.0]]), one, torch.tensor(0.0), None, tabs).numpy()
+
+    if c == 30001:
+        np.testing.assert_array_equal(run(), ref.astype(np.float32))
+        monkeypatch.setattr(FN, "_FUSED_GATHER", False)
+        assert (run() != ref.astype(np.float32)).any()  # the unfused path would round differently
+    else:
+        np.testing.assert_allclose(run(), ref, rtol=1e-6)
