@@ -1297,3 +1297,114 @@ def test_approx_linear_gather_constant_lut_bound_at_two_to_the_31(c, monkeypatch
         assert (run() != ref.astype(np.float32)).any()  # the unfused path would round differently
     else:
         np.testing.assert_allclose(run(), ref, rtol=1e-6)
+
+
+# -- batch 3: fused._gather_linear_prep, kernels._unfold_uint8, kernels.float_factorization ---
+
+def test_approx_linear_gather_per_tensor_zero_point_rounds_once(monkeypatch):
+    """As :func:`test_approx_linear_gather_rounds_the_accumulator_once` with one weight zero
+    point for all N = 5 outputs: the fused path takes a per-tensor ``Zw`` too and rounds the
+    exact int32 accumulator to float32 once; the unfused path rounds differently (the data
+    discriminates) (mutant: a per-tensor zero point accepted only as a 2-element array)."""
+    if not K.numba_available():
+        pytest.skip("numba not installed: no fused gather path")
+    rng = np.random.default_rng(59)
+    p = (1 << 20) + rng.integers(0, 60000, (256, 256))
+    tabs = LutTables(LutFile(p, width_a=8, width_b=8, signed=False), kernel="gather")
+    m, k, n = 3, 64, 5
+    cx, cw = unsigned_operands(rng, m, k, n, width=8)
+    zx, zw = 7, 201
+    acc = p[cx[:, None, :], cw[None, :, :]].sum(-1) - cx.sum(1, keepdims=True) * zw - zx * cw.sum(1)[None, :] \
+        + k * zx * zw
+    assert acc.min() > (1 << 24)
+    ref = acc.astype(np.float32)  # one rounding (scales 1)
+    one = torch.tensor(1.0)
+
+    def run():
+        return approx_linear(torch.tensor(cx, dtype=torch.float32), one, torch.tensor(float(zx)),
+                             torch.tensor(cw, dtype=torch.float32), one, torch.tensor(float(zw)), None,
+                             tabs).numpy()
+
+    np.testing.assert_array_equal(run(), ref)
+    monkeypatch.setattr(FN, "_FUSED_GATHER", False)
+    assert (run() != ref).any()  # the unfused path would round differently
+
+
+def test_approx_conv2d_gather_refuses_a_zero_point_just_past_the_lut():
+    """A 4-bit unsigned LUT on the fused gather conv path with padding: an activation zero
+    point of 16, one past the LUT's last row, would be the padded positions' table index;
+    it is refused like any other out-of-range padding value (mutant: the range check
+    ``zidx <= na``, which lets index 16 read past the 16-row table)."""
+    if not K.numba_available():
+        pytest.skip("numba not installed: no fused gather path")
+    rng = np.random.default_rng(60)
+    tabs = LutTables(LutFile(random_lut(4, 61) + 2000, width_a=4, width_b=4, signed=False), kernel="gather")
+    qx = torch.tensor(rng.integers(0, 16, (2, 2, 5, 5)), dtype=torch.float32)
+    qw = torch.tensor(rng.integers(0, 16, (3, 2, 3, 3)), dtype=torch.float32)
+    one = torch.tensor(1.0)
+    with pytest.raises(IndexError, match=msg("Padding value 16 outside the LUT's range")):
+        approx_conv2d(qx, one, torch.tensor(16.0), qw, one, torch.tensor(1.0), None, tabs, padding=1)
+
+
+def within_rel_tol(fac, t: np.ndarray, rel_tol: float = 1e-6) -> bool:
+    """``max |P Q^T - t| <= rel_tol max |t|``, in float64."""
+    p, q = fac
+    return float(np.abs(p @ q.T - t).max()) <= rel_tol * float(np.abs(t).max())
+
+
+def test_float_factorization_max_rank_default_32():
+    """A float table of rank 32 gets 32 columns; rank 33 gives ``None`` by default
+    (``max_rank=32``) but 33 columns with ``max_rank=33`` (mutants: default 33, the loop
+    stopping two ranks early or going one rank past ``max_rank``)."""
+    t32, t33 = rank_r_table(32).astype(np.float64), rank_r_table(33, seed=1).astype(np.float64)
+    assert np.linalg.matrix_rank(t32) == 32 and np.linalg.matrix_rank(t33) == 33
+    fac = K.float_factorization(t32)
+    assert fac is not None and fac[0].shape == (40, 32) and fac[1].shape == (40, 32)
+    assert within_rel_tol(fac, t32)
+    assert K.float_factorization(t33) is None
+    fac = K.float_factorization(t33, max_rank=33)
+    assert fac is not None and fac[0].shape[1] == 33 and within_rel_tol(fac, t33)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (6, 1), (5, 9)])
+def test_float_factorization_of_a_rank_one_table(shape):
+    """A rank-1 table (an outer product; a single row or column included) gets one column
+    each side (mutants: ranks counted from 2, the loop stopping early)."""
+    rng = np.random.default_rng(62)
+    t = np.outer(rng.standard_normal(shape[0]), rng.standard_normal(shape[1]))
+    fac = K.float_factorization(t)
+    assert fac is not None and fac[0].shape == (shape[0], 1) and fac[1].shape == (shape[1], 1)
+    assert within_rel_tol(fac, t)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -10])
+def test_float_factorization_tolerance_relative_to_the_tables_own_scale(scale):
+    """``rel_tol`` is relative to the table's largest magnitude, also when that is exactly 1
+    or far below 1: a rank-2 table whose second component is 1e-4 of the first needs both
+    (mutants: the scale at least 1, i.e. an absolute tolerance for small tables; a table of
+    largest magnitude 1 taken for the zero table)."""
+    rng = np.random.default_rng(63)
+    a, b = rng.standard_normal((2, 8)), rng.standard_normal((2, 6))
+    t = np.outer(a[0], b[0]) + 1e-4 * np.outer(a[1], b[1])
+    t = t * (scale / np.abs(t).max())
+    assert np.abs(t).max() == scale
+    fac = K.float_factorization(t)
+    assert fac is not None and fac[0].shape[1] == 2
+    assert within_rel_tol(fac, t)
+
+
+def test_float_factorization_of_a_float32_table_is_float64():
+    """The gradient tables are float32; the SVD runs in float64 and the factors are float64
+    as documented (mutants: the table's own dtype kept, a float32 SVD)."""
+    t32 = (rank_r_table(3, size=12) / 8).astype(np.float32)  # exact in float32: rank 3
+    fac = K.float_factorization(t32)
+    assert fac is not None and fac[0].dtype == fac[1].dtype == np.float64
+    assert fac[0].shape[1] == 3 and within_rel_tol(fac, t32.astype(np.float64), 1e-12)
+
+
+def test_float_factorization_of_an_empty_table():
+    """An empty table is the zero table: one zero column each side (mutant: its largest
+    magnitude taken without the initial 0, which raises)."""
+    fac = K.float_factorization(np.zeros((0, 3)))
+    assert fac is not None and fac[0].shape == (0, 1) and fac[1].shape == (3, 1)
+    assert not fac[1].any()
