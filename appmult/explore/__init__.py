@@ -27,7 +27,7 @@ from .greedy import greedy_trajectory
 from .report import ERROR_KEY, compare_fronts, comparison_range, family_bounds, measure, thin_front, write_outputs
 from .search import Archive, Candidate, SearchResult, search
 from .starts import search_starts
-from .sweep import SweepPoint, family_grid, pareto, sweep_families
+from .sweep import SweepPoint, family_front, family_grid, pareto, sweep_families
 
 __all__ = [
     "COST_FIGURES",
@@ -46,6 +46,7 @@ __all__ = [
     "compare_fronts",
     "comparison_range",
     "family_bounds",
+    "family_front",
     "family_grid",
     "genome_from_circuit",
     "genome_from_netlist",

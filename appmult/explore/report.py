@@ -30,7 +30,7 @@ from ..sim import hardware_cost, synthesize
 from ..spec import short_spec
 from .config import ExploreConfig
 from .search import Candidate, SearchResult
-from .sweep import SweepPoint, pareto
+from .sweep import SweepPoint, family_front, pareto
 
 
 __all__ = ["ERROR_KEY", "compare_fronts", "measure", "thin_front", "write_outputs"]
@@ -117,7 +117,7 @@ def family_bounds(family: Sequence[SweepPoint], config: ExploreConfig) -> tuple[
     """Error bounds at the family front's points: its positive errors within the comparison
     range (so that each bound of the search has one family circuit to beat)."""
     low, high = comparison_range(ERROR_KEY[config.error])
-    front = pareto(list(family), lambda p: p.cost[config.cost], lambda p: p.evaluation.get(config.error))
+    front = family_front(family, config.cost, config.error)
     return tuple(sorted({e for e in (p.evaluation.get(config.error) for p in front) if e > 0 and low <= e <= high}))
 
 
@@ -169,7 +169,7 @@ def write_outputs(result: SearchResult, out_dir: str | os.PathLike, *, family: l
     cdir = out / "circuits"
     cdir.mkdir(parents=True, exist_ok=True)
     error_key = ERROR_KEY[config.error]
-    est = pareto(family, lambda p: p.cost[config.cost], lambda p: p.evaluation.get(config.error)) if family else []
+    est = family_front(family, config.cost, config.error) if family else []
     chosen = thin_front(result.front, config.error, max_report,
                         anchors=[p.evaluation.get(config.error) for p in est])
     found: list[dict[str, Any]] = []

@@ -10,7 +10,7 @@ from .evaluator import Evaluator
 from .genome import Genome
 from .greedy import greedy_trajectory
 from .search import Candidate
-from .sweep import SweepPoint, pareto
+from .sweep import SweepPoint, family_front
 
 __all__ = ["search_starts"]
 
@@ -45,6 +45,5 @@ def search_starts(seed: Genome, config: ExploreConfig, *, family: Sequence[Sweep
     if family_starts:
         if family is None:
             raise InvalidValueError("Family starts need the family sweep")
-        starts += [p.genome for p in pareto(list(family), lambda p: p.cost[config.cost],
-                                            lambda p: p.evaluation.get(config.error))]
+        starts += [p.genome for p in family_front(family, config.cost, config.error)]
     return tuple(starts), trajectory

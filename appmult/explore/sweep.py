@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ..hdl import FAMILIES, Multiplier
 from ..sim import synthesize
@@ -12,7 +12,7 @@ from .evaluator import Evaluation, Evaluator
 from .genome import Genome, genome_from_netlist
 
 
-__all__ = ["SweepPoint", "family_grid", "pareto", "sweep_families"]
+__all__ = ["SweepPoint", "family_front", "family_grid", "pareto", "sweep_families"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,3 +101,9 @@ def pareto(items: list, cost, error) -> list:
         if not best or error(item) < error(best[-1]):
             best.append(item)
     return best
+
+
+def family_front(points: Sequence[SweepPoint], cost: str, error: str) -> list[SweepPoint]:
+    """The non-dominated sweep points by the search's cost figure ``cost`` and error
+    objective ``error`` (names as in :class:`~appmult.explore.ExploreConfig`)."""
+    return pareto(list(points), lambda p: p.cost[cost], lambda p: p.evaluation.get(error))
