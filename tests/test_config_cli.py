@@ -53,6 +53,18 @@ def test_assign_cli_defaults():
     assert build_config(AssignConfig, args) == AssignConfig(candidates=("truncated:width=8,signed=false,columns=6",))
 
 
+def test_explore_network_cli_defaults():
+    from appmult.flows.explore_config import NetworkExploreConfig
+    args = parse("explore", "-o", "run", "--model", "lenet5")
+    on_cli = ("dataset", "target_accuracy", "max_drop", "pretrain_epochs", "epochs", "grad", "shortlist",
+              "family_shortlist", "neighbours")
+    defaults = {f.name: f.default for f in dataclasses.fields(NetworkExploreConfig)}
+    for name in on_cli:
+        assert getattr(args, name) == defaults[name], name
+    args = parse("explore", "-o", "run", "--model", "lenet5", "--neighbours", "0", "--shortlist", "5")
+    assert (args.neighbours, args.shortlist) == (0, 5)
+
+
 def test_cli_flags_reach_the_config():
     args = parse("retrain", "--spec", "exact:width=4", "--grad", "ste", "lut2d", "--half-window", "4",
                  "--no-progress", "--no-time-exact", "--resume", "--epochs", "4", "--exact-last", "1")

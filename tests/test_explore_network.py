@@ -91,8 +91,8 @@ def test_network_explore_wiring(tmp_path, monkeypatch, one_torch_thread):
     calls = _stub_training(monkeypatch, tmp_path)
     cfg = NetworkExploreConfig(out=str(tmp_path / "net"), search=ExploreConfig(evaluations=1500, bounds=(1.0, 4.0)),
                                model="lenet5", dataset="digits", width=4, target_accuracy=80.0, shortlist=2,
-                               family_shortlist=2, record_batches=2, family_starts=True, verify=False,
-                               progress=False)
+                               family_shortlist=2, neighbours=1, record_batches=2, family_starts=True,
+                               verify=False, progress=False)
     res = run_network_explore(cfg)
     hist = np.load(tmp_path / "net" / "hist.npz")
     assert hist["p_a"].shape == hist["p_b"].shape == (16,)
@@ -100,7 +100,7 @@ def test_network_explore_wiring(tmp_path, monkeypatch, one_torch_thread):
     assert json.loads((tmp_path / "net" / "search" / "front.json").read_text())["config"]["p_a"] is True
     rows = res["candidates"]
     assert calls[0] == "exact" and res["reference"]["accuracy_after"] == 90.0
-    assert sorted(r["name"] for r in rows) == sorted(calls[1:]) and 1 <= len(rows) <= 4
+    assert sorted(r["name"] for r in rows) == sorted(calls[1:]) and 1 <= len(rows) <= 6
     assert [r["transistors"] for r in rows] == sorted(r["transistors"] for r in rows)
     assert all(0 < r["error"] <= 4.0 for r in rows)
     assert all(r["meets_target"] == (r["accuracy_after"] >= 80.0) for r in rows)
@@ -120,6 +120,7 @@ def test_network_explore_wiring(tmp_path, monkeypatch, one_torch_thread):
     (dict(max_drop=-1), "max_drop must be a non-negative number of percentage points, not -1"),
     (dict(grad="lut3d"), "Unknown gradient mode 'lut3d'; choose one of ste, lut2d, lut1d"),
     (dict(shortlist=0, family_shortlist=0), "Nothing to retrain: shortlist and family_shortlist are both 0"),
+    (dict(neighbours=-1), "neighbours must be an integer of at least 0, not -1"),
     (dict(sweep=False, family_starts=True), "family_starts needs the family sweep (sweep=True)"),
 ])
 def test_network_config_wrong(kwargs, message):
@@ -173,3 +174,44 @@ def test_bisection_finds_the_last_circuit_that_meets_the_target(monkeypatch):
     assert "r7" in seen and not next(r for r in rows if r["name"] == "r7")["meets_target"]
     seen.clear()
     assert len(flow._bisect(None, None, "mae_pct", front, 2, 80.0)) == 2
+
+
+def _accuracy_row(passing, seen):
+    def row(cfg, checkpoint, key, r, threshold):
+        seen.append(r["name"])
+        return {"name": r["name"], "meets_target": r["name"] in passing}
+    return row
+
+
+def test_neighbours_find_a_cheaper_circuit_the_bisection_skipped(monkeypatch):
+    # Accuracy that does not fall monotonically along the front: r6 fails, r7 passes again.
+    from appmult.flows import explore as flow
+    front = [{"name": f"r{i}", "metrics": {"mae_pct": 0.1 * (i + 1)}} for i in range(20)]
+    passing = {"r0", "r1", "r2", "r3", "r4", "r5", "r7"}
+    seen = []
+    monkeypatch.setattr(flow, "_row", _accuracy_row(passing, seen))
+    plain = flow._bisect(None, None, "mae_pct", front, 10, 80.0)
+    assert "r7" not in seen and max(int(r["name"][1:]) for r in plain if r["meets_target"]) == 5
+    seen.clear()
+    rows = flow._bisect(None, None, "mae_pct", front, 10, 80.0, neighbours=2)
+    # The bisection retrains r9, r4, r6, r5 (r5 passes, r6 fails); the two nearest cheaper
+    # members not retrained yet are r7 and r8, in that order, after the bisection.
+    assert seen[:len(plain)] == [r["name"] for r in plain] and seen[len(plain):] == ["r7", "r8"]
+    assert [r["name"] for r in rows] == seen and len(set(seen)) == len(seen)
+    assert max(int(r["name"][1:]) for r in rows if r["meets_target"]) == 7
+
+
+def test_neighbours_without_a_passing_circuit_start_at_the_front(monkeypatch):
+    from appmult.flows import explore as flow
+    front = [{"name": f"r{i}", "metrics": {"mae_pct": 0.1 * (i + 1)}} for i in range(8)]
+    seen = []
+    monkeypatch.setattr(flow, "_row", _accuracy_row({"r1"}, seen))
+    rows = flow._bisect(None, None, "mae_pct", front, 2, 80.0, neighbours=3)
+    # The bisection: r3 fails, r1 passes (limit 2 reached); then r2, r4, r5 (r3 is done).
+    assert seen == ["r3", "r1", "r2", "r4", "r5"] and [r["name"] for r in rows] == seen
+    seen.clear()
+    monkeypatch.setattr(flow, "_row", _accuracy_row(set(), seen))
+    flow._bisect(None, None, "mae_pct", front, 3, 80.0, neighbours=2)
+    assert seen == ["r3", "r1", "r0", "r2", "r4"]
+    seen.clear()
+    assert flow._bisect(None, None, "mae_pct", front, 0, 80.0, neighbours=2) == [] and seen == []

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
+
+from ..flows.explore_config import NetworkExploreConfig
+from ._config import add_option
 
 
 def register(sub) -> None:
@@ -53,21 +57,26 @@ def register(sub) -> None:
     net = p.add_argument_group("network-aware mode (--model): histograms from a trained network, retraining")
     net.add_argument("--model", help="network (mlp, lenet5, resnet8, ...): search under its operand "
                                      "distributions, retrain a shortlist, verify the chosen circuit's RTL")
-    net.add_argument("--dataset", default="digits", help="data set (digits, mnist5k, ...; default digits)")
-    net.add_argument("--target-accuracy", type=float, metavar="PCT",
-                     help="accuracy (%%) after retraining the chosen circuit must reach "
-                          "(default: --max-drop below the exact-quantized or retrained-exact accuracy)")
-    net.add_argument("--max-drop", type=float, default=1.0, metavar="PP",
-                     help="allowed loss against the better of the exact-quantized accuracy and the exact "
-                          "multiplier retrained the same way, percentage points (default 1)")
-    net.add_argument("--pretrain-epochs", type=int, default=5, help="FP32 pretraining epochs (cached; default 5)")
-    net.add_argument("--epochs", type=int, default=2, help="retraining epochs per shortlisted circuit (default 2)")
-    net.add_argument("--grad", default="ste", help="retraining gradients: ste, lut2d, lut1d (default ste)")
-    net.add_argument("--shortlist", type=int, default=3,
-                     help="at most N found circuits retrained, bisecting along the found front for the "
-                          "cheapest that meets the target (default 3)")
-    net.add_argument("--family-shortlist", type=int, default=3,
-                     help="the same along the family front (default 3)")
+    net_opt = functools.partial(add_option, net, NetworkExploreConfig)
+    net_opt("dataset", "--dataset", help="data set (digits, mnist5k, ...; default %(default)s)")
+    net_opt("target_accuracy", "--target-accuracy", type=float, metavar="PCT",
+            help="accuracy (%%) after retraining the chosen circuit must reach "
+                 "(default: --max-drop below the exact-quantized or retrained-exact accuracy)")
+    net_opt("max_drop", "--max-drop", type=float, metavar="PP",
+            help="allowed loss against the better of the exact-quantized accuracy and the exact "
+                 "multiplier retrained the same way, percentage points (default %(default)s)")
+    net_opt("pretrain_epochs", "--pretrain-epochs", type=int, metavar="N",
+            help="FP32 pretraining epochs (cached; default %(default)s)")
+    net_opt("epochs", "--epochs", type=int, metavar="N", help="retraining epochs per shortlisted circuit (default %(default)s)")
+    net_opt("grad", "--grad", help="retraining gradients: ste, lut2d, lut1d (default %(default)s)")
+    net_opt("shortlist", "--shortlist", type=int, metavar="N",
+            help="at most N found circuits retrained, bisecting along the found front for the "
+                 "cheapest that meets the target (default %(default)s)")
+    net_opt("family_shortlist", "--family-shortlist", type=int, metavar="N",
+            help="the same along the family front (default %(default)s)")
+    net_opt("neighbours", "--neighbours", type=int, metavar="N",
+            help="then retrain up to N more circuits of each front, the nearest cheaper ones where its "
+                 "bisection stopped (default %(default)s; 0: trust the bisection)")
     net.add_argument("--no-verify", action="store_true", help="skip the RTL check of the chosen circuit")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -184,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_network(args: argparse.Namespace, config) -> int:
     """``--model``: the network-aware mode (:func:`appmult.flows.explore.run_network_explore`)."""
     from ..errors import UsageError
-    from ..flows.explore import NetworkExploreConfig, run_network_explore
+    from ..flows.explore import run_network_explore
     if args.start is not None or args.width_a or args.width_b or args.signed:
         raise UsageError("--model searches from the exact unsigned multiplier of --width; "
                          "drop START, --width-a/--width-b and --signed")
@@ -198,8 +207,8 @@ def _run_network(args: argparse.Namespace, config) -> int:
                                max_drop=args.max_drop, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs,
                                grad=args.grad, seed=args.seed, sweep=not args.no_sweep,
                                family_starts=args.family_starts, greedy_starts=args.greedy_starts,
-                               shortlist=args.shortlist,
-                               family_shortlist=args.family_shortlist, verify=not args.no_verify,
+                               shortlist=args.shortlist, family_shortlist=args.family_shortlist,
+                               neighbours=args.neighbours, verify=not args.no_verify,
                                progress=not args.quiet)
     res = run_network_explore(cfg)
     print(f"exact-quantized {res['exact_quantized_accuracy']:.2f}%, exact retrained "

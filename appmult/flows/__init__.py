@@ -44,7 +44,7 @@ _HOMES = {
     "run_retrain": "retrain",
     "state_digest": "retrain",
     "with_half_window": "half_window",
-    "NetworkExploreConfig": "explore",
+    "NetworkExploreConfig": "explore_config",
     "run_network_explore": "explore",
     "LayerRtlResult": "rtlcheck",
     "PositionCheck": "rtlcheck",

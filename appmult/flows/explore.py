@@ -18,7 +18,8 @@ The pipeline behind ``appmult explore --model ... --dataset ...`` (:func:`run_ne
    (found circuits, family members) by increasing error, a bisection for the last circuit
    that meets the target -- ``target_accuracy``, or ``max_drop`` percentage points below
    the better of the exact-quantized and the retrained exact accuracy -- with at most
-   ``shortlist`` (``family_shortlist``) retrainings.
+   ``shortlist`` (``family_shortlist``) retrainings, then up to ``neighbours`` cheaper
+   members next to where it stopped (accuracy does not always fall with the error).
 5. The chosen circuit: the cheapest (transistors, after re-synthesis) retrained one that
    meets the target; its Verilog is checked against its LUT in a simulator
    (:func:`appmult.tb.verify_multiplier`).
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import sys
 from pathlib import Path
@@ -37,8 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..explore import (Evaluator, ExploreConfig, search, search_starts, seed_genome, sweep_families,
+from ..explore import (Evaluator, search, search_starts, seed_genome, sweep_families,
                        write_outputs)
 from ..files import atomic_write_text
 from ..hdl import from_spec
@@ -46,114 +45,15 @@ from ..methods import record_operands
 from ..nn import calibrate, exact_multiplication
 from ..plotting import new_figure, save_figure
 from ..tb import SimulatorNotFound, verify_multiplier
-from ..train import DATASETS, MODEL_NAMES, evaluate, make_loaders, pretrain_fp32
+from ..train import evaluate, make_loaders, pretrain_fp32
 from .characterization import circuit_lut
 from .retrain import run_retrain
 from .retrain_config import RetrainConfig
+from .explore_config import NetworkExploreConfig
 from .retrain_start import approx_model, fixed_batches
 
 
 __all__ = ["NetworkExploreConfig", "run_network_explore"]
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkExploreConfig:
-    """Everything a network-aware exploration depends on (frozen, validated).
-
-    Attributes:
-        out: output directory.
-        search: the gate-level search (its ``p_a``/``p_b`` are replaced by the recorded
-            distributions; its budget, bounds and objective are used as given).
-        model: network name (:func:`appmult.train.build_model`).
-        dataset: data set name (:func:`appmult.train.make_loaders`).
-        width: operand width of the multipliers (unsigned, as the quantizers use them).
-        target_accuracy: accuracy (%) a chosen circuit must reach after retraining;
-            ``None``: ``max_drop`` below the better of the exact-quantized accuracy and
-            the exact multiplier's accuracy after the same retraining.
-        max_drop: allowed loss (percentage points) against that reference.
-        pretrain_epochs: FP32 pretraining epochs (cached in ``pretrained_dir``).
-        epochs: retraining epochs per shortlisted circuit.
-        grad: gradient mode of the retraining (``ste``, ``lut2d``, ``lut1d``).
-        batch_size, lr, seed: training settings (shared by pretraining and retraining).
-        calib_batches: training batches that calibrate the activation ranges.
-        record_batches: training batches whose operands make the histograms.
-        sweep: also sweep the built-in families (they join the shortlist).
-        family_starts: each bound may start from a family-front member
-            (:func:`appmult.explore.search`'s ``starts``; needs ``sweep``).
-        greedy_starts: each bound may also start from a circuit of the greedy walk
-            (:func:`appmult.explore.greedy_trajectory`), whose circuits join the front.
-        shortlist: at most this many found circuits are retrained (a bisection along the
-            found front for the last one that meets the target).
-        family_shortlist: the same along the family front.
-        verify: check the chosen circuit's RTL in a simulator (skipped when none is installed).
-        sim: ``"icarus"`` or ``"verilator"``.
-        data_dir: data directory for ``mnist``/``cifar10``.
-        pretrained_dir: FP32 cache (default ``<out>/pretrained``).
-        progress: progress bars and stage messages.
-
-    Raises:
-        appmult.errors.ConfigError: a value that makes no sense (the message says which).
-    """
-
-    out: str
-    search: ExploreConfig
-    model: str = "lenet5"
-    dataset: str = "digits"
-    width: int = 8
-    target_accuracy: float | None = None
-    max_drop: float = 1.0
-    pretrain_epochs: int = 5
-    epochs: int = 2
-    grad: str = "ste"
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 0
-    calib_batches: int = 8
-    record_batches: int = 8
-    sweep: bool = True
-    family_starts: bool = False
-    greedy_starts: bool = False
-    shortlist: int = 3
-    family_shortlist: int = 3
-    verify: bool = True
-    sim: str = "icarus"
-    data_dir: str | None = None
-    pretrained_dir: str | None = None
-    progress: bool = True
-
-    def __post_init__(self):
-        if not isinstance(self.search, ExploreConfig):
-            raise ConfigError(f"search must be an ExploreConfig, not {type(self.search).__name__}")
-        if self.model not in MODEL_NAMES and not str(self.model).startswith("resnet"):
-            raise ConfigError(f"Unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"Unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        for name, low in (("width", 2), ("pretrain_epochs", 1), ("epochs", 1), ("batch_size", 1),
-                          ("calib_batches", 1), ("record_batches", 1), ("shortlist", 0),
-                          ("family_shortlist", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ConfigError(f"{name} must be an integer of at least {low}, not {value!r}")
-        if self.width > 12:
-            raise ConfigError(f"width must be at most 12 (exhaustive LUTs), not {self.width}")
-        if self.family_starts and not self.sweep:
-            raise ConfigError("family_starts needs the family sweep (sweep=True)")
-        if self.shortlist + (self.family_shortlist if self.sweep else 0) == 0:
-            raise ConfigError("Nothing to retrain: shortlist and family_shortlist are both 0")
-        t = self.target_accuracy
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 100):
-            raise ConfigError(f"target_accuracy must be a percentage in (0, 100], not {t!r}")
-        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not (
-                math.isfinite(self.max_drop) and self.max_drop >= 0):
-            raise ConfigError(f"max_drop must be a non-negative number of percentage points, not {self.max_drop!r}")
-        if self.grad not in ("ste", "lut2d", "lut1d"):
-            raise ConfigError(f"Unknown gradient mode {self.grad!r}; choose one of ste, lut2d, lut1d")
-        if self.sim not in ("icarus", "verilator"):
-            raise ConfigError(f"sim must be 'icarus' or 'verilator', not {self.sim!r}")
-
-    @property
-    def exact_spec(self) -> str:
-        return f"exact:width={self.width},signed=false"
 
 
 def _say(cfg: NetworkExploreConfig, msg: str) -> None:
@@ -240,22 +140,26 @@ def _row(cfg: NetworkExploreConfig, checkpoint: Path, key: str, row: dict[str, A
 
 
 def _bisect(cfg: NetworkExploreConfig, checkpoint: Path, key: str, front: list[dict[str, Any]], limit: int,
-            threshold: float) -> list[dict[str, Any]]:
+            threshold: float, neighbours: int = 0) -> list[dict[str, Any]]:
     """Retrain at most ``limit`` members of a front (by increasing error, so decreasing cost),
-    bisecting for the last one that meets the target.
+    bisecting for the last one that meets the target; then up to ``neighbours`` more.
 
-    Assumes the retrained accuracy falls as the error grows along a front (a heuristic: the
-    report lists every retrained circuit, so a violation shows).
+    The bisection assumes the retrained accuracy falls as the error grows along a front (a
+    heuristic: the report lists every retrained circuit, so a violation shows). The
+    neighbours test it where it matters: the nearest members past the cheapest one that met
+    the target (past the start of the front when none did) that were not retrained yet.
     """
-    lo, hi, rows = -1, len(front), []  # front[..lo] assumed to meet the target, front[hi..] not
-    while hi - lo > 1 and len(rows) < limit:
+    lo, hi, done = -1, len(front), {}  # front[..lo] assumed to meet the target, front[hi..] not
+    while hi - lo > 1 and len(done) < limit:
         mid = (lo + hi) // 2
-        rows.append(_row(cfg, checkpoint, key, front[mid], threshold))
-        if rows[-1]["meets_target"]:
+        done[mid] = _row(cfg, checkpoint, key, front[mid], threshold)
+        if done[mid]["meets_target"]:
             lo = mid
         else:
             hi = mid
-    return rows
+    for i in [i for i in range(lo + 1, len(front)) if i not in done][:neighbours if done else 0]:
+        done[i] = _row(cfg, checkpoint, key, front[i], threshold)
+    return list(done.values())
 
 
 def _retrain(cfg: NetworkExploreConfig, checkpoint: Path, row: dict[str, Any]) -> dict[str, Any]:
@@ -320,8 +224,8 @@ def run_network_explore(cfg: NetworkExploreConfig) -> dict[str, Any]:
     key = doc["error_key"]
     reference, threshold = _reference(cfg, pre.path, doc, dist["exact_quantized"])
     fronts = _fronts(cfg, doc)
-    rows = (_bisect(cfg, pre.path, key, fronts["found"], cfg.shortlist, threshold)
-            + _bisect(cfg, pre.path, key, fronts["family"], cfg.family_shortlist, threshold))
+    rows = (_bisect(cfg, pre.path, key, fronts["found"], cfg.shortlist, threshold, cfg.neighbours)
+            + _bisect(cfg, pre.path, key, fronts["family"], cfg.family_shortlist, threshold, cfg.neighbours))
     rows.sort(key=lambda r: r["transistors"])
     ok = [r for r in rows if r["meets_target"]]
     chosen = min(ok, key=lambda r: (r["transistors"], r["error"])) if ok else None
