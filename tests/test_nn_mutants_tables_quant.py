@@ -11,6 +11,8 @@ to fill with a constant: a stale value then shows instead of depending on the al
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -342,3 +344,41 @@ def test_activation_quantizer_keeps_its_range_through_moves_and_follows_float():
     q.half()
     assert q.min_val.dtype == torch.float32
     assert q.min_val.item() == float(np.float32(-0.1))
+
+
+def test_to_empty_between_real_devices_keeps_the_tables(monkeypatch):
+    """``to_empty`` on a table set that is not on ``meta`` (CPU to CPU) allocates fresh,
+    uninitialized storage for every buffer; the tables must keep their values, not the
+    storage's (before the fix: the stale contents, so a forward summed garbage silently and
+    ``load_state_dict`` blamed a different LUT)."""
+    rng = np.random.default_rng(6)
+    p = rng.integers(-300, 300, size=(16, 16))
+    lut = LutFile(p, width_a=4, width_b=4, signed=False)
+    tabs = LutTables(lut, grad="lut2d", kernel="gather", compute_missing_gradients=True)
+    twin = LutTables(lut, grad="lut2d", kernel="gather", compute_missing_gradients=True)
+    garbage_empty_like(monkeypatch)
+    tabs.to_empty(device="cpu")
+    _assert_same_tables(tabs, twin)
+    np.testing.assert_array_equal(tabs.prod.numpy(), p)
+
+
+def test_layer_to_empty_on_cpu_then_load_state_dict_is_exact(monkeypatch):
+    """The same through a layer: ``to_empty`` + ``load_state_dict`` (the usual way to
+    materialize a model) gives the brute-force sum of LUT entries."""
+    from appmult.nn import ApproxConfig, ApproxLinear
+    rng = np.random.default_rng(7)
+    p = rng.integers(0, 250, size=(16, 16))
+    lut = LutFile(p, width_a=4, width_b=4, signed=False)
+    torch.manual_seed(0)
+    layer = ApproxLinear(5, 3, config=ApproxConfig(lut, kernel="gather")).eval()
+    x = torch.rand(4, 5) * 3
+    layer(x)  # calibrates the activation range
+    state = copy.deepcopy(layer.state_dict())
+    garbage_empty_like(monkeypatch)
+    layer.to_empty(device="cpu")
+    monkeypatch.undo()
+    layer.load_state_dict(state)
+    q = layer.quantize(x)
+    qx, qw = q.qx.numpy().astype(np.int64), q.qw.numpy().astype(np.int64)
+    ref = p[qx[:, None, :], qw[None, :, :]].sum(-1)
+    np.testing.assert_array_equal(layer.int_forward(x).numpy(), ref)

@@ -259,7 +259,8 @@ class LutTables(nn.Module):
         (integer tables, exact integer factors in float32/float64, float32 gradient tables: a
         float16 copy would break the exact sums, a float64 one the kernels' dtypes). Leaving
         the meta device (``to_empty``) rebuilds every table from the LUT, since the new
-        storage holds no values."""
+        storage holds no values; any other new storage gets the table's values copied in,
+        so ``to_empty`` between real devices (uninitialized storage) keeps them too."""
         names = {id(t): k for k, t in self._buffers.items() if t is not None}
         fresh: dict[str, torch.Tensor] = {}
 
@@ -269,7 +270,9 @@ class LutTables(nn.Module):
                 if not fresh:
                     fresh.update(LutTables(self.lut_file, **self._init_args)._buffers)
                 return fresh[names[id(t)]].to(device=out.device)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
+            if out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out if out is t or t.is_meta or out.is_meta else out.copy_(t)
 
         return super()._apply(keep, recurse)
 
