@@ -20,8 +20,9 @@ def _warm_up_for_mutation_testing() -> None:
     # cache of the code under test is filled before a mutant is switched on.
     import importlib
 
+    # torch._dynamo: the first torch.optim optimizer imports it (0.66 s per fork).
     for name in ("sympy", "torch.fx.experimental.symbolic_shapes", "torch.distributed.tensor", "scipy.linalg",
-                 "numba.np.arraymath"):
+                 "numba.np.arraymath", "torch._dynamo", "torch.optim"):
         try:
             importlib.import_module(name)
         except ImportError:

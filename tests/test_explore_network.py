@@ -144,7 +144,8 @@ def test_network_explore_trains_for_real(tmp_path, one_torch_thread):
     out = tmp_path / "net"
     assert main(["explore", "--model", "mlp", "--dataset", "digits", "--width", "4", "-o", str(out),
                  "--evaluations", "1500", "--bounds", "0.5,2", "--pretrain-epochs", "2", "--epochs", "1",
-                 "--shortlist", "1", "--family-shortlist", "1", "--max-drop", "100", "-q"]) == 0
+                 "--shortlist", "1", "--family-shortlist", "1", "--neighbours", "1", "--max-drop", "100",
+                 "-q"]) == 0
     res = json.loads((out / "network.json").read_text())
     assert res["chosen"] is not None and res["verification"]["status"] in ("passed", "skipped")
     assert all((Path(r["retrain_dir"]) / "results.json").is_file() for r in res["candidates"])
