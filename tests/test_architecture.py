@@ -99,6 +99,7 @@ LOCAL_IMPORTS_ALLOWED = {
     # time, but validate names (models, data sets, grad modes) defined next to torch code.
     "appmult.flows.retrain_config",
     "appmult.flows.assign_config",
+    "appmult.flows.explore_config",
 }
 
 
