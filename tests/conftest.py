@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,38 @@ if os.environ.get("APPMULT_MUTMUT_WARMUP") == "1":
     # let the kernel a mutant runs depend on the machine's load. The probe's own tests
     # turn it back on (tests/test_nn_kernel_choice.py).
     os.environ.setdefault("APPMULT_KERNEL_PROBE", "0")
+    import mutation_order
+
+    # Loaded once in the fork server; each mutant's fork reads it (tests/mutation_order.py).
+    _KILLERS = mutation_order.load(Path(os.environ.get("APPMULT_MUTATION_KILLERS", mutation_order.HISTORY)))
+
+
+def _mutant_under_test() -> str | None:
+    name = os.environ.get("MUTANT_UNDER_TEST", "")
+    return name if os.environ.get("APPMULT_MUTMUT_WARMUP") == "1" and "__mutmut_" in name else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``make mutate``: the tests that killed this function's mutants before run first."""
+    mutant = _mutant_under_test()
+    if mutant is None:
+        return
+    import mutation_order
+
+    remembered = _KILLERS.get(mutation_order.function_of(mutant), {})
+    if remembered:
+        order = mutation_order.killer_first([item.nodeid for item in items], remembered)
+        items[:] = [items[i] for i in order]
+
+
+def pytest_runtest_logreport(report):
+    """Under ``make mutate``: log the test that killed the mutant (to order the next run)."""
+    mutant = _mutant_under_test()
+    if mutant is not None and report.failed:
+        import mutation_order
+
+        with open(mutation_order.LOG_NAME, "a") as log:  # cwd: mutants/; one short line
+            log.write(f"{mutant}\t{report.nodeid}\n")
 
 
 def exact(message: str) -> str:

@@ -1,0 +1,114 @@
+"""Killer-first test order for ``make mutate``.
+
+mutmut runs, for each mutant, every test that covers the mutated function, in no
+particular order, and stops at the first failure (``-x``). A killed mutant therefore
+costs every passing test run before the one that kills it. This module remembers, per
+mutated function, which tests killed its mutants in earlier runs, and runs those first:
+the order changes how long a run takes, never which mutants are killed (every covering
+test still runs when none fails).
+
+The memory is ``tests/mutation_killers.json`` (committed, so that a fresh clone's first
+run is fast too): ``{"tests": [node ids], "kills": {function: {test index: count}}}``,
+``count`` being how many of that function's mutants the test killed first. A run logs each
+first kill to ``mutants/mutation-kills.log`` (one ``mutant<TAB>node id`` line, appended by
+the mutant's own process), and ``python tests/mutation_order.py merge`` folds the log in
+after the run (``make mutate`` does). A missing or stale entry only costs time: tests the
+memory does not name keep mutmut's order after the remembered ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HISTORY = Path(__file__).with_name("mutation_killers.json")
+LOG_NAME = "mutation-kills.log"
+
+
+def function_of(mutant: str) -> str:
+    """``appmult.codes.x_check_codes__mutmut_12`` -> ``appmult.codes.x_check_codes``."""
+    head, sep, tail = mutant.rpartition("__mutmut_")
+    if not sep or not tail.isdigit():
+        raise ValueError(f"not a mutmut mutant name: {mutant!r}")
+    return head
+
+
+def load(path: Path | None = None) -> dict[str, dict[str, int]]:
+    """The remembered kills as ``{function: {node id: count}}`` (empty if no file)."""
+    path = HISTORY if path is None else path
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    tests = raw["tests"]
+    return {function: {tests[int(i)]: int(n) for i, n in kills.items()}
+            for function, kills in raw["kills"].items()}
+
+
+def save(history: dict[str, dict[str, int]], path: Path | None = None) -> None:
+    """Write ``history`` compactly (tests by index) and atomically."""
+    path = HISTORY if path is None else path
+    tests = sorted({test for kills in history.values() for test in kills})
+    index = {test: i for i, test in enumerate(tests)}
+    raw = {"tests": tests,
+           "kills": {function: {str(index[t]): n for t, n in sorted(kills.items())}
+                     for function, kills in sorted(history.items()) if kills}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=0, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_log(path: Path) -> dict[str, dict[str, int]]:
+    """A run's log as ``{function: {node id: count}}``; a mutant counted once (its last line)."""
+    killer_of: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        mutant, sep, test = line.partition("\t")
+        if sep and test:
+            killer_of[mutant] = test
+    kills: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for mutant, test in killer_of.items():
+        kills[function_of(mutant)][test] += 1
+    return {f: dict(k) for f, k in kills.items()}
+
+
+def merge(history: dict[str, dict[str, int]], run: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """A function the run killed mutants of takes the run's kills; the others keep theirs.
+
+    Replacing (not adding) keeps the memory of the current tests: a test that stopped
+    killing a function's mutants stops being run first for it. A rerun of a few mutants
+    replaces its function's entry with those few, which only reorders the next run."""
+    merged = {f: dict(k) for f, k in history.items()}
+    merged.update({f: dict(k) for f, k in run.items()})
+    return merged
+
+
+def killer_first(node_ids: list[str], remembered: dict[str, int]) -> list[int]:
+    """Positions of ``node_ids`` in run order: remembered killers first (most kills
+    first, ties in the given order), then the rest in the given order."""
+    first = sorted((i for i, t in enumerate(node_ids) if t in remembered),
+                   key=lambda i: -remembered[node_ids[i]])
+    chosen = set(first)
+    return first + [i for i in range(len(node_ids)) if i not in chosen]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "merge":
+        print("usage: python tests/mutation_order.py merge MUTANTS_DIR", file=sys.stderr)
+        return 2
+    log = Path(argv[1]) / LOG_NAME
+    if not log.exists():
+        print(f"{log}: no kills logged, {HISTORY.name} unchanged")
+        return 0
+    run = read_log(log)
+    save(merge(load(), run))
+    log.unlink()
+    print(f"{HISTORY.name}: kills of {sum(map(len, run.values()))} (function, test) pairs "
+          f"from {sum(n for k in run.values() for n in k.values())} mutants merged")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
