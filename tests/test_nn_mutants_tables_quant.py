@@ -321,6 +321,28 @@ def test_activation_quantizer_to_empty_from_meta_forgets_the_range(monkeypatch):
     assert torch.equal(qx, c)
 
 
+def test_activation_quantizer_moved_with_a_narrow_dtype_follows_the_device():
+    """``.to(device, torch.float16)`` moves the range statistics to the new device and keeps
+    them float32 (mutants: the float32 copy made on the old device, so the statistics would
+    stay behind on the CPU while the model moves; ``meta`` is the second device here)."""
+    q = ActivationQuantizer(8, False, "minmax")
+    q.to("meta", torch.float16)
+    for name in ("min_val", "max_val"):
+        t = getattr(q, name)
+        assert t.is_meta and t.dtype == torch.float32, name
+
+
+def test_activation_quantizer_half_after_double_keeps_float64_statistics():
+    """``.half()`` after ``.double()`` leaves the statistics in float64, the wider type they
+    already had (mutant: every narrow move makes them float32, rounding the range)."""
+    q = ActivationQuantizer(8, False, "minmax")
+    q.double()
+    q.min_val.fill_(0.1)
+    q.half()
+    assert q.min_val.dtype == torch.float64 and q.max_val.dtype == torch.float64
+    assert float(q.min_val) == 0.1
+
+
 def test_activation_quantizer_keeps_its_range_through_moves_and_follows_float():
     """Moving an observer (``.cpu()``, ``.double()``) keeps the observed range; ``.float()``
     after ``.double()`` brings the statistics back to float32 (rounded), while ``.half()``
