@@ -9,7 +9,9 @@ The table of the speed issue: three layers -- a ResNet-20 conv (128x32x16x16, 32
 * ``gather``: the exact product plus a random error table (no factorization: gather only);
 
 each with the automatic kernel choice (``auto``; the kernel it picked is shown) and every
-kernel forced (``lowrank`` where the LUT factors, ``gather`` always). Inputs are post-ReLU
+kernel forced (``lowrank`` where the LUT factors, ``gather`` always); for the linear layer
+also ``lowrank, fp32 GEMM``: the low-rank kernel with its exact int8 GEMM turned off (the
+float32 GEMMs it used before, for a before/after in the same run). Inputs are post-ReLU
 (``relu(randn)``), 2 threads by default, gradients ``ste``. ``fwd`` rows are eval forwards
 with the activation observer frozen after one calibration call (weights unchanged, so the
 layers' weight-side caches hit); ``fwd+bwd`` rows run in training mode.
@@ -30,6 +32,7 @@ thread spins) measures the work itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -40,6 +43,7 @@ from torch import nn
 
 from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
+from appmult.nn import functional as FN
 from appmult.nn import kernels as K
 
 
@@ -127,6 +131,21 @@ def step_fns(x: torch.Tensor):
     return fwd, fwdbwd
 
 
+#: The row of a linear layer's low-rank kernel with the int8 GEMM turned off (float32 GEMMs).
+FP32_GEMM = "lowrank, fp32 GEMM"
+
+
+@contextlib.contextmanager
+def int8_gemm(on: bool):
+    """The int8-GEMM switch of the linear low-rank path (``functional._INT8_GEMM``), set for a block."""
+    prev = FN._INT8_GEMM
+    FN._INT8_GEMM = on
+    try:
+        yield
+    finally:
+        FN._INT8_GEMM = prev
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -161,21 +180,27 @@ def main() -> None:
         mods = {}
         for lname, lut in luts.items():
             kernels = ["auto", "lowrank", "gather"] if lname != "gather" else ["auto", "gather"]
+            if lname != "gather" and isinstance(ref, nn.Linear):
+                kernels.append(FP32_GEMM)  # the low-rank kernel without the int8 GEMM: before/after
             for kern in kernels:
                 cls = ApproxConv2d if isinstance(ref, nn.Conv2d) else ApproxLinear
-                m = cls.from_float(ref, ApproxConfig(lut, kernel=kern))
+                m = cls.from_float(ref, ApproxConfig(lut, kernel="lowrank" if kern == FP32_GEMM else kern))
                 m.eval()
-                m(x)  # calibrate the activation observer once, then freeze it
+                int8 = kern != FP32_GEMM
+                with int8_gemm(int8):
+                    m(x)  # calibrate the activation observer once, then freeze it
                 m.act_quant.observing = False
                 mods[(lname, kern)] = m
 
-                def f(m=m):
+                def f(m=m, int8=int8):
                     m.eval()
-                    fwd(m)
+                    with int8_gemm(int8):
+                        fwd(m)
 
-                def fb(m=m):
+                def fb(m=m, int8=int8):
                     m.train()
-                    fwdbwd(m)
+                    with int8_gemm(int8):
+                        fwdbwd(m)
                 fns[(lname, kern, "fwd")] = f
                 fns[(lname, kern, "bwd")] = fb
         med, best = interleaved(fns, args.reps, clock)

@@ -56,8 +56,8 @@ from . import kernels as K
 from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn,
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
-from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp, _rank1_prep,
-                    _rank1_shifted_conv)
+from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
+                    _int8_linear_acc, _int8_linear_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer
 from .tables import GradMode, Kernel, LutTables
 
@@ -76,6 +76,9 @@ _FUSED_LOWRANK: bool | None = None
 #: accumulators initialized with the cross terms); CPU, 8-bit tables: as above, with
 #: ``APPMULT_NO_FUSED_GATHER``.
 _FUSED_GATHER: bool | None = None
+#: The folded low-rank linear layer as one exact int8 GEMM where its factors fit int8
+#: (CPU; :func:`appmult.nn.fused._int8_linear_prep`): as above, with ``APPMULT_NO_INT8_GEMM``.
+_INT8_GEMM: bool | None = None
 
 
 def _fused_on(override: bool | None, env: str) -> bool:
@@ -288,13 +291,21 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         n, k = qw.shape
         fold = _cached(cache, ("fold", id(tabs), float(zx)),
                        lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
+    i8u = False
+    if tabs is not None and fold is None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
+            and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
+        i8u = _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
     if fold is not None:
-        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2]).to(dt)
+        i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
+            if _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM") else False
+        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2], i8).to(dt)
+    elif i8u is not False:
+        acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, _int8_linear_acc(qx, i8u, tabs), dt)
     elif gacc is not None:
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, gacc, dt)
     elif tabs is None:

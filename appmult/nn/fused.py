@@ -9,6 +9,10 @@ separate tensors; the paths here fold the cross terms and the padding into one k
   (:func:`_folded_lowrank_weights`), so one float32 convolution (or ``addmm``) yields the
   accumulator; for a rank-1 LUT with ``U = value(x)`` that convolution runs on ``qx - Zx``
   itself, zero-padded by the convolution (:func:`_rank1_shifted_conv`);
+* linear layers over low-rank LUTs with small integer factors (on the CPU): the same
+  accumulator as one exact int8 GEMM (``torch._int_mm``, int32 sums) over base-256 digit
+  planes of the folded weights (:func:`_int8_linear_prep`), also where no fold exists
+  (:func:`_int8_unfolded_prep`: the ``-Zw sum x`` cross term is added per call);
 * gather LUTs: the numba row kernel with the cross terms folded into its expanded rows
   (:func:`_gather_conv_zp`); for linear layers the numba weight-row kernel on a 16-bit
   table, its accumulators initialized with the cross terms (:func:`_gather_linear_zp`).
@@ -180,3 +184,109 @@ def _gather_linear_zp(qx, prep, tabs: LutTables):
     if prep is False or qx.dim() != 2 or qx.device.type != "cpu" or not qx.dtype.is_floating_point:
         return None
     return K.gather_linear_zp(qx, tabs.lo_x, prep)
+
+
+#: Largest reduction length of an int8 GEMM whose int32 sums cannot overflow:
+#: ``n * 128 * 128 < 2**31``.
+INT8_GEMM_MAX_K = (1 << 31) // (128 * 128) - 1
+#: Most base-256 digit planes of the folded weights the int8 path splits them into.
+INT8_GEMM_MAX_PLANES = 3
+
+
+def _signed_digits(w: torch.Tensor, planes: int) -> list[torch.Tensor]:
+    """Base-256 digits ``d_p`` in ``[-128, 127]`` of the int64 ``w``: ``w = sum_p 256**p d_p``."""
+    digits = []
+    for _ in range(planes):
+        d = torch.remainder(w + 128, 256) - 128
+        digits.append(d)
+        w = torch.div(w - d, 256, rounding_mode="floor")
+    if torch.any(w != 0):
+        raise AssertionError("the digit planes do not hold the folded weights")  # a bug, not bad input
+    return digits
+
+
+def _int8_unfolded_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+    """:func:`_int8_linear_prep` for a low-rank LUT whose factors cannot carry ``value(x)``
+    (no fold): the weights are ``V[w]`` unchanged, ``C_j = -Zx sum_k (w_jk - Zw_j)`` and the
+    cross term ``-Zw_j sum_k x_k`` is added per call. ``False`` where it does not apply."""
+    if tabs.u is None or zx.requires_grad or zw.requires_grad:
+        return False
+    n, k = qw.shape
+    zxf = float(zx)
+    zwv = zw.detach().to(torch.float64).reshape(-1).cpu()
+    if zwv.numel() not in (1, n) or zxf != round(zxf) or not torch.equal(zwv, torch.round(zwv)):
+        return False
+    zwv = zwv.expand(n).contiguous()
+    w = F.embedding(_idx32(qw, tabs.lo_w), tabs.v).reshape(n, k * tabs.u.shape[1])     # float64
+    if tabs.signed:  # no cross terms for signed LUTs (as in the unfused path)
+        return _int8_linear_prep((w, torch.zeros(n, dtype=torch.float64)), tabs)
+    const = -zxf * (qw.detach().to(torch.float64) - zwv.reshape(n, 1)).sum(1)
+    prep = _int8_linear_prep((w, const), tabs)
+    return prep if prep is False else prep[:5] + (zwv, prep[6])
+
+
+def _int8_linear_prep(fold, tabs: LutTables):
+    """Weight side of :func:`_int8_linear_acc` for a folded low-rank linear layer, or ``False``.
+
+    With ``U = a + Ox`` (``a`` in ``[-128, 127]``) and the folded weights ``W = V - c Zw``
+    written per output as ``W_j = Ow_j + sum_p 256**p B_pj`` (signed base-256 digits ``B``):
+    ``sum_c U[x_c] W_jc = sum_p 256**p (a . B_pj) + Ow_j sum_c a_c + Ox sum_c W_jc``, ``c``
+    over the ``K r`` mapped inputs. The dot products are one int8 GEMM (``torch._int_mm``,
+    exact int32 sums) over the planes stacked as outputs; the rest is added in float64
+    (exact: every term is an integer below ``2**53``). Applies on the CPU where every
+    value of ``U`` spans at most 256 consecutive integers, the weights need at most
+    ``INT8_GEMM_MAX_PLANES`` digit planes and ``2 <= K r <= INT8_GEMM_MAX_K``.
+
+    Returns:
+        ``(B (P N, K r) int8, per-output constant (N,) float64 incl. the fold's bias,
+        Ow (N,) float64, Ox, U - Ox as an int8 table or None where U = value(x), None
+        (:func:`_int8_unfolded_prep`: the ``Zw`` of the per-call cross term), P)``, or
+        ``False``.
+    """
+    wv, const = fold[0], fold[1]
+    n = wv.shape[0]
+    w = wv.reshape(n, -1).to(torch.float64)
+    kr = w.shape[1]
+    # kr >= 2: torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1
+    if w.device.type != "cpu" or not hasattr(torch, "_int_mm") or not 2 <= kr <= INT8_GEMM_MAX_K or w.numel() == 0 \
+            or float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
+        return False
+    u = tabs.u
+    umin, umax = float(u.min()), float(u.max())
+    if umax - umin > 255:
+        return False
+    ox = int(umin) + 128
+    wmin = w.min(1).values
+    span = float((w.max(1).values - wmin).max())
+    planes = 1  # P digit planes hold [-128 S, 127 S], S = 1 + 256 + ... + 256**(P-1)
+    while planes <= INT8_GEMM_MAX_PLANES and span > 255 * (256 ** planes - 1) // 255:
+        planes += 1
+    if planes > INT8_GEMM_MAX_PLANES:
+        return False
+    ow = wmin + 128 * ((256 ** planes - 1) // 255)
+    digits = _signed_digits((w - ow.reshape(n, 1)).to(torch.int64), planes)
+    b = torch.cat(digits).to(torch.int8).contiguous()                     # (P N, K r)
+    c = const.to(torch.float64) + ox * w.sum(1)
+    u8 = None if tabs.u_is_value else (u - ox).to(torch.int8)
+    return b, c, ow, ox, u8, None, planes
+
+
+def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
+    """``(M, N)`` float32 accumulator (LUT sum and cross terms, exact integers rounded once
+    to float32) by one int8 GEMM (:func:`_int8_linear_prep`)."""
+    b, c, ow, ox, u8, zw_row, planes = prep
+    m = qx.shape[0]
+    if u8 is None:
+        a = (qx.detach() - ox).to(torch.int8)   # U = value(x): qx holds the values
+    else:
+        a = F.embedding(_idx32(qx, tabs.lo_x), u8).reshape(m, -1)
+    dots = torch._int_mm(a, b.t())                                        # (M, P N) int32, exact
+    n = c.shape[0]
+    acc = dots[:, :n].to(torch.float64)
+    for p in range(1, planes):
+        acc += dots[:, p * n:(p + 1) * n].to(torch.float64) * float(256 ** p)
+    acc += a.sum(1, dtype=torch.int64).to(torch.float64).reshape(m, 1) * ow.reshape(1, n)
+    acc += c.reshape(1, n)
+    if zw_row is not None:  # -Zw_j sum_k x_k (x: the activation values, i.e. unsigned codes)
+        acc -= qx.detach().to(torch.float64).sum(1, keepdim=True) * zw_row.reshape(1, n)
+    return acc.to(torch.float32)

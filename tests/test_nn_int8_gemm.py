@@ -1,0 +1,270 @@
+"""The folded low-rank linear layer as one exact int8 GEMM (issue 12).
+
+``fused._int8_linear_prep`` writes the folded weights as base-256 digit planes and the
+activation factors as int8 around an offset, so ``torch._int_mm`` (exact int32 sums)
+computes the whole accumulator. The references are numpy (one look-up per product from
+the layer's own quantized operands, the zero-point cross terms, int64 sums) and the float
+path of the same layer (``functional._INT8_GEMM = False``), which must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxLinear
+from appmult.nn import functional as FN
+from appmult.nn import fused as FU
+
+
+def truncated(columns: int, signed: bool = False) -> np.ndarray:
+    """8x8 array multiplier without the partial-product columns ``< columns`` (signed:
+    the exact product of two's-complement operands when ``columns == 0``)."""
+    if signed:  # indexed by two's-complement codes
+        v = np.where(np.arange(256) < 128, np.arange(256), np.arange(256) - 256)
+        return v[:, None] * v[None, :]
+    a = np.arange(256)[:, None]
+    b = np.arange(256)[None, :]
+    p = np.zeros((256, 256), np.int64)
+    for i in range(8):
+        for j in range(8):
+            if i + j >= columns:
+                p += (((a >> i) & 1) * ((b >> j) & 1)) << (i + j)
+    return p
+
+
+def brute_acc(table, qx, zx, qw, zw, signed):
+    """``sum_k LUT[qx, qw] - qx Zw - Zx qw + Zx Zw`` (no cross terms when signed), int64."""
+    cx, cw = qx.astype(np.int64), qw.astype(np.int64)
+    lut = table[cx[:, None, :] % 256, cw[None, :, :] % 256].sum(-1)  # values -> codes
+    if signed:
+        return lut
+    zwc = zw.reshape(1, -1).astype(np.int64)
+    k = cx.shape[1]
+    return lut - cx.sum(1, keepdims=True) * zwc - int(zx) * cw.sum(1)[None, :] + k * int(zx) * zwc
+
+
+def make_layer(table, k, n, seed, signed=False):
+    torch.manual_seed(seed)
+    lut = LutFile(table, width_a=8, width_b=8, signed=signed)
+    ref = nn.Linear(k, n)
+    layer = ApproxLinear.from_float(ref, ApproxConfig(lut, kernel="lowrank"))  # per-channel Zw
+    x = torch.randn(20, k) + 0.3     # negative values too: Zx > 0 when unsigned
+    layer.eval()
+    layer(x)                         # calibrate, then freeze the observer
+    layer.act_quant.observing = False
+    return layer, x
+
+
+def forward(layer, x, int8: bool):
+    prev = FN._INT8_GEMM
+    FN._INT8_GEMM = int8
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        FN._INT8_GEMM = prev
+
+
+CASES = [  # (columns, signed, k): rank 1, 3, 5, 7 unsigned (1-2 digit planes), signed exact
+    (0, False, 100), (0, False, 600), (2, False, 1100), (4, False, 300), (6, False, 600), (0, True, 500),
+]
+
+
+@pytest.mark.parametrize("columns, signed, k", CASES)
+def test_int8_accumulator_equals_brute_force_and_the_float_path(columns, signed, k, monkeypatch):
+    table = truncated(columns, signed)
+    n = 7
+    layer, x = make_layer(table, k, n, seed=k + columns, signed=signed)
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+        fold = FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True)
+    assert fold is not None
+    prep = FU._int8_linear_prep(fold, layer.lut)
+    assert prep is not False
+    acc = brute_acc(table, qx.numpy(), float(zx), qw.numpy(), zw.numpy(), signed)
+    got = FU._int8_linear_acc(qx, prep, layer.lut)
+    assert got.dtype == torch.float32
+    # the exact integer, rounded once to float32
+    np.testing.assert_array_equal(got.double().numpy(), acc.astype(np.float32).astype(np.float64))
+    # the layer takes the int8 path, and its output equals the float path's bit for bit
+    calls = []
+    real = FU._int8_linear_acc
+    monkeypatch.setattr("appmult.nn.autograd._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    y8 = forward(layer, x, True)
+    assert calls, "the int8 path was not taken"
+    calls.clear()
+    yf = forward(layer, x, False)
+    assert not calls
+    assert torch.equal(y8, yf)
+
+
+def test_planes_follow_the_weight_span():
+    """Rank 1 (|V - c Zw| < 256 per output): one plane; rank 7 (V up to 2**13): two."""
+    spans = {}
+    for columns in (0, 6):
+        layer, x = make_layer(truncated(columns), 64, 5, seed=columns)
+        with torch.no_grad():
+            qw, sw, zw = layer.weight_quant(layer.weight)
+            qx, sx, zx = layer.act_quant(x)
+            fold = FU._folded_lowrank_weights(qw.reshape(5, 64, 1, 1), zx, zw, layer.lut, split_k=True)
+        spans[columns] = FU._int8_linear_prep(fold, layer.lut)[-1]
+    assert spans == {0: 1, 6: 2}
+
+
+def test_signed_digits_rebuild_every_value():
+    gen = torch.Generator().manual_seed(0)
+    limit = 127 * (1 + 256 + 65536)
+    w = torch.randint(-limit, limit + 1, (4000,), generator=gen, dtype=torch.int64)
+    w = torch.cat([w, torch.tensor([limit, -limit, 0, 127, -128, 128, -129, 32767, -32768])])
+    digits = FU._signed_digits(w, 3)
+    for d in digits:
+        assert int(d.min()) >= -128 and int(d.max()) <= 127
+    assert torch.equal(sum(d * 256 ** p for p, d in enumerate(digits)), w)
+    with pytest.raises(AssertionError, match="digit planes"):
+        FU._signed_digits(torch.tensor([limit + 1]), 3)
+
+
+def _fold_of(table, k=32, n=3, seed=0, signed=False):
+    layer, x = make_layer(table, k, n, seed=seed, signed=signed)
+    with torch.no_grad():
+        qw, sw, zw = layer.weight_quant(layer.weight)
+        qx, sx, zx = layer.act_quant(x)
+        return layer, FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True)
+
+
+def test_no_int8_path_where_it_would_not_be_exact(monkeypatch):
+    layer, fold = _fold_of(truncated(0))
+    assert FU._int8_linear_prep(fold, layer.lut) is not False
+    # a reduction whose int32 sums could overflow
+    monkeypatch.setattr(FU, "INT8_GEMM_MAX_K", 31)
+    assert FU._int8_linear_prep(fold, layer.lut) is False
+    monkeypatch.undo()
+    # weights that need more digit planes than allowed
+    monkeypatch.setattr(FU, "INT8_GEMM_MAX_PLANES", 0)
+    assert FU._int8_linear_prep(fold, layer.lut) is False
+    monkeypatch.undo()
+    # activation factors spanning more than 256 integers
+    big = (fold[0] * 1.0, fold[1], fold[2])
+    u = layer.lut.u
+    layer.lut.u = torch.cat([u, u.new_full((1, u.shape[1]), float(u.max()) + 1)])
+    try:
+        assert FU._int8_linear_prep(big, layer.lut) is False
+    finally:
+        layer.lut.u = u
+    # not on the CPU
+    assert FU._int8_linear_prep((fold[0].to("meta"), fold[1], fold[2]), layer.lut) is False
+
+
+def test_int8_path_trains_like_the_float_path():
+    """Only the forward's sums change: outputs and gradients equal the float path's."""
+    table = truncated(4)
+    outs = []
+    for int8 in (True, False):
+        layer, x = make_layer(table, 300, 5, seed=3)
+        layer.train()
+        layer.act_quant.observing = False
+        xg = x.clone().requires_grad_(True)
+        prev = FN._INT8_GEMM
+        FN._INT8_GEMM = int8
+        try:
+            y = layer(xg)
+            y.square().sum().backward()
+        finally:
+            FN._INT8_GEMM = prev
+        outs.append((y.detach(), xg.grad.clone(), layer.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_int8_path_switch_from_the_environment(monkeypatch):
+    layer, x = make_layer(truncated(0), 64, 5, seed=5)
+    calls = []
+    real = FU._int8_linear_acc
+    monkeypatch.setattr("appmult.nn.autograd._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("APPMULT_NO_INT8_GEMM", "1")
+    with torch.no_grad():
+        y_off = layer(x)
+    assert not calls
+    monkeypatch.delenv("APPMULT_NO_INT8_GEMM")
+    with torch.no_grad():
+        y_on = layer(x)
+    assert calls and torch.equal(y_on, y_off)
+
+
+@pytest.mark.parametrize("columns, signed, k", [(8, False, 100), (8, False, 700), (10, False, 300)])
+def test_unfolded_lowrank_lut_takes_the_int8_path_exactly(columns, signed, k, monkeypatch):
+    """A low-rank LUT whose factors cannot carry ``value(x)`` (no fold; 8 truncated
+    columns and more): the weights are ``V[w]`` and the ``-Zw sum x`` cross term is added per call;
+    the accumulator equals brute force, and where the plain float32 path is exact (every
+    partial sum below ``2**24``) the layer's output equals it bit for bit."""
+    table = truncated(columns, signed)
+    n = 6
+    layer, x = make_layer(table, k, n, seed=k + columns, signed=signed)
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+        assert FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True) is None
+    assert float(zx) > 0 and (zw != 0).any()  # both cross terms live
+    prep = FU._int8_unfolded_prep(qw, zx, zw, layer.lut)
+    assert prep is not False
+    acc = brute_acc(table, qx.numpy(), float(zx), qw.numpy(), zw.numpy(), signed)
+    got = FU._int8_linear_acc(qx, prep, layer.lut)
+    np.testing.assert_array_equal(got.double().numpy(), acc.astype(np.float32).astype(np.float64))
+    calls = []
+    real = FU._int8_linear_acc
+    monkeypatch.setattr("appmult.nn.functional._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    y8 = forward(layer, x, True)
+    assert calls, "the int8 path was not taken"
+    calls.clear()
+    yf = forward(layer, x, False)
+    assert not calls
+    if np.abs(table).max() * k < 2 ** 24:
+        assert torch.equal(y8, yf)
+    else:  # the plain path's float32 LUT sum may round; the int8 one is exact
+        scale = float(sx) * sw.double().numpy().reshape(1, -1)
+        want = scale * acc + layer.bias.detach().double().numpy()
+        np.testing.assert_allclose(y8.double().numpy(), want, rtol=0,
+                                   atol=float(np.min(scale)) * 0.25 + 1e-6 * np.abs(want).max())
+
+
+def test_unfolded_prep_declines_what_it_cannot_do_exactly():
+    layer, x = make_layer(truncated(8), 40, 3, seed=9)
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+    assert FU._int8_unfolded_prep(qw, zx, zw, layer.lut) is not False
+    assert FU._int8_unfolded_prep(qw, zx + 0.5, zw, layer.lut) is False            # non-integer Zx
+    assert FU._int8_unfolded_prep(qw, zx, zw + 0.25, layer.lut) is False           # non-integer Zw
+    assert FU._int8_unfolded_prep(qw, zx.clone().requires_grad_(True), zw, layer.lut) is False
+    assert FU._int8_unfolded_prep(qw, zx, zw.reshape(-1)[:2], layer.lut) is False  # zero points of 2 of 3
+
+
+def test_torch_int_mm_is_exact_where_the_int8_path_uses_it():
+    """The path relies on ``torch._int_mm`` returning exact int32 sums on the CPU for every
+    reduction length from 2 (it returns wrong sums for length 1 in torch 2.13, so the path
+    declines a single mapped input), including the largest magnitudes."""
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in [(1, 2, 3), (5, 3, 1), (17, 7, 9), (128, 1024, 96), (3, FU.INT8_GEMM_MAX_K, 2)]:
+        a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+        b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+        a[0], b[0] = -128, -128  # the largest |sum|: k * 2**14
+        assert torch.equal(torch._int_mm(a, b.t()).long(), a.long() @ b.long().t()), (m, k, n)
+
+
+def test_a_single_mapped_input_declines_the_int8_path():
+    layer, x = make_layer(truncated(0), 1, 4, seed=11)  # K r = 1
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+        fold = FU._folded_lowrank_weights(qw.reshape(4, 1, 1, 1), zx, zw, layer.lut, split_k=True)
+    assert FU._int8_linear_prep(fold, layer.lut) is False
+    layer2, _ = make_layer(truncated(0), 2, 4, seed=11)
+    with torch.no_grad():
+        qw2, _, zw2 = layer2.weight_quant(layer2.weight)
+        fold2 = FU._folded_lowrank_weights(qw2.reshape(4, 2, 1, 1), zx, zw2, layer2.lut, split_k=True)
+    assert FU._int8_linear_prep(fold2, layer2.lut) is not False
