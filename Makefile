@@ -64,12 +64,14 @@ MUTANTS ?=
 mutate: venv
 	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e '.[mutate]'
 	OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 APPMULT_MUTMUT_WARMUP=1 APPMULT_MUTATION_KILLERS=$(CURDIR)/tests/mutation_killers.json \
+	  APPMULT_MUTATION_EQUIVALENTS=$(CURDIR)/tests/mutation_equivalents.tsv \
 	  $(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN) $(MUTANTS); status=$$?; \
 	  $(PY) tests/mutation_order.py merge mutants; exit $$status
 	$(VENV)/bin/mutmut export-cicd-stats
 	@cat mutants/mutmut-cicd-stats.json; echo
-	@# survivors, timeouts, ...: everything not killed (mutants not run yet are left out)
-	@$(VENV)/bin/mutmut results | grep -v ': not checked$$' || true
+	@# survivors, timeouts, ...: everything not killed (mutants not run yet and accepted
+	@# equivalents, tests/mutation_equivalents.tsv, are left out)
+	@$(VENV)/bin/mutmut results | grep -v ': not checked$$\|: skipped$$' || true
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out mutants

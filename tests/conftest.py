@@ -36,6 +36,9 @@ def _warm_up_for_mutation_testing() -> None:
     numba.njit(lambda a: a.sum())(np.zeros(2, np.int32))  # initializes numba's LLVM target
 
 
+_KILLERS: dict[str, dict[str, int]] = {}
+_EQUIVALENT: frozenset[str] = frozenset()
+
 if os.environ.get("APPMULT_MUTMUT_WARMUP") == "1":
     _warm_up_for_mutation_testing()
     # Automatic kernel choice by the rank rule instead of the timed probe: each mutant's
@@ -48,6 +51,11 @@ if os.environ.get("APPMULT_MUTMUT_WARMUP") == "1":
 
     # Loaded once in the fork server; each mutant's fork reads it (tests/mutation_order.py).
     _KILLERS = mutation_order.load(Path(os.environ.get("APPMULT_MUTATION_KILLERS", mutation_order.HISTORY)))
+    # this file is mutants/tests/conftest.py under mutmut: the .meta files are beside tests/
+    _EQUIVALENT = mutation_order.still_equivalent(
+        mutation_order.load_equivalents(Path(os.environ.get("APPMULT_MUTATION_EQUIVALENTS",
+                                                            mutation_order.EQUIVALENTS))),
+        mutation_order.function_hashes(Path(__file__).resolve().parents[1]))
 
 
 def _mutant_under_test() -> str | None:
@@ -56,11 +64,16 @@ def _mutant_under_test() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under ``make mutate``: the tests that killed this function's mutants before run first."""
+    """Under ``make mutate``: an accepted equivalent mutant is skipped; otherwise the tests
+    that killed this function's mutants before run first."""
     mutant = _mutant_under_test()
     if mutant is None:
         return
     import mutation_order
+
+    if mutant in _EQUIVALENT:
+        pytest.exit("accepted equivalent mutant (tests/mutation_equivalents.tsv)",
+                    returncode=mutation_order.SKIP_EXIT_CODE)
 
     remembered = _KILLERS.get(mutation_order.function_of(mutant), {})
     if remembered:

@@ -1,4 +1,4 @@
-"""Killer-first test order for ``make mutate``.
+"""Killer-first test order and accepted equivalent mutants for ``make mutate``.
 
 mutmut runs, for each mutant, every test that covers the mutated function, in no
 particular order, and stops at the first failure (``-x``). A killed mutant therefore
@@ -14,6 +14,13 @@ first kill to ``mutants/mutation-kills.log`` (one ``mutant<TAB>node id`` line, a
 the mutant's own process), and ``python tests/mutation_order.py merge`` folds the log in
 after the run (``make mutate`` does). A missing or stale entry only costs time: tests the
 memory does not name keep mutmut's order after the remembered ones.
+
+Equivalent mutants (reviewed: no test can tell them from the original; reasons in
+``tests/README.md``) would otherwise run every test of their function in every run, most
+of a run's time. ``tests/mutation_equivalents.tsv`` lists them with mutmut's hash of their
+function's source; while that hash is unchanged, ``make mutate`` reports them as skipped
+(mutmut's status 34) without running tests. Changing a function voids the entries of its
+mutants, which then run (and, surviving, show up for review) again.
 """
 
 from __future__ import annotations
@@ -94,9 +101,72 @@ def killer_first(node_ids: list[str], remembered: dict[str, int]) -> list[int]:
     return first + [i for i in range(len(node_ids)) if i not in chosen]
 
 
+def function_hashes(mutants_dir: Path) -> dict[str, str]:
+    """mutmut's hash of each mutated function's source, by function (``module.x_name``),
+    from the ``.meta`` files of a generated ``mutants/`` tree."""
+    hashes = {}
+    for meta in Path(mutants_dir).rglob("*.py.meta"):
+        module = ".".join(meta.relative_to(mutants_dir).with_suffix("").with_suffix("").parts)
+        for name, h in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
+            hashes[f"{module}.{name}"] = h
+    return hashes
+
+
+def load_equivalents(path: Path | None = None) -> dict[str, str]:
+    """Accepted equivalent mutants: ``{mutant name: hash of its function when accepted}``."""
+    path = EQUIVALENTS if path is None else path
+    accepted = {}
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, h = line.split()
+            accepted[name] = h
+    return accepted
+
+
+def still_equivalent(accepted: dict[str, str], hashes: dict[str, str]) -> frozenset[str]:
+    """The accepted mutants whose function is unchanged since they were accepted (a changed
+    function renumbers and changes its mutants: they run again, for a new review)."""
+    return frozenset(m for m, h in accepted.items() if hashes.get(function_of(m)) == h)
+
+
+def accept(names: list[str], mutants_dir: Path, path: Path | None = None) -> int:
+    """Add ``names`` to the accepted equivalents with their functions' current hashes."""
+    path = EQUIVALENTS if path is None else path
+    hashes = function_hashes(mutants_dir)
+    accepted = load_equivalents(path)
+    for name in names:
+        h = hashes.get(function_of(name))
+        if h is None:
+            raise SystemExit(f"{name}: no such mutated function in {mutants_dir}")
+        accepted[name] = h
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(EQUIVALENTS_HEADER + "".join(f"{m}\t{h}\n" for m, h in sorted(accepted.items())))
+    os.replace(tmp, path)
+    return len(names)
+
+
+EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.tsv")
+EQUIVALENTS_HEADER = """\
+# Mutants reviewed as equivalent (reasons: tests/README.md), with mutmut's hash of their
+# function's source when accepted. make mutate reports them as skipped instead of running
+# every test of their function; a changed function voids its entries (its mutants run again).
+# Add with: python tests/mutation_order.py accept mutants NAME...
+"""
+SKIP_EXIT_CODE = 34  # mutmut's "skipped"
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "accept":
+        print(f"{accept(argv[2:], Path(argv[1]))} mutants accepted as equivalent in {EQUIVALENTS.name}")
+        return 0
     if len(argv) != 2 or argv[0] != "merge":
-        print("usage: python tests/mutation_order.py merge MUTANTS_DIR", file=sys.stderr)
+        print("usage: python tests/mutation_order.py merge MUTANTS_DIR\n"
+              "       python tests/mutation_order.py accept MUTANTS_DIR MUTANT_NAME...", file=sys.stderr)
         return 2
     log = Path(argv[1]) / LOG_NAME
     if not log.exists():

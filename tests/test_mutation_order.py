@@ -93,3 +93,58 @@ def test_conftest_hooks_reorder_and_log_only_for_a_mutant_under_make_mutate(tmp_
     conftest.pytest_runtest_logreport(types.SimpleNamespace(failed=False, nodeid="b"))
     conftest.pytest_runtest_logreport(failed)
     assert (tmp_path / mo.LOG_NAME).read_text() == "m.f__mutmut_3\tc\n"
+
+
+def _fake_mutants(tmp_path, hashes):
+    """A ``mutants/`` tree with mutmut's .meta files holding ``hashes`` ({module: {fn: hash}})."""
+    root = tmp_path / "mutants"
+    for module, by_fn in hashes.items():
+        meta = root.joinpath(*module.split(".")).with_suffix(".py.meta")
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"exit_code_by_key": {}, "hash_by_function_name": by_fn}))
+    return root
+
+
+def test_accepted_equivalents_hold_while_their_function_is_unchanged(tmp_path, monkeypatch, capsys):
+    root = _fake_mutants(tmp_path, {"appmult.codes": {"x_f": "h1", "x_g": "h2"},
+                                    "appmult.nn.tables": {"xǁLutTablesǁ_apply": "h3"}})
+    assert mo.function_hashes(root) == {"appmult.codes.x_f": "h1", "appmult.codes.x_g": "h2",
+                                        "appmult.nn.tables.xǁLutTablesǁ_apply": "h3"}
+    path = tmp_path / "eq.tsv"
+    monkeypatch.setattr(mo, "EQUIVALENTS", path)
+    assert mo.load_equivalents() == {}
+    assert mo.main(["accept", str(root), "appmult.codes.x_f__mutmut_3", "appmult.nn.tables.xǁLutTablesǁ_apply__mutmut_1"]) == 0
+    assert "2 mutants accepted" in capsys.readouterr().out
+    assert path.read_text().startswith("# Mutants reviewed as equivalent")  # the header explains the file
+    accepted = mo.load_equivalents()
+    assert accepted == {"appmult.codes.x_f__mutmut_3": "h1", "appmult.nn.tables.xǁLutTablesǁ_apply__mutmut_1": "h3"}
+    assert mo.still_equivalent(accepted, mo.function_hashes(root)) == set(accepted)
+    # the function changed: its mutants are renumbered and must run (and be reviewed) again
+    root2 = _fake_mutants(tmp_path / "b", {"appmult.codes": {"x_f": "CHANGED", "x_g": "h2"},
+                                           "appmult.nn.tables": {"xǁLutTablesǁ_apply": "h3"}})
+    assert mo.still_equivalent(accepted, mo.function_hashes(root2)) == {"appmult.nn.tables.xǁLutTablesǁ_apply__mutmut_1"}
+    with pytest.raises(SystemExit, match="no such mutated function"):
+        mo.accept(["appmult.codes.x_gone__mutmut_1"], root)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_conftest_skips_an_accepted_equivalent_with_mutmuts_skipped_status(monkeypatch):
+    import types
+
+    import conftest
+
+    monkeypatch.setattr(conftest, "_KILLERS", {}, raising=False)
+    monkeypatch.setattr(conftest, "_EQUIVALENT", frozenset({"m.f__mutmut_2"}), raising=False)
+    monkeypatch.setenv("APPMULT_MUTMUT_WARMUP", "1")
+    items = [types.SimpleNamespace(nodeid="a")]
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "m.f__mutmut_1")
+    conftest.pytest_collection_modifyitems(None, items)  # not accepted: runs
+    monkeypatch.setenv("MUTANT_UNDER_TEST", "m.f__mutmut_2")
+    with pytest.raises(pytest.exit.Exception) as exc:
+        conftest.pytest_collection_modifyitems(None, items)
+    assert exc.value.returncode == mo.SKIP_EXIT_CODE == 34
+
+
+def test_skip_exit_code_is_mutmuts_skipped_status():
+    stats = pytest.importorskip("mutmut.stats")
+    assert stats.status_by_exit_code[mo.SKIP_EXIT_CODE] == "skipped"

@@ -151,7 +151,8 @@ def test_no_int8_path_where_it_would_not_be_exact(monkeypatch):
     # activation factors spanning more than 256 integers
     big = (fold[0] * 1.0, fold[1], fold[2])
     u = layer.lut.u
-    layer.lut.u = torch.cat([u, u.new_full((1, u.shape[1]), float(u.max()) + 1)])
+    # one value below the range: a span of 256 (also where umax + umin stays below 256)
+    layer.lut.u = torch.cat([u, u.new_full((1, u.shape[1]), float(u.min()) - 1)])
     try:
         assert FU._int8_linear_prep(big, layer.lut) is False
     finally:
@@ -268,3 +269,130 @@ def test_a_single_mapped_input_declines_the_int8_path():
         qw2, _, zw2 = layer2.weight_quant(layer2.weight)
         fold2 = FU._folded_lowrank_weights(qw2.reshape(4, 2, 1, 1), zx, zw2, layer2.lut, split_k=True)
     assert FU._int8_linear_prep(fold2, layer2.lut) is not False
+
+
+@pytest.mark.parametrize("span, planes", [(255, 1), (256, 2), (60000, 2), (65535, 2), (65536, 3), (16_000_000, 3)])
+def test_synthetic_folds_of_every_plane_count_are_exact(span, planes):
+    """The prep and the GEMM on synthetic factors: per-output weight spans at the digit-plane
+    boundaries (255|256, 65535|65536: ``P`` planes hold ``255 (1 + 256 + ...)``), activation
+    factors spanning 256 values around an offset, a large bias; against int64 numpy."""
+    import types
+
+    rng = np.random.default_rng(span)
+    n, k, r, m = 5, 700, 2, 9
+    umin = int(rng.integers(-300, 300))
+    u = torch.from_numpy(rng.integers(umin, umin + 256, (40, r)).astype(np.float64))
+    u[0, 0], u[1, 1] = umin, umin + 255
+    tabs = types.SimpleNamespace(u=u, u_is_value=False, lo_x=0)
+    lo = rng.integers(-(1 << 20), 1 << 20, (n, 1))
+    w = lo + rng.integers(0, span + 1, (n, k * r))
+    w[:, 0], w[:, 1] = lo[:, 0], lo[:, 0] + span        # every row spans exactly `span`
+    const = rng.integers(-(1 << 40), 1 << 40, n).astype(np.float64)
+    # float32 weights as the fold makes them where they fit (their row sums do not: 2**30)
+    wdt = np.float32 if np.abs(w).max() < 2 ** 24 else np.float64
+    prep = FU._int8_linear_prep((torch.from_numpy(w.astype(wdt)), torch.from_numpy(const)), tabs)
+    assert prep is not False and prep[-1] == planes
+    qx = torch.from_numpy(rng.integers(0, 40, (m, k)).astype(np.float32))
+    ux = u.numpy().astype(np.int64)[qx.numpy().astype(np.int64)].reshape(m, k * r)
+    want = ux @ w.T + const.astype(np.int64)[None, :]
+    got = FU._int8_linear_acc(qx, prep, tabs)
+    np.testing.assert_array_equal(got.double().numpy(), want.astype(np.float32).astype(np.float64))
+
+
+def _unfolded_layer(seed=13, k=48, n=5):
+    layer, x = make_layer(truncated(8), k, n, seed=seed)
+    return layer, x
+
+
+def _spy_unfolded(monkeypatch):
+    calls = []
+    real = FU._int8_linear_acc
+    monkeypatch.setattr("appmult.nn.functional._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_unfolded_int8_path_follows_both_switches(monkeypatch):
+    """The no-fold int8 path is part of the fused low-rank path: off with it (module switch
+    or ``APPMULT_NO_FUSED_LOWRANK``) and with ``APPMULT_NO_INT8_GEMM``; same output either way
+    here (every partial sum below ``2**24``)."""
+    layer, x = _unfolded_layer()
+    calls = _spy_unfolded(monkeypatch)
+    with torch.no_grad():
+        y_on = layer(x)
+    assert calls
+    for env in ("APPMULT_NO_FUSED_LOWRANK", "APPMULT_NO_INT8_GEMM"):
+        calls.clear()
+        monkeypatch.setenv(env, "1")
+        with torch.no_grad():
+            assert torch.equal(layer(x), y_on)
+        assert not calls, env
+        monkeypatch.delenv(env)
+    calls.clear()
+    monkeypatch.setattr(FN, "_FUSED_LOWRANK", False)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y_on)
+    assert not calls
+
+
+def test_int8_weight_side_is_prepared_once_per_weight(monkeypatch):
+    """The weight side (digit planes, constants) is cached with the layer's weight: two eval
+    forwards prepare it once, for the folded and the unfolded path."""
+    for table, name in ((truncated(0), "_int8_linear_prep"), (truncated(8), "_int8_unfolded_prep")):
+        layer, x = make_layer(table, 48, 5, seed=21)
+        count = []
+        real = getattr(FU, name)
+        monkeypatch.setattr(f"appmult.nn.functional.{name}", lambda *a, real=real: count.append(1) or real(*a))
+        with torch.no_grad():
+            y1 = layer(x)
+            y2 = layer(x)
+        assert torch.equal(y1, y2) and len(count) == 1, name
+
+
+def test_unfolded_int8_path_trains_like_the_plain_path():
+    """The no-fold int8 path's output equals the plain path's and its gradients agree (its
+    backward carries the zero-point cross terms: both zero points live here)."""
+    outs = []
+    for int8 in (True, False):
+        layer, x = _unfolded_layer(seed=17)
+        layer.train()
+        layer.act_quant.observing = False
+        xg = x.clone().requires_grad_(True)
+        prev = FN._INT8_GEMM
+        FN._INT8_GEMM = int8
+        try:
+            y = layer(xg)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        finally:
+            FN._INT8_GEMM = prev
+        outs.append((y.detach(), xg.grad.clone(), layer.weight.grad.clone()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    # the backward adds the cross terms' gradients in another order than the plain path
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unfolded_prep_declines_cleanly_when_the_weights_need_too_many_planes(monkeypatch):
+    layer, x = _unfolded_layer()
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+    monkeypatch.setattr(FU, "INT8_GEMM_MAX_PLANES", 1)  # truncated(8)'s V needs 2
+    assert FU._int8_unfolded_prep(qw, zx, zw, layer.lut) is False
+
+
+def test_float64_layer_on_both_paths():
+    """A float64 layer (the float path maps ``qx`` itself for ``U = value(x)``) gives the same
+    output with and without the int8 GEMM."""
+    layer, x = make_layer(truncated(0), 64, 5, seed=23)
+    layer.double()
+    x = x.double()
+    ys = []
+    for int8 in (True, False):
+        prev = FN._INT8_GEMM
+        FN._INT8_GEMM = int8
+        try:
+            with torch.no_grad():
+                ys.append(layer(x))
+        finally:
+            FN._INT8_GEMM = prev
+    assert ys[0].dtype == torch.float64 and torch.equal(ys[0], ys[1])
