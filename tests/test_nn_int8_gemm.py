@@ -161,25 +161,35 @@ def test_no_int8_path_where_it_would_not_be_exact(monkeypatch):
     assert FU._int8_linear_prep((fold[0].to("meta"), fold[1], fold[2]), layer.lut) is False
 
 
-def test_int8_path_trains_like_the_float_path():
-    """Only the forward's sums change: outputs and gradients equal the float path's."""
+def test_int8_path_trains_like_the_float_path(monkeypatch):
+    """Only the forward's sums change: outputs and gradients equal the float path's. The
+    int8 path runs where the weight side is cached (a frozen weight: the input's gradient
+    flows through it); a weight that trains takes the float path (preparing the int8
+    weights every step would cost more than it saves)."""
     table = truncated(4)
-    outs = []
-    for int8 in (True, False):
-        layer, x = make_layer(table, 300, 5, seed=3)
-        layer.train()
-        layer.act_quant.observing = False
-        xg = x.clone().requires_grad_(True)
-        prev = FN._INT8_GEMM
-        FN._INT8_GEMM = int8
-        try:
-            y = layer(xg)
-            y.square().sum().backward()
-        finally:
-            FN._INT8_GEMM = prev
-        outs.append((y.detach(), xg.grad.clone(), layer.weight.grad.clone()))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    calls = []
+    real = FU._int8_linear_acc
+    monkeypatch.setattr("appmult.nn.autograd._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    for frozen in (True, False):
+        outs = []
+        for int8 in (True, False):
+            layer, x = make_layer(table, 300, 5, seed=3)
+            layer.train()
+            layer.act_quant.observing = False
+            layer.weight.requires_grad_(not frozen)
+            xg = x.clone().requires_grad_(True)
+            prev = FN._INT8_GEMM
+            FN._INT8_GEMM = int8
+            calls.clear()
+            try:
+                y = layer(xg)
+                y.square().sum().backward()
+            finally:
+                FN._INT8_GEMM = prev
+            assert bool(calls) == (int8 and frozen)
+            outs.append((y.detach(), xg.grad.clone()) + (() if frozen else (layer.weight.grad.clone(),)))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
 
 
 def test_int8_path_switch_from_the_environment(monkeypatch):
@@ -348,27 +358,31 @@ def test_int8_weight_side_is_prepared_once_per_weight(monkeypatch):
         assert torch.equal(y1, y2) and len(count) == 1, name
 
 
-def test_unfolded_int8_path_trains_like_the_plain_path():
-    """The no-fold int8 path's output equals the plain path's and its gradients agree (its
-    backward carries the zero-point cross terms: both zero points live here)."""
+def test_unfolded_int8_path_trains_like_the_plain_path(monkeypatch):
+    """With a frozen weight (cached weight side) the no-fold int8 path's output equals the
+    plain path's and the input's gradient agrees (its backward carries the zero-point cross
+    terms: both zero points live here)."""
+    calls = _spy_unfolded(monkeypatch)
     outs = []
     for int8 in (True, False):
         layer, x = _unfolded_layer(seed=17)
         layer.train()
         layer.act_quant.observing = False
+        layer.weight.requires_grad_(False)
         xg = x.clone().requires_grad_(True)
         prev = FN._INT8_GEMM
         FN._INT8_GEMM = int8
+        calls.clear()
         try:
             y = layer(xg)
             (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
         finally:
             FN._INT8_GEMM = prev
-        outs.append((y.detach(), xg.grad.clone(), layer.weight.grad.clone()))
+        assert bool(calls) == int8
+        outs.append((y.detach(), xg.grad.clone()))
     assert torch.equal(outs[0][0], outs[1][0])
     # the backward adds the cross terms' gradients in another order than the plain path
-    for a, b in zip(outs[0][1:], outs[1][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-5)
 
 
 def test_unfolded_prep_declines_cleanly_when_the_weights_need_too_many_planes(monkeypatch):

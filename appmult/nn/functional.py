@@ -293,7 +293,8 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
                        lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
     i8u = False
     if tabs is not None and fold is None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
-            and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
+            and cache is not None and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") \
+            and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
         i8u = _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
@@ -301,8 +302,10 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
     if fold is not None:
+        # the int8 GEMM only where its weight side is cached: preparing it costs more than
+        # one float GEMM (training steps and the kernel probe's first calls have no cache)
         i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
-            if _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM") else False
+            if cache is not None and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM") else False
         acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2], i8).to(dt)
     elif i8u is not False:
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, _int8_linear_acc(qx, i8u, tabs), dt)
