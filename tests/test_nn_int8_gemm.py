@@ -18,22 +18,16 @@ from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, ApproxLinear
 from appmult.nn import functional as FN
 from appmult.nn import fused as FU
+from test_nn_split_k import truncated as truncated_unsigned
 
 
 def truncated(columns: int, signed: bool = False) -> np.ndarray:
     """8x8 array multiplier without the partial-product columns ``< columns`` (signed:
-    the exact product of two's-complement operands when ``columns == 0``)."""
-    if signed:  # indexed by two's-complement codes
+    the exact product of two's-complement operands, indexed by codes)."""
+    if signed:
         v = np.where(np.arange(256) < 128, np.arange(256), np.arange(256) - 256)
         return v[:, None] * v[None, :]
-    a = np.arange(256)[:, None]
-    b = np.arange(256)[None, :]
-    p = np.zeros((256, 256), np.int64)
-    for i in range(8):
-        for j in range(8):
-            if i + j >= columns:
-                p += (((a >> i) & 1) * ((b >> j) & 1)) << (i + j)
-    return p
+    return truncated_unsigned(columns)
 
 
 def brute_acc(table, qx, zx, qw, zw, signed):
@@ -69,6 +63,20 @@ def forward(layer, x, int8: bool):
         FN._INT8_GEMM = prev
 
 
+def both_paths(layer, x, monkeypatch, caller: str):
+    """The layer's eval output with the int8 GEMM and without, checking that the first takes
+    it (``caller``: the module that calls ``_int8_linear_acc`` on that path) and the second not."""
+    calls = []
+    real = FU._int8_linear_acc
+    monkeypatch.setattr(f"{caller}._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    y8 = forward(layer, x, True)
+    assert calls, "the int8 path was not taken"
+    calls.clear()
+    yf = forward(layer, x, False)
+    assert not calls
+    return y8, yf
+
+
 CASES = [  # (columns, signed, k): rank 1, 3, 5, 7 unsigned (1-2 digit planes), signed exact
     (0, False, 100), (0, False, 600), (2, False, 1100), (4, False, 300), (6, False, 600), (0, True, 500),
 ]
@@ -92,14 +100,7 @@ def test_int8_accumulator_equals_brute_force_and_the_float_path(columns, signed,
     # the exact integer, rounded once to float32
     np.testing.assert_array_equal(got.double().numpy(), acc.astype(np.float32).astype(np.float64))
     # the layer takes the int8 path, and its output equals the float path's bit for bit
-    calls = []
-    real = FU._int8_linear_acc
-    monkeypatch.setattr("appmult.nn.autograd._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
-    y8 = forward(layer, x, True)
-    assert calls, "the int8 path was not taken"
-    calls.clear()
-    yf = forward(layer, x, False)
-    assert not calls
+    y8, yf = both_paths(layer, x, monkeypatch, "appmult.nn.autograd")
     assert torch.equal(y8, yf)
 
 
@@ -226,14 +227,7 @@ def test_unfolded_lowrank_lut_takes_the_int8_path_exactly(columns, signed, k, mo
     acc = brute_acc(table, qx.numpy(), float(zx), qw.numpy(), zw.numpy(), signed)
     got = FU._int8_linear_acc(qx, prep, layer.lut)
     np.testing.assert_array_equal(got.double().numpy(), acc.astype(np.float32).astype(np.float64))
-    calls = []
-    real = FU._int8_linear_acc
-    monkeypatch.setattr("appmult.nn.functional._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
-    y8 = forward(layer, x, True)
-    assert calls, "the int8 path was not taken"
-    calls.clear()
-    yf = forward(layer, x, False)
-    assert not calls
+    y8, yf = both_paths(layer, x, monkeypatch, "appmult.nn.functional")
     if np.abs(table).max() * k < 2 ** 24:
         assert torch.equal(y8, yf)
     else:  # the plain path's float32 LUT sum may round; the int8 one is exact
