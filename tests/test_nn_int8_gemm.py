@@ -9,6 +9,8 @@ path of the same layer (``functional._INT8_GEMM = False``), which must agree bit
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -53,14 +55,32 @@ def make_layer(table, k, n, seed, signed=False):
     return layer, x
 
 
-def forward(layer, x, int8: bool):
+@contextlib.contextmanager
+def int8_gemm(on: bool):
+    """The int8-GEMM switch (``functional._INT8_GEMM``) set for a block."""
     prev = FN._INT8_GEMM
-    FN._INT8_GEMM = int8
+    FN._INT8_GEMM = on
     try:
-        with torch.no_grad():
-            return layer(x)
+        yield
     finally:
         FN._INT8_GEMM = prev
+
+
+def forward(layer, x, int8: bool):
+    with int8_gemm(int8), torch.no_grad():
+        return layer(x)
+
+
+def quantized_case(columns, signed, k, n):
+    """A calibrated ``k -> n`` layer over ``truncated(columns, signed)``, its quantized
+    operands and its split-k fold (``None`` where the LUT has none)."""
+    table = truncated(columns, signed)
+    layer, x = make_layer(table, k, n, seed=k + columns, signed=signed)
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+        fold = FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True)
+    return table, layer, x, (qx, sx, zx, qw, sw, zw), fold
 
 
 def both_paths(layer, x, monkeypatch, caller: str):
@@ -84,13 +104,8 @@ CASES = [  # (columns, signed, k): rank 1, 3, 5, 7 unsigned (1-2 digit planes), 
 
 @pytest.mark.parametrize("columns, signed, k", CASES)
 def test_int8_accumulator_equals_brute_force_and_the_float_path(columns, signed, k, monkeypatch):
-    table = truncated(columns, signed)
     n = 7
-    layer, x = make_layer(table, k, n, seed=k + columns, signed=signed)
-    with torch.no_grad():
-        qx, sx, zx = layer.act_quant(x)
-        qw, sw, zw = layer.weight_quant(layer.weight)
-        fold = FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True)
+    table, layer, x, (qx, sx, zx, qw, sw, zw), fold = quantized_case(columns, signed, k, n)
     assert fold is not None
     prep = FU._int8_linear_prep(fold, layer.lut)
     assert prep is not False
@@ -179,14 +194,10 @@ def test_int8_path_trains_like_the_float_path(monkeypatch):
             layer.act_quant.observing = False
             layer.weight.requires_grad_(not frozen)
             xg = x.clone().requires_grad_(True)
-            prev = FN._INT8_GEMM
-            FN._INT8_GEMM = int8
             calls.clear()
-            try:
+            with int8_gemm(int8):
                 y = layer(xg)
                 y.square().sum().backward()
-            finally:
-                FN._INT8_GEMM = prev
             assert bool(calls) == (int8 and frozen)
             outs.append((y.detach(), xg.grad.clone()) + (() if frozen else (layer.weight.grad.clone(),)))
         for a, b in zip(*outs):
@@ -214,13 +225,9 @@ def test_unfolded_lowrank_lut_takes_the_int8_path_exactly(columns, signed, k, mo
     columns and more): the weights are ``V[w]`` and the ``-Zw sum x`` cross term is added per call;
     the accumulator equals brute force, and where the plain float32 path is exact (every
     partial sum below ``2**24``) the layer's output equals it bit for bit."""
-    table = truncated(columns, signed)
     n = 6
-    layer, x = make_layer(table, k, n, seed=k + columns, signed=signed)
-    with torch.no_grad():
-        qx, sx, zx = layer.act_quant(x)
-        qw, sw, zw = layer.weight_quant(layer.weight)
-        assert FU._folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, layer.lut, split_k=True) is None
+    table, layer, x, (qx, sx, zx, qw, sw, zw), fold = quantized_case(columns, signed, k, n)
+    assert fold is None
     assert float(zx) > 0 and (zw != 0).any()  # both cross terms live
     prep = FU._int8_unfolded_prep(qw, zx, zw, layer.lut)
     assert prep is not False
@@ -364,14 +371,10 @@ def test_unfolded_int8_path_trains_like_the_plain_path(monkeypatch):
         layer.act_quant.observing = False
         layer.weight.requires_grad_(False)
         xg = x.clone().requires_grad_(True)
-        prev = FN._INT8_GEMM
-        FN._INT8_GEMM = int8
         calls.clear()
-        try:
+        with int8_gemm(int8):
             y = layer(xg)
             (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        finally:
-            FN._INT8_GEMM = prev
         assert bool(calls) == int8
         outs.append((y.detach(), xg.grad.clone()))
     assert torch.equal(outs[0][0], outs[1][0])
@@ -396,11 +399,5 @@ def test_float64_layer_on_both_paths():
     x = x.double()
     ys = []
     for int8 in (True, False):
-        prev = FN._INT8_GEMM
-        FN._INT8_GEMM = int8
-        try:
-            with torch.no_grad():
-                ys.append(layer(x))
-        finally:
-            FN._INT8_GEMM = prev
+        ys.append(forward(layer, x, int8))
     assert ys[0].dtype == torch.float64 and torch.equal(ys[0], ys[1])
