@@ -83,12 +83,18 @@ def quantized_case(columns, signed, k, n):
     return table, layer, x, (qx, sx, zx, qw, sw, zw), fold
 
 
-def both_paths(layer, x, monkeypatch, caller: str):
-    """The layer's eval output with the int8 GEMM and without, checking that the first takes
-    it (``caller``: the module that calls ``_int8_linear_acc`` on that path) and the second not."""
+def spy_int8(monkeypatch) -> list:
+    """A list that grows by one each time a layer takes the int8 GEMM."""
     calls = []
     real = FU._int8_linear_acc
-    monkeypatch.setattr(f"{caller}._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("appmult.nn.functional._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def both_paths(layer, x, monkeypatch):
+    """The layer's eval output with the int8 GEMM and without, checking that the first takes
+    it and the second not."""
+    calls = spy_int8(monkeypatch)
     y8 = forward(layer, x, True)
     assert calls, "the int8 path was not taken"
     calls.clear()
@@ -115,7 +121,7 @@ def test_int8_accumulator_equals_brute_force_and_the_float_path(columns, signed,
     # the exact integer, rounded once to float32
     np.testing.assert_array_equal(got.double().numpy(), acc.astype(np.float32).astype(np.float64))
     # the layer takes the int8 path, and its output equals the float path's bit for bit
-    y8, yf = both_paths(layer, x, monkeypatch, "appmult.nn.autograd")
+    y8, yf = both_paths(layer, x, monkeypatch)
     assert torch.equal(y8, yf)
 
 
@@ -183,9 +189,7 @@ def test_int8_path_trains_like_the_float_path(monkeypatch):
     flows through it); a weight that trains takes the float path (preparing the int8
     weights every step would cost more than it saves)."""
     table = truncated(4)
-    calls = []
-    real = FU._int8_linear_acc
-    monkeypatch.setattr("appmult.nn.autograd._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    calls = spy_int8(monkeypatch)
     for frozen in (True, False):
         outs = []
         for int8 in (True, False):
@@ -206,9 +210,7 @@ def test_int8_path_trains_like_the_float_path(monkeypatch):
 
 def test_int8_path_switch_from_the_environment(monkeypatch):
     layer, x = make_layer(truncated(0), 64, 5, seed=5)
-    calls = []
-    real = FU._int8_linear_acc
-    monkeypatch.setattr("appmult.nn.autograd._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    calls = spy_int8(monkeypatch)
     monkeypatch.setenv("APPMULT_NO_INT8_GEMM", "1")
     with torch.no_grad():
         y_off = layer(x)
@@ -234,7 +236,7 @@ def test_unfolded_lowrank_lut_takes_the_int8_path_exactly(columns, signed, k, mo
     acc = brute_acc(table, qx.numpy(), float(zx), qw.numpy(), zw.numpy(), signed)
     got = FU._int8_linear_acc(qx, prep, layer.lut)
     np.testing.assert_array_equal(got.double().numpy(), acc.astype(np.float32).astype(np.float64))
-    y8, yf = both_paths(layer, x, monkeypatch, "appmult.nn.functional")
+    y8, yf = both_paths(layer, x, monkeypatch)
     if np.abs(table).max() * k < 2 ** 24:
         assert torch.equal(y8, yf)
     else:  # the plain path's float32 LUT sum may round; the int8 one is exact
@@ -315,19 +317,12 @@ def _unfolded_layer(seed=13, k=48, n=5):
     return layer, x
 
 
-def _spy_unfolded(monkeypatch):
-    calls = []
-    real = FU._int8_linear_acc
-    monkeypatch.setattr("appmult.nn.functional._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
-    return calls
-
-
 def test_unfolded_int8_path_follows_both_switches(monkeypatch):
     """The no-fold int8 path is part of the fused low-rank path: off with it (module switch
     or ``APPMULT_NO_FUSED_LOWRANK``) and with ``APPMULT_NO_INT8_GEMM``; same output either way
     here (every partial sum below ``2**24``)."""
     layer, x = _unfolded_layer()
-    calls = _spy_unfolded(monkeypatch)
+    calls = spy_int8(monkeypatch)
     with torch.no_grad():
         y_on = layer(x)
     assert calls
@@ -363,7 +358,7 @@ def test_unfolded_int8_path_trains_like_the_plain_path(monkeypatch):
     """With a frozen weight (cached weight side) the no-fold int8 path's output equals the
     plain path's and the input's gradient agrees (its backward carries the zero-point cross
     terms: both zero points live here)."""
-    calls = _spy_unfolded(monkeypatch)
+    calls = spy_int8(monkeypatch)
     outs = []
     for int8 in (True, False):
         layer, x = _unfolded_layer(seed=17)

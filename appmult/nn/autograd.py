@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels as K
-from .fused import _int8_linear_acc
 from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _small_idx, _unfold_idx
 
 
@@ -158,7 +157,7 @@ def _linear_zp_backward(ctx, grad):
     qx, qw, zx, zw = ctx.saved_tensors
     zargs = (None, None) if ctx.tabs.signed else (zx, zw)
     gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
-    return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None, None, None
+    return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None, None
 
 
 class _LowRankLinearZpFn(torch.autograd.Function):
@@ -169,12 +168,8 @@ class _LowRankLinearZpFn(torch.autograd.Function):
     chunk of ``kc`` inputs, the chunks and ``C`` added in float64."""
 
     @staticmethod
-    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, kc, int8_prep=False):
+    def forward(ctx, qx, qw, zx, zw, tabs: LutTables, wv, const, kc):
         m, k = qx.shape
-        if int8_prep is not False:  # the same integers by one int8 GEMM (fused._int8_linear_prep)
-            ctx.save_for_backward(qx, qw, zx, zw)
-            ctx.tabs = tabs
-            return _int8_linear_acc(qx, int8_prep, tabs)
         if tabs.u_is_value and qx.dtype == torch.float32:
             xu = qx.detach()  # rank 1 with U = value(x): the mapped operand is qx itself
         else:

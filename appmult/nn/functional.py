@@ -291,24 +291,24 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         n, k = qw.shape
         fold = _cached(cache, ("fold", id(tabs), float(zx)),
                        lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
-    i8u = False
-    if tabs is not None and fold is None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
-            and cache is not None and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") \
-            and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
-        i8u = _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
+    # The int8 GEMM (exact, faster) where its weight side is cached: for the fold, or for the
+    # LUT's V[w] where there is none. Preparing it costs more than one float GEMM, so not
+    # uncached (training steps, the kernel probe's first calls).
+    i8 = False
+    if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 and cache is not None \
+            and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
+        i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
+            if fold is not None else \
+            _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
-    if fold is not None:
-        # the int8 GEMM only where its weight side is cached: preparing it costs more than
-        # one float GEMM (training steps and the kernel probe's first calls have no cache)
-        i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
-            if cache is not None and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM") else False
-        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2], i8).to(dt)
-    elif i8u is not False:
-        acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, _int8_linear_acc(qx, i8u, tabs), dt)
+    if i8 is not False:  # the same integers by one int8 GEMM, with the LUT's backward
+        acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, _int8_linear_acc(qx, i8, tabs), dt)
+    elif fold is not None:
+        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2]).to(dt)
     elif gacc is not None:
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, gacc, dt)
     elif tabs is None:
