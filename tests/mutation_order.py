@@ -33,6 +33,14 @@ from pathlib import Path
 
 HISTORY = Path(__file__).with_name("mutation_killers.json")
 LOG_NAME = "mutation-kills.log"
+EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.tsv")
+EQUIVALENTS_HEADER = """\
+# Mutants reviewed as equivalent (reasons: tests/README.md), with mutmut's hash of their
+# function's source when accepted. make mutate reports them as skipped instead of running
+# every test of their function; a changed function voids its entries (its mutants run again).
+# Add with: python tests/mutation_order.py accept mutants NAME...
+"""
+SKIP_EXIT_CODE = 34  # mutmut's "skipped"
 
 
 def function_of(mutant: str) -> str:
@@ -148,16 +156,6 @@ def accept(names: list[str], mutants_dir: Path, path: Path | None = None) -> int
     tmp.write_text(EQUIVALENTS_HEADER + "".join(f"{m}\t{h}\n" for m, h in sorted(accepted.items())))
     os.replace(tmp, path)
     return len(names)
-
-
-EQUIVALENTS = Path(__file__).with_name("mutation_equivalents.tsv")
-EQUIVALENTS_HEADER = """\
-# Mutants reviewed as equivalent (reasons: tests/README.md), with mutmut's hash of their
-# function's source when accepted. make mutate reports them as skipped instead of running
-# every test of their function; a changed function voids its entries (its mutants run again).
-# Add with: python tests/mutation_order.py accept mutants NAME...
-"""
-SKIP_EXIT_CODE = 34  # mutmut's "skipped"
 
 
 def main(argv: list[str]) -> int:
