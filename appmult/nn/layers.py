@@ -48,6 +48,20 @@ def _adopt_trained(new: nn.Module, module: nn.Module) -> nn.Module:
     return new
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one dtype and shape hold the same bits (so the same values).
+
+    Contiguous tensors are compared as 8-byte words where their bytes allow it: about twice
+    as fast as ``torch.equal`` on float32 here (the linear layer's per-forward weight check).
+    """
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_contiguous() and b.is_contiguous() and a.device == b.device and (a.numel() * a.element_size()) % 8 == 0 \
+            and (a.storage_offset() * a.element_size()) % 8 == 0 and (b.storage_offset() * b.element_size()) % 8 == 0:
+        return torch.equal(a.reshape(-1).view(torch.int64), b.reshape(-1).view(torch.int64))
+    return torch.equal(a, b)
+
+
 def _computes_exactly(method):
     """Run a layer method taking an input ``x`` with autocast off, after refusing inputs it
     cannot compute with (not a tensor; the meta device)."""
@@ -147,7 +161,7 @@ class _ApproxMixin:
             return q, None  # (a kept cache stays valid: it is checked against the weight when used)
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, id(wq), wq.scheme, wq.width, wq.signed)
         c = self.__dict__.get("_wcache")
-        if c is None or c["key"] != key or not torch.equal(c["w"], w.detach()):
+        if c is None or c["key"] != key or not _same_bits(c["w"], w.detach()):
             with torch.no_grad():
                 q = wq(w.to(ct))
             self._check_quantized_weight(q, ct)  # once per weight change, not per forward
