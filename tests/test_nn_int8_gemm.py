@@ -84,10 +84,11 @@ def quantized_case(columns, signed, k, n):
 
 
 def spy_int8(monkeypatch) -> list:
-    """A list that grows by one each time a layer takes the int8 GEMM."""
+    """A list that grows by one each time a layer takes the int8 GEMM (the accumulator for
+    autograd, or the fused inference epilogue: both run ``_int8_linear_dots``)."""
     calls = []
-    real = FU._int8_linear_acc
-    monkeypatch.setattr("appmult.nn.functional._int8_linear_acc", lambda *a: calls.append(1) or real(*a))
+    real = FU._int8_linear_dots
+    monkeypatch.setattr(FU, "_int8_linear_dots", lambda *a: calls.append(1) or real(*a))
     return calls
 
 

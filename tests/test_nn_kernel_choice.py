@@ -119,6 +119,30 @@ def test_auto_layer_probes_once_and_matches_every_forced_kernel(kind, name):
     assert torch.equal(outs["auto"], outs["lowrank"]) and torch.equal(outs["auto"], outs["gather"])
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_probe_times_inference_with_the_weight_side_cached(kind, monkeypatch):
+    """A forward whose weight can train (no weight-side cache) and an inference forward
+    (cached: e.g. the int8 GEMM of the linear layer) run different code, so each is probed
+    under its own key, and the inference probe runs with the cache present."""
+    lut = make_lut("trunc8u")
+    layer, x = _layer(lut, kind)               # calibration with a gradient-carrying weight
+    assert [k[-7] for k in K.probe_choices()] == [False]
+    cached_in_probe = []
+    real = FN._approx_linear if kind == "linear" else FN._approx_conv2d
+
+    def spy(*args, **kwargs):
+        cached_in_probe.append(kwargs.get("cache") is not None)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(FN, "_approx_linear" if kind == "linear" else "_approx_conv2d", spy)
+    with torch.no_grad():
+        layer(x)
+    assert sorted(k[-7] for k in K.probe_choices()) == [False, True]
+    assert cached_in_probe and all(cached_in_probe)
+    with torch.no_grad():
+        layer(x)
+    assert len(K.probe_choices()) == 2
+
+
 def test_probe_off_uses_the_rank_guess(monkeypatch):
     monkeypatch.setenv("APPMULT_KERNEL_PROBE", "0")
     layer, x = _layer(make_lut("trunc8u"))

@@ -57,7 +57,7 @@ from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConv
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
 from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
-                    _int8_linear_acc, _int8_linear_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
+                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer
 from .tables import GradMode, Kernel, LutTables
 
@@ -220,18 +220,25 @@ def _cached(cache: dict | None, key, make):
     return cache[key]
 
 
+def _broadcasts_into(t: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether ``t`` broadcasts to ``target``'s shape without enlarging it (an in-place
+    operand); ``torch.broadcast_shapes`` in plain Python, several times faster."""
+    if t.dim() > target.dim():
+        return False
+    return all(s == 1 or s == d for s, d in zip(reversed(t.shape), reversed(target.shape)))
+
+
 def _dequantize(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
                 ) -> torch.Tensor:
     """``scale * acc + bias`` (same operations, same order), in place on the fresh accumulator
     where autograd allows it: each new full-size tensor costs page faults on first touch."""
-    if acc.requires_grad or scale.requires_grad or scale.dtype != acc.dtype \
-            or acc.shape != torch.broadcast_shapes(acc.shape, scale.shape):
+    if acc.requires_grad or scale.requires_grad or scale.dtype != acc.dtype or not _broadcasts_into(scale, acc):
         y = scale * acc
     else:
         y = acc.mul_(scale)
     if bias is not None:
         # y is new here (never a leaf, and mul's backward does not need it): add in place
-        if y.shape != torch.broadcast_shapes(y.shape, bias.shape) or y.dtype != torch.promote_types(y.dtype, bias.dtype):
+        if not _broadcasts_into(bias, y) or y.dtype != torch.promote_types(y.dtype, bias.dtype):
             y = y + bias
         else:
             y.add_(bias)
@@ -279,7 +286,8 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
     """:func:`approx_linear` without the operand check (the layers' operands are in range by
     construction) and with autocast already off."""
     if _probes(tabs):
-        key = ("linear", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), exact)
+        # cached or not: with the weight side cached (inference) other kernels are fastest
+        key = ("linear", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), exact, cache is not None)
         return _with_auto_kernel(tabs, key, qx, lambda: _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs,
                                                                         exact=exact, cache=cache))
     dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
@@ -305,6 +313,10 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
+    if i8 is not False and dt == torch.float32:  # inference: GEMM epilogue and dequantization in one pass
+        y = _int8_linear_out(qx, i8, tabs, (sx * swr).to(dt), None if bias is None else bias.to(dt))
+        if y is not None:
+            return y.to(qx.dtype)
     if i8 is not False:  # the same integers by one int8 GEMM, with the LUT's backward
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, _int8_linear_acc(qx, i8, tabs), dt)
     elif fold is not None:
@@ -350,7 +362,7 @@ def _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, stri
     """:func:`approx_conv2d` without the operand check and with autocast already off."""
     if _probes(tabs):
         key = ("conv2d", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), _pair(stride), _pair(padding),
-               _pair(dilation), int(groups), exact)
+               _pair(dilation), int(groups), exact, cache is not None)
         return _with_auto_kernel(tabs, key, qx, lambda: _approx_conv2d(
             qx, sx, zx, qw, sw, zw, bias, tabs, stride=stride, padding=padding, dilation=dilation, groups=groups,
             exact=exact, cache=cache))

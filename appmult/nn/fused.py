@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import int8_loops as loops
 from . import kernels as K
 from .tables import LutTables, _idx, _idx32
 
@@ -271,16 +272,23 @@ def _int8_linear_prep(fold, tabs: LutTables):
     return b, c, ow, ox, u8, None, planes
 
 
-def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
-    """``(M, N)`` float32 accumulator (LUT sum and cross terms, exact integers rounded once
-    to float32) by one int8 GEMM (:func:`_int8_linear_prep`)."""
-    b, c, ow, ox, u8, zw_row, planes = prep
-    m = qx.shape[0]
+def _int8_linear_dots(qx: torch.Tensor, prep, tabs: LutTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, dots)``: the int8 activation factors ``U[x] - Ox`` ``(M, K r)`` and the int8
+    GEMM's exact int32 dot products with every digit plane ``(M, P N)``."""
+    b, ox, u8 = prep[0], prep[3], prep[4]
     if u8 is None:
         a = (qx.detach() - ox).to(torch.int8)   # U = value(x): qx holds the values
     else:
-        a = F.embedding(_idx32(qx, tabs.lo_x), u8).reshape(m, -1)
-    dots = torch._int_mm(a, b.t())                                        # (M, P N) int32, exact
+        a = F.embedding(_idx32(qx, tabs.lo_x), u8).reshape(qx.shape[0], -1)
+    return a, torch._int_mm(a, b.t())
+
+
+def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
+    """``(M, N)`` float32 accumulator (LUT sum and cross terms, exact integers rounded once
+    to float32) by one int8 GEMM (:func:`_int8_linear_prep`)."""
+    _, c, ow, _, _, zw_row, planes = prep
+    m = qx.shape[0]
+    a, dots = _int8_linear_dots(qx, prep, tabs)
     n = c.shape[0]
     acc = dots[:, :n].to(torch.float64)
     for p in range(1, planes):
@@ -290,3 +298,30 @@ def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
     if zw_row is not None:  # -Zw_j sum_k x_k (x: the activation values, i.e. unsigned codes)
         acc -= qx.detach().to(torch.float64).sum(1, keepdim=True) * zw_row.reshape(1, n)
     return acc.to(torch.float32)
+
+
+def _int8_linear_out(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tensor, bias: torch.Tensor | None
+                     ) -> torch.Tensor | None:
+    """The layer's float32 output ``f32(acc) * scale + bias`` of :func:`_int8_linear_acc`'s
+    accumulator, its epilogue and the dequantization in one numba pass
+    (:func:`appmult.nn.int8_loops.epilogue`, the same bits), or ``None`` where that does not
+    apply: a gradient to carry, no numba, a float64 layer, a scale or bias that is not one
+    float32 value or one per output."""
+    n = prep[1].shape[0]
+    scale = scale.reshape(-1)
+    if not (loops.AVAILABLE and K.numba_available()) or qx.dtype != torch.float32 or scale.dtype != torch.float32 \
+            or scale.numel() not in (1, n) or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n)):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qx, scale, bias)):
+        return None
+    _, c, ow, _, _, zw_row, planes = prep
+    a, dots = _int8_linear_dots(qx, prep, tabs)
+    out = torch.empty((qx.shape[0], n), dtype=torch.float32)
+    none = np.empty(0, np.float64)
+    loops.epilogue(dots.numpy(), planes, a.numpy(), ow.numpy(), c.numpy(),
+                   qx.detach().numpy() if zw_row is not None else np.empty((0, 0), np.float32),
+                   none if zw_row is None else zw_row.numpy(),
+                   scale.detach().expand(n).contiguous().numpy(),
+                   np.empty(0, np.float32) if bias is None else bias.detach().reshape(-1).contiguous().numpy(),
+                   max(1, min(qx.shape[0], 2 * loops.num_threads())), out.numpy())
+    return out

@@ -1,0 +1,75 @@
+"""The numba-compiled epilogue of the linear layer's int8 GEMM (CPU, inference).
+
+:func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
+into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
+output in float64, and the layer then scales and adds the bias in two more. Where no
+gradient is needed, :func:`epilogue` does all of it in one pass per output row: the same
+exact integer accumulator (every term an integer below ``2**53``, so the order of the
+float64 additions does not matter), rounded once to float32, then ``* scale`` and
+``+ bias`` as two float32 operations in that order -- the bits of the torch path.
+
+numba is an optional dependency of the ``nn`` extra: without it this module defines only
+:data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:  # numba is an optional dependency of the nn extra; the torch path works without it
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+
+#: Whether numba is installed.
+AVAILABLE = numba is not None
+
+
+def num_threads() -> int:
+    """numba's thread count (call only when :data:`AVAILABLE`)."""
+    return numba.get_num_threads()
+
+
+if numba is not None:
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def epilogue(dots, planes, a, ow, c, q, zw, scale, bias, ntask, out):  # pragma: no cover - compiled
+        # out[i, j] = f32(f32(acc) * scale[j]) + bias[j], with the exact integer
+        #   acc = sum_p 256**p dots[i, p N + j] + ow[j] sum_k a[i, k] + c[j] - zw[j] sum_k q[i, k]
+        # (the zw term only where zw is not empty; bias only where not empty). Each step is
+        # its own loop over the row (a float64 row buffer per task), so every loop vectorizes;
+        # the float64 additions in the order of the torch path. ``ntask`` row blocks.
+        m, n = out.shape
+        has_zw = zw.shape[0] > 0
+        has_bias = bias.shape[0] > 0
+        for t in prange(ntask):
+            acc = np.empty(n, np.float64)
+            for i in range(t * m // ntask, (t + 1) * m // ntask):
+                asum = np.int64(0)
+                for k in range(a.shape[1]):
+                    asum += a[i, k]
+                fa = np.float64(asum)
+                d = dots[i]
+                for j in range(n):
+                    acc[j] = np.float64(d[j])
+                f = 256.0
+                for p in range(1, planes):
+                    for j in range(n):
+                        acc[j] += np.float64(d[p * n + j]) * f
+                    f *= 256.0
+                for j in range(n):
+                    acc[j] += fa * ow[j]
+                    acc[j] += c[j]
+                if has_zw:
+                    qsum = 0.0
+                    for k in range(q.shape[1]):
+                        qsum += np.float64(q[i, k])
+                    for j in range(n):
+                        acc[j] -= qsum * zw[j]
+                row = out[i]
+                if has_bias:
+                    for j in range(n):
+                        row[j] = np.float32(acc[j]) * scale[j] + bias[j]
+                else:
+                    for j in range(n):
+                        row[j] = np.float32(acc[j]) * scale[j]
