@@ -73,11 +73,11 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     shift = coef[None, :] * zwv[:, None]                                   # (Co, r)
     vabs = np.maximum(np.abs(tabs._v_max[None] - shift), np.abs(tabs._v_min[None] - shift))
     step = (vabs * tabs._u_absmax[None]).sum(1)                           # (Co,) bound of one k
-    q64 = qw.detach().to(torch.float64).reshape(co, k)
     zw_t = torch.as_tensor(np.ascontiguousarray(zwv), dtype=torch.float64, device=qw.device)
-    # exact in float64; signed LUTs carry no cross terms (as in the unfused path)
+    # exact in float64 (integer sums; sum_k (w - Zw) as sum_k w - k Zw: no float64 copy of
+    # the weights); signed LUTs carry no cross terms (as in the unfused path)
     const = torch.zeros(co, dtype=torch.float64, device=qw.device) if tabs.signed else \
-        -zxf * (q64 - zw_t[:, None]).sum(1)
+        -zxf * (_exact_row_sums(qw.detach().reshape(co, k), tabs) - k * zw_t)
     kc, split = k, False
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
         if not split_k or float(step.max()) * 2 >= K.FP32_EXACT_LIMIT \
@@ -90,10 +90,13 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     if vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT:
         # every value and shift is an integer below 2**24: float32 is exact; shift only the
         # columns with c_r != 0 (usually just the exact-product column)
-        wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v_f32)                # (Co, Cg, kh, kw, r) f32
         zw32 = zw_t.to(torch.float32).reshape(co, 1, 1, 1)
-        for rr in np.nonzero(coef)[0]:
-            wv[..., int(rr)] -= float(coef[rr]) * zw32
+        if tabs.v_is_value:  # V[w] = value(w): the weights themselves, shifted (no look-up)
+            wv = (qw.detach().to(torch.float32) - float(coef[0]) * zw32).unsqueeze(-1)  # (Co, Cg, kh, kw, 1)
+        else:
+            wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v_f32)            # (Co, Cg, kh, kw, r) f32
+            for rr in np.nonzero(coef)[0]:
+                wv[..., int(rr)] -= float(coef[rr]) * zw32
     else:
         wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
@@ -102,6 +105,16 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
         # the bias of one float32 addmm, or the float64 start of the chunked sum
         return wv.contiguous(memory_format=torch.channels_last), const if split else const.to(torch.float32), kc
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
+
+
+def _exact_row_sums(q: torch.Tensor, tabs: LutTables) -> torch.Tensor:
+    """float64 row sums of the integer-valued weight codes ``q`` ``(Co, K)``, exact: summed
+    in float32 where every partial sum stays below ``2**24`` (no float64 copy of the weights:
+    a new full-size tensor costs page faults on first touch), else in float64."""
+    wmax = max(abs(tabs.lo_w), abs(tabs.lo_w + tabs.prod.shape[1] - 1))
+    if q.dtype == torch.float32 and q.shape[1] * wmax < K.FP32_EXACT_LIMIT:
+        return q.sum(1).to(torch.float64)
+    return q.sum(1, dtype=torch.float64)
 
 
 def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dilation, groups, prep=None):

@@ -157,7 +157,7 @@ class WeightQuantizer(_Quantizer):
         w = w.detach()
         if self.scheme is WeightScheme.PER_CHANNEL:
             flat = w.reshape(w.shape[0], -1)
-            lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+            lo, hi = flat.amin(dim=1), flat.amax(dim=1)  # (min/max with indices: ~10x slower)
             s, z = _scale_zero_point(lo, hi, self.width, self.signed)
             shape = (-1,) + (1,) * (w.dim() - 1)
             return s.reshape(shape), z.reshape(shape)

@@ -143,7 +143,7 @@ class LutTables(nn.Module):
             raise InvalidValueError(f"LUT {lut.lut_id} has no exact integer factorization of rank <= 32; "
                                     f"use kernel='gather' or kernel='auto'")
         self._kernel = kern
-        self._register_factors(fac, vx)
+        self._register_factors(fac, vx, vw)
         gx1, gw1, gx2, gw2 = _gradient_tables(lut, self.grad, swap, (cx, cw), (vx, vw),
                                               compute_missing_gradients, half_window)
         for name, arr in (("gx1", gx1), ("gw1", gw1), ("gx2", gx2), ("gw2", gw2)):
@@ -151,12 +151,13 @@ class LutTables(nn.Module):
                                  persistent=False)
         self._register_gradient_factors(gx2, gw2)
 
-    def _register_factors(self, fac: K.LowRank | None, vx: np.ndarray) -> None:
+    def _register_factors(self, fac: K.LowRank | None, vx: np.ndarray, vw: np.ndarray) -> None:
         """The integer low-rank factors (float64 and float32 copies) and what the fused paths read."""
         #: Integer ``c`` with ``U @ c == value(x)`` exactly (or ``None``): lets the activation
         #: zero-point cross term ``-x * Zw`` fold into the low-rank weights (``V - c Zw``).
         self.value_coef: tuple[int, ...] | None = None
         self.u_is_value = False
+        self.v_is_value = False
         if fac is None:
             for name in ("u", "v", "u_f32", "v_f32"):
                 self.register_buffer(name, None, persistent=False)
@@ -168,6 +169,9 @@ class LutTables(nn.Module):
         self.value_coef = _value_coefficients(fac.u, vx)
         #: U is the single column value(x): the low-rank conv maps activations to themselves.
         self.u_is_value = fac.u.shape[1] == 1 and np.array_equal(fac.u[:, 0], vx)
+        #: V is the single column value(w) as well (the exact product): the folded weights
+        #: are the quantized weights themselves, shifted by the zero point.
+        self.v_is_value = self.u_is_value and np.array_equal(fac.v[:, 0], vw)
         self._u_absmax = np.abs(fac.u).max(axis=0).astype(np.float64)
         self._v_min = fac.v.min(axis=0).astype(np.float64)
         self._v_max = fac.v.max(axis=0).astype(np.float64)
