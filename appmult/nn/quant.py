@@ -33,6 +33,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError
+from . import quant_loops as loops
+from .kernels import numba_available
 
 __all__ = [
     "ActivationQuantizer",
@@ -67,12 +69,46 @@ def quant_range(width: int, signed: bool) -> tuple[int, int]:
     return 0, (1 << width) - 1
 
 
+def _rows(x: torch.Tensor, scale: torch.Tensor) -> int | None:
+    """Rows of the ``(C, L)`` view in which :mod:`appmult.nn.quant_loops` quantizes ``x``
+    with ``scale`` (one value, or one per index of dim 0), or ``None`` where it cannot: not
+    on the CPU, not float32, not contiguous, another broadcast, or no numba."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or scale.dtype != torch.float32 \
+            or not x.is_contiguous() or x.dim() == 0 or not (loops.AVAILABLE and numba_available()):
+        return None
+    if scale.numel() == 1 and scale.dim() <= x.dim():
+        return 1
+    if scale.dim() == x.dim() and scale.shape[0] == x.shape[0] and scale.numel() == x.shape[0]:
+        return x.shape[0]
+    return None
+
+
+def _fused_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      mask: bool):
+    """``(q, inside or None)`` by one numba pass (the torch path's bits), or ``None``."""
+    rows = _rows(x, scale)
+    if rows is None or zero_point.dtype != torch.float32 or zero_point.shape != scale.shape:
+        return None
+    q = torch.empty_like(x)
+    inside = torch.empty_like(x, dtype=torch.bool) if mask else None
+    loops.fake_quant(x.detach().reshape(rows, -1).numpy(), scale.detach().reshape(-1).contiguous().numpy(),
+                     zero_point.detach().reshape(-1).contiguous().numpy(), qmin, qmax, q.reshape(rows, -1).numpy(),
+                     (inside.reshape(rows, -1) if mask else torch.empty((0, 0), dtype=torch.bool)).numpy())
+    return q, inside
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Integer-valued quantization with a clipped straight-through gradient."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 qmin: int, qmax: int) -> torch.Tensor:
+        fused = None if scale.requires_grad or zero_point.requires_grad else \
+            _fused_fake_quant(x, scale, zero_point, qmin, qmax, mask=True)
+        if fused is not None:
+            q, inside = fused
+            ctx.save_for_backward(inside, scale)
+            return q
         t = x / scale + zero_point
         inside = (t >= qmin - 0.5) & (t <= qmax + 0.5)
         ctx.save_for_backward(inside, scale)
@@ -81,6 +117,12 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         inside, scale = ctx.saved_tensors
+        rows = _rows(grad, scale)
+        if rows is not None and grad.shape == inside.shape and not torch.is_grad_enabled():
+            out = torch.empty_like(grad)
+            loops.ste_grad(grad.reshape(rows, -1).numpy(), inside.reshape(rows, -1).numpy(),
+                           scale.detach().reshape(-1).contiguous().numpy(), out.reshape(rows, -1).numpy())
+            return out, None, None, None, None
         return grad * inside / scale, None, None, None, None
 
 
@@ -89,6 +131,9 @@ def _fake_quant_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     """``_FakeQuantSTE``'s forward without the STE mask or autograd: one new tensor, then in
     place (``x / s``, ``+ Z``, round, clamp -- the same float operations in the same order,
     so bit-identical to ``clamp(round(x / s + Z))``)."""
+    fused = _fused_fake_quant(x, scale, zero_point, qmin, qmax, mask=False)
+    if fused is not None:
+        return fused[0]
     t = torch.div(x, scale)
     t.add_(zero_point)
     t.round_()
