@@ -397,3 +397,39 @@ def test_float64_layer_on_both_paths():
     for int8 in (True, False):
         ys.append(forward(layer, x, int8))
     assert ys[0].dtype == torch.float64 and torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.parametrize("signed, k", [(False, 100), (False, 600), (True, 300)])
+def test_one_plane_prep_equals_the_general_prep(signed, k, monkeypatch):
+    """The exact product's fold (one digit plane) prepared in float32 passes: the same
+    tuple as the float64 digit arithmetic."""
+    table, layer, x, ops, fold = quantized_case(0, signed, k, 7)
+    quick = FU._int8_linear_prep(fold, layer.lut)
+    monkeypatch.setattr(FU, "_int8_one_plane_prep", lambda *a: None)
+    general = FU._int8_linear_prep(fold, layer.lut)
+    assert quick[-1] == general[-1] == 1 and quick[3] == general[3]
+    for a, b in zip(quick, general):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        else:
+            assert a == b
+
+
+def test_exact_product_trains_through_the_int8_gemm(monkeypatch):
+    """A trainable weight over the exact product: the training step's forward runs the int8
+    GEMM (its one-plane preparation is cheap), with the float path's outputs and gradients."""
+    calls = spy_int8(monkeypatch)
+    outs = []
+    for int8 in (True, False):
+        layer, x = make_layer(truncated(0), 300, 5, seed=8)
+        layer.train()
+        layer.act_quant.observing = False
+        xg = x.clone().requires_grad_(True)
+        calls.clear()
+        with int8_gemm(int8):
+            y = layer(xg)
+            y.square().sum().backward()
+        assert bool(calls) == int8
+        outs.append((y.detach(), xg.grad, layer.weight.grad, layer.bias.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

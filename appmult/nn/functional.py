@@ -57,7 +57,7 @@ from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConv
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
 from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
-                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
+                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer
 from .tables import GradMode, Kernel, LutTables
 
@@ -300,14 +300,18 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         fold = _cached(cache, ("fold", id(tabs), float(zx)),
                        lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
     # The int8 GEMM (exact, faster) where its weight side is cached: for the fold, or for the
-    # LUT's V[w] where there is none. Preparing it costs more than one float GEMM, so not
-    # uncached (training steps, the kernel probe's first calls).
+    # LUT's V[w] where there is none. Preparing it in general costs more than one float GEMM,
+    # so uncached (training steps, the kernel probe's first calls) only where the fold needs
+    # one digit plane (the exact product): that preparation is a few float32 passes.
     i8 = False
-    if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 and cache is not None \
+    if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
             and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
-        i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
-            if fold is not None else \
-            _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
+        if cache is None:
+            i8 = False if fold is None else _int8_one_plane_prep(fold[0].reshape(n, -1), fold[1], tabs) or False
+        else:
+            i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
+                if fold is not None else \
+                _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):

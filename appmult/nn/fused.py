@@ -259,6 +259,9 @@ def _int8_linear_prep(fold, tabs: LutTables):
     """
     wv, const = fold[0], fold[1]
     n = wv.shape[0]
+    quick = _int8_one_plane_prep(wv.reshape(n, -1), const, tabs)
+    if quick is not None:
+        return quick
     w = wv.reshape(n, -1).to(torch.float64)
     kr = w.shape[1]
     # kr >= 2: torch 2.13's CPU _int_mm returns wrong sums for a reduction of length 1
@@ -294,6 +297,30 @@ def _int8_linear_dots(qx: torch.Tensor, prep, tabs: LutTables) -> tuple[torch.Te
     else:
         a = F.embedding(_idx32(qx, tabs.lo_x), u8).reshape(qx.shape[0], -1)
     return a, torch._int_mm(a, b.t())
+
+
+def _int8_one_plane_prep(w: torch.Tensor, const: torch.Tensor, tabs: LutTables):
+    """:func:`_int8_linear_prep`'s result where the folded weights are float32 with every
+    output's span below 256 (one digit plane: the exact product's fold), computed in a few
+    float32 passes instead of float64 digit arithmetic -- cheap enough for a training step.
+    ``None`` where it does not apply (the general prep decides)."""
+    u = tabs.u
+    kr = w.shape[1]
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not hasattr(torch, "_int_mm") or u is None \
+            or INT8_GEMM_MAX_PLANES < 1 or not 2 <= kr <= INT8_GEMM_MAX_K or w.numel() == 0 or float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
+        return None
+    umin, umax = float(u.min()), float(u.max())
+    wmin, wmax = w.amin(1), w.amax(1)
+    if umax - umin > 255 or float((wmax - wmin).max()) > 255:
+        return None
+    ox = int(umin) + 128
+    ow = wmin.to(torch.float64) + 128
+    b = (w - (wmin + 128).reshape(-1, 1)).to(torch.int8)    # integers in [-128, 127]: exact
+    wabs = float(torch.maximum(wmax.abs(), wmin.abs()).max())
+    wsum = w.sum(1).to(torch.float64) if kr * wabs < K.FP32_EXACT_LIMIT else w.sum(1, dtype=torch.float64)
+    c = const.to(torch.float64) + ox * wsum
+    u8 = None if tabs.u_is_value else (u - ox).to(torch.int8)
+    return b, c, ow, ox, u8, None, 1
 
 
 def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
