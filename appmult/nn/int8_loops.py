@@ -16,20 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # numba is an optional dependency of the nn extra; the torch path works without it
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
+from . import numba_support
+from .numba_support import njit, numba, prange
 
-#: Whether numba is installed.
-AVAILABLE = numba is not None
-
-
-def num_threads() -> int:
-    """numba's thread count (call only when :data:`AVAILABLE`)."""
-    return numba.get_num_threads()
-
+#: Whether numba is installed (the kernels below exist only then).
+AVAILABLE = numba_support.AVAILABLE
+num_threads = numba_support.num_threads
 
 if numba is not None:
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)

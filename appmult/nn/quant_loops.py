@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
-try:  # numba is an optional dependency of the nn extra; the torch path works without it
-    import numba
-    from numba import njit, prange
-except ImportError:  # pragma: no cover - exercised only without numba
-    numba = None
+from . import numba_support
+from .numba_support import njit, numba, prange
 
-#: Whether numba is installed.
-AVAILABLE = numba is not None
+#: Whether numba is installed (the kernels below exist only then).
+AVAILABLE = numba_support.AVAILABLE
+num_threads = numba_support.num_threads
 
 #: Elements per task: long enough to vectorize, short enough to share a tensor among threads.
 BLOCK = 1 << 14
-
 
 if numba is not None:
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
