@@ -17,7 +17,8 @@ with the activation observer frozen after one calibration call (weights unchange
 layers' weight-side caches hit); ``fwd+bwd`` rows run in training mode.
 
 Timing on a shared machine: all callables of one layer run **interleaved** (one run of
-each per round, after one warm-up round that also lets ``auto`` probe), and each cell is
+each per round in a seeded random order, after one warm-up round that also lets ``auto``
+probe), and each cell is
 the **median** of N rounds; ratios divide by the exact fp32 layer's median of the same
 rounds (``best x``: the ratio of the best runs, the least disturbed, for a heavily loaded
 machine). The load average is printed before and after.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import statistics
 import time
 
@@ -66,18 +68,25 @@ def random_lut(width: int, seed: int = 0) -> np.ndarray:
     return np.outer(v, v) + rng.integers(-64, 65, size=(1 << width, 1 << width))
 
 
-def interleaved(fns: dict, reps: int, clock=time.perf_counter) -> tuple[dict, dict]:
+def interleaved(fns: dict, reps: int, clock=time.perf_counter, seed: int = 0) -> tuple[dict, dict]:
     """Median and best of ``reps`` runs of each callable, the callables interleaved in every round.
 
     On a shared machine a disturbance then hits baseline and candidate alike; the median
     is robust to the few rounds another process takes over, the best is the least
-    disturbed run (closer to the cost on an idle machine when the load is heavy).
+    disturbed run (closer to the cost on an idle machine when the load is heavy). Each
+    round runs the callables in a new (seeded) random order: in a fixed order a callable
+    always follows the same one, and the first approximate layer after the float layer's
+    backward measured 0.1-0.2 ms slower, whichever layer it was.
     """
     for fn in fns.values():
         fn()  # warm-up (numba compile, allocator, observers, the auto kernel's probe)
     times: dict = {k: [] for k in fns}
+    order = list(fns)
+    rng = random.Random(seed)
     for _ in range(reps):
-        for k, fn in fns.items():
+        rng.shuffle(order)
+        for k in order:
+            fn = fns[k]
             t0 = clock()
             fn()
             times[k].append(clock() - t0)
