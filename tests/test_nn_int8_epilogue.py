@@ -110,6 +110,7 @@ def test_fused_epilogue_steps_aside_where_it_cannot_apply(monkeypatch):
     assert FU._int8_linear_out(qx, prep, tabs, scale, bias.clone().requires_grad_(True)) is None
     assert FU._int8_linear_out(qx, prep, tabs, scale.clone().requires_grad_(True), bias) is None
     assert FU._int8_linear_out(qx.double(), prep, tabs, scale, bias) is None
+    assert FU._int8_linear_out(qx.to("meta"), prep, tabs, scale, bias) is None       # not on the CPU
     assert FU._int8_linear_out(qx, prep, tabs, scale.double(), bias) is None
     assert FU._int8_linear_out(qx, prep, tabs, scale, bias.double()) is None
     assert FU._int8_linear_out(qx, prep, tabs, torch.full((1, 3), 1e-3), bias) is None

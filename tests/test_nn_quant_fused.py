@@ -84,6 +84,7 @@ def test_fused_fake_quant_steps_aside(monkeypatch):
     assert Q._fused_fake_quant(x, s, z, 0, 255, mask=False) is not None
     assert Q._fused_fake_quant(x.double(), s.double(), z.double(), 0, 255, mask=False) is None
     assert Q._fused_fake_quant(x.t(), s, z, 0, 255, mask=False) is None              # not contiguous
+    assert Q._fused_fake_quant(x.to("meta"), s.to("meta"), z.to("meta"), 0, 255, mask=False) is None  # not the CPU
     assert Q._fused_fake_quant(x, torch.rand(1, 6), torch.zeros(1, 6), 0, 255, mask=False) is None  # dim-1 scale
     assert Q._fused_fake_quant(x, s, z.double(), 0, 255, mask=False) is None
     assert Q._fused_fake_quant(x, torch.rand(4, 1), torch.zeros(4), 0, 255, mask=False) is None  # shapes differ

@@ -349,7 +349,8 @@ def _int8_linear_out(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tenso
     float32 value or one per output."""
     n = prep[1].shape[0]
     scale = scale.reshape(-1)
-    if not (loops.AVAILABLE and K.numba_available()) or qx.dtype != torch.float32 or scale.dtype != torch.float32 \
+    if not (loops.AVAILABLE and K.numba_available()) or qx.device.type != "cpu" or qx.dtype != torch.float32 \
+            or scale.dtype != torch.float32 \
             or scale.numel() not in (1, n) or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n)):
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qx, scale, bias)):
