@@ -433,3 +433,49 @@ def test_exact_product_trains_through_the_int8_gemm(monkeypatch):
         outs.append((y.detach(), xg.grad, layer.weight.grad, layer.bias.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("signed, k, scheme", [(False, 100, "per_channel"), (False, 700, "per_tensor"),
+                                               (True, 300, "per_channel")])
+def test_value_prep_equals_the_prep_of_the_fold(signed, k, scheme):
+    """The exact product's int8 weights straight from the codes (a training step's path, no
+    fold): the same tuple as preparing the fold."""
+    torch.manual_seed(k)
+    lut = LutFile(truncated(0, signed), width_a=8, width_b=8, signed=signed)
+    layer = ApproxLinear.from_float(nn.Linear(k, 6), ApproxConfig(lut, kernel="lowrank", weight_scheme=scheme))
+    x = torch.randn(9, k) + 0.3
+    layer(x)
+    with torch.no_grad():
+        qx, sx, zx = layer.act_quant(x)
+        qw, sw, zw = layer.weight_quant(layer.weight)
+        fold = FU._folded_lowrank_weights(qw.reshape(6, k, 1, 1), zx, zw, layer.lut, split_k=True)
+    direct = FU._int8_value_prep(qw, zx, zw, layer.lut)
+    via_fold = FU._int8_linear_prep(fold, layer.lut)
+    assert direct is not None and via_fold is not False
+    for a, b in zip(direct, via_fold):
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        else:
+            assert a == b
+
+
+def test_value_prep_only_for_the_exact_product():
+    table, layer, x, (qx, sx, zx, qw, sw, zw), fold = quantized_case(4, False, 64, 5)
+    assert FU._int8_value_prep(qw, zx, zw, layer.lut) is None                      # rank 3
+    table, layer, x, (qx, sx, zx, qw, sw, zw), fold = quantized_case(0, False, 64, 5)
+    assert FU._int8_value_prep(qw, zx, zw, layer.lut) is not None
+    assert FU._int8_value_prep(qw, zx + 0.5, zw, layer.lut) is None                # non-integer Zx
+    assert FU._int8_value_prep(qw, zx, zw + 0.25, layer.lut) is None               # non-integer Zw
+    assert FU._int8_value_prep(qw[:, :1], zx, zw, layer.lut) is None               # K r = 1
+    assert FU._int8_value_prep(qw.double(), zx, zw, layer.lut) is None
+
+
+def test_shifted_int8_rows_with_and_without_numba(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    off = torch.randint(-300, 300, (7,), generator=gen).float()
+    q = off.reshape(7, 1) + torch.randint(-128, 128, (7, 33), generator=gen).float()
+    q[0, 0], q[1, 1] = off[0] - 128, off[1] + 127          # both ends of int8
+    want = (q.long() - off.long().reshape(7, 1)).to(torch.int8)
+    assert torch.equal(FU._shifted_int8_rows(q, off), want)
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    assert torch.equal(FU._shifted_int8_rows(q, off), want)

@@ -57,7 +57,7 @@ from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConv
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
 from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
-                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
+                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer
 from .tables import GradMode, Kernel, LutTables
 
@@ -293,25 +293,10 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
     dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
     zwr = zw.reshape(1, -1) if zw.dim() else zw
     swr = sw.reshape(1, -1) if sw.dim() else sw
-    fold = None
+    fold, i8 = None, False
     if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
             and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK"):
-        n, k = qw.shape
-        fold = _cached(cache, ("fold", id(tabs), float(zx)),
-                       lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
-    # The int8 GEMM (exact, faster) where its weight side is cached: for the fold, or for the
-    # LUT's V[w] where there is none. Preparing it in general costs more than one float GEMM,
-    # so uncached (training steps, the kernel probe's first calls) only where the fold needs
-    # one digit plane (the exact product): that preparation is a few float32 passes.
-    i8 = False
-    if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
-            and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK") and _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM"):
-        if cache is None:
-            i8 = False if fold is None else _int8_one_plane_prep(fold[0].reshape(n, -1), fold[1], tabs) or False
-        else:
-            i8 = _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs)) \
-                if fold is not None else \
-                _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
+        fold, i8 = _lowrank_linear_sides(qw, zx, zw, tabs, cache)
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
@@ -324,7 +309,8 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
     if i8 is not False:  # the same integers by one int8 GEMM, with the LUT's backward
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, _int8_linear_acc(qx, i8, tabs), dt)
     elif fold is not None:
-        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(n, -1), fold[1], fold[2]).to(dt)
+        acc = _LowRankLinearZpFn.apply(qx, qw, zx, zw, tabs, fold[0].reshape(qw.shape[0], -1), fold[1],
+                                       fold[2]).to(dt)
     elif gacc is not None:
         acc = _AccLinearZpFn.apply(qx, qw, zx, zw, tabs, gacc, dt)
     elif tabs is None:
@@ -335,6 +321,34 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
             k = qx.shape[1]
             acc = acc - qx.to(dt).sum(1, keepdim=True) * zwr - zx * qw.to(dt).sum(1).reshape(1, -1) + k * zx * zwr
     return _dequantize(acc, (sx * swr).to(dt), None if bias is None else bias.to(dt), qx.dtype)
+
+
+def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):
+    """``(fold, i8)``: the weight side of the fused low-rank linear path -- the folded
+    weights (:func:`~appmult.nn.fused._folded_lowrank_weights`, or ``None``) and the int8
+    GEMM's preparation (``False`` where it does not run).
+
+    The int8 GEMM (exact, faster) runs where its weight side is cached: for the fold, or for
+    the LUT's ``V[w]`` where there is none. Preparing it in general costs more than one
+    float GEMM, so uncached (training steps, the kernel probe's first calls) only where it
+    is a few float32 passes: the exact product's, straight from the weight codes (then no
+    fold is made), or a fold of one digit plane.
+    """
+    n, k = qw.shape
+    int8 = _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM")
+    if cache is None and int8:
+        i8 = _int8_value_prep(qw, zx, zw, tabs)
+        if i8 is not None:
+            return None, i8
+    fold = _cached(cache, ("fold", id(tabs), float(zx)),
+                   lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
+    if not int8:
+        return fold, False
+    if cache is None:
+        return fold, False if fold is None else _int8_one_plane_prep(fold[0].reshape(n, -1), fold[1], tabs) or False
+    if fold is not None:
+        return fold, _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs))
+    return None, _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
 
 
 def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,

@@ -323,6 +323,49 @@ def _int8_one_plane_prep(w: torch.Tensor, const: torch.Tensor, tabs: LutTables):
     return b, c, ow, ox, u8, None, 1
 
 
+def _shifted_int8_rows(q: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """``int8(q - off[:, None])`` for float32 ``q`` whose every difference is an integer in
+    ``[-128, 127]``: by numba without a full-size float32 temporary where it can."""
+    if loops.AVAILABLE and K.numba_available() and q.is_contiguous() and off.dtype == torch.float32:
+        out = torch.empty(q.shape, dtype=torch.int8)
+        loops.shifted_rows(q.numpy(), off.contiguous().numpy(), out.numpy())
+        return out
+    return (q - off.reshape(-1, 1)).to(torch.int8)
+
+
+def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+    """:func:`_int8_linear_prep` of the fold, for a LUT whose factors are ``value(x)`` and
+    ``value(w)`` (the exact product: ``LutTables.v_is_value``), straight from the weight
+    codes: the folded weights are ``w - Zw`` (``w`` for a signed LUT), so the digits are
+    ``w - min_j(w) - 128`` and the constants come from row sums -- one new full-size tensor
+    instead of the fold's and the preparation's (each new one costs page faults: this runs
+    every training step). ``None`` where it does not apply (the general path decides)."""
+    if not tabs.v_is_value or qw.dim() != 2 or qw.dtype != torch.float32 or qw.device.type != "cpu" \
+            or zx.requires_grad or zw.requires_grad or INT8_GEMM_MAX_PLANES < 1 or not hasattr(torch, "_int_mm"):
+        return None
+    n, k = qw.shape
+    zxf = float(zx)
+    zwv = zw.detach().to(torch.float64).reshape(-1)
+    if not 2 <= k <= INT8_GEMM_MAX_K or zwv.numel() not in (1, n) or zxf != round(zxf) \
+            or not torch.equal(zwv, torch.round(zwv)):
+        return None
+    q = qw.detach()
+    qmin, qmax = q.amin(1), q.amax(1)
+    u = tabs.u
+    umin, umax = float(u.min()), float(u.max())
+    if umax - umin > 255 or float((qmax - qmin).max()) > 255:
+        return None
+    shift = torch.zeros(n, dtype=torch.float64) if tabs.signed else zwv.expand(n)   # folded weights w - shift
+    wsum = _exact_row_sums(q, tabs) - k * shift                                    # sum_k (w - shift), exact
+    const = torch.zeros(n, dtype=torch.float64) if tabs.signed else -zxf * wsum
+    if float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
+        return None
+    ox = int(umin) + 128
+    b = _shifted_int8_rows(q, qmin + 128)                  # integers in [-128, 127]: exact
+    ow = qmin.to(torch.float64) - shift + 128
+    return b, const + ox * wsum, ow, ox, None, None, 1
+
+
 def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
     """``(M, N)`` float32 accumulator (LUT sum and cross terms, exact integers rounded once
     to float32) by one int8 GEMM (:func:`_int8_linear_prep`)."""

@@ -1,4 +1,5 @@
-"""The numba-compiled epilogue of the linear layer's int8 GEMM (CPU, inference).
+"""The numba-compiled loops of the linear layer's int8 GEMM (CPU): its epilogue in inference
+and the one-plane weights of a training step (:func:`shifted_rows`).
 
 :func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
 into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
@@ -65,3 +66,15 @@ if numba is not None:
                 else:
                     for j in range(n):
                         row[j] = np.float32(acc[j]) * scale[j]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def shifted_rows(q, off, out):  # pragma: no cover - compiled
+        # out[j, k] = int8(q[j, k] - off[j]): the one-plane int8 weights straight from the
+        # float32 weight codes (every difference an integer in [-128, 127]), without the
+        # full-size float32 temporary of the torch expression.
+        n, k = q.shape
+        for j in prange(n):
+            o = off[j]
+            qr, orow = q[j], out[j]
+            for i in range(k):
+                orow[i] = np.int8(qr[i] - o)
