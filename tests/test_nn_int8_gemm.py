@@ -415,13 +415,13 @@ def test_one_plane_prep_equals_the_general_prep(signed, k, monkeypatch):
             assert a == b
 
 
-def test_exact_product_trains_through_the_int8_gemm(monkeypatch):
-    """A trainable weight over the exact product: the training step's forward runs the int8
-    GEMM (its one-plane preparation is cheap), with the float path's outputs and gradients."""
+def trains_alike_through_the_int8_gemm(make, monkeypatch):
+    """One training step of the layer ``make()`` returns (with its input), with the int8
+    GEMM and without: the first takes it, and outputs and every gradient are equal."""
     calls = spy_int8(monkeypatch)
     outs = []
     for int8 in (True, False):
-        layer, x = make_layer(truncated(0), 300, 5, seed=8)
+        layer, x = make()
         layer.train()
         layer.act_quant.observing = False
         xg = x.clone().requires_grad_(True)
@@ -433,6 +433,12 @@ def test_exact_product_trains_through_the_int8_gemm(monkeypatch):
         outs.append((y.detach(), xg.grad, layer.weight.grad, layer.bias.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_exact_product_trains_through_the_int8_gemm(monkeypatch):
+    """A trainable weight over the exact product: the training step's forward runs the int8
+    GEMM (its one-plane preparation is cheap), with the float path's outputs and gradients."""
+    trains_alike_through_the_int8_gemm(lambda: make_layer(truncated(0), 300, 5, seed=8), monkeypatch)
 
 
 @pytest.mark.parametrize("signed, k, scheme", [(False, 100, "per_channel"), (False, 700, "per_tensor"),

@@ -20,7 +20,7 @@ from appmult.lut_gen import LutFile
 from appmult.nn import functional as FN
 from appmult.nn import fused as FU
 from appmult.nn.tables import LutTables
-from test_nn_int8_gemm import int8_gemm, make_layer, spy_int8, truncated
+from test_nn_int8_gemm import make_layer, trains_alike_through_the_int8_gemm, truncated
 
 
 def even_weight_table() -> np.ndarray:
@@ -53,9 +53,7 @@ def test_one_plane_fold_trains_through_the_int8_gemm(monkeypatch):
     step prepares the fold's int8 weights (``U`` spans exactly 255, every output's folded
     weights span exactly 255, all outputs together more), runs the int8 GEMM and gives the
     float path's outputs and gradients."""
-    calls = spy_int8(monkeypatch)
-    outs = []
-    for int8 in (True, False):
+    def make():
         layer, x = make_layer(even_weight_table(), 300, 5, seed=8)
         with torch.no_grad():  # other zero points per output
             layer.weight += torch.linspace(-0.04, 0.04, 5).reshape(5, 1)
@@ -65,17 +63,8 @@ def test_one_plane_fold_trains_through_the_int8_gemm(monkeypatch):
         w = fold[0].reshape(5, -1)
         assert float(layer.lut.u.max() - layer.lut.u.min()) == 255 and not layer.lut.v_is_value
         assert torch.all(w.amax(1) - w.amin(1) == 255) and float(w.max() - w.min()) > 300
-        layer.train()
-        layer.act_quant.observing = False
-        xg = x.clone().requires_grad_(True)
-        calls.clear()
-        with int8_gemm(int8):
-            y = layer(xg)
-            y.square().sum().backward()
-        assert bool(calls) == int8
-        outs.append((y.detach(), xg.grad, layer.weight.grad, layer.bias.grad))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+        return layer, x
+    trains_alike_through_the_int8_gemm(make, monkeypatch)
 
 
 @pytest.mark.parametrize("k, max_planes", [(2, 3), (FU.INT8_GEMM_MAX_K, 3), (40, 1)])
