@@ -22,7 +22,7 @@ from appmult.nn import ActivationQuantizer
 from appmult.nn import functional as FN
 from appmult.nn import quant as Q
 from appmult.nn.kernels import numba_available
-from test_nn_int8_gemm import brute_acc, int8_gemm, make_layer, spy_int8, truncated
+from test_nn_int8_gemm import brute_acc, int8_gemm, make_layer, spy_int8, trains_alike_through_the_int8_gemm, truncated
 
 needs_numba = pytest.mark.skipif(not (Q.loops.AVAILABLE and numba_available()), reason="numba not installed")
 
@@ -225,16 +225,7 @@ def _lsb_dropped_weight() -> np.ndarray:
 def test_one_plane_fold_trains_through_the_int8_gemm(monkeypatch):
     """A trainable weight over a LUT whose fold has one digit plane (not the exact product):
     the training step takes the int8 GEMM, with the float path's outputs and gradients."""
-    table = _lsb_dropped_weight()
-    calls = spy_int8(monkeypatch)
-    outs = []
-    for int8 in (True, False):
-        layer, x = make_layer(table, 300, 5, seed=6)
-        calls.clear()
-        outs.append(_train_step(layer, x, int8))
-        assert bool(calls) == int8
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    trains_alike_through_the_int8_gemm(lambda: make_layer(_lsb_dropped_weight(), 300, 5, seed=6), monkeypatch)
 
 
 def test_a_cache_shared_by_two_luts_keeps_their_int8_sides_apart(monkeypatch):
