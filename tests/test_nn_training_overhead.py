@@ -3,7 +3,7 @@ general code it skips.
 
 * ``LutTables.v_is_value``: a rank-1 LUT whose factors are ``value(x)`` and ``value(w)``
   (the exact product) folds its weights without a table look-up;
-* ``fused._exact_row_sums``: the weight codes' row sums in float32 where that is exact;
+* ``fused._exact_row_sums``: row sums in float32 where that is exact (the weight codes' bound: ``_code_bound``);
 * the per-channel weight range by ``amin``/``amax``.
 """
 
@@ -94,7 +94,7 @@ def test_exact_row_sums(k, big):
     if big:
         q[:] = 255.0
     want = q.double().numpy().astype(np.int64).sum(1)
-    got = FU._exact_row_sums(q, t)
+    got = FU._exact_row_sums(q, FU._code_bound(t))
     assert got.dtype == torch.float64
     np.testing.assert_array_equal(got.numpy().astype(np.int64), want)
 

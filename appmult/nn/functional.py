@@ -302,8 +302,9 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
+    scale, bias_dt = (sx * swr).to(dt), None if bias is None else bias.to(dt)
     if i8 is not False and dt == torch.float32:  # inference: GEMM epilogue and dequantization in one pass
-        y = _int8_linear_out(qx, i8, tabs, (sx * swr).to(dt), None if bias is None else bias.to(dt))
+        y = _int8_linear_out(qx, i8, tabs, scale, bias_dt)
         if y is not None:
             return y.to(qx.dtype)
     if i8 is not False:  # the same integers by one int8 GEMM, with the LUT's backward
@@ -320,7 +321,7 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         if not tabs.signed:
             k = qx.shape[1]
             acc = acc - qx.to(dt).sum(1, keepdim=True) * zwr - zx * qw.to(dt).sum(1).reshape(1, -1) + k * zx * zwr
-    return _dequantize(acc, (sx * swr).to(dt), None if bias is None else bias.to(dt), qx.dtype)
+    return _dequantize(acc, scale, bias_dt, qx.dtype)
 
 
 def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):

@@ -77,7 +77,7 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     # exact in float64 (integer sums; sum_k (w - Zw) as sum_k w - k Zw: no float64 copy of
     # the weights); signed LUTs carry no cross terms (as in the unfused path)
     const = torch.zeros(co, dtype=torch.float64, device=qw.device) if tabs.signed else \
-        -zxf * (_exact_row_sums(qw.detach().reshape(co, k), tabs) - k * zw_t)
+        -zxf * (_exact_row_sums(qw.detach().reshape(co, k), _code_bound(tabs)) - k * zw_t)
     kc, split = k, False
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
         if not split_k or float(step.max()) * 2 >= K.FP32_EXACT_LIMIT \
@@ -107,14 +107,19 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
-def _exact_row_sums(q: torch.Tensor, tabs: LutTables) -> torch.Tensor:
-    """float64 row sums of the integer-valued weight codes ``q`` ``(Co, K)``, exact: summed
-    in float32 where every partial sum stays below ``2**24`` (no float64 copy of the weights:
-    a new full-size tensor costs page faults on first touch), else in float64."""
-    wmax = max(abs(tabs.lo_w), abs(tabs.lo_w + tabs.prod.shape[1] - 1))
-    if q.dtype == torch.float32 and q.shape[1] * wmax < K.FP32_EXACT_LIMIT:
+def _exact_row_sums(q: torch.Tensor, bound: float) -> torch.Tensor:
+    """float64 row sums of the integer-valued ``q`` ``(Co, K)`` whose values are at most
+    ``bound`` in magnitude, exact: summed in float32 where every partial sum stays below
+    ``2**24`` (no float64 copy of the weights: a new full-size tensor costs page faults on
+    first touch), else in float64."""
+    if q.dtype == torch.float32 and q.shape[1] * bound < K.FP32_EXACT_LIMIT:
         return q.sum(1).to(torch.float64)
     return q.sum(1, dtype=torch.float64)
+
+
+def _code_bound(tabs: LutTables) -> int:
+    """The largest magnitude of a weight code's value."""
+    return max(abs(tabs.lo_w), abs(tabs.lo_w + tabs.prod.shape[1] - 1))
 
 
 def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dilation, groups, prep=None):
@@ -315,9 +320,8 @@ def _int8_one_plane_prep(w: torch.Tensor, const: torch.Tensor, tabs: LutTables):
         return None
     ox = int(umin) + 128
     ow = wmin.to(torch.float64) + 128
-    b = (w - (wmin + 128).reshape(-1, 1)).to(torch.int8)    # integers in [-128, 127]: exact
-    wabs = float(torch.maximum(wmax.abs(), wmin.abs()).max())
-    wsum = w.sum(1).to(torch.float64) if kr * wabs < K.FP32_EXACT_LIMIT else w.sum(1, dtype=torch.float64)
+    b = _shifted_int8_rows(w, wmin + 128)                  # integers in [-128, 127]: exact
+    wsum = _exact_row_sums(w, float(torch.maximum(wmax.abs(), wmin.abs()).max()))
     c = const.to(torch.float64) + ox * wsum
     u8 = None if tabs.u_is_value else (u - ox).to(torch.int8)
     return b, c, ow, ox, u8, None, 1
@@ -356,7 +360,7 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
     if umax - umin > 255 or float((qmax - qmin).max()) > 255:
         return None
     shift = torch.zeros(n, dtype=torch.float64) if tabs.signed else zwv.expand(n)   # folded weights w - shift
-    wsum = _exact_row_sums(q, tabs) - k * shift                                    # sum_k (w - shift), exact
+    wsum = _exact_row_sums(q, _code_bound(tabs)) - k * shift                       # sum_k (w - shift), exact
     const = torch.zeros(n, dtype=torch.float64) if tabs.signed else -zxf * wsum
     if float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
         return None

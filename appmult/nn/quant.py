@@ -118,7 +118,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         inside, scale = ctx.saved_tensors
         rows = _rows(grad, scale)
-        if rows is not None and grad.shape == inside.shape and not torch.is_grad_enabled():
+        if rows is not None and not torch.is_grad_enabled():
             out = torch.empty_like(grad)
             loops.ste_grad(grad.reshape(rows, -1).numpy(), inside.reshape(rows, -1).numpy(),
                            scale.detach().reshape(-1).contiguous().numpy(), out.reshape(rows, -1).numpy())
