@@ -107,3 +107,18 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=["scalar", "byte_shuffle"])
+def gather_path(request, monkeypatch):
+    """Run a test on each CPU gather implementation: the scalar numba loops
+    (``APPMULT_NO_BYTE_SHUFFLE=1``) and the byte-shuffle kernel (skipped where the CPU lacks
+    AVX-512 VBMI). Both must give the same integers, so gather tests use this fixture."""
+    monkeypatch.delenv("APPMULT_NO_BYTE_SHUFFLE", raising=False)
+    if request.param == "scalar":
+        monkeypatch.setenv("APPMULT_NO_BYTE_SHUFFLE", "1")
+    else:
+        from appmult.nn import byte_shuffle
+        if not byte_shuffle.available():
+            pytest.skip("the byte-shuffle gather needs numba and an AVX-512 VBMI CPU")
+    return request.param

@@ -12,6 +12,8 @@ import torch
 
 from appmult.nn import kernels as K
 
+pytestmark = pytest.mark.usefixtures("gather_path")
+
 
 def brute_forward(a: np.ndarray, b: np.ndarray, table: np.ndarray, groups: int) -> np.ndarray:
     nbatch, ktot, length = a.shape

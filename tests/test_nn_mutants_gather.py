@@ -14,7 +14,7 @@ import torch
 from appmult.nn import kernels as K
 from conftest import exact as msg
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "gather_path")
 
 I32_MAX = (1 << 31) - 1
 
