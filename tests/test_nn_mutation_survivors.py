@@ -1299,7 +1299,7 @@ def test_approx_linear_gather_constant_lut_bound_at_two_to_the_31(c, monkeypatch
         np.testing.assert_allclose(run(), ref, rtol=1e-6)
 
 
-# -- batch 3: fused._gather_linear_prep, kernels._unfold_uint8, kernels.float_factorization ---
+# -- batch 3: fused._gather_linear_prep, gather_layouts.unfold_uint8, kernels.float_factorization ---
 
 def test_approx_linear_gather_per_tensor_zero_point_rounds_once(monkeypatch):
     """As :func:`test_approx_linear_gather_rounds_the_accumulator_once` with one weight zero

@@ -43,6 +43,12 @@ STEPS_PER_FLUSH = 256
 TASKS_PER_THREAD = 4
 
 
+#: LLVM vector types of the loop: 64 bytes, 32 16-bit lanes, 32 int32 lanes.
+_V8, _V16, _V32 = "<64 x i8>", "<32 x i16>", "<32 x i32>"
+#: The LLVM intrinsic of ``vpermi2b`` (64 bytes looked up in the 128 of two registers).
+_VPERMI2B = "@llvm.x86.avx512.vpermi2var.qi.512"
+
+
 def _interleave_mask() -> str:
     """``<0, 32, 1, 33, ...>``: the even and odd positions' sums back in position order."""
     return ", ".join(f"i32 {i // 2 + (32 if i % 2 else 0)}" for i in range(LANES))
@@ -60,8 +66,37 @@ def _kernel_ir(blocks: int) -> str:
     koff[k] + poff[q]``: a row-major ``(K, P)`` array has ``koff[k] = k P``, ``poff[q] =
     64 q``; other offsets read the receptive fields of an image in place (no unfold).
     """
-    n = blocks
-    v8, v16, v32 = "<64 x i8>", "<32 x i16>", "<32 x i32>"
+    accs = [f"{plane}{par}{t}" for t in range(blocks) for plane in ("l", "h") for par in ("e", "o")]
+    lines = _ir_entry(blocks)
+    lines += [f"  %{acc} = phi {_V16} [zeroinitializer, %chunk], [%{acc}_n, %step]" for acc in accs]
+    lines += _ir_step(blocks)
+    lines += [
+        "  %knext = add i64 %k, 1",
+        "  %kmore = icmp ult i64 %knext, %kend",
+        "  br i1 %kmore, label %step, label %flush",
+        "flush:",
+    ]
+    lines += [f"  %{acc}_f = phi {_V16} [zeroinitializer, %chunk], [%{acc}_n, %step]" for acc in accs]
+    lines += _ir_flush(blocks)
+    lines += [
+        "  br label %flush_end",
+        "flush_end:",
+        "  %kdone = icmp uge i64 %kend, %K",
+        "  br i1 %kdone, label %row_end, label %chunk",
+        "row_end:",
+        "  %jnext = add i64 %j, 1",
+        "  %jmore = icmp slt i64 %jnext, %j1",
+        "  br i1 %jmore, label %row, label %done",
+        "done:",
+        "  ret void",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+def _ir_entry(n: int) -> list[str]:
+    """The function's head: the blocks' offsets, the loop over output rows (their weight
+    row, output row and start values) and the head of a chunk of at most 256 steps."""
     lines = [
         f"define void @gather16_{n}(i64 %a, i64 %koff, i64 %b, i64 %ldb, i64 %K, i64 %planes, i64 %out,"
         " i64 %ldo, i64 %j0, i64 %j1, i64 %p0, i64 %c0, i64 %c1, i64 %xs, i64 %poff) {",
@@ -106,10 +141,14 @@ def _kernel_ir(blocks: int) -> str:
         "step:",
         "  %k = phi i64 [%kc, %chunk], [%knext, %step]",
     ]
-    accs = [f"{plane}{par}{t}" for t in range(n) for plane in ("l", "h") for par in ("e", "o")]
-    for acc in accs:
-        lines.append(f"  %{acc} = phi {v16} [zeroinitializer, %chunk], [%{acc}_n, %step]")
-    lines += [
+    return lines
+
+
+def _ir_step(n: int) -> list[str]:
+    """One reduction step: the weight code's eight plane registers, then per block the 64
+    indices, four ``vpermi2b``, the half picked by bit 7 and the even/odd 16-bit sums."""
+    v8, v16 = _V8, _V16
+    lines = [
         "  %wa = add i64 %brow_addr, %k",
         "  %wp = inttoptr i64 %wa to ptr",
         "  %w8 = load i8, ptr %wp, align 1",
@@ -132,8 +171,8 @@ def _kernel_ir(blocks: int) -> str:
         ]
         for plane, q0 in (("l", 0), ("h", 4)):
             lines += [
-                f"  %{plane}a{t} = call {v8} @llvm.x86.avx512.vpermi2var.qi.512({v8} %t{q0}, {v8} %x{t}, {v8} %t{q0 + 1})",
-                f"  %{plane}b{t} = call {v8} @llvm.x86.avx512.vpermi2var.qi.512({v8} %t{q0 + 2}, {v8} %x{t}, {v8} %t{q0 + 3})",
+                f"  %{plane}a{t} = call {v8} {_VPERMI2B}({v8} %t{q0}, {v8} %x{t}, {v8} %t{q0 + 1})",
+                f"  %{plane}b{t} = call {v8} {_VPERMI2B}({v8} %t{q0 + 2}, {v8} %x{t}, {v8} %t{q0 + 3})",
                 f"  %{plane}s{t} = select <64 x i1> %m{t}, {v8} %{plane}b{t}, {v8} %{plane}a{t}",
                 f"  %{plane}w{t} = bitcast {v8} %{plane}s{t} to {v16}",
                 f"  %{plane}ev{t} = and {v16} %{plane}w{t}, splat (i16 255)",
@@ -141,15 +180,14 @@ def _kernel_ir(blocks: int) -> str:
                 f"  %{plane}e{t}_n = add {v16} %{plane}e{t}, %{plane}ev{t}",
                 f"  %{plane}o{t}_n = add {v16} %{plane}o{t}, %{plane}od{t}",
             ]
-    lines += [
-        "  %knext = add i64 %k, 1",
-        "  %kmore = icmp ult i64 %knext, %kend",
-        "  br i1 %kmore, label %step, label %flush",
-        "flush:",
-    ]
-    for acc in accs:
-        lines.append(f"  %{acc}_f = phi {v16} [zeroinitializer, %chunk], [%{acc}_n, %step]")
-    lines.append("  %first = icmp eq i64 %kc, 0")
+    return lines
+
+
+def _ir_flush(n: int) -> list[str]:
+    """The end of a chunk: per block, the 16-bit sums widened (``low + 256 high``), back in
+    position order, added to the output (the first time to ``c0 + c1 xs`` instead)."""
+    v16, v32 = _V16, _V32
+    lines = ["  %first = icmp eq i64 %kc, 0"]
     for t in range(n):
         lines += [
             f"  %oa{t} = add i64 %obase, {4 * LANES * t}",
@@ -178,25 +216,12 @@ def _kernel_ir(blocks: int) -> str:
             f"  %new{t} = add <64 x i32> %base{t}, %sum{t}",
             f"  store <64 x i32> %new{t}, ptr %op{t}, align 4",
         ]
-    lines += [
-        "  br label %flush_end",
-        "flush_end:",
-        "  %kdone = icmp uge i64 %kend, %K",
-        "  br i1 %kdone, label %row_end, label %chunk",
-        "row_end:",
-        "  %jnext = add i64 %j, 1",
-        "  %jmore = icmp slt i64 %jnext, %j1",
-        "  br i1 %jmore, label %row, label %done",
-        "done:",
-        "  ret void",
-        "}",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def module_ir() -> str:
     """The whole LLVM module: one function per block count ``1 .. MAX_BLOCKS``."""
-    head = "declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)\n"
+    head = f"declare <64 x i8> {_VPERMI2B}(<64 x i8>, <64 x i8>, <64 x i8>)\n"
     return head + "\n".join(_kernel_ir(n) for n in range(1, MAX_BLOCKS + 1)) + "\n"
 
 
@@ -395,4 +420,5 @@ def _check(src, koff, poff, b, byte_planes, c0, c1, xs) -> None:
         lo = int(koff.min()) + int(poff.min())
         hi = int(koff.max()) + int(poff.max()) + LANES
         if lo < 0 or hi > src.shape[0]:
-            raise ValueError(f"byte-shuffle gather: offsets reach bytes {lo} .. {hi - 1} of a {src.shape[0]}-byte source")
+            raise ValueError(f"byte-shuffle gather: offsets reach bytes {lo} .. {hi - 1} "
+                             f"of a {src.shape[0]}-byte source")
