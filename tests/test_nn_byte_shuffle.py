@@ -11,6 +11,8 @@ scalar loops (``APPMULT_NO_BYTE_SHUFFLE=1``).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -279,3 +281,33 @@ def test_table_planes_follow_writes_to_the_table():
     table += 1
     second = K.gather_forward(a, b, table, 1, torch.int32)
     assert torch.equal(second, first + 10)
+
+
+def test_a_module_that_does_not_compile_falls_back_with_one_warning(monkeypatch):
+    """Another LLVM (a different llvmlite) that rejects the IR must not break every layer:
+    the callers take the scalar loops and the user is told once."""
+    if not BS.numba_support.AVAILABLE:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(BS, "_host_has_vbmi", lambda: True)
+
+    def broken():
+        raise RuntimeError("LLVM ERROR: unknown intrinsic")
+    monkeypatch.setattr(BS, "_compiled", broken)
+    BS._usable.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=msg("appmult: the byte-shuffle gather kernel is unavailable "
+                                                    "(RuntimeError: LLVM ERROR: unknown intrinsic); using the "
+                                                    "scalar gather loops")):
+            assert not BS.available()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # decided once per process: a second warning would raise here
+            assert not BS.available()
+    finally:
+        BS._usable.cache_clear()
+
+
+def test_module_ir_spells_out_its_constant_vectors():
+    """No ``splat (...)`` shorthand (LLVM 19+ only): constants are written element by element."""
+    ir = BS.module_ir()
+    assert "splat" not in ir
+    assert BS._splat("i16", 255, 3) == "<i16 255, i16 255, i16 255>"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import numpy as np
 
@@ -47,6 +48,12 @@ TASKS_PER_THREAD = 4
 _V8, _V16, _V32 = "<64 x i8>", "<32 x i16>", "<32 x i32>"
 #: The LLVM intrinsic of ``vpermi2b`` (64 bytes looked up in the 128 of two registers).
 _VPERMI2B = "@llvm.x86.avx512.vpermi2var.qi.512"
+
+
+def _splat(ty: str, value: int, n: int) -> str:
+    """An LLVM constant vector of ``n`` equal elements (spelled out: the ``splat`` shorthand
+    needs LLVM 19)."""
+    return "<" + ", ".join(f"{ty} {value}" for _ in range(n)) + ">"
 
 
 def _interleave_mask() -> str:
@@ -175,8 +182,8 @@ def _ir_step(n: int) -> list[str]:
                 f"  %{plane}b{t} = call {v8} {_VPERMI2B}({v8} %t{q0 + 2}, {v8} %x{t}, {v8} %t{q0 + 3})",
                 f"  %{plane}s{t} = select <64 x i1> %m{t}, {v8} %{plane}b{t}, {v8} %{plane}a{t}",
                 f"  %{plane}w{t} = bitcast {v8} %{plane}s{t} to {v16}",
-                f"  %{plane}ev{t} = and {v16} %{plane}w{t}, splat (i16 255)",
-                f"  %{plane}od{t} = lshr {v16} %{plane}w{t}, splat (i16 8)",
+                f"  %{plane}ev{t} = and {v16} %{plane}w{t}, {_splat('i16', 255, 32)}",
+                f"  %{plane}od{t} = lshr {v16} %{plane}w{t}, {_splat('i16', 8, 32)}",
                 f"  %{plane}e{t}_n = add {v16} %{plane}e{t}, %{plane}ev{t}",
                 f"  %{plane}o{t}_n = add {v16} %{plane}o{t}, %{plane}od{t}",
             ]
@@ -204,7 +211,7 @@ def _ir_flush(n: int) -> list[str]:
             lines += [
                 f"  %lz{par}{t} = zext {v16} %l{par}{t}_f to {v32}",
                 f"  %hz{par}{t} = zext {v16} %h{par}{t}_f to {v32}",
-                f"  %hs{par}{t} = shl {v32} %hz{par}{t}, splat (i32 8)",
+                f"  %hs{par}{t} = shl {v32} %hz{par}{t}, {_splat('i32', 8, 32)}",
                 f"  %s{par}{t} = add {v32} %lz{par}{t}, %hs{par}{t}",
             ]
             parts.append(f"%s{par}{t}")
@@ -243,15 +250,23 @@ def available() -> bool:
     empty string, like ``APPMULT_NO_NUMBA`` in :mod:`appmult.nn.kernels`; read at each call)."""
     if os.environ.get(_DISABLE_ENV, "") or os.environ.get("APPMULT_NO_NUMBA", ""):
         return False
-    return numba_support.AVAILABLE and _host_has_vbmi_cached()
+    return numba_support.AVAILABLE and _usable()
 
 
 @functools.lru_cache(maxsize=1)
-def _host_has_vbmi_cached() -> bool:
+def _usable() -> bool:
+    """Whether the host has VBMI and the loop compiles here (once per process). An llvmlite
+    that cannot query the host or compile the module (another LLVM than numba 0.68's) makes
+    the callers take the scalar loops, with one warning, instead of failing every layer."""
     try:
-        return _host_has_vbmi()
-    except Exception:  # pragma: no cover - an llvmlite without host queries: take the scalar path
+        if not _host_has_vbmi():
+            return False
+        _compiled()
+    except Exception as exc:  # noqa: BLE001 - any failure here only means "use the scalar loops"
+        warnings.warn(f"appmult: the byte-shuffle gather kernel is unavailable ({type(exc).__name__}: {exc}); "
+                      "using the scalar gather loops", RuntimeWarning, stacklevel=2)
         return False
+    return True
 
 
 @functools.lru_cache(maxsize=1)
