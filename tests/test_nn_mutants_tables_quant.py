@@ -19,7 +19,7 @@ import torch
 
 from appmult.lut_gen import LutFile
 from appmult.lut_gen.gradients import lut2d_gradients
-from appmult.nn import ActivationQuantizer, GradMode, Kernel, LutTables, lut_bmm, lut_linear
+from appmult.nn import ActivationQuantizer, Kernel, LutTables, lut_bmm, lut_linear
 from appmult.nn import kernels as K
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

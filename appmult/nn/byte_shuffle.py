@@ -335,6 +335,12 @@ def planes(t16: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([(full & 0xFF).astype(np.uint8), (full >> 8).astype(np.uint8)], 1))
 
 
+def wrap32(v: int) -> int:
+    """``v`` modulo ``2**32`` as a signed int32 value (the loop's arithmetic: a start value
+    outside int32 still gives the exact total wherever the total fits)."""
+    return (int(v) + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
 @functools.lru_cache(maxsize=1)
 def _identity_planes() -> np.ndarray:
     """Planes whose row 0 is ``T[0, x] = x`` (low bytes ``0 .. 255``, high bytes 0)."""
@@ -374,6 +380,8 @@ def accumulate(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, c0: np.nda
     if a.ndim != 2 or not a.flags.c_contiguous:
         raise ValueError(f"byte-shuffle gather: a must be a C-contiguous 2-D array, not {a.shape}")
     kk, npos = a.shape
+    if npos % LANES:
+        raise ValueError(f"byte-shuffle gather: {npos} positions are not a multiple of {LANES} (pad them)")
     koff = np.arange(kk, dtype=np.int64) * npos
     poff = np.arange(npos // LANES, dtype=np.int64) * LANES
     return accumulate_at(a.reshape(-1), koff, poff, b, byte_planes, c0, c1, xs)

@@ -489,8 +489,9 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
         threads = max(1, loops.num_threads())
         jtile = int(max(1, min(64, math.ceil(nbatch * nout / (_TASKS_PER_THREAD * 2 * threads)))))
         loops.forward(ai, bi, tt if t16 is None else t16, groups, jtile, out)
-        if base:
-            out += out.dtype.type(base * (ai.shape[1] // groups))
+        if base:  # int32: modulo 2**32 like the sums (the true totals fit, by the caller's dtype)
+            kb = base * (ai.shape[1] // groups)
+            out += out.dtype.type(byte_shuffle.wrap32(kb) if out.dtype == np.int32 else kb)
         return torch.from_numpy(out)
 
     def expand(g, j0, j1, e):
@@ -587,7 +588,10 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
         pad_value: activation value inserted by the padding (default ``zx``).
 
     Returns:
-        ``(N, Co, Ho, Wo)`` int32 accumulators converted to ``out_dtype`` (channels-last strides).
+        ``(N, Co, Ho, Wo)`` int32 accumulators converted to ``out_dtype``: a view with the
+        kernel's strides (channels-last from the row kernel; channel-major from the byte
+        shuffle: ``(Co, Ho, Wo, N)`` in memory for the batch-inner layout, ``(Co, N, Ho, Wo)``
+        for the unfolded one).
 
     Raises:
         IndexError: an activation value or a weight index outside the table.
@@ -611,8 +615,9 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
     # bound of one folded entry: |T| + |value(x) zw| + |zx value(w)| + |zx zw|
     vx_max = max(abs(lo_x), abs(lo_x + na - 1))
     vw_max = max(abs(lo_w), abs(lo_w + nb_ - 1))
-    zwm = int(np.abs(zwv).max(initial=0))
-    step = int(np.abs(table.to(torch.int64).numpy()).max(initial=0)) + vx_max * zwm + abs(zx) * vw_max + abs(zx) * zwm
+    zwm = max((abs(int(z)) for z in zwv), default=0)  # Python integers: no int64 abs(-2**63) < 0
+    t_lo, t_hi = (int(v) for v in torch.aminmax(table)) if table.numel() else (0, 0)
+    step = max(abs(t_lo), abs(t_hi)) + vx_max * zwm + abs(zx) * vw_max + abs(zx) * zwm
     if kg * step >= 1 << 31:
         return None
     _check_indices(b, nb_, "Weight")
@@ -662,15 +667,16 @@ def gather_linear_prep(b: torch.Tensor, lo_w: int, table: torch.Tensor, lo_x: in
         return None
     # per-output constant: K * base (the uint16 offset) - Zx sum_k value(w) + K Zx Zw_j
     wsum = bi.astype(np.int64).sum(1) + k * lo_w
-    const = k * base - zx * wsum + k * zx * zwv
+    # in Python integers: int64 would wrap silently for absurd zero points (2**62 * 4 == 0)
+    const = [k * base - zx * int(s) + k * zx * int(z) for s, z in zip(wsum, zwv)]
     # every partial sum in the kernel is init + (some of the K entries of t16 >= 0), with
     # init = const_j - Zw_j * sum_k value(x): bound it, for int32
     vx_max = max(abs(lo_x), abs(lo_x + na - 1))
-    bound = int(np.abs(const).max(initial=0)) + int(np.abs(zwv).max(initial=0)) * k * vx_max \
+    bound = max(map(abs, const), default=0) + max((abs(int(z)) for z in zwv), default=0) * k * vx_max \
         + k * int(t16.max(initial=0))
     if bound >= 1 << 31:
         return None
-    return bi, t16, const, zwv, byte_shuffle.planes(t16)
+    return bi, t16, np.array(const, np.int64), zwv, byte_shuffle.planes(t16)
 
 
 def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:

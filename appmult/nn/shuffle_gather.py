@@ -65,7 +65,7 @@ def forward(a: torch.Tensor, b: torch.Tensor, shuffle: tuple[np.ndarray, int]) -
     lanes = byte_shuffle.LANES
     ai = a.to(torch.uint8)
     bi = b.to(torch.uint8).contiguous().numpy()
-    c0 = np.full(nout, kk * base, np.int32)
+    c0 = np.full(nout, byte_shuffle.wrap32(kk * base), np.int32)  # modulo 2**32, like the sums
     zeros = np.zeros(nout, np.int32)
     if length % lanes == 0:
         src = ai.contiguous().numpy().reshape(-1)
