@@ -121,4 +121,13 @@ def gather_path(request, monkeypatch):
         from appmult.nn import byte_shuffle
         if not byte_shuffle.available():
             pytest.skip("the byte-shuffle gather needs numba and an AVX-512 VBMI CPU")
+        monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 0)  # test sizes are small: take it anyway
     return request.param
+
+
+@pytest.fixture
+def shuffle_always(monkeypatch):
+    """The byte-shuffle gather for every size (callers normally leave products of fewer than
+    ``byte_shuffle.MIN_LOOKUPS`` look-ups to the scalar loops): tests use small sizes."""
+    from appmult.nn import byte_shuffle
+    monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 0)

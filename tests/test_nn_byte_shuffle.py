@@ -21,6 +21,8 @@ from appmult.nn import byte_shuffle as BS
 from appmult.nn import kernels as K
 from conftest import exact as msg
 
+pytestmark = pytest.mark.usefixtures("shuffle_always")
+
 needs_vbmi = pytest.mark.skipif(not BS.available(), reason="needs numba and an AVX-512 VBMI CPU")
 
 
@@ -311,3 +313,39 @@ def test_module_ir_spells_out_its_constant_vectors():
     ir = BS.module_ir()
     assert "splat" not in ir
     assert BS._splat("i16", 255, 3) == "<i16 255, i16 255, i16 255>"
+
+
+@needs_vbmi
+@pytest.mark.parametrize("what", ["linear", "forward", "conv"])
+def test_small_products_go_to_the_scalar_loops_large_ones_to_the_byte_shuffle(what, monkeypatch):
+    """Below ``MIN_LOOKUPS`` look-ups the callers keep the scalar loops (the byte shuffle's
+    fixed cost per call would dominate); at or above it they take the byte shuffle; the
+    integers are the same either way (brute force)."""
+    monkeypatch.setattr(BS, "MIN_LOOKUPS", 1 << 18)  # the module's value (this file sets 0)
+    calls = []
+    SG = pytest.importorskip("appmult.nn.shuffle_gather")
+    for name in ("linear_zp", "forward", "conv_zp"):
+        real = getattr(SG, name)
+        monkeypatch.setattr(SG, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
+    rng = np.random.default_rng(11)
+    table = torch.from_numpy(rng.integers(0, 60000, (256, 256))).to(torch.int32)
+    t = table.numpy().astype(np.int64)
+    for n, expect in ((8, []), (64, {"linear": ["linear_zp"], "forward": ["forward"], "conv": ["conv_zp"]}[what])):
+        calls.clear()
+        if what == "linear":  # n*64*n look-ups: 4,096 or 262,144 (= MIN_LOOKUPS)
+            iw = torch.from_numpy(rng.integers(0, 256, (n, 64)))
+            q = torch.from_numpy(rng.integers(0, 256, (n, 64))).to(torch.float32)
+            got = K.gather_linear_zp(q, 0, K.gather_linear_prep(iw, 0, table, 0, 0, None)).numpy()
+            ref = t[q.numpy().astype(np.int64)[:, None, :], iw.numpy()[None, :, :]].sum(2)
+        elif what == "forward":
+            a = torch.from_numpy(rng.integers(0, 256, (1, 64, n * n)))
+            b = torch.from_numpy(rng.integers(0, 256, (n, 64)))
+            got = K.gather_forward(a, b, table, 1, torch.int32).numpy()
+            ref = t[a.numpy()[:, None, :, :], b.numpy()[None, :, :, None]].sum(2)
+        else:  # n images of 8x8, one channel, a 1x1 kernel, 64 outputs: n*64*64 look-ups
+            q = torch.from_numpy(rng.integers(0, 256, (n, 1, 8, 8))).to(torch.float32)
+            iw = torch.from_numpy(rng.integers(0, 256, (64, 1)))
+            got = K.gather_conv_zp(q, 0, iw, 0, table, 1, (1, 1), (0, 0), (1, 1), (1, 1), 0, None).numpy()
+            ref = t[q.numpy().astype(np.int64)[:, None, :, :, :], iw.numpy()[None, :, 0, None, None, None]][:, :, 0]
+        assert calls == expect
+        np.testing.assert_array_equal(got, ref)

@@ -30,6 +30,8 @@ from appmult.nn import byte_shuffle as BS
 from appmult.nn import gather_layouts as GL
 from conftest import exact as msg
 
+pytestmark = pytest.mark.usefixtures("shuffle_always")
+
 needs_vbmi = pytest.mark.skipif(not BS.available(), reason="needs numba and an AVX-512 VBMI CPU")
 
 

@@ -21,9 +21,10 @@ import torch
 from appmult.nn import byte_shuffle
 from appmult.nn import kernels as K
 from appmult.nn import shuffle_gather as SG
+from appmult.nn import offset_tables as OT
 
 pytestmark = [pytest.mark.skipif(not byte_shuffle.available(), reason="needs numba and an AVX-512 VBMI CPU"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread", "shuffle_always")]
 
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -58,7 +59,7 @@ def conv_ref(q: torch.Tensor, lo_x: int, iw: np.ndarray, lo_w: int, table: np.nd
 def fresh_cache(monkeypatch):
     """An empty planes cache for the test (the module's own is put back afterwards)."""
     cache = collections.OrderedDict()
-    monkeypatch.setattr(SG, "_planes_cache", cache)
+    monkeypatch.setattr(OT, "_cache", cache)
     return cache
 
 
@@ -85,10 +86,10 @@ def test_table_planes_are_made_once_per_table_and_version(fresh_cache):
 
 
 def test_table_planes_cache_holds_32_tables_and_drops_the_oldest(fresh_cache):
-    """Up to ``_PLANES_CACHE_SIZE`` (32) tables stay cached; the 33rd drops the first one
+    """Up to ``offset_tables.CACHE_SIZE`` (32) tables stay cached; the 33rd drops the first one
     cached (not the newest). Mutants: ``x_table_planes`` 31 (``>=``: only 31 kept), 33
     (``popitem(last=True)``: drops the table just cached)."""
-    assert SG._PLANES_CACHE_SIZE == 32
+    assert OT.CACHE_SIZE == 32
     tables = [torch.full((4, 4), i, dtype=torch.int32) + torch.arange(16, dtype=torch.int32).view(4, 4)
               for i in range(33)]  # kept alive: no id is reused
     made = [SG.table_planes(t, 3)[0] for t in tables[:32]]

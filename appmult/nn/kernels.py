@@ -83,6 +83,7 @@ import torch
 from . import byte_shuffle, shuffle_gather
 from . import gather_loops as loops
 from .gather_layouts import unfold_uint8
+from .offset_tables import offset_tables
 
 __all__ = [
     "FP32_EXACT_LIMIT",
@@ -474,7 +475,8 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
     _check_indices(b, nb_, "Weight")
     if not _use_numba(a, b, table):
         return _torch_gather(a, b, table.to(out_dtype), groups, None, "fwd")
-    if groups == 1 and out_dtype == torch.int32 and na <= 256 and nb_ <= 256 and byte_shuffle.available():
+    if groups == 1 and out_dtype == torch.int32 and na <= 256 and nb_ <= 256 \
+            and nbatch * length * a.shape[1] * nout >= byte_shuffle.MIN_LOOKUPS and byte_shuffle.available():
         shuffle = shuffle_gather.table_planes(table, a.shape[1])
         if shuffle is not None:
             return shuffle_gather.forward(a, b, shuffle)
@@ -507,13 +509,14 @@ def _table16(table: torch.Tensor, acc_dtype: np.dtype, kg: int) -> tuple[np.ndar
     A 16-bit table halves the gather's cache footprint (512 B per weight's row). Used when
     the entries span fewer than ``2**16`` values and the offset sums ``kg * (max - min)``
     cannot overflow the accumulator; the caller adds ``kg * min`` back (exact: the true
-    sum fits the accumulator by the caller's choice of dtype).
+    sum fits the accumulator by the caller's choice of dtype). Made once per table
+    (:mod:`appmult.nn.offset_tables`).
     """
-    lo, hi = (int(v) for v in torch.aminmax(table))
+    ot = offset_tables(table)
     limit = (1 << 31) if acc_dtype == np.int32 else (1 << 63)
-    if hi - lo >= 1 << 16 or kg * (hi - lo) >= limit:
+    if ot is None or kg * (ot.hi - ot.lo) >= limit:
         return None, 0
-    return np.ascontiguousarray((table.t().to(torch.int64) - lo).to(torch.int32).numpy().astype(np.uint16)), lo
+    return ot.t16, ot.lo
 
 
 def _rows_accumulate(ai: np.ndarray, kg: int, na: int, nout: int, groups: int, dtype: np.dtype,
@@ -607,9 +610,12 @@ def gather_conv_zp(q: torch.Tensor, lo_x: int, b: torch.Tensor, lo_w: int, table
     if na > 256 or nb_ > 256 or ho <= 0 or wo <= 0:
         return None
     nout, kg = b.shape
-    shuffle = shuffle_gather.table_planes(table, kg) if groups == 1 and byte_shuffle.available() else None
-    if shuffle is None and n * ho * wo < ROWS_MIN_POSITIONS * na:
-        return None  # few positions: the row kernel's expansion would cost more than it saves
+    few = n * ho * wo < ROWS_MIN_POSITIONS * na  # the row kernel's expansion would cost more than it saves
+    small = n * ho * wo * kg * nout < byte_shuffle.MIN_LOOKUPS  # the byte shuffle's fixed cost would dominate
+    shuffle = shuffle_gather.table_planes(table, kg) \
+        if groups == 1 and (few or not small) and byte_shuffle.available() else None
+    if shuffle is None and few:
+        return None
     zwv = np.zeros(nout, np.int64) if zw is None else np.array(np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,)))
     zwv = np.ascontiguousarray(zwv)
     # bound of one folded entry: |T| + |value(x) zw| + |zx value(w)| + |zx zw|
@@ -662,9 +668,17 @@ def gather_linear_prep(b: torch.Tensor, lo_w: int, table: torch.Tensor, lo_x: in
     zwv = np.zeros(nout, np.int64) if zw is None else \
         np.array(np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,)))
     bi = np.ascontiguousarray(b.to(torch.uint8).numpy())
-    t16, base = _table16(table, np.dtype(np.int32), k)
-    if t16 is None:
-        return None
+    # the byte shuffle's planes are cached per table; the scalar loop's uint16 table is made
+    # only for it (here or, should the byte shuffle be switched off later, in the zp call)
+    shuffle = shuffle_gather.table_planes(table, k) if byte_shuffle.available() else None
+    if shuffle is not None:
+        (planes, base), t16 = shuffle, None
+        tmax = int(table.max()) - base  # the largest offset entry
+    else:
+        t16, base = _table16(table, np.dtype(np.int32), k)
+        if t16 is None:
+            return None
+        planes, tmax = None, int(t16.max(initial=0))
     # per-output constant: K * base (the uint16 offset) - Zx sum_k value(w) + K Zx Zw_j
     wsum = bi.astype(np.int64).sum(1) + k * lo_w
     # in Python integers: int64 would wrap silently for absurd zero points (2**62 * 4 == 0)
@@ -673,10 +687,10 @@ def gather_linear_prep(b: torch.Tensor, lo_w: int, table: torch.Tensor, lo_x: in
     # init = const_j - Zw_j * sum_k value(x): bound it, for int32
     vx_max = max(abs(lo_x), abs(lo_x + na - 1))
     bound = max(map(abs, const), default=0) + max((abs(int(z)) for z in zwv), default=0) * k * vx_max \
-        + k * int(t16.max(initial=0))
+        + k * tmax
     if bound >= 1 << 31:
         return None
-    return bi, t16, np.array(const, np.int64), zwv, byte_shuffle.planes(t16)
+    return bi, t16, np.array(const, np.int64), zwv, planes, table
 
 
 def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:
@@ -695,11 +709,13 @@ def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:
     Returns:
         ``(M, N)`` int32 accumulators (a transposed view).
     """
-    bi, t16, const, zwv, planes = prep
+    bi, t16, const, zwv, planes, table = prep
     m, k = q.shape
     nout = bi.shape[0]
-    if byte_shuffle.available():
+    if planes is not None and m * k * nout >= byte_shuffle.MIN_LOOKUPS and byte_shuffle.available():
         return shuffle_gather.linear_zp(q, lo_x, bi, const, zwv, planes)
+    if t16 is None:
+        t16, _ = _table16(table, np.dtype(np.int32), k)  # same minimum, same bound: the prep checked it
     ai = (q.detach() if lo_x == 0 else q.detach() - lo_x).to(torch.uint8).t().contiguous()
     out = np.empty((1, nout, m), np.int32)
     if np.any(zwv):

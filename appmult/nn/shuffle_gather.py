@@ -9,47 +9,22 @@ returns the same integers as the scalar path it replaces (tests:
 
 from __future__ import annotations
 
-import collections
-import threading
-import weakref
-
 import numpy as np
 import torch
 
 from . import byte_shuffle
 from .gather_layouts import batch_inner_fields, check_activations, unfold_uint8_kp
-
-
-#: ``id(table)`` -> (weak reference to it, its ``_version``, byte planes or ``None``, min,
-#: max): the byte-shuffle kernel's planes, made once per table (a write to the table bumps
-#: its version; a new tensor at a reused id fails the reference check). At most
-#: ``_PLANES_CACHE_SIZE`` tables, the oldest dropped first.
-_planes_cache: collections.OrderedDict = collections.OrderedDict()
-_planes_lock = threading.Lock()
-_PLANES_CACHE_SIZE = 32
+from .offset_tables import offset_tables
 
 
 def table_planes(table: torch.Tensor, kg: int) -> tuple[np.ndarray, int] | None:
-    """The byte planes of ``(table - min)`` (:func:`byte_shuffle.planes`) and ``min``, or ``None``
-    where the entries span ``2**16`` values or more, or ``kg`` offset entries could overflow
-    int32 (as :func:`appmult.nn.kernels._table16`). Cached per table tensor and version."""
-    with _planes_lock:
-        hit = _planes_cache.get(id(table))
-    if hit is None or hit[0]() is not table or hit[1] != table._version:
-        lo, hi = (int(v) for v in torch.aminmax(table))
-        pl = None
-        if hi - lo < 1 << 16:
-            t16 = (table.t().to(torch.int64) - lo).to(torch.int32).numpy().astype(np.uint16)
-            pl = byte_shuffle.planes(t16)
-        hit = (weakref.ref(table), table._version, pl, lo, hi)
-        with _planes_lock:
-            _planes_cache[id(table)] = hit
-            while len(_planes_cache) > _PLANES_CACHE_SIZE:
-                _planes_cache.popitem(last=False)
-    _, _, pl, lo, hi = hit
-    if pl is None or kg * (hi - lo) >= 1 << 31:
+    """The byte planes of ``(table - min)`` and ``min`` (cached per table:
+    :mod:`appmult.nn.offset_tables`), or ``None`` where the entries span ``2**16`` values or
+    more, or ``kg`` offset entries could overflow int32 (as :func:`appmult.nn.kernels._table16`)."""
+    ot = offset_tables(table)
+    if ot is None or kg * (ot.hi - ot.lo) >= 1 << 31:
         return None
-    return pl, lo
+    return ot.planes, ot.lo
 
 
 def forward(a: torch.Tensor, b: torch.Tensor, shuffle: tuple[np.ndarray, int]) -> torch.Tensor:
