@@ -349,3 +349,66 @@ def test_small_products_go_to_the_scalar_loops_large_ones_to_the_byte_shuffle(wh
             ref = t[q.numpy().astype(np.int64)[:, None, :, :, :], iw.numpy()[None, :, 0, None, None, None]][:, :, 0]
         assert calls == expect
         np.testing.assert_array_equal(got, ref)
+
+
+# -- attention's batched products ------------------------------------------------------------
+
+@needs_vbmi
+def test_accumulate_batched_equals_brute_force():
+    rng = np.random.default_rng(12)
+    t16 = rng.integers(0, 1 << 16, (256, 256)).astype(np.uint16)
+    t16[255, 255] = 0xFFFF
+    a = rng.integers(0, 256, (5, 300, 128)).astype(np.uint8)
+    a[:, :, 0] = 255
+    b = rng.integers(0, 256, (5, 7, 300)).astype(np.uint8)
+    b[:, 0, :] = 255
+    c0 = rng.integers(-(1 << 31), 1 << 31, 7).astype(np.int32)
+    out = BS.accumulate_batched(a, b, BS.planes(t16), c0)
+    ref = c0[None, :, None].astype(np.int64) + t16.astype(np.int64)[b[:, :, :, None], a[:, None, :, :]].sum(2)
+    np.testing.assert_array_equal(out, wrap32(ref))
+
+
+@pytest.mark.parametrize("bad", ["a not 64", "items differ", "k differs", "b int16", "c0 length"])
+def test_accumulate_batched_refuses_wrong_operands(bad):
+    a = np.zeros((2, 3, 64), np.uint8)
+    b = np.zeros((2, 4, 3), np.uint8)
+    c0 = np.zeros(4, np.int32)
+    if bad == "a not 64":
+        a = np.zeros((2, 3, 65), np.uint8)
+    elif bad == "items differ":
+        b = np.zeros((3, 4, 3), np.uint8)
+    elif bad == "k differs":
+        b = np.zeros((2, 4, 5), np.uint8)
+    elif bad == "b int16":
+        b = b.astype(np.int16)
+    else:
+        c0 = np.zeros(5, np.int32)
+    with pytest.raises(ValueError, match="byte-shuffle gather: "):
+        BS.accumulate_batched(a, b, BS.planes(np.zeros((256, 256), np.uint16)), c0)
+
+
+@needs_vbmi
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("m", [17, 64])
+def test_lut_bmm_takes_one_batched_call_equal_to_brute_force_and_the_torch_path(signed, m, monkeypatch):
+    """Attention's gather products (each item its own second operand) in one byte-shuffle
+    call: the integers of brute force and of the torch gather it replaces (m = 17: padded)."""
+    from appmult.lut_gen import LutFile
+    from appmult.nn import LutTables, lut_bmm
+    from appmult.nn import shuffle_gather as SG
+    rng = np.random.default_rng(m + signed)
+    v = np.arange(256) - (128 if signed else 0)
+    lut = LutFile(np.outer(v, v) + rng.integers(-40, 41, (256, 256)), width_a=8, width_b=8, signed=signed)
+    tabs = LutTables(lut, kernel="gather")
+    a = torch.from_numpy(rng.choice(v, (3, m, 20)).astype(np.float32))
+    b = torch.from_numpy(rng.choice(v, (3, 20, 9)).astype(np.float32))
+    calls = []
+    real = SG.bmm
+    monkeypatch.setattr(SG, "bmm", lambda *x: calls.append(1) or real(*x))
+    got = lut_bmm(a, b, tabs)
+    assert calls == [1]
+    ca, cb = a.numpy().astype(np.int64) & 255, b.numpy().astype(np.int64) & 255  # the LUT's codes
+    ref = lut.product.astype(np.int64)[ca[:, :, :, None], cb[:, None, :, :]].sum(2)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    monkeypatch.setenv("APPMULT_NO_BYTE_SHUFFLE", "1")
+    assert torch.equal(lut_bmm(a, b, tabs), got)

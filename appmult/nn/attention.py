@@ -44,6 +44,7 @@ from torch import nn
 
 from ..errors import ConfigError, InvalidTypeError, InvalidValueError
 from . import kernels as K
+from . import shuffle_gather
 from .autograd import _autocast_off, _backward_without_autocast
 from .config import ApproxConfig
 from .functional import _check_codes, _check_finite
@@ -89,6 +90,12 @@ def _bmm_forward(qa, qb, keep, tabs: LutTables, exact: bool) -> torch.Tensor:
         vb = F.embedding(ib, tabs.v.to(dtype)).permute(0, 1, 3, 2)     # (B, K, r, N)
         acc = ua.reshape(bsz, m, k * r) @ vb.reshape(bsz, k * r, n)
         return torch.round(acc) if exact else acc
+    if keep is None:
+        K._check_indices(ia, tabs.prod.shape[0], "Activation")
+        K._check_indices(ib, tabs.prod.shape[1], "Weight")
+        acc = shuffle_gather.bmm(ia, ib, tabs.prod)  # CPU, 8-bit tables: one batched kernel call
+        if acc is not None:
+            return acc.to(dtype)
     out = torch.empty((bsz, m, n), dtype=torch.int64, device=qa.device)
     prod = tabs.prod
     for s, e in _blocks(bsz, m * k * n):

@@ -328,6 +328,27 @@ if numba is not None:
                        np.int64(blk0 * LANES), c0, c1, xs, poff)
 
 
+    @njit(parallel=True, cache=True)
+    def _drive_batched(addrs, a, a_step, koff, b, b_step, ldb, k, planes, out, o_step, ldo, nout, nblocks, nitems,
+                       jtile, c0, c1, xs, poff):  # pragma: no cover
+        # _drive for ``nitems`` independent products of the same shape: item ``i`` reads its
+        # indices at ``a + i a_step``, its weights at ``b + i b_step``, writes ``out + i o_step``
+        # (steps in bytes)
+        nchunks = (nblocks + MAX_BLOCKS - 1) // MAX_BLOCKS
+        ntiles = (nout + jtile - 1) // jtile
+        per_item = ntiles * nchunks
+        for t in prange(nitems * per_item):
+            i = t // per_item
+            r = t % per_item
+            c = r // ntiles
+            j0 = (r % ntiles) * jtile
+            j1 = min(nout, j0 + jtile)
+            blk0 = c * MAX_BLOCKS
+            nb = min(MAX_BLOCKS, nblocks - blk0)
+            _call_loop(addrs[nb - 1], a + i * a_step, koff, b + i * b_step, ldb, k, planes, out + i * o_step, ldo,
+                       np.int64(j0), np.int64(j1), np.int64(blk0 * LANES), c0, c1, xs, poff)
+
+
 def planes(t16: np.ndarray) -> np.ndarray:
     """``(256, 512)`` uint8 byte planes of a uint16 table indexed ``[w, x]`` (at most 256 x 256;
     a smaller table is padded with zeros its indices never reach): row ``w`` holds the low
@@ -425,6 +446,51 @@ def accumulate_at(src: np.ndarray, koff: np.ndarray, poff: np.ndarray, b: np.nda
     jtile = -(-nout // ntiles)
     _drive(addrs, src.ctypes.data, koff.ctypes.data, b.ctypes.data, kk, kk, byte_planes.ctypes.data, out.ctypes.data,
            npos, nout, nblocks, jtile, c0.ctypes.data, c1.ctypes.data, xs.ctypes.data, poff.ctypes.data)
+    return out
+
+
+def accumulate_batched(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, c0: np.ndarray) -> np.ndarray:
+    """``out[i, j, p] = c0[j] + sum_k T[b[i, j, k], a[i, k, p]]`` (int32, wrapping): a batch of
+    independent products (each item its own weights, as in attention's ``Q K^T``) in one call.
+
+    Args:
+        a: ``(B, K, P)`` uint8, C-contiguous, ``P`` a multiple of 64.
+        b: ``(B, nout, K)`` uint8, C-contiguous.
+        byte_planes: from :func:`planes`.
+        c0: ``(nout,)`` int32 start values.
+
+    Returns:
+        ``(B, nout, P)`` int32.
+
+    Raises:
+        ValueError: shapes, dtypes or layouts the loop does not take (a bug in the caller).
+    """
+    ok = (a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] and a.shape[1] == b.shape[2]
+          and a.dtype == np.uint8 and b.dtype == np.uint8 and a.flags.c_contiguous and b.flags.c_contiguous
+          and byte_planes.shape == (256, 512) and byte_planes.dtype == np.uint8 and byte_planes.flags.c_contiguous
+          and c0.dtype == np.int32 and c0.shape == b.shape[1:2] and c0.flags.c_contiguous)
+    if not ok:
+        raise ValueError("byte-shuffle gather: batched operands of the wrong shape, dtype or layout "
+                         f"(a {a.shape} {a.dtype}, b {b.shape} {b.dtype}, planes {byte_planes.shape}, c0 {c0.shape})")
+    nitems, kk, npos = a.shape
+    nout = b.shape[1]
+    if npos % LANES:
+        raise ValueError(f"byte-shuffle gather: {npos} positions are not a multiple of {LANES} (pad them)")
+    koff = np.arange(kk, dtype=np.int64) * npos
+    poff = np.arange(npos // LANES, dtype=np.int64) * LANES
+    xs = np.zeros(npos, np.int32)
+    out = np.empty((nitems, nout, npos), np.int32)
+    if nitems == 0 or nout == 0 or npos == 0:
+        return out
+    _, addrs = _compiled()
+    nchunks = -(-(npos // LANES) // MAX_BLOCKS)
+    threads = max(1, numba_support.num_threads())
+    ntiles = max(1, min(nout, -(-TASKS_PER_THREAD * threads // (nchunks * nitems))))
+    jtile = -(-nout // ntiles)
+    zeros = np.zeros(nout, np.int32)
+    _drive_batched(addrs, a.ctypes.data, kk * npos, koff.ctypes.data, b.ctypes.data, nout * kk, kk, kk,
+                   byte_planes.ctypes.data, out.ctypes.data, 4 * nout * npos, npos, nout, npos // LANES, nitems, jtile,
+                   c0.ctypes.data, zeros.ctypes.data, xs.ctypes.data, poff.ctypes.data)
     return out
 
 

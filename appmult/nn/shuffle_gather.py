@@ -125,3 +125,30 @@ def conv_zp(q: torch.Tensor, lo_x: int, na: int, b: torch.Tensor, lo_w: int, shu
     if batch_inner:
         return out.view(nout, ho, wo, nbp)[..., :n].permute(3, 0, 1, 2)
     return out[:, :npos].reshape(nout, n, ho, wo).permute(1, 0, 2, 3)
+
+
+def bmm(ia: torch.Tensor, ib: torch.Tensor, table: torch.Tensor) -> torch.Tensor | None:
+    """``acc[b, m, n] = sum_k table[ia[b, m, k], ib[b, k, n]]`` (int32, a transposed view) by
+    one batched byte-shuffle call (attention's products: each item its own second operand),
+    or ``None`` where it does not apply: the kernel unavailable, operands not on the CPU, a
+    table over 8 bits or spanning ``2**16`` values or more, a sum that could leave int32, or
+    fewer than ``byte_shuffle.MIN_LOOKUPS`` look-ups. Indices must be in range (the caller
+    checks: a cast to uint8 would wrap a bad one).
+    """
+    if ia.device.type != "cpu" or ib.device.type != "cpu" or not byte_shuffle.available():
+        return None
+    bsz, m, k = ia.shape
+    n = ib.shape[-1]
+    if table.shape[0] > 256 or table.shape[1] > 256 or bsz * m * k * n < byte_shuffle.MIN_LOOKUPS:
+        return None
+    ot = offset_tables(table)
+    if ot is None or k * max(abs(ot.lo), abs(ot.hi)) >= 1 << 31:
+        return None
+    lanes = byte_shuffle.LANES
+    mp = -(-m // lanes) * lanes
+    a = torch.zeros((bsz, k, mp), dtype=torch.uint8)
+    a[..., :m] = ia.transpose(1, 2)
+    b = ib.transpose(1, 2).to(torch.uint8).contiguous()
+    c0 = np.full(n, byte_shuffle.wrap32(k * ot.lo), np.int32)  # modulo 2**32, like the sums
+    out = byte_shuffle.accumulate_batched(a.numpy(), b.numpy(), ot.planes, c0)
+    return torch.from_numpy(out)[..., :m].transpose(1, 2)
