@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from appmult.nn import byte_shuffle as BS
 from appmult.nn import kernels as K
+from appmult.nn import shuffle_gather as SG
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "gather_path")
 
@@ -242,3 +244,143 @@ def test_gather_forward_int32_offset_outside_int32_with_totals_inside(gather_pat
     ref = table.numpy().astype(np.int64)[a.numpy()[:, None, :, :], b.numpy()[None, :, :, None]].sum(2)
     assert ref.min() >= -(1 << 31)
     np.testing.assert_array_equal(got.numpy(), ref)
+
+
+# -- round 2: which kernel runs, and the bounds at their edges ---------------------------------------
+
+def spy(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    """Record the calls of ``module.<name>`` for each name (the real function still runs)."""
+    calls: list[str] = []
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
+    return calls
+
+
+# (batch, K, L, output channels, values the table spans, byte shuffle): batch * L * K * nout look-ups
+FORWARD_SHUFFLE_CASES = {
+    "at_min_lookups": (1, 256, 64, 16, 1000, True),        # 64 * 256 * 16 = 2**18, K longer than L
+    "below_min_lookups": (1, 255, 64, 16, 1000, False),    # 2**18 - 1,024
+    "long_rows": (1, 8, 40000, 1, 60000, True),            # L * 59,999 >= 2**31, K * 59,999 is not
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_SHUFFLE_CASES)
+def test_gather_forward_byte_shuffle_from_min_lookups(case, gather_path, monkeypatch):
+    """The one-group int32 gather takes the byte shuffle from exactly ``MIN_LOOKUPS`` look-ups
+    (``batch * L * K * nout``, K the reduction length), not below, and its int32 bound on the
+    offset table reads ``K`` entries per sum, not ``L``; exact either way. (Mutants:
+    ``gather_forward`` 59 -- ``a.shape[2]`` (L) for K in the look-ups; 60 -- ``>`` for ``>=``;
+    66 -- ``table_planes(table, L)``, which declines a wide table for long rows.)"""
+    monkeypatch.setattr(BS, "MIN_LOOKUPS", 1 << 18)  # the module's value (the fixture sets 0)
+    calls = spy(monkeypatch, SG, ("forward",))
+    nbatch, kk, length, nout, span, shuffle = FORWARD_SHUFFLE_CASES[case]
+    rng = np.random.default_rng(59)
+    lo = -(span // 2)
+    table = rng.integers(lo, lo + span, size=(4, 4))
+    table[0, 0], table[3, 3] = lo, lo + span - 1
+    a = rng.integers(0, 4, size=(nbatch, kk, length))
+    b = rng.integers(0, 4, size=(nout, kk))
+    out = K.gather_forward(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(table).to(torch.int32), 1,
+                           torch.int32)
+    assert calls == (["forward"] if shuffle and gather_path == "byte_shuffle" else [])
+    assert_exact(out, forward_ref(a, b, table))
+
+
+@pytest.mark.parametrize("delta, kernel", [(-1, "forward"), (0, "rows")])
+def test_gather_forward_row_kernel_from_rows_min_positions(delta, kernel, monkeypatch):
+    """Fewer than ``ROWS_MIN_POSITIONS * NA`` positions (a linear layer's few rows) take the
+    weight-row kernel (``loops.forward``), exactly that many the row kernel (``loops.rows``);
+    exact either way. int64 accumulators: no byte shuffle on either path. (Mutants:
+    ``gather_forward`` 83 -- ``<=`` for ``<``; 84 -- ``ROWS_MIN_POSITIONS / NA``.)"""
+    if not K.numba_available():
+        pytest.skip("numba not installed")
+    calls = spy(monkeypatch, K.loops, ("forward", "rows"))
+    rng = np.random.default_rng(83)
+    na = 4
+    table = rng.integers(-1000, 1000, size=(na, 5))
+    a = rng.integers(0, na, size=(1, 6, K.ROWS_MIN_POSITIONS * na + delta))
+    b = rng.integers(0, 5, size=(3, 6))
+    out = K.gather_forward(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(table), 1, torch.int64)
+    assert calls == [kernel]
+    assert_exact(out, forward_ref(a, b, table))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gather_forward_few_positions_int32_offset_outside_int32(groups):
+    """The weight-row kernel (few positions) adds ``Kg * min(table)`` back modulo ``2**32``
+    too: with ``Kg * min`` below ``-2**31`` and every total inside int32 it gives the
+    brute-force totals, not an OverflowError (two groups: no byte shuffle on either path;
+    one group: the scalar path's). (Mutant: ``gather_forward`` 145 -- ``Kg * min`` not
+    wrapped.)"""
+    if not K.numba_available():
+        pytest.skip("numba not installed")
+    kg, length = 31000, 3
+    table = np.full((4, 4), -5000, dtype=np.int64)
+    table[3, 3] = -70000
+    assert kg * (-70000) < -(1 << 31) and kg * (70000 - 5000) < 1 << 31  # the 16-bit table, its offset past int32
+    a = np.zeros((1, groups * kg, length), dtype=np.int64)
+    a[0, :7, 1] = 3
+    b = np.zeros((2, kg), dtype=np.int64)
+    b[1, :] = 3
+    assert a.shape[0] * length < K.ROWS_MIN_POSITIONS * table.shape[0]  # the weight-row kernel's case
+    out = K.gather_forward(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(table).to(torch.int32), groups,
+                           torch.int32)
+    ng = 2 // groups
+    ref = np.concatenate([table[a[:, None, g * kg:(g + 1) * kg, :], b[g * ng:(g + 1) * ng, :, None]].sum(2)
+                          for g in range(groups)], axis=1)
+    assert ref.min() >= -(1 << 31)
+    assert out.dtype == torch.int32
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_gather_linear_offset_table_of_entries_near_int32(monkeypatch):
+    """A table of entries near ``1.5e9`` spanning 1,000 values (``min + max`` past ``2**31``,
+    ``max - min`` far below): with ``K = 1`` every sum fits int32, so the fused linear runs
+    on the 16-bit offset table and is exact -- after a scalar prep, and after a byte-shuffle
+    prep whose product is too small for the byte shuffle (the zp call makes the 16-bit table
+    then). (Mutant: ``_table16`` 16 -- ``hi + lo`` for ``hi - lo``: declines the table, so
+    the scalar prep returns ``None`` and the small product's zp call fails.)"""
+    monkeypatch.setattr(BS, "MIN_LOOKUPS", 1 << 18)  # the module's value (the fixture sets 0)
+    rng = np.random.default_rng(16)
+    lo = 1_500_000_000
+    table = lo + rng.integers(0, 1000, size=(4, 4))
+    table[0, 0], table[3, 3] = lo, lo + 999
+    iw = rng.integers(0, 4, size=(2, 1))
+    qx = rng.integers(0, 4, size=(3, 1))
+    prep = K.gather_linear_prep(torch.from_numpy(iw), 0, torch.from_numpy(table), 0, 0, None)
+    assert prep is not None
+    out = K.gather_linear_zp(torch.from_numpy(qx).to(torch.float32), 0, prep)
+    assert out.dtype == torch.int32
+    assert out.numpy().tolist() == table[qx[:, 0][:, None], iw[:, 0][None, :]].tolist()
+
+
+@pytest.mark.parametrize("nout, shuffle", [(64, True), (63, False)])
+def test_gather_conv_zp_byte_shuffle_from_min_lookups(nout, shuffle, gather_path, monkeypatch):
+    """The fused conv takes the byte shuffle from exactly ``MIN_LOOKUPS`` look-ups
+    (``N * Ho * Wo * Kg * Co``, here with ``Kg = 16``), not below; exact either way.
+    (Mutant: ``gather_conv_zp`` 62 -- ``/ Kg`` for ``* Kg`` in the look-ups.)"""
+    monkeypatch.setattr(BS, "MIN_LOOKUPS", 1 << 18)  # the module's value (the fixture sets 0)
+    calls = spy(monkeypatch, SG, ("conv_zp",))
+    rng = np.random.default_rng(62)
+    table = rng.integers(-300, 300, size=(4, 4))
+    q = rng.integers(-1, 3, size=(1, 16, 16, 16))  # 256 positions, Kg = 16: 4,096 x Co look-ups
+    b = rng.integers(0, 4, size=(nout, 16))
+    zw = rng.integers(-3, 4, size=nout)
+    out = conv_zp(q, -1, b, -2, table, (1, 1), 1, zw)
+    assert calls == (["conv_zp"] if shuffle and gather_path == "byte_shuffle" else [])
+    assert_exact(out, conv_zp_ref(q, -1, b, -2, table, (1, 1), 1, zw, 1))
+
+
+def test_gather_conv_zp_no_output_channels():
+    """A conv with no output channels has no weight zero points, whose largest ``|Zw|`` is
+    then 0: a table entry of ``2**31 - 2`` with ``Kg = 1`` is inside the bound, and the fused
+    conv returns the empty ``(N, 0, Ho, Wo)`` accumulator. (Mutant: ``gather_conv_zp`` 130 --
+    ``max(..., default=1)``: adds ``vx_max + |Zx|`` to the bound and declines.)"""
+    table = np.zeros((4, 4), dtype=np.int64)
+    table[1, 2] = (1 << 31) - 2
+    q = np.random.default_rng(130).integers(0, 4, size=(2, 1, 3, 3))
+    b = np.zeros((0, 1), dtype=np.int64)
+    out = conv_zp(q, 0, b, 0, table, (1, 1), 0, None)
+    assert out is not None
+    assert out.shape == (2, 0, 3, 3) and out.dtype == torch.int32

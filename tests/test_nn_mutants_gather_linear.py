@@ -194,3 +194,109 @@ def test_linear_prep_declines_zero_points_whose_int64_products_would_wrap(gather
     w = torch.tensor([[4]])
     assert K.gather_linear_prep(w, 0, table, 0, 1 << 62, np.zeros(1, np.int64)) is None
     assert K.gather_linear_prep(w, 0, table, 0, 0, np.full(1, 1 << 62, np.int64)) is None
+
+
+# Second review (session 8, after the prep took the cached byte planes and Python-integer
+# constants): the names below are mutmut's numbers on that code.
+
+@needs_numba
+def test_linear_prep_without_the_byte_shuffle_makes_no_byte_planes(monkeypatch):
+    """With ``APPMULT_NO_BYTE_SHUFFLE=1`` the prep takes the uint16 table and the call the
+    scalar loops: the byte-shuffle planes (128 KB per table, the kernel's only) are never
+    made, and the result is the brute-force sum (mutant ``x_gather_linear_prep__mutmut_47``:
+    the planes taken whether or not the byte shuffle is available, the uint16 table left to
+    the call)."""
+    from appmult.nn import byte_shuffle
+
+    def no_planes(t16):
+        raise AssertionError("byte planes made with the byte shuffle switched off")
+
+    monkeypatch.setenv("APPMULT_NO_BYTE_SHUFFLE", "1")
+    monkeypatch.setattr(byte_shuffle, "planes", no_planes)
+    rng = np.random.default_rng(91)
+    table = rng.integers(-500, 4000, (16, 16))
+    xv, wi = rng.integers(0, 16, (3, 10)), rng.integers(0, 16, (4, 10))
+    zw = np.array([2, 0, 5, 1])
+    got = run_linear(table, xv, 0, wi, 0, 3, zw)
+    np.testing.assert_array_equal(got.numpy(), brute(table, xv, 0, wi, 0, 3, zw))
+
+
+@needs_numba
+@pytest.mark.parametrize(("k", "c"), [(1, (1 << 31) - 1), (1 << 16, (1 << 15) - 1)])
+def test_linear_prep_takes_a_constant_table_up_to_the_int32_bound(k, c, gather_path):
+    """A constant table (every entry ``c``, offset entries all 0) with ``K c`` just below
+    ``2**31``: the fused path applies and returns ``K c`` exactly (mutant
+    ``x_gather_linear_prep__mutmut_69``: the largest offset entry taken as at least 1, so the
+    bound counts ``K`` more and the prep declines)."""
+    table = np.full((16, 16), c, np.int64)
+    rng = np.random.default_rng(92)
+    xv, wi = rng.integers(0, 16, (2, k)), rng.integers(0, 16, (2, k))
+    got = run_linear(table, xv, 0, wi, 0, 0, None)
+    assert got.dtype == torch.int32
+    np.testing.assert_array_equal(got.numpy(), np.full((2, 2), k * c))
+
+
+@needs_numba
+def test_linear_prep_weight_values_past_2_53_whose_cross_terms_cancel(gather_path):
+    """Weight values of ``2**53 + 3`` (``lo_w = 2**53 + 1``) equal to their zero point, with
+    ``Zx = 1`` and one activation value (0, a one-row table: the bound's ``Zw`` term is 0):
+    the cross terms cancel and the result is the table entry exactly (mutant
+    ``x_gather_linear_prep__mutmut_73``: the weight sums in float64, where ``2**53 + 3``
+    rounds to ``2**53 + 2``, so the constant is off by one)."""
+    table = np.array([[3, 10, 17, 24]])
+    lo_w = (1 << 53) + 1
+    xv, wi, zw = np.array([[0]]), np.array([[2]]), np.array([lo_w + 2])
+    got = run_linear(table, xv, 0, wi, lo_w, 1, zw)
+    np.testing.assert_array_equal(got.numpy(), brute(table, xv, 0, wi, lo_w, 1, zw))
+    np.testing.assert_array_equal(got.numpy(), [[17]])
+
+
+@needs_numba
+def test_linear_prep_declines_offset_sums_past_int32_whatever_the_weight_range(gather_path):
+    """A table spanning 65,535 over K = 65,536 (``K * span`` past int32) with ``lo_w = 2**47``
+    (``K lo_w`` past int64): ``None`` on either path, before any weight sum (mutants
+    ``x_gather_linear_prep__mutmut_59`` / ``_64``: the uint16 table built against int64's
+    limit, so the int64 weight sums are computed first and raise ``OverflowError``)."""
+    table = torch.tensor([[0, 65535], [1, 2]], dtype=torch.int64)
+    b = torch.zeros((1, 1 << 16), dtype=torch.int64)
+    assert K.gather_linear_prep(b, 1 << 47, table, 0, 0, np.array([0])) is None
+
+
+@needs_numba
+def test_linear_prep_of_no_outputs_at_the_largest_reduction(gather_path):
+    """No outputs (``N = 0``) over K = 2**31 - 1 on a 2 x 2 table spanning 1 (activation values
+    0 and 1): the bound is exactly ``K = 2**31 - 1``, so the prep applies and the call gives
+    the empty ``(0, 0)`` int32 accumulator; one more step (K = 2**31) and it declines
+    (mutants ``x_gather_linear_prep__mutmut_110``: no constants counted as 1, bound 2**31;
+    ``_119``: no zero points counted as 1, ``+ K * 1``)."""
+    table = torch.tensor([[0, 1], [1, 0]])
+    k = (1 << 31) - 1
+    prep = K.gather_linear_prep(torch.zeros((0, k), dtype=torch.int64), 0, table, 0, 0, None)
+    assert prep is not None
+    got = K.gather_linear_zp(torch.zeros((0, k)), 0, prep)
+    assert got.shape == (0, 0) and got.dtype == torch.int32
+    assert K.gather_linear_prep(torch.zeros((0, k + 1), dtype=torch.int64), 0, table, 0, 0, None) is None
+
+
+def test_linear_prep_declines_weight_ranges_whose_int64_sums_would_wrap(gather_path):
+    """A bug the second mutation review found: the weight sums ``sum_k value(w) = sum index +
+    K lo_w`` were int64 numpy, so ``lo_w = 2**63 - 1`` wrapped and a one-row table (whose
+    ``Zw`` bound term is 0) gave 7 instead of ``7 - 2**64``. In Python integers the bound
+    sees the true constant and the fused path declines."""
+    table = torch.tensor([[5, 7]], dtype=torch.int64)
+    w = torch.tensor([[1]])
+    assert K.gather_linear_prep(w, (1 << 63) - 1, table, 0, 1, np.array([-(1 << 63)], np.int64)) is None
+
+
+def test_linear_prep_is_a_snapshot_of_the_table_for_both_paths(gather_path, monkeypatch):
+    """The prep holds both 16-bit forms of the table as it was: a product computed after an
+    in-place write to the table gives the same integers on both paths (before, the scalar
+    path rebuilt its table at call time and the byte shuffle kept the prep's planes)."""
+    rng = np.random.default_rng(21)
+    table = torch.from_numpy(rng.integers(0, 1000, (256, 256)))
+    w = torch.from_numpy(rng.integers(0, 256, (4, 8)))
+    q = torch.from_numpy(rng.integers(0, 256, (3, 8))).to(torch.float32)
+    prep = K.gather_linear_prep(w, 0, table, 0, 0, None)
+    ref = table.numpy()[q.numpy().astype(np.int64)[:, None, :], w.numpy()[None, :, :]].sum(2)
+    table.mul_(3)
+    np.testing.assert_array_equal(K.gather_linear_zp(q, 0, prep).numpy(), ref)

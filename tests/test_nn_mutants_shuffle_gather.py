@@ -280,3 +280,26 @@ def test_conv_zp_start_value_outside_int32_wraps_back(fresh_cache, n):
     assert (ref >= I32_MIN).all() and (ref <= I32_MAX).all()
     assert got.dtype == torch.int32
     np.testing.assert_array_equal(got.numpy(), ref)
+
+
+# -- table_planes: the bound on kg offset entries ------------------------------------------------------
+
+
+@pytest.mark.parametrize("lo", [1, -1])
+def test_table_planes_refuse_kg_offset_sums_from_2_31(fresh_cache, lo):
+    """``kg`` offset entries of span ``max - min`` must sum below ``2**31`` (the int32
+    accumulators, as :func:`K._table16`): a span of ``2**15`` gives planes for
+    ``kg = 2**16 - 1`` and ``None`` from ``kg = 2**16`` (also between ``2**31`` and
+    ``2**32``); the span is ``max - min`` whatever the entries' sign (from 1 and from -1).
+    Mutants: ``x_table_planes`` 6 (``hi + lo``), 7 (``>``), 9 (``2 << 31``), 10 (``1 << 32``)."""
+    span = 1 << 15
+    t = np.array([[lo, lo + span], [lo + 5, lo + 7]], np.int64)
+    table = torch.from_numpy(t).to(torch.int32)
+    got = SG.table_planes(table, (1 << 16) - 1)
+    assert got is not None
+    planes, base = got
+    assert base == lo
+    np.testing.assert_array_equal(planes, byte_shuffle.planes((t.T - lo).astype(np.uint16)))
+    assert SG.table_planes(table, 1 << 16) is None          # (2**16) * 2**15 = 2**31
+    assert SG.table_planes(table, (1 << 17) - 1) is None    # below 2**32
+    assert SG.table_planes(table, 1 << 17) is None

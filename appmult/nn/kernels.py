@@ -668,29 +668,26 @@ def gather_linear_prep(b: torch.Tensor, lo_w: int, table: torch.Tensor, lo_x: in
     zwv = np.zeros(nout, np.int64) if zw is None else \
         np.array(np.broadcast_to(np.asarray(zw, np.int64).reshape(-1), (nout,)))
     bi = np.ascontiguousarray(b.to(torch.uint8).numpy())
-    # the byte shuffle's planes are cached per table; the scalar loop's uint16 table is made
-    # only for it (here or, should the byte shuffle be switched off later, in the zp call)
+    # both 16-bit forms, cached per table (offset_tables): the scalar loop's uint16 table and,
+    # where the byte shuffle runs, its planes -- a snapshot of the table for either path
+    t16, base = _table16(table, np.dtype(np.int32), k)
+    if t16 is None:
+        return None
     shuffle = shuffle_gather.table_planes(table, k) if byte_shuffle.available() else None
-    if shuffle is not None:
-        (planes, base), t16 = shuffle, None
-        tmax = int(table.max()) - base  # the largest offset entry
-    else:
-        t16, base = _table16(table, np.dtype(np.int32), k)
-        if t16 is None:
-            return None
-        planes, tmax = None, int(t16.max(initial=0))
-    # per-output constant: K * base (the uint16 offset) - Zx sum_k value(w) + K Zx Zw_j
-    wsum = bi.astype(np.int64).sum(1) + k * lo_w
-    # in Python integers: int64 would wrap silently for absurd zero points (2**62 * 4 == 0)
-    const = [k * base - zx * int(s) + k * zx * int(z) for s, z in zip(wsum, zwv)]
+    planes = None if shuffle is None else shuffle[0]
+    # per-output constant: K * base (the uint16 offset) - Zx sum_k value(w) + K Zx Zw_j, in
+    # Python integers: int64 would wrap silently for absurd zero points or weight ranges
+    # (2**62 * 4 == 0)
+    wsum = [int(s) + k * lo_w for s in bi.astype(np.int64).sum(1)]
+    const = [k * base - zx * s + k * zx * int(z) for s, z in zip(wsum, zwv)]
     # every partial sum in the kernel is init + (some of the K entries of t16 >= 0), with
     # init = const_j - Zw_j * sum_k value(x): bound it, for int32
     vx_max = max(abs(lo_x), abs(lo_x + na - 1))
     bound = max(map(abs, const), default=0) + max((abs(int(z)) for z in zwv), default=0) * k * vx_max \
-        + k * tmax
+        + k * int(t16.max(initial=0))
     if bound >= 1 << 31:
         return None
-    return bi, t16, np.array(const, np.int64), zwv, planes, table
+    return bi, t16, np.array(const, np.int64), zwv, planes
 
 
 def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:
@@ -709,13 +706,11 @@ def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:
     Returns:
         ``(M, N)`` int32 accumulators (a transposed view).
     """
-    bi, t16, const, zwv, planes, table = prep
+    bi, t16, const, zwv, planes = prep
     m, k = q.shape
     nout = bi.shape[0]
     if planes is not None and m * k * nout >= byte_shuffle.MIN_LOOKUPS and byte_shuffle.available():
         return shuffle_gather.linear_zp(q, lo_x, bi, const, zwv, planes)
-    if t16 is None:
-        t16, _ = _table16(table, np.dtype(np.int32), k)  # same minimum, same bound: the prep checked it
     ai = (q.detach() if lo_x == 0 else q.detach() - lo_x).to(torch.uint8).t().contiguous()
     out = np.empty((1, nout, m), np.int32)
     if np.any(zwv):
