@@ -412,3 +412,20 @@ def test_lut_bmm_takes_one_batched_call_equal_to_brute_force_and_the_torch_path(
     np.testing.assert_array_equal(got.numpy(), ref)
     monkeypatch.setenv("APPMULT_NO_BYTE_SHUFFLE", "1")
     assert torch.equal(lut_bmm(a, b, tabs), got)
+
+
+def test_nothing_to_compute_builds_no_offsets(monkeypatch):
+    """No positions or no outputs: an empty result at once, without one offset per step (a
+    reduction of 2**31 steps once built 16 GB of them)."""
+    made = []
+    real = np.arange
+    monkeypatch.setattr(BS.np, "arange", lambda n, *a, **k: made.append(n) or real(n, *a, **k))
+    planes = BS.planes(np.zeros((256, 256), np.uint16))
+    k = 1 << 20
+    out = BS.accumulate(np.zeros((k, 0), np.uint8), np.zeros((3, k), np.uint8), planes,
+                        np.zeros(3, np.int32), np.zeros(3, np.int32), np.zeros(0, np.int32))
+    assert out.shape == (3, 0) and out.dtype == np.int32
+    out = BS.accumulate(np.zeros((k, 64), np.uint8), np.zeros((0, k), np.uint8), planes,
+                        np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(64, np.int32))
+    assert out.shape == (0, 64)
+    assert k not in made

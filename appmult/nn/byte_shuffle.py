@@ -407,8 +407,11 @@ def accumulate(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, c0: np.nda
     kk, npos = a.shape
     if npos % LANES:
         raise ValueError(f"byte-shuffle gather: {npos} positions are not a multiple of {LANES} (pad them)")
-    koff = np.arange(kk, dtype=np.int64) * npos
     poff = np.arange(npos // LANES, dtype=np.int64) * LANES
+    if npos and b.ndim == 2 and b.shape[0]:
+        koff = np.arange(kk, dtype=np.int64) * npos
+    else:  # nothing to compute: no step offsets (K may be 2**31: 16 GB of them)
+        koff, b = np.zeros(0, np.int64), (b[:, :0] if b.ndim == 2 else b)
     return accumulate_at(a.reshape(-1), koff, poff, b, byte_planes, c0, c1, xs)
 
 
@@ -476,12 +479,12 @@ def accumulate_batched(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, c0
     nout = b.shape[1]
     if npos % LANES:
         raise ValueError(f"byte-shuffle gather: {npos} positions are not a multiple of {LANES} (pad them)")
-    koff = np.arange(kk, dtype=np.int64) * npos
-    poff = np.arange(npos // LANES, dtype=np.int64) * LANES
-    xs = np.zeros(npos, np.int32)
     out = np.empty((nitems, nout, npos), np.int32)
     if nitems == 0 or nout == 0 or npos == 0:
         return out
+    koff = np.arange(kk, dtype=np.int64) * npos
+    poff = np.arange(npos // LANES, dtype=np.int64) * LANES
+    xs = np.zeros(npos, np.int32)
     _, addrs = _compiled()
     nchunks = -(-(npos // LANES) // MAX_BLOCKS)
     threads = max(1, numba_support.num_threads())
