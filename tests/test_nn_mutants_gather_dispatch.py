@@ -18,6 +18,7 @@ import torch
 from appmult.nn import byte_shuffle as BS
 from appmult.nn import kernels as K
 from appmult.nn import shuffle_gather as SG
+from test_nn_mutants_gather import conv_zp_ref as gather_conv_zp_ref
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "gather_path")
 
@@ -39,26 +40,9 @@ def forward_ref(a: np.ndarray, b: np.ndarray, table: np.ndarray) -> np.ndarray:
 def conv_zp_ref(q: np.ndarray, lo_x: int, b: np.ndarray, lo_w: int, table: np.ndarray, kernel_size,
                 zx: int, zw, pad_value: int, padding=(0, 0)) -> np.ndarray:
     """Brute force of ``gather_conv_zp`` (one group, stride 1, dilation 1) in python ints:
-    ``sum_k table[x, w] - value(x) Zw_j - Zx value(w) + Zx Zw_j`` over each receptive field."""
-    n, c, h, w = q.shape
-    kh, kw = kernel_size
-    ph, pw = padding
-    qp = np.full((n, c, h + 2 * ph, w + 2 * pw), pad_value, dtype=np.int64)
-    qp[:, :, ph:ph + h, pw:pw + w] = q
-    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
-    nout = b.shape[0]
-    zwv = [0] * nout if zw is None else [int(v) for v in np.broadcast_to(np.asarray(zw).reshape(-1), (nout,))]
-    out = np.zeros((n, nout, ho, wo), dtype=object)
-    for j in range(nout):
-        bj = b[j].reshape(c, kh, kw)
-        for ci in range(c):
-            for dy in range(kh):
-                for dx in range(kw):
-                    x = qp[:, ci, dy:dy + ho, dx:dx + wo]
-                    wi = int(bj[ci, dy, dx])
-                    t = table[x - lo_x, wi].astype(object)
-                    out[:, j] += t - x.astype(object) * zwv[j] - zx * (wi + lo_w) + zx * zwv[j]
-    return out
+    ``sum_k table[x, w] - value(x) Zw_j - Zx value(w) + Zx Zw_j`` over each receptive field
+    (:func:`test_nn_mutants_gather.conv_zp_ref`)."""
+    return gather_conv_zp_ref(q, lo_x, b, lo_w, table, 1, kernel_size, padding, zx, zw, pad_value)
 
 
 def conv_zp(q: np.ndarray, lo_x: int, b: np.ndarray, lo_w: int, table: np.ndarray, kernel_size, zx: int, zw,

@@ -79,7 +79,7 @@ def _kernel_ir(blocks: int) -> str:
     """
     accs = [f"{plane}{par}{t}" for t in range(blocks) for plane in ("l", "h") for par in ("e", "o")]
     lines = _ir_entry(blocks)
-    lines += [f"  %{acc} = phi {_V16} [zeroinitializer, %chunk], [%{acc}_n, %step]" for acc in accs]
+    lines += _acc_phis(accs, "")
     lines += _ir_step(blocks)
     lines += [
         "  %knext = add i64 %k, 1",
@@ -87,7 +87,7 @@ def _kernel_ir(blocks: int) -> str:
         "  br i1 %kmore, label %step, label %flush",
         "flush:",
     ]
-    lines += [f"  %{acc}_f = phi {_V16} [zeroinitializer, %chunk], [%{acc}_n, %step]" for acc in accs]
+    lines += _acc_phis(accs, "_f")
     lines += _ir_flush(blocks)
     lines += [
         "  br label %flush_end",
@@ -103,6 +103,12 @@ def _kernel_ir(blocks: int) -> str:
         "}",
     ]
     return "\n".join(lines)
+
+
+def _acc_phis(accs: list[str], suffix: str) -> list[str]:
+    """The 16-bit accumulators' values at a block head: zero from the chunk head, else the
+    previous step's sums (``suffix``: ``""`` in the step loop, ``"_f"`` at the flush)."""
+    return [f"  %{acc}{suffix} = phi {_V16} [zeroinitializer, %chunk], [%{acc}_n, %step]" for acc in accs]
 
 
 def _ir_entry(n: int) -> list[str]:
