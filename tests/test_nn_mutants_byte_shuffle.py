@@ -226,3 +226,60 @@ def test_batch_inner_fields_read_the_receptive_fields(lo_x):
     72 (padding images 1), 95 (``ii / dh``) and 122 (``ow / sw``): 70 images (two blocks of
     64 per pixel, 58 padding images), row dilation and column stride 2."""
     check_batch_inner(activations(70, lo_x, 47 + lo_x), lo_x, lo_x + 7)
+
+
+# -- accumulate's early return and the batched products (session 8, third run) ----------------
+
+def test_accumulate_refuses_a_one_dimensional_b_by_name():
+    """Kills ``accumulate`` 32 (``b[:, :0]`` taken of any ``b``, not only a 2-D one: a 1-D
+    ``b`` raised IndexError instead of the operand check's ValueError)."""
+    a = np.zeros((3, 64), np.uint8)
+    b = np.zeros(3, np.uint8)
+    c0 = c1 = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match=msg(
+            "byte-shuffle gather: operands of the wrong shape, dtype or layout (src (192,) uint8, koff (0,) int64, "
+            "poff (1,) int64, b (3,) uint8, planes (256, 512), c0 (3,), c1 (3,), xs (64,))")):
+        BS.accumulate(a, b, BS.planes(np.zeros((256, 256), np.uint16)), c0, c1, np.zeros(64, np.int32))
+
+
+@pytest.mark.parametrize("nitems, nout, npos", [(0, 4, 64), (2, 0, 64), (2, 4, 0)])
+def test_accumulate_batched_empty_operands_give_an_empty_result(nitems, nout, npos):
+    """Kills ``accumulate_batched`` 45 (``nout == 0 and npos == 0``), 46 (``nitems == 0 and
+    nout == 0``), 48 (``nitems == 1``), 50 (``nout == 1``) and 52 (``npos == 1``): with no
+    items, no output rows or no positions the call returns the empty result (the mutants go
+    on to the task split and divide by zero there or in the driver)."""
+    a = np.zeros((nitems, 3, npos), np.uint8)
+    b = np.zeros((nitems, nout, 3), np.uint8)
+    out = BS.accumulate_batched(a, b, BS.planes(np.zeros((256, 256), np.uint16)), np.ones(nout, np.int32))
+    assert out.shape == (nitems, nout, npos) and out.dtype == np.int32
+
+
+@needs_vbmi
+@pytest.mark.parametrize("nitems, nout", [(1, 3), (2, 1)])
+def test_accumulate_batched_one_item_or_one_output_row(nitems, nout):
+    """Kills ``accumulate_batched`` 48 (one item returned uninitialised) and 50 (one output
+    row returned uninitialised): brute force ``c0[j] + sum_k T[b[i, j, k], a[i, k, p]]``."""
+    rng = np.random.default_rng(48 + nout)
+    t16 = rng.integers(0, 1 << 16, (256, 256)).astype(np.uint16)
+    a = rng.integers(0, 256, (nitems, 5, 128)).astype(np.uint8)
+    b = rng.integers(0, 256, (nitems, nout, 5)).astype(np.uint8)
+    c0 = rng.integers(-(1 << 31), 1 << 31, nout).astype(np.int32)
+    out = BS.accumulate_batched(a, b, BS.planes(t16), c0)
+    ref = c0[None, :, None].astype(np.int64) + t16.astype(np.int64)[b[:, :, :, None], a[:, None, :, :]].sum(2)
+    np.testing.assert_array_equal(out, ((ref + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32))
+
+
+@needs_vbmi
+def test_accumulate_batched_more_rows_than_tasks(monkeypatch):
+    """Kills ``accumulate_batched`` 97 (``nchunks / nitems``: a float row tile where the rows
+    outnumber the tasks, which the driver cannot take): 2 threads, one item, one chunk, 40
+    rows (8 tiles of 5)."""
+    monkeypatch.setattr(BS.numba_support, "num_threads", lambda: 2)
+    rng = np.random.default_rng(97)
+    t16 = rng.integers(0, 1 << 16, (256, 256)).astype(np.uint16)
+    a = rng.integers(0, 256, (1, 6, 64)).astype(np.uint8)
+    b = rng.integers(0, 256, (1, 40, 6)).astype(np.uint8)
+    c0 = rng.integers(-1000, 1000, 40).astype(np.int32)
+    out = BS.accumulate_batched(a, b, BS.planes(t16), c0)
+    ref = c0[None, :, None].astype(np.int64) + t16.astype(np.int64)[b[:, :, :, None], a[:, None, :, :]].sum(2)
+    np.testing.assert_array_equal(out, ref.astype(np.int32))

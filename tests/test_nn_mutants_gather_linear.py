@@ -300,3 +300,21 @@ def test_linear_prep_is_a_snapshot_of_the_table_for_both_paths(gather_path, monk
     ref = table.numpy()[q.numpy().astype(np.int64)[:, None, :], w.numpy()[None, :, :]].sum(2)
     table.mul_(3)
     np.testing.assert_array_equal(K.gather_linear_zp(q, 0, prep).numpy(), ref)
+
+
+# Third review (session 8, after the prep took both cached 16-bit tables): mutmut's numbers on
+# that code.
+
+@needs_numba
+def test_linear_zp_of_an_empty_reduction(gather_path):
+    """``K = 0`` (a linear layer without inputs), with zero points on both sides: every
+    accumulator is the empty sum, 0, on both paths (mutant ``x_gather_linear_zp__mutmut_9``:
+    ``m / k * nout`` chooses the path, a ``ZeroDivisionError`` where the byte shuffle has its
+    planes)."""
+    table = np.arange(256, dtype=np.int64).reshape(16, 16) + 7
+    wi = np.zeros((3, 0), np.int64)
+    xv = np.zeros((4, 0), np.int64)
+    zw = np.array([1, 0, 4])
+    got = run_linear(table, xv, 1, wi, -2, 5, zw)
+    assert got.dtype == torch.int32 and got.shape == (4, 3)
+    np.testing.assert_array_equal(got.numpy(), brute(table, xv, 1, wi, -2, 5, zw))

@@ -303,3 +303,130 @@ def test_table_planes_refuse_kg_offset_sums_from_2_31(fresh_cache, lo):
     assert SG.table_planes(table, 1 << 16) is None          # (2**16) * 2**15 = 2**31
     assert SG.table_planes(table, (1 << 17) - 1) is None    # below 2**32
     assert SG.table_planes(table, 1 << 17) is None
+
+
+# -- bmm: attention's batched products ----------------------------------------------------------------
+
+
+def bmm_ref(ia: np.ndarray, ib: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``acc[b, m, n] = sum_k table[ia[b, m, k], ib[b, k, n]]`` in int64."""
+    return table.astype(np.int64)[ia[:, :, :, None], ib[:, None, :, :]].sum(2)
+
+
+def bmm_operands(rng, shape, bsz=2, m=3, k=5, n=7):
+    """Random in-range indices ``(B, M, K)`` and ``(B, K, N)`` for a table of ``shape``."""
+    ia = rng.integers(0, min(shape[0], 256), (bsz, m, k))
+    ib = rng.integers(0, min(shape[1], 256), (bsz, k, n))
+    ia[0, 0, 0], ib[0, 0, 0] = min(shape[0], 256) - 1, min(shape[1], 256) - 1
+    return torch.from_numpy(ia), torch.from_numpy(ib)
+
+
+@pytest.mark.parametrize("shape, lo, hi, m", [
+    ((256, 256), -3000, 40000, 3), ((256, 256), 5, 60000, 70), ((256, 200), -65535, 0, 17), ((200, 256), 0, 9, 1),
+])
+def test_bmm_matches_brute_force(fresh_cache, shape, lo, hi, m):
+    """Each item's own second operand, full 256-row/-column tables (and smaller ones), a
+    negative minimum (the start value ``wrap32(K lo)``), ``M`` padded to 64: the exact int32
+    sums. Mutants: ``x_bmm`` 3 to 8 (the device test inverted or misspelt: ``None`` on the
+    CPU), 9 (``None`` wherever the kernel is available), 17 (``rows >= 256``), 20
+    (``columns >= 256``), 26 (no offset tables), 29 (``ot is not None``), 38 (bound ``1 >> 31``)."""
+    rng = np.random.default_rng(hi - lo + m)
+    t = rng.integers(lo, hi + 1, shape)
+    t[0, 0], t[-1, -1] = lo, hi
+    table = torch.from_numpy(t).to(torch.int32)
+    ia, ib = bmm_operands(rng, shape, m=m, k=40)
+    got = SG.bmm(ia, ib, table)
+    assert got is not None and got.dtype == torch.int32 and got.shape == (2, m, 7)
+    np.testing.assert_array_equal(got.numpy(), bmm_ref(ia.numpy(), ib.numpy(), t))
+
+
+@pytest.mark.parametrize("where", ["a", "b", "both"])
+def test_bmm_none_off_the_cpu(where):
+    """An operand off the CPU (here on the ``meta`` device): ``None`` (the caller's other
+    path), not an exception. Mutants: ``x_bmm`` 1 (``ib`` off the CPU only with the kernel
+    unavailable), 2 (``None`` only with both operands off the CPU)."""
+    rng = np.random.default_rng(2)
+    table = torch.from_numpy(rng.integers(-50, 50, (256, 256))).to(torch.int32)
+    ia, ib = bmm_operands(rng, (256, 256))
+    if where in ("a", "both"):
+        ia = ia.to("meta")
+    if where in ("b", "both"):
+        ib = ib.to("meta")
+    assert SG.bmm(ia, ib, table) is None
+
+
+def test_bmm_none_where_the_kernel_is_unavailable(monkeypatch):
+    """CPU operands but no byte-shuffle kernel: ``None``. Mutant: ``x_bmm`` 1 (the
+    availability test joined to ``ib``'s device by ``and``)."""
+    rng = np.random.default_rng(1)
+    table = torch.from_numpy(rng.integers(-50, 50, (256, 256))).to(torch.int32)
+    ia, ib = bmm_operands(rng, (256, 256))
+    monkeypatch.setattr(byte_shuffle, "available", lambda: False)
+    assert SG.bmm(ia, ib, table) is None
+
+
+@pytest.mark.parametrize("shape", [(257, 256), (256, 257), (257, 257)])
+def test_bmm_none_for_tables_over_8_bits(fresh_cache, shape):
+    """A table of 257 rows or columns (indices here all below 256): ``None``. Mutants:
+    ``x_bmm`` 14 (the column test joined to the look-up count by ``and``), 15 (``None`` only
+    where both exceed 256), 16 (the columns tested twice), 18 (``rows > 257``), 21
+    (``columns > 257``)."""
+    rng = np.random.default_rng(shape[0] + 2 * shape[1])
+    table = torch.from_numpy(rng.integers(-50, 50, shape)).to(torch.int32)
+    ia, ib = bmm_operands(rng, shape)
+    assert SG.bmm(ia, ib, table) is None
+
+
+def test_bmm_none_for_a_table_spanning_2_16(fresh_cache):
+    """A table whose entries span ``2**16`` values: ``None`` (no 16-bit offsets); one short of
+    that: exact. Mutant: ``x_bmm`` 28 (``ot is None and ...``: reads ``ot.lo`` of ``None``)."""
+    rng = np.random.default_rng(28)
+    for span, fits in ((1 << 16, False), ((1 << 16) - 1, True)):
+        t = rng.integers(-100, 100, (256, 256))
+        t[3, 4], t[5, 6] = -1000, -1000 + span
+        table = torch.from_numpy(t).to(torch.int32)
+        ia, ib = bmm_operands(rng, (256, 256))
+        got = SG.bmm(ia, ib, table)
+        assert (got is not None) == fits
+        if fits:
+            np.testing.assert_array_equal(got.numpy(), bmm_ref(ia.numpy(), ib.numpy(), t))
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_bmm_none_from_k_max_entry_2_31(fresh_cache, sign):
+    """``K * max|entry| >= 2**31`` (a sum that could leave int32): ``None`` exactly at the
+    bound (``K = 2048``, ``max|entry| = 2**20``; for positive entries the mutant's sums wrap),
+    exact one below it (``2**20 - 1``: totals up to ``2**31 - 2048``). Mutants: ``x_bmm`` 30
+    (``K / max``), 37 (``>``), 39 (``2 << 31``), 40 (``1 << 32``)."""
+    rng = np.random.default_rng(30)
+    k = 2048
+    for top, fits in ((1 << 20, False), ((1 << 20) - 1, True)):
+        t = sign * rng.integers(top - 1000, top + 1, (256, 256))
+        t[:8, :] = sign * top  # rows 0 .. 7 at the extreme: all-extreme sums reach the bound
+        table = torch.from_numpy(t).to(torch.int32)
+        ia = torch.from_numpy(rng.integers(0, 256, (2, 3, k)))
+        ia[:, 0, :] = torch.from_numpy(rng.integers(0, 8, (2, k)))
+        ib = torch.from_numpy(rng.integers(0, 256, (2, k, 2)))
+        assert k * top == (1 << 31) if not fits else k * top < (1 << 31)
+        got = SG.bmm(ia, ib, table)
+        assert (got is not None) == fits
+        if fits:
+            ref = bmm_ref(ia.numpy(), ib.numpy(), t)
+            assert np.abs(ref).max() > (1 << 31) - 4096
+            np.testing.assert_array_equal(got.numpy(), ref)
+
+
+def test_bmm_none_below_min_lookups(monkeypatch, fresh_cache):
+    """``B M K N`` look-ups: exact from ``MIN_LOOKUPS`` on (here ``2*3*5*7 = 210``), ``None``
+    one below it. Mutants: ``x_bmm`` 14 (the threshold only with a table over 256 columns), 22
+    (``B M K / N``), 23 (``B M / K N``), 24 (``B / M K N``), 25 (``<=``)."""
+    rng = np.random.default_rng(25)
+    t = rng.integers(-3000, 3000, (256, 256))
+    table = torch.from_numpy(t).to(torch.int32)
+    ia, ib = bmm_operands(rng, (256, 256), bsz=2, m=3, k=5, n=7)
+    monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 210)
+    got = SG.bmm(ia, ib, table)
+    assert got is not None
+    np.testing.assert_array_equal(got.numpy(), bmm_ref(ia.numpy(), ib.numpy(), t))
+    monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 211)
+    assert SG.bmm(ia, ib, table) is None
