@@ -319,27 +319,13 @@ if numba is not None:
         return sig, codegen
 
     @njit(parallel=True, cache=True)
-    def _drive(addrs, a, koff, b, ldb, k, planes, out, ldo, nout, nblocks, jtile, c0, c1, xs, poff):  # pragma: no cover
-        # tasks: (tile of output rows, chunk of up to MAX_BLOCKS 64-position blocks); the
-        # chunk's activation slab (K x 64*blocks bytes) stays in L2 for all rows of the tile
-        nchunks = (nblocks + MAX_BLOCKS - 1) // MAX_BLOCKS
-        ntiles = (nout + jtile - 1) // jtile
-        for t in prange(ntiles * nchunks):
-            c = t // ntiles
-            j0 = (t % ntiles) * jtile
-            j1 = min(nout, j0 + jtile)
-            blk0 = c * MAX_BLOCKS
-            nb = min(MAX_BLOCKS, nblocks - blk0)
-            _call_loop(addrs[nb - 1], a, koff, b, ldb, k, planes, out, ldo, np.int64(j0), np.int64(j1),
-                       np.int64(blk0 * LANES), c0, c1, xs, poff)
-
-
-    @njit(parallel=True, cache=True)
     def _drive_batched(addrs, a, a_step, koff, b, b_step, ldb, k, planes, out, o_step, ldo, nout, nblocks, nitems,
                        jtile, c0, c1, xs, poff):  # pragma: no cover
-        # _drive for ``nitems`` independent products of the same shape: item ``i`` reads its
-        # indices at ``a + i a_step``, its weights at ``b + i b_step``, writes ``out + i o_step``
-        # (steps in bytes)
+        # ``nitems`` independent products of the same shape (one: steps 0): item ``i`` reads
+        # its indices at ``a + i a_step``, its weights at ``b + i b_step``, writes ``out + i
+        # o_step`` (steps in bytes). Tasks: (item, tile of output rows, chunk of up to
+        # MAX_BLOCKS 64-position blocks); a chunk's activation slab (K x 64*blocks bytes)
+        # stays in L2 for all rows of the tile
         nchunks = (nblocks + MAX_BLOCKS - 1) // MAX_BLOCKS
         ntiles = (nout + jtile - 1) // jtile
         per_item = ntiles * nchunks
@@ -439,23 +425,31 @@ def accumulate_at(src: np.ndarray, koff: np.ndarray, poff: np.ndarray, b: np.nda
         ValueError: wrong shapes, dtypes or layouts, or an offset outside ``src`` (a bug in
             the caller; checked before the loop reads anything).
     """
-    kk, nblocks = koff.shape[0], poff.shape[0]
-    npos = nblocks * LANES
+    npos = poff.shape[0] * LANES
     nout = b.shape[0]
     _check(src, koff, poff, b, byte_planes, c0, c1, xs)
     out = np.empty((nout, npos), np.int32)
     if nout == 0 or npos == 0:
         return out
+    _launch(src, koff, poff, b, byte_planes, out, c0, c1, xs, 1, (0, 0, 0))
+    return out
+
+
+def _launch(src, koff, poff, b, byte_planes, out, c0, c1, xs, nitems: int, steps: tuple[int, int, int]) -> None:
+    """Run the compiled loop over ``nitems`` products (``steps``: the byte distances between
+    items in ``src``, ``b`` and ``out``), all rows and blocks; the operands are checked."""
+    kk, nblocks = koff.shape[0], poff.shape[0]
+    nout = c0.shape[0]
     _, addrs = _compiled()
     nchunks = -(-nblocks // MAX_BLOCKS)
     threads = max(1, numba_support.num_threads())
     # a few tasks per thread (balance on a shared machine); a task's rows share its slab of
     # activation indices (in L2), so split the rows only where chunks are too few
-    ntiles = max(1, min(nout, -(-TASKS_PER_THREAD * threads // nchunks)))
+    ntiles = max(1, min(nout, -(-TASKS_PER_THREAD * threads // (nchunks * nitems))))
     jtile = -(-nout // ntiles)
-    _drive(addrs, src.ctypes.data, koff.ctypes.data, b.ctypes.data, kk, kk, byte_planes.ctypes.data, out.ctypes.data,
-           npos, nout, nblocks, jtile, c0.ctypes.data, c1.ctypes.data, xs.ctypes.data, poff.ctypes.data)
-    return out
+    _drive_batched(addrs, src.ctypes.data, steps[0], koff.ctypes.data, b.ctypes.data, steps[1], kk, kk,
+                   byte_planes.ctypes.data, out.ctypes.data, steps[2], nblocks * LANES, nout, nblocks, nitems, jtile,
+                   c0.ctypes.data, c1.ctypes.data, xs.ctypes.data, poff.ctypes.data)
 
 
 def accumulate_batched(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, c0: np.ndarray) -> np.ndarray:
@@ -490,16 +484,8 @@ def accumulate_batched(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, c0
         return out
     koff = np.arange(kk, dtype=np.int64) * npos
     poff = np.arange(npos // LANES, dtype=np.int64) * LANES
-    xs = np.zeros(npos, np.int32)
-    _, addrs = _compiled()
-    nchunks = -(-(npos // LANES) // MAX_BLOCKS)
-    threads = max(1, numba_support.num_threads())
-    ntiles = max(1, min(nout, -(-TASKS_PER_THREAD * threads // (nchunks * nitems))))
-    jtile = -(-nout // ntiles)
-    zeros = np.zeros(nout, np.int32)
-    _drive_batched(addrs, a.ctypes.data, kk * npos, koff.ctypes.data, b.ctypes.data, nout * kk, kk, kk,
-                   byte_planes.ctypes.data, out.ctypes.data, 4 * nout * npos, npos, nout, npos // LANES, nitems, jtile,
-                   c0.ctypes.data, zeros.ctypes.data, xs.ctypes.data, poff.ctypes.data)
+    _launch(a, koff, poff, b, byte_planes, out, c0, np.zeros(nout, np.int32), np.zeros(npos, np.int32), nitems,
+            (kk * npos, nout * kk, 4 * nout * npos))
     return out
 
 
