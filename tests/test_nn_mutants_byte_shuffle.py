@@ -201,7 +201,7 @@ def check_unfolds(q: torch.Tensor, lo_x: int, pad_value: int) -> None:
 def check_batch_inner(q: torch.Tensor, lo_x: int, pad_value: int) -> None:
     ref = unfold_ref(q, lo_x, pad_value)
     n, kdim, length = ref.shape
-    src, koff, poff, (ho, wo), nbp = GL.batch_inner_fields(q, lo_x, pad_value, *GEOM)
+    src, koff, poff, (ho, wo), nbp = GL.batch_inner_fields(q, lo_x, 256, pad_value, *GEOM)
     assert nbp == -(-n // 64) * 64 and ho * wo == length and (ho, wo) == (6, 5)
     assert src.dtype == np.uint8 and src.ndim == 1 and koff.dtype == poff.dtype == np.int64
     assert koff.shape == (kdim,) and poff.shape == (length * nbp // 64,)

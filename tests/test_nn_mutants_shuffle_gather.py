@@ -22,6 +22,7 @@ from appmult.nn import byte_shuffle
 from appmult.nn import kernels as K
 from appmult.nn import shuffle_gather as SG
 from appmult.nn import offset_tables as OT
+from conftest import exact as msg
 
 pytestmark = [pytest.mark.skipif(not byte_shuffle.available(), reason="needs numba and an AVX-512 VBMI CPU"),
               pytest.mark.usefixtures("one_torch_thread", "shuffle_always")]
@@ -430,3 +431,39 @@ def test_bmm_none_below_min_lookups(monkeypatch, fresh_cache):
     np.testing.assert_array_equal(got.numpy(), bmm_ref(ia.numpy(), ib.numpy(), t))
     monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 211)
     assert SG.bmm(ia, ib, table) is None
+
+
+def test_bmm_checks_its_indices_only_where_it_runs(monkeypatch):
+    """An index outside the table is an IndexError where the kernel would run (a uint8 cast
+    would wrap it); where ``bmm`` declines it returns ``None`` without checking (the torch
+    gather that then runs checks its own: no extra pass or host sync on that path)."""
+    table = torch.arange(256 * 256, dtype=torch.int32).reshape(256, 256) % 1000
+    ia = torch.zeros((2, 3, 4), dtype=torch.int64)
+    ib = torch.zeros((2, 4, 5), dtype=torch.int64)
+    ia[1, 2, 3] = 256
+    with pytest.raises(IndexError, match=msg("Activation indices outside the table's 256 rows: values in [0, 256]")):
+        SG.bmm(ia, ib, table)
+    ia[1, 2, 3], ib[0, 0, 0] = 0, -1
+    with pytest.raises(IndexError, match=msg("Weight indices outside the table's 256 columns: values in [-1, 0]")):
+        SG.bmm(ia, ib, table)
+    monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 10 ** 9)
+    assert SG.bmm(ia, ib, table) is None
+
+
+def test_batch_inner_layout_checks_the_activations():
+    """The batch-inner layout checks its activations itself, like the unfolds (the conv's
+    driver no longer checks them a second time)."""
+    from appmult.nn import gather_layouts as GL
+    q = torch.full((64, 1, 3, 3), 7.0)
+    q[5, 0, 1, 1] = 300.0
+    with pytest.raises(IndexError, match=msg("Quantized activations outside the LUT's range [0, 255]")):
+        GL.batch_inner_fields(q, 0, 256, 0, (1, 1), (0, 0), (1, 1), (1, 1))
+    with pytest.raises(IndexError, match=msg("Padding value 256 outside the LUT's range")):
+        GL.batch_inner_fields(torch.zeros((64, 1, 3, 3)), 0, 256, 256, (1, 1), (1, 1), (1, 1), (1, 1))
+
+
+def test_an_empty_table_has_no_offset_tables():
+    """No entries, no 16-bit form: ``None`` (the byte shuffle steps aside and the callers'
+    own checks report the bad input), not aminmax's error on an empty tensor."""
+    assert OT.offset_tables(torch.zeros((0, 0), dtype=torch.int32)) is None
+    assert SG.table_planes(torch.zeros((256, 0), dtype=torch.int32), 3) is None

@@ -7,7 +7,8 @@ padded with the padding value's index, in one of three layouts: ``(N, C*kh*kw, H
 kernel for any batch) and the padded image ``(C, Hp, Wp, Nb)`` with offsets that make each
 receptive field's 64-image block a contiguous run (:func:`batch_inner_fields`: the
 byte-shuffle kernel without an unfold). Every one checks the values first
-(:func:`check_activations`): the compiled loops do not bounds-check.
+(:func:`check_activations`; weight and other index tensors: :func:`check_indices`): the
+compiled loops do not bounds-check.
 """
 
 from __future__ import annotations
@@ -16,6 +17,26 @@ import numpy as np
 import torch
 
 from .byte_shuffle import LANES
+
+
+def check_indices(idx: torch.Tensor, n: int, what: str) -> None:
+    """Raise ``IndexError`` unless every entry of the integer tensor ``idx`` lies in ``0 .. n-1``.
+
+    The compiled loops do not bounds-check (that would cost in their innermost loops), and
+    the torch path's flat index ``a * ncols + b`` can land inside the table for a wrong
+    ``a`` or ``b``: so every entry point checks here, before any dtype conversion (a cast
+    to uint8 would wrap a bad index into range). uint8 indices into a table of 256 or more
+    entries are in range by their type, which spares the check on the common 8-bit path.
+    """
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"{what} indices must be an integer tensor, not {idx.dtype}")
+    if (idx.dtype == torch.uint8 and n >= 256) or idx.numel() == 0:
+        return
+    lo, hi = torch.aminmax(idx)
+    lo, hi = torch.stack((lo, hi)).tolist()  # one host sync
+    if lo < 0 or hi >= n:
+        dim = "rows" if what == "Activation" else "columns"
+        raise IndexError(f"{what} indices outside the table's {n} {dim}: values in [{lo}, {hi}]")
 
 
 def check_activations(q: torch.Tensor, lo_x: int, na: int, pad_value: int) -> None:
@@ -79,10 +100,16 @@ def unfold_uint8_kp(q: torch.Tensor, lo_x: int, na: int, pad_value: int, kernel_
     return ai.numpy(), (ho, wo)
 
 
-def batch_inner_fields(q: torch.Tensor, lo_x: int, pad_value: int, kernel_size, padding, stride, dilation):
+def batch_inner_fields(q: torch.Tensor, lo_x: int, na: int, pad_value: int, kernel_size, padding, stride,
+                       dilation):
     """The batch-inner layout of :func:`appmult.nn.shuffle_gather.conv_zp`: ``(src, koff, poff, (Ho, Wo), Nb)``
     -- the padded uint8 image ``(C, Hp, Wp, Nb)`` flattened (images ``N .. Nb-1`` zero), the
-    offsets of the ``C*kh*kw`` reduction steps and of the ``Ho*Wo*Nb/64`` position blocks."""
+    offsets of the ``C*kh*kw`` reduction steps and of the ``Ho*Wo*Nb/64`` position blocks.
+
+    Raises:
+        IndexError: ``pad_value`` or an activation outside the table's ``na`` values.
+    """
+    check_activations(q, lo_x, na, pad_value)
     n, c, h, w = q.shape
     kh, kw = kernel_size
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation

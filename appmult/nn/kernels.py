@@ -82,6 +82,7 @@ import torch
 
 from . import byte_shuffle, shuffle_gather
 from . import gather_loops as loops
+from .gather_layouts import check_indices as _check_indices
 from .gather_layouts import unfold_uint8
 from .offset_tables import offset_tables
 
@@ -429,26 +430,6 @@ def _idx_dtype(n: int) -> torch.dtype:
 
 def _use_numba(*tensors: torch.Tensor) -> bool:
     return numba_available() and all(t.device.type == "cpu" for t in tensors)
-
-
-def _check_indices(idx: torch.Tensor, n: int, what: str) -> None:
-    """Raise ``IndexError`` unless every entry of the integer tensor ``idx`` lies in ``0 .. n-1``.
-
-    The compiled loops do not bounds-check (that would cost in their innermost loops), and
-    the torch path's flat index ``a * ncols + b`` can land inside the table for a wrong
-    ``a`` or ``b``: so every entry point checks here, before any dtype conversion (a cast
-    to uint8 would wrap a bad index into range). uint8 indices into a table of 256 or more
-    entries are in range by their type, which spares the check on the common 8-bit path.
-    """
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise TypeError(f"{what} indices must be an integer tensor, not {idx.dtype}")
-    if (idx.dtype == torch.uint8 and n >= 256) or idx.numel() == 0:
-        return
-    lo, hi = torch.aminmax(idx)
-    lo, hi = torch.stack((lo, hi)).tolist()  # one host sync
-    if lo < 0 or hi >= n:
-        dim = "rows" if what == "Activation" else "columns"
-        raise IndexError(f"{what} indices outside the table's {n} {dim}: values in [{lo}, {hi}]")
 
 
 def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups: int,

@@ -51,7 +51,14 @@ _lock = threading.Lock()
 
 def offset_tables(table: torch.Tensor) -> OffsetTables | None:
     """The 16-bit forms of the integer ``(NA, NB)`` ``table`` (cached), or ``None`` where its
-    entries span ``2**16`` values or more."""
+    entries span ``2**16`` values or more or it has none (the callers' other paths then give
+    their own result or error).
+
+    The cache trusts the tensor's version counter: a write through ``.data`` or a numpy view
+    of the same memory does not bump it (the LUT tables of :class:`~appmult.nn.tables.LutTables`
+    are never written after construction)."""
+    if table.numel() == 0:
+        return None
     with _lock:
         hit = _cache.get(id(table))
     if hit is None or hit[0]() is not table or hit[1] != table._version:

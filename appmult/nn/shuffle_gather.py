@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import byte_shuffle
-from .gather_layouts import batch_inner_fields, check_activations, unfold_uint8_kp
+from .gather_layouts import batch_inner_fields, check_indices, unfold_uint8_kp
 from .offset_tables import offset_tables
 
 
@@ -103,11 +103,11 @@ def conv_zp(q: torch.Tensor, lo_x: int, na: int, b: torch.Tensor, lo_w: int, shu
     nout, kg = b.shape
     planes, base = shuffle
     q = q.detach()
-    check_activations(q, lo_x, na, pad_value)
     lanes = byte_shuffle.LANES
     batch_inner = n % lanes == 0 or n >= 4 * lanes
-    if batch_inner:
-        src, koff, poff, (ho, wo), nbp = batch_inner_fields(q, lo_x, pad_value, kernel_size, padding, stride, dilation)
+    if batch_inner:  # each layout checks the activations first
+        src, koff, poff, (ho, wo), nbp = batch_inner_fields(q, lo_x, na, pad_value, kernel_size, padding, stride,
+                                                            dilation)
     else:
         ai, (ho, wo) = unfold_uint8_kp(q, lo_x, na, pad_value, kernel_size, padding, stride, dilation)
         src, nbp = ai.reshape(-1), None
@@ -132,8 +132,11 @@ def bmm(ia: torch.Tensor, ib: torch.Tensor, table: torch.Tensor) -> torch.Tensor
     one batched byte-shuffle call (attention's products: each item its own second operand),
     or ``None`` where it does not apply: the kernel unavailable, operands not on the CPU, a
     table over 8 bits or spanning ``2**16`` values or more, a sum that could leave int32, or
-    fewer than ``byte_shuffle.MIN_LOOKUPS`` look-ups. Indices must be in range (the caller
-    checks: a cast to uint8 would wrap a bad one).
+    fewer than ``byte_shuffle.MIN_LOOKUPS`` look-ups. The indices are checked only where it
+    applies (a cast to uint8 would wrap a bad one; the callers' torch gather checks its own).
+
+    Raises:
+        IndexError: an index outside the table (only where the kernel would run).
     """
     if ia.device.type != "cpu" or ib.device.type != "cpu" or not byte_shuffle.available():
         return None
@@ -144,10 +147,13 @@ def bmm(ia: torch.Tensor, ib: torch.Tensor, table: torch.Tensor) -> torch.Tensor
     ot = offset_tables(table)
     if ot is None or k * max(abs(ot.lo), abs(ot.hi)) >= 1 << 31:
         return None
+    check_indices(ia, table.shape[0], "Activation")
+    check_indices(ib, table.shape[1], "Weight")
     lanes = byte_shuffle.LANES
     mp = -(-m // lanes) * lanes
-    a = torch.zeros((bsz, k, mp), dtype=torch.uint8)
+    a = torch.empty((bsz, k, mp), dtype=torch.uint8)
     a[..., :m] = ia.transpose(1, 2)
+    a[..., m:] = 0
     b = ib.transpose(1, 2).to(torch.uint8).contiguous()
     c0 = np.full(n, byte_shuffle.wrap32(k * ot.lo), np.int32)  # modulo 2**32, like the sums
     out = byte_shuffle.accumulate_batched(a.numpy(), b.numpy(), ot.planes, c0)
