@@ -67,7 +67,8 @@ def test_fused_fake_quant_is_the_torch_formula_or_steps_aside():
             if got is None:
                 continue
             fused += 1
-            q, inside = got
+            q, inside, finite = got
+            assert finite is bool(torch.isfinite(x_).all())
             assert q.dtype == want_q.dtype and torch.equal(bits(q), bits(want_q)), (tuple(s.shape), s.dtype)
             assert inside.dtype == torch.bool and torch.equal(inside, want_in), (tuple(s.shape), s.dtype)
     assert fused >= 4  # at least the per-row and the one-value cases (both ranges) took it

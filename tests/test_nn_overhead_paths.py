@@ -138,17 +138,17 @@ def test_rank1_shifted_conv_refuses_inexact_sums():
 
 
 def test_finite_check_cheap_path():
-    FN._check_finite(torch.full((1000,), 3e38), "X")  # the sum overflows, min/max are finite: accepted
-    FN._check_finite(torch.empty(0), "X")
+    Q.check_finite(torch.full((1000,), 3e38), "X")  # the sum overflows, min/max are finite: accepted
+    Q.check_finite(torch.empty(0), "X")
     for bad in (float("nan"), float("inf"), float("-inf")):
         x = torch.rand(4, 5)
         x[2, 3] = bad
         with pytest.raises(ValueError, match="X input contains NaN or Inf"):
-            FN._check_finite(x, "X")
+            Q.check_finite(x, "X")
     x = torch.full((10,), 3e38)
     x[0] = float("-inf")
     with pytest.raises(ValueError, match="X input contains NaN or Inf"):
-        FN._check_finite(x, "X")
+        Q.check_finite(x, "X")
 
 
 def test_dequantize_in_place_matches_out_of_place():

@@ -51,10 +51,11 @@ def test_fused_fake_quant_equals_torch_bit_for_bit(shape, per_channel, qmin, qma
         s, z = torch.tensor(0.0137), torch.tensor(3.0)
     # scale factors that make x / s land exactly on .5
     want_q, want_in = torch_forward(x, s, z, qmin, qmax)
-    q, inside = Q._fused_fake_quant(x, s, z, qmin, qmax, mask=True)
+    q, inside, finite = Q._fused_fake_quant(x, s, z, qmin, qmax, mask=True)
     assert torch.equal(bits(q), bits(want_q)) and torch.equal(inside, want_in)
-    q2, none = Q._fused_fake_quant(x, s, z, qmin, qmax, mask=False)
-    assert none is None and torch.equal(bits(q2), bits(want_q))
+    assert finite is bool(torch.isfinite(x).all())
+    q2, none, finite2 = Q._fused_fake_quant(x, s, z, qmin, qmax, mask=False)
+    assert none is None and torch.equal(bits(q2), bits(want_q)) and finite2 is finite
     # the entry points: the eval quantizer and the STE function (forward and backward)
     assert torch.equal(bits(_fake_quant_nograd(x, s, z, qmin, qmax)), bits(want_q))
     xg = x.clone().requires_grad_(True)
@@ -69,12 +70,12 @@ def test_fused_fake_quant_equals_torch_bit_for_bit(shape, per_channel, qmin, qma
 def test_exact_halves_round_to_even():
     s = torch.tensor(1.0)
     x = torch.arange(-10, 10, dtype=torch.float32) + 0.5
-    q, _ = Q._fused_fake_quant(x, s, torch.tensor(0.0), -128, 127, mask=True)
+    q, _, _ = Q._fused_fake_quant(x, s, torch.tensor(0.0), -128, 127, mask=True)
     assert torch.equal(q, torch.round(x)) and q[10].item() == 0.0 and q[11].item() == 2.0
     # the gradient mask includes both bounds exactly, and nothing beyond
     for qmin, qmax in ((0, 255), (-128, 127)):
         edge = torch.tensor([qmin - 0.5, qmax + 0.5, qmin - 0.50001, qmax + 0.50001])
-        _, inside = Q._fused_fake_quant(edge, s, torch.tensor(0.0), qmin, qmax, mask=True)
+        _, inside, _ = Q._fused_fake_quant(edge, s, torch.tensor(0.0), qmin, qmax, mask=True)
         assert inside.tolist() == [True, True, False, False]
         assert torch.equal(inside, torch_forward(edge, s, torch.tensor(0.0), qmin, qmax)[1])
 

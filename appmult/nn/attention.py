@@ -47,9 +47,9 @@ from . import kernels as K
 from . import shuffle_gather
 from .autograd import _autocast_off, _backward_without_autocast
 from .config import ApproxConfig
-from .functional import _check_codes, _check_finite
+from .functional import _check_codes
 from .layers import ApproxLinear
-from .quant import _fake_quant, _scale_zero_point, quant_range
+from .quant import _fake_quant, _scale_zero_point, check_finite, quant_range
 from .tables import Kernel, LutTables, _idx
 
 __all__ = [
@@ -297,7 +297,7 @@ class LutAttention(nn.Module):
         ct = torch.promote_types(torch.promote_types(q.dtype, torch.float32), torch.promote_types(k.dtype, v.dtype))
         q, k, v = q.to(ct), k.to(ct), v.to(ct)
         for t in (q, k, v):
-            _check_finite(t, "LutAttention")
+            check_finite(t, "LutAttention")
         return q, k, v, ct
 
     def _run(self, q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, scale=None,

@@ -29,7 +29,7 @@ from ..errors import InvalidTypeError, InvalidValueError
 from .autograd import _autocast_off
 from .config import ApproxConfig
 from .correction import ControlVariate
-from .functional import _approx_conv2d, _approx_linear, _check_finite, _pair
+from .functional import _approx_conv2d, _approx_linear, _pair
 from .operands import LayerOperands, QuantizedOperands, _conv_operands, _linear_operands, _pad
 from .quant import ActivationQuantizer, WeightQuantizer, frozen
 from .tables import LutTables
@@ -124,9 +124,8 @@ class _ApproxMixin:
     def _quantize(self, x: torch.Tensor):
         """Quantized operands in the compute dtype; checks first, so a refused input changes no observer."""
         x = x.to(self._compute_dtype())
-        _check_finite(x, type(self).__name__)
         (qw, sw, zw), _ = self._quantized_weight()
-        qx, sx, zx = self.act_quant(x)
+        qx, sx, zx = self.act_quant(x, type(self).__name__)  # refuses NaN/Inf, no observer changed
         return qx, sx, zx, qw, sw, zw
 
     def _check_quantized_weight(self, q, ct: torch.dtype) -> None:

@@ -4,9 +4,15 @@
 ``qmin - 0.5 <= x / s + Z <= qmax + 0.5`` take seven torch passes over the tensor (the
 boolean comparisons among the slowest); :func:`fake_quant` makes one, with the same
 float32 operations in the same order (division, addition, round half to even, clamp
-that keeps NaN), so the same bits. :func:`ste_grad` is the backward ``grad * mask / s``.
+that keeps NaN), so the same bits. Each task also looks for non-finite inputs in the block
+it has just read (still in cache; clamping maps an Inf to a valid code, so ``q`` cannot
+tell): the exponent field of a float32's bits plus its lowest bit carries into bit 31
+only when the field is all ones (Inf, NaN), and an OR over the block keeps that bit -- an
+integer reduction that vectorizes, so the layers need no pass of their own to refuse
+NaN and Inf. :func:`ste_grad` is the backward ``grad * mask / s``.
 One scale and zero point per row of the ``(C, L)`` view: per output channel for weights,
-``C = 1`` for activations.
+``C = 1`` for activations. :func:`dequantize_channels` is a convolution's ``acc * scale +
+bias`` (per output channel) in one pass instead of two.
 
 numba is an optional dependency of the ``nn`` extra: without it this module defines only
 :data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
@@ -26,12 +32,23 @@ num_threads = numba_support.num_threads
 #: Elements per task: long enough to vectorize, short enough to share a tensor among threads.
 BLOCK = 1 << 14
 
+#: The exponent field of a float32's bits (all ones for Inf and NaN only) and its lowest bit:
+#: ``(bits & EXPONENT) + EXPONENT_LSB`` reaches :data:`NON_FINITE` for Inf and NaN only.
+EXPONENT = 0x7F800000
+EXPONENT_LSB = 0x00800000
+NON_FINITE = 1 << 31
+
+
 if numba is not None:
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def fake_quant(x, scale, zp, qmin, qmax, q, inside):  # pragma: no cover - compiled
         # q[c, i] = clamp(rint(x[c, i] / scale[c] + zp[c]), qmin, qmax) (NaN stays NaN);
         # inside[c, i] = qmin - 0.5 <= t <= qmax + 0.5 where inside is not empty.
+        # Returns the largest over tasks of the OR of (bits & EXPONENT) + EXPONENT_LSB over
+        # their inputs (x viewed as int32, the sums in int64): >= 2**31 iff one is Inf or NaN.
+        xbits = x.view(np.int32)
         rows, length = x.shape
+        tops = 0
         lo, hi = np.float32(qmin), np.float32(qmax)
         lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
         mask = inside.shape[0] > 0
@@ -42,17 +59,22 @@ if numba is not None:
             n = min(length - i0, BLOCK)
             s, z = scale[c], zp[c]
             # block slices indexed from 0: with i0..i1 bounds the loop did not vectorize (8x slower)
-            xr, qr = x[c, i0:i0 + n], q[c, i0:i0 + n]
+            xr, qr, br = x[c, i0:i0 + n], q[c, i0:i0 + n], xbits[c, i0:i0 + n]
             for i in range(n):
                 t = xr[i] / s + z
                 r = np.rint(t)
                 r = lo if r < lo else r   # selects, not branches
                 qr[i] = hi if r > hi else r
+            top = 0
+            for i in range(n):  # a loop of its own: in the one above it cost 1.5x, here 1.3x
+                top |= (br[i] & EXPONENT) + EXPONENT_LSB
+            tops = max(tops, top)
             if mask:
                 mr = inside[c, i0:i0 + n]
                 for i in range(n):
                     t = xr[i] / s + z
                     mr[i] = (t >= lo_in) & (t <= hi_in)
+        return tops
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def ste_grad(grad, inside, scale, out):  # pragma: no cover - compiled
@@ -67,3 +89,26 @@ if numba is not None:
             gr, mr, orow = grad[c, i0:i0 + n], inside[c, i0:i0 + n], out[c, i0:i0 + n]
             for i in range(n):
                 orow[i] = (gr[i] * np.float32(mr[i])) / s
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def dequantize_channels(acc, scale, bias):  # pragma: no cover - compiled
+        # acc[n, c, i] = acc[n, c, i] * scale[c] + bias[c] in place (float32: the multiply
+        # rounded, then the add, as torch's mul_ and add_; no fused multiply-add); an empty
+        # bias adds nothing.
+        batch, channels, length = acc.shape
+        has_bias = bias.shape[0] > 0
+        nb = (length + BLOCK - 1) // BLOCK
+        for task in prange(batch * channels * nb):
+            row = task // nb
+            c = row % channels
+            i0 = (task % nb) * BLOCK
+            n = min(length - i0, BLOCK)
+            s = scale[c]
+            r = acc[row // channels, c, i0:i0 + n]
+            if has_bias:
+                b = bias[c]
+                for i in range(n):
+                    r[i] = r[i] * s + b
+            else:
+                for i in range(n):
+                    r[i] = r[i] * s
