@@ -310,12 +310,39 @@ def _zp_conv_backward(ctx, grad):
     """Gradients of a fused conv accumulator (LUT sum plus cross terms) w.r.t. unpadded qx, qw."""
     qx, qw, zx, zw = ctx.saved_tensors
     (ph, pw), stride, dilation, groups = ctx.geom
+    if ctx.tabs.grad is GradMode.STE and not (ctx.tabs.signed and float(zx) != 0.0):
+        # (a signed LUT has no cross terms: its padding, Zx, is 0 after no shift only when Zx = 0)
+        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+        gx, gw = _ste_conv_backward(grad.contiguous(), qx, qw, (ph, pw), stride, dilation, groups, *zargs)
+        return gx.to(qx.dtype), gw.to(qw.dtype)
     qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
     zargs = (None, None) if ctx.tabs.signed else (zx, zw)
     gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs)
     if ph or pw:
         gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
     return gx.to(qx.dtype), gw.to(qw.dtype)
+
+
+def _ste_conv_backward(grad, qx, qw, padding, stride, dilation, groups, zx=None, zw=None):
+    """The STE gradients of a padded conv accumulator (with the cross terms' where ``zx``/``zw``
+    are given) w.r.t. the unpadded ``qx`` and ``qw``, by one ``convolution_backward`` call.
+
+    ``d/dqx = conv_input(qw - Zw)`` and ``d/dqw = conv_weight(qx_padded - Zx)``; the padded
+    positions hold ``Zx``, i.e. 0 after the shift, so the convolution pads by itself: no
+    padded copy of ``qx``, no slice of a padded gradient (whose strides made the quantizer's
+    backward take its torch path), and the two gradients in one call, as torch's own conv.
+    """
+    dt = grad.dtype
+    wmap, xmap = qw.detach().to(dt), qx.detach().to(dt)
+    if zx is not None:
+        co = qw.shape[0]
+        wmap = wmap - (zw.detach().to(dt).reshape(co, 1, 1, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(()))
+        if float(zx) != 0.0:  # ReLU inputs: Zx = 0, qx as is
+            xmap = xmap - zx.detach().to(dt).reshape(())
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, xmap, wmap, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [True, True, False])
+    return gx, gw
 
 
 class _LowRankConvZpFn(torch.autograd.Function):
