@@ -85,14 +85,16 @@ def test_probe_single_candidate_runs_nothing_and_cache_is_bounded(monkeypatch):
 
 def test_forced_kernel_is_scoped_and_restored():
     tabs = LutTables(make_lut("trunc8u"))
-    assert tabs.auto_candidates == ("lowrank", "gather")
-    assert tabs.kernel.value == "lowrank"
-    with K.forced_kernel(tabs, "gather"):
-        assert tabs.kernel.value == "gather"
-        with K.forced_kernel(tabs, "lowrank"):
-            assert tabs.kernel.value == "lowrank"
-        assert tabs.kernel.value == "gather"
-    assert tabs.kernel.value == "lowrank"
+    guess = K.choose_kernel(tabs.rank)  # (which one depends on the CPU: see test_rank_guess_*)
+    other = "gather" if guess == "lowrank" else "lowrank"
+    assert tabs.auto_candidates == (guess, other)
+    assert tabs.kernel.value == guess
+    with K.forced_kernel(tabs, other):
+        assert tabs.kernel.value == other
+        with K.forced_kernel(tabs, guess):
+            assert tabs.kernel.value == guess
+        assert tabs.kernel.value == other
+    assert tabs.kernel.value == guess
     assert K.forced(tabs) is None
 
 
@@ -143,11 +145,32 @@ def test_probe_times_inference_with_the_weight_side_cached(kind, monkeypatch):
     assert len(K.probe_choices()) == 2
 
 
-def test_probe_off_uses_the_rank_guess(monkeypatch):
+@pytest.mark.parametrize("shuffles", [True, False])
+def test_probe_off_uses_the_rank_guess(monkeypatch, shuffles):
+    """Rank 5 (``trunc8u``): the gather where it runs by byte shuffles, else low-rank; rank 1
+    (``exact8u``): low-rank either way."""
     monkeypatch.setenv("APPMULT_KERNEL_PROBE", "0")
+    monkeypatch.setattr(K.byte_shuffle, "available", lambda: shuffles)
     layer, x = _layer(make_lut("trunc8u"))
     assert not K.probe_choices()
+    assert layer.lut.rank == 5 and layer.lut.kernel.value == ("gather" if shuffles else "lowrank")
+    layer, x = _layer(make_lut("exact8u"))
     assert layer.lut.kernel.value == "lowrank"
+
+
+def test_rank_guess_follows_the_tables_device(monkeypatch):
+    """The guess is made for the tables' device: a byte-shuffle CPU takes the gather for rank
+    5, any other device the low-rank kernel (the meta device stands in for CUDA here); a
+    kernel set by hand stays."""
+    monkeypatch.setattr(K.byte_shuffle, "available", lambda: True)
+    tabs = LutTables(make_lut("trunc8u"))
+    assert tabs.kernel.value == "gather"
+    tabs.to("meta")
+    assert tabs.kernel.value == "lowrank"
+    tabs.kernel = "gather"
+    assert tabs.kernel.value == "gather"
+    tabs = LutTables(make_lut("trunc8u"), kernel="gather").to("meta")
+    assert tabs.kernel.value == "gather"
 
 
 def test_auto_follows_the_probe_choice(monkeypatch):

@@ -51,14 +51,21 @@ def f32(v) -> np.ndarray:
 
 # -- kernel choice and switches --------------------------------------------------------------
 
-def test_choose_kernel_rank_boundary():
+def test_choose_kernel_rank_boundary(monkeypatch):
     """Rank ``AUTO_MAX_RANK`` (10) itself goes to the low-rank kernel, 11 and ``None`` to the
-    gather. (Mutant: ``rank < AUTO_MAX_RANK``.)"""
-    assert K.AUTO_MAX_RANK == 10
-    assert K.choose_kernel(10) == "lowrank"
-    assert K.choose_kernel(1) == "lowrank"
-    assert K.choose_kernel(11) == "gather"
-    assert K.choose_kernel(None) == "gather"
+    gather; on a CPU whose gather runs by byte shuffles the limit is ``AUTO_MAX_RANK_SHUFFLE``
+    (2), on any other device still 10. (Mutant: ``rank < AUTO_MAX_RANK``.)"""
+    assert K.AUTO_MAX_RANK == 10 and K.AUTO_MAX_RANK_SHUFFLE == 2
+    for shuffles in (False, True):
+        monkeypatch.setattr(K.byte_shuffle, "available", lambda: shuffles)
+        cpu_limit = 2 if shuffles else 10
+        for device in ("cpu", torch.device("cpu"), "cuda", torch.device("meta")):
+            limit = cpu_limit if torch.device(device).type == "cpu" else 10
+            assert K.choose_kernel(limit, device) == "lowrank"
+            assert K.choose_kernel(1, device) == "lowrank"
+            assert K.choose_kernel(limit + 1, device) == "gather"
+            assert K.choose_kernel(None, device) == "gather"
+        assert K.choose_kernel(cpu_limit) == "lowrank" and K.choose_kernel(cpu_limit + 1) == "gather"
 
 
 def test_numba_switch(monkeypatch):

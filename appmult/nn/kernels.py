@@ -116,6 +116,12 @@ FP64_EXACT_LIMIT = 1 << 53
 #: which dominate a network's time.
 AUTO_MAX_RANK = 10
 
+#: The same limit on a CPU where the gather runs by byte shuffles (:mod:`appmult.nn.byte_shuffle`,
+#: AVX-512 VBMI): forward x fp32, low-rank vs gather (bench_nn sizes, 2 threads), rank 2:
+#: ResNet-20 conv 3.09 vs 3.04, LeNet conv 2.93 vs 3.85, linear 1.88 vs 2.89; rank 3: 4.02
+#: vs 2.97, 3.54 vs 3.62, 2.23 vs 2.80. Above rank 2 the large convolution loses by a third.
+AUTO_MAX_RANK_SHUFFLE = 2
+
 
 # ------------------------------------------------------------------------------------------
 # Exact integer factorization
@@ -276,13 +282,17 @@ def float_factorization(table: np.ndarray, *, rel_tol: float = 1e-6, max_rank: i
     return None
 
 
-def choose_kernel(rank: int | None) -> str:
-    """The kernel guessed for a LUT of this exact integer rank (``None``: high rank).
+def choose_kernel(rank: int | None, device: torch.device | str = "cpu") -> str:
+    """The kernel guessed for a LUT of this exact integer rank (``None``: high rank) on
+    ``device``: low-rank up to :data:`AUTO_MAX_RANK_SHUFFLE` on a CPU whose gather runs by
+    byte shuffles, up to :data:`AUTO_MAX_RANK` elsewhere.
 
     Used where nothing is timed (the probe is off) and as the first candidate of
     :func:`probe_choice`, which it wins ties for.
     """
-    return "lowrank" if rank is not None and rank <= AUTO_MAX_RANK else "gather"
+    shuffles = torch.device(device).type == "cpu" and byte_shuffle.available()
+    return "lowrank" if rank is not None and rank <= (AUTO_MAX_RANK_SHUFFLE if shuffles else AUTO_MAX_RANK) \
+        else "gather"
 
 
 # ------------------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ class LutTables(nn.Module):
         #: Kernels the automatic choice times per layer shape (:func:`appmult.nn.kernels.probe_choice`);
         #: empty when the kernel is forced or only the gather applies (no exact factorization).
         self.auto_candidates: tuple[str, ...] = ()
+        #: Whether the kernel is the guess by rank (``auto``): then it follows the tables' device.
+        self._guessed = kern is Kernel.AUTO
         if kern is Kernel.AUTO:
             kern = Kernel(K.choose_kernel(self.rank))
             if fac is not None:
@@ -197,13 +199,18 @@ class LutTables(nn.Module):
     def kernel(self) -> Kernel:
         """The forward kernel: the one forced for this table on the current thread (the
         automatic choice's probe and its result, see :func:`appmult.nn.kernels.forced_kernel`),
-        else the configured kernel (for ``auto``: the guess by rank)."""
+        else the configured kernel (for ``auto``: the guess by rank for the tables' device)."""
         forced = K.forced(self)
-        return self._kernel if forced is None else Kernel(forced)
+        if forced is not None:
+            return Kernel(forced)
+        if self._guessed and self.prod.device.type != "cpu":
+            return Kernel(K.choose_kernel(self.rank, self.prod.device))
+        return self._kernel
 
     @kernel.setter
     def kernel(self, value: str | Kernel) -> None:
         self._kernel = Kernel(value)
+        self._guessed = False
 
     # -- identity --------------------------------------------------------------------------
     @property
