@@ -121,7 +121,9 @@ def gather_path(request, monkeypatch):
         from appmult.nn import byte_shuffle
         if not byte_shuffle.available():
             pytest.skip("the byte-shuffle gather needs numba and an AVX-512 VBMI CPU")
+        from appmult.nn import kernels
         monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 0)  # test sizes are small: take it anyway
+        monkeypatch.setattr(kernels, "FLOAT_SHUFFLE_MIN_LOOKUPS", 0)  # (the LUT-2D gradient gathers too)
     return request.param
 
 
@@ -129,5 +131,6 @@ def gather_path(request, monkeypatch):
 def shuffle_always(monkeypatch):
     """The byte-shuffle gather for every size (callers normally leave products of fewer than
     ``byte_shuffle.MIN_LOOKUPS`` look-ups to the scalar loops): tests use small sizes."""
-    from appmult.nn import byte_shuffle
+    from appmult.nn import byte_shuffle, kernels
     monkeypatch.setattr(byte_shuffle, "MIN_LOOKUPS", 0)
+    monkeypatch.setattr(kernels, "FLOAT_SHUFFLE_MIN_LOOKUPS", 0)

@@ -279,15 +279,14 @@ def _usable() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled() -> tuple:
-    """``(engine, addresses)``: the module compiled for the host CPU once per process; the
-    addresses of ``gather16_1 .. gather16_<MAX_BLOCKS>`` as an int64 array (the engine is
-    kept with them: it owns the code)."""
+def compile_module(ir_text: str, names: list[str]) -> tuple:
+    """``(engine, addresses)``: LLVM IR compiled for the host CPU (all its features, -O3);
+    the addresses of the functions ``names`` as an int64 array (the engine is kept with them:
+    it owns the code)."""
     import llvmlite.binding as llvm
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
-    mod = llvm.parse_assembly(module_ir())
+    mod = llvm.parse_assembly(ir_text)
     mod.verify()
     target = llvm.Target.from_default_triple()
     tm = target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
@@ -296,8 +295,13 @@ def _compiled() -> tuple:
     passes.getModulePassManager().run(mod, passes)
     engine = llvm.create_mcjit_compiler(mod, tm)
     engine.finalize_object()
-    addrs = np.array([engine.get_function_address(f"gather16_{n}") for n in range(1, MAX_BLOCKS + 1)], np.int64)
-    return engine, addrs
+    return engine, np.array([engine.get_function_address(name) for name in names], np.int64)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled() -> tuple:
+    """``(engine, addresses)`` of ``gather16_1 .. gather16_<MAX_BLOCKS>``, compiled once per process."""
+    return compile_module(module_ir(), [f"gather16_{n}" for n in range(1, MAX_BLOCKS + 1)])
 
 
 if numba is not None:

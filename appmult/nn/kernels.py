@@ -80,11 +80,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import byte_shuffle, shuffle_gather
+from . import byte_shuffle, float_shuffle, shuffle_gather
 from . import gather_loops as loops
 from .gather_layouts import check_indices as _check_indices
 from .gather_layouts import unfold_uint8
-from .offset_tables import offset_tables
+from .offset_tables import float_planes, offset_tables
 
 __all__ = [
     "FP32_EXACT_LIMIT",
@@ -715,6 +715,12 @@ def gather_linear_zp(q: torch.Tensor, lo_x: int, prep: tuple) -> torch.Tensor:
     return torch.from_numpy(out[0]).t()
 
 
+def _float_shuffles(na: int, nb: int, lookups: int) -> bool:
+    """Whether the LUT-2D gradient gathers take :mod:`appmult.nn.float_shuffle`: 8-bit
+    indices on both sides, enough look-ups to pay its fixed cost, and the kernel available."""
+    return na <= 256 and nb <= 256 and lookups >= FLOAT_SHUFFLE_MIN_LOOKUPS and float_shuffle.available()
+
+
 def gather_grad_a(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, grad: torch.Tensor,
                   groups: int) -> torch.Tensor:
     """``out[n, g*Kg+k, i] = sum_j grad[n, j, i] * grad_table[a[n, g*Kg+k, i], b[j, k]]`` (float32).
@@ -729,10 +735,12 @@ def gather_grad_a(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, gr
     if _use_numba(a, b, grad_table, grad):
         ai = a.to(_idx_dtype(na)).contiguous().numpy()
         bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
+        g = grad.to(torch.float32).contiguous().numpy()
+        if _float_shuffles(na, nb_, a.numel() * b.shape[0] // max(1, groups)):
+            return torch.from_numpy(float_shuffle.grad_a(ai, bi, float_planes(grad_table), g, groups))
         gt = grad_table.t().to(torch.float32).contiguous().numpy()
         out = np.zeros((nbatch, ktot, length), dtype=np.float32)
-        loops.grad_a(ai, bi, gt, grad.to(torch.float32).contiguous().numpy(), groups,
-                   _chunk(nbatch, length), out)
+        loops.grad_a(ai, bi, gt, g, groups, _chunk(nbatch, length), out)
         return torch.from_numpy(out)
     return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "ga")
 
@@ -750,9 +758,12 @@ def gather_grad_b(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, gr
     if _use_numba(a, b, grad_table, grad):
         ai = a.to(_idx_dtype(na)).contiguous().numpy()
         bi = b.to(_idx_dtype(nb_)).contiguous().numpy()
+        g = grad.to(torch.float32).contiguous().numpy()
+        if _float_shuffles(na, nb_, a.numel() * b.shape[0] // max(1, groups)):
+            return torch.from_numpy(float_shuffle.grad_b(ai, bi, float_planes(grad_table), g, groups))
         gt = grad_table.t().to(torch.float32).contiguous().numpy()
         out = np.zeros(b.shape, dtype=np.float32)
-        loops.grad_b(ai, bi, gt, grad.to(torch.float32).contiguous().numpy(), groups, out)
+        loops.grad_b(ai, bi, gt, g, groups, out)
         return torch.from_numpy(out)
     return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "gb")
 
@@ -764,6 +775,10 @@ _EXPAND_BYTES = 64 << 20
 _SLAB_BYTES = 256 << 10
 ROWS_MIN_POSITIONS = 2
 _TASKS_PER_THREAD = 2  # tasks per numba thread of the row kernel (2 measured best, shared 2-core machine)
+
+#: Fewest look-ups for which the LUT-2D gradient gathers take :mod:`appmult.nn.float_shuffle`
+#: (below, its fixed cost -- table planes, tails, dispatch -- makes the scalar loops faster).
+FLOAT_SHUFFLE_MIN_LOOKUPS = 1 << 12
 
 # Elements of one gathered block in the torch path (bounds its temporary memory).
 _TORCH_BLOCK = 1 << 23

@@ -7,7 +7,8 @@ uint16 table indexed ``[w, x]``, the byte-shuffle kernel of :mod:`appmult.nn.byt
 as its byte planes. Both are made once per table tensor and kept in a small cache keyed by
 the tensor's identity and version (a write to the table bumps its version and makes new
 ones), so a layer called many times -- or the many small products of an attention layer --
-converts its table once, not per call.
+converts its table once, not per call. :func:`float_planes` keeps, the same way, the byte
+planes of a float32 LUT-2D gradient table (:mod:`appmult.nn.float_shuffle`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import weakref
 import numpy as np
 import torch
 
-from . import byte_shuffle
+from . import byte_shuffle, float_shuffle
 
 #: Most tables kept; the one cached first is dropped first.
 CACHE_SIZE = 32
@@ -49,6 +50,20 @@ _cache: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
 
 
+def _per_tensor(table: torch.Tensor, kind: str, make):
+    """``make()``, kept per (tensor, ``kind``) while the tensor lives and its version holds."""
+    key = (id(table), kind)
+    with _lock:
+        hit = _cache.get(key)
+    if hit is None or hit[0]() is not table or hit[1] != table._version:
+        hit = (weakref.ref(table), table._version, make())
+        with _lock:
+            _cache[key] = hit
+            while len(_cache) > CACHE_SIZE:
+                _cache.popitem(last=False)
+    return hit[2]
+
+
 def offset_tables(table: torch.Tensor) -> OffsetTables | None:
     """The 16-bit forms of the integer ``(NA, NB)`` ``table`` (cached), or ``None`` where its
     entries span ``2**16`` values or more or it has none (the callers' other paths then give
@@ -59,17 +74,20 @@ def offset_tables(table: torch.Tensor) -> OffsetTables | None:
     are never written after construction)."""
     if table.numel() == 0:
         return None
-    with _lock:
-        hit = _cache.get(id(table))
-    if hit is None or hit[0]() is not table or hit[1] != table._version:
-        lo, hi = (int(v) for v in torch.aminmax(table))
-        made = None
-        if hi - lo < 1 << 16:
-            t16 = np.ascontiguousarray((table.t().to(torch.int64) - lo).numpy().astype(np.uint16))
-            made = OffsetTables(t16, lo, hi)
-        hit = (weakref.ref(table), table._version, made)
-        with _lock:
-            _cache[id(table)] = hit
-            while len(_cache) > CACHE_SIZE:
-                _cache.popitem(last=False)
-    return hit[2]
+    return _per_tensor(table, "offset", lambda: _offset(table))
+
+
+def _offset(table: torch.Tensor) -> OffsetTables | None:
+    lo, hi = (int(v) for v in torch.aminmax(table))
+    if hi - lo >= 1 << 16:
+        return None
+    t16 = np.ascontiguousarray((table.t().to(torch.int64) - lo).numpy().astype(np.uint16))
+    return OffsetTables(t16, lo, hi)
+
+
+def float_planes(table: torch.Tensor) -> np.ndarray:
+    """:func:`float_shuffle.planes` of the float ``(NA <= 256, NB <= 256)`` gradient table
+    indexed ``[x, w]`` (its transpose's rows, one per weight code), cached like
+    :func:`offset_tables`."""
+    return _per_tensor(table, "float_planes",
+                       lambda: float_shuffle.planes(table.detach().t().to(torch.float32).contiguous().numpy()))
