@@ -227,6 +227,20 @@ def _conv_forward(qx, qw, tabs: LutTables, stride, dilation, groups, exact: bool
     return acc.reshape(n, qw.shape[0], ho, wo).to(device=qx.device, dtype=dtype)
 
 
+def _zero_point_input_term(grad, zwr, x_shape, kernel, stride, dilation, groups):
+    """``conv2d_input`` of the weight whose entries of output channel ``o`` all equal
+    ``Zw[o]`` (the input gradient of ``- qx Zw``): each group's ``sum_o Zw[o] grad[:, o]``
+    spread over the receptive fields by a one-channel transposed convolution, the same for
+    every input channel of the group -- one channel per group instead of ``C x Co``."""
+    n, c, hp, wp = x_shape
+    co = grad.shape[1]
+    s = (grad * zwr.reshape(1, co, 1, 1) if zwr.dim() else grad * zwr)
+    s = s.reshape(n, groups, co // groups, *grad.shape[2:]).sum(2)
+    ones = torch.ones((groups, 1, *kernel), dtype=grad.dtype, device=grad.device)
+    t = torch.nn.grad.conv2d_input((n, groups, hp, wp), ones, s, stride, 0, dilation, groups)
+    return t.unsqueeze(2).expand(n, groups, c // groups, hp, wp).reshape(n, c, hp, wp)
+
+
 def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=None, zw=None):
     """Gradients of ``sum LUT[qx, qw]`` w.r.t. the (padded) ``qx`` and ``qw``.
 
@@ -266,8 +280,7 @@ def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=N
         return gx, gw
     if zp:
         gx, gw = _conv_backward(grad, qx, qw, tabs, stride, dilation, groups)
-        zmap = torch.ones_like(qw, dtype=dt) * zwr
-        gx = gx - torch.nn.grad.conv2d_input(qx.shape, zmap, grad, stride, 0, dilation, groups)
+        gx = gx - _zero_point_input_term(grad, zwr, qx.shape, qw.shape[2:], stride, dilation, groups)
         gw = gw - zxs * grad.sum((0, 2, 3)).reshape(co, 1, 1, 1)
         return gx, gw
     n, c, hp, wp = qx.shape
@@ -286,7 +299,7 @@ def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=N
     b = _small_idx(iw, tabs.prod.shape[1]).reshape(co, -1)
     g = grad.reshape(n, co, -1)
     cols = K.gather_grad_a(a, b, tabs.gx2, g, groups).to(device=grad.device, dtype=dt)
-    gx = F.fold(cols, (hp, wp), (kh, kw), dilation=dilation, padding=0, stride=stride)
+    gx = K.fold(cols, (hp, wp), (kh, kw), stride, dilation)
     gw = K.gather_grad_b(a, b, tabs.gw2, g, groups).reshape(qw.shape)
     return gx, gw.to(device=grad.device, dtype=dt)
 

@@ -158,3 +158,24 @@ if numba is not None:
                 for i in range(length):
                     s += grow[i] * row[arow[i]]
             out[j, k] = s
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def fold(cols, out, kh, kw, sh, sw, dh, dw, wo):  # pragma: no cover - compiled
+        # out[n, c, y*sh + i*dh, x*sw + j*dw] += cols[n, (c*kh + i)*kw + j, y*wo + x] (out zero
+        # on entry): torch's col2im without padding, its loops in its order (so its bits),
+        # one task per (item, channel) instead of a single thread
+        n, c, hp, wp = out.shape
+        ho = cols.shape[2] // wo
+        for t in prange(n * c):
+            bi = t // c
+            ci = t % c
+            img = out[bi, ci]
+            for i in range(kh):
+                for j in range(kw):
+                    col = cols[bi, (ci * kh + i) * kw + j]
+                    x0 = j * dw
+                    for y in range(ho):
+                        r = img[y * sh + i * dh]
+                        base = y * wo
+                        for x in range(wo):
+                            r[x * sw + x0] += col[base + x]
