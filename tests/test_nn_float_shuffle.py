@@ -266,3 +266,33 @@ def test_lut2d_conv_training_step_gradients_do_not_depend_on_the_path(geom, monk
     assert same == [True, True]
     torch.testing.assert_close(grads["shuffle"][0], grads["scalar"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads["shuffle"][1], grads["scalar"][1], rtol=1e-5, atol=1e-5)
+
+
+@needs_vbmi
+def test_a_fresh_compile_of_the_module_gives_the_same_sums():
+    """The module is compiled once per process (``_compiled`` is an ``lru_cache``): under
+    mutmut a mutant of the IR generators only acts where the module is compiled afresh.
+    Here it is, then both loops run on a case that reaches every plane quarter (codes 0-255,
+    so both halves of every plane), several batch items and position blocks, and a tail:
+    ``grad_a`` against the scalar loop's bits, ``grad_b`` against brute force."""
+    rng = np.random.default_rng(9)
+    n, ktot, length, nout = 3, 4, 200, 5
+    a = rng.integers(0, 256, (n, ktot, length)).astype(np.uint8)
+    a[0, :, :256 if length >= 256 else length] = np.resize(np.arange(256, dtype=np.uint8), (ktot, length))
+    b = rng.integers(0, 256, (nout, ktot)).astype(np.uint8)
+    b[:, 0] = [0, 127, 128, 255, 64]
+    table = rng.standard_normal((256, 256)).astype(np.float32)
+    grad = rng.standard_normal((n, nout, length)).astype(np.float32)
+    table_t = np.ascontiguousarray(table.T)
+    FS._compiled.cache_clear()
+    FS._usable.cache_clear()
+    try:
+        got_a = FS.grad_a(a, b, FS.planes(table_t), grad, 1)
+        got_b = FS.grad_b(a, b, FS.planes(table_t), grad, 1)
+    finally:
+        FS._compiled.cache_clear()
+        FS._usable.cache_clear()
+    scalar = np.zeros(a.shape, np.float32)
+    GL.grad_a(a, b, table_t, grad, 1, K._chunk(n, length), scalar)
+    assert np.array_equal(got_a.view(np.int32), scalar.view(np.int32))
+    np.testing.assert_allclose(got_b, brute(a, b, table, grad, 1)[1], rtol=2e-6, atol=1e-5)
