@@ -132,7 +132,8 @@ def test_planes_split_each_entry_into_four_bytes_and_pad():
         FS.planes(np.zeros((2, 4), np.float64))
 
 
-@pytest.mark.parametrize("bad", ["a dtype", "grad dtype", "groups", "grad shape", "planes", "not contiguous"])
+@pytest.mark.parametrize("bad", ["a dtype", "grad dtype", "groups", "grad shape", "planes", "not contiguous",
+                                 "planes dtype", "outputs per group", "no groups"])
 def test_wrong_operands_are_refused(bad):
     a = np.zeros((2, 4, 64), np.uint8)
     b = np.zeros((3, 4), np.uint8)
@@ -149,6 +150,12 @@ def test_wrong_operands_are_refused(bad):
         g = np.zeros((2, 3, 65), np.float32)
     elif bad == "planes":
         pl = np.zeros((256, 512), np.uint8)
+    elif bad == "planes dtype":
+        pl = np.zeros((256, 1024), np.int8)
+    elif bad == "outputs per group":   # 3 outputs in 2 groups, the reduction split right
+        a, groups = np.zeros((2, 8, 64), np.uint8), 2
+    elif bad == "no groups":
+        groups = 0
     else:
         a = np.zeros((2, 64, 4), np.uint8).transpose(0, 2, 1)
     for fn in (FS.grad_a, FS.grad_b):
@@ -157,12 +164,24 @@ def test_wrong_operands_are_refused(bad):
 
 
 @needs_vbmi
+def test_a_single_product_is_not_an_empty_one():
+    """One item, one reduction step, one position, one output: the product itself."""
+    table = np.random.default_rng(4).standard_normal((256, 256)).astype(np.float32)
+    a, b = np.array([[[200]]], np.uint8), np.array([[17]], np.uint8)
+    g = np.array([[[1.5]]], np.float32)
+    pl = FS.planes(np.ascontiguousarray(table.T))
+    want = np.float32(0.0) + g[0, 0, 0] * table[200, 17]
+    assert FS.grad_a(a, b, pl, g, 1)[0, 0, 0] == want
+    assert FS.grad_b(a, b, pl, g, 1)[0, 0] == np.float32(np.float64(g[0, 0, 0] * table[200, 17]))
+
+
+@needs_vbmi
 def test_empty_operands_give_zeros():
     pl = np.zeros((256, 1024), np.uint8)
     assert FS.grad_a(np.zeros((0, 4, 64), np.uint8), np.zeros((3, 4), np.uint8), pl,
                      np.zeros((0, 3, 64), np.float32), 1).shape == (0, 4, 64)
     out = FS.grad_b(np.zeros((0, 4, 64), np.uint8), np.zeros((3, 4), np.uint8), pl, np.zeros((0, 3, 64), np.float32), 1)
-    assert out.shape == (3, 4) and not out.any()
+    assert out.shape == (3, 4) and out.dtype == np.float32 and not out.any()
     assert FS.grad_b(np.zeros((2, 4, 0), np.uint8), np.zeros((3, 4), np.uint8), pl,
                      np.zeros((2, 3, 0), np.float32), 1).shape == (3, 4)
 
