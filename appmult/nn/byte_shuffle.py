@@ -268,15 +268,20 @@ def _usable() -> bool:
     """Whether the host has VBMI and the loop compiles here (once per process). An llvmlite
     that cannot query the host or compile the module (another LLVM than numba 0.68's) makes
     the callers take the scalar loops, with one warning, instead of failing every layer."""
+    return compiles(lambda: _host_has_vbmi() and _compiled() is not None, "the byte-shuffle gather kernel is",
+                    "the scalar gather loops")
+
+
+def compiles(make, what: str, fallback: str) -> bool:
+    """``bool(make())`` -- a host check and a module's compilation -- or, where it raises,
+    ``False`` with a warning that ``what`` is unavailable and ``fallback`` runs instead (the
+    callers cache the answer, so the user is told once)."""
     try:
-        if not _host_has_vbmi():
-            return False
-        _compiled()
+        return bool(make())
     except Exception as exc:  # noqa: BLE001 - any failure here only means "use the scalar loops"
-        warnings.warn(f"appmult: the byte-shuffle gather kernel is unavailable ({type(exc).__name__}: {exc}); "
-                      "using the scalar gather loops", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"appmult: {what} unavailable ({type(exc).__name__}: {exc}); using {fallback}",
+                      RuntimeWarning, stacklevel=3)
         return False
-    return True
 
 
 def compile_module(ir_text: str, names: list[str]) -> tuple:

@@ -32,7 +32,6 @@ compilation; elsewhere the callers keep the scalar loops.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import numpy as np
 
@@ -89,6 +88,28 @@ def _ir_lookup(prefix: str, idx_addr: str) -> list[str]:
     return lines
 
 
+def _ir_loop_head(skip: str) -> list[str]:
+    """The entry (to ``%skip`` where there are no rows or no steps), the table row's registers
+    and the head of the loop over batch items ``%r``."""
+    return ["entry:", "  %hasr = icmp sgt i64 %nrows, 0", "  %hasi = icmp sgt i64 %n64, 0",
+            "  %go = and i1 %hasr, %hasi", f"  br i1 %go, label %load, label %{skip}", "load:",
+            *_ir_row("", "row"), "  br label %rows", "rows:", "  %r = phi i64 [0, %load], [%rnext, %rows_end]"]
+
+
+def _ir_row_bases() -> list[str]:
+    """Batch item ``%r``'s index and gradient rows: ``%abase = a + r lda``, ``%gbase = g + 4 r ldg``."""
+    return ["  %aoff = mul i64 %r, %lda", "  %abase = add i64 %a, %aoff", "  %goff = mul i64 %r, %ldg",
+            "  %goffb = shl i64 %goff, 2", "  %gbase = add i64 %g, %goffb"]
+
+
+def _ir_product() -> list[str]:
+    """Step ``%i``: the 64 looked-up floats times the gradient there, ``%prod`` (``%ib``: the
+    step's byte offset in float rows)."""
+    return ["  %ia = add i64 %abase, %i", *_ir_lookup("", "ia"), "  %ib = shl i64 %i, 2",
+            "  %ga = add i64 %gbase, %ib", "  %gp = inttoptr i64 %ga to ptr",
+            f"  %gv = load {_VF}, ptr %gp, align 4", f"  %prod = fmul {_VF} %gv, %v"]
+
+
 def _grad_a_ir() -> str:
     """``@fgrad_a(row, a, lda, g, ldg, out, ldo, nrows, n64)`` (all i64, addresses as
     integers; strides in elements): for ``r < nrows`` and ``i < n64`` (a multiple of 64):
@@ -97,41 +118,22 @@ def _grad_a_ir() -> str:
     lines = [
         "define void @fgrad_a(i64 %row, i64 %a, i64 %lda, i64 %g, i64 %ldg, i64 %out, i64 %ldo, i64 %nrows,"
         " i64 %n64) {",
-        "entry:",
-        "  %hasr = icmp sgt i64 %nrows, 0",
-        "  %hasi = icmp sgt i64 %n64, 0",
-        "  %go = and i1 %hasr, %hasi",
-        "  br i1 %go, label %load, label %done",
-        "load:",
     ]
-    lines += _ir_row("", "row")
+    lines += _ir_loop_head("done")
+    lines += _ir_row_bases()
     lines += [
-        "  br label %rows",
-        "rows:",
-        "  %r = phi i64 [0, %load], [%rnext, %rows_end]",
-        "  %aoff = mul i64 %r, %lda",
-        "  %abase = add i64 %a, %aoff",
-        "  %goff = mul i64 %r, %ldg",
-        "  %goffb = shl i64 %goff, 2",
-        "  %gbase = add i64 %g, %goffb",
         "  %ooff = mul i64 %r, %ldo",
         "  %ooffb = shl i64 %ooff, 2",
         "  %obase = add i64 %out, %ooffb",
         "  br label %step",
         "step:",
         "  %i = phi i64 [0, %rows], [%inext, %step]",
-        "  %ia = add i64 %abase, %i",
     ]
-    lines += _ir_lookup("", "ia")
+    lines += _ir_product()
     lines += [
-        "  %ib = shl i64 %i, 2",
-        "  %ga = add i64 %gbase, %ib",
-        "  %gp = inttoptr i64 %ga to ptr",
-        f"  %gv = load {_VF}, ptr %gp, align 4",
         "  %oa = add i64 %obase, %ib",
         "  %op = inttoptr i64 %oa to ptr",
         f"  %ov = load {_VF}, ptr %op, align 4",
-        f"  %prod = fmul {_VF} %gv, %v",
         f"  %sum = fadd {_VF} %ov, %prod",
         f"  store {_VF} %sum, ptr %op, align 4",
         f"  %inext = add i64 %i, {LANES}",
@@ -156,39 +158,18 @@ def _grad_b_ir() -> str:
     vd = "<64 x double>"
     lines = [
         "define double @fgrad_b(i64 %row, i64 %a, i64 %lda, i64 %g, i64 %ldg, i64 %nrows, i64 %n64) {",
-        "entry:",
-        "  %hasr = icmp sgt i64 %nrows, 0",
-        "  %hasi = icmp sgt i64 %n64, 0",
-        "  %go = and i1 %hasr, %hasi",
-        "  br i1 %go, label %load, label %empty",
-        "empty:",
-        "  ret double 0.0",
-        "load:",
     ]
-    lines += _ir_row("", "row")
+    lines += _ir_loop_head("empty")
+    lines += [f"  %wide = phi {vd} [zeroinitializer, %load], [%widen, %rows_end]"]
+    lines += _ir_row_bases()
     lines += [
-        "  br label %rows",
-        "rows:",
-        "  %r = phi i64 [0, %load], [%rnext, %rows_end]",
-        f"  %wide = phi {vd} [zeroinitializer, %load], [%widen, %rows_end]",
-        "  %aoff = mul i64 %r, %lda",
-        "  %abase = add i64 %a, %aoff",
-        "  %goff = mul i64 %r, %ldg",
-        "  %goffb = shl i64 %goff, 2",
-        "  %gbase = add i64 %g, %goffb",
         "  br label %step",
         "step:",
         "  %i = phi i64 [0, %rows], [%inext, %step]",
         f"  %acc = phi {_VF} [zeroinitializer, %rows], [%accn, %step]",
-        "  %ia = add i64 %abase, %i",
     ]
-    lines += _ir_lookup("", "ia")
+    lines += _ir_product()
     lines += [
-        "  %ib = shl i64 %i, 2",
-        "  %ga = add i64 %gbase, %ib",
-        "  %gp = inttoptr i64 %ga to ptr",
-        f"  %gv = load {_VF}, ptr %gp, align 4",
-        f"  %prod = fmul {_VF} %gv, %v",
         f"  %accn = fadd {_VF} %acc, %prod",
         f"  %inext = add i64 %i, {LANES}",
         "  %imore = icmp slt i64 %inext, %n64",
@@ -202,6 +183,8 @@ def _grad_b_ir() -> str:
         "total:",
         f"  %s = call reassoc double @llvm.vector.reduce.fadd.v64f64(double 0.0, {vd} %widen)",
         "  ret double %s",
+        "empty:",
+        "  ret double 0.0",
         "}",
     ]
     return "\n".join(lines)
@@ -224,13 +207,7 @@ def _compiled() -> tuple:
 def _usable() -> bool:
     """Whether this module compiles here (once per process; a failure warns once and the
     callers keep the scalar loops)."""
-    try:
-        _compiled()
-    except Exception as exc:  # noqa: BLE001 - any failure here only means "use the scalar loops"
-        warnings.warn(f"appmult: the byte-shuffle gradient gathers are unavailable ({type(exc).__name__}: {exc}); "
-                      "using the scalar loops", RuntimeWarning, stacklevel=2)
-        return False
-    return True
+    return byte_shuffle.compiles(_compiled, "the byte-shuffle gradient gathers are", "the scalar loops")
 
 
 def available() -> bool:
