@@ -75,7 +75,7 @@ def main() -> None:
 
         fns["fp32 sdpa fwd"], fns["fp32 sdpa fwd+bwd"] = exact_fwd, exact_bwd
         for name, lut in luts().items():
-            for grad in ("ste", "lut1d"):
+            for grad in ("ste", "lut1d", "lut2d"):
                 att = LutAttention(ApproxConfig(lut, grad=grad, compute_missing_gradients=True, half_window=2))
                 if grad == "ste":
                     def fwd(att=att):

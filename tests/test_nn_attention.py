@@ -352,3 +352,30 @@ def test_attention_shapes_wrong():
         att(torch.randn(1, 2, 4), torch.randn(1, 3, 5), torch.randn(1, 3, 4))
     with pytest.raises(ValueError, match=msg("ViT patch size 3 must divide the input size 8")):
         ViT(1, 10, 8, patch_size=3)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("width, shape", [(6, (2, 3, 4, 5)), (8, (3, 70, 5, 66)), (8, (2, 64, 3, 1))])
+def test_lut_bmm_lut2d_backward_without_keep_brute_force(signed, width, shape, gather_path):
+    """No keep mask: the LUT-2D gradients of all items come from the layers' gradient gathers
+    in one call, each item a group (byte shuffles on a VBMI CPU, else the scalar loops); 70
+    positions cross a 64-position block, 8-bit tables reach every plane half."""
+    lut = lutfile("mitchell", signed, width)
+    tabs = LutTables(lut, grad="lut2d", compute_missing_gradients=True, half_window=2)
+    bsz, m, k, n = shape
+    rng = np.random.default_rng(width + m)
+    vals = values(width, signed)
+    a = rng.choice(vals, size=(bsz, m, k)).astype(np.float32)
+    b = rng.choice(vals, size=(bsz, k, n)).astype(np.float32)
+    g = rng.standard_normal((bsz, m, n))
+    qa, qb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
+    y = lut_bmm(qa, qb, tabs)
+    y.backward(torch.tensor(g, dtype=torch.float32))
+    ga2, gb2 = lut2d_gradients(lut.product, width, width, signed, 2)
+    ca, cb = codes(a, width), codes(b, width)
+    ta = ga2[ca[:, :, :, None], cb[:, None, :, :]].astype(np.float64)   # (B, M, K, N)
+    tb = gb2[ca[:, :, :, None], cb[:, None, :, :]].astype(np.float64)
+    want_a = (ta * g[:, :, None, :]).sum(-1)
+    want_b = (tb * g[:, :, None, :]).sum(1)
+    np.testing.assert_allclose(qa.grad.numpy(), want_a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(qb.grad.numpy(), want_b, rtol=1e-4, atol=1e-4)

@@ -117,6 +117,8 @@ def _bmm_backward(grad, qa, qb, keep, tabs: LutTables):
             amap = amap * kf
         gb = amap.transpose(-1, -2) @ grad                               # (B, K, N)
         return ga, gb
+    if kf is None:
+        return _bmm_gather_grads(grad, ia, ib, tabs)
     ga = torch.empty(qa.shape, dtype=dt, device=grad.device)
     gb = torch.empty(qb.shape, dtype=dt, device=grad.device)
     gx2, gw2 = tabs.gx2.to(dt), tabs.gw2.to(dt)
@@ -129,6 +131,21 @@ def _bmm_backward(grad, qa, qb, keep, tabs: LutTables):
         ga[s:e] = (gx2[pair] * g).sum(-1)
         gb[s:e] = (gw2[pair] * g).sum(1)
     return ga, gb
+
+
+def _bmm_gather_grads(grad, ia, ib, tabs: LutTables):
+    """LUT-2D gradients of the batched products without a keep mask by the layers' gradient
+    gathers (:func:`appmult.nn.kernels.gather_grad_a`/``_b``: byte shuffles, numba or torch),
+    all items in one call, each item a group: ``a = ia`` as ``(1, B*K, M)``, the weight side
+    ``ib`` as ``(B*N, K)``, ``grad`` as ``(1, B*N, M)``."""
+    bsz, m, k = ia.shape
+    n = ib.shape[-1]
+    a = ia.transpose(1, 2).reshape(1, bsz * k, m)
+    b = ib.transpose(1, 2).reshape(bsz * n, k)
+    g = grad.transpose(1, 2).reshape(1, bsz * n, m)
+    ga = K.gather_grad_a(a, b, tabs.gx2, g, bsz)[0].reshape(bsz, k, m).transpose(1, 2)
+    gb = K.gather_grad_b(a, b, tabs.gw2, g, bsz).reshape(bsz, n, k).transpose(1, 2)
+    return ga.to(device=grad.device, dtype=grad.dtype), gb.to(device=grad.device, dtype=grad.dtype)
 
 
 def lut_bmm(qa: torch.Tensor, qb: torch.Tensor, tabs: LutTables, *, keep: torch.Tensor | None = None,
