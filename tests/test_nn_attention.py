@@ -11,6 +11,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from appmult.errors import ConfigError
 from appmult.lut_gen import LutFile, lut1d_gradients, lut2d_gradients
+from appmult.nn import attention as attention_module
 from appmult.nn import (ApproxConfig, ApproxLinear, ApproxMultiheadAttention, LutAttention, LutTables,
                         approximate_, attention_modules, exact_, lut_bmm, lut_sdpa)
 from appmult.train import build_model
@@ -354,12 +355,15 @@ def test_attention_shapes_wrong():
         ViT(1, 10, 8, patch_size=3)
 
 
+@pytest.mark.parametrize("masked", ["no", "torch", "split"])
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("width, shape", [(6, (2, 3, 4, 5)), (8, (3, 70, 5, 66)), (8, (2, 64, 3, 1))])
-def test_lut_bmm_lut2d_backward_without_keep_brute_force(signed, width, shape, gather_path):
-    """No keep mask: the LUT-2D gradients of all items come from the layers' gradient gathers
-    in one call, each item a group (byte shuffles on a VBMI CPU, else the scalar loops); 70
-    positions cross a 64-position block, 8-bit tables reach every plane half."""
+def test_lut_bmm_lut2d_backward_by_the_gradient_gathers_brute_force(masked, signed, width, shape, gather_path,
+                                                                     monkeypatch):
+    """The LUT-2D gradients of all items from the layers' gradient gathers in one call, each
+    item a group (byte shuffles on a VBMI CPU, else the scalar loops): both sides without a
+    keep mask, the activation side with one (the mask times the unmasked sums); 70 positions
+    cross a 64-position block, 8-bit tables reach every plane half."""
     lut = lutfile("mitchell", signed, width)
     tabs = LutTables(lut, grad="lut2d", compute_missing_gradients=True, half_window=2)
     bsz, m, k, n = shape
@@ -368,14 +372,18 @@ def test_lut_bmm_lut2d_backward_without_keep_brute_force(signed, width, shape, g
     a = rng.choice(vals, size=(bsz, m, k)).astype(np.float32)
     b = rng.choice(vals, size=(bsz, k, n)).astype(np.float32)
     g = rng.standard_normal((bsz, m, n))
+    keep = rng.random((bsz, m, k)) > 0.3 if masked != "no" else np.ones((bsz, m, k), bool)
+    # a masked product's activation side: the torch gather (small) or the gradient gathers
+    monkeypatch.setattr(attention_module, "MASKED_SPLIT_MIN_LOOKUPS", 0 if masked == "split" else 1 << 62)
     qa, qb = torch.tensor(a, requires_grad=True), torch.tensor(b, requires_grad=True)
-    y = lut_bmm(qa, qb, tabs)
+    y = lut_bmm(qa, qb, tabs, keep=torch.tensor(keep) if masked != "no" else None)
     y.backward(torch.tensor(g, dtype=torch.float32))
     ga2, gb2 = lut2d_gradients(lut.product, width, width, signed, 2)
     ca, cb = codes(a, width), codes(b, width)
     ta = ga2[ca[:, :, :, None], cb[:, None, :, :]].astype(np.float64)   # (B, M, K, N)
     tb = gb2[ca[:, :, :, None], cb[:, None, :, :]].astype(np.float64)
-    want_a = (ta * g[:, :, None, :]).sum(-1)
-    want_b = (tb * g[:, :, None, :]).sum(1)
+    gk = g[:, :, None, :] * keep[:, :, :, None]
+    want_a = (ta * gk).sum(-1)
+    want_b = (tb * gk).sum(1)
     np.testing.assert_allclose(qa.grad.numpy(), want_a, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(qb.grad.numpy(), want_b, rtol=1e-4, atol=1e-4)
