@@ -17,12 +17,12 @@ is added (rounded) to 64 per-position sums:
 * :func:`grad_a` adds, for each position, in the order of ``j`` -- the scalar loop's
   operations in its order, so its results are the scalar loop's bit for bit;
 * :func:`grad_b` sums the (float32) products per lane over a batch item's position blocks
-  in float32, then in float64 over the batch, the 64 lanes added at the end (lane 0 first):
-  a different order from the scalar loop's one float64 running sum, so equal to it up to
+  in float32, then in float64 over the batch, the 64 lanes added pairwise at the end: a
+  different order from the scalar loop's one float64 running sum, so equal to it up to
   rounding, not bit for bit.
 
-Positions past the last multiple of 64 go through a scalar loop (in the scalar loop's
-order). The loops are LLVM IR compiled by llvmlite for the host CPU once per process (with
+Positions past the last multiple of 64 go through the same loops as one more block, copied
+and padded with index 0 and gradient 0 (a padded position adds 0). The loops are LLVM IR compiled by llvmlite for the host CPU once per process (with
 :func:`appmult.nn.byte_shuffle.compile_module`) and called per task from cached numba
 ``prange`` drivers. :func:`available` follows :func:`appmult.nn.byte_shuffle.available`
 (AVX-512 VBMI, ``APPMULT_NO_BYTE_SHUFFLE``, ``APPMULT_NO_NUMBA``) and this module's own
@@ -154,7 +154,8 @@ def _grad_b_ir() -> str:
     """``double @fgrad_b(row, a, lda, g, ldg, nrows, n64)``: ``sum over r < nrows, i < n64`` of
     ``g[r * ldg + i] * T_row[a[r * lda + i]]`` (``lda``, ``ldg`` in elements). The float32
     products are summed per lane over a row's position blocks in float32, then into 64
-    float64 sums (the scalar loop sums in float64), added lane 0 first at the end."""
+    float64 sums (the scalar loop sums in float64), added pairwise at the end (``reassoc``:
+    a fixed tree, not 64 dependent adds)."""
     vd = "<64 x double>"
     lines = [
         "define double @fgrad_b(i64 %row, i64 %a, i64 %lda, i64 %g, i64 %ldg, i64 %nrows, i64 %n64) {",
