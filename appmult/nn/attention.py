@@ -123,51 +123,45 @@ def _bmm_backward(grad, qa, qb, keep, tabs: LutTables):
             amap = amap * kf
         gb = amap.transpose(-1, -2) @ grad                               # (B, K, N)
         return ga, gb
-    if kf is None:
-        return _bmm_gather_grad_a(grad, ia, ib, tabs), _bmm_gather_grad_b(grad, ia, ib, tabs)
+    gathers = dt == torch.float32  # (their sums are float32: a float64 product keeps the torch gather)
+    if kf is None and gathers:
+        return _bmm_gather_grads(grad, ia, ib, tabs, weight_side=True)
     # Masked: d/db sums over m, so the mask stays inside -- a torch gather of (b, M, K, N)
     # blocks; d/da does not (the mask depends on (m, k), not on the summed n): for large
     # products the unmasked sums of the gradient gathers times the mask (the same values)
     bsz, m, k = ia.shape
-    split = qa.numel() * ib.shape[-1] >= MASKED_SPLIT_MIN_LOOKUPS
-    ga = _bmm_gather_grad_a(grad, ia, ib, tabs) * kf if split else torch.empty(qa.shape, dtype=dt, device=grad.device)
+    split = gathers and qa.numel() * ib.shape[-1] >= MASKED_SPLIT_MIN_LOOKUPS
+    ga = _bmm_gather_grads(grad, ia, ib, tabs, weight_side=False)[0] * kf if split \
+        else torch.empty(qa.shape, dtype=dt, device=grad.device)
     gb = torch.empty(qb.shape, dtype=dt, device=grad.device)
     gx2, gw2 = tabs.gx2.to(dt), tabs.gw2.to(dt)
     for s, e in _blocks(bsz, m * k * ib.shape[-1]):
         pair = (ia[s:e, :, :, None], ib[s:e, None, :, :])
-        g = grad[s:e, :, None, :] * kf[s:e, :, :, None]                  # (b, M, K, N)
+        g = grad[s:e, :, None, :]                                        # (b, M, 1, N)
+        if kf is not None:
+            g = g * kf[s:e, :, :, None]                                  # (b, M, K, N)
         if not split:
             ga[s:e] = (gx2[pair] * g).sum(-1)
         gb[s:e] = (gw2[pair] * g).sum(1)
     return ga, gb
 
 
-def _bmm_gather_operands(grad, ia, ib):
-    """The batched products as one grouped gather (each item a group): the activation side
-    ``ia`` as ``(1, B*K, M)``, the weight side ``ib`` as ``(B*N, K)``, ``grad`` as ``(1, B*N, M)``."""
+def _bmm_gather_grads(grad, ia, ib, tabs: LutTables, weight_side: bool):
+    """``(d/dqa, d/dqb or None)`` of the unmasked products by the layers' gradient gathers
+    (:func:`appmult.nn.kernels.gather_grad_a`/``_b``: byte shuffles, numba or torch), all items
+    in one call each, each item a group: the activation side ``ia`` as ``(1, B*K, M)``, the
+    weight side ``ib`` as ``(B*N, K)``, ``grad`` as ``(1, B*N, M)`` (laid out once for both)."""
     bsz, m, k = ia.shape
     n = ib.shape[-1]
-    return (ia.transpose(1, 2).reshape(1, bsz * k, m), ib.transpose(1, 2).reshape(bsz * n, k),
-            grad.transpose(1, 2).reshape(1, bsz * n, m))
-
-
-def _bmm_gather_grad_a(grad, ia, ib, tabs: LutTables) -> torch.Tensor:
-    """``d/dqa[b, m, k] = sum_n grad[b, m, n] gx2[ia, ib]`` for all items by one call of
-    :func:`appmult.nn.kernels.gather_grad_a` (byte shuffles, numba or torch)."""
-    bsz, m, k = ia.shape
-    a, b, g = _bmm_gather_operands(grad, ia, ib)
+    a = ia.transpose(1, 2).reshape(1, bsz * k, m)
+    b = ib.transpose(1, 2).reshape(bsz * n, k)
+    g = grad.transpose(1, 2).reshape(1, bsz * n, m)
     ga = K.gather_grad_a(a, b, tabs.gx2, g, bsz)[0].reshape(bsz, k, m).transpose(1, 2)
-    return ga.to(device=grad.device, dtype=grad.dtype)
-
-
-def _bmm_gather_grad_b(grad, ia, ib, tabs: LutTables) -> torch.Tensor:
-    """``d/dqb[b, k, n] = sum_m grad[b, m, n] gw2[ia, ib]`` (no mask) by one call of
-    :func:`appmult.nn.kernels.gather_grad_b`."""
-    bsz, _, k = ia.shape
-    n = ib.shape[-1]
-    a, b, g = _bmm_gather_operands(grad, ia, ib)
+    ga = ga.to(device=grad.device, dtype=grad.dtype)
+    if not weight_side:
+        return ga, None
     gb = K.gather_grad_b(a, b, tabs.gw2, g, bsz).reshape(bsz, n, k).transpose(1, 2)
-    return gb.to(device=grad.device, dtype=grad.dtype)
+    return ga, gb.to(device=grad.device, dtype=grad.dtype)
 
 
 def lut_bmm(qa: torch.Tensor, qb: torch.Tensor, tabs: LutTables, *, keep: torch.Tensor | None = None,
