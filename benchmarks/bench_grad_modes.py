@@ -33,16 +33,14 @@ from appmult.nn import kernels as K
 
 from bench_nn import bench_cases, bench_luts, interleaved, step_fns
 
-#: The threshold that keeps every product on the scalar loops.
+#: The library's threshold, and one that keeps every product on the scalar loops.
+_DEFAULT_MIN = K.FLOAT_SHUFFLE_MIN_LOOKUPS
 _NEVER = 1 << 62
 
 
 def shuffles(on: bool) -> None:
     """Turn the byte-shuffle gradient gathers on or off (for the next call)."""
     K.FLOAT_SHUFFLE_MIN_LOOKUPS = _DEFAULT_MIN if on else _NEVER
-
-
-_DEFAULT_MIN = K.FLOAT_SHUFFLE_MIN_LOOKUPS
 
 
 def layer_rows(cname: str, reps: int) -> list[tuple]:

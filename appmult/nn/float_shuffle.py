@@ -255,15 +255,15 @@ def _tails(a: np.ndarray, grad: np.ndarray, n64: int) -> tuple[np.ndarray, np.nd
 def grad_a(a: np.ndarray, b: np.ndarray, byte_planes: np.ndarray, grad: np.ndarray, groups: int,
            rows: int = 0) -> np.ndarray:
     """``(N, G*Kg, L)`` float32, see the module notes; ``byte_planes``: :func:`planes` of the
-    table (``rows``: batch items per task, 0 for about four tasks per thread). Indices must be
-    inside the table (the caller checks them)."""
+    table (``rows``: batch items per task, 0 for the default). Indices must be inside the
+    table (the caller checks them)."""
     _check(a, b, byte_planes, grad, groups)
     nbatch, ktot, length = a.shape
     out = np.zeros(a.shape, np.float32)
     if out.size == 0 or b.size == 0:
         return out
-    if rows <= 0:  # about 4 tasks per thread, at most 32 items each (their sums stay in L2)
-        rows = int(min(32, max(1, -(-nbatch * ktot // (4 * numba.get_num_threads() * ktot)))))
+    if rows <= 0:  # a quarter of the batch per thread, at most 32 items (their sums stay in L2)
+        rows = min(32, max(1, -(-nbatch // (4 * numba.get_num_threads()))))
     addr, pl = _compiled()[1][0], byte_planes
     n64 = length - length % LANES
     _drive_grad_a(addr, a, b, pl, grad, groups, rows, n64, out)
