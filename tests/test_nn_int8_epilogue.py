@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxLinear
 from appmult.nn import functional as FN
 from appmult.nn import fused as FU
 from test_nn_int8_gemm import brute_acc, forward, make_layer, quantized_case, spy_int8, truncated
@@ -138,3 +140,22 @@ def test_layer_inference_takes_the_fused_epilogue_and_equals_every_other_path(mo
     outs.append(forward(layer, x, False))
     for other in outs:
         assert torch.equal(y, other)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_first_layer_weight_gets_its_gradient(bias):
+    """Regression: a bias-free layer whose input needs no gradient (a network's first layer)
+    took the epilogue without autograd -- its output had no ``grad_fn`` and its weight never
+    trained. The weight's gradient must be the one of the same layer whose input needs one."""
+    torch.manual_seed(3)
+    layer = ApproxLinear.from_float(torch.nn.Linear(24, 5, bias=bias),
+                                    ApproxConfig(LutFile(truncated(0), width_a=8, width_b=8, signed=False)))
+    x = torch.relu(torch.randn(7, 24))
+    grads = []
+    for x_grad in (True, False):
+        layer.weight.grad = None
+        y = layer(x.clone().requires_grad_(x_grad))
+        assert y.requires_grad
+        y.square().sum().backward()
+        grads.append(layer.weight.grad)
+    assert grads[1] is not None and torch.equal(grads[0], grads[1])
