@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError, InvalidTypeError, InvalidValueError
 from . import kernels as K
 from . import shuffle_gather
-from .autograd import _autocast_off, _backward_without_autocast
+from .autograd import _autocast_off, _backward_without_autocast, _cast
 from .config import ApproxConfig
 from .functional import _check_codes
 from .layers import ApproxLinear
@@ -110,58 +110,71 @@ def _bmm_forward(qa, qb, keep, tabs: LutTables, exact: bool) -> torch.Tensor:
 MASKED_SPLIT_MIN_LOOKUPS = 1 << 21
 
 
-def _bmm_backward(grad, qa, qb, keep, tabs: LutTables):
+def _bmm_backward(grad, qa, qb, keep, tabs: LutTables, need: tuple[bool, bool] = (True, True)):
+    """``(d/dqa, d/dqb)`` of ``sum_k keep * LUT[qa, qb]``; a side whose ``need`` is false is
+    ``None``, not computed."""
     dt = grad.dtype
     ia, ib = _idx(qa, tabs.lo_x), _idx(qb, tabs.lo_w)
     kf = None if keep is None else keep.to(dt)
+    ga = gb = None
     if tabs.gx1 is not None:
         # STE (the tables are the operand values) and LUT-1D: d/da depends on b only, d/db on a.
-        ga = grad @ tabs.gx1.to(dt)[ib].transpose(-1, -2)                # (B, M, K)
-        amap = tabs.gw1.to(dt)[ia]
-        if kf is not None:
-            ga = ga * kf
-            amap = amap * kf
-        gb = amap.transpose(-1, -2) @ grad                               # (B, K, N)
+        if need[0]:
+            ga = grad @ tabs.gx1.to(dt)[ib].transpose(-1, -2)            # (B, M, K)
+            ga = ga if kf is None else ga * kf
+        if need[1]:
+            amap = tabs.gw1.to(dt)[ia]
+            amap = amap if kf is None else amap * kf
+            gb = amap.transpose(-1, -2) @ grad                           # (B, K, N)
         return ga, gb
     gathers = dt == torch.float32  # (their sums are float32: a float64 product keeps the torch gather)
     if kf is None and gathers:
-        return _bmm_gather_grads(grad, ia, ib, tabs, weight_side=True)
+        return _bmm_gather_grads(grad, ia, ib, tabs, need)
     # Masked: d/db sums over m, so the mask stays inside -- a torch gather of (b, M, K, N)
     # blocks; d/da does not (the mask depends on (m, k), not on the summed n): for large
     # products the unmasked sums of the gradient gathers times the mask (the same values)
     bsz, m, k = ia.shape
     split = gathers and qa.numel() * ib.shape[-1] >= MASKED_SPLIT_MIN_LOOKUPS
-    ga = _bmm_gather_grads(grad, ia, ib, tabs, weight_side=False)[0] * kf if split \
-        else torch.empty(qa.shape, dtype=dt, device=grad.device)
-    gb = torch.empty(qb.shape, dtype=dt, device=grad.device)
+    looped = need[0] and not split
+    if need[0]:
+        ga = _bmm_gather_grads(grad, ia, ib, tabs, (True, False))[0] * kf if split \
+            else torch.empty(qa.shape, dtype=dt, device=grad.device)
+    if need[1]:
+        gb = torch.empty(qb.shape, dtype=dt, device=grad.device)
+    if not (looped or need[1]):
+        return ga, gb
     gx2, gw2 = tabs.gx2.to(dt), tabs.gw2.to(dt)
     for s, e in _blocks(bsz, m * k * ib.shape[-1]):
         pair = (ia[s:e, :, :, None], ib[s:e, None, :, :])
         g = grad[s:e, :, None, :]                                        # (b, M, 1, N)
         if kf is not None:
             g = g * kf[s:e, :, :, None]                                  # (b, M, K, N)
-        if not split:
+        if looped:
             ga[s:e] = (gx2[pair] * g).sum(-1)
-        gb[s:e] = (gw2[pair] * g).sum(1)
+        if need[1]:
+            gb[s:e] = (gw2[pair] * g).sum(1)
     return ga, gb
 
 
-def _bmm_gather_grads(grad, ia, ib, tabs: LutTables, weight_side: bool):
-    """``(d/dqa, d/dqb or None)`` of the unmasked products by the layers' gradient gathers
+def _bmm_gather_grads(grad, ia, ib, tabs: LutTables, need: tuple[bool, bool]):
+    """``(d/dqa, d/dqb)`` of the unmasked products by the layers' gradient gathers
     (:func:`appmult.nn.kernels.gather_grad_a`/``_b``: byte shuffles, numba or torch), all items
     in one call each, each item a group: the activation side ``ia`` as ``(1, B*K, M)``, the
-    weight side ``ib`` as ``(B*N, K)``, ``grad`` as ``(1, B*N, M)`` (laid out once for both)."""
+    weight side ``ib`` as ``(B*N, K)``, ``grad`` as ``(1, B*N, M)`` (laid out once for both);
+    a side whose ``need`` is false is ``None``."""
     bsz, m, k = ia.shape
     n = ib.shape[-1]
     a = ia.transpose(1, 2).reshape(1, bsz * k, m)
     b = ib.transpose(1, 2).reshape(bsz * n, k)
     g = grad.transpose(1, 2).reshape(1, bsz * n, m)
-    ga = K.gather_grad_a(a, b, tabs.gx2, g, bsz)[0].reshape(bsz, k, m).transpose(1, 2)
-    ga = ga.to(device=grad.device, dtype=grad.dtype)
-    if not weight_side:
-        return ga, None
-    gb = K.gather_grad_b(a, b, tabs.gw2, g, bsz).reshape(bsz, n, k).transpose(1, 2)
-    return ga, gb.to(device=grad.device, dtype=grad.dtype)
+    ga = gb = None
+    if need[0]:
+        ga = K.gather_grad_a(a, b, tabs.gx2, g, bsz)[0].reshape(bsz, k, m).transpose(1, 2)
+        ga = ga.to(device=grad.device, dtype=grad.dtype)
+    if need[1]:
+        gb = K.gather_grad_b(a, b, tabs.gw2, g, bsz).reshape(bsz, n, k).transpose(1, 2)
+        gb = gb.to(device=grad.device, dtype=grad.dtype)
+    return ga, gb
 
 
 def lut_bmm(qa: torch.Tensor, qb: torch.Tensor, tabs: LutTables, *, keep: torch.Tensor | None = None,
@@ -203,8 +216,8 @@ class _LutBmmFn(torch.autograd.Function):
     @_backward_without_autocast
     def backward(ctx, grad):
         qa, qb, keep = ctx.saved_tensors
-        ga, gb = _bmm_backward(grad.contiguous(), qa, qb, keep, ctx.tabs)
-        return ga.to(qa.dtype), gb.to(qb.dtype), None, None, None
+        ga, gb = _bmm_backward(grad.contiguous(), qa, qb, keep, ctx.tabs, ctx.needs_input_grad[:2])
+        return _cast(ga, qa.dtype), _cast(gb, qb.dtype), None, None, None
 
 
 def _dynamic_quant(x: torch.Tensor, width: int, signed: bool):

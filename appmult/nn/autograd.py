@@ -100,41 +100,59 @@ def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: 
     return acc.to(device=qx.device, dtype=dtype)
 
 
-def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, zx=None, zw=None):
+def _cast(g: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A gradient in ``dtype`` (``None``, the gradient of an input that needs none, stays ``None``)."""
+    return None if g is None else g.to(dtype)
+
+
+def _linear_backward(grad: torch.Tensor, qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, zx=None, zw=None,
+                     need: tuple[bool, bool] = (True, True)):
+    """``(d/dqx, d/dqw)`` of ``sum LUT[qx, qw]`` (with the cross terms where ``zx``/``zw`` are
+    given); a side whose ``need`` is false is ``None``, not computed (a first layer's input, a
+    frozen weight: autograd's ``ctx.needs_input_grad``)."""
     dt = grad.dtype
+    nx, nw = need
     if zx is not None:
         # with the cross terms -qx Zw - Zx qw (see _conv_backward)
         n = qw.shape[0]
         zwc = zw.detach().to(dt).reshape(n, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(())
         zxs = zx.detach().to(dt).reshape(())
         if tabs.grad is GradMode.STE:
-            return grad @ (qw.detach().to(dt) - zwc), grad.t() @ (qx.detach().to(dt) - zxs)
-        gx, gw = _linear_backward(grad, qx, qw, tabs)
-        gx = gx - (grad @ torch.ones((n, 1), dtype=dt, device=grad.device).mul(zwc)).expand_as(gx)
-        gw = gw - zxs * grad.sum(0).reshape(n, 1)
+            return (grad @ (qw.detach().to(dt) - zwc) if nx else None,
+                    grad.t() @ (qx.detach().to(dt) - zxs) if nw else None)
+        gx, gw = _linear_backward(grad, qx, qw, tabs, need=need)
+        if nx:
+            gx = gx - (grad @ torch.ones((n, 1), dtype=dt, device=grad.device).mul(zwc)).expand_as(gx)
+        if nw:
+            gw = gw - zxs * grad.sum(0).reshape(n, 1)
         return gx, gw
     if tabs.grad is GradMode.STE:
-        return grad @ qw.detach().to(dt), grad.t() @ qx.detach().to(dt)
+        return grad @ qw.detach().to(dt) if nx else None, grad.t() @ qx.detach().to(dt) if nw else None
     ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
     if tabs.gx1 is not None:
-        gx = grad @ tabs.gx1.to(dt)[iw]
-        gw = grad.t() @ tabs.gw1.to(dt)[ix]
+        gx = grad @ tabs.gx1.to(dt)[iw] if nx else None
+        gw = grad.t() @ tabs.gw1.to(dt)[ix] if nw else None
         return gx, gw
     m, k = ix.shape
     n = iw.shape[0]
+    gx = gw = None
     if tabs.grad_kernel is Kernel.LOWRANK:
         ra, rb = tabs.gx_p.shape[1], tabs.gw_p.shape[1]
-        t = (grad @ tabs.gx_q.to(dt)[iw].reshape(n, k * ra)).reshape(m, k, ra)
-        gx = (t * tabs.gx_p.to(dt)[ix]).sum(-1)
-        t2 = (grad.t() @ tabs.gw_p.to(dt)[ix].reshape(m, k * rb)).reshape(n, k, rb)
-        gw = (t2 * tabs.gw_q.to(dt)[iw]).sum(-1)
+        if nx:
+            t = (grad @ tabs.gx_q.to(dt)[iw].reshape(n, k * ra)).reshape(m, k, ra)
+            gx = (t * tabs.gx_p.to(dt)[ix]).sum(-1)
+        if nw:
+            t2 = (grad.t() @ tabs.gw_p.to(dt)[ix].reshape(m, k * rb)).reshape(n, k, rb)
+            gw = (t2 * tabs.gw_q.to(dt)[iw]).sum(-1)
         return gx, gw
     a = _small_idx(ix, tabs.prod.shape[0]).t().unsqueeze(0)
     b = _small_idx(iw, tabs.prod.shape[1])
     g = grad.t().unsqueeze(0)
-    gx = K.gather_grad_a(a, b, tabs.gx2, g, 1)[0].t()
-    gw = K.gather_grad_b(a, b, tabs.gw2, g, 1)
-    return gx.to(device=grad.device, dtype=dt), gw.to(device=grad.device, dtype=dt)
+    if nx:
+        gx = K.gather_grad_a(a, b, tabs.gx2, g, 1)[0].t().to(device=grad.device, dtype=dt)
+    if nw:
+        gw = K.gather_grad_b(a, b, tabs.gw2, g, 1).to(device=grad.device, dtype=dt)
+    return gx, gw
 
 
 class _LutLinearFn(torch.autograd.Function):
@@ -148,16 +166,16 @@ class _LutLinearFn(torch.autograd.Function):
     @_backward_without_autocast
     def backward(ctx, grad: torch.Tensor):
         qx, qw = ctx.saved_tensors
-        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs)
-        return gx.to(qx.dtype), gw.to(qw.dtype), None, None
+        gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, need=ctx.needs_input_grad[:2])
+        return _cast(gx, qx.dtype), _cast(gw, qw.dtype), None, None
 
 
 def _linear_zp_backward(ctx, grad):
     """LUT backward of a linear accumulator with zero-point cross terms (both linear Functions)."""
     qx, qw, zx, zw = ctx.saved_tensors
     zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-    gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs)
-    return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None, None
+    gx, gw = _linear_backward(grad.contiguous(), qx, qw, ctx.tabs, *zargs, need=ctx.needs_input_grad[:2])
+    return _cast(gx, qx.dtype), _cast(gw, qw.dtype), None, None, None, None, None, None
 
 
 class _LowRankLinearZpFn(torch.autograd.Function):
@@ -241,8 +259,10 @@ def _zero_point_input_term(grad, zwr, x_shape, kernel, stride, dilation, groups)
     return t.unsqueeze(2).expand(n, groups, c // groups, hp, wp).reshape(n, c, hp, wp)
 
 
-def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=None, zw=None):
-    """Gradients of ``sum LUT[qx, qw]`` w.r.t. the (padded) ``qx`` and ``qw``.
+def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=None, zw=None,
+                   need: tuple[bool, bool] = (True, True)):
+    """Gradients of ``sum LUT[qx, qw]`` w.r.t. the (padded) ``qx`` and ``qw``; a side whose
+    ``need`` is false is ``None``, not computed (see :func:`_linear_backward`).
 
     With zero points ``zx``/``zw`` (tensors), the gradients of the cross terms
     ``- qx Zw - Zx qw`` are included: for the 1-D grad tables they fold into the mapped
@@ -250,6 +270,7 @@ def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=N
     subtracted.
     """
     dt = grad.dtype
+    nx, nw = need
     cin_g = qw.shape[1]
     co = qw.shape[0]
     zp = zx is not None
@@ -259,49 +280,57 @@ def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=N
     if tabs.grad is GradMode.STE:
         # The STE tables are the operand values: the mapped operands are qw and qx themselves
         # (no index conversion or gather over the activations).
-        wmap = qw.detach().to(dt)
-        xmap = qx.detach().to(dt)
-        if zp:
-            wmap = wmap - zwr
-            xmap = xmap - zxs
-        gx = torch.nn.grad.conv2d_input(qx.shape, wmap, grad, stride, 0, dilation, groups)
-        gw = torch.nn.grad.conv2d_weight(xmap, qw.shape, grad, stride, 0, dilation, groups)
-        return gx, gw
+        wmap = qw.detach().to(dt) - zwr if zp else qw.detach().to(dt)
+        xmap = qx.detach().to(dt) - zxs if zp else qx.detach().to(dt)
+        return _mapped_conv_grads(grad, wmap, xmap, qx.shape, qw.shape, stride, dilation, groups, need)
     ix, iw = _idx(qx, tabs.lo_x), _idx(qw, tabs.lo_w)
     if tabs.gx1 is not None:
-        wmap = tabs.gx1.to(dt)[iw]
-        xtab = tabs.gw1.to(dt)
-        if zp:
-            wmap = wmap - zwr
-            xtab = xtab - zxs  # shift the 2**w-entry table, not the gathered activations
-        xmap = xtab[ix]
-        gx = torch.nn.grad.conv2d_input(qx.shape, wmap, grad, stride, 0, dilation, groups)
-        gw = torch.nn.grad.conv2d_weight(xmap, qw.shape, grad, stride, 0, dilation, groups)
-        return gx, gw
+        wmap = xmap = None
+        if nx:
+            wmap = tabs.gx1.to(dt)[iw] - zwr if zp else tabs.gx1.to(dt)[iw]
+        if nw:
+            # shift the 2**w-entry table, not the gathered activations
+            xmap = (tabs.gw1.to(dt) - zxs if zp else tabs.gw1.to(dt))[ix]
+        return _mapped_conv_grads(grad, wmap, xmap, qx.shape, qw.shape, stride, dilation, groups, need)
     if zp:
-        gx, gw = _conv_backward(grad, qx, qw, tabs, stride, dilation, groups)
-        gx = gx - _zero_point_input_term(grad, zwr, qx.shape, qw.shape[2:], stride, dilation, groups)
-        gw = gw - zxs * grad.sum((0, 2, 3)).reshape(co, 1, 1, 1)
+        gx, gw = _conv_backward(grad, qx, qw, tabs, stride, dilation, groups, need=need)
+        if nx:
+            gx = gx - _zero_point_input_term(grad, zwr, qx.shape, qw.shape[2:], stride, dilation, groups)
+        if nw:
+            gw = gw - zxs * grad.sum((0, 2, 3)).reshape(co, 1, 1, 1)
         return gx, gw
     n, c, hp, wp = qx.shape
     co, _, kh, kw = qw.shape
+    gx = gw = None
     if tabs.grad_kernel is Kernel.LOWRANK:
         ra, rb = tabs.gx_p.shape[1], tabs.gw_p.shape[1]
-        t = torch.nn.grad.conv2d_input((n, c * ra, hp, wp), _map_channels(tabs.gx_q, iw, dt), grad,
-                                       stride, 0, dilation, groups)
-        gx = (t.reshape(n, c, ra, hp, wp) * _map_channels(tabs.gx_p, ix, dt).reshape(n, c, ra, hp, wp)).sum(2)
-        t2 = torch.nn.grad.conv2d_weight(_map_channels(tabs.gw_p, ix, dt), (co, cin_g * rb, kh, kw), grad,
-                                         stride, 0, dilation, groups)
-        gw = (t2.reshape(co, cin_g, rb, kh, kw)
-              * _map_channels(tabs.gw_q, iw, dt).reshape(co, cin_g, rb, kh, kw)).sum(2)
+        if nx:
+            t = torch.nn.grad.conv2d_input((n, c * ra, hp, wp), _map_channels(tabs.gx_q, iw, dt), grad,
+                                           stride, 0, dilation, groups)
+            gx = (t.reshape(n, c, ra, hp, wp) * _map_channels(tabs.gx_p, ix, dt).reshape(n, c, ra, hp, wp)).sum(2)
+        if nw:
+            t2 = torch.nn.grad.conv2d_weight(_map_channels(tabs.gw_p, ix, dt), (co, cin_g * rb, kh, kw), grad,
+                                             stride, 0, dilation, groups)
+            gw = (t2.reshape(co, cin_g, rb, kh, kw)
+                  * _map_channels(tabs.gw_q, iw, dt).reshape(co, cin_g, rb, kh, kw)).sum(2)
         return gx, gw
     a = _unfold_idx(_small_idx(ix, tabs.prod.shape[0]), (kh, kw), stride, dilation)
     b = _small_idx(iw, tabs.prod.shape[1]).reshape(co, -1)
     g = grad.reshape(n, co, -1)
-    cols = K.gather_grad_a(a, b, tabs.gx2, g, groups).to(device=grad.device, dtype=dt)
-    gx = K.fold(cols, (hp, wp), (kh, kw), stride, dilation)
-    gw = K.gather_grad_b(a, b, tabs.gw2, g, groups).reshape(qw.shape)
-    return gx, gw.to(device=grad.device, dtype=dt)
+    if nx:
+        cols = K.gather_grad_a(a, b, tabs.gx2, g, groups).to(device=grad.device, dtype=dt)
+        gx = K.fold(cols, (hp, wp), (kh, kw), stride, dilation)
+    if nw:
+        gw = K.gather_grad_b(a, b, tabs.gw2, g, groups).reshape(qw.shape).to(device=grad.device, dtype=dt)
+    return gx, gw
+
+
+def _mapped_conv_grads(grad, wmap, xmap, x_shape, w_shape, stride, dilation, groups, need):
+    """``(conv2d_input(wmap), conv2d_weight(xmap))`` of ``grad``, each only where ``need`` says
+    (``None`` otherwise): the backward of a conv whose operands are mapped one by one."""
+    gx = torch.nn.grad.conv2d_input(x_shape, wmap, grad, stride, 0, dilation, groups) if need[0] else None
+    gw = torch.nn.grad.conv2d_weight(xmap, w_shape, grad, stride, 0, dilation, groups) if need[1] else None
+    return gx, gw
 
 
 class _LutConv2dFn(torch.autograd.Function):
@@ -315,46 +344,52 @@ class _LutConv2dFn(torch.autograd.Function):
     @_backward_without_autocast
     def backward(ctx, grad):
         qx, qw = ctx.saved_tensors
-        gx, gw = _conv_backward(grad.contiguous(), qx, qw, ctx.tabs, *ctx.geom)
-        return gx.to(qx.dtype), gw.to(qw.dtype), None, None, None, None, None
+        gx, gw = _conv_backward(grad.contiguous(), qx, qw, ctx.tabs, *ctx.geom, need=ctx.needs_input_grad[:2])
+        return _cast(gx, qx.dtype), _cast(gw, qw.dtype), None, None, None, None, None
 
 
 def _zp_conv_backward(ctx, grad):
     """Gradients of a fused conv accumulator (LUT sum plus cross terms) w.r.t. unpadded qx, qw."""
     qx, qw, zx, zw = ctx.saved_tensors
     (ph, pw), stride, dilation, groups = ctx.geom
+    need = ctx.needs_input_grad[:2]
+    zargs = (None, None) if ctx.tabs.signed else (zx, zw)
     if ctx.tabs.grad is GradMode.STE and not (ctx.tabs.signed and float(zx) != 0.0):
         # (a signed LUT has no cross terms: its padding, Zx, is 0 after no shift only when Zx = 0)
-        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-        gx, gw = _ste_conv_backward(grad.contiguous(), qx, qw, (ph, pw), stride, dilation, groups, *zargs)
-        return gx.to(qx.dtype), gw.to(qw.dtype)
+        gx, gw = _ste_conv_backward(grad.contiguous(), qx, qw, (ph, pw), stride, dilation, groups, *zargs,
+                                    need=need)
+        return _cast(gx, qx.dtype), _cast(gw, qw.dtype)
     qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
-    zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-    gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs)
-    if ph or pw:
+    gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs, need=need)
+    if gx is not None and (ph or pw):
         gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
-    return gx.to(qx.dtype), gw.to(qw.dtype)
+    return _cast(gx, qx.dtype), _cast(gw, qw.dtype)
 
 
-def _ste_conv_backward(grad, qx, qw, padding, stride, dilation, groups, zx=None, zw=None):
+def _ste_conv_backward(grad, qx, qw, padding, stride, dilation, groups, zx=None, zw=None,
+                       need: tuple[bool, bool] = (True, True)):
     """The STE gradients of a padded conv accumulator (with the cross terms' where ``zx``/``zw``
     are given) w.r.t. the unpadded ``qx`` and ``qw``, by one ``convolution_backward`` call.
 
     ``d/dqx = conv_input(qw - Zw)`` and ``d/dqw = conv_weight(qx_padded - Zx)``; the padded
     positions hold ``Zx``, i.e. 0 after the shift, so the convolution pads by itself: no
     padded copy of ``qx``, no slice of a padded gradient (whose strides made the quantizer's
-    backward take its torch path), and the two gradients in one call, as torch's own conv.
+    backward take its torch path), and the two gradients in one call, as torch's own conv --
+    or only the one ``need`` asks for (the other ``None``; the operand it alone uses then
+    only gives its shape, unshifted).
     """
     dt = grad.dtype
     wmap, xmap = qw.detach().to(dt), qx.detach().to(dt)
     if zx is not None:
         co = qw.shape[0]
-        wmap = wmap - (zw.detach().to(dt).reshape(co, 1, 1, 1) if zw.numel() > 1 else zw.detach().to(dt).reshape(()))
-        if float(zx) != 0.0:  # ReLU inputs: Zx = 0, qx as is
+        if need[0]:
+            wmap = wmap - (zw.detach().to(dt).reshape(co, 1, 1, 1) if zw.numel() > 1
+                           else zw.detach().to(dt).reshape(()))
+        if need[1] and float(zx) != 0.0:  # ReLU inputs: Zx = 0, qx as is
             xmap = xmap - zx.detach().to(dt).reshape(())
     gx, gw, _ = torch.ops.aten.convolution_backward(
         grad, xmap, wmap, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [True, True, False])
+        [bool(need[0]), bool(need[1]), False])
     return gx, gw
 
 
