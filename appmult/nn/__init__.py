@@ -17,6 +17,10 @@ methods built on these layers in :mod:`appmult.methods`; the retraining workflow
 RTL check of a trained layer in :mod:`appmult.flows`.
 """
 
+from ..heap import keep_freed_memory
+
+keep_freed_memory()  # a training step's tensors stay in the heap (see appmult.heap)
+
 from .attention import (ApproxMultiheadAttention, AttentionOperands, LutAttention, attention_modules, lut_bmm,
                         lut_sdpa)
 from .config import PARTS, ApproxConfig, load_lut

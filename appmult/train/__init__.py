@@ -6,6 +6,10 @@ ships offline (``digits``, ``mnist5k``) and standard-format loaders for user dir
 ``fit`` with per-epoch atomic checkpoints and bit-identical resume.
 """
 
+from ..heap import keep_freed_memory
+
+keep_freed_memory()  # a training step's tensors stay in the heap (see appmult.heap)
+
 from .data import (
     AUGMENTATIONS,
     DATASETS,
