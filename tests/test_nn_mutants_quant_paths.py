@@ -112,17 +112,21 @@ def test_double_backward_through_the_ste():
 
 @needs_numba
 def test_numba_quantizes_the_training_step_and_inference(monkeypatch):
-    """The CPU training step runs ``quant_loops.fake_quant`` (with the mask) and
-    ``ste_grad``; inference runs ``fake_quant`` without the mask; results as the formula."""
+    """The CPU training step runs ``quant_loops.fake_quant`` (a per-channel weight:
+    ``channel_fake_quant``) with the mask and ``ste_grad``; inference runs them without the
+    mask; results as the formula."""
     calls = []
-    real_fq, real_ste = Q.loops.fake_quant, Q.loops.ste_grad
+    real_fq, real_ste, real_cq = Q.loops.fake_quant, Q.loops.ste_grad, Q.loops.channel_fake_quant
     monkeypatch.setattr(Q.loops, "fake_quant",
                         lambda *a: calls.append(("fake_quant", a[-1].shape[0] > 0)) or real_fq(*a))
+    monkeypatch.setattr(Q.loops, "channel_fake_quant",
+                        lambda *a: calls.append(("channel_fake_quant", a[-1].shape[0] > 0)) or real_cq(*a))
     monkeypatch.setattr(Q.loops, "ste_grad", lambda *a: calls.append(("ste_grad",)) or real_ste(*a))
     gen = torch.Generator().manual_seed(3)
     w = (torch.randn(6, 5, 3, 3, generator=gen)).requires_grad_(True)
     wq = Q.WeightQuantizer(8, False)
     for quantizer, t in ((wq, w), (ActivationQuantizer(8, False), torch.randn(4, 20, generator=gen) + 0.5)):
+        kernel = "channel_fake_quant" if quantizer is wq else "fake_quant"
         quantizer.train()
         t = t.detach().requires_grad_(True)
         calls.clear()
@@ -130,13 +134,13 @@ def test_numba_quantizes_the_training_step_and_inference(monkeypatch):
         g = torch.randn(t.shape, generator=gen)
         y.backward(g)
         want_q, want_in = torch_forward(t.detach(), s, z, quantizer.qmin, quantizer.qmax)
-        assert calls == [("fake_quant", True), ("ste_grad",)]
+        assert calls == [(kernel, True), ("ste_grad",)]
         assert torch.equal(bits(y.detach()), bits(want_q)) and torch.equal(bits(t.grad), bits(g * want_in / s))
         calls.clear()
         quantizer.eval()
         with torch.no_grad():
             y, s, z = quantizer(t)
-        assert calls == [("fake_quant", False)]
+        assert calls == [(kernel, False)]
         assert torch.equal(bits(y), bits(torch_forward(t.detach(), s, z, quantizer.qmin, quantizer.qmax)[0]))
 
 

@@ -128,19 +128,17 @@ class _ApproxMixin:
         qx, sx, zx = self.act_quant(x, type(self).__name__)  # refuses NaN/Inf, no observer changed
         return qx, sx, zx, qw, sw, zw
 
-    def _check_quantized_weight(self, q, ct: torch.dtype) -> None:
-        """Refuse a weight whose quantization is not finite (NaN/Inf weights, or a range wider
-        than ``ct`` holds): a NaN code would become an arbitrary table index."""
-        qw, sw, _ = q
-        if bool(torch.isfinite(qw.detach().sum() + sw.detach().sum())):  # bounded integers, positive scales
-            return
-        w = self.weight.detach()
+    def _weight_codes(self, w: torch.Tensor, ct: torch.dtype):
+        """``(qw, sw, zw)`` of ``w`` in ``ct``, refused where a code could be NaN: NaN/Inf
+        weights (found by the weight quantizer) or a range wider than ``ct`` holds (an
+        infinite scale; with finite weights and finite scales the codes are bounded
+        integers). A NaN code would become an arbitrary table index."""
         name = type(self).__name__
-        if not bool(torch.isfinite(w).all()):
-            raise InvalidValueError(f"{name} weight contains NaN or Inf; approximate layers quantize their weights "
-                                    f"and cannot represent non-finite values")
-        lo, hi = torch.stack(torch.aminmax(w.to(ct))).tolist()
-        raise InvalidValueError(f"{name} weight range [{lo:g}, {hi:g}] is too wide to quantize in {ct}")
+        q = self.weight_quant(w.to(ct), name)
+        if not bool(torch.isfinite(q[1].detach().sum())):
+            lo, hi = torch.stack(torch.aminmax(self.weight.detach().to(ct))).tolist()
+            raise InvalidValueError(f"{name} weight range [{lo:g}, {hi:g}] is too wide to quantize in {ct}")
+        return q
 
     def _quantized_weight(self):
         """``((qw, sw, zw), cache)``: the quantized weight and a dict for weight-side tables.
@@ -155,15 +153,12 @@ class _ApproxMixin:
         w, wq = self.weight, self.weight_quant
         ct = self._compute_dtype()
         if torch.is_grad_enabled() and w.requires_grad:
-            q = wq(w.to(ct))
-            self._check_quantized_weight(q, ct)
-            return q, None  # (a kept cache stays valid: it is checked against the weight when used)
+            return self._weight_codes(w, ct), None  # (a kept cache stays valid: it is checked when used)
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, id(wq), wq.scheme, wq.width, wq.signed)
         c = self.__dict__.get("_wcache")
         if c is None or c["key"] != key or not _same_bits(c["w"], w.detach()):
             with torch.no_grad():
-                q = wq(w.to(ct))
-            self._check_quantized_weight(q, ct)  # once per weight change, not per forward
+                q = self._weight_codes(w, ct)  # checked once per weight change, not per forward
             c = {"key": key, "w": w.detach().clone(), "q": q, "tables": {}}
             self.__dict__["_wcache"] = c
         return c["q"], c["tables"]

@@ -74,12 +74,21 @@ def _non_finite(what: str) -> InvalidValueError:
                              f"cannot represent non-finite values")
 
 
-def check_finite(x: torch.Tensor, what: str) -> None:
-    """Refuse an ``x`` holding NaN or Inf (``what`` names the caller in the error)."""
+def _non_finite_weight(what: str) -> InvalidValueError:
+    return InvalidValueError(f"{what} weight contains NaN or Inf; approximate layers quantize their weights and "
+                             f"cannot represent non-finite values")
+
+
+def _all_finite(x: torch.Tensor) -> bool:
     # A NaN or Inf anywhere makes the sum non-finite: one cheap reduction (~3x faster than
     # aminmax). Only when the sum is not finite (or overflowed) do min/max decide.
-    if x.numel() and not bool(torch.isfinite(x.sum())) \
-            and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+    return not x.numel() or bool(torch.isfinite(x.sum())) \
+        or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    """Refuse an ``x`` holding NaN or Inf (``what`` names the caller in the error)."""
+    if not _all_finite(x):
         raise _non_finite(what)
 
 
@@ -114,11 +123,16 @@ def _fused_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Integer-valued quantization with a clipped straight-through gradient."""
+    """Integer-valued quantization with a clipped straight-through gradient (``done``: the
+    codes and the mask ``(q, inside)`` already computed without autograd, e.g. by
+    :func:`_fused_channel_quant`; the node then only carries the gradient)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                qmin: int, qmax: int, what: str | None = None) -> torch.Tensor:
+                qmin: int, qmax: int, what: str | None = None, done=None) -> torch.Tensor:
+        if done is not None:
+            ctx.save_for_backward(done[1], scale)
+            return done[0]
         fused = None if scale.requires_grad or zero_point.requires_grad else \
             _fused_fake_quant(x, scale, zero_point, qmin, qmax, mask=True)
         if fused is not None:
@@ -142,8 +156,30 @@ class _FakeQuantSTE(torch.autograd.Function):
             out = torch.empty_like(grad)
             loops.ste_grad(grad.reshape(rows, -1).numpy(), inside.reshape(rows, -1).numpy(),
                            scale.detach().reshape(-1).contiguous().numpy(), out.reshape(rows, -1).numpy())
-            return out, None, None, None, None, None
-        return grad * inside / scale, None, None, None, None, None
+            return out, None, None, None, None, None, None
+        return grad * inside / scale, None, None, None, None, None, None
+
+
+def _fused_channel_quant(w: torch.Tensor, wq: "WeightQuantizer", mask: bool):
+    """``(q, inside or None, scale, zero_point, finite)`` of a per-channel weight quantization
+    by one numba pass (:func:`appmult.nn.quant_loops.channel_fake_quant`: each channel's
+    range, scale and zero point, then its codes -- the bits of ``scale_zero_point`` and the
+    torch fake quantization), or ``None`` where it does not run (not float32 CPU, no numba,
+    fewer than two dimensions, an empty weight)."""
+    if w.dim() < 2 or w.numel() == 0 or w.device.type != "cpu" or w.dtype != torch.float32 \
+            or not (loops.AVAILABLE and numba_available()):
+        return None
+    x = w.detach().reshape(w.shape[0], -1).contiguous()
+    rows = x.shape[0]
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    scale = torch.empty(rows, dtype=torch.float32)
+    zp = torch.empty(rows, dtype=torch.float32)
+    q = torch.empty(x.shape, dtype=torch.float32)
+    inside = torch.empty(x.shape, dtype=torch.bool) if mask else torch.empty((0, 0), dtype=torch.bool)
+    tops = loops.channel_fake_quant(x.numpy(), wq.qmin, wq.qmax, wq.signed, scale.numpy(), zp.numpy(), q.numpy(),
+                                    inside.numpy())
+    return (q.reshape(w.shape), inside.reshape(w.shape) if mask else None, scale.reshape(shape), zp.reshape(shape),
+            tops < loops.NON_FINITE)
 
 
 def _fake_quant_nograd(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -237,8 +273,24 @@ class WeightQuantizer(_Quantizer):
             return s.reshape(shape), z.reshape(shape)
         return _scale_zero_point(w.min(), w.max(), self.width, self.signed)
 
-    def forward(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(q, scale, zero_point)``; ``q`` holds integer values (float dtype, STE gradient)."""
+    def forward(self, w: torch.Tensor, what: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns ``(q, scale, zero_point)``; ``q`` holds integer values (float dtype, STE gradient).
+
+        With ``what`` (the layer's name), a ``w`` holding NaN or Inf raises
+        :class:`InvalidValueError` ("<what> weight contains NaN or Inf"): found by the
+        quantizing pass itself where the per-channel numba kernel runs, else by a check first.
+        """
+        grad = torch.is_grad_enabled() and w.requires_grad
+        fused = _fused_channel_quant(w, self, mask=grad) if self.scheme is WeightScheme.PER_CHANNEL else None
+        if fused is not None:
+            q, inside, s, z, finite = fused
+            if what is not None and not finite:
+                raise _non_finite_weight(what)
+            if grad:
+                q = _FakeQuantSTE.apply(w, s, z, self.qmin, self.qmax, None, (q, inside))
+            return q, s, z
+        if what is not None and not _all_finite(w.detach()):
+            raise _non_finite_weight(what)
         s, z = self.scale_zero_point(w)
         return _fake_quant(w, s, z, self.qmin, self.qmax), s, z
 

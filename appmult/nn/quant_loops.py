@@ -76,6 +76,63 @@ if numba is not None:
                     mr[i] = (t >= lo_in) & (t <= hi_in)
         return tops
 
+    @njit(cache=True, error_model="numpy", boundscheck=False)
+    def _row_scale_zero_point(lo, hi, qmax, signed):  # pragma: no cover - compiled
+        # quant._scale_zero_point of one row's range, float32 operation for operation (NaN
+        # propagates through the clamps and the maximum as in torch; the selects keep -0.0
+        # where torch's clamps do).
+        if signed:
+            alo, ahi = abs(lo), abs(hi)
+            amax = alo if (alo != alo or alo > ahi) else ahi
+            scale = amax / np.float32(qmax + 1)
+            zp = np.float32(0.0)
+        else:
+            lo = np.float32(0.0) if lo > 0 else lo
+            hi = np.float32(0.0) if hi < 0 else hi
+            scale = (hi - lo) / np.float32(qmax)
+            safe = scale if scale > 0 else np.float32(1.0)
+            zp = np.rint(-lo / safe)
+            zp = np.float32(0.0) if zp < 0 else zp
+            zp = np.float32(qmax) if zp > qmax else zp
+        return (scale if scale > 0 else np.float32(1.0)), zp
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def channel_fake_quant(x, qmin, qmax, signed, scale, zp, q, inside):  # pragma: no cover - compiled
+        # Per row c of x: the range [min, max], scale[c] and zp[c] from it
+        # (_row_scale_zero_point), then q and inside as fake_quant does, in one task per row
+        # (the row stays in cache between its passes). Returns fake_quant's finiteness word
+        # (>= 2**31 iff an input is Inf or NaN; a row holding NaN gets an arbitrary range).
+        xbits = x.view(np.int32)
+        rows, length = x.shape
+        tops = 0
+        lo_q, hi_q = np.float32(qmin), np.float32(qmax)
+        lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
+        mask = inside.shape[0] > 0
+        for c in prange(rows):
+            xr, qr, br = x[c], q[c], xbits[c]
+            lo, hi = xr[0], xr[0]
+            for i in range(length):
+                v = xr[i]
+                lo = v if v < lo else lo
+                hi = v if v > hi else hi
+            top = 0
+            for i in range(length):
+                top |= (br[i] & EXPONENT) + EXPONENT_LSB
+            tops = max(tops, top)
+            s, z = _row_scale_zero_point(lo, hi, qmax, signed)
+            scale[c], zp[c] = s, z
+            for i in range(length):
+                t = xr[i] / s + z
+                r = np.rint(t)
+                r = lo_q if r < lo_q else r
+                qr[i] = hi_q if r > hi_q else r
+            if mask:
+                mr = inside[c]
+                for i in range(length):
+                    t = xr[i] / s + z
+                    mr[i] = (t >= lo_in) & (t <= hi_in)
+        return tops
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def ste_grad(grad, inside, scale, out):  # pragma: no cover - compiled
         # out[c, i] = grad[c, i] * inside[c, i] / scale[c]  (float32, in that order)
