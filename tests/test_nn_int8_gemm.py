@@ -445,9 +445,12 @@ def test_exact_product_trains_through_the_int8_gemm(monkeypatch):
                                                (True, 300, "per_channel")])
 def test_value_prep_equals_the_prep_of_the_fold(signed, k, scheme):
     """The exact product's int8 weights straight from the codes (a training step's path, no
-    fold): the same tuple as preparing the fold."""
+    fold; one offset for every row of an 8-bit weight side instead of each row's minimum):
+    the same accumulators as preparing the fold, equal to the brute-force sum, with the
+    numba epilogue and with the torch one."""
     torch.manual_seed(k)
-    lut = LutFile(truncated(0, signed), width_a=8, width_b=8, signed=signed)
+    table = truncated(0, signed)
+    lut = LutFile(table, width_a=8, width_b=8, signed=signed)
     layer = ApproxLinear.from_float(nn.Linear(k, 6), ApproxConfig(lut, kernel="lowrank", weight_scheme=scheme))
     x = torch.randn(9, k) + 0.3
     layer(x)
@@ -458,11 +461,14 @@ def test_value_prep_equals_the_prep_of_the_fold(signed, k, scheme):
     direct = FU._int8_value_prep(qw, zx, zw, layer.lut)
     via_fold = FU._int8_linear_prep(fold, layer.lut)
     assert direct is not None and via_fold is not False
-    for a, b in zip(direct, via_fold):
-        if isinstance(a, torch.Tensor):
-            assert a.dtype == b.dtype and torch.equal(a, b)
-        else:
-            assert a == b
+    assert direct[0].dtype == torch.int8 and direct[-1] == via_fold[-1] == 1  # one digit plane each
+    want = brute_acc(table, qx.numpy(), float(zx), qw.numpy(), zw.reshape(-1).numpy(), signed).astype(np.float32)
+    for numba_on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not numba_on:
+                mp.setenv("APPMULT_NO_NUMBA", "1")
+            for prep in (direct, via_fold):
+                np.testing.assert_array_equal(FU._int8_linear_acc(qx, prep, layer.lut).numpy(), want)
 
 
 def test_value_prep_only_for_the_exact_product():

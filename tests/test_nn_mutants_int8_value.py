@@ -39,19 +39,28 @@ def fold_prep(qw, zx, zw, tabs):
 
 
 def check_against_the_fold(qw, zx, zw, tabs):
-    """The direct prep equals the fold's where that has one plane, else is ``None``; returns
-    ``(direct, fold's prep)``."""
+    """The direct prep applies exactly where the fold's has one plane (else ``None``) and
+    then gives the fold's accumulators, equal to the brute-force sum ``sum_k (x - Zx)(w -
+    Zw)`` (no zero points when signed), on random activation codes, with the numba epilogue
+    and with the torch one; returns ``(direct, fold's prep)``."""
     direct = FU._int8_value_prep(qw, zx, zw, tabs)
     ref = fold_prep(qw, zx, zw, tabs)
     if ref is False or ref[-1] != 1:
         assert direct is None
         return direct, ref
-    assert direct is not None
-    for a, b in zip(direct, ref, strict=True):
-        if isinstance(a, torch.Tensor):
-            assert a.dtype == b.dtype and torch.equal(a, b)
-        else:
-            assert a == b
+    assert direct is not None and direct[-1] == 1 and direct[0].dtype == torch.int8
+    n, k = qw.shape
+    gen = torch.Generator().manual_seed(k)
+    qx = torch.randint(tabs.lo_x, tabs.lo_x + tabs.prod.shape[0], (5, k), generator=gen).float()
+    shift = (0.0, torch.zeros(n, 1, dtype=torch.float64)) if tabs.signed else \
+        (float(zx), zw.double().reshape(-1, 1).expand(n, 1))
+    want = ((qx.double() - shift[0]) @ (qw.double() - shift[1]).t()).float()
+    for numba_on in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not numba_on:
+                mp.setenv("APPMULT_NO_NUMBA", "1")
+            for prep in (direct, ref):
+                assert torch.equal(FU._int8_linear_acc(qx, prep, tabs), want)
     return direct, ref
 
 
@@ -152,7 +161,8 @@ def test_value_prep_at_the_constant_bound(row_sum, applies):
 
 
 def test_value_prep_makes_int8_weights_from_in_range_differences_only(monkeypatch):
-    """The int8 weights are ``w - (min_j w + 128)``, every difference in ``[-128, 127]``
+    """The int8 weights are ``w - (lo_w + 128)`` (an 8-bit weight side; else ``w - (min_j w +
+    128)``), every difference in ``[-128, 127]``
     (what ``_shifted_int8_rows`` requires: converting anything else to int8 is undefined
     behaviour, which happens to wrap on x86 and would hide an offset off by 256)."""
     seen = []

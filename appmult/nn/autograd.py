@@ -216,7 +216,9 @@ class _AccLinearZpFn(torch.autograd.Function):
     def forward(ctx, qx, qw, zx, zw, tabs: LutTables, acc, dtype):
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
-        # one pass into a row-major result (the kernel's accumulator is a transposed view)
+        if acc.dtype == dtype and acc.is_contiguous():
+            return acc  # (the int8 GEMM's epilogue: a new row-major float32 tensor already)
+        # one pass into a row-major result (the gather kernel's accumulator is a transposed view)
         return torch.empty(acc.shape, dtype=dtype, device=acc.device).copy_(acc)
 
     backward = staticmethod(_backward_without_autocast(_linear_zp_backward))

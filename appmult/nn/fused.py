@@ -354,11 +354,18 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
             or not torch.equal(zwv, torch.round(zwv)):
         return None
     q = qw.detach()
-    qmin, qmax = q.amin(1), q.amax(1)
     u = tabs.u
     umin, umax = float(u.min()), float(u.max())
-    if umax - umin > 255 or float((qmax - qmin).max()) > 255:
+    if umax - umin > 255:
         return None
+    if tabs.prod.shape[1] <= 256:
+        # every code of an 8-bit weight side lies in [lo_w, lo_w + 255]: one offset for all
+        # rows (no pass for their ranges; the layers' and approx_linear's codes are checked)
+        qmin = torch.full((n,), float(tabs.lo_w), dtype=torch.float32)
+    else:
+        qmin, qmax = q.amin(1), q.amax(1)
+        if float((qmax - qmin).max()) > 255:
+            return None
     shift = torch.zeros(n, dtype=torch.float64) if tabs.signed else zwv.expand(n)   # folded weights w - shift
     wsum = _exact_row_sums(q, _code_bound(tabs)) - k * shift                       # sum_k (w - shift), exact
     const = torch.zeros(n, dtype=torch.float64) if tabs.signed else -zxf * wsum
@@ -372,7 +379,11 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
 
 def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
     """``(M, N)`` float32 accumulator (LUT sum and cross terms, exact integers rounded once
-    to float32) by one int8 GEMM (:func:`_int8_linear_prep`)."""
+    to float32) by one int8 GEMM (:func:`_int8_linear_prep`); its epilogue by the numba pass
+    of :func:`_int8_linear_out` with a unit scale (``x * 1`` is exact: the same bits) where
+    that runs, else by torch passes."""
+    if loops.AVAILABLE and K.numba_available() and qx.device.type == "cpu" and qx.dtype == torch.float32:
+        return _int8_epilogue(qx.detach(), prep, tabs, torch.ones(1), None)
     _, c, ow, _, _, zw_row, planes = prep
     m = qx.shape[0]
     a, dots = _int8_linear_dots(qx, prep, tabs)
@@ -402,7 +413,16 @@ def _int8_linear_out(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tenso
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qx, scale, bias)):
         return None
+    return _int8_epilogue(qx, prep, tabs, scale, bias)
+
+
+def _int8_epilogue(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """:func:`_int8_linear_out`'s GEMM and numba epilogue without its checks (float32 CPU
+    operands, ``scale`` one value or one per output, ``bias`` ``None`` or one per output)."""
     _, c, ow, _, _, zw_row, planes = prep
+    n = c.shape[0]
+    scale = scale.reshape(-1)
     a, dots = _int8_linear_dots(qx, prep, tabs)
     out = torch.empty((qx.shape[0], n), dtype=torch.float32)
     none = np.empty(0, np.float64)
