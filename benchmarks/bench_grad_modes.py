@@ -31,7 +31,7 @@ from torch import nn
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
 from appmult.nn import kernels as K
 
-from bench_nn import bench_cases, bench_luts, interleaved, step_fns
+from bench_nn import bench_cases, bench_luts, interleaved, set_threads, step_fns
 
 #: The library's threshold, and one that keeps every product on the scalar loops.
 _DEFAULT_MIN = K.FLOAT_SHUFFLE_MIN_LOOKUPS
@@ -106,9 +106,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--layers", default="resnet20,lenet,linear")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    import numba
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(args.threads)
     torch.manual_seed(0)
     load0 = os.getloadavg()
     rows, krows = [], []

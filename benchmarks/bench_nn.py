@@ -164,6 +164,16 @@ def int8_gemm(on: bool):
         FN._INT8_GEMM = prev
 
 
+def set_threads(n: int) -> None:
+    """torch's and numba's thread counts (numba's capped at the number it was started with)."""
+    torch.set_num_threads(n)
+    try:
+        import numba
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -175,12 +185,7 @@ def main() -> None:
                          "by waiting for a core on a loaded machine; meant for --threads 1, where no "
                          "thread spins")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    try:
-        import numba
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
+    set_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.manual_seed(0)
     batch = 32 if args.quick else 128

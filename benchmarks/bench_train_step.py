@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from appmult.heap import keep_freed_memory
 from appmult.nn import ApproxConfig, approximate_
 from appmult.train.models import build_model
-from bench_nn import bench_luts
+from bench_nn import bench_luts, set_threads
 
 #: Model name -> (input channels, image size).
 INPUTS = {"lenet5": (1, 28), "mlp": (1, 28), "resnet8": (3, 32), "resnet20": (3, 32)}
@@ -86,12 +86,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    try:
-        import numba
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:
-        pass
+    set_threads(args.threads)
     luts = bench_luts()
     load0 = os.getloadavg()
     rows = []
