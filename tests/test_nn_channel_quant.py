@@ -89,7 +89,9 @@ def test_steps_aside_where_it_cannot_run(monkeypatch):
 @pytest.mark.parametrize("signed", [False, True])
 def test_layer_training_step_same_bits_as_the_torch_path(scheme, signed, monkeypatch):
     """A conv's training step (per-channel weights: the fused pass, spied) gives the codes,
-    output and gradients of the same step with numba off, bit for bit."""
+    output and gradients of the same step with numba off, bit for bit (the low-rank kernel
+    forced: an ``auto`` probe may pick the gather kernel, whose numba and torch backward sums
+    differ in the last bits)."""
     calls = []
     real = quant_loops.channel_fake_quant
     monkeypatch.setattr(quant_loops, "channel_fake_quant", lambda *a: calls.append(1) or real(*a))
@@ -101,7 +103,7 @@ def test_layer_training_step_same_bits_as_the_torch_path(scheme, signed, monkeyp
                 mp.setenv("APPMULT_NO_NUMBA", "1")
             torch.manual_seed(0)
             layer = ApproxConv2d.from_float(torch.nn.Conv2d(3, 4, 3, padding=1),
-                                            ApproxConfig(lut, weight_scheme=scheme))
+                                            ApproxConfig(lut, weight_scheme=scheme, kernel="lowrank"))
             x = torch.randn(2, 3, 6, 6, requires_grad=True)
             y = layer(x)
             y.square().sum().backward()

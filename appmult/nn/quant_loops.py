@@ -40,6 +40,29 @@ NON_FINITE = 1 << 31
 
 
 if numba is not None:
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _quantize_run(xr, qr, s, z, lo, hi):  # pragma: no cover - compiled
+        # qr[i] = clamp(rint(xr[i] / s + z), lo, hi); NaN stays NaN (selects, not branches)
+        for i in range(xr.shape[0]):
+            r = np.rint(xr[i] / s + z)
+            r = lo if r < lo else r
+            qr[i] = hi if r > hi else r
+
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _mask_run(xr, mr, s, z, lo_in, hi_in):  # pragma: no cover - compiled
+        # mr[i] = lo_in <= xr[i] / s + z <= hi_in (the straight-through mask)
+        for i in range(xr.shape[0]):
+            t = xr[i] / s + z
+            mr[i] = (t >= lo_in) & (t <= hi_in)
+
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _non_finite_word(br):  # pragma: no cover - compiled
+        # OR of (bits & EXPONENT) + EXPONENT_LSB over the run: >= 2**31 iff one is Inf or NaN
+        top = 0
+        for i in range(br.shape[0]):
+            top |= (br[i] & EXPONENT) + EXPONENT_LSB
+        return top
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def fake_quant(x, scale, zp, qmin, qmax, q, inside):  # pragma: no cover - compiled
         # q[c, i] = clamp(rint(x[c, i] / scale[c] + zp[c]), qmin, qmax) (NaN stays NaN);
@@ -59,21 +82,12 @@ if numba is not None:
             n = min(length - i0, BLOCK)
             s, z = scale[c], zp[c]
             # block slices indexed from 0: with i0..i1 bounds the loop did not vectorize (8x slower)
-            xr, qr, br = x[c, i0:i0 + n], q[c, i0:i0 + n], xbits[c, i0:i0 + n]
-            for i in range(n):
-                t = xr[i] / s + z
-                r = np.rint(t)
-                r = lo if r < lo else r   # selects, not branches
-                qr[i] = hi if r > hi else r
-            top = 0
-            for i in range(n):  # a loop of its own: in the one above it cost 1.5x, here 1.3x
-                top |= (br[i] & EXPONENT) + EXPONENT_LSB
-            tops = max(tops, top)
+            xr = x[c, i0:i0 + n]
+            _quantize_run(xr, q[c, i0:i0 + n], s, z, lo, hi)
+            # a loop of its own: in the one above it cost 1.5x, here 1.3x
+            tops = max(tops, _non_finite_word(xbits[c, i0:i0 + n]))
             if mask:
-                mr = inside[c, i0:i0 + n]
-                for i in range(n):
-                    t = xr[i] / s + z
-                    mr[i] = (t >= lo_in) & (t <= hi_in)
+                _mask_run(xr, inside[c, i0:i0 + n], s, z, lo_in, hi_in)
         return tops
 
     @njit(cache=True, error_model="numpy", boundscheck=False)
@@ -109,28 +123,18 @@ if numba is not None:
         lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
         mask = inside.shape[0] > 0
         for c in prange(rows):
-            xr, qr, br = x[c], q[c], xbits[c]
+            xr = x[c]
             lo, hi = xr[0], xr[0]
             for i in range(length):
                 v = xr[i]
                 lo = v if v < lo else lo
                 hi = v if v > hi else hi
-            top = 0
-            for i in range(length):
-                top |= (br[i] & EXPONENT) + EXPONENT_LSB
-            tops = max(tops, top)
+            tops = max(tops, _non_finite_word(xbits[c]))
             s, z = _row_scale_zero_point(lo, hi, qmax, signed)
             scale[c], zp[c] = s, z
-            for i in range(length):
-                t = xr[i] / s + z
-                r = np.rint(t)
-                r = lo_q if r < lo_q else r
-                qr[i] = hi_q if r > hi_q else r
+            _quantize_run(xr, q[c], s, z, lo_q, hi_q)
             if mask:
-                mr = inside[c]
-                for i in range(length):
-                    t = xr[i] / s + z
-                    mr[i] = (t >= lo_in) & (t <= hi_in)
+                _mask_run(xr, inside[c], s, z, lo_in, hi_in)
         return tops
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
