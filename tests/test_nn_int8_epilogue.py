@@ -110,6 +110,8 @@ def test_fused_epilogue_steps_aside_where_it_cannot_apply(monkeypatch):
     with torch.no_grad():
         assert FU._int8_linear_out(needs_grad, prep, tabs, scale, bias) is not None
     assert FU._int8_linear_out(qx, prep, tabs, scale, bias.clone().requires_grad_(True)) is None
+    assert FU._int8_linear_out(qx, prep, tabs, scale, bias, weight=qw.clone().requires_grad_(True)) is None
+    assert FU._int8_linear_out(qx, prep, tabs, scale, bias, weight=qw) is not None
     assert FU._int8_linear_out(qx, prep, tabs, scale.clone().requires_grad_(True), bias) is None
     assert FU._int8_linear_out(qx.double(), prep, tabs, scale, bias) is None
     assert FU._int8_linear_out(qx.to("meta"), prep, tabs, scale, bias) is None       # not on the CPU
@@ -128,7 +130,7 @@ def test_layer_inference_takes_the_fused_epilogue_and_equals_every_other_path(mo
     outs = []
     real = FU._int8_linear_out
     used = []
-    monkeypatch.setattr(FN, "_int8_linear_out", lambda *a: used.append(r := real(*a)) or r)
+    monkeypatch.setattr(FN, "_int8_linear_out", lambda *a, **k: used.append(r := real(*a, **k)) or r)
     calls = spy_int8(monkeypatch)
     y = forward(layer, x, True)
     assert calls and used and used[-1] is not None

@@ -335,10 +335,8 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
     scale, bias_dt = (sx * swr).to(dt), None if bias is None else bias.to(dt)
-    if i8 is not False and dt == torch.float32 and not (torch.is_grad_enabled() and qw.requires_grad):
-        # inference: GEMM epilogue and dequantization in one pass, no autograd node (the
-        # epilogue itself declines where qx, the scale or the bias needs a gradient)
-        y = _int8_linear_out(qx, i8, tabs, scale, bias_dt)
+    if i8 is not False and dt == torch.float32:  # inference: GEMM epilogue and dequantization in one pass
+        y = _int8_linear_out(qx, i8, tabs, scale, bias_dt, weight=qw)
         if y is not None:
             return y.to(qx.dtype)
     if i8 is not False:  # the same integers by one int8 GEMM, with the LUT's backward

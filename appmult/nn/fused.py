@@ -398,20 +398,21 @@ def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
     return acc.to(torch.float32)
 
 
-def _int8_linear_out(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tensor, bias: torch.Tensor | None
-                     ) -> torch.Tensor | None:
+def _int8_linear_out(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tensor, bias: torch.Tensor | None,
+                     *, weight: torch.Tensor | None = None) -> torch.Tensor | None:
     """The layer's float32 output ``f32(acc) * scale + bias`` of :func:`_int8_linear_acc`'s
     accumulator, its epilogue and the dequantization in one numba pass
     (:func:`appmult.nn.int8_loops.epilogue`, the same bits), or ``None`` where that does not
-    apply: a gradient to carry, no numba, a float64 layer, a scale or bias that is not one
-    float32 value or one per output."""
+    apply: a gradient to carry (to ``qx``, the scale, the bias or the ``weight`` codes the
+    prep was made from: the result has no autograd node), no numba, a float64 layer, a scale
+    or bias that is not one float32 value or one per output."""
     n = prep[1].shape[0]
     scale = scale.reshape(-1)
     if not (loops.AVAILABLE and K.numba_available()) or qx.device.type != "cpu" or qx.dtype != torch.float32 \
             or scale.dtype != torch.float32 \
             or scale.numel() not in (1, n) or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != n)):
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qx, scale, bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qx, weight, scale, bias)):
         return None
     return _int8_epilogue(qx, prep, tabs, scale, bias)
 
