@@ -9,14 +9,14 @@ page fault per 4 KiB, at the start of the next; a fault costs about 1.6 us on th
 VM these figures come from. ``benchmarks/bench_train_step.py`` (LeNet-5, batch 128,
 approximate layers through an exact-product LUT, interleaved with other networks):
 1,176 faults and 18.1 ms a step with the defaults, 1 and 15.9 ms with the heap kept; the
-float ResNet-20 conv's forward alone, in a loop: 7.5 ms with the defaults, 2.8 ms with the heap kept.
+float ResNet-20 conv's forward alone, in a loop: 7.6 ms with the defaults, 2.9 ms with the heap kept.
 
 :func:`keep_freed_memory` sets two ``mallopt`` parameters once per process: every block
 comes from the heap (no ``mmap`` of its own), and the heap is given back to the kernel only
 when 2 GiB at its top are free. Keeping blocks of up to 32 MiB (glibc's largest moving
 threshold) was not enough: a CIFAR ResNet-18 float training step (batch 128) still faulted
 62,881 pages a step (2.27 s) against 1,639 with no ``mmap`` (2.16 s; 258,626 and 2.50 s with
-the defaults). The price is a resident size that stays near the process's peak until it
+the defaults; measured through glibc's ``MALLOC_*_`` variables, trim threshold 4 GB). The price is a resident size that stays near the process's peak until it
 exits. :mod:`appmult.nn` and :mod:`appmult.train` call it when imported. It does nothing
 where ``APPMULT_NO_MALLOPT=1`` is set, where the user chose malloc settings of their own
 (any ``MALLOC_*_`` variable, or ``glibc.malloc`` in ``GLIBC_TUNABLES``), and off glibc
