@@ -44,7 +44,9 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     with ``U c = value(x)`` and ``C_j = -Zx sum_k (w_jk - Zw_j)``: one convolution with
     bias ``C`` yields the whole integer accumulator. Returned only when every partial sum
     of that convolution is an integer below ``2**24`` (so float32 is exact whatever the
-    summation order); otherwise the caller takes the unfused path.
+    summation order) -- by the worst case over all weights, or else (a conv too long for
+    it, e.g. ``K = 64 * 3 * 3``) by these weights' own bound (:func:`_within_fp32`);
+    otherwise the caller takes the unfused path.
 
     With ``split_k`` (the linear layer), a reduction too long for one exact float32 GEMM is
     cut into chunks of ``kc`` inputs whose partial sums stay below ``2**24``: each chunk's
@@ -78,16 +80,22 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     # the weights); signed LUTs carry no cross terms (as in the unfused path)
     const = torch.zeros(co, dtype=torch.float64, device=qw.device) if tabs.signed else \
         -zxf * (_exact_row_sums(qw.detach().reshape(co, k), _code_bound(tabs)) - k * zw_t)
-    kc, split = k, False
+    kc, split, by_weights = k, False, False
     if float((k * step).max()) + float(const.abs().max()) >= K.FP32_EXACT_LIMIT:
-        if not split_k or float(step.max()) * 2 >= K.FP32_EXACT_LIMIT \
+        if not split_k:
+            by_weights = True  # decided below on these weights' own bound
+        elif float(step.max()) * 2 >= K.FP32_EXACT_LIMIT \
                 or float(const.abs().max()) + float((k * step).max()) >= K.FP64_EXACT_LIMIT:
             return None
-        # kc * step < 2**24, 2 <= kc <= k; kc == k when C alone breaks the limit: one
-        # exact float32 GEMM, C added in float64 all the same
-        kc, split = min(k, int((K.FP32_EXACT_LIMIT - 1) // float(step.max()))), True
+        else:
+            # kc * step < 2**24, 2 <= kc <= k; kc == k when C alone breaks the limit: one
+            # exact float32 GEMM, C added in float64 all the same
+            kc, split = min(k, int((K.FP32_EXACT_LIMIT - 1) // float(step.max()))), True
     vmax = max(float(np.abs(tabs._v_max).max()), float(np.abs(tabs._v_min).max()))
-    if vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT:
+    small = vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT
+    if by_weights and not small:
+        return None
+    if small:
         # every value and shift is an integer below 2**24: float32 is exact; shift only the
         # columns with c_r != 0 (usually just the exact-product column)
         zw32 = zw_t.to(torch.float32).reshape(co, 1, 1, 1)
@@ -100,11 +108,24 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     else:
         wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
+    if by_weights and not _within_fp32(wv, const, tabs):
+        return None
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
     if split_k:
         # the bias of one float32 addmm, or the float64 start of the chunked sum
         return wv.contiguous(memory_format=torch.channels_last), const if split else const.to(torch.float32), kc
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
+
+
+def _within_fp32(wv: torch.Tensor, const: torch.Tensor, tabs: LutTables) -> bool:
+    """Whether every partial sum of the folded convolution stays below ``2**24`` for these
+    weights ``wv`` ``(Co, Cg, kh, kw, r)`` (integers below ``2**24``): each output's
+    ``sum_k,r |U_r|max |wv_kr| + |C|`` bounds every partial sum in any order -- the
+    worst case over all weights (``K`` times the largest product) rejects most layers with
+    ``K`` above a few hundred, whose actual weights rarely come near it."""
+    ua = torch.as_tensor(tabs._u_absmax, dtype=torch.float64, device=wv.device)
+    bound = (wv.detach().abs().to(torch.float64) * ua).sum((1, 2, 3, 4)) + const.abs()
+    return float(bound.max()) < K.FP32_EXACT_LIMIT
 
 
 def _exact_row_sums(q: torch.Tensor, bound: float) -> torch.Tensor:

@@ -1,0 +1,166 @@
+"""The fused low-rank conv path on wide layers: the float32 bound from the weights themselves.
+
+``_folded_lowrank_weights`` returns the folded weights only where every partial sum of the
+folded convolution stays below ``2**24``. The worst case over all weights (``K`` times the
+largest product) rejected every 3x3 conv with 64 or more input channels (``K = 576``:
+ResNet-20's third stage), which then took the unfused LUT path -- exact, but a third of
+ResNet-20's training step. These layers' actual weights bound their sums far lower
+(``sum_k |U|max |W_k| + |C|``), and that bound now decides. The references are numpy (one
+look-up per product from the layer's own quantized operands, the zero-point cross terms,
+int64 sums, then the layer's float32 dequantization) and the unfused path of the same layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxConv2d
+from appmult.nn import functional as FN
+from appmult.nn import fused as FU
+from appmult.nn import kernels as K
+from appmult.nn.tables import LutTables
+from test_nn_split_k import truncated
+
+
+def brute_conv_acc(table: np.ndarray, qx: torch.Tensor, zx: float, qw: torch.Tensor, zw: torch.Tensor,
+                   padding: int, signed: bool) -> np.ndarray:
+    """``sum LUT[x, w] - x Zw - Zx w + Zx Zw`` over each receptive field of ``qx`` padded with
+    ``Zx`` (no cross terms when signed), int64 ``(N, Co, Ho, Wo)``; codes index the table."""
+    n, _, h, w = qx.shape
+    co, _, kh, kw = qw.shape
+    xp = F.pad(qx, (padding,) * 4, value=zx)
+    cols = F.unfold(xp.double(), (kh, kw)).numpy().astype(np.int64)          # (N, K, L)
+    wk = qw.reshape(co, -1).double().numpy().astype(np.int64)                 # (Co, K)
+    size = table.shape[0]
+    lut = table[cols[:, None, :, :] % size, wk[None, :, :, None] % size].sum(2)   # (N, Co, L)
+    if not signed:
+        zwc = zw.reshape(1, co, 1).double().numpy().astype(np.int64)
+        k = cols.shape[1]
+        lut = lut - cols.sum(1, keepdims=True) * zwc - int(zx) * wk.sum(1).reshape(1, co, 1) + k * int(zx) * zwc
+    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    return lut.reshape(n, co, ho, wo)
+
+
+def wide_layer(table: np.ndarray, cin: int, cout: int, seed: int, signed: bool = False, shift: float = 0.0):
+    torch.manual_seed(seed)
+    lut = LutFile(table, width_a=8, width_b=8, signed=signed)
+    ref = nn.Conv2d(cin, cout, 3, padding=1)
+    layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank"))
+    x = torch.relu(torch.randn(2, cin, 5, 5)) + shift   # shift < 0: negative inputs, Zx > 0
+    layer.eval()
+    layer(x)
+    layer.act_quant.observing = False
+    return layer, x
+
+
+def expected_output(layer: ApproxConv2d, x: torch.Tensor, table: np.ndarray, signed: bool) -> torch.Tensor:
+    """The layer's output from the brute-force accumulator: ``f32(acc) * (sx sw) + bias``."""
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        acc = brute_conv_acc(table, qx, float(zx), qw, zw, 1, signed)
+        scale = (sx * sw.reshape(1, -1, 1, 1)).float().numpy()
+        bias = layer.bias.detach().reshape(1, -1, 1, 1).numpy()
+    return torch.from_numpy(acc.astype(np.float32) * scale + bias)
+
+
+def signed_exact() -> np.ndarray:
+    v = np.where(np.arange(256) < 128, np.arange(256), np.arange(256) - 256)
+    return v[:, None] * v[None, :]
+
+
+@pytest.mark.parametrize("columns", [0, 4])            # rank 1 (exact product) and a rank-5 LUT
+@pytest.mark.parametrize("shift", [0.0, -0.4])          # ReLU inputs (Zx = 0), and Zx > 0
+def test_wide_conv_takes_the_fold_and_is_bit_exact(columns, shift):
+    table = truncated(columns)
+    layer, x = wide_layer(table, 64, 6, seed=columns, shift=shift)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        assert qw.shape[1] * 9 * 255 * 255 >= K.FP32_EXACT_LIMIT   # the worst case rejects it
+        assert FU._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None
+        y = layer(x)
+        prev = FN._FUSED_LOWRANK
+        FN._FUSED_LOWRANK = False
+        try:
+            y_plain = layer(x)
+        finally:
+            FN._FUSED_LOWRANK = prev
+    assert torch.equal(y, expected_output(layer, x, table, False))
+    assert torch.equal(y, y_plain)
+
+
+def test_wide_signed_conv_takes_the_fold_and_is_bit_exact():
+    table = signed_exact()
+    layer, x = wide_layer(table, 128, 5, seed=3, signed=True, shift=-0.3)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        assert qw.shape[1] * 9 * 128 * 128 >= K.FP32_EXACT_LIMIT   # the worst case rejects it
+        assert FU._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None
+        y = layer(x)
+    assert torch.equal(y, expected_output(layer, x, table, True))
+
+
+def test_wide_conv_trains_through_the_fold():
+    """The training forward of a wide conv takes the fused path and returns the same bits
+    as the brute force; its gradients reach the weights and the input."""
+    table = truncated(0)
+    layer, x = wide_layer(table, 64, 4, seed=7)
+    layer.train()
+    layer.act_quant.observing = False
+    xg = x.clone().requires_grad_(True)
+    calls = []
+    orig = FU._rank1_shifted_conv
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+    FN._rank1_shifted_conv = spy
+    try:
+        y = layer(xg)
+    finally:
+        FN._rank1_shifted_conv = orig
+    assert calls == [True]
+    assert torch.equal(y.detach(), expected_output(layer, x, table, False))
+    y.square().sum().backward()
+    assert layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0)
+    assert xg.grad is not None and bool(xg.grad.abs().sum() > 0)
+
+
+def lowrank_tables(table: np.ndarray) -> LutTables:
+    return LutTables(LutFile(table, width_a=8, width_b=8, signed=False), grad="ste", kernel="lowrank")
+
+
+def test_weights_whose_own_bound_reaches_two_to_the_24_are_refused():
+    """Every weight code at its channel's extremes (0 or 255, Zw about 128): the bound
+    ``576 * 255 * ~128`` is above ``2**24`` -- no fold, the unfused path stays exact."""
+    tabs = lowrank_tables(truncated(0))
+    g = torch.Generator().manual_seed(0)
+    qw = (torch.randint(0, 2, (4, 64, 3, 3), generator=g) * 255).float()
+    zw = torch.full((4, 1, 1, 1), 128.0)
+    assert FU._folded_lowrank_weights(qw, torch.tensor(0.0), zw, tabs) is None
+    # the same weights one code from Zw: far below the limit, folded
+    near = zw + (qw > 0).float() * 2 - 1
+    assert FU._folded_lowrank_weights(near, torch.tensor(0.0), zw, tabs) is not None
+
+
+def test_bound_is_strict_at_two_to_the_24():
+    """``_within_fp32`` accepts a bound of ``2**24 - 1`` and refuses ``2**24``: the constant
+    counts, every rank's ``|U|max`` multiplies its own weights."""
+    tabs = lowrank_tables(truncated(4))
+    ua = torch.as_tensor(tabs._u_absmax, dtype=torch.float64)
+    r = ua.numel()
+    assert r > 1
+    wv = torch.zeros(2, 1, 1, 1, r)
+    wv[:, 0, 0, 0, 0] = 1.0
+    wv[1, 0, 0, 0, r - 1] = -3.0                      # a negative weight counts by its size
+    base = (ua[0] + 3 * ua[r - 1]).item()
+    limit = float(K.FP32_EXACT_LIMIT)
+    below = torch.tensor([0.0, limit - 1 - base], dtype=torch.float64)
+    assert FU._within_fp32(wv, below, tabs)
+    assert not FU._within_fp32(wv, below + torch.tensor([0.0, 1.0], dtype=torch.float64), tabs)
+    assert not FU._within_fp32(wv, -(below + torch.tensor([0.0, 1.0], dtype=torch.float64)), tabs)
