@@ -34,7 +34,8 @@ from appmult.train.models import build_model
 from bench_nn import bench_luts, set_threads
 
 #: Model name -> (input channels, image size).
-INPUTS = {"lenet5": (1, 28), "mlp": (1, 28), "resnet8": (3, 32), "resnet20": (3, 32)}
+INPUTS = {"lenet5": (1, 28), "mlp": (1, 28), "resnet8": (3, 32), "resnet20": (3, 32), "resnet18": (3, 32),
+          "vgg19_bn": (3, 32)}
 
 
 def make_step(name: str, lut, grad: str, batch: int, seed: int = 0):

@@ -1,4 +1,5 @@
-"""The fused low-rank conv path on wide layers: the float32 bound from the weights themselves.
+"""The fused low-rank conv path on wide layers: the float32 bound from the weights themselves,
+and convolutions cut along their input channels where even that bound is too high.
 
 ``_folded_lowrank_weights`` returns the folded weights only where every partial sum of the
 folded convolution stays below ``2**24``. The worst case over all weights (``K`` times the
@@ -8,6 +9,11 @@ ResNet-20's training step. These layers' actual weights bound their sums far low
 (``sum_k |U|max |W_k| + |C|``), and that bound now decides. The references are numpy (one
 look-up per product from the layer's own quantized operands, the zero-point cross terms,
 int64 sums, then the layer's float32 dequantization) and the unfused path of the same layer.
+
+Wider still (``K = 128 * 3 * 3`` and up: ResNet-18, VGG), the convolution is cut into runs
+of input channels whose float32 convolutions are each exact, added in float64
+(``_channel_chunks``, ``_chunked_lowrank_conv``): exact where the unfused float32 path may
+round, so the reference there is the brute force alone.
 """
 
 from __future__ import annotations
@@ -28,13 +34,13 @@ from test_nn_split_k import truncated
 
 
 def brute_conv_acc(table: np.ndarray, qx: torch.Tensor, zx: float, qw: torch.Tensor, zw: torch.Tensor,
-                   padding: int, signed: bool) -> np.ndarray:
+                   padding: int, signed: bool, stride: int = 1, dilation: int = 1) -> np.ndarray:
     """``sum LUT[x, w] - x Zw - Zx w + Zx Zw`` over each receptive field of ``qx`` padded with
     ``Zx`` (no cross terms when signed), int64 ``(N, Co, Ho, Wo)``; codes index the table."""
     n, _, h, w = qx.shape
     co, _, kh, kw = qw.shape
     xp = F.pad(qx, (padding,) * 4, value=zx)
-    cols = F.unfold(xp.double(), (kh, kw)).numpy().astype(np.int64)          # (N, K, L)
+    cols = F.unfold(xp.double(), (kh, kw), dilation=dilation, stride=stride).numpy().astype(np.int64)  # (N, K, L)
     wk = qw.reshape(co, -1).double().numpy().astype(np.int64)                 # (Co, K)
     size = table.shape[0]
     lut = table[cols[:, None, :, :] % size, wk[None, :, :, None] % size].sum(2)   # (N, Co, L)
@@ -42,14 +48,16 @@ def brute_conv_acc(table: np.ndarray, qx: torch.Tensor, zx: float, qw: torch.Ten
         zwc = zw.reshape(1, co, 1).double().numpy().astype(np.int64)
         k = cols.shape[1]
         lut = lut - cols.sum(1, keepdims=True) * zwc - int(zx) * wk.sum(1).reshape(1, co, 1) + k * int(zx) * zwc
-    ho, wo = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
     return lut.reshape(n, co, ho, wo)
 
 
-def wide_layer(table: np.ndarray, cin: int, cout: int, seed: int, signed: bool = False, shift: float = 0.0):
+def wide_layer(table: np.ndarray, cin: int, cout: int, seed: int, signed: bool = False, shift: float = 0.0,
+               stride: int = 1, dilation: int = 1):
     torch.manual_seed(seed)
     lut = LutFile(table, width_a=8, width_b=8, signed=signed)
-    ref = nn.Conv2d(cin, cout, 3, padding=1)
+    ref = nn.Conv2d(cin, cout, 3, padding=1, stride=stride, dilation=dilation)
     layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank"))
     x = torch.relu(torch.randn(2, cin, 5, 5)) + shift   # shift < 0: negative inputs, Zx > 0
     layer.eval()
@@ -62,10 +70,11 @@ def expected_output(layer: ApproxConv2d, x: torch.Tensor, table: np.ndarray, sig
     """The layer's output from the brute-force accumulator: ``f32(acc) * (sx sw) + bias``."""
     with torch.no_grad():
         qx, sx, zx, qw, sw, zw = layer._quantize(x)
-        acc = brute_conv_acc(table, qx, float(zx), qw, zw, 1, signed)
-        scale = (sx * sw.reshape(1, -1, 1, 1)).float().numpy()
-        bias = layer.bias.detach().reshape(1, -1, 1, 1).numpy()
-    return torch.from_numpy(acc.astype(np.float32) * scale + bias)
+        acc = brute_conv_acc(table, qx, float(zx), qw, zw, 1, signed, layer.stride[0], layer.dilation[0])
+        ft = np.float64 if layer.weight.dtype == torch.float64 else np.float32
+        scale = (sx * sw.reshape(1, -1, 1, 1)).numpy().astype(ft)
+        bias = layer.bias.detach().reshape(1, -1, 1, 1).numpy().astype(ft)
+    return torch.from_numpy(acc.astype(ft) * scale + bias)
 
 
 def signed_exact() -> np.ndarray:
@@ -161,6 +170,103 @@ def test_bound_is_strict_at_two_to_the_24():
     base = (ua[0] + 3 * ua[r - 1]).item()
     limit = float(K.FP32_EXACT_LIMIT)
     below = torch.tensor([0.0, limit - 1 - base], dtype=torch.float64)
-    assert FU._within_fp32(wv, below, tabs)
-    assert not FU._within_fp32(wv, below + torch.tensor([0.0, 1.0], dtype=torch.float64), tabs)
-    assert not FU._within_fp32(wv, -(below + torch.tensor([0.0, 1.0], dtype=torch.float64)), tabs)
+    assert FU._within_fp32(FU._channel_sums(wv), below, tabs)
+    assert not FU._within_fp32(FU._channel_sums(wv), below + torch.tensor([0.0, 1.0], dtype=torch.float64), tabs)
+    assert not FU._within_fp32(FU._channel_sums(wv), -(below + torch.tensor([0.0, 1.0], dtype=torch.float64)), tabs)
+
+
+@pytest.mark.parametrize("columns", [0, 4])            # rank 1 (U = value(x)) and the mapped rank-5 path
+@pytest.mark.parametrize("shift,stride,dilation", [(0.0, 1, 1), (-0.4, 2, 1), (-0.2, 1, 2)])
+def test_conv_cut_into_channel_runs_is_bit_exact(columns, shift, stride, dilation):
+    table = truncated(columns)
+    layer, x = wide_layer(table, 256, 4, seed=11 + columns, shift=shift, stride=stride, dilation=dilation)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        fold = FU._folded_lowrank_weights(qw, zx, zw, layer.lut, chunks=True)
+        assert fold is not None and len(fold) == 3 and len(fold[2]) >= 2   # cut into runs
+        assert FU._folded_lowrank_weights(qw, zx, zw, layer.lut) is None     # one conv would not be exact
+        y = layer(x)
+    assert torch.equal(y, expected_output(layer, x, table, False))
+
+
+def test_float64_layer_cut_into_runs_keeps_the_exact_accumulator():
+    """A float64 layer's accumulator from the runs is the exact integer (no float32 rounding)."""
+    table = truncated(0)
+    layer, x = wide_layer(table, 256, 3, seed=5, shift=-0.3)
+    layer.double()
+    x = x.double()
+    layer.act_quant.observing = True
+    with torch.no_grad():
+        layer(x)
+    layer.act_quant.observing = False
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        assert len(FU._folded_lowrank_weights(qw, zx, zw, layer.lut, chunks=True)) == 3
+        y = layer(x)
+    assert y.dtype == torch.float64
+    assert torch.equal(y, expected_output(layer, x, table, False))
+
+
+def test_conv_cut_into_runs_trains():
+    """Training forward through the runs gives the brute force's bits; gradients reach the
+    weight and the input."""
+    table = truncated(0)
+    layer, x = wide_layer(table, 256, 3, seed=2)
+    layer.train()
+    layer.act_quant.observing = False
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    assert torch.equal(y.detach(), expected_output(layer, x, table, False))
+    y.square().sum().backward()
+    assert bool(layer.weight.grad.abs().sum() > 0) and bool(xg.grad.abs().sum() > 0)
+
+
+def test_grouped_conv_beyond_the_bound_takes_the_unfused_path():
+    table = truncated(0)
+    torch.manual_seed(0)
+    lut = LutFile(table, width_a=8, width_b=8, signed=False)
+    ref = nn.Conv2d(512, 4, 3, padding=1, groups=2)
+    layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank"))
+    x = torch.relu(torch.randn(1, 512, 4, 4))
+    layer.eval()
+    layer(x)
+    layer.act_quant.observing = False
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        assert len(FU._folded_lowrank_weights(qw, zx, zw, layer.lut, chunks=True)) == 3
+        y = layer(x)
+        prev = FN._FUSED_LOWRANK
+        FN._FUSED_LOWRANK = False
+        try:
+            y_plain = layer(x)
+        finally:
+            FN._FUSED_LOWRANK = prev
+    assert torch.equal(y, y_plain)
+
+
+def test_channel_runs_are_maximal_and_within_the_limit():
+    """Each run's bound per output stays below ``2**24`` and the next channel would break it
+    (unsigned 8-bit codes: ``|U| <= 255`` and ``|x - Zx| <= 255`` whatever ``Zx``)."""
+    tabs = lowrank_tables(truncated(0))
+    g = torch.Generator().manual_seed(1)
+    wv = torch.randint(-200, 201, (3, 40, 3, 3, 1), generator=g).float()
+    const = torch.zeros(3, dtype=torch.float64)
+    limit = K.FP32_EXACT_LIMIT
+    for zx, factor in ((0.0, 255.0), (200.0, 255.0)):
+        runs = FU._channel_chunks(FU._channel_sums(wv), const, tabs, zx)
+        per = (wv.abs().double() * factor).sum((2, 3, 4))                 # (Co, 40)
+        assert runs[0][0] == 0 and runs[-1][1] == 40
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        for start, stop in runs:
+            assert float(per[:, start:stop].sum(1).max()) < limit
+            if stop < 40:
+                assert float(per[:, start:stop + 1].sum(1).max()) >= limit
+
+
+def test_no_runs_where_one_channel_alone_reaches_the_limit():
+    tabs = lowrank_tables(truncated(0))
+    wv = torch.zeros(2, 3, 3, 3, 1)
+    wv[1, 1] = 7311.0                                  # one channel's bound 9 * 255 * 7311 >= 2**24
+    assert FU._channel_chunks(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) is None
+    wv[1, 1] = 7310.0                                  # 16,776,450 < 2**24: one run
+    assert FU._channel_chunks(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == [(0, 3)]

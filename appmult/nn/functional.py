@@ -26,11 +26,13 @@ Precision. Every output accumulates ``sum_k LUT[qx_k, qw_k]`` over its receptive
   possible accumulator, and in practice (random-order errors) about ``sqrt(n)`` times
   smaller: ~1 unit, against the multiplier's own accumulated error of MAE * K (a 4-column
   truncation has MAE ~ 8, so ~3200 per output). ``ApproxConfig(exact_accumulate=True)``
-  removes the question. The fused low-rank *linear* path does not round: a reduction too
+  removes the question. The fused low-rank paths do not round: a linear reduction too
   long for one exact float32 GEMM is split into chunks that are each exact in float32 and
-  added in float64 (:func:`appmult.nn.fused._folded_lowrank_weights` with ``split_k``);
-  the rounding above remains possible on the unfused paths (LUTs whose factors do not
-  carry ``value(x)``, convolutions beyond the bound).
+  added in float64 (:func:`appmult.nn.fused._folded_lowrank_weights` with ``split_k``); a
+  convolution is bounded by its folded weights' own sums and, beyond that, cut into runs
+  of input channels the same way (``chunks``; ungrouped convolutions); the rounding above
+  remains possible on the unfused paths (LUTs whose factors do not carry ``value(x)``,
+  grouped convolutions beyond the bound).
 
 Gradients flow through the LUT's backward rule, the zero-point cross terms (ordinary
 torch ops, or folded into the fused functions' backward) and the quantizers' clipped
@@ -58,7 +60,7 @@ from . import quant_loops
 from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn,
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
-from .fused import (_folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
+from .fused import (_chunked_lowrank_conv, _folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
                     _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer, check_finite
 from .tables import GradMode, Kernel, LutTables
@@ -448,7 +450,13 @@ def _fused_conv_acc(qx, qw, zx, zw, tabs: LutTables, geom, dt: torch.dtype, exac
     :mod:`appmult.nn.fused`, or ``None`` where none applies (the caller takes the plain path)."""
     padding, stride, dilation, groups = geom
     if tabs.kernel is Kernel.LOWRANK and not exact and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK"):
-        fold = _cached(cache, ("fold", id(tabs), float(zx)), lambda: _folded_lowrank_weights(qw, zx, zw, tabs))
+        fold = _cached(cache, ("fold", id(tabs), float(zx)),
+                       lambda: _folded_lowrank_weights(qw, zx, zw, tabs, chunks=True))
+        if fold is not None and len(fold) == 3:  # too long for one exact float32 conv: cut in runs
+            if groups != 1:
+                return None
+            acc = _chunked_lowrank_conv(qx, zx, tabs, fold, padding, stride, dilation)
+            return _with_conv_backward(qx, qw, zx, zw, tabs, acc, dt, geom)
         if fold is not None:
             wv, const = fold
             if tabs.u_is_value:

@@ -33,11 +33,11 @@ import torch.nn.functional as F
 
 from . import int8_loops as loops
 from . import kernels as K
-from .tables import LutTables, _idx, _idx32
+from .tables import LutTables, _idx, _idx32, _map_channels
 
 
 def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, *,
-                            split_k: bool = False):
+                            split_k: bool = False, chunks: bool = False):
     """Low-rank weights with the zero-point cross terms folded in, or ``None``.
 
     ``sum_k LUT[x, w] - x Zw - Zx w + Zx Zw = sum_k sum_r U[x, r] (V[w, r] - c_r Zw) + C_j``
@@ -51,13 +51,17 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     With ``split_k`` (the linear layer), a reduction too long for one exact float32 GEMM is
     cut into chunks of ``kc`` inputs whose partial sums stay below ``2**24``: each chunk's
     float32 GEMM is exact, and the chunks and ``C`` are added in float64 (exact below
-    ``2**53``).
+    ``2**53``). With ``chunks`` (a convolution), one too long for one exact float32
+    convolution even by its weights' own bound is cut along its input channels the same way
+    (:func:`_channel_chunks`; :func:`_chunked_lowrank_conv` runs it).
 
     Returns:
         ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` -- with
         ``split_k``, ``(weights, bias, kc)``: a float32 bias where one float32 GEMM plus
         the bias is exact (``kc == Cg*kh*kw``), else a float64 one, the chunked sum's start
-        (``kc`` may then equal ``Cg*kh*kw`` too) -- or ``None``.
+        (``kc`` may then equal ``Cg*kh*kw`` too); with ``chunks``, where the convolution is
+        cut, ``(weights, bias (Co,) float64, [(start, stop), ...] of the Cg*r mapped input
+        channels)`` -- or ``None``.
     """
     if tabs.u is None or (not tabs.signed and tabs.value_coef is None):
         return None
@@ -108,24 +112,107 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     else:
         wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
-    if by_weights and not _within_fp32(wv, const, tabs):
-        return None
+    parts = None
+    per = _channel_sums(wv) if by_weights else None
+    if by_weights and not _within_fp32(per, const, tabs):
+        parts = _channel_chunks(per, const, tabs, zxf) if chunks else None
+        if parts is None:
+            return None
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
+    if parts is not None:
+        return wv.contiguous(memory_format=torch.channels_last), const, parts
     if split_k:
         # the bias of one float32 addmm, or the float64 start of the chunked sum
         return wv.contiguous(memory_format=torch.channels_last), const if split else const.to(torch.float32), kc
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
-def _within_fp32(wv: torch.Tensor, const: torch.Tensor, tabs: LutTables) -> bool:
-    """Whether every partial sum of the folded convolution stays below ``2**24`` for these
-    weights ``wv`` ``(Co, Cg, kh, kw, r)`` (integers below ``2**24``): each output's
+def _channel_sums(wv: torch.Tensor) -> torch.Tensor:
+    """``sum_(kh, kw) |wv|`` of folded weights ``(Co, Cg, kh, kw, r)`` (integers below ``2**24``),
+    ``(Co, Cg, r)`` float64 -- exact: in float32 where ``kh kw`` such values stay below ``2**24``
+    (one fused pass, no float64 copy of the weights), else in float64."""
+    w = wv.detach()
+    if w.dtype == torch.float32:
+        lo, hi = torch.aminmax(w)
+        if max(-float(lo), float(hi)) * w.shape[2] * w.shape[3] < K.FP32_EXACT_LIMIT:
+            return w.abs().sum((2, 3)).to(torch.float64)
+    return w.to(torch.float64).abs().sum((2, 3))
+
+
+def _within_fp32(per: torch.Tensor, const: torch.Tensor, tabs: LutTables) -> bool:
+    """Whether every partial sum of the folded convolution stays below ``2**24`` for weights
+    whose :func:`_channel_sums` are ``per`` ``(Co, Cg, r)``: each output's
     ``sum_k,r |U_r|max |wv_kr| + |C|`` bounds every partial sum in any order -- the
     worst case over all weights (``K`` times the largest product) rejects most layers with
     ``K`` above a few hundred, whose actual weights rarely come near it."""
-    ua = torch.as_tensor(tabs._u_absmax, dtype=torch.float64, device=wv.device)
-    bound = (wv.detach().abs().to(torch.float64) * ua).sum((1, 2, 3, 4)) + const.abs()
+    ua = torch.as_tensor(tabs._u_absmax, dtype=torch.float64, device=per.device)
+    bound = (per * ua).sum((1, 2)) + const.abs()
     return float(bound.max()) < K.FP32_EXACT_LIMIT
+
+
+def _channel_chunks(per: torch.Tensor, const: torch.Tensor, tabs: LutTables, zx: float):
+    """Runs ``[(start, stop), ...]`` of the ``Cg*r`` mapped input channels (channel ``c``,
+    rank ``rr`` -> ``c r + rr``) whose convolutions each keep every partial sum below
+    ``2**24`` for weights whose :func:`_channel_sums` are ``per`` ``(Co, Cg, r)`` -- each run
+    as long as it can be, the bound of :func:`_within_fp32` per output, with ``|x - Zx|`` as
+    well as ``|U|`` for a rank-1 ``U = value(x)`` (:func:`_chunked_lowrank_conv` convolves
+    ``x - Zx`` there) -- or ``None`` where one channel alone reaches the limit or the whole
+    sum and ``C`` could reach ``2**53`` (float64, where the runs are added, would round)."""
+    co, cg, r = per.shape
+    ua = np.array(tabs._u_absmax, np.float64)
+    if tabs.u_is_value:
+        top = tabs.lo_x + tabs.prod.shape[0] - 1
+        ua = np.maximum(ua, max(abs(tabs.lo_x - zx), abs(top - zx)))
+    per = (per * torch.as_tensor(ua, dtype=torch.float64, device=per.device)).reshape(co, cg * r).cpu().numpy()
+    if float(per.sum(1).max()) + float(const.abs().max()) >= K.FP64_EXACT_LIMIT \
+            or float(per.max()) >= K.FP32_EXACT_LIMIT:
+        return None
+    cum = np.concatenate([np.zeros((co, 1)), np.cumsum(per, axis=1)], axis=1)   # exact: integers < 2**53
+    runs, start, m = [], 0, cg * r
+    while start < m:
+        # the longest run from start: its bound max_j (cum[j, stop] - cum[j, start]) grows
+        # with stop, so a binary search; one channel alone is below the limit (checked above)
+        lo, hi = start + 1, m
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if float((cum[:, mid] - cum[:, start]).max()) < K.FP32_EXACT_LIMIT:
+                lo = mid
+            else:
+                hi = mid - 1
+        runs.append((start, lo))
+        start = lo
+    return runs
+
+
+def _chunked_lowrank_conv(qx: torch.Tensor, zx: torch.Tensor, tabs: LutTables, fold, padding, stride,
+                          dilation) -> torch.Tensor:
+    """The float64 accumulator of an ungrouped low-rank conv cut along its mapped input
+    channels (``fold`` from :func:`_folded_lowrank_weights` with ``chunks``): each run's
+    float32 convolution is exact, the runs and the constant are added in float64 (exact).
+    For a rank-1 ``U = value(x)`` the runs convolve ``qx - Zx``, zero-padded by the
+    convolution (:func:`_rank1_shifted_conv`'s shortcut); otherwise ``U`` of the indices
+    padded with the zero point's, channels-last, as :class:`~appmult.nn.autograd._LowRankConvZpFn`.
+    Computed on detached operands: the caller attaches the LUT's backward."""
+    wv, const, runs = fold
+    zxf = float(zx)
+    if tabs.u_is_value:
+        q = qx.detach().to(torch.float32)
+        xs = q if zxf == 0.0 else q - zxf
+        pad = padding
+        bias = const + zxf * wv.to(torch.float64).sum((1, 2, 3))
+    else:
+        ph, pw = padding
+        idx = _idx32(qx, tabs.lo_x)
+        if ph or pw:
+            idx = F.pad(idx, (pw, pw, ph, ph), value=int(round(zxf)) - tabs.lo_x)
+        xs = _map_channels(tabs.u_f32, idx, torch.float32)
+        pad = (0, 0)
+        bias = const
+    acc = None
+    for start, stop in runs:
+        part = F.conv2d(xs[:, start:stop], wv[:, start:stop], None, stride, pad, dilation)
+        acc = part.to(torch.float64) if acc is None else acc.add_(part)
+    return acc.add_(bias.reshape(1, -1, 1, 1))
 
 
 def _exact_row_sums(q: torch.Tensor, bound: float) -> torch.Tensor:
