@@ -10,10 +10,11 @@ ResNet-20's training step. These layers' actual weights bound their sums far low
 look-up per product from the layer's own quantized operands, the zero-point cross terms,
 int64 sums, then the layer's float32 dequantization) and the unfused path of the same layer.
 
-Wider still (``K = 128 * 3 * 3`` and up: ResNet-18, VGG), the convolution is cut into runs
-of input channels whose float32 convolutions are each exact, added in float64
-(``_channel_chunks``, ``_chunked_lowrank_conv``): exact where the unfused float32 path may
-round, so the reference there is the brute force alone.
+Wider still (``K = 128 * 3 * 3`` and up: ResNet-18, VGG), the convolution is cut into equal
+runs of input channels, one grouped convolution whose groups are each exact in float32,
+added in float64 (``_channel_runs``, ``_chunked_lowrank_conv``, ``fold_loops.add_runs``):
+exact where the unfused float32 path may round, so the reference there is the brute force
+alone.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def test_conv_cut_into_channel_runs_is_bit_exact(columns, shift, stride, dilatio
     with torch.no_grad():
         qx, sx, zx, qw, sw, zw = layer._quantize(x)
         fold = FU._folded_lowrank_weights(qw, zx, zw, layer.lut, chunks=True)
-        assert fold is not None and len(fold) == 3 and len(fold[2]) >= 2   # cut into runs
+        assert fold is not None and len(fold) == 3 and fold[2] >= 2   # cut into runs
         assert FU._folded_lowrank_weights(qw, zx, zw, layer.lut) is None     # one conv would not be exact
         y = layer(x)
     assert torch.equal(y, expected_output(layer, x, table, False))
@@ -244,29 +245,49 @@ def test_grouped_conv_beyond_the_bound_takes_the_unfused_path():
     assert torch.equal(y, y_plain)
 
 
-def test_channel_runs_are_maximal_and_within_the_limit():
-    """Each run's bound per output stays below ``2**24`` and the next channel would break it
-    (unsigned 8-bit codes: ``|U| <= 255`` and ``|x - Zx| <= 255`` whatever ``Zx``)."""
+def test_channel_runs_are_the_fewest_equal_runs_within_the_limit():
+    """Each of the ``G`` equal runs keeps its bound below ``2**24`` for every output, and no
+    divisor below ``G`` would (unsigned 8-bit codes: ``|U| <= 255`` and ``|x - Zx| <= 255``
+    whatever ``Zx``)."""
     tabs = lowrank_tables(truncated(0))
     g = torch.Generator().manual_seed(1)
-    wv = torch.randint(-200, 201, (3, 40, 3, 3, 1), generator=g).float()
+    wv = torch.randint(-200, 201, (3, 48, 3, 3, 1), generator=g).float()
     const = torch.zeros(3, dtype=torch.float64)
+    per = (wv.abs().double() * 255.0).sum((2, 3, 4))                 # (Co, 48)
     limit = K.FP32_EXACT_LIMIT
-    for zx, factor in ((0.0, 255.0), (200.0, 255.0)):
-        runs = FU._channel_chunks(FU._channel_sums(wv), const, tabs, zx)
-        per = (wv.abs().double() * factor).sum((2, 3, 4))                 # (Co, 40)
-        assert runs[0][0] == 0 and runs[-1][1] == 40
-        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
-        for start, stop in runs:
-            assert float(per[:, start:stop].sum(1).max()) < limit
-            if stop < 40:
-                assert float(per[:, start:stop + 1].sum(1).max()) >= limit
+    for zx in (0.0, 200.0):
+        runs = FU._channel_runs(FU._channel_sums(wv), const, tabs, zx)
+        assert runs is not None and 48 % runs == 0
+        assert float(per.reshape(3, runs, -1).sum(2).max()) < limit
+        for fewer in range(2, runs):
+            if 48 % fewer == 0:
+                assert float(per.reshape(3, fewer, -1).sum(2).max()) >= limit
 
 
 def test_no_runs_where_one_channel_alone_reaches_the_limit():
     tabs = lowrank_tables(truncated(0))
-    wv = torch.zeros(2, 3, 3, 3, 1)
+    wv = torch.zeros(2, 4, 3, 3, 1)
     wv[1, 1] = 7311.0                                  # one channel's bound 9 * 255 * 7311 >= 2**24
-    assert FU._channel_chunks(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) is None
-    wv[1, 1] = 7310.0                                  # 16,776,450 < 2**24: one run
-    assert FU._channel_chunks(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == [(0, 3)]
+    assert FU._channel_runs(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) is None
+    wv[1, 1] = 7310.0                                  # 16,776,450 < 2**24
+    wv[1, 2] = 7310.0                                  # two such channels: two runs of two
+    assert FU._channel_runs(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == 2
+    wv[1, 0] = 1.0                                     # channels 0 and 1 together break it: four runs
+    assert FU._channel_runs(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == 4
+
+
+def test_runs_are_added_with_and_without_numba(monkeypatch):
+    """``fold_loops.add_runs`` and the torch fallback give the same bits (float32 layer)."""
+    table = truncated(0)
+    layer, x = wide_layer(table, 256, 4, seed=9, shift=-0.3)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        fold = FU._folded_lowrank_weights(qw, zx, zw, layer.lut, chunks=True)
+        a = FU._chunked_lowrank_conv(qx, zx, layer.lut, fold, (1, 1), (1, 1), (1, 1), torch.float32)
+        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+        b = FU._chunked_lowrank_conv(qx, zx, layer.lut, fold, (1, 1), (1, 1), (1, 1), torch.float32)
+        c = FU._chunked_lowrank_conv(qx, zx, layer.lut, fold, (1, 1), (1, 1), (1, 1), torch.float64)
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert torch.equal(a, c.to(torch.float32))
+    acc = brute_conv_acc(table, qx, float(zx), qw, zw, 1, False)
+    assert np.array_equal(c.numpy(), acc.astype(np.float64))

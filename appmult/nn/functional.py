@@ -455,7 +455,7 @@ def _fused_conv_acc(qx, qw, zx, zw, tabs: LutTables, geom, dt: torch.dtype, exac
         if fold is not None and len(fold) == 3:  # too long for one exact float32 conv: cut in runs
             if groups != 1:
                 return None
-            acc = _chunked_lowrank_conv(qx, zx, tabs, fold, padding, stride, dilation)
+            acc = _chunked_lowrank_conv(qx, zx, tabs, fold, padding, stride, dilation, dt)
             return _with_conv_backward(qx, qw, zx, zw, tabs, acc, dt, geom)
         if fold is not None:
             wv, const = fold

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import fold_loops
 from . import int8_loops as loops
 from . import kernels as K
 from .tables import LutTables, _idx, _idx32, _map_channels
@@ -53,15 +54,15 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     float32 GEMM is exact, and the chunks and ``C`` are added in float64 (exact below
     ``2**53``). With ``chunks`` (a convolution), one too long for one exact float32
     convolution even by its weights' own bound is cut along its input channels the same way
-    (:func:`_channel_chunks`; :func:`_chunked_lowrank_conv` runs it).
+    (:func:`_channel_runs`; :func:`_chunked_lowrank_conv` runs it).
 
     Returns:
         ``(weights (Co, Cg*r, kh, kw) float32 channels-last, bias (Co,) float32)`` -- with
         ``split_k``, ``(weights, bias, kc)``: a float32 bias where one float32 GEMM plus
         the bias is exact (``kc == Cg*kh*kw``), else a float64 one, the chunked sum's start
         (``kc`` may then equal ``Cg*kh*kw`` too); with ``chunks``, where the convolution is
-        cut, ``(weights, bias (Co,) float64, [(start, stop), ...] of the Cg*r mapped input
-        channels)`` -- or ``None``.
+        cut, ``(weights (G Co, Cg*r/G, kh, kw) float32 -- the runs as groups --,
+        bias (Co,) float64, G)`` -- or ``None``.
     """
     if tabs.u is None or (not tabs.signed and tabs.value_coef is None):
         return None
@@ -112,15 +113,18 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     else:
         wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
-    parts = None
+    runs = None
     per = _channel_sums(wv) if by_weights else None
     if by_weights and not _within_fp32(per, const, tabs):
-        parts = _channel_chunks(per, const, tabs, zxf) if chunks else None
-        if parts is None:
+        runs = _channel_runs(per, const, tabs, zxf) if chunks else None
+        if runs is None:
             return None
     wv = wv.permute(0, 1, 4, 2, 3).reshape(co, cg * r, kh, kw).to(torch.float32)
-    if parts is not None:
-        return wv.contiguous(memory_format=torch.channels_last), const, parts
+    if runs is not None:
+        # the runs as the groups of one convolution: (G Co, Cg r / G, kh, kw)
+        # (contiguous, not channels-last: the grouped output then keeps the input's layout)
+        wv = wv.reshape(co, runs, cg * r // runs, kh, kw).transpose(0, 1).reshape(runs * co, -1, kh, kw)
+        return wv.contiguous(), const, runs
     if split_k:
         # the bias of one float32 addmm, or the float64 start of the chunked sum
         return wv.contiguous(memory_format=torch.channels_last), const if split else const.to(torch.float32), kc
@@ -150,56 +154,50 @@ def _within_fp32(per: torch.Tensor, const: torch.Tensor, tabs: LutTables) -> boo
     return float(bound.max()) < K.FP32_EXACT_LIMIT
 
 
-def _channel_chunks(per: torch.Tensor, const: torch.Tensor, tabs: LutTables, zx: float):
-    """Runs ``[(start, stop), ...]`` of the ``Cg*r`` mapped input channels (channel ``c``,
-    rank ``rr`` -> ``c r + rr``) whose convolutions each keep every partial sum below
-    ``2**24`` for weights whose :func:`_channel_sums` are ``per`` ``(Co, Cg, r)`` -- each run
-    as long as it can be, the bound of :func:`_within_fp32` per output, with ``|x - Zx|`` as
-    well as ``|U|`` for a rank-1 ``U = value(x)`` (:func:`_chunked_lowrank_conv` convolves
-    ``x - Zx`` there) -- or ``None`` where one channel alone reaches the limit or the whole
-    sum and ``C`` could reach ``2**53`` (float64, where the runs are added, would round)."""
+def _channel_runs(per: torch.Tensor, const: torch.Tensor, tabs: LutTables, zx: float) -> int | None:
+    """The fewest equal runs ``G`` (a divisor of the ``Cg*r`` mapped input channels: channel
+    ``c``, rank ``rr`` -> ``c r + rr``; at least 2) whose convolutions each keep every partial
+    sum below ``2**24`` for weights whose :func:`_channel_sums` are ``per`` ``(Co, Cg, r)``:
+    the bound of :func:`_within_fp32` per output and run, with ``|x - Zx|`` as well as ``|U|``
+    for a rank-1 ``U = value(x)`` (:func:`_chunked_lowrank_conv` convolves ``x - Zx`` there).
+    ``None`` where one channel alone reaches the limit, or the whole sum and ``C`` could
+    reach ``2**53`` (float64, where the runs are added, would round)."""
     co, cg, r = per.shape
     ua = np.array(tabs._u_absmax, np.float64)
     if tabs.u_is_value:
         top = tabs.lo_x + tabs.prod.shape[0] - 1
         ua = np.maximum(ua, max(abs(tabs.lo_x - zx), abs(top - zx)))
-    per = (per * torch.as_tensor(ua, dtype=torch.float64, device=per.device)).reshape(co, cg * r).cpu().numpy()
+    m = cg * r
+    per = (per * torch.as_tensor(ua, dtype=torch.float64, device=per.device)).reshape(co, m).cpu().numpy()
     if float(per.sum(1).max()) + float(const.abs().max()) >= K.FP64_EXACT_LIMIT \
             or float(per.max()) >= K.FP32_EXACT_LIMIT:
         return None
-    cum = np.concatenate([np.zeros((co, 1)), np.cumsum(per, axis=1)], axis=1)   # exact: integers < 2**53
-    runs, start, m = [], 0, cg * r
-    while start < m:
-        # the longest run from start: its bound max_j (cum[j, stop] - cum[j, start]) grows
-        # with stop, so a binary search; one channel alone is below the limit (checked above)
-        lo, hi = start + 1, m
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if float((cum[:, mid] - cum[:, start]).max()) < K.FP32_EXACT_LIMIT:
-                lo = mid
-            else:
-                hi = mid - 1
-        runs.append((start, lo))
-        start = lo
-    return runs
+    for runs in range(2, m + 1):
+        if m % runs == 0 and float(per.reshape(co, runs, m // runs).sum(2).max()) < K.FP32_EXACT_LIMIT:
+            return runs
+    return None  # m == 1: not reached (one channel alone is below the limit)
 
 
 def _chunked_lowrank_conv(qx: torch.Tensor, zx: torch.Tensor, tabs: LutTables, fold, padding, stride,
-                          dilation) -> torch.Tensor:
-    """The float64 accumulator of an ungrouped low-rank conv cut along its mapped input
-    channels (``fold`` from :func:`_folded_lowrank_weights` with ``chunks``): each run's
-    float32 convolution is exact, the runs and the constant are added in float64 (exact).
-    For a rank-1 ``U = value(x)`` the runs convolve ``qx - Zx``, zero-padded by the
-    convolution (:func:`_rank1_shifted_conv`'s shortcut); otherwise ``U`` of the indices
-    padded with the zero point's, channels-last, as :class:`~appmult.nn.autograd._LowRankConvZpFn`.
+                          dilation, dtype: torch.dtype) -> torch.Tensor:
+    """The accumulator (``dtype``) of an ungrouped low-rank conv cut into ``G`` equal runs
+    of its mapped input channels (``fold`` from :func:`_folded_lowrank_weights` with
+    ``chunks``): one grouped float32 convolution gives each run's partial sums (exact),
+    added with the constant in float64 (exact) and rounded once to ``dtype``
+    (:func:`appmult.nn.fold_loops.add_runs` for float32 on the CPU). For a rank-1
+    ``U = value(x)`` it convolves ``qx - Zx``, zero-padded by the convolution
+    (:func:`_rank1_shifted_conv`'s shortcut); otherwise ``U`` of the indices padded with the
+    zero point's, channels-last, as :class:`~appmult.nn.autograd._LowRankConvZpFn`.
     Computed on detached operands: the caller attaches the LUT's backward."""
-    wv, const, runs = fold
+    wg, const, runs = fold
     zxf = float(zx)
+    co = wg.shape[0] // runs
     if tabs.u_is_value:
         q = qx.detach().to(torch.float32)
         xs = q if zxf == 0.0 else q - zxf
         pad = padding
-        bias = const + zxf * wv.to(torch.float64).sum((1, 2, 3))
+        w64 = wg.to(torch.float64).sum((1, 2, 3)).reshape(runs, co).sum(0)     # sum_k wv_jk, exact
+        bias = const + zxf * w64
     else:
         ph, pw = padding
         idx = _idx32(qx, tabs.lo_x)
@@ -208,11 +206,15 @@ def _chunked_lowrank_conv(qx: torch.Tensor, zx: torch.Tensor, tabs: LutTables, f
         xs = _map_channels(tabs.u_f32, idx, torch.float32)
         pad = (0, 0)
         bias = const
-    acc = None
-    for start, stop in runs:
-        part = F.conv2d(xs[:, start:stop], wv[:, start:stop], None, stride, pad, dilation)
-        acc = part.to(torch.float64) if acc is None else acc.add_(part)
-    return acc.add_(bias.reshape(1, -1, 1, 1))
+    y = F.conv2d(xs, wg, None, stride, pad, dilation, runs).contiguous()
+    n, _, ho, wo = y.shape
+    if dtype == torch.float32 and y.device.type == "cpu" and fold_loops.AVAILABLE and K.numba_available():
+        out = torch.empty((n, co, ho, wo), dtype=torch.float32)
+        fold_loops.add_runs(y.reshape(n, runs, co, ho * wo).numpy(), bias.to(torch.float64).contiguous().numpy(),
+                            out.reshape(n, co, ho * wo).numpy())
+        return out
+    acc = y.reshape(n, runs, co, ho, wo).to(torch.float64).sum(1)
+    return acc.add_(bias.to(acc.device).reshape(1, co, 1, 1)).to(dtype)
 
 
 def _exact_row_sums(q: torch.Tensor, bound: float) -> torch.Tensor:
