@@ -291,3 +291,38 @@ def test_runs_are_added_with_and_without_numba(monkeypatch):
     assert torch.equal(a, c.to(torch.float32))
     acc = brute_conv_acc(table, qx, float(zx), qw, zw, 1, False)
     assert np.array_equal(c.numpy(), acc.astype(np.float64))
+
+
+@pytest.mark.parametrize("cin", [64, 256])             # folded by the weights' bound; cut into runs
+@pytest.mark.parametrize("grad", ["ste", "lut2d"])
+def test_wide_conv_gradients_match_the_unfused_path(cin, grad):
+    """The fused path's training step (forward bits and the gradients of the input and the
+    weight) against the unfused LUT path of the same layer: the same gradient formulas, so
+    equal up to float32 summation order."""
+    table = truncated(0)
+    torch.manual_seed(cin)
+    lut = LutFile(table, width_a=8, width_b=8, signed=False)
+    ref = nn.Conv2d(cin, 3, 3, padding=1)
+    layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank", grad=grad,
+                                                      compute_missing_gradients=True))
+    x = torch.relu(torch.randn(2, cin, 5, 5)) - 0.2
+    layer.train()
+    layer(x)
+    layer.act_quant.observing = False
+    results = []
+    for fused in (None, False):
+        prev = FN._FUSED_LOWRANK
+        FN._FUSED_LOWRANK = fused
+        try:
+            layer.zero_grad(set_to_none=True)
+            xg = x.clone().requires_grad_(True)
+            y = layer(xg)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        finally:
+            FN._FUSED_LOWRANK = prev
+        results.append((y.detach(), xg.grad, layer.weight.grad.clone()))
+    (y1, gx1, gw1), (y0, gx0, gw0) = results
+    assert torch.equal(y1, y0)
+    assert bool(gx1.abs().sum() > 0) and bool(gw1.abs().sum() > 0)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-6 * float(gx0.abs().max()))
+    torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-6 * float(gw0.abs().max()))
