@@ -19,6 +19,8 @@ alone.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -55,10 +57,10 @@ def brute_conv_acc(table: np.ndarray, qx: torch.Tensor, zx: float, qw: torch.Ten
 
 
 def wide_layer(table: np.ndarray, cin: int, cout: int, seed: int, signed: bool = False, shift: float = 0.0,
-               stride: int = 1, dilation: int = 1):
+               stride: int = 1, dilation: int = 1, groups: int = 1):
     torch.manual_seed(seed)
     lut = LutFile(table, width_a=8, width_b=8, signed=signed)
-    ref = nn.Conv2d(cin, cout, 3, padding=1, stride=stride, dilation=dilation)
+    ref = nn.Conv2d(cin, cout, 3, padding=1, stride=stride, dilation=dilation, groups=groups)
     layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank"))
     x = torch.relu(torch.randn(2, cin, 5, 5)) + shift   # shift < 0: negative inputs, Zx > 0
     layer.eval()
@@ -78,6 +80,18 @@ def expected_output(layer: ApproxConv2d, x: torch.Tensor, table: np.ndarray, sig
     return torch.from_numpy(acc.astype(ft) * scale + bias)
 
 
+@contextlib.contextmanager
+def fused_lowrank(on: bool | None):
+    """The fused low-rank switch (``functional._FUSED_LOWRANK``; ``False``: the unfused
+    path, the reference) set for a block."""
+    prev = FN._FUSED_LOWRANK
+    FN._FUSED_LOWRANK = on
+    try:
+        yield
+    finally:
+        FN._FUSED_LOWRANK = prev
+
+
 def signed_exact() -> np.ndarray:
     v = np.where(np.arange(256) < 128, np.arange(256), np.arange(256) - 256)
     return v[:, None] * v[None, :]
@@ -93,12 +107,8 @@ def test_wide_conv_takes_the_fold_and_is_bit_exact(columns, shift):
         assert qw.shape[1] * 9 * 255 * 255 >= K.FP32_EXACT_LIMIT   # the worst case rejects it
         assert FU._folded_lowrank_weights(qw, zx, zw, layer.lut) is not None
         y = layer(x)
-        prev = FN._FUSED_LOWRANK
-        FN._FUSED_LOWRANK = False
-        try:
+        with fused_lowrank(False):
             y_plain = layer(x)
-        finally:
-            FN._FUSED_LOWRANK = prev
     assert torch.equal(y, expected_output(layer, x, table, False))
     assert torch.equal(y, y_plain)
 
@@ -223,25 +233,13 @@ def test_conv_cut_into_runs_trains():
 
 
 def test_grouped_conv_beyond_the_bound_takes_the_unfused_path():
-    table = truncated(0)
-    torch.manual_seed(0)
-    lut = LutFile(table, width_a=8, width_b=8, signed=False)
-    ref = nn.Conv2d(512, 4, 3, padding=1, groups=2)
-    layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank"))
-    x = torch.relu(torch.randn(1, 512, 4, 4))
-    layer.eval()
-    layer(x)
-    layer.act_quant.observing = False
+    layer, x = wide_layer(truncated(0), 512, 4, seed=0, groups=2)
     with torch.no_grad():
         qx, sx, zx, qw, sw, zw = layer._quantize(x)
         assert len(FU._folded_lowrank_weights(qw, zx, zw, layer.lut, chunks=True)) == 3
         y = layer(x)
-        prev = FN._FUSED_LOWRANK
-        FN._FUSED_LOWRANK = False
-        try:
+        with fused_lowrank(False):
             y_plain = layer(x)
-        finally:
-            FN._FUSED_LOWRANK = prev
     assert torch.equal(y, y_plain)
 
 
@@ -311,15 +309,11 @@ def test_wide_conv_gradients_match_the_unfused_path(cin, grad):
     layer.act_quant.observing = False
     results = []
     for fused in (None, False):
-        prev = FN._FUSED_LOWRANK
-        FN._FUSED_LOWRANK = fused
-        try:
+        with fused_lowrank(fused):
             layer.zero_grad(set_to_none=True)
             xg = x.clone().requires_grad_(True)
             y = layer(xg)
             (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        finally:
-            FN._FUSED_LOWRANK = prev
         results.append((y.detach(), xg.grad, layer.weight.grad.clone()))
     (y1, gx1, gw1), (y0, gx0, gw0) = results
     assert torch.equal(y1, y0)
