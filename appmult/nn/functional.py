@@ -194,6 +194,19 @@ def _check_codes(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, what: str)
                                     f"operand range), got values in [{mn:g}, {mx:g}]")
 
 
+def _check_quantization(sx, zx, sw, zw, outputs: int, what: str) -> None:
+    """Refuse activation scales and zero points of more than one value, and weight scales
+    and zero points of neither one value nor one per output: broadcasting would otherwise
+    turn them into extra outputs (an ``(M, 2)`` result for one output and two zero
+    points) or mix outputs silently."""
+    for t, name, sizes in ((sx, "activation scale", (1,)), (zx, "activation zero point", (1,)),
+                           (sw, "weight scale", (1, outputs)), (zw, "weight zero point", (1, outputs))):
+        n = torch.as_tensor(t).numel()
+        if n not in sizes:
+            raise InvalidValueError(f"{what}: the {name} must hold {' or '.join(map(str, sorted(set(sizes))))} "
+                                    f"value(s) (one, or one per output of {outputs}), got {n}")
+
+
 def _check_symmetric(zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, what: str) -> None:
     """Refuse zero points with a signed LUT: its products are of signed codes, quantized
     symmetrically, and no cross terms are computed for it -- non-zero zero points would be
@@ -308,6 +321,7 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
         InvalidValueError: an operand outside the LUT's value range (or NaN); non-zero
             zero points with a signed LUT (its operands are quantized symmetrically).
     """
+    _check_quantization(sx, zx, sw, zw, qw.shape[0], "approx_linear")
     if tabs is not None:
         _check_codes(qx, qw, tabs, "approx_linear")
         _check_symmetric(zx, zw, tabs, "approx_linear")
@@ -402,6 +416,7 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
         InvalidValueError: an operand outside the LUT's value range (or NaN); non-zero
             zero points with a signed LUT.
     """
+    _check_quantization(sx, zx, sw, zw, qw.shape[0], "approx_conv2d")
     if tabs is not None:
         _check_codes(qx, qw, tabs, "approx_conv2d")
         _check_symmetric(zx, zw, tabs, "approx_conv2d")

@@ -1,0 +1,72 @@
+"""The functional API refuses scales and zero points that broadcasting would misread.
+
+``approx_linear`` and ``approx_conv2d`` take the quantization parameters from the caller. A
+weight zero point with two values for a one-output layer used to broadcast into a second,
+meaningless output column (``(M, 2)`` for ``(M, 1)``); an activation zero point per element
+would mix outputs silently. Both now raise :class:`InvalidValueError` naming the parameter.
+The reference for the accepted shapes is the same call with the parameter given as one value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from appmult.errors import InvalidValueError
+from appmult.lut_gen import LutFile
+from appmult.nn import approx_conv2d, approx_linear
+from appmult.nn.tables import LutTables
+
+
+@pytest.fixture(scope="module")
+def tabs() -> LutTables:
+    a = np.arange(256)
+    return LutTables(LutFile(a[:, None] * a[None, :], width_a=8, width_b=8, signed=False), grad="ste",
+                     kernel="lowrank")
+
+
+def linear_operands(n: int):
+    g = torch.Generator().manual_seed(n)
+    qx = torch.randint(0, 256, (3, 5), generator=g).float()
+    qw = torch.randint(0, 256, (n, 5), generator=g).float()
+    return qx, qw
+
+
+BAD = [("sx", torch.tensor([0.1, 0.2]), "activation scale"),
+       ("zx", torch.tensor([1.0, 2.0]), "activation zero point"),
+       ("sw", torch.tensor([0.1, 0.2]), "weight scale"),
+       ("zw", torch.tensor([3.0, 4.0]), "weight zero point")]
+
+
+@pytest.mark.parametrize("name,value,label", BAD)
+def test_linear_refuses_parameters_of_the_wrong_size(tabs, name, value, label):
+    qx, qw = linear_operands(1)          # one output: two weight values are one too many
+    args = {"sx": torch.tensor(0.1), "zx": torch.tensor(0.0), "sw": torch.tensor(0.1), "zw": torch.tensor(3.0)}
+    args[name] = value
+    with pytest.raises(InvalidValueError, match=f"approx_linear: the {label} must hold"):
+        approx_linear(qx, args["sx"], args["zx"], qw, args["sw"], args["zw"], None, tabs)
+    with pytest.raises(InvalidValueError, match=f"approx_linear: the {label} must hold"):
+        approx_linear(qx, args["sx"], args["zx"], qw, args["sw"], args["zw"], None, None)   # exact mode too
+
+
+@pytest.mark.parametrize("name,value,label", BAD)
+def test_conv_refuses_parameters_of_the_wrong_size(tabs, name, value, label):
+    g = torch.Generator().manual_seed(0)
+    qx = torch.randint(0, 256, (1, 2, 4, 4), generator=g).float()
+    qw = torch.randint(0, 256, (1, 2, 3, 3), generator=g).float()
+    args = {"sx": torch.tensor(0.1), "zx": torch.tensor(0.0), "sw": torch.tensor(0.1), "zw": torch.tensor(3.0)}
+    args[name] = value.reshape(-1, 1, 1, 1) if name in ("sw", "zw") else value
+    with pytest.raises(InvalidValueError, match=f"approx_conv2d: the {label} must hold"):
+        approx_conv2d(qx, args["sx"], args["zx"], qw, args["sw"], args["zw"], None, tabs)
+
+
+def test_one_value_per_output_is_the_per_output_broadcast(tabs):
+    """Per-output scales and zero points (``(N, 1)`` or ``(N,)``) are accepted, and equal
+    the one-value call for every output whose values are the same."""
+    qx, qw = linear_operands(3)
+    one = approx_linear(qx, torch.tensor(0.1), torch.tensor(2.0), qw, torch.tensor(0.5), torch.tensor(7.0), None, tabs)
+    per = approx_linear(qx, torch.tensor(0.1), torch.tensor(2.0), qw, torch.full((3, 1), 0.5),
+                        torch.full((3,), 7.0), None, tabs)
+    assert per.shape == one.shape == (3, 3)
+    assert torch.equal(per, one)
