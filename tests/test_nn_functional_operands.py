@@ -70,3 +70,35 @@ def test_one_value_per_output_is_the_per_output_broadcast(tabs):
                         torch.full((3,), 7.0), None, tabs)
     assert per.shape == one.shape == (3, 3)
     assert torch.equal(per, one)
+
+
+@pytest.mark.parametrize("zx", [-10.0, 256.0, 2.5, float("nan")])
+def test_conv_refuses_a_padding_zero_point_outside_the_codes(tabs, zx):
+    """Padding inserts ``Zx`` as an activation code: outside the LUT's codes the fused
+    rank-1 path computed a number where the plain path raised."""
+    g = torch.Generator().manual_seed(1)
+    qx = torch.randint(0, 256, (1, 2, 4, 4), generator=g).float()
+    qw = torch.randint(0, 256, (3, 2, 3, 3), generator=g).float()
+    with pytest.raises(InvalidValueError, match=r"approx_conv2d: padding inserts the activation zero point"):
+        approx_conv2d(qx, torch.tensor(0.1), torch.tensor(zx), qw, torch.tensor(0.1), torch.tensor(3.0), None, tabs,
+                      padding=1)
+
+
+def test_conv_without_padding_takes_any_zero_point(tabs):
+    """Without padding ``Zx`` is only a cross-term coefficient: an out-of-range one is
+    computed, the same on the fused and the plain path."""
+    from appmult.nn import functional as FN
+    g = torch.Generator().manual_seed(2)
+    qx = torch.randint(0, 256, (1, 2, 4, 4), generator=g).float()
+    qw = torch.randint(0, 256, (3, 2, 3, 3), generator=g).float()
+    args = (qx, torch.tensor(1.0), torch.tensor(-10.0), qw, torch.tensor(1.0), torch.tensor(3.0), None, tabs)
+    fused = approx_conv2d(*args)
+    prev = FN._FUSED_LOWRANK
+    FN._FUSED_LOWRANK = False
+    try:
+        plain = approx_conv2d(*args)
+    finally:
+        FN._FUSED_LOWRANK = prev
+    xs, ws = qx.double() + 10.0, qw.double() - 3.0
+    assert torch.equal(fused, plain)
+    assert torch.equal(fused.double(), torch.nn.functional.conv2d(xs, ws))

@@ -1334,7 +1334,9 @@ def test_approx_conv2d_gather_refuses_a_zero_point_just_past_the_lut():
     """A 4-bit unsigned LUT on the fused gather conv path with padding: an activation zero
     point of 16, one past the LUT's last row, would be the padded positions' table index;
     it is refused like any other out-of-range padding value (mutant: the range check
-    ``zidx <= na``, which lets index 16 read past the 16-row table)."""
+    ``zidx <= na``, which lets index 16 read past the 16-row table). ``approx_conv2d``
+    refuses it first (session 11: every path pads with ``Zx`` as a code), so the kernel's
+    own guard is called as the fused path calls it, with the last valid value beside."""
     if not K.numba_available():
         pytest.skip("numba not installed: no fused gather path")
     rng = np.random.default_rng(60)
@@ -1342,8 +1344,12 @@ def test_approx_conv2d_gather_refuses_a_zero_point_just_past_the_lut():
     qx = torch.tensor(rng.integers(0, 16, (2, 2, 5, 5)), dtype=torch.float32)
     qw = torch.tensor(rng.integers(0, 16, (3, 2, 3, 3)), dtype=torch.float32)
     one = torch.tensor(1.0)
-    with pytest.raises(IndexError, match=msg("Padding value 16 outside the LUT's range")):
+    with pytest.raises(InvalidValueError, match="padding inserts the activation zero point as a code"):
         approx_conv2d(qx, one, torch.tensor(16.0), qw, one, torch.tensor(1.0), None, tabs, padding=1)
+    from appmult.nn.gather_layouts import check_activations
+    with pytest.raises(IndexError, match=msg("Padding value 16 outside the LUT's range")):
+        check_activations(qx, 0, 16, 16)
+    check_activations(qx, 0, 16, 15)
 
 
 def within_rel_tol(fac, t: np.ndarray, rel_tol: float = 1e-6) -> bool:

@@ -207,6 +207,17 @@ def _check_quantization(sx, zx, sw, zw, outputs: int, what: str) -> None:
                                     f"value(s) (one, or one per output of {outputs}), got {n}")
 
 
+def _check_padding_code(zx, tabs: LutTables, what: str) -> None:
+    """Refuse an activation zero point that is not an activation code of the LUT where
+    padding inserts it as one (every path indexes the LUT at ``Zx`` for padded positions;
+    outside the codes the fused paths would compute a number where the plain one raises)."""
+    z = float(zx)
+    lo, hi = tabs.lo_x, tabs.lo_x + tabs.prod.shape[0] - 1
+    if not (lo <= z <= hi and z == round(z)):  # also false for NaN (compared first: round(NaN) raises)
+        raise InvalidValueError(f"{what}: padding inserts the activation zero point as a code, so it must be an "
+                                f"integer in [{lo}, {hi}] (the LUT's operand range), got {z:g}")
+
+
 def _check_symmetric(zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, what: str) -> None:
     """Refuse zero points with a signed LUT: its products are of signed codes, quantized
     symmetrically, and no cross terms are computed for it -- non-zero zero points would be
@@ -420,6 +431,8 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
     if tabs is not None:
         _check_codes(qx, qw, tabs, "approx_conv2d")
         _check_symmetric(zx, zw, tabs, "approx_conv2d")
+        if any(_pair(padding)):
+            _check_padding_code(zx, tabs, "approx_conv2d")
     with _autocast_off(qx.device.type):
         return _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs, stride=stride, padding=padding,
                               dilation=dilation, groups=groups, exact=exact, cache=cache)
