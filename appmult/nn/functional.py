@@ -330,7 +330,9 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 
     Raises:
         InvalidValueError: an operand outside the LUT's value range (or NaN); non-zero
-            zero points with a signed LUT (its operands are quantized symmetrically).
+            zero points with a signed LUT (its operands are quantized symmetrically); an
+            activation scale or zero point of more than one value, a weight scale or zero
+            point of neither one value nor one per output.
     """
     _check_quantization(sx, zx, sw, zw, qw.shape[0], "approx_linear")
     if tabs is not None:
@@ -425,7 +427,9 @@ def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 
     Raises:
         InvalidValueError: an operand outside the LUT's value range (or NaN); non-zero
-            zero points with a signed LUT.
+            zero points with a signed LUT; scales and zero points of the wrong size (as in
+            :func:`approx_linear`); with padding, an activation zero point that is not an
+            integer in the LUT's activation range (padding inserts it as a code).
     """
     _check_quantization(sx, zx, sw, zw, qw.shape[0], "approx_conv2d")
     if tabs is not None:
