@@ -102,3 +102,22 @@ def test_conv_without_padding_takes_any_zero_point(tabs):
     xs, ws = qx.double() + 10.0, qw.double() - 3.0
     assert torch.equal(fused, plain)
     assert torch.equal(fused.double(), torch.nn.functional.conv2d(xs, ws))
+
+
+@pytest.mark.parametrize("width_a,width_b", [(4, 8), (8, 4)])
+def test_padding_zero_point_range_is_the_activation_codes(width_a, width_b):
+    """The last activation code is a valid padding zero point, one past it is not -- on a
+    LUT whose activation and weight widths differ (the range is the activation side's)."""
+    a = np.arange(1 << width_a)[:, None]
+    b = np.arange(1 << width_b)[None, :]
+    tabs = LutTables(LutFile(a * b, width_a=width_a, width_b=width_b, signed=False), grad="ste", kernel="lowrank")
+    g = torch.Generator().manual_seed(3)
+    top = (1 << width_a) - 1
+    qx = torch.randint(0, top + 1, (1, 2, 4, 4), generator=g).float()
+    qw = torch.randint(0, 1 << width_b, (3, 2, 3, 3), generator=g).float()
+    one = torch.tensor(1.0)
+    y = approx_conv2d(qx, one, torch.tensor(float(top)), qw, one, torch.tensor(1.0), None, tabs, padding=1)
+    xs = torch.nn.functional.pad(qx.double(), (1, 1, 1, 1), value=float(top)) - top
+    assert torch.equal(y.double(), torch.nn.functional.conv2d(xs, qw.double() - 1.0))
+    with pytest.raises(InvalidValueError, match=rf"must be an integer in \[0, {top}\]"):
+        approx_conv2d(qx, one, torch.tensor(float(top + 1)), qw, one, torch.tensor(1.0), None, tabs, padding=1)
