@@ -181,9 +181,9 @@ def test_bound_is_strict_at_two_to_the_24():
     base = (ua[0] + 3 * ua[r - 1]).item()
     limit = float(K.FP32_EXACT_LIMIT)
     below = torch.tensor([0.0, limit - 1 - base], dtype=torch.float64)
-    assert FU._within_fp32(FU._channel_sums(wv), below, tabs)
-    assert not FU._within_fp32(FU._channel_sums(wv), below + torch.tensor([0.0, 1.0], dtype=torch.float64), tabs)
-    assert not FU._within_fp32(FU._channel_sums(wv), -(below + torch.tensor([0.0, 1.0], dtype=torch.float64)), tabs)
+    assert FU._within_fp32(FU._channel_sums(wv, float(wv.abs().max())), below, tabs)
+    assert not FU._within_fp32(FU._channel_sums(wv, float(wv.abs().max())), below + torch.tensor([0.0, 1.0], dtype=torch.float64), tabs)
+    assert not FU._within_fp32(FU._channel_sums(wv, float(wv.abs().max())), -(below + torch.tensor([0.0, 1.0], dtype=torch.float64)), tabs)
 
 
 @pytest.mark.parametrize("columns", [0, 4])            # rank 1 (U = value(x)) and the mapped rank-5 path
@@ -254,7 +254,7 @@ def test_channel_runs_are_the_fewest_equal_runs_within_the_limit():
     per = (wv.abs().double() * 255.0).sum((2, 3, 4))                 # (Co, 48)
     limit = K.FP32_EXACT_LIMIT
     for zx in (0.0, 200.0):
-        runs = FU._channel_runs(FU._channel_sums(wv), const, tabs, zx)
+        runs = FU._channel_runs(FU._channel_sums(wv, float(wv.abs().max())), const, tabs, zx)
         assert runs is not None and 48 % runs == 0
         assert float(per.reshape(3, runs, -1).sum(2).max()) < limit
         for fewer in range(2, runs):
@@ -266,12 +266,12 @@ def test_no_runs_where_one_channel_alone_reaches_the_limit():
     tabs = lowrank_tables(truncated(0))
     wv = torch.zeros(2, 4, 3, 3, 1)
     wv[1, 1] = 7311.0                                  # one channel's bound 9 * 255 * 7311 >= 2**24
-    assert FU._channel_runs(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) is None
+    assert FU._channel_runs(FU._channel_sums(wv, float(wv.abs().max())), torch.zeros(2, dtype=torch.float64), tabs, 0.0) is None
     wv[1, 1] = 7310.0                                  # 16,776,450 < 2**24
     wv[1, 2] = 7310.0                                  # two such channels: two runs of two
-    assert FU._channel_runs(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == 2
+    assert FU._channel_runs(FU._channel_sums(wv, float(wv.abs().max())), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == 2
     wv[1, 0] = 1.0                                     # channels 0 and 1 together break it: four runs
-    assert FU._channel_runs(FU._channel_sums(wv), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == 4
+    assert FU._channel_runs(FU._channel_sums(wv, float(wv.abs().max())), torch.zeros(2, dtype=torch.float64), tabs, 0.0) == 4
 
 
 def test_runs_are_added_with_and_without_numba(monkeypatch):

@@ -97,7 +97,8 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
             # exact float32 GEMM, C added in float64 all the same
             kc, split = min(k, int((K.FP32_EXACT_LIMIT - 1) // float(step.max()))), True
     vmax = max(float(np.abs(tabs._v_max).max()), float(np.abs(tabs._v_min).max()))
-    small = vmax + float(np.abs(shift).max(initial=0.0)) < K.FP32_EXACT_LIMIT
+    wmax = vmax + float(np.abs(shift).max(initial=0.0))                  # bound of |wv| below
+    small = wmax < K.FP32_EXACT_LIMIT
     if by_weights and not small:
         return None
     if small:
@@ -114,7 +115,7 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
         wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
     runs = None
-    per = _channel_sums(wv) if by_weights else None
+    per = _channel_sums(wv, wmax) if by_weights else None
     if by_weights and not _within_fp32(per, const, tabs):
         runs = _channel_runs(per, const, tabs, zxf) if chunks else None
         if runs is None:
@@ -131,15 +132,14 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     return wv.contiguous(memory_format=torch.channels_last), const.to(torch.float32)
 
 
-def _channel_sums(wv: torch.Tensor) -> torch.Tensor:
-    """``sum_(kh, kw) |wv|`` of folded weights ``(Co, Cg, kh, kw, r)`` (integers below ``2**24``),
-    ``(Co, Cg, r)`` float64 -- exact: in float32 where ``kh kw`` such values stay below ``2**24``
-    (one fused pass, no float64 copy of the weights), else in float64."""
+def _channel_sums(wv: torch.Tensor, bound: float) -> torch.Tensor:
+    """``sum_(kh, kw) |wv|`` of folded weights ``(Co, Cg, kh, kw, r)`` (integers of magnitude at
+    most ``bound``, known from the LUT's factors), ``(Co, Cg, r)`` float64 -- exact: in float32
+    where ``kh kw`` such values stay below ``2**24`` (no float64 copy of the weights), else in
+    float64."""
     w = wv.detach()
-    if w.dtype == torch.float32:
-        lo, hi = torch.aminmax(w)
-        if max(-float(lo), float(hi)) * w.shape[2] * w.shape[3] < K.FP32_EXACT_LIMIT:
-            return w.abs().sum((2, 3)).to(torch.float64)
+    if w.dtype == torch.float32 and bound * w.shape[2] * w.shape[3] < K.FP32_EXACT_LIMIT:
+        return w.abs().sum((2, 3)).to(torch.float64)
     return w.to(torch.float64).abs().sum((2, 3))
 
 
@@ -196,8 +196,11 @@ def _chunked_lowrank_conv(qx: torch.Tensor, zx: torch.Tensor, tabs: LutTables, f
         q = qx.detach().to(torch.float32)
         xs = q if zxf == 0.0 else q - zxf
         pad = padding
-        w64 = wg.to(torch.float64).sum((1, 2, 3)).reshape(runs, co).sum(0)     # sum_k wv_jk, exact
-        bias = const + zxf * w64
+        bias = const
+        if zxf != 0.0:
+            # + Zx sum_k wv_jk: each group's row sum in float32 is exact (its sum of |wv| is
+            # below 2**24 / |U|max, _channel_runs), the groups added in float64
+            bias = const + zxf * wg.sum((1, 2, 3)).to(torch.float64).reshape(runs, co).sum(0)
     else:
         ph, pw = padding
         idx = _idx32(qx, tabs.lo_x)
