@@ -199,12 +199,12 @@ def _check_quantization(sx, zx, sw, zw, outputs: int, what: str) -> None:
     and zero points of neither one value nor one per output: broadcasting would otherwise
     turn them into extra outputs (an ``(M, 2)`` result for one output and two zero
     points) or mix outputs silently."""
-    for t, name, sizes in ((sx, "activation scale", (1,)), (zx, "activation zero point", (1,)),
-                           (sw, "weight scale", (1, outputs)), (zw, "weight zero point", (1, outputs))):
+    for t, name, per_output in ((sx, "activation scale", False), (zx, "activation zero point", False),
+                                (sw, "weight scale", True), (zw, "weight zero point", True)):
         n = torch.as_tensor(t).numel()
-        if n not in sizes:
-            raise InvalidValueError(f"{what}: the {name} must hold {' or '.join(map(str, sorted(set(sizes))))} "
-                                    f"value(s) (one, or one per output of {outputs}), got {n}")
+        if n != 1 and not (per_output and n == outputs):
+            allowed = f"one value or one per output ({outputs})" if per_output else "one value"
+            raise InvalidValueError(f"{what}: the {name} must hold {allowed}, got {n} values")
 
 
 def _check_padding_code(zx, tabs: LutTables, what: str) -> None:
