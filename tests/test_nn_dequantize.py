@@ -101,9 +101,13 @@ def test_steps_aside_where_it_does_not_apply(monkeypatch):
 
 
 @needs_numba
-def test_conv_layer_output_is_the_two_pass_result():
-    """An eval conv: the same bits as the torch dequantization of the same accumulator."""
+def test_conv_layer_output_is_the_two_pass_result(monkeypatch):
+    """An eval conv on the general path: the same bits as the torch dequantization of the
+    same accumulator (the rank-1 eval plan, which skips this path, is compared with it in
+    test_nn_eval_plan.py)."""
     from appmult.lut_gen import LutFile
+    from appmult.nn import eval_plan
+    monkeypatch.setattr(eval_plan, "ENABLED", False)
     from appmult.nn import ApproxConfig, ApproxConv2d
     from test_nn_luts import exact, random_lut
     torch.manual_seed(0)

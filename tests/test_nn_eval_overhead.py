@@ -49,6 +49,33 @@ def test_one_weight_changed_through_data_misses_the_cache(shape, dtype):
         assert torch.equal(after, _fresh(layer, x)), pos
 
 
+@pytest.mark.parametrize("change", ["new storage through .data", "a write through a numpy view",
+                                    "new storage twice"])
+def test_weight_changes_the_version_counter_misses_are_seen(change):
+    """The cache compares the live weight's words, kept as a view holding its storage, with
+    its private copy: a weight given new storage (``.data = ...``: another address) or
+    written through numpy (no version bump) is quantized afresh."""
+    torch.manual_seed(3)
+    layer = ApproxLinear.from_float(torch.nn.Linear(16, 8),
+                                    ApproxConfig(LutFile(exact(8, False), width_a=8, width_b=8, signed=False)))
+    layer.eval()
+    x = torch.rand(4, 16) - 0.2
+    with torch.no_grad():
+        before = layer(x)
+        old = layer.weight.data
+        if change == "new storage through .data":
+            layer.weight.data = old * 0.5 - 0.01
+        elif change == "a write through a numpy view":
+            layer.weight.detach().numpy()[3, 5] = 2.0
+        else:
+            layer.weight.data = old.clone()
+            layer(x)
+            layer.weight.data = (old * 2).clone()
+        after = layer(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _fresh(layer, x))
+
+
 def test_same_bits_compares_bits():
     a = torch.randn(6, 5)
     for b in (a.clone(), a.t().contiguous().t()):  # equal values, contiguous or not

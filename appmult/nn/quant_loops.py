@@ -12,7 +12,8 @@ integer reduction that vectorizes, so the layers need no pass of their own to re
 NaN and Inf. :func:`ste_grad` is the backward ``grad * mask / s``.
 One scale and zero point per row of the ``(C, L)`` view: per output channel for weights,
 ``C = 1`` for activations. :func:`dequantize_channels` is a convolution's ``acc * scale +
-bias`` (per output channel) in one pass instead of two.
+bias`` (per output channel) in one pass instead of two. :func:`same_words` compares a
+layer's weight with the copy its cached codes were made from.
 
 numba is an optional dependency of the ``nn`` extra: without it this module defines only
 :data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
@@ -173,3 +174,13 @@ if numba is not None:
             else:
                 for i in range(n):
                     r[i] = r[i] * s
+
+    @njit(cache=True, boundscheck=False)
+    def same_words(a, b):  # pragma: no cover - compiled
+        # Whether two int64 arrays of one length hold the same words: the OR of their XORs
+        # (a loop that vectorizes; one thread: for the ~1 MB weight of a 512x512 linear layer
+        # 25 us here, torch.equal on the same words 90 us, a parallel loop 60-110 us).
+        d = 0
+        for i in range(a.shape[0]):
+            d |= a[i] ^ b[i]
+        return d == 0

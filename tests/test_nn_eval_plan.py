@@ -1,0 +1,375 @@
+"""The rank-1 eval plan of ``ApproxConv2d`` (``appmult.nn.eval_plan``): what it returns, when
+it runs, and that whatever it was derived from changing makes it step aside or rebuild.
+
+References: the numpy brute force of the LUT sum (one look-up per product, cross terms,
+int64; ``test_nn_wide_conv_fold.brute_conv_acc``) with the layer's float32
+dequantization, and the general path of the same layer (``eval_plan.ENABLED = False``),
+bit for bit. A plan that missed a change would return the old answer: each invalidation
+test changes one thing where no version counter sees it and compares with a fresh layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from appmult.errors import InvalidValueError
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxConv2d
+from appmult.nn import eval_plan
+from appmult.nn import quant_loops as L
+from test_nn_luts import exact, truncated
+from test_nn_wide_conv_fold import brute_conv_acc
+
+pytestmark = pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+
+
+def weight_side(width: int = 8) -> np.ndarray:
+    """``x * (w with its lowest bit cleared)``: rank 1 with ``U = value(x)`` and ``V != value(w)``."""
+    v = np.arange(1 << width)
+    return np.outer(v, v & ~1)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def make(table, *, signed=False, cin=4, cout=6, k=3, shift=0.0, seed=0, bias=True, scheme="per_channel",
+         batch=3, **geom):
+    torch.manual_seed(seed)
+    lut = LutFile(table, width_a=8, width_b=8, signed=signed)
+    ref = nn.Conv2d(cin, cout, k, bias=bias, **geom)
+    layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank", weight_scheme=scheme)).eval()
+    x = torch.relu(torch.randn(batch, cin, 9, 9)) + shift   # shift < 0: negative inputs, Zx > 0
+    layer(x)
+    layer.act_quant.observing = False
+    return layer, x
+
+
+def general(layer, x):
+    """The layer's output by the general path (the plan off)."""
+    prev = eval_plan.ENABLED
+    eval_plan.ENABLED = False
+    try:
+        with torch.no_grad():
+            return layer(x)
+    finally:
+        eval_plan.ENABLED = prev
+
+
+def planned(layer, x):
+    """The layer's output with the plan on, and whether the plan ran."""
+    ran = []
+    real = eval_plan._run
+
+    def spy(*a):
+        ran.append(True)
+        return real(*a)
+    eval_plan._run = spy
+    try:
+        with torch.no_grad():
+            return layer(x), bool(ran)
+    finally:
+        eval_plan._run = real
+
+
+def brute(layer, x, table, signed, padding):
+    """Brute-force accumulator, then ``f32(acc) * (sx sw) + bias`` in numpy float32."""
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+        zw = zw.reshape(-1).expand(qw.shape[0])   # per tensor: the one value for every output
+        acc = brute_conv_acc(table, qx, float(zx), qw, zw, padding, signed, layer.stride[0], layer.dilation[0])
+        scale = (sx * sw.reshape(1, -1, 1, 1)).numpy().astype(np.float32)
+        out = acc.astype(np.float32) * scale
+        if layer.bias is not None:
+            out = out + layer.bias.detach().reshape(1, -1, 1, 1).numpy().astype(np.float32)
+    return torch.from_numpy(out)
+
+
+CASES = {
+    "exact, ReLU input (Zx = 0)": dict(table=exact(8, False)),
+    "exact, negative inputs (Zx > 0)": dict(table=exact(8, False), shift=-0.4),
+    "weight-side approximation": dict(table=weight_side(), shift=-0.3),
+    "signed exact": dict(table=exact(8, True), signed=True, shift=-0.5),
+    "per-tensor weights, no bias": dict(table=exact(8, False), scheme="per_tensor", bias=False, shift=-0.2),
+    "padding 1, stride 2": dict(table=exact(8, False), padding=1, stride=2, shift=-0.1),
+    "padding 2, dilation 2": dict(table=weight_side(), padding=2, dilation=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_output_is_the_brute_force_and_the_general_path(name):
+    case = dict(CASES[name])
+    table, signed = case.pop("table"), case.get("signed", False)
+    layer, x = make(table, **case)
+    y, ran = planned(layer, x)
+    assert ran
+    assert torch.equal(bits(y), bits(brute(layer, x, table, signed, layer._padding()[0])))
+    assert torch.equal(bits(y), bits(general(layer, x)))
+    y2, ran2 = planned(layer, x)  # the kept plan: same bits again
+    assert ran2 and torch.equal(bits(y2), bits(y))
+
+
+def test_training_mode_with_the_observer_frozen_and_no_gradient():
+    """Train mode changes nothing the plan depends on when the observer is frozen and no
+    gradient is wanted (e.g. an evaluation pass inside a training loop)."""
+    layer, x = make(exact(8, False), shift=-0.3)
+    layer.train()
+    y, ran = planned(layer, x)
+    assert ran and torch.equal(bits(y), bits(general(layer, x)))
+
+
+def test_grouped_and_unbatched_inputs():
+    layer, x = make(exact(8, False), cin=4, cout=6, groups=2, padding=1, shift=-0.2)
+    y, ran = planned(layer, x)
+    assert ran and torch.equal(bits(y), bits(general(layer, x)))
+    y1, ran1 = planned(layer, x[1])
+    assert ran1 and y1.shape == (6, 9, 9) and torch.equal(bits(y1), bits(general(layer, x[1])))
+
+
+def _gather_only():
+    t = exact(8, False).copy()
+    t[3, 5] += 7   # no exact low-rank factorization of small rank
+    return t
+
+
+STEPS_ASIDE = {
+    "training mode, the observer following it": lambda m: (m.train(), setattr(m.act_quant, "observing", None)),
+    "observer switched on": lambda m: setattr(m.act_quant, "observing", True),
+    "exact multiplication": lambda m: m.exact_(True) if hasattr(m, "exact_") else setattr(m, "exact_multiplication", True),
+    "plan switched off": lambda m: setattr(eval_plan, "ENABLED", False),
+}
+
+
+@pytest.mark.parametrize("name", list(STEPS_ASIDE))
+def test_steps_aside(name):
+    layer, x = make(exact(8, False), shift=-0.2)
+    prev = eval_plan.ENABLED
+    try:
+        STEPS_ASIDE[name](layer)
+        _, ran = planned(layer, x)
+    finally:
+        eval_plan.ENABLED = prev
+    assert not ran
+
+
+def test_steps_aside_where_the_general_path_differs(monkeypatch):
+    # a gradient to carry: the weight requires grad and grad mode is on
+    layer, x = make(exact(8, False))
+    ran = []
+    real = eval_plan._run
+    monkeypatch.setattr(eval_plan, "_run", lambda *a: ran.append(1) or real(*a))
+    y = layer(x)
+    assert y.requires_grad and not ran
+    # an input that is not contiguous (channels last), float64 input, a float64 layer
+    with torch.no_grad():
+        layer(x.to(memory_format=torch.channels_last))
+        layer(x.double())
+        layer.double()(x.double())
+    assert not ran
+    # a rank-7 LUT (the mapped low-rank path), a gather-only LUT, exact accumulation
+    for table, kernel, exact_acc in ((truncated(8, 8), "lowrank", False), (_gather_only(), "gather", False),
+                                     (exact(8, False), "lowrank", True)):
+        lut = LutFile(table, width_a=8, width_b=8, signed=False)
+        m = ApproxConv2d(4, 6, 3, config=ApproxConfig(lut, kernel=kernel, exact_accumulate=exact_acc)).eval()
+        m(x)
+        with torch.no_grad():
+            m(x)
+    assert not ran
+    # the environment switches, read at each call
+    for env in ("APPMULT_NO_EVAL_PLAN", "APPMULT_NO_FUSED_LOWRANK", "APPMULT_NO_NUMBA"):
+        monkeypatch.setenv(env, "1")
+        with torch.no_grad():
+            y = layer(x)
+        monkeypatch.delenv(env)
+        assert not ran and torch.equal(bits(y), bits(general(layer, x))), env
+    with torch.no_grad():
+        layer.float()(x)
+    assert ran  # and back on
+
+
+def test_an_input_that_wants_a_gradient_through_frozen_weights():
+    """Frozen weights (cached: no gradient reaches them) but an input that requires grad
+    (input attributions, adversarial examples): the plan, which carries no gradient, steps
+    aside; the gradient is the general path's."""
+    layer, x = make(exact(8, False), shift=-0.2)
+    layer.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg)
+    assert y.requires_grad
+    g, = torch.autograd.grad(y.sum(), xg)
+    prev = eval_plan.ENABLED
+    eval_plan.ENABLED = False
+    try:
+        x2 = x.clone().requires_grad_(True)
+        y2 = layer(x2)
+        g2, = torch.autograd.grad(y2.sum(), x2)
+    finally:
+        eval_plan.ENABLED = prev
+    assert torch.equal(bits(y.detach()), bits(y2.detach())) and torch.equal(g, g2)
+
+
+def _fresh_copy(layer, x):
+    """The same layer state computed from scratch (a new layer, the same weights, bias, range)."""
+    m = ApproxConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                     padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                     bias=layer.bias is not None, config=layer.config)
+    m.load_state_dict(layer.state_dict())
+    m.eval()
+    m.act_quant.observing = False
+    return general(m, x)
+
+
+def test_weight_written_through_data_rebuilds_the_plan():
+    layer, x = make(exact(8, False), shift=-0.2)
+    y0, _ = planned(layer, x)
+    layer.weight.data[2, 1, 0, 2] = layer.weight.data[2, 1, 0, 2] * -3 + 0.25   # no version bump
+    y1, ran = planned(layer, x)
+    assert ran and not torch.equal(y1, y0)
+    assert torch.equal(bits(y1), bits(_fresh_copy(layer, x)))
+
+
+def test_bias_written_through_data_rebuilds_the_plan():
+    layer, x = make(exact(8, False), shift=-0.2)
+    y0, _ = planned(layer, x)
+    layer.bias.data[4] += 0.5   # no version bump
+    y1, ran = planned(layer, x)
+    assert ran and torch.equal(bits(y1), bits(_fresh_copy(layer, x)))
+    assert not torch.equal(y1[:, 4], y0[:, 4])
+    assert torch.equal(y1[:, :4], y0[:, :4]) and torch.equal(y1[:, 5:], y0[:, 5:])
+
+
+def test_new_activation_range_rebuilds_the_plan():
+    layer, x = make(exact(8, False), shift=-0.2)
+    y0, _ = planned(layer, x)
+    layer.act_quant.observing = True
+    with torch.no_grad():
+        layer(x * 3 - 1)     # the range moves (moving average)
+    layer.act_quant.observing = False
+    y1, ran = planned(layer, x)
+    assert ran and not torch.equal(y1, y0)
+    assert torch.equal(bits(y1), bits(_fresh_copy(layer, x)))
+
+
+def test_activation_range_written_through_data_rebuilds_the_plan():
+    layer, x = make(exact(8, False), shift=-0.2)
+    y0, _ = planned(layer, x)
+    layer.act_quant.max_val.data.mul_(1.5)   # no version bump
+    y1, ran = planned(layer, x)
+    assert ran and not torch.equal(y1, y0)
+    assert torch.equal(bits(y1), bits(_fresh_copy(layer, x)))
+
+
+def test_geometry_changed_in_place():
+    layer, x = make(exact(8, False), padding=1)
+    planned(layer, x)
+    layer.stride = (2, 2)
+    y, ran = planned(layer, x)
+    assert ran and y.shape[-1] == 5 and torch.equal(bits(y), bits(_fresh_copy(layer, x)))
+
+
+def test_non_finite_input_is_refused_as_the_general_path_refuses_it():
+    layer, x = make(exact(8, False))
+    planned(layer, x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        xb = x.clone()
+        xb[1, 2, 3, 4] = bad
+        with pytest.raises(InvalidValueError, match="ApproxConv2d input contains NaN or Inf") as plan_err:
+            planned(layer, xb)
+        with pytest.raises(InvalidValueError) as general_err:
+            general(layer, xb)
+        assert str(plan_err.value) == str(general_err.value)
+
+
+def _no_plan_same_bits(layer, x, reference=None):
+    """The plan does not run, and the output is the general path's (or ``reference``)."""
+    y, ran = planned(layer, x)
+    assert not ran
+    assert torch.equal(bits(y), bits(general(layer, x) if reference is None else reference))
+
+
+def test_steps_aside_for_a_rank1_table_whose_activation_factor_is_not_the_value():
+    """``LUT[x, w] = (x | 1) w``: rank 1, but ``U(x) = x | 1`` must be looked up (the plan's
+    convolution of ``qx`` itself would be wrong)."""
+    v = np.arange(256)
+    table = np.outer(v | 1, v)
+    layer, x = make(table, shift=-0.2)
+    assert layer.lut.rank == 1 and not layer.lut.u_is_value
+    _no_plan_same_bits(layer, x, brute(layer, x, table, False, 0))
+
+
+def test_steps_aside_for_a_forced_gather_kernel_and_a_correction():
+    lut = LutFile(exact(8, False), width_a=8, width_b=8, signed=False)
+    torch.manual_seed(1)
+    x = torch.relu(torch.randn(2, 4, 9, 9))
+    m = ApproxConv2d(4, 6, 3, config=ApproxConfig(lut, kernel="gather")).eval()
+    m(x)
+    _no_plan_same_bits(m, x)
+    table = weight_side()
+    lut = LutFile(table, width_a=8, width_b=8, signed=False)
+    m = ApproxConv2d(4, 6, 3, config=ApproxConfig(lut, kernel="lowrank", correction="control_variate")).eval()
+    m(x)
+    y, ran = planned(m, x)
+    assert not ran and not torch.equal(y, brute(m, x, table, False, 0))   # corrected: not the raw sum
+    assert torch.equal(bits(y), bits(general(m, x)))
+
+
+def test_steps_aside_for_a_bias_that_wants_a_gradient():
+    """Frozen weights, trainable bias (bias-only fine-tuning): the output carries its gradient."""
+    layer, x = make(exact(8, False), shift=-0.2)
+    layer.weight.requires_grad_(False)
+    y = layer(x)
+    assert y.requires_grad
+    g, = torch.autograd.grad(y.sum(), layer.bias)
+    assert torch.equal(g, torch.full_like(g, y[:, 0].numel()))
+
+
+def test_steps_aside_until_the_observer_has_a_range():
+    """A frozen but never-initialized observer takes its range from the first batch (the
+    general path does): no plan before that."""
+    torch.manual_seed(2)
+    lut = LutFile(exact(8, False), width_a=8, width_b=8, signed=False)
+    m = ApproxConv2d(4, 6, 3, config=ApproxConfig(lut, kernel="lowrank")).eval()
+    m.act_quant.observing = False
+    x = torch.relu(torch.randn(2, 4, 9, 9)) - 0.1
+    y, ran = planned(m, x)
+    assert not ran and bool(m.act_quant.initialized)
+    y2, ran2 = planned(m, x)
+    assert ran2 and torch.equal(bits(y2), bits(y))
+
+
+def test_steps_aside_for_a_wide_conv_cut_in_channel_runs():
+    layer, x = make(exact(8, False), cin=160, cout=8, k=3, batch=2)
+    y, ran = planned(layer, x)
+    folds = [v for k, v in layer.__dict__["_wcache"]["tables"].items() if k[0] == "fold"]
+    assert not ran and len(folds) == 1 and len(folds[0]) == 3   # the runs' form
+    assert torch.equal(bits(y), bits(brute(layer, x, exact(8, False), False, 0)))
+
+
+def test_steps_aside_where_the_rank1_convolution_would_not_be_exact(monkeypatch):
+    layer, x = make(exact(8, False), shift=-0.2)
+    monkeypatch.setattr(eval_plan, "_rank1_prep", lambda *a: False)
+    _no_plan_same_bits(layer, x, brute(layer, x, exact(8, False), False, 0))
+
+
+def test_steps_aside_for_a_float64_activation_range():
+    layer, x = make(exact(8, False), shift=-0.2)
+    layer.act_quant.double()
+    _no_plan_same_bits(layer, x)
+
+
+def test_bias_removed_after_planning():
+    layer, x = make(exact(8, False), shift=-0.2)
+    planned(layer, x)
+    layer.bias = None
+    y, ran = planned(layer, x)
+    assert ran and torch.equal(bits(y), bits(general(layer, x)))
+    assert torch.equal(bits(y), bits(brute(layer, x, exact(8, False), False, 0)))
+
+
+def test_steps_aside_where_no_fold_applies(monkeypatch):
+    layer, x = make(exact(8, False), shift=-0.2)
+    monkeypatch.setattr(eval_plan, "_folded_lowrank_weights", lambda *a, **k: None)
+    _no_plan_same_bits(layer, x, brute(layer, x, exact(8, False), False, 0))
