@@ -1,8 +1,9 @@
-"""The rank-1 eval plan of ``ApproxConv2d`` (``appmult.nn.eval_plan``): what it returns, when
-it runs, and that whatever it was derived from changing makes it step aside or rebuild.
+"""The eval plans of ``ApproxConv2d`` (rank 1) and ``ApproxLinear`` (int8 GEMM)
+(``appmult.nn.eval_plan``): what they return, when they run, and that whatever they were
+derived from changing makes them step aside or rebuild.
 
 References: the numpy brute force of the LUT sum (one look-up per product, cross terms,
-int64; ``test_nn_wide_conv_fold.brute_conv_acc``) with the layer's float32
+int64; ``test_nn_wide_conv_fold.brute_conv_acc``, ``test_nn_int8_gemm.brute_acc``) with the layer's float32
 dequantization, and the general path of the same layer (``eval_plan.ENABLED = False``),
 bit for bit. A plan that missed a change would return the old answer: each invalidation
 test changes one thing where no version counter sees it and compares with a fresh layer.
@@ -17,9 +18,11 @@ from torch import nn
 
 from appmult.errors import InvalidValueError
 from appmult.lut_gen import LutFile
-from appmult.nn import ApproxConfig, ApproxConv2d
+from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
 from appmult.nn import eval_plan
 from appmult.nn import quant_loops as L
+from test_nn_int8_gemm import brute_acc
+from test_nn_int8_gemm import truncated as gemm_table
 from test_nn_luts import exact, truncated
 from test_nn_wide_conv_fold import brute_conv_acc
 
@@ -62,17 +65,17 @@ def general(layer, x):
 def planned(layer, x):
     """The layer's output with the plan on, and whether the plan ran."""
     ran = []
-    real = eval_plan._run
+    real = eval_plan._quantized
 
     def spy(*a):
         ran.append(True)
         return real(*a)
-    eval_plan._run = spy
+    eval_plan._quantized = spy
     try:
         with torch.no_grad():
             return layer(x), bool(ran)
     finally:
-        eval_plan._run = real
+        eval_plan._quantized = real
 
 
 def brute(layer, x, table, signed, padding):
@@ -159,8 +162,8 @@ def test_steps_aside_where_the_general_path_differs(monkeypatch):
     # a gradient to carry: the weight requires grad and grad mode is on
     layer, x = make(exact(8, False))
     ran = []
-    real = eval_plan._run
-    monkeypatch.setattr(eval_plan, "_run", lambda *a: ran.append(1) or real(*a))
+    real = eval_plan._quantized
+    monkeypatch.setattr(eval_plan, "_quantized", lambda *a: ran.append(1) or real(*a))
     y = layer(x)
     assert y.requires_grad and not ran
     # an input that is not contiguous (channels last), float64 input, a float64 layer
@@ -373,3 +376,104 @@ def test_steps_aside_where_no_fold_applies(monkeypatch):
     layer, x = make(exact(8, False), shift=-0.2)
     monkeypatch.setattr(eval_plan, "_folded_lowrank_weights", lambda *a, **k: None)
     _no_plan_same_bits(layer, x, brute(layer, x, exact(8, False), False, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# The linear layer's plan (int8 GEMM and numba epilogue)
+# ------------------------------------------------------------------------------------------
+
+
+def make_linear(table, *, signed=False, k=40, n=9, seed=0, bias=True, scheme="per_channel", shift=0.3, lead=(6,)):
+    torch.manual_seed(seed)
+    lut = LutFile(table, width_a=8, width_b=8, signed=signed)
+    layer = ApproxLinear.from_float(nn.Linear(k, n, bias=bias),
+                                    ApproxConfig(lut, kernel="lowrank", weight_scheme=scheme)).eval()
+    x = torch.randn(*lead, k) + shift     # negative values too: Zx > 0 when unsigned
+    layer(x)
+    layer.act_quant.observing = False
+    return layer, x
+
+
+def brute_linear(layer, x, table, signed):
+    """Brute-force accumulator, rounded once to float32, ``* (sx sw)``, ``+ bias`` (numpy float32)."""
+    with torch.no_grad():
+        xf = x.reshape(-1, layer.in_features)
+        qx, sx, zx, qw, sw, zw = layer._quantize(xf)
+        zw = zw.reshape(-1).expand(qw.shape[0])
+        acc = brute_acc(table, qx.numpy(), float(zx), qw.numpy(), zw.numpy(), signed)
+        out = acc.astype(np.float32) * (sx * sw.reshape(1, -1)).numpy().astype(np.float32)
+        if layer.bias is not None:
+            out = (out + layer.bias.detach().numpy().astype(np.float32)).astype(np.float32)
+    return torch.from_numpy(out).reshape(*x.shape[:-1], layer.out_features)
+
+
+LINEAR_CASES = {
+    "exact (one digit plane)": dict(columns=0),
+    "truncated 6 columns (rank > 1)": dict(columns=6, k=120),
+    "truncated 10 columns": dict(columns=10, k=60),
+    "signed exact": dict(columns=0, signed=True, shift=0.0),
+    "per-tensor weights, no bias": dict(columns=4, scheme="per_tensor", bias=False),
+    "3-D input": dict(columns=0, lead=(2, 3)),
+    "one row": dict(columns=8, lead=(1,)),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_CASES))
+def test_linear_plan_output_is_the_brute_force_and_the_general_path(name):
+    case = dict(LINEAR_CASES[name])
+    columns, signed = case.pop("columns"), case.get("signed", False)
+    table = gemm_table(columns, signed)
+    layer, x = make_linear(table, **case)
+    y, ran = planned(layer, x)
+    assert ran and y.shape == (*x.shape[:-1], layer.out_features)
+    assert torch.equal(bits(y), bits(brute_linear(layer, x, table, signed)))
+    assert torch.equal(bits(y), bits(general(layer, x)))
+    y2, ran2 = planned(layer, x)
+    assert ran2 and torch.equal(bits(y2), bits(y))
+
+
+def test_linear_plan_steps_aside_without_the_int8_gemm_and_where_no_prep_applies(monkeypatch):
+    table = gemm_table(0)
+    layer, x = make_linear(table)
+    monkeypatch.setenv("APPMULT_NO_INT8_GEMM", "1")
+    _no_plan_same_bits(layer, x, brute_linear(layer, x, table, False))
+    monkeypatch.delenv("APPMULT_NO_INT8_GEMM")
+    y, ran = planned(layer, x)   # switched back on: planned again
+    assert ran and torch.equal(bits(y), bits(brute_linear(layer, x, table, False)))
+    layer2, x2 = make_linear(table, seed=1)
+    monkeypatch.setattr(eval_plan.FN, "_lowrank_linear_sides", lambda *a: (None, False))
+    _no_plan_same_bits(layer2, x2, brute_linear(layer2, x2, table, False))
+
+
+def test_linear_plan_follows_weight_bias_and_range_changes():
+    table = gemm_table(4)
+    layer, x = make_linear(table, k=30)
+    y0, _ = planned(layer, x)
+    changes = [lambda: layer.weight.data[3].mul_(-1.5),        # through .data: no version bumps
+               lambda: layer.bias.data[2:5].add_(0.25),
+               lambda: layer.act_quant.min_val.data.mul_(2.0)]
+    for change in changes:
+        change()
+        y1, ran = planned(layer, x)
+        assert ran and not torch.equal(y1, y0)
+        assert torch.equal(bits(y1), bits(brute_linear(layer, x, table, False)))
+        y0 = y1
+
+
+def test_linear_plan_non_finite_input_and_gradients():
+    layer, x = make_linear(gemm_table(0))
+    xb = x.clone()
+    xb[2, 7] = float("nan")
+    with pytest.raises(InvalidValueError, match="ApproxLinear input contains NaN or Inf"):
+        planned(layer, xb)
+    y = layer(x)   # grad mode, the weight requires grad: the general path, with its graph
+    assert y.requires_grad
+
+
+def test_linear_plan_with_a_scale_or_bias_the_epilogue_does_not_take(monkeypatch):
+    """A bias of another length than the outputs cannot happen in a layer; the plan checks
+    the epilogue's conditions anyway (``_int8_linear_out``'s) and steps aside."""
+    table = gemm_table(0)
+    layer, x = make_linear(table)
+    monkeypatch.setattr(eval_plan, "_bias_bits", lambda m: np.zeros(3, np.float32))
+    _no_plan_same_bits(layer, x, brute_linear(layer, x, table, False))

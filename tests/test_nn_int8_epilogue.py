@@ -124,8 +124,12 @@ def test_fused_epilogue_steps_aside_where_it_cannot_apply(monkeypatch):
 
 
 def test_layer_inference_takes_the_fused_epilogue_and_equals_every_other_path(monkeypatch):
-    """Eval forward: the fused epilogue (spied); the same bits with numba off (torch
-    epilogue, same GEMM) and with the int8 GEMM off (float path)."""
+    """Eval forward on the general path: the fused epilogue (spied); the same bits with
+    numba off (torch epilogue, same GEMM) and with the int8 GEMM off (float path). (The
+    eval plan, which calls the epilogue directly, is compared with this path in
+    test_nn_eval_plan.py.)"""
+    from appmult.nn import eval_plan
+    monkeypatch.setattr(eval_plan, "ENABLED", False)
     layer, x = make_layer(truncated(0), 200, 11, seed=21)
     outs = []
     real = FU._int8_linear_out
