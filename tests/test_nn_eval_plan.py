@@ -11,6 +11,8 @@ test changes one thing where no version counter sees it and compares with a fres
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -65,17 +67,21 @@ def general(layer, x):
 def planned(layer, x):
     """The layer's output with the plan on, and whether the plan ran."""
     ran = []
-    real = eval_plan._quantized
-
-    def spy(*a):
-        ran.append(True)
-        return real(*a)
-    eval_plan._quantized = spy
-    try:
+    with _spied(ran):
         with torch.no_grad():
             return layer(x), bool(ran)
+
+
+@contextlib.contextmanager
+def _spied(ran: list):
+    """Within the block, every quantizing pass of a plan (the only way into one) appends to ``ran``."""
+    real = eval_plan._quantized, eval_plan._quantized_mapped
+    eval_plan._quantized = lambda *a: ran.append(1) or real[0](*a)
+    eval_plan._quantized_mapped = lambda *a: ran.append(1) or real[1](*a)
+    try:
+        yield
     finally:
-        eval_plan._quantized = real
+        eval_plan._quantized, eval_plan._quantized_mapped = real
 
 
 def brute(layer, x, table, signed, padding):
@@ -83,7 +89,10 @@ def brute(layer, x, table, signed, padding):
     with torch.no_grad():
         qx, sx, zx, qw, sw, zw = layer._quantize(x)
         zw = zw.reshape(-1).expand(qw.shape[0])   # per tensor: the one value for every output
-        acc = brute_conv_acc(table, qx, float(zx), qw, zw, padding, signed, layer.stride[0], layer.dilation[0])
+        g, ci, co = layer.groups, qx.shape[1] // layer.groups, qw.shape[0] // layer.groups
+        acc = np.concatenate([brute_conv_acc(table, qx[:, i * ci:(i + 1) * ci], float(zx), qw[i * co:(i + 1) * co],
+                                             zw[i * co:(i + 1) * co], padding, signed, layer.stride[0],
+                                             layer.dilation[0]) for i in range(g)], axis=1)
         scale = (sx * sw.reshape(1, -1, 1, 1)).numpy().astype(np.float32)
         out = acc.astype(np.float32) * scale
         if layer.bias is not None:
@@ -159,38 +168,37 @@ def test_steps_aside(name):
 
 
 def test_steps_aside_where_the_general_path_differs(monkeypatch):
-    # a gradient to carry: the weight requires grad and grad mode is on
-    layer, x = make(exact(8, False))
     ran = []
-    real = eval_plan._quantized
-    monkeypatch.setattr(eval_plan, "_quantized", lambda *a: ran.append(1) or real(*a))
-    y = layer(x)
-    assert y.requires_grad and not ran
-    # an input that is not contiguous (channels last), float64 input, a float64 layer
-    with torch.no_grad():
-        layer(x.to(memory_format=torch.channels_last))
-        layer(x.double())
-        layer.double()(x.double())
-    assert not ran
-    # a rank-7 LUT (the mapped low-rank path), a gather-only LUT, exact accumulation
-    for table, kernel, exact_acc in ((truncated(8, 8), "lowrank", False), (_gather_only(), "gather", False),
-                                     (exact(8, False), "lowrank", True)):
-        lut = LutFile(table, width_a=8, width_b=8, signed=False)
-        m = ApproxConv2d(4, 6, 3, config=ApproxConfig(lut, kernel=kernel, exact_accumulate=exact_acc)).eval()
-        m(x)
+    with _spied(ran):
+        # a gradient to carry: the weight requires grad and grad mode is on
+        layer, x = make(exact(8, False))
+        y = layer(x)
+        assert y.requires_grad and not ran
+        # an input that is not contiguous (channels last), float64 input, a float64 layer
         with torch.no_grad():
+            layer(x.to(memory_format=torch.channels_last))
+            layer(x.double())
+            layer.double()(x.double())
+        assert not ran
+        # a rank-7 LUT (the mapped low-rank path), a gather-only LUT, exact accumulation
+        for table, kernel, exact_acc in ((truncated(8, 8), "lowrank", False), (_gather_only(), "gather", False),
+                                         (exact(8, False), "lowrank", True)):
+            lut = LutFile(table, width_a=8, width_b=8, signed=False)
+            m = ApproxConv2d(4, 6, 3, config=ApproxConfig(lut, kernel=kernel, exact_accumulate=exact_acc)).eval()
             m(x)
-    assert not ran
-    # the environment switches, read at each call
-    for env in ("APPMULT_NO_EVAL_PLAN", "APPMULT_NO_FUSED_LOWRANK", "APPMULT_NO_NUMBA"):
-        monkeypatch.setenv(env, "1")
+            with torch.no_grad():
+                m(x)
+        assert not ran
+        # the environment switches, read at each call
+        for env in ("APPMULT_NO_EVAL_PLAN", "APPMULT_NO_FUSED_LOWRANK", "APPMULT_NO_NUMBA"):
+            monkeypatch.setenv(env, "1")
+            with torch.no_grad():
+                y = layer.float()(x)
+            monkeypatch.delenv(env)
+            assert not ran and torch.equal(bits(y), bits(general(layer, x))), env
         with torch.no_grad():
-            y = layer(x)
-        monkeypatch.delenv(env)
-        assert not ran and torch.equal(bits(y), bits(general(layer, x))), env
-    with torch.no_grad():
-        layer.float()(x)
-    assert ran  # and back on
+            layer(x)
+        assert ran  # and back on
 
 
 def test_an_input_that_wants_a_gradient_through_frozen_weights():
@@ -293,14 +301,31 @@ def _no_plan_same_bits(layer, x, reference=None):
     assert torch.equal(bits(y), bits(general(layer, x) if reference is None else reference))
 
 
-def test_steps_aside_for_a_rank1_table_whose_activation_factor_is_not_the_value():
-    """``LUT[x, w] = (x | 1) w``: rank 1, but ``U(x) = x | 1`` must be looked up (the plan's
-    convolution of ``qx`` itself would be wrong)."""
-    v = np.arange(256)
-    table = np.outer(v | 1, v)
-    layer, x = make(table, shift=-0.2)
+def or_one(width: int = 8) -> np.ndarray:
+    """``LUT[x, w] = (x | 1) w``: rank 1, ``U(x) = x | 1`` is not the value (a look-up)."""
+    v = np.arange(1 << width)
+    return np.outer(v | 1, v)
+
+
+MAPPED_CASES = {
+    "Zx > 0, per-channel Zw (the S term)": dict(shift=-0.3),
+    "Zx = 0, padding 1, stride 2": dict(padding=1, stride=2),
+    "grouped, dilation 2, padding 2": dict(cin=4, cout=6, groups=2, dilation=2, padding=2, shift=-0.2),
+    "per-tensor weights, no bias": dict(scheme="per_tensor", bias=False, shift=-0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(MAPPED_CASES))
+def test_mapped_rank1_plan_is_the_brute_force_and_the_general_path(name):
+    """A rank-1 LUT whose activation factor is a look-up (DRUM-like): the plan maps the
+    codes and sums the cross term's window in its quantizing pass."""
+    table = or_one()
+    layer, x = make(table, **MAPPED_CASES[name])
     assert layer.lut.rank == 1 and not layer.lut.u_is_value
-    _no_plan_same_bits(layer, x, brute(layer, x, table, False, 0))
+    y, ran = planned(layer, x)
+    assert ran
+    assert torch.equal(bits(y), bits(brute(layer, x, table, False, layer._padding()[0])))
+    assert torch.equal(bits(y), bits(general(layer, x)))
 
 
 def test_steps_aside_for_a_forced_gather_kernel_and_a_correction():

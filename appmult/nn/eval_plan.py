@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import functional as FN
 from . import kernels as K
 from . import quant_loops as loops
-from .fused import _folded_lowrank_weights, _int8_epilogue, _rank1_prep
+from .fused import _folded_lowrank_weights, _int8_epilogue, _rank1_mapped_prep, _rank1_prep
 from .quant import _non_finite
 from .tables import Kernel
 
@@ -46,6 +46,8 @@ ENABLED: bool | None = None
 _ENTRY = "eval_plan"
 #: The empty mask array of :func:`~appmult.nn.quant_loops.fake_quant` (no mask wanted).
 _NO_MASK = np.empty((0, 0), np.bool_)
+#: The empty sums array of :func:`~appmult.nn.quant_loops.quantize_map` (no cross term).
+_NO_SUMS = np.empty((0, 0, 0, 0), np.float32)
 
 
 class ActQuant(NamedTuple):
@@ -61,11 +63,17 @@ class ConvPlan(NamedTuple):
     """What a rank-1 convolution's eval forward needs besides the input, derived once."""
 
     act: ActQuant
-    #: ``float(Zx)``: the convolution runs on ``qx - Zx`` (``qx`` itself when 0).
-    zx: float
-    #: The folded rank-1 weights and the convolution's bias (:func:`~appmult.nn.fused._rank1_prep`).
+    #: The convolution's input per activation code (``U - U[Zx]``, float32, indexed by
+    #: ``code - qmin``) for one numba pass from ``x``; ``None``: the codes themselves (``U =
+    #: value(x)`` and ``Zx = 0``).
+    table: np.ndarray | None
+    #: The folded or mapped weights and the convolution's bias
+    #: (:func:`~appmult.nn.fused._rank1_prep`, :func:`~appmult.nn.fused._rank1_mapped_prep`).
     weight: torch.Tensor
     conv_bias: torch.Tensor
+    #: ``-Zw`` per output channel (float32) where the ``- Zw_j S`` cross term is added
+    #: (:func:`~appmult.nn.fused._rank1_mapped_conv`), else ``None``.
+    nzw: np.ndarray | None
     #: ``sx * sw`` one per output channel (float32).
     out_scale: np.ndarray
     #: The layer's bias as the plan uses it and compares it (float32; empty: none).
@@ -88,16 +96,25 @@ class LinearPlan(NamedTuple):
 def conv_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer``'s output for the 4-D, non-empty ``x`` by its kept :class:`ConvPlan`, or
     ``None`` where the plan does not apply (then nothing has changed)."""
-    if not (_applies(layer, x) and layer._modules["lut"].u_is_value):
+    if not (_applies(layer, x) and layer._modules["lut"].rank == 1):
         return None
     plan = _kept(layer, _conv_plan)
     if plan is None:
         return None
-    q = _quantized(layer, plan.act, x)
-    xs = q if plan.zx == 0.0 else q - plan.zx
-    y = F.conv2d(xs, plan.weight, plan.conv_bias, layer.stride, layer._padding(), layer.dilation, layer.groups)
+    stride, padding, dilation, groups = layer.stride, layer._padding(), layer.dilation, layer.groups
+    sums = None
+    if plan.table is None:
+        xs = _quantized(layer, plan.act, x)
+    else:
+        xs, sums = _quantized_mapped(layer, plan, x, groups)
+    y = F.conv2d(xs, plan.weight, plan.conv_bias, stride, padding, dilation, groups)
     y = y.contiguous()  # (it is: the input is; a no-op)
-    loops.dequantize_channels(y.reshape(y.shape[0], y.shape[1], -1).numpy(), plan.out_scale, plan.bias)
+    if sums is None:
+        loops.dequantize_channels(y.reshape(y.shape[0], y.shape[1], -1).numpy(), plan.out_scale, plan.bias)
+    else:
+        kh, kw = plan.weight.shape[2:]
+        geom = np.array([kh, kw, stride[0], stride[1], dilation[0], dilation[1]], np.int64)
+        loops.dequantize_channels_zw(y.numpy(), sums.numpy(), geom, plan.nzw, plan.out_scale, plan.bias)
     return y
 
 
@@ -176,22 +193,35 @@ def _bias_bits(layer) -> np.ndarray:
 
 
 def _conv_plan(layer, qw, sw, zw, tables: dict) -> ConvPlan | None:
-    """The convolution's plan from the general path's own pieces (shared cache entries), or ``None``."""
+    """The convolution's plan from the general path's own pieces (shared cache entries), or
+    ``None``: the fused rank-1 convolution of ``qx - Zx`` where the LUT's ``U`` is the
+    activation's value and the fold applies, else the mapped one where its prep does."""
     tabs, aqz = layer._modules["lut"], _act_quant(layer)
     if aqz is None:
         return None
     act, sx, zx = aqz
     zxf = float(zx)
-    fold = FN._cached(tables, ("fold", id(tabs), zxf), lambda: _folded_lowrank_weights(qw, zx, zw, tabs, chunks=True))
-    if fold is None or len(fold) == 3:  # no fold, or runs of channels: not the rank-1 convolution
-        return None
-    wv, const = fold
-    r1 = FN._cached(tables, ("rank1", id(tabs), zxf), lambda: _rank1_prep(zx, wv, const, tabs))
-    if r1 is False:
-        return None
+    if tabs.u_is_value:
+        fold = FN._cached(tables, ("fold", id(tabs), zxf),
+                          lambda: _folded_lowrank_weights(qw, zx, zw, tabs, chunks=True))
+        if fold is None or len(fold) == 3:  # no fold, or runs of channels: not the rank-1 convolution
+            return None
+        wv, const = fold
+        r1 = FN._cached(tables, ("rank1", id(tabs), zxf), lambda: _rank1_prep(zx, wv, const, tabs))
+        if r1 is False:
+            return None
+        weight, conv_bias, nzw = r1[0], r1[1], None
+        table = None if zxf == 0.0 else np.arange(act.qmin, act.qmax + 1, dtype=np.float32) - np.float32(zxf)
+    else:
+        m1 = FN._cached(tables, ("rank1map", id(tabs), zxf), lambda: _rank1_mapped_prep(qw, zx, zw, tabs))
+        if m1 is False or not tabs.lo_x <= act.qmin <= act.qmax < tabs.lo_x + m1[2].numel():
+            return None
+        weight, conv_bias, ushift, nz = m1
+        table = ushift[act.qmin - tabs.lo_x:act.qmax - tabs.lo_x + 1].numpy().copy()
+        nzw = None if nz is None else nz.numpy().copy()
     co = qw.shape[0]
     scale = (sx * (sw.reshape(1, co, 1, 1) if sw.dim() else sw)).to(torch.float32)
-    return ConvPlan(act=act, zx=zxf, weight=r1[0], conv_bias=r1[1],
+    return ConvPlan(act=act, table=table, weight=weight, conv_bias=conv_bias, nzw=nzw,
                     out_scale=scale.detach().reshape(-1).expand(co).contiguous().numpy().copy(),
                     bias=_bias_bits(layer))
 
@@ -213,6 +243,25 @@ def _linear_plan(layer, qw, sw, zw, tables: dict) -> LinearPlan | None:
         return None
     return LinearPlan(act=act, prep=prep, out_scale=scale, out_bias=torch.from_numpy(bias) if bias.size else None,
                       bias=bias)
+
+
+def _quantized_mapped(layer, plan: ConvPlan, x: torch.Tensor, groups: int):
+    """``(table[codes of x], sums or None)`` by one numba pass (refusing NaN/Inf as the
+    quantizer does): the convolution's input and, where the plan adds ``- Zw_j S``, the
+    channel sums of ``x - Zx`` per group, zero-padded as the convolution pads ``(N, G, H +
+    2 ph, W + 2 pw)``."""
+    n, c, h, w = x.shape
+    a = torch.empty_like(x)
+    sums = None
+    if plan.nzw is not None:
+        ph, pw = layer._padding()
+        sums = torch.empty((n, groups, h + 2 * ph, w + 2 * pw), dtype=torch.float32)
+    act = plan.act
+    tops = loops.quantize_map(x.detach().numpy(), act.scale, act.zero, act.qmin, act.qmax, plan.table, groups,
+                              np.float32(act.zero[0]), a.numpy(), _NO_SUMS if sums is None else sums.numpy())
+    if tops >= loops.NON_FINITE:
+        raise _non_finite(type(layer).__name__)
+    return a, sums
 
 
 def _quantized(layer, act: ActQuant, x: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConv
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
 from .fused import (_chunked_lowrank_conv, _folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
-                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_prep, _rank1_shifted_conv)
+                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_mapped_conv, _rank1_mapped_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer, check_finite
 from .tables import GradMode, Kernel, LutTables
 
@@ -489,13 +489,19 @@ def _fused_conv_acc(qx, qw, zx, zw, tabs: LutTables, geom, dt: torch.dtype, exac
                 return None
             acc = _chunked_lowrank_conv(qx, zx, tabs, fold, padding, stride, dilation, dt)
             return _with_conv_backward(qx, qw, zx, zw, tabs, acc, dt, geom)
+        if fold is not None and tabs.u_is_value:
+            wv, const = fold
+            r1 = _cached(cache, ("rank1", id(tabs), float(zx)), lambda: _rank1_prep(zx, wv, const, tabs))
+            y = _rank1_shifted_conv(qx, zx, wv, const, tabs, padding, stride, dilation, groups, r1)
+            if y is not None:
+                return _with_conv_backward(qx, qw, zx, zw, tabs, y, dt, geom)
+        m1 = _cached(cache, ("rank1map", id(tabs), float(zx)), lambda: _rank1_mapped_prep(qw, zx, zw, tabs))
+        if m1 is not False:
+            acc = _rank1_mapped_conv(qx, zx, m1, tabs, padding, stride, dilation, groups, dt)
+            if acc is not None:
+                return _with_conv_backward(qx, qw, zx, zw, tabs, acc, dt, geom)
         if fold is not None:
             wv, const = fold
-            if tabs.u_is_value:
-                r1 = _cached(cache, ("rank1", id(tabs), float(zx)), lambda: _rank1_prep(zx, wv, const, tabs))
-                y = _rank1_shifted_conv(qx, zx, wv, const, tabs, padding, stride, dilation, groups, r1)
-                if y is not None:
-                    return _with_conv_backward(qx, qw, zx, zw, tabs, y, dt, geom)
             return _LowRankConvZpFn.apply(qx, qw, zx, zw, tabs, wv, const, *geom).to(dt)
     if tabs.kernel is Kernel.GATHER and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         acc = _gather_conv_zp(qx, qw, zx, zw, tabs, padding, stride, dilation, groups, dt)

@@ -8,7 +8,9 @@ separate tensors; the paths here fold the cross terms and the padding into one k
 * low-rank LUTs: the cross terms fold into the low-rank weights and a bias
   (:func:`_folded_lowrank_weights`), so one float32 convolution (or ``addmm``) yields the
   accumulator; for a rank-1 LUT with ``U = value(x)`` that convolution runs on ``qx - Zx``
-  itself, zero-padded by the convolution (:func:`_rank1_shifted_conv`);
+  itself, zero-padded by the convolution (:func:`_rank1_shifted_conv`); for a rank-1 LUT
+  whose ``U`` is a look-up (DRUM), which has no fold, on ``U[x] - U[Zx]`` with the
+  ``-Zw_j S`` cross term from the activations' window sums (:func:`_rank1_mapped_conv`);
 * linear layers over low-rank LUTs with small integer factors (on the CPU): the same
   accumulator as one exact int8 GEMM (``torch._int_mm``, int32 sums) over base-256 digit
   planes of the folded weights (:func:`_int8_linear_prep`), also where no fold exists
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fold_loops
+from . import quant_loops
 from . import int8_loops as loops
 from . import kernels as K
 from .tables import LutTables, _idx, _idx32, _map_channels
@@ -267,6 +270,109 @@ def _rank1_prep(zx, wv, const, tabs: LutTables):
     if float((w64.abs().sum((1, 2, 3)) * xmax + bias.abs()).max()) >= K.FP32_EXACT_LIMIT:
         return False
     return wc, bias.to(torch.float32)
+
+
+def _rank1_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+    """Weight side of :func:`_rank1_mapped_conv` (cacheable per weight and ``Zx``), or ``False``.
+
+    For a rank-1 LUT ``U[x] V[w]`` whose ``U`` is not ``value(x)`` (DRUM, leading-one
+    truncations of the activation): with ``a_k = U[x_k] - U[Zx]`` and ``b_k = x_k - Zx``
+    (both 0 where the padding holds ``Zx``), ``sum_k LUT[x_k, w_jk] - Zw_j sum_k x_k -
+    Zx sum_k w_jk + K Zx Zw_j = conv(a, V[w])_j + C_j - Zw_j S`` with ``C_j = U[Zx]
+    sum_k V[w_jk] - Zx sum_k w_jk`` and ``S`` the sum of ``b`` over the receptive field,
+    one per group of input channels (signed LUTs carry no cross terms: ``C_j = U[Zx]
+    sum_k V[w_jk]``, no ``S``). Both zero-pad by themselves. ``_folded_lowrank_weights``
+    has no fold for such a LUT (``value(x)`` is not a multiple of ``U``: no ``U c =
+    value(x)``), which left it to the unfused path's look-ups and cross-term passes.
+
+    Returns:
+        ``(V[w] (Co, Cg, kh, kw) float32, C (Co,) float32, U - U[Zx] by activation code
+        offset (float32), -Zw (Co,) float32 or None where no ``S`` term is needed)``;
+        ``False`` where it does not apply (not rank 1, ``U`` is ``value(x)`` -- the fold's
+        shortcut --, zero points with gradients or not integer codes of the table) or is
+        not exact in float32: the main convolution's partial sums could reach ``2**24``
+        (``sum_k |V[w_jk]| max|U - U[Zx]| + |C_j|``, these weights' own bound), or
+        ``Zw_j S`` could (``K max|x - Zx| max|Zw|``; below it the product is exact and
+        ``main - Zw_j S`` rounds once, as the integer accumulator's conversion does).
+    """
+    if tabs.u is None or tabs.u.shape[1] != 1 or tabs.u_is_value or zx.requires_grad or zw.requires_grad:
+        return False
+    co, cg, kh, kw = qw.shape
+    zxf = float(zx)
+    zi = int(round(zxf)) - tabs.lo_x
+    zwv = zw.detach().to(torch.float64).reshape(-1).expand(co)
+    if zxf != round(zxf) or not 0 <= zi < tabs.u.shape[0] or not torch.equal(zwv, torch.round(zwv)):
+        return False
+    u = tabs.u[:, 0]
+    ushift = u - u[zi]
+    vw = tabs.v[:, 0][_idx(qw, tabs.lo_w)]                                   # (Co, Cg, kh, kw) float64
+    const = float(u[zi]) * vw.sum((1, 2, 3))
+    if not tabs.signed:
+        const = const - zxf * qw.detach().to(torch.float64).sum((1, 2, 3))
+    bound = vw.abs().sum((1, 2, 3)) * float(ushift.abs().max()) + const.abs()
+    if float(bound.max()) >= K.FP32_EXACT_LIMIT or float(vw.abs().max()) >= K.FP32_EXACT_LIMIT:
+        return False
+    nzw = None
+    if not tabs.signed and bool((zwv != 0).any()):
+        bmax = max(abs(tabs.lo_x - zxf), abs(tabs.lo_x + tabs.prod.shape[0] - 1 - zxf))
+        if cg * kh * kw * bmax * float(zwv.abs().max()) >= K.FP32_EXACT_LIMIT:
+            return False
+        nzw = (-zwv).to(torch.float32).contiguous()
+    return vw.to(torch.float32).contiguous(), const.to(torch.float32), ushift.to(torch.float32).contiguous(), nzw
+
+
+def _rank1_mapped_conv(qx: torch.Tensor, zx: torch.Tensor, prep, tabs: LutTables, padding, stride, dilation,
+                       groups, dtype: torch.dtype) -> torch.Tensor | None:
+    """The accumulator (``dtype``) of a rank-1 LUT conv by :func:`_rank1_mapped_prep`'s
+    identity: ``U[x] - U[Zx]`` by one look-up pass, the main convolution, and where the
+    weights have zero points ``- Zw_j S`` added in place (``S``: :func:`_group_sums`, then
+    :func:`_window_sums`).
+    ``None`` for inputs other than 4-D float32. Computed on detached operands: the caller
+    attaches the LUT's backward."""
+    q = qx.detach()
+    if q.dtype != torch.float32 or q.dim() != 4:
+        return None
+    vw, const, ushift, nzw = prep
+    main = F.conv2d(_mapped_codes(q, ushift, tabs.lo_x), vw, const, stride, padding, dilation, groups)
+    if nzw is not None:
+        co = vw.shape[0]
+        s = _window_sums(_group_sums(q, float(zx), groups), vw.shape[2:], padding, stride, dilation)
+        n, _, ho, wo = main.shape
+        main.view(n, groups, co // groups, ho, wo).addcmul_(s.unsqueeze(2), nzw.reshape(1, groups, co // groups, 1, 1))
+    return main.to(dtype)
+
+
+def _group_sums(q: torch.Tensor, zx: float, groups: int) -> torch.Tensor:
+    """``sum (x - Zx)`` over each group's input channels, ``(N, G, H, W)`` float32 (exact:
+    integers below ``Cg 2**8``)."""
+    n, c, h, w = q.shape
+    sums = q.reshape(n, groups, c // groups, h, w).sum(2)
+    if zx != 0.0:
+        sums.sub_((c // groups) * zx)   # sum (x - Zx) = sum x - Cg Zx: integers, exact
+    return sums
+
+
+def _window_sums(sums: torch.Tensor, kernel, padding, stride, dilation) -> torch.Tensor:
+    """The ``(N, G, H, W)`` maps ``sums`` summed over each output's window, ``(N, G, Ho,
+    Wo)``: a box filter of the ``N G`` maps as one depthwise convolution (oneDNN's
+    convolution to one output channel took 110-150 us for a LeNet batch, the depthwise one
+    80; a numba box filter 135-180). Exact: every partial sum is an integer below ``2**24``
+    (``K 2**8``)."""
+    n, g, h, w = sums.shape
+    kh, kw = kernel
+    ones = torch.ones((n * g, 1, kh, kw), dtype=sums.dtype, device=sums.device)
+    s = F.conv2d(sums.reshape(1, n * g, h, w), ones, None, stride, padding, dilation, n * g)
+    return s.reshape(n, g, s.shape[2], s.shape[3])
+
+
+def _mapped_codes(q: torch.Tensor, table: torch.Tensor, lo: int) -> torch.Tensor:
+    """``table[q - lo]`` for the integer-valued float32 codes ``q`` (one numba pass on the
+    CPU, else an int32 index and a look-up: 35 + 100 us for a LeNet batch)."""
+    if q.device.type == "cpu" and q.is_contiguous() and quant_loops.AVAILABLE and K.numba_available():
+        out = torch.empty_like(q)
+        quant_loops.map_codes(q.reshape(-1).numpy(), table.numpy(), lo, out.reshape(-1).numpy())
+        return out
+    return table.index_select(0, _idx32(q, lo).reshape(-1)).reshape(q.shape)
 
 
 def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, groups, out_dtype=torch.int32):

@@ -13,7 +13,9 @@ NaN and Inf. :func:`ste_grad` is the backward ``grad * mask / s``.
 One scale and zero point per row of the ``(C, L)`` view: per output channel for weights,
 ``C = 1`` for activations. :func:`dequantize_channels` is a convolution's ``acc * scale +
 bias`` (per output channel) in one pass instead of two. :func:`same_words` compares a
-layer's weight with the copy its cached codes were made from.
+layer's weight with the copy its cached codes were made from. :func:`map_codes`,
+:func:`quantize_map` and :func:`dequantize_channels_zw` serve a rank-1 convolution whose
+activation factor is a look-up (``fused._rank1_mapped_conv`` and its eval plan).
 
 numba is an optional dependency of the ``nn`` extra: without it this module defines only
 :data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
@@ -184,3 +186,118 @@ if numba is not None:
         for i in range(a.shape[0]):
             d |= a[i] ^ b[i]
         return d == 0
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def map_codes(q, table, lo, out):  # pragma: no cover - compiled
+        # out[i] = table[q[i] - lo] for the integer-valued float32 codes q (of the table's
+        # range: the quantizer's output); a NaN or out-of-range code reads the first or the
+        # last entry instead of memory outside the table (selects: the loop vectorizes).
+        top = np.float32(table.shape[0] - 1)
+        nb = (q.shape[0] + BLOCK - 1) // BLOCK
+        for task in prange(nb):
+            i0 = task * BLOCK
+            for i in range(i0, min(q.shape[0], i0 + BLOCK)):
+                k = q[i] - lo
+                k = k if k >= 0 else np.float32(0.0)
+                k = top if k > top else k
+                out[i] = table[np.int32(k)]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def quantize_map(x, scale, zp, qmin, qmax, table, groups, zx, a, sums):  # pragma: no cover - compiled
+        # For x, a (N, C, H, W): a[n, c] = table[q - qmin] with q = clamp(rint(x / s + z),
+        # qmin, qmax) as fake_quant computes it (one scale and zero point); where sums (N, G,
+        # H + 2 ph, W + 2 pw) is not empty, its interior holds the sum over the channels of
+        # each group of (q - zx) and its border zeros (the window sums' zero padding, ph and
+        # pw from its shape): integers, exact below 2**24. A NaN code becomes qmin here (the
+        # selects below; the caller refuses the input: the returned word is fake_quant's).
+        # One task per image; the codes, the sums and the look-ups in loops of their own (one
+        # loop with conditional indices ran 9x slower).
+        n, c, h, w = x.shape
+        xbits = x.view(np.int32)
+        has_sums = sums.shape[0] > 0
+        ph, pw = (sums.shape[2] - h) // 2, (sums.shape[3] - w) // 2
+        cg = c // groups
+        s, z = scale[0], zp[0]
+        lo, hi = np.float32(qmin), np.float32(qmax)
+        length = h * w
+        x3, a3, xb3 = x.reshape(n, c, length), a.reshape(n, c, length), xbits.reshape(n, c, length)
+        codes = np.empty((n, length), np.float32)
+        tops = 0
+        for img in prange(n):
+            buf = codes[img]
+            if has_sums:
+                for g in range(groups):
+                    sg = sums[img, g]
+                    for r in range(sg.shape[0]):
+                        for k in range(sg.shape[1]):
+                            sg[r, k] = 0.0
+            for ch in range(c):
+                xr, ar = x3[img, ch], a3[img, ch]
+                for i in range(length):
+                    v = np.rint(xr[i] / s + z)
+                    v = v if v >= lo else lo      # NaN -> lo: never an index outside the table
+                    buf[i] = hi if v > hi else v
+                if has_sums:
+                    sg = sums[img, ch // cg]
+                    for r in range(h):
+                        sr, br = sg[ph + r, pw:pw + w], buf[r * w:(r + 1) * w]
+                        for i in range(w):
+                            sr[i] += br[i] - zx
+                for i in range(length):
+                    ar[i] = table[np.int32(buf[i] - lo)]
+                tops = max(tops, _non_finite_word(xb3[img, ch]))
+        return tops
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def dequantize_channels_zw(acc, sums, geom, nzw, scale, bias):  # pragma: no cover - compiled
+        # acc[n, j] = (acc[n, j] + nzw[j] S[n, g(j)]) * scale[j] + bias[j] in place, float32,
+        # for acc (N, Co, Ho, Wo), with S the window sums over each output's receptive field
+        # of sums (N, G, H + 2 ph, W + 2 pw: zero-padded by quantize_map; geom = kh, kw, sh,
+        # sw, dh, dw): integers, exact below 2**24. The product is exact (the caller's bound),
+        # the sum rounds once (as the integer accumulator's conversion), then the multiply
+        # and the add each round (torch's addcmul_, mul_ and add_); an empty bias adds
+        # nothing. One task per image: its S per group (rows' window sums, then the
+        # columns', branch-free over the padded maps) once, then every output channel of it.
+        batch, channels, ho, wo = acc.shape
+        groups, hp = sums.shape[1], sums.shape[2]
+        kh, kw, sh, sw, dh, dw = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+        per = channels // groups
+        has_bias = bias.shape[0] > 0
+        rows_all = np.empty((batch, hp, wo), np.float32)
+        s_all = np.empty((batch, ho, wo), np.float32)
+        for img in prange(batch):
+            rows, win = rows_all[img], s_all[img]
+            for g in range(groups):
+                src = sums[img, g]
+                for r in range(hp):
+                    rr, sr = rows[r], src[r]
+                    for j in range(wo):
+                        rr[j] = 0.0
+                    for b in range(kw):
+                        off = b * dw
+                        if sw == 1:
+                            for j in range(wo):
+                                rr[j] += sr[off + j]
+                        else:
+                            for j in range(wo):
+                                rr[j] += sr[off + j * sw]
+                for i in range(ho):
+                    wr = win[i]
+                    for j in range(wo):
+                        wr[j] = 0.0
+                    for a in range(kh):
+                        rr = rows[i * sh + a * dh]
+                        for j in range(wo):
+                            wr[j] += rr[j]
+                for j in range(g * per, (g + 1) * per):
+                    wj, sc = nzw[j], scale[j]
+                    b = bias[j] if has_bias else np.float32(0.0)
+                    out = acc[img, j]
+                    for i in range(ho):
+                        orow, wr = out[i], win[i]
+                        if has_bias:
+                            for k in range(wo):
+                                orow[k] = (orow[k] + wj * wr[k]) * sc + b
+                        else:
+                            for k in range(wo):
+                                orow[k] = (orow[k] + wj * wr[k]) * sc

@@ -1,0 +1,200 @@
+"""Rank-1 LUT convolutions whose activation factor is a look-up (DRUM-like): the mapped path.
+
+``LUT[x, w] = U[x] V[w]`` with ``U`` not the activation's value has no fold of the
+zero-point cross terms (``value(x)`` is not a multiple of ``U``), so such layers took the
+unfused path (or the gather kernel under ``auto``): 3-5x the float layer. The mapped path
+(``fused._rank1_mapped_prep``, ``_rank1_mapped_conv``) convolves ``U[x] - U[Zx]`` with
+``V[w]`` and adds ``- Zw_j S`` (``S``: the window sums of ``x - Zx``). References: the
+numpy brute force (one look-up per product, cross terms, int64) with the layer's float32
+dequantization; the unfused path of the same layer for gradients; the torch fallbacks of
+the numba passes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxConv2d, eval_plan
+from appmult.nn import functional as FN
+from appmult.nn import fused as FU
+from appmult.nn import quant_loops as L
+from test_nn_eval_plan import brute, bits, general, make, planned
+
+
+def drum(width: int = 8, k: int = 4, signed: bool = False) -> np.ndarray:
+    """DRUM(k) by value: the k bits from the leading one, the lowest set (unbiased),
+    magnitudes for signed operands; the table is indexed by code."""
+    def approx(a):
+        a = int(a)
+        if a < (1 << k):
+            return a
+        t = a.bit_length() - k
+        return ((a >> t) | 1) << t
+    if signed:
+        v = np.where(np.arange(1 << width) < (1 << (width - 1)), np.arange(1 << width),
+                     np.arange(1 << width) - (1 << width))
+        d = np.array([np.sign(a) * approx(abs(a)) for a in v])
+    else:
+        d = np.array([approx(a) for a in range(1 << width)])
+    return np.outer(d, d)
+
+
+def test_drum_tables_are_rank1_lookups():
+    for signed in (False, True):
+        layer, _ = make(drum(signed=signed), signed=signed)
+        assert layer.lut.rank == 1 and not layer.lut.u_is_value
+        assert layer.lut.value_coef is None   # no fold of the cross terms: the case this path is for
+
+
+CASES = {
+    "unsigned, Zx > 0": dict(shift=-0.3),
+    "unsigned, Zx = 0, padding 2, stride 2": dict(padding=2, stride=2),
+    "grouped, dilation 2": dict(groups=2, dilation=2, padding=1, shift=-0.2),
+    "per-tensor weights": dict(scheme="per_tensor", shift=-0.1),
+    "signed (no cross terms)": dict(signed=True, shift=-0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("numba", [True, False])
+def test_layer_output_is_the_brute_force(name, numba, monkeypatch):
+    case = dict(CASES[name])
+    signed = case.get("signed", False)
+    table = drum(signed=signed)
+    layer, x = make(table, **case)
+    if not numba:
+        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")   # torch look-up and window sums (the CUDA path)
+    want = brute(layer, x, table, signed, layer._padding()[0])
+    assert torch.equal(bits(general(layer, x)), bits(want))
+    y, ran = planned(layer, x)
+    assert ran == numba and torch.equal(bits(y), bits(want))
+
+
+def test_general_path_takes_the_mapped_convolution(monkeypatch):
+    layer, x = make(drum(), shift=-0.3)
+    calls = []
+    real = FU._rank1_mapped_conv
+    monkeypatch.setattr(FN, "_rank1_mapped_conv", lambda *a: calls.append(1) or real(*a))
+    general(layer, x)
+    assert calls
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+    assert FU._rank1_mapped_prep(qw, zx, zw, layer.lut)[3] is not None   # the S term is in play
+
+
+@pytest.mark.parametrize("grad", ["ste", "lut2d"])
+def test_training_step_matches_the_unfused_path(grad, monkeypatch):
+    """Forward bits and the gradients of the input and the weight: the mapped accumulator
+    with the LUT's backward attached, against the unfused path (fused paths off)."""
+    torch.manual_seed(5)
+    lut = LutFile(drum(), width_a=8, width_b=8, signed=False)
+    ref = nn.Conv2d(3, 5, 3, padding=1)
+    x0 = torch.relu(torch.randn(2, 3, 7, 7)) - 0.2
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(FN, "_FUSED_LOWRANK", fused)
+        layer = ApproxConv2d.from_float(ref, ApproxConfig(lut, kernel="lowrank", grad=grad,
+                                                          compute_missing_gradients=True)).train()
+        x = x0.clone().requires_grad_(True)
+        y = layer(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), x.grad, layer.weight.grad))
+    (y1, gx1, gw1), (y2, gx2, gw2) = outs
+    assert torch.equal(bits(y1), bits(y2))
+    # the two backwards sum in other orders: float32 rounding, scaled to each gradient's size
+    assert torch.allclose(gx1, gx2, rtol=1e-5, atol=1e-5 * float(gx2.abs().max()))
+    assert torch.allclose(gw1, gw2, rtol=1e-5, atol=1e-5 * float(gw2.abs().max()))
+
+
+def test_prep_refuses_what_it_cannot_do_exactly():
+    layer, x = make(drum(), shift=-0.3)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+    tabs = layer.lut
+    assert FU._rank1_mapped_prep(qw, zx, zw, tabs) is not False
+    assert FU._rank1_mapped_prep(qw, zx + 0.5, zw, tabs) is False                       # not an integer code
+    assert FU._rank1_mapped_prep(qw, torch.tensor(-1.0), zw, tabs) is False             # outside the table
+    assert FU._rank1_mapped_prep(qw, zx, zw + 0.25, tabs) is False                      # Zw not an integer
+    assert FU._rank1_mapped_prep(qw, zx.clone().requires_grad_(True), zw, tabs) is False
+    wide = torch.full((2, 300, 3, 3), 255.0)   # sum |V| max|U - U[Zx]| far above 2**24 (Zw = 0: no S term)
+    assert FU._rank1_mapped_prep(wide, zx, torch.zeros(2), tabs) is False
+    assert FU._rank1_mapped_prep(wide[:, :20], zx, torch.zeros(2), tabs) is not False   # 20 x 9 x 248 x 248: below
+    exact, _ = make(np.outer(np.arange(256), np.arange(256)))
+    assert FU._rank1_mapped_prep(qw, zx, zw, exact.lut) is False                         # U = value: the fold's
+
+
+def test_zw_term_bound_keeps_the_product_exact():
+    """``K max|x - Zx| max|Zw|`` at or above ``2**24``: refused (the ``Zw_j S`` product
+    could round); just below: taken."""
+    layer, _ = make(drum(), cin=64, cout=2, k=3, shift=-0.3)
+    tabs = layer.lut
+    zx = torch.tensor(0.0)
+    qw = torch.zeros(2, 64, 3, 3)
+    k, bmax = 64 * 9, 255
+    over = torch.tensor([float(2 ** 24 // (k * bmax) + 1), 1.0])
+    under = torch.tensor([float((2 ** 24 - 1) // (k * bmax)), 1.0])
+    assert FU._rank1_mapped_prep(qw, zx, over, tabs) is False
+    assert FU._rank1_mapped_prep(qw, zx, under, tabs) is not False
+
+
+def test_window_sums_and_group_sums_against_a_convolution():
+    torch.manual_seed(7)
+    q = torch.randint(0, 256, (3, 6, 11, 9)).float()
+    for zx, groups, kernel, padding, stride, dilation in [(0.0, 1, (5, 5), (0, 0), (1, 1), (1, 1)),
+                                                          (3.0, 2, (3, 3), (1, 1), (2, 2), (1, 1)),
+                                                          (7.0, 3, (3, 2), (2, 1), (1, 2), (2, 1))]:
+        sums = FU._group_sums(q, zx, groups)
+        want_sums = (q - zx).reshape(3, groups, 6 // groups, 11, 9).sum(2)
+        assert torch.equal(sums, want_sums)
+        ones = torch.ones(groups, 6 // groups, *kernel)
+        want = F.conv2d(q - zx, ones, None, stride, padding, dilation, groups)
+        assert torch.equal(FU._window_sums(sums, kernel, padding, stride, dilation), want)
+
+
+def test_map_codes_never_reads_outside_the_table():
+    table = torch.arange(10, 20, dtype=torch.float32)
+    q = torch.tensor([0.0, 3.0, 9.0, -4.0, 25.0, float("nan")])
+    got = FU._mapped_codes(q.reshape(1, 1, 2, 3), table, 0).reshape(-1)
+    assert got[:3].tolist() == [10.0, 13.0, 19.0]
+    assert got[3] == 10.0 and got[4] == 19.0 and got[5] in (10.0, 19.0)   # clamped: never outside
+    q2 = torch.tensor([-128.0, 0.0, 127.0]).reshape(1, 1, 1, 3)
+    t2 = torch.arange(256, dtype=torch.float32) * 2
+    assert FU._mapped_codes(q2, t2, -128).reshape(-1).tolist() == [0.0, 256.0, 510.0]
+
+
+@pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+def test_quantize_map_matches_fake_quant_then_a_lookup():
+    torch.manual_seed(8)
+    x = torch.randn(2, 4, 5, 6) * 3
+    scale, zp = np.array([0.05], np.float32), np.array([7.0], np.float32)
+    table = (np.arange(256, dtype=np.float32) * 3 - 11)
+    q = torch.empty_like(x)
+    L.fake_quant(x.reshape(1, -1).numpy(), scale, zp, 0, 255, q.reshape(1, -1).numpy(), np.empty((0, 0), np.bool_))
+    for groups, pad in ((1, (0, 0)), (2, (1, 2))):
+        a = torch.empty_like(x)
+        sums = torch.full((2, groups, 5 + 2 * pad[0], 6 + 2 * pad[1]), 99.0)
+        tops = L.quantize_map(x.numpy(), scale, zp, 0, 255, table, groups, np.float32(7.0), a.numpy(), sums.numpy())
+        assert tops < L.NON_FINITE
+        assert torch.equal(a, torch.from_numpy(table)[q.long()])
+        want = F.pad((q - 7.0).reshape(2, groups, 4 // groups, 5, 6).sum(2), (pad[1], pad[1], pad[0], pad[0]))
+        assert torch.equal(sums, want)
+    xb = x.clone()
+    xb[1, 2, 3, 4] = float("inf")
+    a = torch.empty_like(x)
+    assert L.quantize_map(xb.numpy(), scale, zp, 0, 255, table, 1, np.float32(7.0), a.numpy(),
+                          np.empty((0, 0, 0, 0), np.float32)) >= L.NON_FINITE
+
+
+def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
+    """The plan needs the numba passes; with the plan switch off the general path gives the same bits."""
+    table = drum()
+    layer, x = make(table, shift=-0.3, padding=1)
+    y, ran = planned(layer, x)
+    monkeypatch.setattr(eval_plan, "ENABLED", False)
+    y2, ran2 = planned(layer, x)
+    assert ran and not ran2 and torch.equal(bits(y), bits(y2))
