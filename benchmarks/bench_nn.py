@@ -5,6 +5,7 @@ The table of the speed issue: three layers -- a ResNet-20 conv (128x32x16x16, 32
 512) -- times three unsigned 8x8 LUTs built here with numpy (no Yosys needed):
 
 * ``rank1``: the exact product through the LUT path (exact integer rank 1);
+* ``drum4``: DRUM(4) (rank 1, but the activation factor is a look-up, not the value);
 * ``rank7``: an array multiplier with the 8 low partial-product columns dropped (rank 7);
 * ``gather``: the exact product plus a random error table (no factorization: gather only);
 
@@ -62,6 +63,18 @@ def truncated_lut(width: int, columns: int) -> np.ndarray:
     return p
 
 
+def drum_lut(width: int, k: int = 4) -> np.ndarray:
+    """Unsigned DRUM(k): each operand cut to the k bits from its leading one, the lowest of
+    them set (unbiased); rank 1 with a looked-up activation factor (no fold of the cross terms)."""
+    def approx(a: int) -> int:
+        if a < (1 << k):
+            return a
+        t = a.bit_length() - k
+        return ((a >> t) | 1) << t
+    d = np.array([approx(a) for a in range(1 << width)], np.int64)
+    return np.outer(d, d)
+
+
 def random_lut(width: int, seed: int = 0) -> np.ndarray:
     """Exact unsigned product plus a random error table (full rank)."""
     v = np.arange(1 << width)
@@ -115,10 +128,12 @@ def _picked(m: nn.Module) -> str:
 
 
 def bench_luts() -> dict[str, LutFile]:
-    """The benchmark's unsigned 8x8 LUTs: ``rank1`` (the exact product), ``rank7`` (8 low
-    columns truncated), ``gather`` (exact product + random error, no factorization)."""
+    """The benchmark's unsigned 8x8 LUTs: ``rank1`` (the exact product), ``drum4`` (DRUM(4):
+    rank 1, looked-up factors), ``rank7`` (8 low columns truncated), ``gather`` (exact
+    product + random error, no factorization)."""
     return {
         "rank1": LutFile(truncated_lut(8, 0), width_a=8, width_b=8, signed=False),
+        "drum4": LutFile(drum_lut(8, 4), width_a=8, width_b=8, signed=False),
         "rank7": LutFile(truncated_lut(8, 8), width_a=8, width_b=8, signed=False),
         "gather": LutFile(random_lut(8), width_a=8, width_b=8, signed=False),
     }
