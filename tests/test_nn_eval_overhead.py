@@ -143,3 +143,19 @@ def test_broadcasts_into_matches_torch():
         except RuntimeError:
             want = False
         assert FN._broadcasts_into(torch.empty(a), torch.empty(b)) == want, (a, b)
+
+
+def test_weight_given_a_transposed_view_of_its_own_storage_misses_the_cache():
+    """Same address, same shape, other strides (a square weight transposed through
+    ``.data``): the values read differ though the memory does not, so the cache must miss."""
+    torch.manual_seed(4)
+    layer = ApproxLinear.from_float(torch.nn.Linear(8, 8),
+                                    ApproxConfig(LutFile(exact(8, False), width_a=8, width_b=8, signed=False)))
+    layer.eval()
+    x = torch.rand(3, 8) - 0.2
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.data = layer.weight.data.t()
+        after = layer(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _fresh(layer, x))

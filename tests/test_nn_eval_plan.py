@@ -502,3 +502,14 @@ def test_linear_plan_with_a_scale_or_bias_the_epilogue_does_not_take(monkeypatch
     layer, x = make_linear(table)
     monkeypatch.setattr(eval_plan, "_bias_bits", lambda m: np.zeros(3, np.float32))
     _no_plan_same_bits(layer, x, brute_linear(layer, x, table, False))
+
+
+def test_new_lut_tables_object_rebuilds_the_plan():
+    """The LUT tables swapped for another LUT's: the plan (keyed on the tables themselves)
+    is rebuilt, even where the old object's id could be reused."""
+    layer, x = make(exact(8, False), shift=-0.2)
+    planned(layer, x)
+    other, _ = make(weight_side(), shift=-0.2)
+    layer.lut = other.lut
+    y, ran = planned(layer, x)
+    assert ran and torch.equal(bits(y), bits(brute(layer, x, weight_side(), False, 0)))

@@ -158,7 +158,8 @@ def _kept(layer, make):
         return None
     aq = layer._modules["act_quant"]
     buffers = aq._buffers
-    key = (buffers["min_val"].item(), buffers["max_val"].item(), aq.width, aq.signed, id(layer._modules["lut"]))
+    # the tables themselves, not their id: a plan holding them keeps their id from being reused
+    key = (buffers["min_val"].item(), buffers["max_val"].item(), aq.width, aq.signed, layer._modules["lut"])
     entry = tables.get(_ENTRY)
     if entry is None or entry[0] != key or not _same_bias(entry[1], layer._parameters["bias"]):
         entry = (key, make(layer, qw, sw, zw, tables))

@@ -84,8 +84,9 @@ def _unchanged(c: dict, w: torch.Tensor) -> bool:
     the weight cache ``c``'s private copy.
 
     Both are kept as numpy words (``c["words"]``, ``c["live"]``): the live view holds the
-    weight's storage, so while the key's address matches it is the same storage (no other
-    can be allocated there) and no view need be made per forward (~8 us of a 1-us compare).
+    weight's storage, so while the key's address, shape and strides match it is the same
+    memory read the same way (no other storage can be allocated there; a transposed view of
+    it has other strides) and no view need be made per forward (~8 us of a 1-us compare).
     """
     words, live = c["words"], c["live"]
     if words is not None and live is not None and numba_available():
@@ -185,7 +186,8 @@ class _ApproxMixin:
         ct = self._compute_dtype()
         if torch.is_grad_enabled() and w.requires_grad:
             return self._weight_codes(w, ct), None  # (a kept cache stays valid: it is checked when used)
-        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype, w.device, id(wq), wq.scheme, wq.width, wq.signed)
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device, id(wq), wq.scheme, wq.width,
+               wq.signed)
         c = self.__dict__.get("_wcache")
         if c is None or c["key"] != key or not _unchanged(c, w):
             with torch.no_grad():
