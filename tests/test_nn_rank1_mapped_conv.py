@@ -24,6 +24,7 @@ from appmult.nn import functional as FN
 from appmult.nn import fused as FU
 from appmult.nn import quant_loops as L
 from test_nn_eval_plan import brute, bits, general, make, planned
+from test_nn_wide_conv_fold import brute_conv_acc
 
 
 def drum(width: int = 8, k: int = 4, signed: bool = False) -> np.ndarray:
@@ -198,3 +199,28 @@ def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
     monkeypatch.setattr(eval_plan, "ENABLED", False)
     y2, ran2 = planned(layer, x)
     assert ran and not ran2 and torch.equal(bits(y), bits(y2))
+
+
+def test_group_of_very_many_channels_is_refused_where_its_code_sum_could_round():
+    """The channel sums are taken over the codes before ``Cg Zx`` is subtracted: with
+    ``Cg max|x| >= 2**24`` (70,001 channels of codes near 255, ``Zx = 128``, ``Zw = 1``:
+    ``K max|x - Zx| |Zw|`` alone stays below) the sum ``sum x`` could round -- refused
+    (found by the mutation review: the mapped path gave -8714984 where the exact sum is
+    -8714985)."""
+    torch.manual_seed(9)
+    table = drum()
+    layer, _ = make(table, cin=1, cout=1, k=1)
+    tabs = layer.lut
+    c = 70001
+    qx = torch.randint(250, 256, (1, c, 1, 1)).float()
+    qw = torch.zeros(1, c, 1, 1)
+    zx, zw = torch.tensor(128.0), torch.tensor([1.0])
+    assert FU._rank1_mapped_prep(qw, zx, zw, tabs) is False
+    assert FU._rank1_mapped_prep(qw[:, :60000], zx, zw, tabs) is not False   # 60000 x 255 < 2**24
+    one = torch.tensor(1.0)
+    # (the float32 plain path it falls back to may round such sums, as documented; the
+    # exact accumulation gives the integer)
+    y = FN.approx_conv2d(qx.double(), one.double(), zx.double(), qw.double(), one.double(), zw.double(), None, tabs,
+                         exact=True)
+    want = brute_conv_acc(table, qx, 128.0, qw, zw, 0, False)
+    assert torch.equal(y, torch.from_numpy(want.astype(np.float64)))

@@ -293,7 +293,8 @@ def _rank1_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tab
         not exact in float32: the main convolution's partial sums could reach ``2**24``
         (``sum_k |V[w_jk]| max|U - U[Zx]| + |C_j|``, these weights' own bound), or
         ``Zw_j S`` could (``K max|x - Zx| max|Zw|``; below it the product is exact and
-        ``main - Zw_j S`` rounds once, as the integer accumulator's conversion does).
+        ``main - Zw_j S`` rounds once, as the integer accumulator's conversion does), or a
+        group's sum of codes could (``Cg max|x|``: :func:`_group_sums` sums before it shifts).
     """
     if tabs.u is None or tabs.u.shape[1] != 1 or tabs.u_is_value or zx.requires_grad or zw.requires_grad:
         return False
@@ -314,8 +315,12 @@ def _rank1_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tab
         return False
     nzw = None
     if not tabs.signed and bool((zwv != 0).any()):
-        bmax = max(abs(tabs.lo_x - zxf), abs(tabs.lo_x + tabs.prod.shape[0] - 1 - zxf))
-        if cg * kh * kw * bmax * float(zwv.abs().max()) >= K.FP32_EXACT_LIMIT:
+        hi_x = tabs.lo_x + tabs.prod.shape[0] - 1
+        bmax = max(abs(tabs.lo_x - zxf), abs(hi_x - zxf))
+        # Zw S exact; and the channel sums of the codes themselves (``_group_sums`` subtracts
+        # Cg Zx after summing) below 2**24
+        if cg * kh * kw * bmax * float(zwv.abs().max()) >= K.FP32_EXACT_LIMIT \
+                or cg * max(abs(tabs.lo_x), abs(hi_x)) >= K.FP32_EXACT_LIMIT:
             return False
         nzw = (-zwv).to(torch.float32).contiguous()
     return vw.to(torch.float32).contiguous(), const.to(torch.float32), ushift.to(torch.float32).contiguous(), nzw
