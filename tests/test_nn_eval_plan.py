@@ -513,3 +513,28 @@ def test_new_lut_tables_object_rebuilds_the_plan():
     layer.lut = other.lut
     y, ran = planned(layer, x)
     assert ran and torch.equal(bits(y), bits(brute(layer, x, weight_side(), False, 0)))
+
+
+@pytest.mark.parametrize("plan_on", [True, False])
+def test_lut_tables_cycled_through_one_layer_never_reuse_a_freed_lut_fold(plan_on):
+    """Tables swapped in and out of a layer whose weight does not change (``layer.lut =``):
+    with weight-side entries keyed on ``id(tabs)``, a new tables object at a freed one's
+    address got the old LUT's fold -- 26 wrong outputs in 60 swaps on the general path, 3
+    with the plan (found by the mutation review). Every output must be its LUT's brute force."""
+    from appmult.nn.tables import LutTables
+    layer, x = make(exact(8, False), shift=-0.2, padding=1)
+    v = np.arange(256)
+    tables = [np.outer(v, v & ~m) for m in (0, 1, 3, 7)]
+    luts = [LutFile(t, width_a=8, width_b=8, signed=False) for t in tables]
+    cfg = layer.config
+    prev = eval_plan.ENABLED
+    eval_plan.ENABLED = plan_on
+    try:
+        for i in range(60):
+            layer.lut = None
+            layer.lut = LutTables(luts[i % 4], grad=cfg.grad, kernel=cfg.kernel)
+            with torch.no_grad():
+                y = layer(x)
+            assert torch.equal(bits(y), bits(brute(layer, x, tables[i % 4], False, 1))), i
+    finally:
+        eval_plan.ENABLED = prev

@@ -203,18 +203,18 @@ def _conv_plan(layer, qw, sw, zw, tables: dict) -> ConvPlan | None:
     act, sx, zx = aqz
     zxf = float(zx)
     if tabs.u_is_value:
-        fold = FN._cached(tables, ("fold", id(tabs), zxf),
+        fold = FN._cached(tables, ("fold", tabs, zxf),
                           lambda: _folded_lowrank_weights(qw, zx, zw, tabs, chunks=True))
         if fold is None or len(fold) == 3:  # no fold, or runs of channels: not the rank-1 convolution
             return None
         wv, const = fold
-        r1 = FN._cached(tables, ("rank1", id(tabs), zxf), lambda: _rank1_prep(zx, wv, const, tabs))
+        r1 = FN._cached(tables, ("rank1", tabs, zxf), lambda: _rank1_prep(zx, wv, const, tabs))
         if r1 is False:
             return None
         weight, conv_bias, nzw = r1[0], r1[1], None
         table = None if zxf == 0.0 else np.arange(act.qmin, act.qmax + 1, dtype=np.float32) - np.float32(zxf)
     else:
-        m1 = FN._cached(tables, ("rank1map", id(tabs), zxf), lambda: _rank1_mapped_prep(qw, zx, zw, tabs))
+        m1 = FN._cached(tables, ("rank1map", tabs, zxf), lambda: _rank1_mapped_prep(qw, zx, zw, tabs))
         if m1 is False or not tabs.lo_x <= act.qmin <= act.qmax < tabs.lo_x + m1[2].numel():
             return None
         weight, conv_bias, ushift, nz = m1

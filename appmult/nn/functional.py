@@ -232,7 +232,10 @@ def _check_symmetric(zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, what: 
 
 def _cached(cache: dict | None, key, make):
     """``make()``, memoized in ``cache`` (a layer's weight-side cache, cleared when its weight
-    changes; ``None``: no caching)."""
+    or its LUT tables change; ``None``: no caching). Keys hold the LUT tables object itself,
+    not its ``id``: a key holding it keeps the id from being reused by other tables (with
+    ``id(tabs)``, tables swapped into a layer at a freed object's address got the old LUT's
+    fold: wrong outputs, no error)."""
     if cache is None:
         return make()
     if key not in cache:
@@ -362,7 +365,7 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
-        prep = _cached(cache, ("glin", id(tabs), float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
+        prep = _cached(cache, ("glin", tabs, float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
     scale, bias_dt = (sx * swr).to(dt), None if bias is None else bias.to(dt)
     if i8 is not False and dt == torch.float32:  # inference: GEMM epilogue and dequantization in one pass
@@ -403,15 +406,15 @@ def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):
         i8 = _int8_value_prep(qw, zx, zw, tabs)
         if i8 is not None:
             return None, i8
-    fold = _cached(cache, ("fold", id(tabs), float(zx)),
+    fold = _cached(cache, ("fold", tabs, float(zx)),
                    lambda: _folded_lowrank_weights(qw.reshape(n, k, 1, 1), zx, zw, tabs, split_k=True))
     if not int8:
         return fold, False
     if cache is None:
         return fold, False if fold is None else _int8_one_plane_prep(fold[0].reshape(n, -1), fold[1], tabs) or False
     if fold is not None:
-        return fold, _cached(cache, ("fold_i8", id(tabs), float(zx)), lambda: _int8_linear_prep(fold, tabs))
-    return None, _cached(cache, ("lin_i8", id(tabs), float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
+        return fold, _cached(cache, ("fold_i8", tabs, float(zx)), lambda: _int8_linear_prep(fold, tabs))
+    return None, _cached(cache, ("lin_i8", tabs, float(zx)), lambda: _int8_unfolded_prep(qw, zx, zw, tabs))
 
 
 def approx_conv2d(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor,
@@ -483,7 +486,7 @@ def _fused_conv_acc(qx, qw, zx, zw, tabs: LutTables, geom, dt: torch.dtype, exac
     :mod:`appmult.nn.fused`, or ``None`` where none applies (the caller takes the plain path)."""
     padding, stride, dilation, groups = geom
     if tabs.kernel is Kernel.LOWRANK and not exact and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK"):
-        fold = _cached(cache, ("fold", id(tabs), float(zx)),
+        fold = _cached(cache, ("fold", tabs, float(zx)),
                        lambda: _folded_lowrank_weights(qw, zx, zw, tabs, chunks=True))
         if fold is not None and len(fold) == 3:  # too long for one exact float32 conv: cut in runs
             if groups != 1:
@@ -492,11 +495,11 @@ def _fused_conv_acc(qx, qw, zx, zw, tabs: LutTables, geom, dt: torch.dtype, exac
             return _with_conv_backward(qx, qw, zx, zw, tabs, acc, dt, geom)
         if fold is not None and tabs.u_is_value:
             wv, const = fold
-            r1 = _cached(cache, ("rank1", id(tabs), float(zx)), lambda: _rank1_prep(zx, wv, const, tabs))
+            r1 = _cached(cache, ("rank1", tabs, float(zx)), lambda: _rank1_prep(zx, wv, const, tabs))
             y = _rank1_shifted_conv(qx, zx, wv, const, tabs, padding, stride, dilation, groups, r1)
             if y is not None:
                 return _with_conv_backward(qx, qw, zx, zw, tabs, y, dt, geom)
-        m1 = _cached(cache, ("rank1map", id(tabs), float(zx)), lambda: _rank1_mapped_prep(qw, zx, zw, tabs))
+        m1 = _cached(cache, ("rank1map", tabs, float(zx)), lambda: _rank1_mapped_prep(qw, zx, zw, tabs))
         if m1 is not False:
             acc = _rank1_mapped_conv(qx, zx, m1, tabs, padding, stride, dilation, groups, dt)
             if acc is not None:

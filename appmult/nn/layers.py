@@ -186,8 +186,10 @@ class _ApproxMixin:
         ct = self._compute_dtype()
         if torch.is_grad_enabled() and w.requires_grad:
             return self._weight_codes(w, ct), None  # (a kept cache stays valid: it is checked when used)
+        # the LUT tables object itself: other tables (``layer.lut = ...``) start a new cache,
+        # and holding them keeps their id from being reused
         key = (w.data_ptr(), w._version, tuple(w.shape), w.stride(), w.dtype, w.device, id(wq), wq.scheme, wq.width,
-               wq.signed)
+               wq.signed, self._modules["lut"])
         c = self.__dict__.get("_wcache")
         if c is None or c["key"] != key or not _unchanged(c, w):
             with torch.no_grad():
