@@ -49,17 +49,21 @@ def test_one_weight_changed_through_data_misses_the_cache(shape, dtype):
         assert torch.equal(after, _fresh(layer, x)), pos
 
 
+def _exact_linear(k: int, n: int, seed: int):
+    """An eval ``k -> n`` layer over the exact 8x8 product and an input with negative values."""
+    torch.manual_seed(seed)
+    layer = ApproxLinear.from_float(torch.nn.Linear(k, n),
+                                    ApproxConfig(LutFile(exact(8, False), width_a=8, width_b=8, signed=False)))
+    return layer.eval(), torch.rand(4, k) - 0.2
+
+
 @pytest.mark.parametrize("change", ["new storage through .data", "a write through a numpy view",
                                     "new storage twice"])
 def test_weight_changes_the_version_counter_misses_are_seen(change):
     """The cache compares the live weight's words, kept as a view holding its storage, with
     its private copy: a weight given new storage (``.data = ...``: another address) or
     written through numpy (no version bump) is quantized afresh."""
-    torch.manual_seed(3)
-    layer = ApproxLinear.from_float(torch.nn.Linear(16, 8),
-                                    ApproxConfig(LutFile(exact(8, False), width_a=8, width_b=8, signed=False)))
-    layer.eval()
-    x = torch.rand(4, 16) - 0.2
+    layer, x = _exact_linear(16, 8, 3)
     with torch.no_grad():
         before = layer(x)
         old = layer.weight.data
@@ -148,11 +152,7 @@ def test_broadcasts_into_matches_torch():
 def test_weight_given_a_transposed_view_of_its_own_storage_misses_the_cache():
     """Same address, same shape, other strides (a square weight transposed through
     ``.data``): the values read differ though the memory does not, so the cache must miss."""
-    torch.manual_seed(4)
-    layer = ApproxLinear.from_float(torch.nn.Linear(8, 8),
-                                    ApproxConfig(LutFile(exact(8, False), width_a=8, width_b=8, signed=False)))
-    layer.eval()
-    x = torch.rand(3, 8) - 0.2
+    layer, x = _exact_linear(8, 8, 4)
     with torch.no_grad():
         before = layer(x)
         layer.weight.data = layer.weight.data.t()
