@@ -211,7 +211,8 @@ if numba is not None:
         # pw from its shape): integers, exact below 2**24. A NaN code becomes qmin here (the
         # selects below; the caller refuses the input: the returned word is fake_quant's).
         # One task per image; the codes, the sums and the look-ups in loops of their own (one
-        # loop with conditional indices ran 9x slower).
+        # loop with conditional indices ran 9x slower); the sums over whole planes, copied
+        # into the padded maps once per group (row by row per channel: 1.15-1.25x the pass).
         n, c, h, w = x.shape
         xbits = x.view(np.int32)
         has_sums = sums.shape[0] > 0
@@ -222,15 +223,15 @@ if numba is not None:
         length = h * w
         x3, a3, xb3 = x.reshape(n, c, length), a.reshape(n, c, length), xbits.reshape(n, c, length)
         codes = np.empty((n, length), np.float32)
+        flat = np.empty((n, groups if has_sums else 0, length), np.float32)   # unpadded group sums
         tops = 0
         for img in prange(n):
             buf = codes[img]
             if has_sums:
                 for g in range(groups):
-                    sg = sums[img, g]
-                    for r in range(sg.shape[0]):
-                        for k in range(sg.shape[1]):
-                            sg[r, k] = 0.0
+                    fg = flat[img, g]
+                    for i in range(length):
+                        fg[i] = 0.0
             for ch in range(c):
                 xr, ar = x3[img, ch], a3[img, ch]
                 for i in range(length):
@@ -238,14 +239,22 @@ if numba is not None:
                     v = v if v >= lo else lo      # NaN -> lo: never an index outside the table
                     buf[i] = hi if v > hi else v
                 if has_sums:
-                    sg = sums[img, ch // cg]
-                    for r in range(h):
-                        sr, br = sg[ph + r, pw:pw + w], buf[r * w:(r + 1) * w]
-                        for i in range(w):
-                            sr[i] += br[i] - zx
+                    fg = flat[img, ch // cg]      # whole planes: a loop that vectorizes
+                    for i in range(length):
+                        fg[i] += buf[i] - zx
                 for i in range(length):
                     ar[i] = table[np.int32(buf[i] - lo)]
                 tops = max(tops, _non_finite_word(xb3[img, ch]))
+            if has_sums:
+                for g in range(groups):         # into the zero-padded maps, once per group
+                    sg, fg = sums[img, g], flat[img, g]
+                    for r in range(sg.shape[0]):
+                        for k in range(sg.shape[1]):
+                            sg[r, k] = 0.0
+                    for r in range(h):
+                        sr, fr = sg[ph + r, pw:pw + w], fg[r * w:(r + 1) * w]
+                        for k in range(w):
+                            sr[k] = fr[k]
         return tops
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
