@@ -150,7 +150,7 @@ def _gather_only():
 STEPS_ASIDE = {
     "training mode, the observer following it": lambda m: (m.train(), setattr(m.act_quant, "observing", None)),
     "observer switched on": lambda m: setattr(m.act_quant, "observing", True),
-    "exact multiplication": lambda m: m.exact_(True) if hasattr(m, "exact_") else setattr(m, "exact_multiplication", True),
+    "exact multiplication": lambda m: setattr(m, "exact_multiplication", True),
     "plan switched off": lambda m: setattr(eval_plan, "ENABLED", False),
 }
 

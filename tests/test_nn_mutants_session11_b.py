@@ -95,17 +95,23 @@ def assert_cut(qw, zx, zw, tabs):
     assert fold is not None and len(fold) == 3 and fold[2] >= 2
 
 
+def _value_case(numba, monkeypatch, seeds, dtype):
+    """The exact product's tables and high codes ``(1, 64, 4, 4)`` and ``(3, 64, 3, 3)`` (a
+    convolution cut in runs), numba off where asked."""
+    if not numba:
+        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    table = truncated(0)
+    qx = high_codes((1, 64, 4, 4), 180, 256, seeds[0], dtype)
+    qw = high_codes((3, 64, 3, 3), 180, 256, seeds[1], dtype)
+    return table, tables(table), qx, qw
+
+
 @pytest.mark.parametrize("zx", [0.0, 1.0, 201.0])      # Zx = 0: qx as is; 1; odd: Zx sum w above 2**24
 @pytest.mark.parametrize("numba", [True, False])
 def test_value_branch_float64_accumulator_is_the_exact_integer(zx, numba, monkeypatch):
     """Rank 1 ``U = value(x)``, padding 1, float64 operands: every accumulator is above
     ``2**24`` (float32 spacing 2 or more) and comes back as the exact integer."""
-    if not numba:
-        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
-    table = truncated(0)
-    tabs = tables(table)
-    qx = high_codes((1, 64, 4, 4), 180, 256, 1, torch.float64)
-    qw = high_codes((3, 64, 3, 3), 180, 256, 2, torch.float64)
+    table, tabs, qx, qw = _value_case(numba, monkeypatch, (1, 2), torch.float64)
     zw = torch.tensor([0.0, 3.0, 7.0], dtype=torch.float64)
     assert tabs.u_is_value
     assert_cut(qw, zx, zw, tabs)
@@ -124,12 +130,7 @@ def test_value_branch_float64_accumulator_is_the_exact_integer(zx, numba, monkey
 def test_value_branch_float32_accumulator_is_rounded_once(numba, monkeypatch):
     """The float32 output of the runs is the exact accumulator rounded once to float32 --
     by ``fold_loops.add_runs`` and by the torch fallback alike."""
-    if not numba:
-        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
-    table = truncated(0)
-    tabs = tables(table)
-    qx = high_codes((1, 64, 4, 4), 180, 256, 3, torch.float32)
-    qw = high_codes((3, 64, 3, 3), 180, 256, 4, torch.float32)
+    table, tabs, qx, qw = _value_case(numba, monkeypatch, (3, 4), torch.float32)
     zw = torch.tensor([0.0, 5.0, 2.0])
     assert_cut(qw, 77.0, zw, tabs)
     ref = brute(table, qx, 77.0, qw, zw, (1, 1))

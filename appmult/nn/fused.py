@@ -168,8 +168,7 @@ def _channel_runs(per: torch.Tensor, const: torch.Tensor, tabs: LutTables, zx: f
     co, cg, r = per.shape
     ua = np.array(tabs._u_absmax, np.float64)
     if tabs.u_is_value:
-        top = tabs.lo_x + tabs.prod.shape[0] - 1
-        ua = np.maximum(ua, max(abs(tabs.lo_x - zx), abs(top - zx)))
+        ua = np.maximum(ua, _activation_distance(tabs, zx))
     m = cg * r
     per = (per * torch.as_tensor(ua, dtype=torch.float64, device=per.device)).reshape(co, m).cpu().numpy()
     if float(per.sum(1).max()) + float(const.abs().max()) >= K.FP64_EXACT_LIMIT \
@@ -238,6 +237,12 @@ def _code_bound(tabs: LutTables) -> int:
     return max(abs(tabs.lo_w), abs(tabs.lo_w + tabs.prod.shape[1] - 1))
 
 
+def _activation_distance(tabs: LutTables, zx: float) -> float:
+    """The largest ``|x - Zx|`` over the activation codes' values (``Zx = 0``: the largest
+    magnitude)."""
+    return max(abs(tabs.lo_x - zx), abs(tabs.lo_x + tabs.prod.shape[0] - 1 - zx))
+
+
 def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dilation, groups, prep=None):
     """Rank-1 ``U = value(x)`` accumulator as an ordinary zero-padded conv of ``qx - Zx``, or ``None``.
 
@@ -266,7 +271,7 @@ def _rank1_prep(zx, wv, const, tabs: LutTables):
     wc = wv.contiguous()
     w64 = wc.to(torch.float64)
     bias = const.to(torch.float64) + zxf * w64.sum((1, 2, 3))
-    xmax = max(abs(tabs.lo_x - zxf), abs(tabs.lo_x + tabs.prod.shape[0] - 1 - zxf))
+    xmax = _activation_distance(tabs, zxf)
     if float((w64.abs().sum((1, 2, 3)) * xmax + bias.abs()).max()) >= K.FP32_EXACT_LIMIT:
         return False
     return wc, bias.to(torch.float32)
@@ -315,12 +320,10 @@ def _rank1_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tab
         return False
     nzw = None
     if not tabs.signed and bool((zwv != 0).any()):
-        hi_x = tabs.lo_x + tabs.prod.shape[0] - 1
-        bmax = max(abs(tabs.lo_x - zxf), abs(hi_x - zxf))
         # Zw S exact; and the channel sums of the codes themselves (``_group_sums`` subtracts
         # Cg Zx after summing) below 2**24
-        if cg * kh * kw * bmax * float(zwv.abs().max()) >= K.FP32_EXACT_LIMIT \
-                or cg * max(abs(tabs.lo_x), abs(hi_x)) >= K.FP32_EXACT_LIMIT:
+        if cg * kh * kw * _activation_distance(tabs, zxf) * float(zwv.abs().max()) >= K.FP32_EXACT_LIMIT \
+                or cg * _activation_distance(tabs, 0.0) >= K.FP32_EXACT_LIMIT:
             return False
         nzw = (-zwv).to(torch.float32).contiguous()
     return vw.to(torch.float32).contiguous(), const.to(torch.float32), ushift.to(torch.float32).contiguous(), nzw
