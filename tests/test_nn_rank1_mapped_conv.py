@@ -216,7 +216,8 @@ def test_group_of_very_many_channels_is_refused_where_its_code_sum_could_round()
     qw = torch.zeros(1, c, 1, 1)
     zx, zw = torch.tensor(128.0), torch.tensor([1.0])
     assert FU._rank1_mapped_prep(qw, zx, zw, tabs) is False
-    assert FU._rank1_mapped_prep(qw[:, :60000], zx, zw, tabs) is not False   # 60000 x 255 < 2**24
+    assert FU._rank1_mapped_prep(qw[:, :65793], zx, zw, tabs) is not False   # 65793 x 255 = 2**24 - 1
+    assert FU._rank1_mapped_prep(qw[:, :65794], zx, zw, tabs) is False       # 65794 x 255 >= 2**24 (x 254: below)
     one = torch.tensor(1.0)
     # (the float32 plain path it falls back to may round such sums, as documented; the
     # exact accumulation gives the integer)
