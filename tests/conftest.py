@@ -63,6 +63,11 @@ def _mutant_under_test() -> str | None:
     return name if os.environ.get("APPMULT_MUTMUT_WARMUP") == "1" and "__mutmut_" in name else None
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; APPMULT_TEST_DEVICE=cpu "
+                                       "runs the file against the CPU)")
+
+
 def pytest_collection_modifyitems(config, items):
     """Under ``make mutate``: an accepted equivalent mutant is skipped; otherwise the tests
     that killed this function's mutants before run first."""

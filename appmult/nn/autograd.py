@@ -31,6 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import exact_conv
 from . import kernels as K
 from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _small_idx, _unfold_idx
 
@@ -45,7 +46,9 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     so a low-rank factor above 2**11 would round. So the approximate layers, the functional
     API and the backward passes here compute with autocast and TF32 off, like the ops
     autocast itself keeps in float32. (TF32 is a process-wide switch: it is off for other
-    threads' CUDA work while the block runs.)
+    threads' CUDA work while the block runs.) The convolutions whose sums must be exact go
+    through :func:`appmult.nn.exact_conv.conv2d`, not cuDNN, whose Winograd and FFT
+    algorithms round even without TF32.
     """
     if device_type == "cuda":
         return _cuda_full_float32()
@@ -235,7 +238,7 @@ def _conv_forward(qx, qw, tabs: LutTables, stride, dilation, groups, exact: bool
     if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
         xu = _map_channels(tabs.u, ix, dtype)
         wv = _map_channels(tabs.v, iw, dtype)
-        acc = F.conv2d(xu, wv, None, stride, 0, dilation, groups)
+        acc = exact_conv.conv2d(xu, wv, None, stride, 0, dilation, groups)
         return torch.round(acc) if exact else acc
     n = qx.shape[0]
     kh, kw = qw.shape[2:]
@@ -422,7 +425,7 @@ class _LowRankConvZpFn(torch.autograd.Function):
             if ph or pw:
                 idx = F.pad(idx, (pw, pw, ph, ph), value=zidx)
             xu = _map_channels(tabs.u_f32, idx, torch.float32)
-        return F.conv2d(xu, wv, const, stride, 0, dilation, groups)
+        return exact_conv.conv2d(xu, wv, const, stride, 0, dilation, groups)
 
     @staticmethod
     @_backward_without_autocast

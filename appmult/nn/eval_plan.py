@@ -137,8 +137,9 @@ def _applies(layer, x: torch.Tensor) -> bool:
     the plan is made)."""
     params, mods = layer._parameters, layer._modules
     w, b, aq, tabs = params["weight"], params["bias"], mods["act_quant"], mods["lut"]
-    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or not x.is_contiguous():
-        return False
+    if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 \
+            or not x.is_contiguous():
+        return False  # (an input on another device than the weight: the general path's torch error)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)):
         return False
     if layer.correction is not None or layer.exact_multiplication or layer.config.exact_accumulate:

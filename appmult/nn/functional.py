@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidValueError
 from ..lut_gen.lutfile import LutFile
+from . import exact_conv
 from . import kernels as K
 from . import quant_loops
 from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn,
@@ -364,7 +365,7 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
         fold, i8 = _lowrank_linear_sides(qw, zx, zw, tabs, cache)
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
-            and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
+            and qx.device.type == "cpu" and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
         prep = _cached(cache, ("glin", tabs, float(zx)), lambda: _gather_linear_prep(qw, zx, zw, tabs))
         gacc = _gather_linear_zp(qx, prep, tabs)
     scale, bias_dt = (sx * swr).to(dt), None if bias is None else bias.to(dt)
@@ -469,13 +470,13 @@ def _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, stri
     if ph or pw:
         qx = F.pad(qx, (pw, pw, ph, ph), value=float(zx))
     if tabs is None:
-        acc = F.conv2d(qx.to(dt) - zx, qw.to(dt) - zw, None, st, 0, dil, groups)
+        acc = exact_conv.conv2d(qx.to(dt) - zx, qw.to(dt) - zw, None, st, 0, dil, groups)
     else:
         acc = lut_conv2d(qx, qw, tabs, stride=st, dilation=dil, groups=groups, exact=exact).to(dt)
         if not tabs.signed:
             cg, kh, kw = qw.shape[1:]
             ones = torch.ones((groups, cg, kh, kw), dtype=dt, device=qx.device)
-            sum_x = F.conv2d(qx.to(dt), ones, None, st, 0, dil, groups).repeat_interleave(co // groups, dim=1)
+            sum_x = exact_conv.conv2d(qx.to(dt), ones, None, st, 0, dil, groups).repeat_interleave(co // groups, dim=1)
             sum_w = qw.to(dt).sum((1, 2, 3)).reshape(1, co, 1, 1)
             acc = acc - sum_x * zwr - zx * sum_w + (cg * kh * kw) * zx * zwr
     return _dequantize(acc, (sx * swr).to(dt), b, qx.dtype)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fold_loops
+from . import exact_conv, fold_loops
 from . import quant_loops
 from . import int8_loops as loops
 from . import kernels as K
@@ -211,7 +211,7 @@ def _chunked_lowrank_conv(qx: torch.Tensor, zx: torch.Tensor, tabs: LutTables, f
         xs = _map_channels(tabs.u_f32, idx, torch.float32)
         pad = (0, 0)
         bias = const
-    y = F.conv2d(xs, wg, None, stride, pad, dilation, runs).contiguous()
+    y = exact_conv.conv2d(xs, wg, None, stride, pad, dilation, runs).contiguous()
     n, _, ho, wo = y.shape
     if dtype == torch.float32 and y.device.type == "cpu" and fold_loops.AVAILABLE and K.numba_available():
         out = torch.empty((n, co, ho, wo), dtype=torch.float32)
@@ -262,7 +262,7 @@ def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dil
     wc, bias = prep
     zxf = float(zx)
     xs = q if zxf == 0.0 else q - zxf
-    return F.conv2d(xs, wc, bias, stride, padding, dilation, groups)
+    return exact_conv.conv2d(xs, wc, bias, stride, padding, dilation, groups)
 
 
 def _rank1_prep(zx, wv, const, tabs: LutTables):
@@ -341,7 +341,7 @@ def _rank1_mapped_conv(qx: torch.Tensor, zx: torch.Tensor, prep, tabs: LutTables
     if q.dtype != torch.float32 or q.dim() != 4:
         return None
     vw, const, ushift, nzw = prep
-    main = F.conv2d(_mapped_codes(q, ushift, tabs.lo_x), vw, const, stride, padding, dilation, groups)
+    main = exact_conv.conv2d(_mapped_codes(q, ushift, tabs.lo_x), vw, const, stride, padding, dilation, groups)
     if nzw is not None:
         co = vw.shape[0]
         s = _window_sums(_group_sums(q, float(zx), groups), vw.shape[2:], padding, stride, dilation)
@@ -369,7 +369,7 @@ def _window_sums(sums: torch.Tensor, kernel, padding, stride, dilation) -> torch
     n, g, h, w = sums.shape
     kh, kw = kernel
     ones = torch.ones((n * g, 1, kh, kw), dtype=sums.dtype, device=sums.device)
-    s = F.conv2d(sums.reshape(1, n * g, h, w), ones, None, stride, padding, dilation, n * g)
+    s = exact_conv.conv2d(sums.reshape(1, n * g, h, w), ones, None, stride, padding, dilation, n * g)
     return s.reshape(n, g, s.shape[2], s.shape[3])
 
 
@@ -386,8 +386,8 @@ def _mapped_codes(q: torch.Tensor, table: torch.Tensor, lo: int) -> torch.Tensor
 def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, groups, out_dtype=torch.int32):
     """Accumulator with cross terms from the numba row kernel (int32, returned as ``out_dtype``),
     or ``None`` (not applicable: see :func:`appmult.nn.kernels.gather_conv_zp`)."""
-    if zx.requires_grad or zw.requires_grad or qx.dtype != torch.float32:
-        return None
+    if zx.requires_grad or zw.requires_grad or qx.dtype != torch.float32 or qx.device.type != "cpu":
+        return None  # (off the CPU before reading the zero points: no device-to-host copies)
     co = qw.shape[0]
     zxf = float(zx)
     if zxf != round(zxf) or not torch.equal(zw.detach(), torch.round(zw.detach())):
@@ -407,8 +407,8 @@ def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, 
 
 def _gather_linear_prep(qw, zx, zw, tabs: LutTables):
     """Weight side of :func:`_gather_linear_zp` (cacheable per weight and ``zx``), or ``False``."""
-    if zx.requires_grad or zw.requires_grad:
-        return False
+    if zx.requires_grad or zw.requires_grad or qw.device.type != "cpu":
+        return False  # (off the CPU before reading the zero points: no device-to-host copies)
     zxf = float(zx)
     if zxf != round(zxf) or not torch.equal(zw.detach(), torch.round(zw.detach())):
         return False  # integer zero points only (what the quantizers produce)
@@ -455,8 +455,8 @@ def _int8_unfolded_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, ta
     """:func:`_int8_linear_prep` for a low-rank LUT whose factors cannot carry ``value(x)``
     (no fold): the weights are ``V[w]`` unchanged, ``C_j = -Zx sum_k (w_jk - Zw_j)`` and the
     cross term ``-Zw_j sum_k x_k`` is added per call. ``False`` where it does not apply."""
-    if tabs.u is None or zx.requires_grad or zw.requires_grad:
-        return False
+    if tabs.u is None or zx.requires_grad or zw.requires_grad or qw.device.type != "cpu":
+        return False  # (the int8 GEMM runs on the CPU only)
     n, k = qw.shape
     zxf = float(zx)
     zwv = zw.detach().to(torch.float64).reshape(-1).cpu()

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from .autograd import _autocast_off
 from .config import ApproxConfig
-from . import eval_plan, quant_loops
+from . import eval_plan, exact_conv, quant_loops
 from .correction import ControlVariate
 from .functional import _approx_conv2d, _approx_linear, _pair
 from .kernels import numba_available
@@ -470,7 +470,7 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         g = self.groups
         ones = torch.ones(g, self.in_channels // g, *self.kernel_size, dtype=torch.float64, device=qx.device)
         # One sum per group, shared by that group's output channels; float64 is exact here.
-        s = F.conv2d(qx, ones, stride=self.stride, dilation=self.dilation, groups=g)
+        s = exact_conv.conv2d(qx, ones, stride=self.stride, dilation=self.dilation, groups=g)
         return s.repeat_interleave(self.out_channels // g, dim=1).to(torch.int64)
 
     @torch.no_grad()

@@ -96,8 +96,8 @@ def _rows(x: torch.Tensor, scale: torch.Tensor) -> int | None:
     """Rows of the ``(C, L)`` view in which :mod:`appmult.nn.quant_loops` quantizes ``x``
     with ``scale`` (one value, or one per index of dim 0), or ``None`` where it cannot: not
     on the CPU, not float32, not contiguous, another broadcast, or no numba."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or scale.dtype != torch.float32 \
-            or not x.is_contiguous() or x.dim() == 0 or not (loops.AVAILABLE and numba_available()):
+    if x.device.type != "cpu" or scale.device.type != "cpu" or x.dtype != torch.float32 \
+            or scale.dtype != torch.float32 or not x.is_contiguous() or x.dim() == 0 or not (loops.AVAILABLE and numba_available()):
         return None
     if scale.numel() == 1 and scale.dim() <= x.dim():
         return 1
@@ -216,14 +216,17 @@ def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 def _scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, width: int, signed: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     qmin, qmax = quant_range(width, signed)
+    # Divided by a tensor on the operands' device, never by a Python number: CUDA divides a
+    # tensor by a host scalar as a multiplication by its rounded reciprocal, one ulp off
+    # the CPU's (and the numba kernels') correctly rounded quotient for some ranges.
     if signed:
         amax = torch.maximum(lo.abs(), hi.abs())
-        scale = amax / (qmax + 1)
+        scale = amax / torch.full_like(amax, qmax + 1)
         zp = torch.zeros_like(scale)
     else:
         lo = torch.clamp(lo, max=0.0)
         hi = torch.clamp(hi, min=0.0)
-        scale = (hi - lo) / qmax
+        scale = (hi - lo) / torch.full_like(hi, qmax)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.clamp(torch.round(-lo / safe), 0, qmax)
     # A constant-zero tensor has no range; any positive scale represents it exactly.
