@@ -31,7 +31,9 @@ Two families, chosen per LUT (see :func:`choose_kernel`):
   fewer than ``2**16`` values (every 8x8 multiplier's): the fused conv reads the receptive
   fields of a batch-inner image in place (no unfold) or an unfolded copy, the fused linear
   layer and :func:`gather_forward` a ``(K, positions)`` layout; ``APPMULT_NO_BYTE_SHUFFLE=1``
-  turns it off. Elsewhere (CUDA, ...) a chunked torch gather does the same arithmetic.
+  turns it off. On CUDA, Triton programs (:mod:`appmult.nn.triton_gather`, when Triton is
+  installed; ``APPMULT_NO_TRITON=1`` turns them off) keep each look-up in registers;
+  elsewhere a chunked torch gather does the same arithmetic.
 
 Both work on *indices* ``value - min_value`` (tables are stored in value order; see
 :mod:`appmult.nn.tables`), in a GEMM-shaped layout shared by linear layers and
@@ -81,7 +83,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import byte_shuffle, float_shuffle, shuffle_gather
+from . import byte_shuffle, float_shuffle, shuffle_gather, triton_gather
 from . import gather_loops as loops
 from .gather_layouts import check_indices as _check_indices
 from .gather_layouts import unfold_uint8
@@ -466,6 +468,9 @@ def gather_forward(a: torch.Tensor, b: torch.Tensor, table: torch.Tensor, groups
     _check_indices(a, na, "Activation")
     _check_indices(b, nb_, "Weight")
     if not _use_numba(a, b, table):
+        out = triton_gather.forward(a, b, table.to(out_dtype), groups) if triton_gather.usable(a, b, table) else None
+        if out is not None:
+            return out
         return _torch_gather(a, b, table.to(out_dtype), groups, None, "fwd")
     if groups == 1 and out_dtype == torch.int32 and na <= 256 and nb_ <= 256 \
             and nbatch * length * a.shape[1] * nout >= byte_shuffle.MIN_LOOKUPS and byte_shuffle.available():
@@ -743,6 +748,9 @@ def gather_grad_a(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, gr
         out = np.zeros((nbatch, ktot, length), dtype=np.float32)
         loops.grad_a(ai, bi, gt, g, groups, _chunk(nbatch, length), out)
         return torch.from_numpy(out)
+    out = triton_gather.grad_a(a, b, grad_table, grad, groups) if triton_gather.usable(a, b, grad_table, grad) else None
+    if out is not None:
+        return out
     return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "ga")
 
 
@@ -783,6 +791,9 @@ def gather_grad_b(a: torch.Tensor, b: torch.Tensor, grad_table: torch.Tensor, gr
         out = np.zeros(b.shape, dtype=np.float32)
         loops.grad_b(ai, bi, gt, g, groups, out)
         return torch.from_numpy(out)
+    out = triton_gather.grad_b(a, b, grad_table, grad, groups) if triton_gather.usable(a, b, grad_table, grad) else None
+    if out is not None:
+        return out
     return _torch_gather(a, b, grad_table.to(torch.float32), groups, grad.to(torch.float32), "gb")
 
 
