@@ -12,7 +12,8 @@ returns freed tensors to the kernel and every later step faults them back in
 (``appmult.heap``; run once with ``APPMULT_NO_MALLOPT=1`` to see the defaults).
 
 Run: ``.venv/bin/python benchmarks/bench_train_step.py [--models lenet5,resnet20]
-[--luts rank1,gather] [--grad ste] [--batch 128] [--reps 7] [--threads 2]``.
+[--luts rank1,gather] [--grad ste | --grads ste,lut2d] [--batch 128] [--reps 7] [--threads 2]
+[--device cuda]``.
 """
 
 from __future__ import annotations
@@ -38,17 +39,18 @@ INPUTS = {"lenet5": (1, 28), "mlp": (1, 28), "resnet8": (3, 32), "resnet20": (3,
           "vgg19_bn": (3, 32)}
 
 
-def make_step(name: str, lut, grad: str, batch: int, seed: int = 0):
-    """A closure running one SGD step of ``name`` (float where ``lut`` is ``None``) on a fixed batch."""
+def make_step(name: str, lut, grad: str, batch: int, seed: int = 0, device: str = "cpu"):
+    """A closure running one SGD step of ``name`` (float where ``lut`` is ``None``) on a fixed
+    batch, on ``device``."""
     c, size = INPUTS[name]
     torch.manual_seed(seed)
     model = build_model(name, types.SimpleNamespace(in_channels=c, num_classes=10, input_size=size))
     if lut is not None:
         approximate_(model, ApproxConfig(lut, grad=grad, compute_missing_gradients=True))
-    model.train()
+    model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, c, size, size)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, c, size, size).to(device)
+    y = torch.randint(0, 10, (batch,)).to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -57,8 +59,14 @@ def make_step(name: str, lut, grad: str, batch: int, seed: int = 0):
     return step
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def measure(steps: dict, reps: int, seed: int = 0) -> tuple[dict, dict]:
-    """Median seconds and minor page faults per step of each closure, interleaved."""
+    """Median seconds and minor page faults per step of each closure, interleaved (CUDA
+    synchronized before and after each step)."""
     for step in steps.values():
         step()
         step()
@@ -70,8 +78,10 @@ def measure(steps: dict, reps: int, seed: int = 0) -> tuple[dict, dict]:
         rng.shuffle(order)
         for k in order:
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            _sync()
             t0 = time.perf_counter()
             steps[k]()
+            _sync()
             times[k].append(time.perf_counter() - t0)
             faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return ({k: statistics.median(v) for k, v in times.items()},
@@ -86,19 +96,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the whole step runs there)")
+    ap.add_argument("--grads", default=None,
+                    help="comma-separated gradient modes, each LUT once per mode (overrides --grad), e.g. ste,lut2d")
     args = ap.parse_args()
+    bad = [g for g in (args.grads or "").split(",") if args.grads and g not in ("ste", "lut1d", "lut2d")]
+    if bad:
+        ap.error(f"--grads: unknown gradient mode(s) {bad}; choose from ste, lut1d, lut2d")
     set_threads(args.threads)
     luts = bench_luts()
     load0 = os.getloadavg()
     rows = []
     for name in args.models.split(","):
-        steps = {"float": make_step(name, None, args.grad, args.batch)}
+        steps = {"float": make_step(name, None, args.grad, args.batch, device=args.device)}
+        grads = args.grads.split(",") if args.grads else [args.grad]
         for lname in args.luts.split(","):
-            steps[lname] = make_step(name, luts[lname], args.grad, args.batch)
+            for grad in grads:
+                key = lname if len(grads) == 1 else f"{lname} {grad}"
+                steps[key] = make_step(name, luts[lname], grad, args.batch, device=args.device)
         med, flt = measure(steps, args.reps)
         rows += [(name, k, med[k], med[k] / med["float"], flt[k]) for k in steps]
     load1 = os.getloadavg()
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, grad={args.grad}, "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    print(f"{where}, torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, "
+          f"grad={args.grads or args.grad}, "
           f"median of {args.reps} interleaved rounds; malloc kept by appmult.heap: {keep_freed_memory()}")
     print(f"load average before: {load0[0]:.2f}, after: {load1[0]:.2f} ({os.cpu_count()} CPUs)")
     print("| model | layers | ms / step | x float | page faults / step |")
