@@ -21,17 +21,17 @@ from appmult.nn import triton_gather as TG
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (not a dependency; on the GPU image)")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (not a dependency; on the GPU image)")
 DEV = "cuda" if CUDA else "cpu"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _programs():
-    if not CUDA:
+    if not CUDA and HAS_TRITON:
         os.environ["TRITON_INTERPRET"] = "1"
         TG._programs.cache_clear()
     yield
-    if not CUDA:
+    if not CUDA and HAS_TRITON:
         TG._programs.cache_clear()
         os.environ.pop("TRITON_INTERPRET", None)
 
@@ -78,6 +78,7 @@ SHAPES = [  # (n, groups, kg, L, ng, na, nb)
 ]
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("span", [60000, 1 << 16, 1 << 24])  # int16 offsets below 2**16; the table itself above
@@ -92,6 +93,7 @@ def test_forward_equals_brute_force_and_torch_fallback(monkeypatch, shape, dtype
     assert torch.equal(out, K._torch_gather(a, b, t, groups, None, "fwd"))
 
 
+@needs_triton
 @pytest.mark.parametrize("table16", [True, False])
 @pytest.mark.parametrize("entry", [2**30 + 7, -2**31])
 def test_forward_int32_wraps_like_the_cpu_kernels(monkeypatch, table16, entry):
@@ -108,6 +110,7 @@ def test_forward_int32_wraps_like_the_cpu_kernels(monkeypatch, table16, entry):
     assert torch.equal(out, K._torch_gather(a, b, t, 1, None, "fwd"))
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_forward_int16_offsets_change_no_bit(monkeypatch, dtype):
     a, b, t = _operands(2, 1, 50, 33, 5, 256, 256, dtype, seed=5, span=(1 << 16) - 1)
@@ -133,6 +136,7 @@ def test_table16_is_taken_only_below_a_span_of_2_16(monkeypatch):
     assert TG._table16(t[:, :1], 3)[0].dtype == torch.int32
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 def test_grad_a_equals_brute_force(shape):
     n, groups, kg, length, ng, na, nb = shape
@@ -143,6 +147,7 @@ def test_grad_a_equals_brute_force(shape):
     np.testing.assert_allclose(out.numpy(), _brute(a, b, t, groups, grad, "ga"), rtol=1e-5, atol=1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
 def test_grad_b_equals_brute_force(shape):
     n, groups, kg, length, ng, na, nb = shape
@@ -240,3 +245,15 @@ def test_fixed_tiles_and_autotuned_tiles_agree(monkeypatch):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(results[1][2].numpy(), _brute(a, b, gt, 2, grad, "gb"), rtol=1e-4, atol=1e-4)
+
+
+def test_fixed_tiles_under_the_interpreter_or_when_asked(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("APPMULT_TRITON_AUTOTUNE", raising=False)
+    assert not TG._fixed_tiles()
+    monkeypatch.setenv("APPMULT_TRITON_AUTOTUNE", "0")
+    assert TG._fixed_tiles()
+    monkeypatch.setenv("APPMULT_TRITON_AUTOTUNE", "1")
+    assert not TG._fixed_tiles()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert TG._fixed_tiles()
