@@ -138,24 +138,15 @@ def test_table16_is_taken_only_below_a_span_of_2_16(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
-def test_grad_a_equals_brute_force(shape):
+@pytest.mark.parametrize("what", ["ga", "gb"])
+def test_gradients_equal_brute_force(shape, what):
     n, groups, kg, length, ng, na, nb = shape
     a, b, t = _operands(n, groups, kg, length, ng, na, nb, torch.float32, seed=1)
     grad = torch.randn((n, groups * ng, length), generator=torch.Generator().manual_seed(2))
-    out = TG.grad_a(a.to(DEV), b.to(DEV), t.to(DEV), grad.to(DEV), groups).cpu()
-    assert out.shape == a.shape and out.dtype == torch.float32
-    np.testing.assert_allclose(out.numpy(), _brute(a, b, t, groups, grad, "ga"), rtol=1e-5, atol=1e-5)
-
-
-@needs_triton
-@pytest.mark.parametrize("shape", SHAPES)
-def test_grad_b_equals_brute_force(shape):
-    n, groups, kg, length, ng, na, nb = shape
-    a, b, t = _operands(n, groups, kg, length, ng, na, nb, torch.float32, seed=3)
-    grad = torch.randn((n, groups * ng, length), generator=torch.Generator().manual_seed(4))
-    out = TG.grad_b(a.to(DEV), b.to(DEV), t.to(DEV), grad.to(DEV), groups).cpu()
-    assert out.shape == b.shape and out.dtype == torch.float32
-    np.testing.assert_allclose(out.numpy(), _brute(a, b, t, groups, grad, "gb"), rtol=1e-5, atol=1e-4)
+    fn, like = (TG.grad_a, a) if what == "ga" else (TG.grad_b, b)
+    out = fn(a.to(DEV), b.to(DEV), t.to(DEV), grad.to(DEV), groups).cpu()
+    assert out.shape == like.shape and out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), _brute(a, b, t, groups, grad, what), rtol=1e-5, atol=1e-4)
 
 
 def test_empty_operands():
