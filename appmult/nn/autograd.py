@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import exact_conv
 from . import kernels as K
-from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _small_idx, _unfold_idx
+from .tables import GradMode, Kernel, LutTables, _idx, _idx32, _map_channels, _small_idx, _unfold_idx, lookup_rows
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -93,8 +93,8 @@ def _linear_forward(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, exact: 
     dtype = torch.float64 if exact else torch.float32
     if tabs.kernel is Kernel.LOWRANK and (not exact or k * tabs.bound < K.FP64_EXACT_LIMIT):
         r = tabs.u.shape[1]  # explicit sizes: an empty batch has no -1 to infer
-        xu = F.embedding(ix, tabs.u.to(dtype)).reshape(m, k * r)
-        wv = F.embedding(iw, tabs.v.to(dtype)).reshape(iw.shape[0], k * r)
+        xu = lookup_rows(ix, tabs.u.to(dtype)).reshape(m, k * r)
+        wv = lookup_rows(iw, tabs.v.to(dtype)).reshape(iw.shape[0], k * r)
         acc = xu @ wv.t()
         return torch.round(acc) if exact else acc
     out_dt = torch.int32 if k * tabs.max_abs < (1 << 31) else torch.int64
@@ -194,7 +194,7 @@ class _LowRankLinearZpFn(torch.autograd.Function):
         if tabs.u_is_value and qx.dtype == torch.float32:
             xu = qx.detach()  # rank 1 with U = value(x): the mapped operand is qx itself
         else:
-            xu = F.embedding(_idx32(qx, tabs.lo_x), tabs.u_f32)
+            xu = lookup_rows(_idx32(qx, tabs.lo_x), tabs.u_f32)
         ctx.save_for_backward(qx, qw, zx, zw)
         ctx.tabs = tabs
         xu = xu.reshape(m, wv.shape[1])

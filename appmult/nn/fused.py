@@ -37,7 +37,7 @@ from . import exact_conv, fold_loops
 from . import quant_loops
 from . import int8_loops as loops
 from . import kernels as K
-from .tables import LutTables, _idx, _idx32, _map_channels
+from .tables import LutTables, _idx, _idx32, _map_channels, lookup_rows
 
 
 def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, *,
@@ -111,11 +111,11 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
         if tabs.v_is_value:  # V[w] = value(w): the weights themselves, shifted (no look-up)
             wv = (qw.detach().to(torch.float32) - float(coef[0]) * zw32).unsqueeze(-1)  # (Co, Cg, kh, kw, 1)
         else:
-            wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v_f32)            # (Co, Cg, kh, kw, r) f32
+            wv = lookup_rows(_idx32(qw, tabs.lo_w), tabs.v_f32)            # (Co, Cg, kh, kw, r) f32
             for rr in np.nonzero(coef)[0]:
                 wv[..., int(rr)] -= float(coef[rr]) * zw32
     else:
-        wv = F.embedding(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
+        wv = lookup_rows(_idx32(qw, tabs.lo_w), tabs.v)                    # float64
         wv = wv - torch.as_tensor(coef, dtype=torch.float64, device=qw.device) * zw_t.reshape(co, 1, 1, 1, 1)
     runs = None
     per = _channel_sums(wv, wmax) if by_weights else None
@@ -463,7 +463,7 @@ def _int8_unfolded_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, ta
     if zwv.numel() not in (1, n) or zxf != round(zxf) or not torch.equal(zwv, torch.round(zwv)):
         return False
     zwv = zwv.expand(n).contiguous()
-    w = F.embedding(_idx32(qw, tabs.lo_w), tabs.v).reshape(n, k * tabs.u.shape[1])     # float64
+    w = lookup_rows(_idx32(qw, tabs.lo_w), tabs.v).reshape(n, k * tabs.u.shape[1])     # float64
     if tabs.signed:  # no cross terms for signed LUTs (as in the unfused path)
         return _int8_linear_prep((w, torch.zeros(n, dtype=torch.float64)), tabs)
     const = -zxf * (qw.detach().to(torch.float64) - zwv.reshape(n, 1)).sum(1)
@@ -527,7 +527,7 @@ def _int8_linear_dots(qx: torch.Tensor, prep, tabs: LutTables) -> tuple[torch.Te
     if u8 is None:
         a = (qx.detach() - ox).to(torch.int8)   # U = value(x): qx holds the values
     else:
-        a = F.embedding(_idx32(qx, tabs.lo_x), u8).reshape(qx.shape[0], -1)
+        a = lookup_rows(_idx32(qx, tabs.lo_x), u8).reshape(qx.shape[0], -1)
     return a, torch._int_mm(a, b.t())
 
 
