@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from appmult.nn import exact_conv as EC
+from test_nn_kernels_perf_paths import _conv_int
 
 # (N, C, H, W, Co, kernel, stride, padding, dilation, groups)
 GEOMETRIES = [
@@ -44,22 +45,11 @@ def _operands(geom, dtype, seed=0):
 
 
 def _brute(x, w, b, stride, padding, dilation, groups):
-    x, w = x.numpy().astype(np.int64), w.numpy().astype(np.int64)
-    n, c, h, wd = x.shape
-    co, cg, kh, kw = w.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((n, co, ho, wo), np.int64)
-    ng = co // groups
-    for j in range(co):
-        g = j // ng
-        for i in range(ho):
-            for jj in range(wo):
-                patch = xp[:, g * cg:(g + 1) * cg, i * sh:i * sh + dh * (kh - 1) + 1:dh, jj * sw:jj * sw + dw * (kw - 1) + 1:dw]
-                out[:, j, i, jj] = (patch * w[j]).sum((1, 2, 3))
-    return out + (0 if b is None else b.numpy().astype(np.int64).reshape(1, co, 1, 1))
+    """int64 sums over the zero-padded input (``test_nn_kernels_perf_paths._conv_int``), plus the bias."""
+    (ph, pw) = padding
+    xp = np.pad(x.numpy().astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    out = _conv_int(xp, w.numpy().astype(np.int64), stride, dilation, groups)
+    return out + (0 if b is None else b.numpy().astype(np.int64).reshape(1, -1, 1, 1))
 
 
 @pytest.mark.parametrize("geom", GEOMETRIES)

@@ -380,7 +380,7 @@ def _mapped_codes(q: torch.Tensor, table: torch.Tensor, lo: int) -> torch.Tensor
         out = torch.empty_like(q)
         quant_loops.map_codes(q.reshape(-1).numpy(), table.numpy(), lo, out.reshape(-1).numpy())
         return out
-    return table.index_select(0, _idx32(q, lo).reshape(-1)).reshape(q.shape)
+    return lookup_rows(_idx32(q, lo), table.reshape(-1, 1)).reshape(q.shape)
 
 
 def _gather_conv_zp(qx, qw, zx, zw, tabs: LutTables, padding, stride, dilation, groups, out_dtype=torch.int32):
