@@ -575,16 +575,19 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
             or zx.requires_grad or zw.requires_grad or INT8_GEMM_MAX_PLANES < 1 or not hasattr(torch, "_int_mm"):
         return None
     n, k = qw.shape
-    zxf = float(zx)
-    zwv = zw.detach().to(torch.float64).reshape(-1)
-    if not 2 <= k <= INT8_GEMM_MAX_K or zwv.numel() not in (1, n) or zxf != round(zxf) \
-            or not torch.equal(zwv, torch.round(zwv)):
+    if not 2 <= k <= INT8_GEMM_MAX_K:
         return None
-    q = qw.detach()
-    u = tabs.u
-    umin, umax = float(u.min()), float(u.max())
+    umin, umax = tabs._u_range
     if umax - umin > 255:
         return None
+    if tabs.prod.shape[1] <= 256 and zw.device.type == "cpu" and zw.dtype in (torch.float32, torch.float64) \
+            and zx.dim() == 0 and loops.AVAILABLE and K.numba_available():
+        return _int8_value_prep_8bit(qw, float(zx), zw.detach().numpy().reshape(-1).astype(np.float64), tabs, umin)
+    zxf = float(zx)
+    zwv = zw.detach().to(torch.float64).reshape(-1)
+    if zwv.numel() not in (1, n) or zxf != round(zxf) or not torch.equal(zwv, torch.round(zwv)):
+        return None
+    q = qw.detach()
     if tabs.prod.shape[1] <= 256:
         # every code of an 8-bit weight side lies in [lo_w, lo_w + 255]: one offset for all
         # rows (no pass for their ranges; the layers' and approx_linear's codes are checked)
@@ -602,6 +605,28 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
     b = _shifted_int8_rows(q, qmin + 128)                  # integers in [-128, 127]: exact
     ow = qmin.to(torch.float64) - shift + 128
     return b, const + ox * wsum, ow, ox, None, None, 1
+
+
+def _int8_value_prep_8bit(qw: torch.Tensor, zxf: float, zwv: np.ndarray, tabs: LutTables, umin: float):
+    """:func:`_int8_value_prep` of 8-bit weight codes (one offset for every row, ``lo_w +
+    128``) by one numba pass over the codes (:func:`appmult.nn.int8_loops.value_rows`: the
+    int8 digits, the exact row sums and the row constants) -- the same integers as the
+    torch expressions, without their two dozen scalar and small ops (each a few
+    microseconds: this runs every training step)."""
+    n, k = qw.shape
+    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+        return None
+    if zwv.size == 1:
+        zwv = np.full(n, zwv[0])
+    b = torch.empty((n, k), dtype=torch.int8)
+    c = np.empty(n, np.float64)
+    ow = np.empty(n, np.float64)
+    ox = int(umin) + 128
+    top = loops.value_rows(qw.detach().contiguous().numpy(), np.float32(float(tabs.lo_w) + 128.0), zwv, zxf,
+                           bool(tabs.signed), float(ox), float(tabs.lo_w), b.numpy(), c, ow)
+    if top >= K.FP64_EXACT_LIMIT / 4:
+        return None
+    return b, torch.from_numpy(c), torch.from_numpy(ow), ox, None, None, 1
 
 
 def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The numba-compiled loops of the linear layer's int8 GEMM (CPU): its epilogue in inference
-and the one-plane weights of a training step (:func:`shifted_rows`).
+and the one-plane weights of a training step (:func:`shifted_rows`, :func:`value_rows`).
 
 :func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
 into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
@@ -78,3 +78,30 @@ if numba is not None:
             qr, orow = q[j], out[j]
             for i in range(k):
                 orow[i] = np.int8(qr[i] - o)
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def value_rows(q, off, zw, zx, signed, ox, lo_w, out, c, ow):  # pragma: no cover - compiled
+        # The exact product's one-plane int8 GEMM weights from the float32 weight codes:
+        # out[j, k] = int8(q[j, k] - off) and, per row j, with shift = 0 (signed) or Zw_j
+        # (zw: one per row) and the exact float64 row sum s_j = sum_k q[j, k]
+        # (integers below 2**53: exact in any order):
+        #   wsum = s_j - K shift, const = 0 (signed) or -zx wsum,
+        #   c[j] = const + ox wsum, ow[j] = (lo_w - shift) + 128
+        # -- fused._int8_value_prep's float64 expressions, operation for operation.
+        # Returns max_j |const| (the caller refuses the path at FP64_EXACT_LIMIT / 4).
+        n, k = q.shape
+        top = 0.0
+        for j in prange(n):
+            qr, orow = q[j], out[j]
+            t = 0.0
+            for i in range(k):
+                v = qr[i]
+                orow[i] = np.int8(v - off)
+                t += np.float64(v)
+            shift = 0.0 if signed else zw[j]
+            wsum = t - k * shift
+            const = 0.0 if signed else -zx * wsum
+            c[j] = const + ox * wsum
+            ow[j] = (lo_w - shift) + 128.0
+            top = max(top, abs(const))
+        return top

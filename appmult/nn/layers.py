@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,6 +78,16 @@ def _words(t: torch.Tensor):
             or (t.storage_offset() * t.element_size()) % 8 or not quant_loops.AVAILABLE:
         return None
     return t.reshape(-1).view(torch.int64).numpy()
+
+
+def _finite_values(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` (a weight scale: one or one per channel) is finite: by
+    numpy for a float32/float64 CPU tensor (~2 us, against ~20 for the torch reduction and
+    its host read, paid by every training forward), else by torch."""
+    t = t.detach()
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t.sum()))
 
 
 def _unchanged(c: dict, w: torch.Tensor) -> bool:
@@ -167,7 +178,7 @@ class _ApproxMixin:
         integers). A NaN code would become an arbitrary table index."""
         name = type(self).__name__
         q = self.weight_quant(w.to(ct), name)
-        if not bool(torch.isfinite(q[1].detach().sum())):
+        if not _finite_values(q[1]):
             lo, hi = torch.stack(torch.aminmax(self.weight.detach().to(ct))).tolist()
             raise InvalidValueError(f"{name} weight range [{lo:g}, {hi:g}] is too wide to quantize in {ct}")
         return q

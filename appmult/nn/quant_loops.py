@@ -113,6 +113,10 @@ if numba is not None:
             zp = np.float32(qmax) if zp > qmax else zp
         return (scale if scale > 0 else np.float32(1.0)), zp
 
+    #: :func:`appmult.nn.quant._scale_zero_point` of one float32 range (``np.float32``
+    #: bounds), returned as two ``np.float32`` -- the activation observer's scale and zero point.
+    range_scale_zero_point = _row_scale_zero_point
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def channel_fake_quant(x, qmin, qmax, signed, scale, zp, q, inside):  # pragma: no cover - compiled
         # Per row c of x: the range [min, max], scale[c] and zp[c] from it

@@ -1,0 +1,166 @@
+"""Per-call overhead of a training step (issue 12, session 14): the same bits by fewer ops.
+
+A training forward of a small approximate layer cost ~0.7 ms whatever its size (the float
+layer: 0.1 ms), most of it scalar and small torch ops re-deriving per call what a few
+numba or numpy operations give. Each fast path here must give what the torch expressions
+it replaces give, bit for bit (``int32``/``int64`` views, so ``-0.0`` and NaN payloads
+count): the references are those torch expressions themselves, run on the same inputs
+(``_torch_scale_zero_point``; the torch branch of ``_int8_value_prep`` under
+``APPMULT_NO_NUMBA=1``), and numpy brute force for the layer's accumulators.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from appmult.errors import InvalidValueError
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxLinear
+from appmult.nn import fused as FU
+from appmult.nn import quant as Q
+from appmult.nn.tables import LutTables
+from test_nn_int8_gemm import brute_acc, truncated
+
+pytestmark = pytest.mark.skipif(not FU.loops.AVAILABLE, reason="numba is not installed")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+_EDGES = [0.0, -0.0, 1e-45, -1e-45, 1e-30, -1e-30, 0.5, -0.5, 1.0, -1.0, 3.0, -7.25, 255.0, 1e30, -1e30,
+          3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("width,signed", [(2, False), (4, True), (8, False), (8, True), (12, False), (12, True)])
+def test_range_scale_zero_point_is_the_torch_expressions(width, signed):
+    rng = np.random.default_rng(width + 100 * signed)
+    pairs = list(itertools.product(_EDGES, repeat=2))
+    pairs += [tuple(v) for v in (rng.standard_normal((400, 2)) * 10.0 ** rng.integers(-6, 7, (400, 1)))]
+    for lo_v, hi_v in pairs:
+        lo, hi = torch.tensor(lo_v, dtype=torch.float32), torch.tensor(hi_v, dtype=torch.float32)
+        fast = Q._range_scale_zero_point(lo, hi, width, signed)
+        ref = Q._torch_scale_zero_point(lo, hi, width, signed)
+        assert fast is not None
+        for f, r in zip(fast, ref):
+            assert f.shape == r.shape == () and f.dtype == r.dtype == torch.float32
+            assert torch.equal(_bits(f), _bits(r)), (lo_v, hi_v, f, r)
+
+
+def test_range_scale_zero_point_applies_to_float32_cpu_scalars_only(monkeypatch):
+    one, two = torch.tensor(-1.0), torch.tensor(2.0)
+    assert Q._range_scale_zero_point(one, two, 8, False) is not None
+    assert Q._range_scale_zero_point(one.double(), two.double(), 8, False) is None
+    assert Q._range_scale_zero_point(one.reshape(1), two.reshape(1), 8, False) is None
+    assert Q._range_scale_zero_point(one.clone().requires_grad_(), two, 8, False) is None
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    assert Q._range_scale_zero_point(one, two, 8, False) is None
+    s, z = Q._scale_zero_point(one, two, 8, False)  # the torch expressions, same values
+    assert float(s) == pytest.approx(3 / 255) and float(z) == 85.0
+
+
+@pytest.mark.parametrize("observer", ["moving_average", "minmax"])
+def test_observer_training_steps_match_the_torch_path(observer, monkeypatch):
+    """Training forwards through the numba scale/zero point and the host-read finiteness
+    check give the codes, scales and running range of the torch path (numba off)."""
+    def run():
+        torch.manual_seed(3)
+        aq = Q.ActivationQuantizer(8, False, observer=observer).train()
+        out = []
+        for i in range(6):
+            x = (torch.randn(5, 7) * (i + 1) + 0.2 * i).requires_grad_(True)
+            q, s, z = aq(x, "L")
+            q.sum().backward()
+            out += [q.detach(), s, z, aq.min_val.clone(), aq.max_val.clone(), x.grad]
+        return out
+    fast = run()
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    slow = run()
+    for f, s in zip(fast, slow):
+        assert torch.equal(_bits(f), _bits(s))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_observer_refuses_non_finite_batches_before_changing(bad):
+    aq = Q.ActivationQuantizer(8, False).train()
+    aq(torch.ones(3))
+    lo, hi = aq.min_val.clone(), aq.max_val.clone()
+    with pytest.raises(InvalidValueError, match="L input contains NaN or Inf"):
+        aq(torch.tensor([0.5, bad, 1.0]), "L")
+    assert torch.equal(aq.min_val, lo) and torch.equal(aq.max_val, hi)
+
+
+def _tables(signed: bool, columns: int = 0) -> LutTables:
+    return LutTables(LutFile(truncated(columns, signed), width_a=8, width_b=8, signed=signed))
+
+
+def _prep_cases():
+    rng = np.random.default_rng(7)
+    for signed, n, k, per_channel in [(False, 5, 9, True), (False, 16, 33, False), (True, 4, 17, True),
+                                      (False, 1, 2, True), (False, 64, 300, True)]:
+        lo = -128 if signed else 0
+        qw = torch.from_numpy(rng.integers(lo, lo + 256, (n, k)).astype(np.float32))
+        zw = torch.zeros(n if per_channel else 1) if signed else \
+            torch.from_numpy(rng.integers(0, 256, n if per_channel else 1).astype(np.float32))
+        for zx in ([0.0] if signed else [0.0, 3.0, 255.0]):
+            yield signed, qw, torch.tensor(zx), zw.reshape(-1, 1) if per_channel else zw.reshape(())
+
+
+def test_int8_value_prep_8bit_is_the_torch_prep(monkeypatch):
+    for signed, qw, zx, zw in _prep_cases():
+        tabs = _tables(signed)
+        fast = FU._int8_value_prep(qw, zx, zw, tabs)
+        with monkeypatch.context() as m:
+            m.setenv("APPMULT_NO_NUMBA", "1")
+            ref = FU._int8_value_prep(qw, zx, zw, tabs)
+        assert fast is not None and ref is not None
+        assert torch.equal(fast[0], ref[0]) and fast[0].dtype == torch.int8
+        for f, r in zip(fast[1:3], ref[1:3]):  # c, ow: float64 integers
+            assert f.dtype == r.dtype == torch.float64 and torch.equal(_bits(f), _bits(r))
+        assert fast[3:] == ref[3:]
+
+
+def test_int8_value_prep_8bit_refuses_what_the_torch_prep_refuses(monkeypatch):
+    tabs = _tables(False)
+    qw = torch.full((3, 4), 200.0)
+    for zx, zw in [(torch.tensor(2.5), torch.zeros(3, 1)), (torch.tensor(2.0), torch.tensor([[1.0], [0.5], [2.0]])),
+                   (torch.tensor(2.0), torch.zeros(2, 1))]:
+        assert FU._int8_value_prep(qw, zx, zw, tabs) is None
+    monkeypatch.setattr(FU.K, "FP64_EXACT_LIMIT", 4 * 255 * 200 * 4 - 1)  # |const| = Zx * sum(w - Zw)
+    assert FU._int8_value_prep(qw, torch.tensor(255.0), torch.zeros(3, 1), tabs) is None
+    assert FU._int8_value_prep(qw, torch.tensor(1.0), torch.zeros(3, 1), tabs) is not None
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_training_forward_accumulates_the_brute_force_sum(signed):
+    """A training step of the int8 path after these changes: the layer's output is the
+    dequantized brute-force accumulator of its own codes."""
+    torch.manual_seed(1)
+    table = truncated(0, signed)
+    layer = ApproxLinear.from_float(nn.Linear(40, 6), ApproxConfig(LutFile(table, width_a=8, width_b=8,
+                                                                           signed=signed)))
+    layer.train()
+    x = (torch.randn(9, 40) + (0 if signed else 0.4)).requires_grad_(True)
+    y = layer(x)
+    y.sum().backward()
+    q = layer.quantize(x)
+    acc = brute_acc(table, q.qx.numpy().astype(np.int64), float(q.zero_x), q.qw.numpy().astype(np.int64),
+                    q.zero_w.numpy().reshape(-1), signed)
+    scale = (q.scale_x * q.scale_w.reshape(1, -1)).to(torch.float32)
+    ref = torch.from_numpy(acc.astype(np.float32)) * scale + layer.bias.detach()
+    assert torch.equal(y.detach(), ref)
+    assert x.grad is not None and layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
+def test_weight_scale_check_refuses_an_infinite_scale():
+    layer = ApproxLinear.from_float(nn.Linear(4, 2), ApproxConfig(LutFile(truncated(0), width_a=8, width_b=8,
+                                                                                     signed=False)))
+    with torch.no_grad():
+        layer.weight[0] = torch.tensor([-3e38, 3e38, 0.0, 1.0])  # finite, but max - min overflows
+    with pytest.raises(InvalidValueError, match="too wide to quantize"):
+        layer(torch.ones(1, 4))
