@@ -137,16 +137,20 @@ def test_int8_value_prep_8bit_refuses_what_the_torch_prep_refuses(monkeypatch):
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_training_forward_accumulates_the_brute_force_sum(signed):
+def test_training_forward_accumulates_the_brute_force_sum(signed, monkeypatch):
     """A training step of the int8 path after these changes: the layer's output is the
     dequantized brute-force accumulator of its own codes."""
+    taken = []
+    real = FU._int8_value_prep_8bit
+    monkeypatch.setattr(FU, "_int8_value_prep_8bit", lambda *a: taken.append(real(*a)) or taken[-1])
     torch.manual_seed(1)
     table = truncated(0, signed)
     layer = ApproxLinear.from_float(nn.Linear(40, 6), ApproxConfig(LutFile(table, width_a=8, width_b=8,
-                                                                           signed=signed)))
+                                                                           signed=signed), kernel="lowrank"))
     layer.train()
     x = (torch.randn(9, 40) + (0 if signed else 0.4)).requires_grad_(True)
     y = layer(x)
+    assert len(taken) == 1 and taken[0] is not None  # the fast prep made the int8 weights
     y.sum().backward()
     q = layer.quantize(x)
     acc = brute_acc(table, q.qx.numpy().astype(np.int64), float(q.zero_x), q.qw.numpy().astype(np.int64),
@@ -164,3 +168,80 @@ def test_weight_scale_check_refuses_an_infinite_scale():
         layer.weight[0] = torch.tensor([-3e38, 3e38, 0.0, 1.0])  # finite, but max - min overflows
     with pytest.raises(InvalidValueError, match="too wide to quantize"):
         layer(torch.ones(1, 4))
+
+
+def _conv_cases():
+    rng = np.random.default_rng(11)
+    # (signed, co, cg, kh, kw, weight code spread): small K (the worst case holds), K = 288
+    # with spread codes (only these weights' bound holds), K = 800 with extreme codes
+    # (neither: the general fold cuts the convolution into channel runs)
+    for signed, co, cg, kh, kw, spread in [(False, 4, 3, 3, 3, 255), (True, 5, 2, 5, 5, 255),
+                                           (False, 6, 32, 3, 3, 40), (True, 3, 32, 3, 3, 30),
+                                           (False, 3, 32, 5, 5, 255), (False, 2, 1, 1, 1, 255)]:
+        lo = -128 if signed else 0
+        mid = 0 if signed else 128
+        codes = np.clip(mid + rng.integers(-spread, spread + 1, (co, cg, kh, kw)), lo, lo + 255)
+        if spread == 255:
+            codes = rng.choice([lo, lo + 255], (co, cg, kh, kw))
+        qw = torch.from_numpy(codes.astype(np.float32))
+        for zx in ([0.0] if signed else [0.0, 7.0, 255.0]):
+            zw = torch.zeros(co, 1, 1, 1) if signed else \
+                torch.from_numpy(rng.integers(0, 256, (co, 1, 1, 1)).astype(np.float32))
+            yield signed, qw, torch.tensor(zx), zw
+
+
+def test_value_rank1_prep_is_the_general_fold_and_prep():
+    outcomes = set()
+    for signed, qw, zx, zw in _conv_cases():
+        tabs = _tables(signed)
+        fast = FU._value_rank1_prep(qw, zx, zw, tabs)
+        fold = FU._folded_lowrank_weights(qw, zx, zw, tabs, chunks=True)
+        ref = FU._rank1_prep(zx, *fold, tabs) if fold is not None and len(fold) == 2 else False
+        outcomes.add("runs" if fold is not None and len(fold) == 3 else "fold" if ref is not False else "none")
+        if ref is False:
+            assert fast is None
+            continue
+        assert fast is not None
+        for f, r in zip(fast, ref):
+            assert f.dtype == r.dtype == torch.float32 and f.shape == r.shape and f.is_contiguous()
+            assert torch.equal(_bits(f), _bits(r))
+    assert outcomes == {"fold", "runs"}  # both decisions exercised
+
+
+def test_value_rank1_prep_declines_where_it_does_not_apply(monkeypatch):
+    tabs = _tables(False)
+    qw = torch.full((2, 1, 3, 3), 100.0)
+    zw = torch.full((2, 1, 1, 1), 3.0)
+    assert FU._value_rank1_prep(qw, torch.tensor(2.0), zw, tabs) is not None
+    assert FU._value_rank1_prep(qw, torch.tensor(2.5), zw, tabs) is None             # Zx not an integer
+    assert FU._value_rank1_prep(qw, torch.tensor(2.0), zw + 0.5, tabs) is None       # Zw not integers
+    assert FU._value_rank1_prep(qw.double(), torch.tensor(2.0), zw, tabs) is None    # not float32
+    assert FU._value_rank1_prep(qw, torch.tensor(2.0), zw, _tables(False, columns=8)) is None  # not the exact product
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    assert FU._value_rank1_prep(qw, torch.tensor(2.0), zw, tabs) is None
+
+
+@pytest.mark.parametrize("signed,padding,stride", [(False, 1, 1), (False, 0, 2), (True, 2, 1)])
+def test_conv_training_forward_is_the_brute_force_sum(signed, padding, stride, monkeypatch):
+    from appmult.nn import ApproxConv2d
+    from appmult.nn import functional as FN
+    from test_nn_kernels_perf_paths import _conv_int
+    taken = []
+    monkeypatch.setattr(FN, "_value_rank1_prep", lambda *a: taken.append(FU._value_rank1_prep(*a)) or taken[-1])
+    torch.manual_seed(5)
+    table = truncated(0, signed)
+    layer = ApproxConv2d.from_float(nn.Conv2d(3, 4, 3, padding=padding, stride=stride),
+                                    ApproxConfig(LutFile(table, width_a=8, width_b=8, signed=signed), kernel="lowrank"))
+    layer.train()
+    x = (torch.randn(2, 3, 6, 7) + (0 if signed else 0.3)).requires_grad_(True)
+    y = layer(x)
+    assert len(taken) == 1 and taken[0] is not None  # the fast prep made these weights
+    y.sum().backward()
+    q = layer.quantize(x)  # qx padded with Zx
+    zx, zw = float(q.zero_x), q.zero_w.numpy().reshape(1, -1, 1, 1)
+    acc = _conv_int(q.qx.numpy().astype(np.int64) - int(zx), q.qw.numpy().astype(np.int64) - zw.reshape(-1, 1, 1, 1)
+                    .astype(np.int64), (stride, stride), (1, 1), 1)
+    ref = torch.from_numpy(acc.astype(np.float32)) * (q.scale_x * q.scale_w.reshape(1, -1, 1, 1)) \
+        + layer.bias.detach().reshape(1, -1, 1, 1)
+    assert torch.equal(y.detach(), ref)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()

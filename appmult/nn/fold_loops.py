@@ -1,11 +1,12 @@
-"""The numba-compiled loop of a folded low-rank conv cut into runs of input channels.
+"""The numba-compiled loops of the folded low-rank conv: runs of input channels, the exact product's fold.
 
 A convolution too long for one exact float32 convolution runs as one grouped convolution
 whose groups are equal runs of its input channels, each giving every output's partial sum
 over its run (exact in float32: below ``2**24``). :func:`add_runs` adds the runs and the
 fold's constant in float64 (integers below ``2**53``: exact) and rounds once to float32,
 in one pass over the grouped output -- the torch fallback (a float64 copy, a sum, an add,
-a float32 copy) makes four.
+a float32 copy) makes four. :func:`value_fold_rows` folds the exact product's weight
+codes for a training step's rank-1 convolution (``fused._value_rank1_prep``).
 
 numba is an optional dependency of the ``nn`` extra: without it this module defines only
 :data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
@@ -48,3 +49,45 @@ if numba is not None:
                 o = out[n, j]
                 for i in range(length):
                     o[i] = np.float32(a[i] + b)
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def value_fold_rows(q, zw, zx, coef, signed, v_lo, v_hi, ua, xmax, out, bias, figures):  # pragma: no cover
+        # The exact product's fold and rank-1 prep (fused._folded_lowrank_weights and
+        # fused._rank1_prep for LutTables.v_is_value), per row j of the (Co, K) float32
+        # weight codes q, zw (Co,) float64 integer zero points, c = coef (1, or 0 signed):
+        #   out[j, k] = q[j, k] - f32(c) f32(Zw_j)      (float32, as the torch expression)
+        #   S = sum_k q[j, k], A = sum_k |out[j, k]|    (float64: integers, exact)
+        #   const = 0 (signed) or -zx (S - K Zw_j);  bias[j] = f32(const + zx (S - K c Zw_j))
+        # and into figures the maxima the general functions compare with 2**24:
+        #   [0] K max(|v_hi - c Zw_j|, |v_lo - c Zw_j|) ua   (the fold's worst case)
+        #   [1] |const|   [2] A ua + |const| (its bound by these weights)
+        #   [3] A xmax + |bias|   (the rank-1 convolution's bound)
+        n, k = q.shape
+        f0 = 0.0
+        f1 = 0.0
+        f2 = 0.0
+        f3 = 0.0
+        c32 = np.float32(coef)
+        for j in prange(n):
+            qr, orow = q[j], out[j]
+            shift = coef * zw[j]
+            sh = c32 * np.float32(zw[j])
+            t = 0.0
+            a = 0.0
+            for i in range(k):
+                v = qr[i]
+                d = v - sh
+                orow[i] = d
+                t += np.float64(v)
+                a += abs(np.float64(d))
+            const = 0.0 if signed else -zx * (t - k * zw[j])
+            b = const + zx * (t - k * shift)
+            bias[j] = np.float32(b)
+            f0 = max(f0, k * (max(abs(v_hi - shift), abs(v_lo - shift)) * ua))
+            f1 = max(f1, abs(const))
+            f2 = max(f2, a * ua + abs(const))
+            f3 = max(f3, a * xmax + abs(b))
+        figures[0] = f0
+        figures[1] = f1
+        figures[2] = f2
+        figures[3] = f3

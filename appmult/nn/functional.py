@@ -63,7 +63,7 @@ from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConv
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
 from .fused import (_chunked_lowrank_conv, _folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
-                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_mapped_conv, _rank1_mapped_prep, _rank1_prep, _rank1_shifted_conv)
+                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_mapped_conv, _value_rank1_prep, _rank1_mapped_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer, check_finite
 from .tables import GradMode, Kernel, LutTables
 
@@ -487,6 +487,11 @@ def _fused_conv_acc(qx, qw, zx, zw, tabs: LutTables, geom, dt: torch.dtype, exac
     :mod:`appmult.nn.fused`, or ``None`` where none applies (the caller takes the plain path)."""
     padding, stride, dilation, groups = geom
     if tabs.kernel is Kernel.LOWRANK and not exact and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK"):
+        if cache is None and (r1 := _value_rank1_prep(qw, zx, zw, tabs)) is not None:
+            # a training step's exact product: the shifted conv's weights straight from the codes
+            y = _rank1_shifted_conv(qx, zx, None, None, tabs, padding, stride, dilation, groups, r1)
+            if y is not None:
+                return _with_conv_backward(qx, qw, zx, zw, tabs, y, dt, geom)
         fold = _cached(cache, ("fold", tabs, float(zx)),
                        lambda: _folded_lowrank_weights(qw, zx, zw, tabs, chunks=True))
         if fold is not None and len(fold) == 3:  # too long for one exact float32 conv: cut in runs

@@ -265,6 +265,41 @@ def _rank1_shifted_conv(qx, zx, wv, const, tabs: LutTables, padding, stride, dil
     return exact_conv.conv2d(xs, wc, bias, stride, padding, dilation, groups)
 
 
+def _value_rank1_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+    """:func:`_rank1_prep` of :func:`_folded_lowrank_weights` for the exact product
+    (``LutTables.v_is_value``), straight from the weight codes by one numba pass
+    (:func:`appmult.nn.fold_loops.value_fold_rows`: ``w - Zw``, the bias and the bounds
+    from exact float64 row sums) -- the same weights, bias and exactness decisions as the
+    two general functions (every quantity an integer below ``2**53``), without their few
+    dozen small torch ops (this runs every training step). ``None`` where the general
+    functions decide (no numba, not float32 on the CPU, not 8-bit weight codes, a fold that
+    would need channel runs, a rank-1 convolution not exact in float32)."""
+    if not tabs.v_is_value or qw.dim() != 4 or qw.dtype != torch.float32 or qw.device.type != "cpu" \
+            or zx.requires_grad or zw.requires_grad or zx.dim() != 0 or zw.device.type != "cpu" \
+            or zw.dtype not in (torch.float32, torch.float64) or tabs.prod.shape[1] > 256 \
+            or not (fold_loops.AVAILABLE and K.numba_available()):
+        return None
+    co = qw.shape[0]
+    k = qw[0].numel()
+    zwv = zw.detach().numpy().reshape(-1).astype(np.float64)
+    zwv = np.full(co, zwv[0]) if zwv.size == 1 else zwv
+    zxf = float(zx)
+    if zwv.size != co or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+        return None
+    wc = torch.empty(qw.shape, dtype=torch.float32)
+    bias = torch.empty(co, dtype=torch.float32)
+    fig = np.empty(4)
+    fold_loops.value_fold_rows(qw.detach().contiguous().numpy().reshape(co, k), zwv, zxf,
+                               0.0 if tabs.signed else float(tabs.value_coef[0]), bool(tabs.signed),
+                               float(tabs._v_min[0]), float(tabs._v_max[0]), float(tabs._u_absmax[0]),
+                               float(_activation_distance(tabs, zxf)), wc.numpy().reshape(co, k), bias.numpy(), fig)
+    if fig[0] + fig[1] >= K.FP32_EXACT_LIMIT and fig[2] >= K.FP32_EXACT_LIMIT:
+        return None  # the general fold cuts this convolution into runs
+    if fig[3] >= K.FP32_EXACT_LIMIT:
+        return None  # not exact in float32 (the general path decides)
+    return wc, bias
+
+
 def _rank1_prep(zx, wv, const, tabs: LutTables):
     """Weights and bias of :func:`_rank1_shifted_conv` (``False`` when not exact in float32)."""
     zxf = float(zx)
