@@ -184,6 +184,8 @@ def _conv_cases():
         if spread == 255:
             codes = rng.choice([lo, lo + 255], (co, cg, kh, kw))
         qw = torch.from_numpy(codes.astype(np.float32))
+        if signed:
+            qw.view(-1)[::3] = -0.0  # the quantizer's rint gives -0.0 for small negative weights
         for zx in ([0.0] if signed else [0.0, 7.0, 255.0]):
             zw = torch.zeros(co, 1, 1, 1) if signed else \
                 torch.from_numpy(rng.integers(0, 256, (co, 1, 1, 1)).astype(np.float32))
@@ -245,3 +247,67 @@ def test_conv_training_forward_is_the_brute_force_sum(signed, padding, stride, m
         + layer.bias.detach().reshape(1, -1, 1, 1)
     assert torch.equal(y.detach(), ref)
     assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+def _first_met_range(row: np.ndarray) -> tuple[float, float]:
+    """The float loop's range: ``lo = v if v < lo else lo`` from ``row[0]`` (NaN never
+    replaces a bound; of equal values, -0.0 and +0.0, the first met stays)."""
+    lo = hi = row[0]
+    for v in row:
+        lo = v if v < lo else lo
+        hi = v if v > hi else hi
+    return lo, hi
+
+
+def _weight_rows():
+    rng = np.random.default_rng(4)
+    for shape in ((7, 13), (40, 300), (3, 1)):
+        for kind in range(10):
+            x = rng.standard_normal(shape).astype(np.float32)
+            if kind == 1:
+                x = np.abs(x)
+                x[:, ::5] = 0.0
+            elif kind == 2:
+                x = np.abs(x)
+                x[:, ::5] = -0.0
+                x[:, 1::7] = 0.0
+            elif kind == 3:
+                x = -np.abs(x)
+                x[:, ::4] = -0.0
+            elif kind == 4:
+                x[0, -1] = np.nan
+                x[-1, 0] = np.inf
+            elif kind == 5:
+                x[:] = 0.0
+                x[:, ::2] = -0.0
+            elif kind == 6:
+                x[:, 0] = -np.inf
+            elif kind == 7:
+                x = (x * 1e-40).astype(np.float32)  # subnormals
+            elif kind == 8:  # the minimum is zero, +0.0 met first (the loop keeps it)
+                x = np.abs(x)
+                x[:, 0] = 0.0
+                x[:, 3::5] = -0.0
+            elif kind == 9:  # the maximum is zero, -0.0 met first
+                x = -np.abs(x)
+                x[:, 0] = -0.0
+                x[:, 2::5] = 0.0
+            yield x
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_channel_range_by_integer_keys_is_the_float_loops(signed):
+    """``channel_fake_quant``'s per-row range (integer keys, the float loop for zeros and
+    non-finite rows) gives the scales and zero points of the float loop's range through the
+    torch expressions, bit for bit -- signed zeros, NaN, Inf and subnormals included."""
+    qmin, qmax = (-128, 127) if signed else (0, 255)
+    for x in _weight_rows():
+        r = x.shape[0]
+        scale, zp = np.empty(r, np.float32), np.empty(r, np.float32)
+        q, inside = np.empty(x.shape, np.float32), np.empty(x.shape, np.bool_)
+        tops = FU.quant_loops.channel_fake_quant(x, qmin, qmax, signed, scale, zp, q, inside)
+        assert (tops >= FU.quant_loops.NON_FINITE) == (not np.isfinite(x).all())
+        ends = np.array([_first_met_range(row) for row in x], np.float32)
+        s_ref, z_ref = Q._torch_scale_zero_point(torch.from_numpy(ends[:, 0]), torch.from_numpy(ends[:, 1]), 8, signed)
+        assert torch.equal(_bits(torch.from_numpy(scale)), _bits(s_ref))
+        assert torch.equal(_bits(torch.from_numpy(zp)), _bits(z_ref))

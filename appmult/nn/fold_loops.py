@@ -72,14 +72,19 @@ if numba is not None:
             qr, orow = q[j], out[j]
             shift = coef * zw[j]
             sh = c32 * np.float32(zw[j])
-            t = 0.0
-            a = 0.0
+            shi = np.int64(sh)
+            # integers (codes, an integer zero point): the sums in int64, which vectorize (a
+            # float64 sum may not be reordered); out as the float32 subtraction (its -0.0s)
+            ti = np.int64(0)
+            ai = np.int64(0)
             for i in range(k):
                 v = qr[i]
-                d = v - sh
-                orow[i] = d
-                t += np.float64(v)
-                a += abs(np.float64(d))
+                orow[i] = v - sh
+                vi = np.int64(v)
+                ti += vi
+                ai += abs(vi - shi)
+            t = np.float64(ti)
+            a = np.float64(ai)
             const = 0.0 if signed else -zx * (t - k * zw[j])
             b = const + zx * (t - k * shift)
             bias[j] = np.float32(b)

@@ -88,18 +88,21 @@ if numba is not None:
         #   wsum = s_j - K shift, const = 0 (signed) or -zx wsum,
         #   c[j] = const + ox wsum, ow[j] = (lo_w - shift) + 128
         # -- fused._int8_value_prep's float64 expressions, operation for operation.
-        # Returns max_j |const| (the caller refuses the path at FP64_EXACT_LIMIT / 4).
+        # Returns max_j |const| (the caller refuses the path at FP64_EXACT_LIMIT / 4). The
+        # codes are integers: converted to int64 and summed as integers (an integer sum
+        # vectorizes; a float64 one may not be reordered: 109 -> 18 us for 512 x 512).
         n, k = q.shape
         top = 0.0
+        o = np.int64(off)
         for j in prange(n):
             qr, orow = q[j], out[j]
-            t = 0.0
+            t = np.int64(0)
             for i in range(k):
-                v = qr[i]
-                orow[i] = np.int8(v - off)
-                t += np.float64(v)
+                v = np.int64(qr[i])
+                orow[i] = np.int8(v - o)
+                t += v
             shift = 0.0 if signed else zw[j]
-            wsum = t - k * shift
+            wsum = np.float64(t) - k * shift
             const = 0.0 if signed else -zx * wsum
             c[j] = const + ox * wsum
             ow[j] = (lo_w - shift) + 128.0

@@ -93,6 +93,35 @@ if numba is not None:
                 _mask_run(xr, inside[c, i0:i0 + n], s, z, lo_in, hi_in)
         return tops
 
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _row_range(xr, br, finite, ends):  # pragma: no cover - compiled
+        # (min, max) of the row xr as the float loop `lo = v if v < lo else lo` (and max)
+        # from lo = hi = xr[0] gives them. For a finite row, by order-preserving integer keys
+        # of the float32 bits (a float's bits, the magnitude bits flipped when negative: an
+        # integer min/max vectorizes, 70 -> 16 us for 512 x 512); the float loop where the
+        # keys end on a zero (-0.0 and +0.0 compare equal: the loop keeps the first one met)
+        # or the row is not finite (NaN compares false). ends: a 2-entry int32 scratch row.
+        if finite:
+            klo = np.int64(2147483647)
+            khi = np.int64(-2147483648)
+            for i in range(br.shape[0]):
+                b = np.int64(br[i])
+                k = b ^ ((b >> 31) & 0x7FFFFFFF)
+                klo = min(klo, k)
+                khi = max(khi, k)
+            ends[0] = np.int32(klo ^ ((klo >> 31) & 0x7FFFFFFF))
+            ends[1] = np.int32(khi ^ ((khi >> 31) & 0x7FFFFFFF))
+            f = ends.view(np.float32)
+            lo, hi = f[0], f[1]
+            if lo != 0 and hi != 0:
+                return lo, hi
+        lo, hi = xr[0], xr[0]
+        for i in range(xr.shape[0]):
+            v = xr[i]
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+        return lo, hi
+
     @njit(cache=True, error_model="numpy", boundscheck=False)
     def _row_scale_zero_point(lo, hi, qmax, signed):  # pragma: no cover - compiled
         # quant._scale_zero_point of one row's range, float32 operation for operation (NaN
@@ -129,14 +158,12 @@ if numba is not None:
         lo_q, hi_q = np.float32(qmin), np.float32(qmax)
         lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
         mask = inside.shape[0] > 0
+        ends = np.empty((rows, 2), np.int32)  # each row's range as float32 bits
         for c in prange(rows):
             xr = x[c]
-            lo, hi = xr[0], xr[0]
-            for i in range(length):
-                v = xr[i]
-                lo = v if v < lo else lo
-                hi = v if v > hi else hi
-            tops = max(tops, _non_finite_word(xbits[c]))
+            top = _non_finite_word(xbits[c])
+            tops = max(tops, top)
+            lo, hi = _row_range(xr, xbits[c], top < NON_FINITE, ends[c])
             s, z = _row_scale_zero_point(lo, hi, qmax, signed)
             scale[c], zp[c] = s, z
             _quantize_run(xr, q[c], s, z, lo_q, hi_q)
