@@ -311,3 +311,76 @@ def test_channel_range_by_integer_keys_is_the_float_loops(signed):
         s_ref, z_ref = Q._torch_scale_zero_point(torch.from_numpy(ends[:, 0]), torch.from_numpy(ends[:, 1]), 8, signed)
         assert torch.equal(_bits(torch.from_numpy(scale)), _bits(s_ref))
         assert torch.equal(_bits(torch.from_numpy(zp)), _bits(z_ref))
+
+
+def _drum(a: int, k: int = 4) -> int:
+    if a < (1 << k):
+        return a
+    t = a.bit_length() - k
+    return ((a >> t) | 1) << t
+
+
+def drum_table(signed: bool) -> np.ndarray:
+    """DRUM(4) by codes: rank 1, both factors look-ups (signed: on the magnitude, capped at
+    127 so that the factors span 255 integers, as the int8 GEMM needs)."""
+    codes = np.arange(256)
+    v = np.where(codes < 128, codes, codes - 256) if signed else codes
+    d = np.array([int(np.sign(x)) * min(_drum(abs(int(x))), 127 if signed else 255) for x in v], np.int64)
+    return np.outer(d, d)
+
+
+def test_int8_mapped_prep_is_the_general_unfolded_prep():
+    rng = np.random.default_rng(9)
+    for signed in (False, True):
+        tabs = LutTables(LutFile(drum_table(signed), width_a=8, width_b=8, signed=signed))
+        assert tabs.rank == 1 and not tabs.v_is_value
+        lo = -128 if signed else 0
+        for n, k, per_channel, spread in [(5, 9, True, 255), (16, 40, False, 60), (3, 2, True, 20)]:
+            mid = 0 if signed else 128
+            qw = torch.from_numpy(np.clip(mid + rng.integers(-spread, spread + 1, (n, k)), lo, lo + 255)
+                                  .astype(np.float32))
+            zw = torch.zeros(n if per_channel else 1) if signed else \
+                torch.from_numpy(rng.integers(0, 256, n if per_channel else 1).astype(np.float32))
+            zw = zw.reshape(-1, 1) if per_channel else zw.reshape(())
+            for zx in ([0.0] if signed else [0.0, 9.0]):
+                fast = FU._int8_mapped_prep(qw, torch.tensor(zx), zw, tabs)
+                ref = FU._int8_unfolded_prep(qw, torch.tensor(zx), zw, tabs)
+                if ref is False or ref[6] != 1:  # more than one digit plane: the fast prep declines
+                    assert fast is None
+                    continue
+                assert fast is not None
+                assert torch.equal(fast[0], ref[0]) and fast[3] == ref[3] and fast[6] == ref[6]
+                for f, r in zip((fast[1], fast[2]), (ref[1], ref[2])):
+                    assert f.dtype == r.dtype == torch.float64 and torch.equal(_bits(f), _bits(r))
+                assert torch.equal(fast[4], ref[4])
+                assert (fast[5] is None) == (ref[5] is None)
+                if ref[5] is not None:
+                    assert torch.equal(fast[5].reshape(-1), ref[5].reshape(-1).to(torch.float64))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_drum_linear_training_forward_is_the_brute_force_sum(signed, monkeypatch):
+    taken = []
+    real = FU._int8_mapped_prep
+    from appmult.nn import functional as FN
+    monkeypatch.setattr(FN, "_int8_mapped_prep", lambda *a: taken.append(real(*a)) or taken[-1])
+    torch.manual_seed(2)
+    table = drum_table(signed)
+    layer = ApproxLinear.from_float(nn.Linear(30, 7), ApproxConfig(LutFile(table, width_a=8, width_b=8,
+                                                                           signed=signed), kernel="lowrank"))
+    layer.train()
+    x = (torch.randn(11, 30) + (0 if signed else 0.5)).requires_grad_(True)
+    y = layer(x)
+    assert len(taken) == 1 and taken[0] is not None
+    y.sum().backward()
+    q = layer.quantize(x)
+    acc = brute_acc(table, q.qx.numpy().astype(np.int64), float(q.zero_x), q.qw.numpy().astype(np.int64),
+                    q.zero_w.numpy().reshape(-1), signed)
+    ref = torch.from_numpy(acc.astype(np.float32)) * (q.scale_x * q.scale_w.reshape(1, -1)).to(torch.float32) \
+        + layer.bias.detach()
+    assert torch.equal(y.detach(), ref)
+    # straight-through: d acc / d qx = qw - Zw, and every x lies inside the batch's own range
+    sw = q.scale_w.reshape(1, -1).to(torch.float64)
+    expected = sw @ (q.qw.to(torch.float64) - q.zero_w.reshape(-1, 1).to(torch.float64))
+    assert torch.allclose(x.grad.to(torch.float64), expected.expand(11, -1), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(layer.weight.grad).all()

@@ -63,7 +63,7 @@ from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConv
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
 from .fused import (_chunked_lowrank_conv, _folded_lowrank_weights, _gather_conv_zp, _gather_linear_prep, _gather_linear_zp,
-                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_mapped_conv, _value_rank1_prep, _rank1_mapped_prep, _rank1_prep, _rank1_shifted_conv)
+                    _int8_linear_acc, _int8_linear_out, _int8_linear_prep, _int8_mapped_prep, _int8_one_plane_prep, _int8_value_prep, _int8_unfolded_prep, _rank1_mapped_conv, _value_rank1_prep, _rank1_mapped_prep, _rank1_prep, _rank1_shifted_conv)
 from .quant import ActivationQuantizer, check_finite
 from .tables import GradMode, Kernel, LutTables
 
@@ -405,6 +405,8 @@ def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):
     int8 = _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM")
     if cache is None and int8:
         i8 = _int8_value_prep(qw, zx, zw, tabs)
+        if i8 is None:
+            i8 = _int8_mapped_prep(qw, zx, zw, tabs)  # rank 1 with looked-up weights (DRUM)
         if i8 is not None:
             return None, i8
     fold = _cached(cache, ("fold", tabs, float(zx)),

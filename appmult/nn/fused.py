@@ -664,6 +664,48 @@ def _int8_value_prep_8bit(qw: torch.Tensor, zxf: float, zwv: np.ndarray, tabs: L
     return b, torch.from_numpy(c), torch.from_numpy(ow), ox, None, None, 1
 
 
+def _int8_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
+    """:func:`_int8_unfolded_prep` of a rank-1 LUT ``U[x] V[w]`` whose ``V`` is a look-up
+    (DRUM) and whose looked-up weights span at most 256 integers per row (one digit plane),
+    by one numba pass over the 8-bit weight codes (:func:`appmult.nn.int8_loops.mapped_rows`)
+    -- the same integers as the general preparation, cheap enough for every training step
+    (which otherwise took the unfused look-up path). ``None`` where it does not apply."""
+    if tabs.u is None or tabs.u.shape[1] != 1 or tabs.v_is_value or qw.dim() != 2 or qw.dtype != torch.float32 \
+            or qw.device.type != "cpu" or zx.requires_grad or zw.requires_grad or zx.dim() != 0 \
+            or zw.device.type != "cpu" or zw.dtype not in (torch.float32, torch.float64) \
+            or tabs.prod.shape[1] > 256 or INT8_GEMM_MAX_PLANES < 1 or not hasattr(torch, "_int_mm") \
+            or not (loops.AVAILABLE and K.numba_available()):
+        return None
+    n, k = qw.shape
+    umin, umax = tabs._u_range
+    if not 2 <= k <= INT8_GEMM_MAX_K or umax - umin > 255:
+        return None
+    zxf = float(zx)
+    zwv = zw.detach().numpy().reshape(-1).astype(np.float64)
+    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+        return None
+    zwv = np.full(n, zwv[0]) if zwv.size == 1 else zwv
+    b = torch.empty((n, k), dtype=torch.int8)
+    c, ow = np.empty(n), np.empty(n)
+    ox = int(umin) + 128
+    bad, top = loops.mapped_rows(qw.detach().contiguous().numpy(), int(tabs.lo_w), tabs.v.reshape(-1).numpy(), zwv,
+                                 zxf, bool(tabs.signed), float(ox), b.numpy(), c, ow)
+    if bad or top >= K.FP64_EXACT_LIMIT / 4:
+        return None
+    u8 = _u8_table(tabs, ox)
+    return b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, None if tabs.signed else torch.from_numpy(zwv), 1
+
+
+def _u8_table(tabs: LutTables, ox: int) -> torch.Tensor:
+    """``U - Ox`` as an int8 table (the activation side of the int8 GEMM), kept with the
+    tables while their ``U`` is the same tensor."""
+    kept = tabs.__dict__.get("_u8_kept")
+    if kept is None or kept[0] is not tabs.u or kept[1] != ox:
+        kept = (tabs.u, ox, (tabs.u - ox).to(torch.int8))
+        tabs.__dict__["_u8_kept"] = kept
+    return kept[2]
+
+
 def _int8_linear_acc(qx: torch.Tensor, prep, tabs: LutTables) -> torch.Tensor:
     """``(M, N)`` float32 accumulator (LUT sum and cross terms, exact integers rounded once
     to float32) by one int8 GEMM (:func:`_int8_linear_prep`); its epilogue by the numba pass

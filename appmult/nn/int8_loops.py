@@ -1,5 +1,6 @@
 """The numba-compiled loops of the linear layer's int8 GEMM (CPU): its epilogue in inference
-and the one-plane weights of a training step (:func:`shifted_rows`, :func:`value_rows`).
+and the one-plane weights of a training step (:func:`shifted_rows`, :func:`value_rows`,
+:func:`mapped_rows`).
 
 :func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
 into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
@@ -54,9 +55,11 @@ if numba is not None:
                     acc[j] += fa * ow[j]
                     acc[j] += c[j]
                 if has_zw:
-                    qsum = 0.0
+                    # the activation codes are integers: an int64 sum (vectorizes), exact
+                    qs = np.int64(0)
                     for k in range(q.shape[1]):
-                        qsum += np.float64(q[i, k])
+                        qs += np.int64(q[i, k])
+                    qsum = np.float64(qs)
                     for j in range(n):
                         acc[j] -= qsum * zw[j]
                 row = out[i]
@@ -108,3 +111,46 @@ if numba is not None:
             ow[j] = (lo_w - shift) + 128.0
             top = max(top, abs(const))
         return top
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def mapped_rows(q, lo_w, vtab, zw, zx, signed, ox, out, c, ow):  # pragma: no cover - compiled
+        # The one-plane int8 GEMM weights of a rank-1 LUT U[x] V[w] whose V is a look-up
+        # (fused._int8_unfolded_prep through _int8_linear_prep, for one digit plane): per
+        # row j of the float32 weight codes q, with w_k = V[q_jk - lo_w] (vtab: integers)
+        # and the row's smallest w_min: out[j, k] = int8(w_k - (w_min + 128)),
+        #   ow[j] = w_min + 128, c[j] = const + ox sum_k w_k,
+        #   const = 0 (signed) or -zx (sum_k q_jk - K Zw_j)
+        # (integer sums in int64, exact). Returns (rows whose w span more than 255 -- one
+        # plane cannot hold them: the caller declines --, max_j |const|).
+        n, k = q.shape
+        bad = 0
+        top = 0.0
+        lw = np.int64(lo_w)
+        for j in prange(n):
+            qr, orow = q[j], out[j]
+            w = np.empty(k, np.int64)  # the row's looked-up weights: one gather pass
+            qs = np.int64(0)
+            for i in range(k):
+                qi = np.int64(qr[i])
+                w[i] = np.int64(vtab[qi - lw])
+                qs += qi
+            # then the range and the sum over them (no gather in the loop: it vectorizes)
+            vmin = np.int64(9223372036854775807)
+            vmax = np.int64(-9223372036854775808)
+            vs = np.int64(0)
+            for i in range(k):
+                v = w[i]
+                vmin = min(vmin, v)
+                vmax = max(vmax, v)
+                vs += v
+            if vmax - vmin > 255:
+                bad += 1
+                continue
+            off = vmin + 128
+            for i in range(k):
+                orow[i] = np.int8(w[i] - off)
+            const = 0.0 if signed else -zx * (np.float64(qs) - k * zw[j])
+            c[j] = const + ox * np.float64(vs)
+            ow[j] = np.float64(off)
+            top = max(top, abs(const))
+        return bad, top
