@@ -405,8 +405,9 @@ def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):
     int8 = _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM")
     if cache is None and int8:
         i8 = _int8_value_prep(qw, zx, zw, tabs)
-        if i8 is None:
-            i8 = _int8_mapped_prep(qw, zx, zw, tabs)  # rank 1 with looked-up weights (DRUM)
+        if i8 is None and not tabs.signed and tabs.value_coef is None:
+            # no fold (DRUM: U is no multiple of value(x)), which left the unfused path
+            i8 = _int8_mapped_prep(qw, zx, zw, tabs)
         if i8 is not None:
             return None, i8
     fold = _cached(cache, ("fold", tabs, float(zx)),
