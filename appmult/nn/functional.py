@@ -113,14 +113,15 @@ def _with_auto_kernel(tabs: LutTables, key: tuple, ref: torch.Tensor, run):
     (timing each candidate on these operands, without autograd, the first time)."""
     key = key + (tabs.sha256, tabs.activation_operand, tabs.grad.value, tabs.auto_candidates,
                  str(ref.device), ref.dtype)
+    choice = K.probe_cached(key)  # (every forward after the first: no candidates built)
+    if choice is None:
+        def forced(kernel):
+            def go():
+                with K.forced_kernel(tabs, kernel), torch.no_grad():
+                    run()
+            return go
 
-    def forced(kernel):
-        def go():
-            with K.forced_kernel(tabs, kernel), torch.no_grad():
-                run()
-        return go
-
-    choice = K.probe_choice(key, {c: forced(c) for c in tabs.auto_candidates}, ref.device)
+        choice = K.probe_choice(key, {c: forced(c) for c in tabs.auto_candidates}, ref.device)
     with K.forced_kernel(tabs, choice):
         return run()
 

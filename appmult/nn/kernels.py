@@ -70,7 +70,6 @@ module) is noted as work.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import math
 import os
@@ -102,6 +101,7 @@ __all__ = [
     "gather_grad_b",
     "integer_factorization",
     "numba_available",
+    "probe_cached",
     "probe_choice",
     "probe_choices",
     "probe_enabled",
@@ -332,23 +332,30 @@ def forced(owner: object) -> str | None:
     return None if not table else table.get(id(owner))
 
 
-@contextlib.contextmanager
-def forced_kernel(owner: object, kernel: str):
+class forced_kernel:
     """Within the block, ``owner.kernel`` reads ``kernel`` on this thread (other threads and
-    other tables are unaffected); restored on exit, nested blocks included."""
-    table = getattr(_forced_local, "kernels", None)
-    if table is None:
-        table = _forced_local.kernels = {}
-    key = id(owner)
-    prev = table.get(key)
-    table[key] = kernel
-    try:
-        yield
-    finally:
-        if prev is None:
-            del table[key]
+    other tables are unaffected); restored on exit, nested blocks included. (A class, not a
+    generator context manager: entered on every forward of an ``auto`` layer, where the
+    generator's machinery cost a few microseconds.)"""
+
+    __slots__ = ("key", "kernel", "table", "prev")
+
+    def __init__(self, owner: object, kernel: str):
+        self.key, self.kernel = id(owner), kernel
+
+    def __enter__(self) -> None:
+        table = getattr(_forced_local, "kernels", None)
+        if table is None:
+            table = _forced_local.kernels = {}
+        self.table = table
+        self.prev = table.get(self.key)
+        table[self.key] = self.kernel
+
+    def __exit__(self, *exc) -> None:
+        if self.prev is None:
+            del self.table[self.key]
         else:
-            table[key] = prev
+            self.table[self.key] = self.prev
 
 
 def _sync(device: torch.device) -> None:
@@ -406,6 +413,16 @@ def probe_choice(key: Hashable, candidates: dict[str, Callable[[], object]], dev
         while len(_probe_lru) > PROBE_CACHE_MAX:
             _probe_lru.popitem(last=False)
     return choice
+
+
+def probe_cached(key: Hashable) -> str | None:
+    """The cached choice of :func:`probe_choice` for ``key`` (marked as recently used), or
+    ``None`` where it has not been probed: the hit path without building the candidates."""
+    with _probe_lock:
+        hit = _probe_lru.get(key)
+        if hit is not None:
+            _probe_lru.move_to_end(key)
+        return hit
 
 
 def probe_choices() -> dict:
