@@ -385,3 +385,36 @@ def test_drum_linear_training_forward_is_the_brute_force_sum(signed, monkeypatch
     expected = sw @ (q.qw.to(torch.float64) - q.zero_w.reshape(-1, 1).to(torch.float64))
     assert torch.allclose(x.grad.to(torch.float64), expected.expand(11, -1), rtol=1e-5, atol=1e-6)
     assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_probe_cached_is_the_probe_choice_and_keeps_it_recent(monkeypatch):
+    from appmult.nn import kernels as K
+    monkeypatch.setattr(K, "PROBE_CACHE_MAX", 2)
+    K.clear_probe_cache()
+    try:
+        runs = []
+        assert K.probe_cached("k1") is None
+        assert K.probe_choice("k1", {"a": lambda: runs.append("a")}, torch.device("cpu")) == "a"
+        assert K.probe_cached("k1") == "a"
+        K.probe_choice("k2", {"b": lambda: None}, torch.device("cpu"))
+        assert K.probe_cached("k1") == "a"          # k1 used last: k2 is the oldest now
+        K.probe_choice("k3", {"c": lambda: None}, torch.device("cpu"))
+        assert K.probe_cached("k2") is None and K.probe_cached("k1") == "a" and K.probe_cached("k3") == "c"
+    finally:
+        K.clear_probe_cache()
+
+
+def test_forced_kernel_nests_and_restores():
+    from appmult.nn import kernels as K
+    owner, other = object(), object()
+    assert K.forced(owner) is None
+    with K.forced_kernel(owner, "gather"):
+        assert K.forced(owner) == "gather" and K.forced(other) is None
+        with K.forced_kernel(owner, "lowrank"):
+            assert K.forced(owner) == "lowrank"
+        assert K.forced(owner) == "gather"
+    assert K.forced(owner) is None
+    with pytest.raises(RuntimeError):
+        with K.forced_kernel(owner, "lowrank"):
+            raise RuntimeError("inside")
+    assert K.forced(owner) is None
