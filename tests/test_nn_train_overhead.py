@@ -190,6 +190,7 @@ def _conv_cases():
             zw = torch.zeros(co, 1, 1, 1) if signed else \
                 torch.from_numpy(rng.integers(0, 256, (co, 1, 1, 1)).astype(np.float32))
             yield signed, qw, torch.tensor(zx), zw
+            yield signed, qw, torch.tensor(zx), zw[0].reshape(())  # per-tensor weights: one Zw
 
 
 def test_value_rank1_prep_is_the_general_fold_and_prep():
@@ -418,3 +419,167 @@ def test_forced_kernel_nests_and_restores():
         with K.forced_kernel(owner, "lowrank"):
             raise RuntimeError("inside")
     assert K.forced(owner) is None
+
+
+# -- the fast preps decline where they do not apply (and the torch branches stay checked) --
+
+def test_int8_value_prep_refusals_hold_on_the_torch_branch(monkeypatch):
+    """The refusals of ``_int8_value_prep`` on its torch branch (no numba): non-integer
+    zero points, a zero-point count that is neither 1 nor N, and the float64 bound."""
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    test_int8_value_prep_8bit_refuses_what_the_torch_prep_refuses(monkeypatch)
+    tabs = _tables(False)
+    qw = torch.full((3, 4), 200.0)
+    assert FU._int8_value_prep(qw, torch.tensor(2.0), torch.zeros(3, 1), tabs) is not None
+    # the bound itself: |const| = Zx sum_k (w - Zw) = 255 * 800 reaches FP64_EXACT_LIMIT / 4 exactly
+    monkeypatch.setattr(FU.K, "FP64_EXACT_LIMIT", 4 * 255 * 800)
+    assert FU._int8_value_prep(qw, torch.tensor(255.0), torch.zeros(3, 1), tabs) is None
+    monkeypatch.setattr(FU.K, "FP64_EXACT_LIMIT", 4 * 255 * 800 + 4)
+    assert FU._int8_value_prep(qw, torch.tensor(255.0), torch.zeros(3, 1), tabs) is not None
+
+
+def _rank1_lookup_tables(u: np.ndarray, v: np.ndarray, width_b: int = 8) -> LutTables:
+    """An unsigned rank-1 LUT ``u[a] v[b]`` (no fold where ``u`` is no multiple of the value)."""
+    return LutTables(LutFile(np.outer(u, v).astype(np.int64), width_a=8, width_b=width_b, signed=False))
+
+
+def _drum_u() -> np.ndarray:
+    return np.array([_drum(a) for a in range(256)], np.int64)
+
+
+def test_int8_mapped_prep_declines_where_it_does_not_apply(monkeypatch):
+    u = _drum_u()
+    tabs = _rank1_lookup_tables(u, u)
+    qw = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, 6)).astype(np.float32))
+    zx, zw = torch.tensor(4.0), torch.full((3, 1), 7.0)
+    assert FU._int8_mapped_prep(qw, zx, zw, tabs) is not None
+    assert FU._int8_mapped_prep(qw, zx, torch.tensor(7.0), tabs) is not None          # one Zw for all rows
+    assert FU._int8_mapped_prep(qw[:, :1], zx, zw, tabs) is None                       # K = 1 (_int_mm's bug)
+    assert FU._int8_mapped_prep(qw.double(), zx, zw, tabs) is None
+    assert FU._int8_mapped_prep(qw.reshape(3, 2, 3), zx, zw, tabs) is None
+    assert FU._int8_mapped_prep(qw, zx.clone().requires_grad_(), zw, tabs) is None
+    assert FU._int8_mapped_prep(qw, zx, zw.clone().requires_grad_(), tabs) is None
+    assert FU._int8_mapped_prep(qw, zx.reshape(1), zw, tabs) is None
+    assert FU._int8_mapped_prep(qw, zx, zw.half(), tabs) is None
+    assert FU._int8_mapped_prep(qw, zx, zw.to("meta"), tabs) is None
+    assert FU._int8_mapped_prep(qw, zx, torch.full((2, 1), 7.0), tabs) is None        # neither 1 nor N
+    assert FU._int8_mapped_prep(qw, torch.tensor(4.5), zw, tabs) is None
+    assert FU._int8_mapped_prep(qw, zx, zw + 0.5, tabs) is None
+    assert FU._int8_mapped_prep(qw, zx, zw, _tables(False)) is None                   # v = value(w): the value prep's
+    assert FU._int8_mapped_prep(qw, zx, zw, _tables(False, columns=8)) is None        # rank 7
+    assert FU._int8_mapped_prep(qw, zx, zw, _rank1_lookup_tables(u, np.arange(512) // 2, width_b=9)) is None
+    with monkeypatch.context() as m:
+        m.setattr(FU, "INT8_GEMM_MAX_PLANES", 0)
+        assert FU._int8_mapped_prep(qw, zx, zw, tabs) is None
+    with monkeypatch.context() as m:
+        m.delattr(torch, "_int_mm")
+        assert FU._int8_mapped_prep(qw, zx, zw, tabs) is None
+    with monkeypatch.context() as m:
+        m.setenv("APPMULT_NO_NUMBA", "1")
+        assert FU._int8_mapped_prep(qw, zx, zw, tabs) is None
+
+
+def test_int8_mapped_prep_spans_and_bounds():
+    """The activation factors may span 255 integers, not 256; a row of looked-up weights
+    spanning more than 255 needs a second digit plane (declined: the general prep makes it);
+    the longest reduction, ``INT8_GEMM_MAX_K``, still applies."""
+    u = _drum_u()
+    qw = torch.tensor([[0.0, 255.0, 17.0], [3.0, 3.0, 200.0]])
+    zx, zw = torch.tensor(1.0), torch.tensor([[2.0], [5.0]])
+    u255 = u.copy()
+    u255[-1] = 255
+    u256 = u.copy()
+    u256[-1] = 256
+    assert FU._int8_mapped_prep(qw, zx, zw, _rank1_lookup_tables(u255, u)) is not None
+    assert FU._int8_mapped_prep(qw, zx, zw, _rank1_lookup_tables(u256, u)) is None
+    wide = _rank1_lookup_tables(u, 2 * u)          # V up to 480: the first row spans 480
+    assert FU._int8_mapped_prep(qw, zx, zw, wide) is None
+    general = FU._int8_unfolded_prep(qw, zx, zw, wide)
+    assert general is not False and general[6] == 2
+    narrow = torch.tensor([[3.0, 3.0, 100.0]])    # V = 6, 6, 208: one plane
+    assert FU._int8_mapped_prep(narrow, zx, zw[1:], wide) is not None
+    k = FU.INT8_GEMM_MAX_K
+    long = torch.full((1, k), 9.0)
+    prep = FU._int8_mapped_prep(long, torch.tensor(0.0), torch.zeros(1, 1), _rank1_lookup_tables(u, u))
+    assert prep is not None and prep[0].shape == (1, k)
+
+
+def test_int8_mapped_prep_float64_bound(monkeypatch):
+    u = _drum_u()
+    tabs = _rank1_lookup_tables(u, u)
+    qw = torch.full((2, 4), 100.0)
+    zx, zw = torch.tensor(255.0), torch.zeros(2, 1)
+    top = 255.0 * 400  # |const| = Zx sum_k (w - Zw)
+    monkeypatch.setattr(FU.K, "FP64_EXACT_LIMIT", 4 * top)
+    assert FU._int8_mapped_prep(qw, zx, zw, tabs) is None
+    monkeypatch.setattr(FU.K, "FP64_EXACT_LIMIT", 4 * top + 4)
+    assert FU._int8_mapped_prep(qw, zx, zw, tabs) is not None
+
+
+def _decisions(qw, zx, zw, tabs):
+    """(fast, general) results of the rank-1 prep: the general one ``False`` where the fold
+    declines or cuts the convolution into runs."""
+    fast = FU._value_rank1_prep(qw, zx, zw, tabs)
+    fold = FU._folded_lowrank_weights(qw, zx, zw, tabs, chunks=True)
+    ref = FU._rank1_prep(zx, *fold, tabs) if fold is not None and len(fold) == 2 else False
+    return fast, ref
+
+
+def _figures(qw, zx, zw, tabs) -> np.ndarray:
+    co, k = qw.shape[0], qw[0].numel()
+    zwv = np.broadcast_to(zw.numpy().reshape(-1).astype(np.float64), (co,)).copy()
+    fig = np.empty(4)
+    FU.fold_loops.value_fold_rows(qw.numpy().reshape(co, k), zwv, float(zx), 0.0 if tabs.signed else 1.0,
+                                  bool(tabs.signed), float(tabs._v_min[0]), float(tabs._v_max[0]),
+                                  float(tabs._u_absmax[0]), float(FU._activation_distance(tabs, float(zx))),
+                                  np.empty((co, k), np.float32), np.empty(co, np.float32), fig)
+    return fig
+
+
+def test_value_rank1_prep_decides_as_the_general_path_at_every_bound(monkeypatch):
+    """With the float32 limit set at (and one above) each of the figures the prep compares
+    -- the fold's worst case plus its constant, its bound by these weights, the rank-1
+    convolution's bound -- the prep declines exactly where the general functions do, and
+    otherwise gives their weights and bias."""
+    outcomes = set()
+    for signed, qw, zx, zw in list(_conv_cases())[::3]:
+        tabs = _tables(signed)
+        fig = _figures(qw, zx, zw, tabs)
+        for limit in sorted({fig[0] + fig[1], fig[2], fig[3]}):
+            for lim in (limit, limit + 1):
+                if lim <= 600:  # below the largest folded weight the general fold takes float64 weights
+                    continue
+                monkeypatch.setattr(FU.K, "FP32_EXACT_LIMIT", lim)
+                fast, ref = _decisions(qw, zx, zw, tabs)
+                outcomes.add(ref is False)
+                if ref is False:
+                    assert fast is None, (lim, fig)
+                else:
+                    assert fast is not None, (lim, fig)
+                    assert all(torch.equal(_bits(f), _bits(r)) for f, r in zip(fast, ref))
+    assert outcomes == {True, False}
+
+
+def test_value_rank1_prep_guards(monkeypatch):
+    tabs = _tables(False)
+    qw = torch.full((2, 1, 3, 3), 100.0)
+    zx, zw = torch.tensor(2.0), torch.full((2, 1, 1, 1), 3.0)
+    assert FU._value_rank1_prep(qw, zx, zw, tabs) is not None
+    assert FU._value_rank1_prep(qw, zx, zw[0].reshape(()), tabs) is not None         # one Zw for all
+    assert FU._value_rank1_prep(qw.reshape(2, 9), zx, zw, tabs) is None               # not 4-D
+    assert FU._value_rank1_prep(qw, zx.clone().requires_grad_(), zw, tabs) is None
+    assert FU._value_rank1_prep(qw, zx, zw.clone().requires_grad_(), tabs) is None
+    assert FU._value_rank1_prep(qw, zx.reshape(1), zw, tabs) is None
+    assert FU._value_rank1_prep(qw, zx, zw.half(), tabs) is None
+    assert FU._value_rank1_prep(qw, zx, zw.to("meta"), tabs) is None
+    assert FU._value_rank1_prep(qw, zx, torch.full((3, 1, 1, 1), 3.0), tabs) is None  # neither 1 nor Co
+    wide = LutTables(LutFile(np.outer(np.arange(256), np.arange(512)).astype(np.int64), width_a=8, width_b=9,
+                             signed=False))
+    assert wide.v_is_value and FU._value_rank1_prep(qw, zx, zw, wide) is None         # 9-bit weight codes
+
+
+def test_range_scale_zero_point_refuses_mixed_operands():
+    lo, hi = torch.tensor(-1.0), torch.tensor(2.0)
+    for a, b in [(lo, hi.reshape(1)), (lo.reshape(1), hi), (lo, hi.double()), (lo.double(), hi),
+                 (lo.to("meta"), hi), (lo, hi.to("meta")), (lo, hi.clone().requires_grad_())]:
+        assert Q._range_scale_zero_point(a, b, 8, False) is None
