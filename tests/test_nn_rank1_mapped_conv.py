@@ -26,6 +26,9 @@ from appmult.nn import quant_loops as L
 from test_nn_eval_plan import brute, bits, general, make, planned
 from test_nn_wide_conv_fold import brute_conv_acc
 
+#: The numba passes run (numba installed, APPMULT_NO_NUMBA not set): the tests of them skip otherwise.
+needs_numba = pytest.mark.skipif(not FU.K.numba_available(), reason="numba is not installed or APPMULT_NO_NUMBA is set")
+
 
 def drum(width: int = 8, k: int = 4, signed: bool = False) -> np.ndarray:
     """DRUM(k) by value: the k bits from the leading one, the lowest set (unbiased),
@@ -62,7 +65,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("numba", [pytest.param(True, marks=needs_numba), False])
 def test_layer_output_is_the_brute_force(name, numba, monkeypatch):
     case = dict(CASES[name])
     signed = case.get("signed", False)
@@ -157,6 +160,7 @@ def test_window_sums_and_group_sums_against_a_convolution():
         assert torch.equal(FU._window_sums(sums, kernel, padding, stride, dilation), want)
 
 
+@needs_numba
 def test_map_codes_never_reads_outside_the_table():
     table = torch.arange(10, 20, dtype=torch.float32)
     q = torch.tensor([0.0, 3.0, 9.0, -4.0, 25.0, float("nan")])
@@ -191,6 +195,7 @@ def test_quantize_map_matches_fake_quant_then_a_lookup():
                           np.empty((0, 0, 0, 0), np.float32)) >= L.NON_FINITE
 
 
+@needs_numba
 def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
     """The plan needs the numba passes; with the plan switch off the general path gives the same bits."""
     table = drum()

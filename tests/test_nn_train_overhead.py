@@ -26,7 +26,7 @@ from appmult.nn import quant as Q
 from appmult.nn.tables import LutTables
 from test_nn_int8_gemm import brute_acc, truncated
 
-pytestmark = pytest.mark.skipif(not FU.loops.AVAILABLE, reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not FU.K.numba_available(), reason="numba is not installed or APPMULT_NO_NUMBA is set")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
