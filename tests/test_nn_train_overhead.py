@@ -583,3 +583,22 @@ def test_range_scale_zero_point_refuses_mixed_operands():
     for a, b in [(lo, hi.reshape(1)), (lo.reshape(1), hi), (lo, hi.double()), (lo.double(), hi),
                  (lo.to("meta"), hi), (lo, hi.to("meta")), (lo, hi.clone().requires_grad_())]:
         assert Q._range_scale_zero_point(a, b, 8, False) is None
+
+
+def test_int8_mapped_prep_needs_rank_one_and_one_plane_suffices(monkeypatch):
+    """A rank-2 LUT whose factors are small is declined (the prep reads one column of V);
+    one allowed digit plane is enough; factors that do not start at 0 are fine."""
+    a, b = np.arange(256)[:, None], np.arange(256)[None, :]
+    rank2 = LutTables(LutFile(((a & 15) * (b & 15) + (a >> 4) * (b >> 4)).astype(np.int64), width_a=8, width_b=8,
+                              signed=False))
+    assert rank2.rank == 2 and float(rank2.u.max() - rank2.u.min()) <= 255  # factors 0 .. 15
+    qw = torch.tensor([[0.0, 255.0, 17.0], [3.0, 3.0, 200.0]])
+    zx, zw = torch.tensor(1.0), torch.tensor([[2.0], [5.0]])
+    assert FU._int8_mapped_prep(qw, zx, zw, rank2) is None
+    u = _drum_u()
+    monkeypatch.setattr(FU, "INT8_GEMM_MAX_PLANES", 1)
+    assert FU._int8_mapped_prep(qw, zx, zw, _rank1_lookup_tables(u, u)) is not None
+    shifted = _rank1_lookup_tables(u + 10, u)      # U in 10 .. 250: spans 240
+    prep = FU._int8_mapped_prep(qw, zx, zw, shifted)
+    ref = FU._int8_unfolded_prep(qw, zx, zw, shifted)
+    assert prep is not None and prep[3] == ref[3] == 138 and torch.equal(prep[4], ref[4])
