@@ -269,7 +269,7 @@ def _value_rank1_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs
     """:func:`_rank1_prep` of :func:`_folded_lowrank_weights` for the exact product
     (``LutTables.v_is_value``), straight from the weight codes by one numba pass
     (:func:`appmult.nn.fold_loops.value_fold_rows`: ``w - Zw``, the bias and the bounds
-    from exact float64 row sums) -- the same weights, bias and exactness decisions as the
+    from exact integer row sums) -- the same weights, bias and exactness decisions as the
     two general functions (every quantity an integer below ``2**53``), without their few
     dozen small torch ops (this runs every training step). ``None`` where the general
     functions decide (no numba, not float32 on the CPU, not 8-bit weight codes, a fold that

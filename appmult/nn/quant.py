@@ -226,6 +226,9 @@ def _fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 
 def _scale_zero_point(lo: torch.Tensor, hi: torch.Tensor, width: int, signed: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the range ``[lo, hi]``: by one numba call for a float32 CPU
+    scalar range (:func:`_range_scale_zero_point`), else by the torch expressions -- the
+    same bits either way."""
     fast = _range_scale_zero_point(lo, hi, width, signed)
     return fast if fast is not None else _torch_scale_zero_point(lo, hi, width, signed)
 
