@@ -602,3 +602,19 @@ def test_int8_mapped_prep_needs_rank_one_and_one_plane_suffices(monkeypatch):
     prep = FU._int8_mapped_prep(qw, zx, zw, shifted)
     ref = FU._int8_unfolded_prep(qw, zx, zw, shifted)
     assert prep is not None and prep[3] == ref[3] == 138 and torch.equal(prep[4], ref[4])
+
+
+def test_factor_range_follows_a_replaced_u():
+    """The kept range of ``U`` is read again when the tables' ``U`` is another tensor: a
+    factor spanning 256 integers put in after a first call is declined, not taken from a
+    stale range."""
+    u = _drum_u()
+    tabs = _rank1_lookup_tables(u, u)
+    qw = torch.tensor([[0.0, 255.0, 17.0], [3.0, 3.0, 200.0]])
+    zx, zw = torch.tensor(1.0), torch.tensor([[2.0], [5.0]])
+    assert FU._int8_mapped_prep(qw, zx, zw, tabs) is not None
+    wide = tabs.u.clone()
+    wide[-1, 0] = 256.0
+    tabs.u = wide
+    assert FU._factor_range(tabs) == (0.0, 256.0)
+    assert FU._int8_mapped_prep(qw, zx, zw, tabs) is None

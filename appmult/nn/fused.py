@@ -40,6 +40,17 @@ from . import kernels as K
 from .tables import LutTables, _idx, _idx32, _map_channels, lookup_rows
 
 
+def _integer_zero_points(zx: torch.Tensor, zw: torch.Tensor, n: int) -> tuple[float, np.ndarray] | None:
+    """``(Zx, Zw per output)`` -- a float and ``n`` float64 values (a copy) -- where both are
+    integers and ``zw`` holds one value or ``n``; ``None`` otherwise (the fused paths take
+    integer zero points only, what the quantizers produce)."""
+    zwv = zw.detach().to(torch.float64).reshape(-1).cpu().numpy().copy()
+    zxf = float(zx)
+    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+        return None
+    return zxf, (np.full(n, zwv[0]) if zwv.size == 1 else zwv)
+
+
 def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables, *,
                             split_k: bool = False, chunks: bool = False):
     """Low-rank weights with the zero-point cross terms folded in, or ``None``.
@@ -74,11 +85,10 @@ def _folded_lowrank_weights(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor
     co, cg, kh, kw = qw.shape
     k = cg * kh * kw
     r = tabs.u.shape[1]
-    zwv = zw.detach().to(torch.float64).reshape(-1).cpu().numpy()
-    zwv = np.full(co, zwv[0]) if zwv.size == 1 else zwv
-    zxf = float(zx)
-    if zwv.size != co or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
-        return None  # integer zero points only (what the quantizers produce)
+    zp = _integer_zero_points(zx, zw, co)
+    if zp is None:
+        return None
+    zxf, zwv = zp
     coef = np.zeros(r) if tabs.signed else np.asarray(tabs.value_coef, np.float64)
     shift = coef[None, :] * zwv[:, None]                                   # (Co, r)
     vabs = np.maximum(np.abs(tabs._v_max[None] - shift), np.abs(tabs._v_min[None] - shift))
@@ -281,11 +291,10 @@ def _value_rank1_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs
         return None
     co = qw.shape[0]
     k = qw[0].numel()
-    zwv = zw.detach().numpy().reshape(-1).astype(np.float64)
-    zwv = np.full(co, zwv[0]) if zwv.size == 1 else zwv
-    zxf = float(zx)
-    if zwv.size != co or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+    zp = _integer_zero_points(zx, zw, co)
+    if zp is None:
         return None
+    zxf, zwv = zp
     wc = torch.empty(qw.shape, dtype=torch.float32)
     bias = torch.empty(co, dtype=torch.float32)
     fig = np.empty(4)
@@ -536,7 +545,7 @@ def _int8_linear_prep(fold, tabs: LutTables):
             or float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
         return False
     u = tabs.u
-    umin, umax = float(u.min()), float(u.max())
+    umin, umax = _factor_range(tabs)
     if umax - umin > 255:
         return False
     ox = int(umin) + 128
@@ -576,7 +585,7 @@ def _int8_one_plane_prep(w: torch.Tensor, const: torch.Tensor, tabs: LutTables):
     if w.dtype != torch.float32 or w.device.type != "cpu" or not hasattr(torch, "_int_mm") or u is None \
             or INT8_GEMM_MAX_PLANES < 1 or not 2 <= kr <= INT8_GEMM_MAX_K or w.numel() == 0 or float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
         return None
-    umin, umax = float(u.min()), float(u.max())
+    umin, umax = _factor_range(tabs)
     wmin, wmax = w.amin(1), w.amax(1)
     if umax - umin > 255 or float((wmax - wmin).max()) > 255:
         return None
@@ -612,12 +621,13 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
     n, k = qw.shape
     if not 2 <= k <= INT8_GEMM_MAX_K:
         return None
-    umin, umax = tabs._u_range
+    umin, umax = _factor_range(tabs)
     if umax - umin > 255:
         return None
     if tabs.prod.shape[1] <= 256 and zw.device.type == "cpu" and zw.dtype in (torch.float32, torch.float64) \
             and zx.dim() == 0 and loops.AVAILABLE and K.numba_available():
-        return _int8_value_prep_8bit(qw, float(zx), zw.detach().numpy().reshape(-1).astype(np.float64), tabs, umin)
+        zp = _integer_zero_points(zx, zw, n)
+        return None if zp is None else _int8_value_prep_8bit(qw, *zp, tabs, umin)
     zxf = float(zx)
     zwv = zw.detach().to(torch.float64).reshape(-1)
     if zwv.numel() not in (1, n) or zxf != round(zxf) or not torch.equal(zwv, torch.round(zwv)):
@@ -647,12 +657,9 @@ def _int8_value_prep_8bit(qw: torch.Tensor, zxf: float, zwv: np.ndarray, tabs: L
     128``) by one numba pass over the codes (:func:`appmult.nn.int8_loops.value_rows`: the
     int8 digits, the exact row sums and the row constants) -- the same integers as the
     torch expressions, without their two dozen scalar and small ops (each a few
-    microseconds: this runs every training step)."""
+    microseconds: this runs every training step). ``zxf``, ``zwv``: from
+    :func:`_integer_zero_points`."""
     n, k = qw.shape
-    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
-        return None
-    if zwv.size == 1:
-        zwv = np.full(n, zwv[0])
     b = torch.empty((n, k), dtype=torch.int8)
     c = np.empty(n, np.float64)
     ow = np.empty(n, np.float64)
@@ -677,14 +684,13 @@ def _int8_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs
             or not (loops.AVAILABLE and K.numba_available()):
         return None
     n, k = qw.shape
-    umin, umax = tabs._u_range
+    umin, umax = _factor_range(tabs)
     if not 2 <= k <= INT8_GEMM_MAX_K or umax - umin > 255:
         return None
-    zxf = float(zx)
-    zwv = zw.detach().numpy().reshape(-1).astype(np.float64)
-    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+    zp = _integer_zero_points(zx, zw, n)
+    if zp is None:
         return None
-    zwv = np.full(n, zwv[0]) if zwv.size == 1 else zwv
+    zxf, zwv = zp
     b = torch.empty((n, k), dtype=torch.int8)
     c, ow = np.empty(n), np.empty(n)
     ox = int(umin) + 128
@@ -694,6 +700,18 @@ def _int8_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs
         return None
     u8 = _u8_table(tabs, ox)
     return b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, None if tabs.signed else torch.from_numpy(zwv), 1
+
+
+def _factor_range(tabs: LutTables) -> tuple[float, float]:
+    """The smallest and largest activation factor ``U`` (the int8 GEMM's offset), kept with
+    the tables while their ``U`` is the same tensor (two host reads saved per training step;
+    a ``U`` replaced, e.g. by ``.to()``, is read again)."""
+    u = tabs.u
+    kept = tabs.__dict__.get("_u_range_kept")
+    if kept is None or kept[0] is not u:
+        kept = (u, float(u.min()), float(u.max()))
+        tabs.__dict__["_u_range_kept"] = kept
+    return kept[1], kept[2]
 
 
 def _u8_table(tabs: LutTables, ox: int) -> torch.Tensor:

@@ -175,8 +175,6 @@ class LutTables(nn.Module):
         #: are the quantized weights themselves, shifted by the zero point.
         self.v_is_value = self.u_is_value and np.array_equal(fac.v[:, 0], vw)
         self._u_absmax = np.abs(fac.u).max(axis=0).astype(np.float64)
-        #: The activation factors' smallest and largest entries (the int8 GEMM's offset).
-        self._u_range = (float(fac.u.min()), float(fac.u.max()))
         self._v_min = fac.v.min(axis=0).astype(np.float64)
         self._v_max = fac.v.max(axis=0).astype(np.float64)
 
