@@ -82,8 +82,8 @@ def _words(t: torch.Tensor):
 
 def _finite_values(t: torch.Tensor) -> bool:
     """Whether every value of ``t`` (a weight scale: one or one per channel) is finite: by
-    numpy for a float32/float64 CPU tensor (~2 us, against ~20 for the torch reduction and
-    its host read, paid by every training forward), else by torch."""
+    numpy for a float32/float64 CPU tensor (5 us for 512 scales, against 12 for the torch
+    reduction and its host read, paid by every training forward), else by torch."""
     t = t.detach()
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         return bool(np.isfinite(t.numpy()).all())
