@@ -502,11 +502,10 @@ def _int8_unfolded_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, ta
     if tabs.u is None or zx.requires_grad or zw.requires_grad or qw.device.type != "cpu":
         return False  # (the int8 GEMM runs on the CPU only)
     n, k = qw.shape
-    zxf = float(zx)
-    zwv = zw.detach().to(torch.float64).reshape(-1).cpu()
-    if zwv.numel() not in (1, n) or zxf != round(zxf) or not torch.equal(zwv, torch.round(zwv)):
+    zp = _integer_zero_points(zx, zw, n)
+    if zp is None:
         return False
-    zwv = zwv.expand(n).contiguous()
+    zxf, zwv = zp[0], torch.from_numpy(zp[1])
     w = lookup_rows(_idx32(qw, tabs.lo_w), tabs.v).reshape(n, k * tabs.u.shape[1])     # float64
     if tabs.signed:  # no cross terms for signed LUTs (as in the unfused path)
         return _int8_linear_prep((w, torch.zeros(n, dtype=torch.float64)), tabs)
@@ -628,10 +627,10 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
             and zx.dim() == 0 and loops.AVAILABLE and K.numba_available():
         zp = _integer_zero_points(zx, zw, n)
         return None if zp is None else _int8_value_prep_8bit(qw, *zp, tabs, umin)
-    zxf = float(zx)
-    zwv = zw.detach().to(torch.float64).reshape(-1)
-    if zwv.numel() not in (1, n) or zxf != round(zxf) or not torch.equal(zwv, torch.round(zwv)):
+    zp = _integer_zero_points(zx, zw, n)
+    if zp is None:
         return None
+    zxf, zwv = zp[0], torch.from_numpy(zp[1])
     q = qw.detach()
     if tabs.prod.shape[1] <= 256:
         # every code of an 8-bit weight side lies in [lo_w, lo_w + 255]: one offset for all
@@ -641,7 +640,7 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
         qmin, qmax = q.amin(1), q.amax(1)
         if float((qmax - qmin).max()) > 255:
             return None
-    shift = torch.zeros(n, dtype=torch.float64) if tabs.signed else zwv.expand(n)   # folded weights w - shift
+    shift = torch.zeros(n, dtype=torch.float64) if tabs.signed else zwv            # folded weights w - shift
     wsum = _exact_row_sums(q, _code_bound(tabs)) - k * shift                       # sum_k (w - shift), exact
     const = torch.zeros(n, dtype=torch.float64) if tabs.signed else -zxf * wsum
     if float(const.abs().max()) >= K.FP64_EXACT_LIMIT / 4:
