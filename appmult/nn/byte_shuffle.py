@@ -26,12 +26,11 @@ has AVX-512 VBMI and BW (``llvmlite.binding.get_host_cpu_features``) and
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import numpy as np
 
-from . import numba_support
+from . import numba_support, switches
 from .numba_support import njit, numba, prange
 
 #: Positions one call of the compiled loop handles per 64-lane block, and the most blocks
@@ -258,7 +257,7 @@ def available() -> bool:
     """Whether :func:`accumulate` runs here: numba and llvmlite, an AVX-512 VBMI CPU, and
     neither ``APPMULT_NO_BYTE_SHUFFLE`` nor ``APPMULT_NO_NUMBA`` set (to anything but the
     empty string, like ``APPMULT_NO_NUMBA`` in :mod:`appmult.nn.kernels`; read at each call)."""
-    if os.environ.get(_DISABLE_ENV, "") or os.environ.get("APPMULT_NO_NUMBA", ""):
+    if switches.is_set(_DISABLE_ENV) or switches.is_set("APPMULT_NO_NUMBA"):
         return False
     return numba_support.AVAILABLE and _usable()
 

@@ -58,7 +58,7 @@ from ..errors import InvalidValueError
 from ..lut_gen.lutfile import LutFile
 from . import exact_conv
 from . import kernels as K
-from . import quant_loops
+from . import quant_loops, switches
 from .autograd import (_AccConvZpFn, _AccLinearZpFn, _autocast_off, _LowRankConvZpFn, _LowRankLinearZpFn,
                        _LutConv2dFn, _LutLinearFn)
 from .config import load_lut
@@ -91,7 +91,7 @@ def _fused_on(override: bool | None, env: str) -> bool:
     """A fused-path switch: the module-level override, else the environment, read now."""
     if override is not None:
         return bool(override)
-    return os.environ.get(env, "") == ""
+    return not switches.is_set(env)
 
 
 # ------------------------------------------------------------------------------------------

@@ -72,7 +72,6 @@ from __future__ import annotations
 import collections
 import functools
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -82,7 +81,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import byte_shuffle, float_shuffle, shuffle_gather, triton_gather
+from . import byte_shuffle, float_shuffle, shuffle_gather, switches, triton_gather
 from . import gather_loops as loops
 from .gather_layouts import check_indices as _check_indices
 from .gather_layouts import unfold_uint8
@@ -323,7 +322,7 @@ _forced_local = threading.local()
 
 def probe_enabled() -> bool:
     """Whether ``auto`` layers time their kernels (``APPMULT_KERNEL_PROBE=0`` turns it off)."""
-    return os.environ.get("APPMULT_KERNEL_PROBE", "1") not in ("0", "")
+    return switches.value("APPMULT_KERNEL_PROBE", "1") not in ("0", "")
 
 
 def forced(owner: object) -> str | None:
@@ -443,7 +442,7 @@ def clear_probe_cache() -> None:
 
 def numba_available() -> bool:
     """Whether the numba CPU gather kernels can be used."""
-    return loops.AVAILABLE and os.environ.get("APPMULT_NO_NUMBA", "") == ""
+    return loops.AVAILABLE and not switches.is_set("APPMULT_NO_NUMBA")
 
 
 def _chunk(nbatch: int, length: int) -> int:

@@ -146,13 +146,15 @@ class _ApproxMixin:
 
     def _compute_dtype(self) -> torch.dtype:
         """float32, or the weight's dtype when wider: float16/bfloat16 would round the integer sums."""
-        return torch.promote_types(self.weight.dtype, torch.float32)
+        return torch.promote_types(self._parameters["weight"].dtype, torch.float32)  # (not the ~1 us look-up)
 
     def _check_input_device(self, x) -> None:
         name = type(self).__name__
         if not isinstance(x, torch.Tensor):
             raise InvalidTypeError(f"{name} needs a torch.Tensor input, not {type(x).__name__}")
-        if x.is_meta or self.weight.is_meta or self.lut.prod.is_meta:
+        # (the module's dicts read directly: each ``nn.Module`` attribute look-up costs about a
+        # microsecond, and this runs at every forward)
+        if x.is_meta or self._parameters["weight"].is_meta or self._modules["lut"]._buffers["prod"].is_meta:
             raise InvalidValueError(
                 f"{name} cannot run on the 'meta' device: its outputs are sums of LUT entries picked by the "
                 f"data. Materialize the model first: model.to_empty(device=...), then load_state_dict(...)")
@@ -193,8 +195,8 @@ class _ApproxMixin:
         the same values as a private copy (one pass over the weight, small next to the
         activations). Otherwise they are computed afresh and ``cache`` is ``None``.
         """
-        w, wq = self.weight, self.weight_quant
-        ct = self._compute_dtype()
+        w, wq = self._parameters["weight"], self._modules["weight_quant"]  # (not nn.Module's ~1 us look-ups)
+        ct = torch.promote_types(w.dtype, torch.float32)  # (_compute_dtype)
         if torch.is_grad_enabled() and w.requires_grad:
             return self._weight_codes(w, ct), None  # (a kept cache stays valid: it is checked when used)
         # the LUT tables object itself: other tables (``layer.lut = ...``) start a new cache,

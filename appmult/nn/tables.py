@@ -203,8 +203,9 @@ class LutTables(nn.Module):
         forced = K.forced(self)
         if forced is not None:
             return Kernel(forced)
-        if self._guessed and self.prod.device.type != "cpu":
-            return Kernel(K.choose_kernel(self.rank, self.prod.device))
+        prod = self._buffers["prod"]  # (read at every forward: not through nn.Module's slow look-up)
+        if self._guessed and prod.device.type != "cpu":
+            return Kernel(K.choose_kernel(self.rank, prod.device))
         return self._kernel
 
     @kernel.setter

@@ -29,10 +29,11 @@ uses that where Triton is installed without a GPU.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
+
+from . import switches
 
 __all__ = ["ENABLED", "forward", "grad_a", "grad_b", "usable"]
 
@@ -59,7 +60,7 @@ _launched: set[str] = set()
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether :func:`forward`/:func:`grad_a`/:func:`grad_b` run for these tensors."""
-    return (ENABLED and not _failed and os.environ.get("APPMULT_NO_TRITON", "") in ("", "0")
+    return (ENABLED and not _failed and switches.value("APPMULT_NO_TRITON") in ("", "0")
             and all(t.device.type == "cuda" for t in tensors) and _triton_imports())
 
 
@@ -79,14 +80,14 @@ TABLE16 = False
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return switches.value("TRITON_INTERPRET", "0") == "1"
 
 
 def _fixed_tiles() -> bool:
     """No autotuning: under the interpreter, or ``APPMULT_TRITON_AUTOTUNE=0`` (each new
     problem shape costs the autotuner a compile and a short timing per config: tests of
     many small shapes turn it off)."""
-    return _interpreting() or os.environ.get("APPMULT_TRITON_AUTOTUNE", "1") == "0"
+    return _interpreting() or switches.value("APPMULT_TRITON_AUTOTUNE", "1") == "0"
 
 
 def _tuning_bench(kernel_call, quantiles):
