@@ -195,6 +195,56 @@ def test_quantize_map_matches_fake_quant_then_a_lookup():
                           np.empty((0, 0, 0, 0), np.float32)) >= L.NON_FINITE
 
 
+@pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+def test_quantize_map_signed_codes_nan_and_three_groups():
+    """A signed code range (offsets from ``qmin = -128``), NaN (read as ``qmin``; the word
+    flags it), three groups of two channels and an asymmetric padding: against fake_quant
+    and a look-up in torch."""
+    torch.manual_seed(12)
+    x = torch.randn(3, 6, 7, 5) * 4
+    x[0, 1, 2, 3] = float("nan")
+    scale, zp = np.array([0.03], np.float32), np.array([-5.0], np.float32)
+    table = (np.arange(256, dtype=np.float32) * -2 + 77)
+    q = torch.empty_like(x)
+    L.fake_quant(x.reshape(1, -1).numpy(), scale, zp, -128, 127, q.reshape(1, -1).numpy(), np.empty((0, 0), np.bool_))
+    codes = torch.where(q.isnan(), torch.tensor(-128.0), q)
+    a = torch.full_like(x, 5.0)
+    sums = torch.full((3, 3, 7 + 2, 5 + 6), 99.0)
+    tops = L.quantize_map(x.numpy(), scale, zp, -128, 127, table, 3, np.float32(-5.0), a.numpy(), sums.numpy())
+    assert tops >= L.NON_FINITE
+    assert torch.equal(a, torch.from_numpy(table)[(codes + 128).long()])
+    want = F.pad((codes + 5.0).reshape(3, 3, 2, 7, 5).sum(2), (3, 3, 1, 1))
+    assert torch.equal(bits(sums), bits(want))
+
+
+@pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("kernel, stride, dilation, groups, bias", [
+    ((5, 5), (1, 1), (1, 1), 1, True), ((3, 3), (2, 2), (1, 1), 2, False), ((3, 2), (1, 2), (2, 1), 3, True),
+    ((1, 1), (3, 1), (1, 1), 1, True), ((2, 4), (2, 3), (3, 2), 2, False)])
+def test_dequantize_channels_zw_against_torch(kernel, stride, dilation, groups, bias):
+    """``(acc + nzw_j S) * scale_j + bias_j``, ``S`` the window sums of the (zero-bordered)
+    maps, against a convolution with ones and torch's float32 ops (integer sums: exact)."""
+    torch.manual_seed(13)
+    n, hp, wp, per = 3, 12, 13, 2
+    maps = torch.zeros(n, groups, hp, wp)
+    maps[:, :, 1:-1, 2:-2] = torch.randint(-300, 300, (n, groups, hp - 2, wp - 4)).float()
+    ones = torch.ones(groups, 1, *kernel)
+    s = F.conv2d(maps, ones, None, stride, 0, dilation, groups)
+    co = groups * per
+    acc = torch.randint(-5000, 5000, (n, co) + tuple(s.shape[2:])).float()
+    nzw = -torch.randint(0, 140, (co,)).float()
+    scale = torch.rand(co) * 0.01
+    b = torch.randn(co) if bias else torch.empty(0)
+    win = s.repeat_interleave(per, dim=1)
+    want = (acc + nzw.reshape(1, -1, 1, 1) * win) * scale.reshape(1, -1, 1, 1)
+    if bias:
+        want = want + b.reshape(1, -1, 1, 1)
+    geom = np.array([*kernel, *stride, *dilation], np.int64)
+    got = acc.clone()
+    L.dequantize_channels_zw(got.numpy(), maps.numpy(), geom, nzw.numpy(), scale.numpy(), b.numpy())
+    assert torch.equal(bits(got), bits(want))
+
+
 @needs_numba
 def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
     """The plan needs the numba passes; with the plan switch off the general path gives the same bits."""
