@@ -245,6 +245,70 @@ def test_dequantize_channels_zw_against_torch(kernel, stride, dilation, groups, 
     assert torch.equal(bits(got), bits(want))
 
 
+@pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+def test_map_codes_sums_against_map_codes_and_torch_sums():
+    """The training path's look-ups and padded group sums of the codes, against
+    ``map_codes`` and a torch reduction padded by ``F.pad`` (out-of-range and NaN codes
+    read the table's ends, as ``map_codes`` reads them)."""
+    torch.manual_seed(14)
+    q = torch.randint(-3, 260, (3, 6, 5, 7)).float()
+    q[1, 2, 3, 4] = float("nan")
+    table = torch.arange(256, dtype=torch.float32) * 3 - 100
+    for groups, (ph, pw), zx in ((1, (0, 0), 0.0), (2, (1, 2), 7.0), (3, (2, 0), -4.0)):
+        a = torch.full_like(q, 5.0)
+        sums = torch.full((3, groups, 5 + 2 * ph, 7 + 2 * pw), 99.0)
+        L.map_codes_sums(q.numpy(), table.numpy(), 0, np.float32(zx), a.numpy(), sums.numpy())
+        want_a = torch.empty_like(q)
+        L.map_codes(q.reshape(-1).numpy(), table.numpy(), 0, want_a.reshape(-1).numpy())
+        assert torch.equal(bits(a), bits(want_a))
+        want = F.pad((q - zx).reshape(3, groups, 6 // groups, 5, 7).sum(2), (pw, pw, ph, ph))
+        assert torch.equal(bits(sums), bits(want))
+
+
+@pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("kernel, stride, dilation, groups", [
+    ((5, 5), (1, 1), (1, 1), 1), ((3, 3), (2, 2), (1, 1), 2), ((3, 2), (1, 2), (2, 1), 3), ((2, 4), (2, 3), (3, 2), 2)])
+def test_add_window_term_against_addcmul(kernel, stride, dilation, groups):
+    torch.manual_seed(15)
+    n, hp, wp, per = 2, 12, 13, 3
+    maps = torch.zeros(n, groups, hp, wp)
+    maps[:, :, 2:-1, 1:-3] = torch.randint(-400, 400, (n, groups, hp - 3, wp - 4)).float()
+    s = F.conv2d(maps, torch.ones(groups, 1, *kernel), None, stride, 0, dilation, groups)
+    co = groups * per
+    acc = torch.randint(-9000, 9000, (n, co) + tuple(s.shape[2:])).float()
+    nzw = -torch.randint(0, 200, (co,)).float()
+    want = acc.clone()
+    want.view(n, groups, per, *s.shape[2:]).addcmul_(s.unsqueeze(2), nzw.reshape(1, groups, per, 1, 1))
+    geom = np.array([*kernel, *stride, *dilation], np.int64)
+    got = acc.clone()
+    L.add_window_term(got.numpy(), maps.numpy(), geom, nzw.numpy())
+    assert torch.equal(bits(got), bits(want))
+
+
+@needs_numba
+@pytest.mark.parametrize("name", ["unsigned, Zx > 0", "unsigned, Zx = 0, padding 2, stride 2", "grouped, dilation 2",
+                                  "per-tensor weights"])
+def test_numba_mapped_conv_is_the_torch_path(name, monkeypatch):
+    """The training path's mapped accumulator by the numba passes against the torch passes
+    it replaces (look-up, group sums, depthwise window sums, addcmul_), bit for bit."""
+    case = dict(CASES[name])
+    layer, x = make(drum(), **case)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+    tabs = layer.lut
+    prep = FU._rank1_mapped_prep(qw, zx, zw, tabs)
+    assert prep is not False and prep[3] is not None
+    geom = (layer._padding(), layer.stride, layer.dilation, layer.groups)
+    calls = []
+    real = FU._numba_mapped_conv
+    monkeypatch.setattr(FU, "_numba_mapped_conv", lambda *a: calls.append(1) or real(*a))
+    got = FU._rank1_mapped_conv(qx, zx, prep, tabs, *geom, torch.float32)
+    assert calls
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    want = FU._rank1_mapped_conv(qx, zx, prep, tabs, *geom, torch.float32)
+    assert len(calls) == 1 and torch.equal(bits(got), bits(want))
+
+
 @needs_numba
 def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
     """The plan needs the numba passes; with the plan switch off the general path gives the same bits."""

@@ -288,6 +288,42 @@ if numba is not None:
                             sr[k] = fr[k]
         return tops
 
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _window_spans(geom, ho, wo, wp):  # pragma: no cover - compiled
+        # (wlen, rlen) of _flat_window_sums: the flat starts up to the last output's, and the
+        # row sums the windows at those starts read
+        wlen = (ho - 1) * geom[2] * wp + (wo - 1) * geom[3] + 1
+        return wlen, wlen + (geom[0] - 1) * geom[4] * wp
+
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _flat_window_sums(src, geom, ho, wo, wp, rows, full, win):  # pragma: no cover - compiled
+        # win[i wo + j] = the sum of the padded map src (flattened, row stride wp) over the
+        # receptive field of output (i, j) (geom = kh, kw, sh, sw, dh, dw): the row sums at
+        # every flat start t, R[t] = sum_b src[t + b dw], then the window sums W[t] = sum_a
+        # R[t + a dh wp], read at t = i sh wp + j sw -- loops over whole planes (the sums at
+        # positions no output reads cost less than loops over rows of wo, which do not
+        # vectorize: 3.6x faster for a LeNet batch, 2.7x for a ResNet-20 one). Integer sums
+        # (exact in any order below 2**24: the callers bound the sum of magnitudes), each
+        # started from +0.0. rows, full: scratch of _window_spans' lengths.
+        kh, kw, sh, sw, dh, dw = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+        wlen, rlen = rows.shape[0] - (kh - 1) * dh * wp, rows.shape[0]
+        for t in range(rlen):
+            rows[t] = np.float32(0.0) + src[t]
+        for b in range(1, kw):
+            sb = src[b * dw:b * dw + rlen]
+            for t in range(rlen):
+                rows[t] += sb[t]
+        for t in range(wlen):
+            full[t] = np.float32(0.0) + rows[t]
+        for a in range(1, kh):
+            ra = rows[a * dh * wp:a * dh * wp + wlen]
+            for t in range(wlen):
+                full[t] += ra[t]
+        for i in range(ho):
+            wi, fi = win[i * wo:(i + 1) * wo], full[i * sh * wp:]
+            for j in range(wo):
+                wi[j] = fi[j * sw]
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def dequantize_channels_zw(acc, sums, geom, nzw, scale, bias):  # pragma: no cover - compiled
         # acc[n, j] = (acc[n, j] + nzw[j] S[n, g(j)]) * scale[j] + bias[j] in place, float32,
@@ -297,20 +333,14 @@ if numba is not None:
         # magnitudes, so every partial sum in any order is exact too). The product is exact,
         # the sum rounds once (as the integer accumulator's conversion), then the multiply
         # and the add each round (torch's addcmul_, mul_ and add_); an empty bias adds
-        # nothing. One task per image; its S per group once, then every output channel of
-        # it. S over the flattened padded map (row stride Wp): the row sums at every flat
-        # start t, R[t] = sum_b M[t + b dw], then the window sums W[t] = sum_a R[t + a dh Wp],
-        # read at t = i sh Wp + j sw -- loops over whole planes (the sums at positions no
-        # output reads cost less than loops over rows of Wo, which do not vectorize: 3.6x
-        # faster for a LeNet batch, 2.7x for a ResNet-20 one). Every sum starts from +0.0.
+        # nothing. One task per image; its S per group once (_flat_window_sums), then every
+        # output channel of it.
         batch, channels, ho, wo = acc.shape
         groups, hp, wp = sums.shape[1], sums.shape[2], sums.shape[3]
-        kh, kw, sh, sw, dh, dw = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
         per = channels // groups
         has_bias = bias.shape[0] > 0
         olen = ho * wo
-        wlen = (ho - 1) * sh * wp + (wo - 1) * sw + 1        # flat starts up to the last output's
-        rlen = wlen + (kh - 1) * dh * wp                     # rows those windows read
+        wlen, rlen = _window_spans(geom, ho, wo, wp)
         rows_all = np.empty((batch, rlen), np.float32)
         full_all = np.empty((batch, wlen), np.float32)
         s_all = np.empty((batch, olen), np.float32)
@@ -319,23 +349,7 @@ if numba is not None:
         for img in prange(batch):
             rows, full, win = rows_all[img], full_all[img], s_all[img]
             for g in range(groups):
-                src = maps[img, g]
-                for t in range(rlen):
-                    rows[t] = np.float32(0.0) + src[t]
-                for b in range(1, kw):
-                    sb = src[b * dw:b * dw + rlen]
-                    for t in range(rlen):
-                        rows[t] += sb[t]
-                for t in range(wlen):
-                    full[t] = np.float32(0.0) + rows[t]
-                for a in range(1, kh):
-                    ra = rows[a * dh * wp:a * dh * wp + wlen]
-                    for t in range(wlen):
-                        full[t] += ra[t]
-                for i in range(ho):
-                    wi, fi = win[i * wo:(i + 1) * wo], full[i * sh * wp:]
-                    for j in range(wo):
-                        wi[j] = fi[j * sw]
+                _flat_window_sums(maps[img, g], geom, ho, wo, wp, rows, full, win)
                 for j in range(g * per, (g + 1) * per):
                     wj, sc = nzw[j], scale[j]
                     b = bias[j] if has_bias else np.float32(0.0)
@@ -346,3 +360,68 @@ if numba is not None:
                     else:
                         for k in range(olen):
                             out[k] = (out[k] + wj * win[k]) * sc
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def map_codes_sums(q, table, lo, zx, out, sums):  # pragma: no cover - compiled
+        # For the integer-valued float32 codes q (N, C, H, W): out = table[q - lo] as
+        # map_codes reads it (a NaN or out-of-range code reads the first or the last entry),
+        # and the interior of sums (N, G, H + 2 ph, W + 2 pw) the sum over each group's
+        # channels of q - zx, its border zeros (integers, exact below 2**24: the caller's
+        # bound). One task per image: the look-ups over the whole image, then the group sums
+        # over whole planes, copied into the padded maps once per group.
+        n, c, h, w = q.shape
+        groups = sums.shape[1]
+        ph, pw = (sums.shape[2] - h) // 2, (sums.shape[3] - w) // 2
+        cg = c // groups
+        top = np.float32(table.shape[0] - 1)
+        length = h * w
+        image = c * length
+        q2, o2 = q.reshape(n, image), out.reshape(n, image)
+        flat = np.empty((n, length), np.float32)
+        for img in prange(n):
+            qr, orow, fg = q2[img], o2[img], flat[img]
+            for i in range(image):
+                k = qr[i] - lo
+                k = k if k >= 0 else np.float32(0.0)
+                k = top if k > top else k
+                orow[i] = table[np.int32(k)]
+            for g in range(groups):
+                for i in range(length):
+                    fg[i] = 0.0
+                for ch in range(g * cg, (g + 1) * cg):
+                    src = qr[ch * length:(ch + 1) * length]
+                    for i in range(length):
+                        fg[i] += src[i] - zx
+                sg = sums[img, g]
+                for r in range(sg.shape[0]):
+                    for k2 in range(sg.shape[1]):
+                        sg[r, k2] = 0.0
+                for r in range(h):
+                    sr, fr = sg[ph + r, pw:pw + w], fg[r * w:(r + 1) * w]
+                    for k2 in range(w):
+                        sr[k2] = fr[k2]
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def add_window_term(acc, sums, geom, nzw):  # pragma: no cover - compiled
+        # acc[n, j] += nzw[j] S[n, g(j)] in place (float32; the product exact by the
+        # caller's bound, the sum rounded once: torch's addcmul_), S the window sums of the
+        # padded maps sums as in dequantize_channels_zw.
+        batch, channels, ho, wo = acc.shape
+        groups, hp, wp = sums.shape[1], sums.shape[2], sums.shape[3]
+        per = channels // groups
+        olen = ho * wo
+        wlen, rlen = _window_spans(geom, ho, wo, wp)
+        rows_all = np.empty((batch, rlen), np.float32)
+        full_all = np.empty((batch, wlen), np.float32)
+        s_all = np.empty((batch, olen), np.float32)
+        acc3 = acc.reshape(batch, channels, olen)
+        maps = sums.reshape(batch, groups, hp * wp)
+        for img in prange(batch):
+            rows, full, win = rows_all[img], full_all[img], s_all[img]
+            for g in range(groups):
+                _flat_window_sums(maps[img, g], geom, ho, wo, wp, rows, full, win)
+                for j in range(g * per, (g + 1) * per):
+                    wj = nzw[j]
+                    out = acc3[img, j]
+                    for k in range(olen):
+                        out[k] += wj * win[k]
