@@ -309,6 +309,97 @@ def test_numba_mapped_conv_is_the_torch_path(name, monkeypatch):
     assert len(calls) == 1 and torch.equal(bits(got), bits(want))
 
 
+def _torch_mapped_prep(qw, zx, zw, tabs, monkeypatch):
+    """``_rank1_mapped_prep`` by its torch path (the numba prep declined)."""
+    with monkeypatch.context() as mp:
+        mp.setattr(FU, "_numba_mapped_prep", lambda *a: None)
+        return FU._rank1_mapped_prep(qw, zx, zw, tabs)
+
+
+def _same_prep(got, want):
+    if want is False or got is False:
+        return got is want
+    for g, w in zip(got, want):
+        if (g is None) != (w is None):
+            return False
+        if g is not None and not (g.dtype == w.dtype and g.shape == w.shape and torch.equal(bits(g), bits(w))):
+            return False
+    return len(got) == len(want)
+
+
+@needs_numba
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("zx", [0.0, 5.0, 131.0, -3.0])
+@pytest.mark.parametrize("zw_kind", ["per channel", "per tensor", "zero", "with -0.0 codes"])
+def test_numba_mapped_prep_is_the_torch_prep(signed, zx, zw_kind, monkeypatch):
+    """Every tensor of the weight side (bits, dtype, shape) and every decision, against the
+    torch path, for signed and unsigned DRUM, several activation zero points (one outside
+    the table: refused by both) and weight zero points of each kind."""
+    table = drum(signed=signed)
+    layer, _ = make(table, signed=signed, cin=3, cout=5, k=3)
+    tabs = layer.lut
+    g = torch.Generator().manual_seed(16)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    qw = torch.randint(lo, hi + 1, (5, 3, 3, 3), generator=g).float()
+    zw = {"per channel": torch.randint(-4, 140, (5,), generator=g).float(), "per tensor": torch.tensor([77.0]),
+          "zero": torch.zeros(5), "with -0.0 codes": torch.tensor([0.0, 3.0, 0.0, 9.0, 1.0])}[zw_kind]
+    if zw_kind == "with -0.0 codes":
+        qw[1, 0] = -0.0
+        qw[2] = -0.0
+    zxt = torch.tensor(float(lo) + zx if signed else zx)
+    calls = []
+    real = FU._numba_mapped_prep
+    monkeypatch.setattr(FU, "_numba_mapped_prep", lambda *a: (calls.append(1), real(*a))[1])
+    got = FU._rank1_mapped_prep(qw, zxt, zw, tabs)
+    assert calls and real(qw, zxt, zw, tabs) is not None   # decided by the numba prep, not left to torch
+    monkeypatch.setattr(FU, "_numba_mapped_prep", real)
+    assert _same_prep(got, _torch_mapped_prep(qw, zxt, zw, tabs, monkeypatch))
+
+
+@needs_numba
+def test_numba_mapped_prep_declines_and_refuses_as_the_torch_prep(monkeypatch):
+    """The bounds (main convolution, ``Zw S``, a group's code sum), codes outside the table
+    (left to the torch path: its indexing wraps a negative offset, raises for NaN and too
+    large ones) and zero points that are not integers."""
+    layer, _ = make(drum(), cin=64, cout=2, k=3, shift=-0.3)
+    tabs = layer.lut
+    zx = torch.tensor(0.0)
+    k, bmax = 64 * 9, 255
+    cases = [
+        (torch.zeros(2, 64, 3, 3), torch.tensor([float(2 ** 24 // (k * bmax) + 1), 1.0])),   # Zw S over
+        (torch.zeros(2, 64, 3, 3), torch.tensor([float((2 ** 24 - 1) // (k * bmax)), 1.0])),  # just under
+        (torch.full((2, 64, 3, 3), 255.0), torch.zeros(2)),      # sum |V| max|U - U[Zx]| over 2**24
+        (torch.full((2, 20, 3, 3), 255.0), torch.zeros(2)),      # under
+        (torch.full((2, 64, 3, 3), 3.0), torch.tensor([1.5, 2.0])),   # Zw not an integer
+    ]
+    for qw, zw in cases:
+        assert _same_prep(FU._rank1_mapped_prep(qw, zx, zw, tabs), _torch_mapped_prep(qw, zx, zw, tabs, monkeypatch))
+    # Zx = 255, codes 255 (U = V = 240): sum |V| max|U - U[Zx]| = 57600 K, |C| = 7425 K; with
+    # K = 270 the sum alone stays below 2**24 and the bound with |C| does not
+    for cg, want in ((30, False), (28, True)):
+        qw, zx255 = torch.full((2, cg, 3, 3), 255.0), torch.tensor(255.0)
+        got = FU._rank1_mapped_prep(qw, zx255, torch.zeros(2), tabs)
+        assert (got is not False) == want and _same_prep(got, _torch_mapped_prep(qw, zx255, torch.zeros(2), tabs,
+                                                                                   monkeypatch))
+    assert FU._numba_mapped_prep(torch.zeros(2, 64, 3, 3), torch.tensor(0.5), torch.zeros(2), tabs) is None
+    assert FU._rank1_mapped_prep(torch.zeros(2, 64, 3, 3), torch.tensor(0.5), torch.zeros(2), tabs) is False
+    assert FU._rank1_mapped_prep(torch.zeros(2, 64, 3, 3), torch.tensor(256.0), torch.zeros(2), tabs) is False
+    big = torch.zeros(1, 70001, 1, 1)
+    one, _ = make(drum(), cin=1, cout=1, k=1)
+    assert FU._rank1_mapped_prep(big, torch.tensor(128.0), torch.tensor([1.0]), one.lut) is False
+    assert FU._rank1_mapped_prep(big[:, :65793], torch.tensor(128.0), torch.tensor([1.0]), one.lut) is not False
+    qw = torch.full((2, 64, 3, 3), 4.0)
+    qw[1, 3, 1, 1] = -1.0            # offset -1: the torch path's index wraps to the last entry
+    assert FU._numba_mapped_prep(qw, zx, torch.zeros(2), tabs) is None
+    assert _same_prep(FU._rank1_mapped_prep(qw, zx, torch.zeros(2), tabs),
+                      _torch_mapped_prep(qw, zx, torch.zeros(2), tabs, monkeypatch))
+    for bad in (256.0, float("nan")):
+        qw[1, 3, 1, 1] = bad
+        assert FU._numba_mapped_prep(qw, zx, torch.zeros(2), tabs) is None
+        with pytest.raises((IndexError, RuntimeError)):
+            FU._rank1_mapped_prep(qw, zx, torch.zeros(2), tabs)
+
+
 @needs_numba
 def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
     """The plan needs the numba passes; with the plan switch off the general path gives the same bits."""

@@ -6,7 +6,9 @@ over its run (exact in float32: below ``2**24``). :func:`add_runs` adds the runs
 fold's constant in float64 (integers below ``2**53``: exact) and rounds once to float32,
 in one pass over the grouped output -- the torch fallback (a float64 copy, a sum, an add,
 a float32 copy) makes four. :func:`value_fold_rows` folds the exact product's weight
-codes for a training step's rank-1 convolution (``fused._value_rank1_prep``).
+codes for a training step's rank-1 convolution (``fused._value_rank1_prep``);
+:func:`mapped_fold_rows` looks a training step's weight codes up for a rank-1 convolution
+whose activation factor is a look-up (``fused._rank1_mapped_prep``).
 
 numba is an optional dependency of the ``nn`` extra: without it this module defines only
 :data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
@@ -96,3 +98,47 @@ if numba is not None:
         figures[1] = f1
         figures[2] = f2
         figures[3] = f3
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def mapped_fold_rows(q, lo_w, v, u_zx, zx, signed, uabs, out, const, figures):  # pragma: no cover
+        # The weight side of fused._rank1_mapped_prep, per row j of the (Co, K) float32 weight
+        # codes q, v the LUT's weight factor (float64 integers) by code offset, u_zx = U[Zx],
+        # uabs = max |U - U[Zx]|:
+        #   out[j, k] = f32(V[q[j, k] - lo_w])
+        #   c_j = U[Zx] sum_k V - (0 if signed else zx sum_k q);  const[j] = f32(c_j)
+        # (float64 sums of integers: exact in any order) and into figures what the torch path
+        # compares with 2**24: [0] max_j (sum_k |V| uabs + |c_j|) (the main convolution's
+        # bound), [1] max |V|; [2] = 1 where a code's offset is not in the table (NaN
+        # included): the caller then leaves the decision to the torch path.
+        n, k = q.shape
+        nv = v.shape[0]
+        f0 = 0.0
+        f1 = 0.0
+        bad = 0.0
+        for j in prange(n):
+            qr, orow = q[j], out[j]
+            sv = 0.0
+            sa = 0.0
+            sq = 0.0
+            vm = 0.0
+            miss = 0.0
+            for i in range(k):
+                d = np.float64(qr[i]) - lo_w
+                ok = d >= 0.0 and d < nv
+                miss = miss if ok else 1.0
+                x = v[np.int64(d) if ok else 0]
+                orow[i] = np.float32(x)
+                sv += x
+                sa += abs(x)
+                sq += np.float64(qr[i])
+                vm = max(vm, abs(x))
+            c = u_zx * sv
+            if not signed:
+                c = c - zx * sq
+            const[j] = np.float32(c)
+            f0 = max(f0, sa * uabs + abs(c))
+            f1 = max(f1, vm)
+            bad = max(bad, miss)
+        figures[0] = f0
+        figures[1] = f1
+        figures[2] = bad
