@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: venv iverilog test test-slow test-all demo bench mutate clean
+.PHONY: venv iverilog test test-slow test-all test-torch-paths demo bench mutate clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,12 @@ test-slow: venv iverilog
 
 test-all: venv iverilog
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite again with the numba kernels switched off (APPMULT_NO_NUMBA=1): the torch paths
+# every CUDA layer takes, run on the CPU. Tests of a numba kernel's own dispatch or result are
+# marked `numba` and skip; simulator tests do not touch these paths. CI runs it after `make test`.
+test-torch-paths: venv
+	APPMULT_NO_NUMBA=1 $(PY) -m pytest -m "not slow and not simulator" $(PYTEST_ARGS)
 
 demo: venv iverilog
 	$(PY) -m appmult.demo --out demo-out

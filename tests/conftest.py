@@ -69,8 +69,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under ``make mutate``: an accepted equivalent mutant is skipped; otherwise the tests
-    that killed this function's mutants before run first."""
+    """Tests marked ``numba`` skip where the numba paths do not run (numba missing, or
+    ``APPMULT_NO_NUMBA`` set: ``make test-torch-paths`` runs the suite so, the torch paths
+    every CUDA layer takes). Under ``make mutate``: an accepted equivalent mutant is
+    skipped; otherwise the tests that killed this function's mutants before run first."""
+    _skip_numba_tests(items)
     mutant = _mutant_under_test()
     if mutant is None:
         return
@@ -84,6 +87,18 @@ def pytest_collection_modifyitems(config, items):
     if remembered:
         order = mutation_order.killer_first([item.nodeid for item in items], remembered)
         items[:] = [items[i] for i in order]
+
+
+def _skip_numba_tests(items) -> None:
+    from appmult.nn.kernels import numba_available
+
+    if numba_available():
+        return
+    skip = pytest.mark.skip(reason="numba is not installed or APPMULT_NO_NUMBA is set (the torch paths run)")
+    for item in items:
+        marker = getattr(item, "get_closest_marker", None)   # (tests of these hooks pass plain objects)
+        if marker is not None and marker("numba") is not None:
+            item.add_marker(skip)
 
 
 def pytest_runtest_logreport(report):

@@ -285,6 +285,7 @@ def test_table_planes_follow_writes_to_the_table():
     assert torch.equal(second, first + 10)
 
 
+@pytest.mark.numba
 def test_a_module_that_does_not_compile_falls_back_with_one_warning(monkeypatch):
     """Another LLVM (a different llvmlite) that rejects the IR must not break every layer:
     the callers take the scalar loops and the user is told once."""

@@ -20,7 +20,7 @@ from appmult.nn import quant as Q
 from appmult.nn import quant_loops
 from test_nn_luts import exact
 
-needs_numba = pytest.mark.skipif(not quant_loops.AVAILABLE, reason="numba is not installed")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

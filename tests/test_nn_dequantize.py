@@ -14,7 +14,7 @@ import torch
 from appmult.nn import functional as FN
 from appmult.nn import quant_loops as L
 
-needs_numba = pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def bits(t):

@@ -28,7 +28,7 @@ from test_nn_int8_gemm import truncated as gemm_table
 from test_nn_luts import exact, truncated
 from test_nn_wide_conv_fold import brute_conv_acc
 
-pytestmark = pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+pytestmark = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def weight_side(width: int = 8) -> np.ndarray:

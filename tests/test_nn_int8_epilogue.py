@@ -45,6 +45,7 @@ def layer_case(columns, signed, k, n=9):
 CASES = [(0, False, 100), (4, False, 300), (6, False, 600), (0, True, 500), (8, False, 100), (10, False, 300)]
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("columns, signed, k", CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -64,6 +65,7 @@ def test_fused_epilogue_equals_numpy_and_the_torch_epilogue(columns, signed, k, 
     assert torch.equal(got, torch_epilogue(qx, prep, layer.lut, scale, bias))
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("span, planes", [(255, 1), (60000, 2), (16_000_000, 3)])
 @pytest.mark.parametrize("m", [1, 3, 130])
 def test_fused_epilogue_on_synthetic_preps_of_every_plane_count(span, planes, m):
@@ -88,6 +90,7 @@ def test_fused_epilogue_on_synthetic_preps_of_every_plane_count(span, planes, m)
     assert torch.equal(got, torch_epilogue(qx, prep, tabs, scale, bias))
 
 
+@pytest.mark.numba
 def test_fused_epilogue_reads_strided_activations():
     table, layer, (qx, sx, zx, qw, sw, zw), prep = layer_case(8, False, 100)  # unfolded: reads qx itself
     wide = torch.zeros(qx.shape[0], 2 * qx.shape[1])
@@ -99,6 +102,7 @@ def test_fused_epilogue_reads_strided_activations():
                        torch_epilogue(qx, prep, layer.lut, scale, None))
 
 
+@pytest.mark.numba
 def test_fused_epilogue_steps_aside_where_it_cannot_apply(monkeypatch):
     """``None`` (the caller takes the torch epilogue and autograd) where a gradient must be
     carried, for dtypes other than float32, a scale or bias of another size, or without numba."""
@@ -123,6 +127,7 @@ def test_fused_epilogue_steps_aside_where_it_cannot_apply(monkeypatch):
     assert FU._int8_linear_out(qx, prep, tabs, scale, bias) is None
 
 
+@pytest.mark.numba
 def test_layer_inference_takes_the_fused_epilogue_and_equals_every_other_path(monkeypatch):
     """Eval forward on the general path: the fused epilogue (spied); the same bits with
     numba off (torch epilogue, same GEMM) and with the int8 GEMM off (float path). (The

@@ -95,6 +95,7 @@ LOWRANK_LUTS = ["trunc8u", "exact8u", "trunc6s"]
 CASES = [(n, "lowrank") for n in LOWRANK_LUTS] + [(n, "gather") for n in FUSED_LUTS]
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("name, kernel", CASES)
 @pytest.mark.parametrize("geom", range(len(FUSED_GEOMS)))
 @pytest.mark.parametrize("scheme", ["per_channel", "per_tensor"])

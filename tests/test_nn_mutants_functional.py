@@ -304,6 +304,7 @@ def big_zero_point_conv():
     return args, acc.astype(np.float32)
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("kernel", ["lowrank", "gather"])
 def test_approx_conv2d_fused_path_exact_where_the_plain_one_rounds(kernel):
     """The fused conv paths give the exact accumulator where the plain path's float32 LUT

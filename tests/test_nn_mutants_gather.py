@@ -239,6 +239,7 @@ def conv_zp_ref(q: np.ndarray, lo_x: int, b: np.ndarray, lo_w: int, table: np.nd
     return out
 
 
+@pytest.mark.numba
 def test_gather_conv_zp_exact_and_in_the_requested_dtype():
     """The fused conv accumulator with zero points equals the brute-force sum, converted to the
     requested ``out_dtype``. (Mutant: ``gather_conv_zp`` 204 -- the result left in int32.)"""
@@ -255,6 +256,7 @@ def test_gather_conv_zp_exact_and_in_the_requested_dtype():
     np.testing.assert_array_equal(out.numpy().astype(np.int64).astype(object), ref)
 
 
+@pytest.mark.numba
 def test_gather_conv_zp_weight_index_message():
     """A weight index outside the table raises with the operand and side named exactly.
     (Mutants: ``gather_conv_zp`` 128 132 133 134 -- the ``what`` of the weight check.)"""
@@ -318,6 +320,7 @@ def test_gather_conv_zp_declines_sums_past_int32(case):
     assert out is None
 
 
+@pytest.mark.numba
 def test_gather_conv_zp_no_output_channels():
     """A conv with no output channels (``nn.Conv2d(c, 0, k)`` is valid) gives an empty
     accumulator, not an error from the bound's ``max`` over no weight zero points.

@@ -129,6 +129,7 @@ def test_gather_conv_zp_declines_an_empty_output_map(h, w):
     assert conv_zp(q, 0, b, 0, table, (2, 2), 1, None) is None
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("h, w", [(2, 9), (9, 2)])
 def test_gather_conv_zp_one_output_row_or_column(h, w):
     """An output map one row (or one column) high is computed, exactly. (Mutants:
@@ -142,6 +143,7 @@ def test_gather_conv_zp_one_output_row_or_column(h, w):
     assert_exact(out, conv_zp_ref(q, -1, b, -2, table, (2, 2), 1, zw, 1))
 
 
+@pytest.mark.numba
 def test_gather_conv_zp_row_kernel_takes_the_threshold_positions():
     """The row kernel declines *fewer* than ``ROWS_MIN_POSITIONS * NA`` positions: exactly
     that many are computed, exactly. (Mutant: ``gather_conv_zp`` 69 -- ``<=`` for ``<``.)"""
@@ -165,6 +167,7 @@ TIGHT_CASES = {
 }
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("case", TIGHT_CASES)
 def test_gather_conv_zp_takes_sums_just_inside_int32(case):
     """Where the bound of every folded sum is exactly ``2**31 - 1`` the fused int32 path still
@@ -185,6 +188,7 @@ def test_gather_conv_zp_takes_sums_just_inside_int32(case):
 
 # -- gather_conv_zp: the weight zero points as given ------------------------------------------------
 
+@pytest.mark.numba
 def test_gather_conv_zp_per_channel_zero_points_shaped_like_the_weight():
     """Per-channel zero points shaped ``(Co, 1, 1, 1)`` (torch's broadcast shape against a
     weight) are flattened to one per output channel. (Mutant: ``gather_conv_zp`` 84 --
@@ -198,6 +202,7 @@ def test_gather_conv_zp_per_channel_zero_points_shaped_like_the_weight():
     assert_exact(out, conv_zp_ref(q, 0, b, -1, table, (2, 2), 2, zw, 2))
 
 
+@pytest.mark.numba
 def test_gather_conv_zp_uint8_zero_points():
     """Zero points given as uint8 (an unsigned 8-bit quantizer's type) are taken as int64:
     ``-Zw`` and ``K Zx Zw`` must not wrap modulo 256. (Mutants: ``gather_conv_zp`` 86 88 --
@@ -318,6 +323,7 @@ def test_gather_forward_few_positions_int32_offset_outside_int32(groups):
     np.testing.assert_array_equal(out.numpy(), ref)
 
 
+@pytest.mark.numba
 def test_gather_linear_offset_table_of_entries_near_int32(monkeypatch):
     """A table of entries near ``1.5e9`` spanning 1,000 values (``min + max`` past ``2**31``,
     ``max - min`` far below): with ``K = 1`` every sum fits int32, so the fused linear runs
@@ -339,6 +345,7 @@ def test_gather_linear_offset_table_of_entries_near_int32(monkeypatch):
     assert out.numpy().tolist() == table[qx[:, 0][:, None], iw[:, 0][None, :]].tolist()
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("nout, shuffle", [(64, True), (63, False)])
 def test_gather_conv_zp_byte_shuffle_from_min_lookups(nout, shuffle, gather_path, monkeypatch):
     """The fused conv takes the byte shuffle from exactly ``MIN_LOOKUPS`` look-ups
@@ -356,6 +363,7 @@ def test_gather_conv_zp_byte_shuffle_from_min_lookups(nout, shuffle, gather_path
     assert_exact(out, conv_zp_ref(q, -1, b, -2, table, (1, 1), 1, zw, 1))
 
 
+@pytest.mark.numba
 def test_gather_conv_zp_no_output_channels():
     """A conv with no output channels has no weight zero points, whose largest ``|Zw|`` is
     then 0: a table entry of ``2**31 - 2`` with ``Kg = 1`` is inside the bound, and the fused

@@ -17,7 +17,7 @@ import torch
 
 from appmult.nn import kernels as K
 
-needs_numba = pytest.mark.skipif(not K.numba_available(), reason="the fused gather kernel needs numba")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def brute(table: np.ndarray, xv: np.ndarray, lo_x: int, wi: np.ndarray, lo_w: int, zx: int,
@@ -288,6 +288,7 @@ def test_linear_prep_declines_weight_ranges_whose_int64_sums_would_wrap(gather_p
     assert K.gather_linear_prep(w, (1 << 63) - 1, table, 0, 1, np.array([-(1 << 63)], np.int64)) is None
 
 
+@pytest.mark.numba
 def test_linear_prep_is_a_snapshot_of_the_table_for_both_paths(gather_path, monkeypatch):
     """The prep holds both 16-bit forms of the table as it was: a product computed after an
     in-place write to the table gives the same integers on both paths (before, the scalar

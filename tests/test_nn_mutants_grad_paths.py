@@ -30,7 +30,7 @@ from appmult.nn import quant_loops as QL
 from appmult.nn.tables import LutTables
 from test_nn_lut2d_conv_backward import FOLDS
 
-needs_numba = pytest.mark.skipif(not QL.AVAILABLE, reason="numba not installed")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 @needs_numba

@@ -21,10 +21,9 @@ import torch
 from appmult.nn import ActivationQuantizer
 from appmult.nn import functional as FN
 from appmult.nn import quant as Q
-from appmult.nn.kernels import numba_available
 from test_nn_int8_gemm import brute_acc, int8_gemm, make_layer, spy_int8, trains_alike_through_the_int8_gemm, truncated
 
-needs_numba = pytest.mark.skipif(not (Q.loops.AVAILABLE and numba_available()), reason="numba not installed")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

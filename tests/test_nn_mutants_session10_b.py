@@ -44,7 +44,7 @@ from test_nn_int8_gemm import brute_acc, quantized_case
 #: (``-c`` puts its working directory first on ``sys.path``, ahead of ``PYTHONPATH``).
 PACKAGE_ROOT = Path(appmult.__file__).resolve().parents[1]
 
-needs_numba = pytest.mark.skipif(not quant_loops.AVAILABLE, reason="numba is not installed")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def fresh(code: str) -> subprocess.CompletedProcess:

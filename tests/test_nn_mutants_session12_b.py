@@ -21,7 +21,7 @@ from test_nn_eval_plan import _spied, bits, brute, general, make, make_linear, o
 from test_nn_int8_gemm import truncated as gemm_table
 from test_nn_luts import exact
 
-pytestmark = pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+pytestmark = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def _plan(layer):

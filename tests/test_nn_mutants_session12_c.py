@@ -5,6 +5,7 @@ refuses the layer. References: the numpy brute force and the general path, bit f
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from appmult.nn import eval_plan
@@ -12,6 +13,7 @@ from test_nn_eval_plan import brute, bits, general, make, planned, weight_side
 from test_nn_rank1_mapped_conv import drum
 
 
+@pytest.mark.numba
 def test_rank1_plan_follows_a_new_zero_point_for_a_weight_side_lut():
     """``x * V[w]`` with ``V != value``: the shifted conv's bias ``Zx sum (V[w] - w)``
     depends on ``Zx`` (for the exact product it is 0 whatever ``Zx``), so the plan's prep
@@ -26,6 +28,7 @@ def test_rank1_plan_follows_a_new_zero_point_for_a_weight_side_lut():
     assert torch.equal(bits(y1), bits(brute(layer, x, table, False, 0)))
 
 
+@pytest.mark.numba
 def test_rank1_plan_with_a_zero_point_of_exactly_one():
     """``Zx = 1``: the plan's input is ``q - 1`` (the look-up table), not the codes themselves."""
     table = weight_side()

@@ -1106,6 +1106,7 @@ def test_approx_linear_fills_the_callers_cache():
 
 # -- fused._gather_linear_prep / _gather_linear_zp (the fused gather path of approx_linear) ---
 
+@pytest.mark.numba
 def test_approx_linear_gather_rounds_the_accumulator_once(monkeypatch):
     """An unsigned 8-bit LUT on the gather kernel, per-channel weight zero points, N != K:
     the fused path computes the whole accumulator ``sum LUT - qx Zw - Zx qw + K Zx Zw`` in
@@ -1169,6 +1170,7 @@ def test_approx_linear_gather_without_outputs():
     assert y.shape == (3, 0) and y.dtype == torch.float32
 
 
+@pytest.mark.numba
 def test_gather_linear_prep_refuses_weight_indices_outside_the_table():
     """The kernel names the weight operand whose indices are out of range (mutant: another
     spelling in the message)."""
@@ -1225,6 +1227,7 @@ def test_probe_later_candidate_must_beat_the_margin(monkeypatch):
     assert K.probe_choice(("margin",), candidates, CPU) == "a"
 
 
+@pytest.mark.numba
 def test_approx_linear_gather_bound_just_below_two_to_the_31(monkeypatch):
     """K = 1, a 2-bit unsigned LUT with row 3 at 30001 (offset 0), ``Zx = 0``,
     ``Zw = -715817882`` (float64): every weight-side constant is 0 and the bound
@@ -1270,6 +1273,7 @@ def test_approx_linear_gather_lut_over_8_bits_on_one_side(width_a, width_b):
     np.testing.assert_array_equal(y.numpy(), ref.astype(np.float32))
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("c", [30001, 30002])
 def test_approx_linear_gather_constant_lut_bound_at_two_to_the_31(c, monkeypatch):
     """K = 1, a constant 2-bit unsigned LUT (every entry ``c``: the uint16 table is all 0),

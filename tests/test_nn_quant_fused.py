@@ -39,6 +39,7 @@ CASES = [  # (shape, per-channel, qmin, qmax)
 ]
 
 
+@pytest.mark.numba
 @pytest.mark.parametrize("shape, per_channel, qmin, qmax", CASES)
 def test_fused_fake_quant_equals_torch_bit_for_bit(shape, per_channel, qmin, qmax):
     x = nasty(shape, seed=len(shape) + shape[0])
@@ -67,6 +68,7 @@ def test_fused_fake_quant_equals_torch_bit_for_bit(shape, per_channel, qmin, qma
     assert torch.equal(bits(xg.grad), bits(g * want_in / s))
 
 
+@pytest.mark.numba
 def test_exact_halves_round_to_even():
     s = torch.tensor(1.0)
     x = torch.arange(-10, 10, dtype=torch.float32) + 0.5
@@ -80,6 +82,7 @@ def test_exact_halves_round_to_even():
         assert torch.equal(inside, torch_forward(edge, s, torch.tensor(0.0), qmin, qmax)[1])
 
 
+@pytest.mark.numba
 def test_fused_fake_quant_steps_aside(monkeypatch):
     x, s, z = torch.rand(4, 6), torch.tensor(0.01), torch.tensor(1.0)
     assert Q._fused_fake_quant(x, s, z, 0, 255, mask=False) is not None

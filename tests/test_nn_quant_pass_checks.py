@@ -21,7 +21,7 @@ from appmult.nn import quant as Q
 from appmult.nn import quant_loops as L
 from test_nn_luts import exact
 
-needs_numba = pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 #: Bit patterns: every exponent but all-ones is finite; all-ones is Inf (mantissa 0) or NaN.
 FINITE_BITS = [0x00000000, 0x80000000, 0x00000001, 0x007FFFFF, 0x00800000, 0x3F800000, 0x7F000000, 0x7F7FFFFF,

@@ -27,7 +27,7 @@ from test_nn_eval_plan import brute, bits, general, make, planned
 from test_nn_wide_conv_fold import brute_conv_acc
 
 #: The numba passes run (numba installed, APPMULT_NO_NUMBA not set): the tests of them skip otherwise.
-needs_numba = pytest.mark.skipif(not FU.K.numba_available(), reason="numba is not installed or APPMULT_NO_NUMBA is set")
+needs_numba = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def drum(width: int = 8, k: int = 4, signed: bool = False) -> np.ndarray:

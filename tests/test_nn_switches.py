@@ -51,3 +51,33 @@ def test_the_layer_switches_follow_the_environment(monkeypatch):
     assert not K.probe_enabled()
     monkeypatch.delenv("APPMULT_KERNEL_PROBE")
     assert K.probe_enabled()
+
+
+def test_numba_marked_tests_skip_exactly_where_the_numba_paths_are_off(monkeypatch):
+    """conftest's hook: an item marked ``numba`` gets a skip under ``APPMULT_NO_NUMBA`` (and
+    without numba); unmarked items and every item with the numba paths on are left alone."""
+    import conftest
+
+    from appmult.nn import quant_loops
+
+    class Item:
+        def __init__(self, marked):
+            self.marked, self.added = marked, []
+
+        def get_closest_marker(self, name):
+            return object() if (self.marked and name == "numba") else None
+
+        def add_marker(self, mark):
+            self.added.append(mark)
+
+    for off in (False, True):
+        if off:
+            monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+        else:
+            monkeypatch.delenv("APPMULT_NO_NUMBA", raising=False)
+        items = [Item(True), Item(False)]
+        conftest._skip_numba_tests(items)
+        skipped = off or not quant_loops.AVAILABLE
+        assert [len(i.added) for i in items] == [int(skipped), 0]
+        if skipped:
+            assert items[0].added[0].name == "skip"

@@ -26,7 +26,7 @@ from appmult.nn import quant as Q
 from appmult.nn.tables import LutTables
 from test_nn_int8_gemm import brute_acc, truncated
 
-pytestmark = pytest.mark.skipif(not FU.K.numba_available(), reason="numba is not installed or APPMULT_NO_NUMBA is set")
+pytestmark = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
