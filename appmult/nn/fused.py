@@ -441,6 +441,10 @@ def _rank1_mapped_conv(qx: torch.Tensor, zx: torch.Tensor, prep, tabs: LutTables
     return main.to(dtype)
 
 
+#: No scale and no bias: :func:`appmult.nn.quant_loops.dequantize_channels_zw` adds the term only.
+_NO_SCALE = np.empty(0, np.float32)
+
+
 def _numba_mapped(q: torch.Tensor, vw: torch.Tensor) -> bool:
     """Whether :func:`_numba_mapped_conv` runs: contiguous CPU float32 codes and weights, numba on."""
     return q.device.type == "cpu" and vw.device.type == "cpu" and q.is_contiguous() and quant_loops.AVAILABLE \
@@ -451,7 +455,8 @@ def _numba_mapped_conv(q: torch.Tensor, zx: float, prep, tabs: LutTables, paddin
                        groups: int) -> torch.Tensor:
     """:func:`_rank1_mapped_conv` with its ``- Zw_j S`` term by two numba passes: the
     look-ups and the zero-padded group sums in one (``quant_loops.map_codes_sums``), the
-    window sums added to the convolution in place in the other (``add_window_term``) -- the
+    window sums added to the convolution in place in the other (``dequantize_channels_zw``
+    with no scale) -- the
     same integers as :func:`_group_sums`, :func:`_window_sums` and ``addcmul_``, whose
     reduction, depthwise convolution and pass took 100 + 250 + 35 us of a LeNet training
     step against 50-60 here."""
@@ -464,7 +469,7 @@ def _numba_mapped_conv(q: torch.Tensor, zx: float, prep, tabs: LutTables, paddin
     main = exact_conv.conv2d(a, vw, const, stride, padding, dilation, groups).contiguous()
     kh, kw = vw.shape[2:]
     geom = np.array([kh, kw, sh, sw, dh, dw], np.int64)
-    quant_loops.add_window_term(main.numpy(), sums.numpy(), geom, nzw.numpy())
+    quant_loops.dequantize_channels_zw(main.numpy(), sums.numpy(), geom, nzw.numpy(), _NO_SCALE, _NO_SCALE)
     return main
 
 

@@ -233,6 +233,29 @@ if numba is not None:
                 k = top if k > top else k
                 out[i] = table[np.int32(k)]
 
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _group_sums(fg, codes, g, cg, length, off):  # pragma: no cover - compiled
+        # fg[i] = sum over the channels of group g of f32(codes[ch, i]) + off, for one
+        # image's codes flattened (C, length): int32 offsets or float32 codes, integers
+        # (exact below 2**24: the callers' bounds), summed from +0.0
+        for i in range(length):
+            fg[i] = 0.0
+        for ch in range(g * cg, (g + 1) * cg):
+            src = codes[ch * length:(ch + 1) * length]
+            for i in range(length):
+                fg[i] += np.float32(src[i]) + off
+
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _into_padded(sg, fg, h, w, ph, pw):  # pragma: no cover - compiled
+        # the (h w) flat map fg into the interior of the zero-bordered (H + 2 ph, W + 2 pw) sg
+        for r in range(sg.shape[0]):
+            for k in range(sg.shape[1]):
+                sg[r, k] = 0.0
+        for r in range(h):
+            sr, fr = sg[ph + r, pw:pw + w], fg[r * w:(r + 1) * w]
+            for k in range(w):
+                sr[k] = fr[k]
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def quantize_map(x, scale, zp, qmin, qmax, table, groups, zx, a, sums):  # pragma: no cover - compiled
         # For x, a (N, C, H, W): a[n, c] = table[q - qmin] with q = clamp(rint(x / s + z),
@@ -272,20 +295,8 @@ if numba is not None:
             if has_sums:
                 fg = flat[img]
                 for g in range(groups):
-                    for i in range(length):
-                        fg[i] = 0.0
-                    for ch in range(g * cg, (g + 1) * cg):
-                        src = qr[ch * length:(ch + 1) * length]
-                        for i in range(length):
-                            fg[i] += np.float32(src[i]) + shift
-                    sg = sums[img, g]
-                    for r in range(sg.shape[0]):
-                        for k in range(sg.shape[1]):
-                            sg[r, k] = 0.0
-                    for r in range(h):
-                        sr, fr = sg[ph + r, pw:pw + w], fg[r * w:(r + 1) * w]
-                        for k in range(w):
-                            sr[k] = fr[k]
+                    _group_sums(fg, qr, g, cg, length, shift)
+                    _into_padded(sums[img, g], fg, h, w, ph, pw)
         return tops
 
     @njit(inline="always", error_model="numpy", boundscheck=False)
@@ -333,12 +344,14 @@ if numba is not None:
         # magnitudes, so every partial sum in any order is exact too). The product is exact,
         # the sum rounds once (as the integer accumulator's conversion), then the multiply
         # and the add each round (torch's addcmul_, mul_ and add_); an empty bias adds
-        # nothing. One task per image; its S per group once (_flat_window_sums), then every
-        # output channel of it.
+        # nothing. An empty scale (and bias) adds the term only: acc[n, j] += nzw[j] S
+        # (the training path, which dequantizes later). One task per image; its S per group
+        # once (_flat_window_sums), then every output channel of it.
         batch, channels, ho, wo = acc.shape
         groups, hp, wp = sums.shape[1], sums.shape[2], sums.shape[3]
         per = channels // groups
         has_bias = bias.shape[0] > 0
+        scaled = scale.shape[0] > 0
         olen = ho * wo
         wlen, rlen = _window_spans(geom, ho, wo, wp)
         rows_all = np.empty((batch, rlen), np.float32)
@@ -351,10 +364,14 @@ if numba is not None:
             for g in range(groups):
                 _flat_window_sums(maps[img, g], geom, ho, wo, wp, rows, full, win)
                 for j in range(g * per, (g + 1) * per):
-                    wj, sc = nzw[j], scale[j]
+                    wj = nzw[j]
+                    sc = scale[j] if scaled else np.float32(1.0)
                     b = bias[j] if has_bias else np.float32(0.0)
                     out = acc3[img, j]
-                    if has_bias:
+                    if not scaled:
+                        for k in range(olen):
+                            out[k] += wj * win[k]
+                    elif has_bias:
                         for k in range(olen):
                             out[k] = (out[k] + wj * win[k]) * sc + b
                     else:
@@ -386,42 +403,5 @@ if numba is not None:
                 k = top if k > top else k
                 orow[i] = table[np.int32(k)]
             for g in range(groups):
-                for i in range(length):
-                    fg[i] = 0.0
-                for ch in range(g * cg, (g + 1) * cg):
-                    src = qr[ch * length:(ch + 1) * length]
-                    for i in range(length):
-                        fg[i] += src[i] - zx
-                sg = sums[img, g]
-                for r in range(sg.shape[0]):
-                    for k2 in range(sg.shape[1]):
-                        sg[r, k2] = 0.0
-                for r in range(h):
-                    sr, fr = sg[ph + r, pw:pw + w], fg[r * w:(r + 1) * w]
-                    for k2 in range(w):
-                        sr[k2] = fr[k2]
-
-    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
-    def add_window_term(acc, sums, geom, nzw):  # pragma: no cover - compiled
-        # acc[n, j] += nzw[j] S[n, g(j)] in place (float32; the product exact by the
-        # caller's bound, the sum rounded once: torch's addcmul_), S the window sums of the
-        # padded maps sums as in dequantize_channels_zw.
-        batch, channels, ho, wo = acc.shape
-        groups, hp, wp = sums.shape[1], sums.shape[2], sums.shape[3]
-        per = channels // groups
-        olen = ho * wo
-        wlen, rlen = _window_spans(geom, ho, wo, wp)
-        rows_all = np.empty((batch, rlen), np.float32)
-        full_all = np.empty((batch, wlen), np.float32)
-        s_all = np.empty((batch, olen), np.float32)
-        acc3 = acc.reshape(batch, channels, olen)
-        maps = sums.reshape(batch, groups, hp * wp)
-        for img in prange(batch):
-            rows, full, win = rows_all[img], full_all[img], s_all[img]
-            for g in range(groups):
-                _flat_window_sums(maps[img, g], geom, ho, wo, wp, rows, full, win)
-                for j in range(g * per, (g + 1) * per):
-                    wj = nzw[j]
-                    out = acc3[img, j]
-                    for k in range(olen):
-                        out[k] += wj * win[k]
+                _group_sums(fg, qr, g, cg, length, -zx)   # (q + (-zx) is q - zx, signed zeros too)
+                _into_padded(sums[img, g], fg, h, w, ph, pw)
