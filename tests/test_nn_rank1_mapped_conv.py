@@ -402,6 +402,130 @@ def test_numba_mapped_prep_declines_and_refuses_as_the_torch_prep(monkeypatch):
 
 
 @needs_numba
+def test_numba_mapped_prep_steps_aside_for_each_guard(monkeypatch):
+    """Each condition alone sends the weight side to the torch path (``None``): weights not
+    4-D, not float32 or not on the CPU, a zero point ``Zx`` that is not 0-dimensional, ``Zw``
+    not on the CPU or of another dtype, tables not on the CPU, numba switched off."""
+    import types
+    layer, _ = make(drum(), cin=3, cout=4, k=3, shift=-0.3)
+    tabs = layer.lut
+    qw = torch.randint(0, 256, (4, 3, 3, 3), generator=torch.Generator().manual_seed(17)).float()
+    zx, zw = torch.tensor(9.0), torch.tensor([3.0, 0.0, 7.0, 1.0])
+    assert FU._numba_mapped_prep(qw, zx, zw, tabs) not in (None, False)
+    meta_tabs = types.SimpleNamespace(u=torch.empty(256, 1, device="meta"))
+    for args in [(qw[0], zx, zw, tabs), (qw.double(), zx, zw, tabs), (qw.to("meta"), zx, zw, tabs),
+                 (qw, zx.reshape(1), zw, tabs), (qw, zx, zw.to("meta"), tabs), (qw, zx, zw.half(), tabs),
+                 (qw, zx, zw.to(torch.int64), tabs), (qw, zx, zw, meta_tabs)]:
+        assert FU._numba_mapped_prep(*args) is None
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    assert FU._numba_mapped_prep(qw, zx, zw, tabs) is None
+
+
+@needs_numba
+def test_numba_mapped_prep_makes_float32_under_a_float64_default_dtype(monkeypatch):
+    """``torch.set_default_dtype(torch.float64)`` changes nothing: the weights, bias and
+    tables are float32, the bits of the torch path's, and the training accumulator too."""
+    layer, x = make(drum(), cin=3, cout=4, k=3, shift=-0.3)
+    with torch.no_grad():
+        qx, sx, zx, qw, sw, zw = layer._quantize(x)
+    tabs = layer.lut
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = FU._rank1_mapped_prep(qw, zx, zw, tabs)
+        assert all(t is None or t.dtype == torch.float32 for t in got)
+        assert _same_prep(got, _torch_mapped_prep(qw, zx, zw, tabs, monkeypatch))
+        geom = (layer._padding(), layer.stride, layer.dilation, layer.groups)
+        acc = FU._rank1_mapped_conv(qx, zx, got, tabs, *geom, torch.float32)
+    finally:
+        torch.set_default_dtype(prev)
+    monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    assert torch.equal(bits(acc), bits(FU._rank1_mapped_conv(qx, zx, got, tabs, *geom, torch.float32)))
+
+
+def test_torch_mapped_prep_refuses_at_each_bound(monkeypatch):
+    """The torch path (what CUDA and ``APPMULT_NO_NUMBA`` run) at the edges the numba path
+    also decides: ``Zx`` one past the table, the code-sum bound at 65,793 / 65,794 channels
+    (``65,794 x 255 >= 2**24 > 65,794 x 254``), and the ``Zw S`` bound exactly at ``2**24``
+    (``K = 128`` 1x1 channels, ``Zx = 128``: ``128 x 128 x 1024``) -- each against the numba
+    path where it runs."""
+    one, _ = make(drum(), cin=1, cout=1, k=1)
+    tabs = one.lut
+    assert _torch_mapped_prep(torch.zeros(2, 4, 1, 1), torch.tensor(256.0), torch.zeros(2), tabs, monkeypatch) is False
+    for c, want in ((65793, True), (65794, False)):
+        qw = torch.zeros(1, c, 1, 1)
+        got = _torch_mapped_prep(qw, torch.tensor(128.0), torch.tensor([1.0]), tabs, monkeypatch)
+        assert (got is not False) == want
+        if FU.K.numba_available():
+            assert _same_prep(FU._rank1_mapped_prep(qw, torch.tensor(128.0), torch.tensor([1.0]), tabs), got)
+    for zw0, want in ((1023.0, True), (1024.0, False)):
+        qw, zw = torch.zeros(2, 128, 1, 1), torch.tensor([zw0, 1.0])
+        got = _torch_mapped_prep(qw, torch.tensor(128.0), zw, tabs, monkeypatch)
+        assert (got is not False) == want
+        if FU.K.numba_available():
+            assert _same_prep(FU._rank1_mapped_prep(qw, torch.tensor(128.0), zw, tabs), got)
+
+
+def test_mapped_prep_bounds_at_exactly_two_to_the_24(monkeypatch):
+    """A LUT that ignores the activation (``U = 1``, so ``max|U - U[Zx]| = 0``) with weight
+    factors ``V[1] = V[2] = 2**23``, ``V[3] = 5``, ``V[255] = 2**24``: codes (1, 2) at ``Zx = 0``
+    give the bound ``|C| = 2**24`` exactly, code 255 at ``Zx = 255`` a ``max|V|`` of exactly
+    ``2**24`` under a smaller bound -- both refused by both paths; codes (1, 3) are taken."""
+    v = np.zeros(256, np.int64)
+    v[1] = v[2] = 1 << 23
+    v[3], v[255] = 5, 1 << 24
+    layer, _ = make(np.tile(v, (256, 1)), cin=1, cout=1, k=1)
+    tabs = layer.lut
+    assert tabs.rank == 1 and not tabs.u_is_value and float(tabs.u.abs().max()) == 1.0
+    for codes, zx, taken in (([1.0, 2.0], 0.0, False), ([255.0], 255.0, False), ([1.0, 3.0], 0.0, True)):
+        qw, zxt = torch.tensor(codes).reshape(1, -1, 1, 1), torch.tensor(zx)
+        want = _torch_mapped_prep(qw, zxt, torch.zeros(1), tabs, monkeypatch)
+        assert (want is not False) == taken
+        if FU.K.numba_available():
+            assert _same_prep(FU._rank1_mapped_prep(qw, zxt, torch.zeros(1), tabs), want)
+
+
+@pytest.mark.skipif(not L.AVAILABLE, reason="numba not installed")
+def test_mapped_kernels_refuse_inconsistent_shapes():
+    """The kernels index without bounds checks, so each refuses operands whose shapes do
+    not fit together (a ValueError, not a write outside an array)."""
+    f32 = np.float32
+    x, table = np.zeros((2, 4, 5, 6), f32), np.zeros(256, f32)
+    one, zero = np.ones(1, f32), np.zeros(1, f32)
+    good_sums = np.zeros((2, 2, 7, 8), f32)
+    assert L.quantize_map(x, one, zero, 0, 255, table, 2, f32(0), np.empty_like(x), good_sums) < L.NON_FINITE
+    for a, tab, groups, sums in [(np.zeros((2, 4, 5, 5), f32), table, 2, good_sums),     # output shape
+                                 (np.empty_like(x), table[:255], 2, good_sums),          # table too short
+                                 (np.empty_like(x), table, 3, np.zeros((2, 3, 7, 8), f32)),  # 4 % 3
+                                 (np.empty_like(x), table, 2, np.zeros((2, 2, 3, 8), f32)),  # maps too small
+                                 (np.empty_like(x), table, 2, np.zeros((1, 2, 7, 8), f32)),  # batch
+                                 (np.empty_like(x), table, 2, np.zeros((2, 1, 7, 8), f32))]:  # groups
+        with pytest.raises(ValueError, match="quantize_map"):
+            L.quantize_map(x, one, zero, 0, 255, tab, groups, f32(0), a, sums)
+    L.map_codes_sums(x, table, 0, f32(0), np.empty_like(x), good_sums)
+    for out, sums in [(np.zeros((2, 4, 5, 5), f32), good_sums), (np.empty_like(x), np.zeros((2, 2, 7, 5), f32)),
+                      (np.empty_like(x), np.zeros((2, 3, 7, 8), f32)), (np.empty_like(x), np.zeros((3, 2, 7, 8), f32))]:
+        with pytest.raises(ValueError, match="map_codes_sums"):
+            L.map_codes_sums(x, table, 0, f32(0), out, sums)
+    geom = np.array([3, 3, 1, 1, 1, 1], np.int64)
+    acc, nzw, sc = np.zeros((2, 4, 5, 6), f32), np.ones(4, f32), np.ones(4, f32)
+    L.dequantize_channels_zw(acc, good_sums, geom, nzw, sc, sc)
+    none = np.empty(0, f32)
+    L.dequantize_channels_zw(acc, good_sums, geom, nzw, none, none)
+    bad = [(np.zeros((2, 4, 5, 5), f32), good_sums, geom, nzw, sc, sc),                  # Wo of another geometry
+           (acc, np.zeros((2, 2, 6, 8), f32), geom, nzw, sc, sc),                        # Hp
+           (acc, np.zeros((1, 2, 7, 8), f32), geom, nzw, sc, sc),                        # batch
+           (acc, np.zeros((2, 3, 7, 8), f32), geom, nzw, sc, sc),                        # 4 % 3 groups
+           (acc, good_sums, np.array([3, 3, 0, 1, 1, 1], np.int64), nzw, sc, sc),        # stride 0
+           (acc, good_sums, np.array([3, 3, 1, 1, 1], np.int64), nzw, sc, sc),           # five numbers
+           (acc, good_sums, geom, nzw[:3], sc, sc), (acc, good_sums, geom, nzw, sc[:3], sc),
+           (acc, good_sums, geom, nzw, sc, sc[:3]), (acc, good_sums, geom, nzw, none, sc)]
+    for args in bad:
+        with pytest.raises(ValueError, match="dequantize_channels_zw"):
+            L.dequantize_channels_zw(*args)
+
+
+@needs_numba
 def test_eval_plan_is_off_for_the_mapped_path_where_numba_is(monkeypatch):
     """The plan needs the numba passes; with the plan switch off the general path gives the same bits."""
     table = drum()

@@ -271,6 +271,10 @@ if numba is not None:
         # group. (One loop with the look-up in it ran 9x slower.)
         n, c, h, w = x.shape
         has_sums = sums.shape[0] > 0
+        if a.shape != x.shape or table.shape[0] < qmax - qmin + 1 or groups < 1 or c % groups \
+                or (has_sums and (sums.shape[0] != n or sums.shape[1] != groups or sums.shape[2] < h
+                                  or sums.shape[3] < w)):
+            raise ValueError("quantize_map: operands of inconsistent shapes")   # (no bounds checks below)
         ph, pw = (sums.shape[2] - h) // 2, (sums.shape[3] - w) // 2
         cg = c // groups
         s, z = scale[0], zp[0]
@@ -349,6 +353,13 @@ if numba is not None:
         # once (_flat_window_sums), then every output channel of it.
         batch, channels, ho, wo = acc.shape
         groups, hp, wp = sums.shape[1], sums.shape[2], sums.shape[3]
+        if sums.shape[0] != batch or groups < 1 or channels % groups or nzw.shape[0] < channels \
+                or geom.shape[0] != 6 or min(geom[2], geom[3], geom[4], geom[5]) < 1 \
+                or (hp - geom[4] * (geom[0] - 1) - 1) // geom[2] + 1 != ho \
+                or (wp - geom[5] * (geom[1] - 1) - 1) // geom[3] + 1 != wo \
+                or scale.shape[0] not in (0, channels) or bias.shape[0] not in (0, channels) \
+                or (bias.shape[0] > 0 and scale.shape[0] == 0):
+            raise ValueError("dequantize_channels_zw: operands of inconsistent shapes")   # (no bounds checks below)
         per = channels // groups
         has_bias = bias.shape[0] > 0
         scaled = scale.shape[0] > 0
@@ -388,6 +399,9 @@ if numba is not None:
         # over whole planes, copied into the padded maps once per group.
         n, c, h, w = q.shape
         groups = sums.shape[1]
+        if out.shape != q.shape or table.shape[0] < 1 or sums.shape[0] != n or groups < 1 or c % groups \
+                or sums.shape[2] < h or sums.shape[3] < w:
+            raise ValueError("map_codes_sums: operands of inconsistent shapes")   # (no bounds checks below)
         ph, pw = (sums.shape[2] - h) // 2, (sums.shape[3] - w) // 2
         cg = c // groups
         top = np.float32(table.shape[0] - 1)
