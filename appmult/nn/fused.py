@@ -380,8 +380,9 @@ def _numba_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tab
     """:func:`_rank1_mapped_prep` by one numba pass over the weight codes
     (:func:`appmult.nn.fold_loops.mapped_fold_rows`: the look-ups, the bias and the bound
     from exact float64 sums of integers) -- the same tensors and decisions, without the
-    torch path's two dozen small ops (this runs every training step: 120 -> ~25 us for a
-    LeNet conv). ``None`` where the torch path decides (no numba, not 4-D float32 codes on
+    torch path's two dozen small ops (this runs every training step: 120-475 us of a LeNet
+    DRUM step by the torch path; in-process A/B of the step 1.65-1.67 -> 1.60-1.62x the
+    float step). ``None`` where the torch path decides (no numba, not 4-D float32 codes on
     the CPU, zero points that are not integers or not one per output, a code outside the
     table)."""
     if qw.dim() != 4 or qw.dtype != torch.float32 or qw.device.type != "cpu" or zx.dim() != 0 \
@@ -456,13 +457,13 @@ def _numba_mapped_conv(q: torch.Tensor, zx: float, prep, tabs: LutTables, paddin
     """:func:`_rank1_mapped_conv` with its ``- Zw_j S`` term by two numba passes: the
     look-ups and the zero-padded group sums in one (``quant_loops.map_codes_sums``), the
     window sums added to the convolution in place in the other (``dequantize_channels_zw``
-    with no scale) -- the
-    same integers as :func:`_group_sums`, :func:`_window_sums` and ``addcmul_``, whose
-    reduction, depthwise convolution and pass took 100 + 250 + 35 us of a LeNet training
-    step against 50-60 here."""
+    with no scale) -- the same integers as :func:`_group_sums`, :func:`_window_sums` and
+    ``addcmul_``, whose reduction, depthwise convolution and pass took 100 + 250 + 35 us of
+    a LeNet training step (in-process A/B of the step: 1.74-1.88 -> 1.64-1.76x the float
+    step)."""
     vw, const, ushift, nzw = prep
     n, c, h, w = q.shape
-    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    (ph, pw), (sh, sw), (dh, dw) = (exact_conv._pair(v) for v in (padding, stride, dilation))
     a = torch.empty_like(q)
     sums = torch.empty((n, groups, h + 2 * ph, w + 2 * pw), dtype=torch.float32)
     quant_loops.map_codes_sums(q.numpy(), ushift.numpy(), tabs.lo_x, np.float32(zx), a.numpy(), sums.numpy())
