@@ -34,7 +34,7 @@ def brute_forward(a: np.ndarray, b: np.ndarray, table: np.ndarray, groups: int) 
 ])
 def test_rows_kernel_blocks(signed_table, slab, expand, nbatch, length, groups, kg, ng, monkeypatch):
     if not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     rng = np.random.default_rng(nbatch * 100 + kg)
     na = 64
     lo, hi = (-4000, 4000) if signed_table else (0, 4096)
@@ -220,7 +220,7 @@ def test_fused_lowrank_falls_back_when_fp32_could_round():
 
 def test_gather_conv_zp_rejects_out_of_range_values():
     if not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     table = torch.arange(256 * 256, dtype=torch.int32).reshape(256, 256) % 1000
     b = torch.zeros((4, 2 * 9), dtype=torch.long)
     q = torch.full((2, 2, 20, 20), 3.0)

@@ -221,7 +221,7 @@ def test_gather_forward_int32_offset_outside_int32_with_totals_inside(gather_pat
     OverflowError on the int32 paths although every total fits int32 (the offset is added
     back modulo ``2**32``, like the sums). Both paths now give the brute-force totals."""
     if not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     kg = 31000
     table = torch.full((4, 4), -5000, dtype=torch.int32)
     table[3, 3] = -70000
@@ -283,7 +283,7 @@ def test_gather_forward_row_kernel_from_rows_min_positions(delta, kernel, monkey
     exact either way. int64 accumulators: no byte shuffle on either path. (Mutants:
     ``gather_forward`` 83 -- ``<=`` for ``<``; 84 -- ``ROWS_MIN_POSITIONS / NA``.)"""
     if not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     calls = spy(monkeypatch, K.loops, ("forward", "rows"))
     rng = np.random.default_rng(83)
     na = 4
@@ -303,7 +303,7 @@ def test_gather_forward_few_positions_int32_offset_outside_int32(groups):
     one group: the scalar path's). (Mutant: ``gather_forward`` 145 -- ``Kg * min`` not
     wrapped.)"""
     if not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     kg, length = 31000, 3
     table = np.full((4, 4), -5000, dtype=np.int64)
     table[3, 3] = -70000

@@ -1311,7 +1311,7 @@ def test_approx_linear_gather_per_tensor_zero_point_rounds_once(monkeypatch):
     exact int32 accumulator to float32 once; the unfused path rounds differently (the data
     discriminates) (mutant: a per-tensor zero point accepted only as a 2-element array)."""
     if not K.numba_available():
-        pytest.skip("numba not installed: no fused gather path")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set: no fused gather path")
     rng = np.random.default_rng(59)
     p = (1 << 20) + rng.integers(0, 60000, (256, 256))
     tabs = LutTables(LutFile(p, width_a=8, width_b=8, signed=False), kernel="gather")
@@ -1342,7 +1342,7 @@ def test_approx_conv2d_gather_refuses_a_zero_point_just_past_the_lut():
     refuses it first (session 11: every path pads with ``Zx`` as a code), so the kernel's
     own guard is called as the fused path calls it, with the last valid value beside."""
     if not K.numba_available():
-        pytest.skip("numba not installed: no fused gather path")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set: no fused gather path")
     rng = np.random.default_rng(60)
     tabs = LutTables(LutFile(random_lut(4, 61) + 2000, width_a=4, width_b=4, signed=False), kernel="gather")
     qx = torch.tensor(rng.integers(0, 16, (2, 2, 5, 5)), dtype=torch.float32)

@@ -131,7 +131,7 @@ def _adversarial(n: int):
 @pytest.mark.parametrize("operand", ["a", "b"])
 def test_gather_kernels_refuse_indices_outside_the_table(numba, entry, n, operand, monkeypatch):  # item 1
     if numba and not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     if not numba:
         monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
     rng = np.random.default_rng(n)
@@ -155,7 +155,7 @@ def test_gather_kernels_refuse_indices_outside_the_table(numba, entry, n, operan
 @pytest.mark.parametrize("value", [256, -1, 300])
 def test_gather_conv_kernel_refuses_weight_indices_outside_the_table(value):  # item 1
     if not K.numba_available():
-        pytest.skip("numba not installed")
+        pytest.skip("numba is not installed or APPMULT_NO_NUMBA is set")
     table = torch.from_numpy(np.random.default_rng(0).integers(-50, 50, (256, 256))).to(torch.int32)
     q = torch.randint(0, 256, (8, 4, 16, 16)).to(torch.float32)
     b = torch.randint(0, 256, (8, 36))
