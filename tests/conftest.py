@@ -90,14 +90,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _skip_numba_tests(items) -> None:
+    # (tests of these hooks pass plain objects, without markers)
+    marked = [item for item in items if getattr(item, "get_closest_marker", lambda name: None)("numba") is not None]
+    if not marked:
+        return   # (no import of appmult.nn, and torch, for a run without such tests)
     from appmult.nn.kernels import numba_available
 
-    if numba_available():
-        return
-    skip = pytest.mark.skip(reason="numba is not installed or APPMULT_NO_NUMBA is set (the torch paths run)")
-    for item in items:
-        marker = getattr(item, "get_closest_marker", None)   # (tests of these hooks pass plain objects)
-        if marker is not None and marker("numba") is not None:
+    if not numba_available():
+        skip = pytest.mark.skip(reason="numba is not installed or APPMULT_NO_NUMBA is set (the torch paths run)")
+        for item in marked:
             item.add_marker(skip)
 
 

@@ -367,13 +367,19 @@ def _rank1_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tab
         return False
     nzw = None
     if not tabs.signed and bool((zwv != 0).any()):
-        # Zw S exact; and the channel sums of the codes themselves (``_group_sums`` subtracts
-        # Cg Zx after summing) below 2**24
-        if cg * kh * kw * _activation_distance(tabs, zxf) * float(zwv.abs().max()) >= K.FP32_EXACT_LIMIT \
-                or cg * _activation_distance(tabs, 0.0) >= K.FP32_EXACT_LIMIT:
+        if not _s_term_exact(tabs, zxf, float(zwv.abs().max()), cg, cg * kh * kw):
             return False
         nzw = (-zwv).to(torch.float32).contiguous()
     return vw.to(torch.float32).contiguous(), const.to(torch.float32), ushift.to(torch.float32).contiguous(), nzw
+
+
+def _s_term_exact(tabs: LutTables, zxf: float, zw_max: float, cg: int, k: int) -> bool:
+    """Whether the mapped conv's ``- Zw_j S`` term is exact in float32 (both preps decide
+    by it): ``Zw_j S`` below ``2**24`` (``K max|x - Zx| max|Zw|``; below it the product is
+    exact), and each group's sum of the codes themselves (``Cg max|x|``: :func:`_group_sums`
+    sums before it shifts)."""
+    return k * _activation_distance(tabs, zxf) * zw_max < K.FP32_EXACT_LIMIT \
+        and cg * _activation_distance(tabs, 0.0) < K.FP32_EXACT_LIMIT
 
 
 def _numba_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs: LutTables):
@@ -412,8 +418,7 @@ def _numba_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tab
         return False
     nzw = None
     if not tabs.signed and bool((zwv != 0).any()):
-        if k * _activation_distance(tabs, zxf) * float(np.abs(zwv).max()) >= K.FP32_EXACT_LIMIT \
-                or cg * _activation_distance(tabs, 0.0) >= K.FP32_EXACT_LIMIT:
+        if not _s_term_exact(tabs, zxf, float(np.abs(zwv).max()), cg, k):
             return False
         nzw = torch.from_numpy((-zwv).astype(np.float32))
     return vw, const, torch.from_numpy(ushift.astype(np.float32)), nzw
@@ -703,13 +708,12 @@ def _int8_value_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs:
     umin, umax = _factor_range(tabs)
     if umax - umin > 255:
         return None
-    if tabs.prod.shape[1] <= 256 and zw.device.type == "cpu" and zw.dtype in (torch.float32, torch.float64) \
-            and zx.dim() == 0 and loops.AVAILABLE and K.numba_available():
-        zp = _integer_zero_points(zx, zw, n)
-        return None if zp is None else _int8_value_prep_8bit(qw, *zp, tabs, umin)
     zp = _integer_zero_points(zx, zw, n)
     if zp is None:
         return None
+    if tabs.prod.shape[1] <= 256 and zw.device.type == "cpu" and zw.dtype in (torch.float32, torch.float64) \
+            and zx.dim() == 0 and loops.AVAILABLE and K.numba_available():
+        return _int8_value_prep_8bit(qw, *zp, tabs, umin)
     zxf, zwv = zp[0], torch.from_numpy(zp[1])
     q = qw.detach()
     if tabs.prod.shape[1] <= 256:

@@ -29,10 +29,7 @@ def value(name: str, default: str = "") -> str:
     """``os.environ.get(name, default)``, read now."""
     if _DATA is None:  # pragma: no cover - not POSIX CPython
         return os.environ.get(name, default)
-    key = _KEYS.get(name)
-    if key is None:
-        key = _KEYS[name] = os.fsencode(name)
-    raw = _DATA.get(key)
+    raw = _DATA.get(_KEYS.get(name) or _key(name))
     return default if raw is None else os.fsdecode(raw)
 
 
@@ -40,7 +37,10 @@ def is_set(name: str) -> bool:
     """Whether ``name`` is set to a non-empty value (``os.environ.get(name, "") != ""``), read now."""
     if _DATA is None:  # pragma: no cover - not POSIX CPython
         return os.environ.get(name, "") != ""
-    key = _KEYS.get(name)
-    if key is None:
-        key = _KEYS[name] = os.fsencode(name)
-    return bool(_DATA.get(key))
+    return bool(_DATA.get(_KEYS.get(name) or _key(name)))
+
+
+def _key(name: str) -> bytes:
+    """``name`` encoded as ``os.environ`` encodes its keys, kept for the next read."""
+    key = _KEYS[name] = os.fsencode(name)
+    return key
