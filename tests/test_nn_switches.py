@@ -81,3 +81,16 @@ def test_numba_marked_tests_skip_exactly_where_the_numba_paths_are_off(monkeypat
         assert [len(i.added) for i in items] == [int(skipped), 0]
         if skipped:
             assert items[0].added[0].name == "skip"
+
+
+def test_a_name_never_read_before_is_encoded_and_read(monkeypatch):
+    """A fresh name (so its key is encoded here, not by an earlier test: the encoded keys are
+    kept per process) reads what was set, and again from the kept key."""
+    import uuid
+    name = f"APPMULT_TEST_FRESH_{uuid.uuid4().hex}"
+    monkeypatch.setenv(name, "on")
+    assert switches.is_set(name) and switches.value(name) == "on"
+    assert switches.is_set(name) and switches.value(name, "d") == "on"
+    fresh = f"APPMULT_TEST_FRESH_{uuid.uuid4().hex}"
+    monkeypatch.setenv(fresh, "1")
+    assert switches.value(fresh, "d") == "1"
