@@ -111,8 +111,7 @@ def _probes(tabs: LutTables | None) -> bool:
 def _with_auto_kernel(tabs: LutTables, key: tuple, ref: torch.Tensor, run):
     """``run()`` with the kernel :func:`~appmult.nn.kernels.probe_choice` picked for ``key``
     (timing each candidate on these operands, without autograd, the first time)."""
-    key = key + (tabs.sha256, tabs.activation_operand, tabs.grad.value, tabs.auto_candidates,
-                 str(ref.device), ref.dtype)
+    key = _probe_key(tabs, key, ref)
     choice = K.probe_cached(key)  # (every forward after the first: no candidates built)
     if choice is None:
         def forced(kernel):
@@ -124,6 +123,21 @@ def _with_auto_kernel(tabs: LutTables, key: tuple, ref: torch.Tensor, run):
         choice = K.probe_choice(key, {c: forced(c) for c in tabs.auto_candidates}, ref.device)
     with K.forced_kernel(tabs, choice):
         return run()
+
+
+def _probe_key(tabs: LutTables, key: tuple, ref: torch.Tensor) -> tuple:
+    """The automatic choice's cache key: a call's ``key`` with what else the cost depends on."""
+    return key + (tabs.sha256, tabs.activation_operand, tabs.grad.value, tabs.auto_candidates, str(ref.device),
+                  ref.dtype)
+
+
+def _probed_linear_kernel(tabs: LutTables, x: torch.Tensor, w: torch.Tensor) -> Kernel | None:
+    """The kernel the automatic choice picked for a training step of a linear layer (``x``
+    ``(M, K)``, per-channel weights ``w`` ``(N, K)``, no weight cache, float32 sums) -- the
+    key :func:`_approx_linear` probes under --, or ``None`` where it has not been probed."""
+    key = ("linear", tuple(x.shape), tuple(w.shape), (w.shape[0], 1), False, False)
+    choice = K.probe_cached(_probe_key(tabs, key, x))
+    return None if choice is None else Kernel(choice)
 
 
 def lut_linear(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, *, exact: bool = False) -> torch.Tensor:
@@ -349,21 +363,23 @@ def approx_linear(qx: torch.Tensor, sx: torch.Tensor, zx: torch.Tensor, qw: torc
 
 
 def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exact: bool = False,
-                   cache: dict | None = None) -> torch.Tensor:
+                   cache: dict | None = None, sides: tuple | None = None) -> torch.Tensor:
     """:func:`approx_linear` without the operand check (the layers' operands are in range by
-    construction) and with autocast already off."""
+    construction) and with autocast already off. ``sides``: what :func:`_lowrank_linear_sides`
+    gave for these operands, where the caller made it already (used where the low-rank
+    kernel runs)."""
     if _probes(tabs):
         # cached or not: with the weight side cached (inference) other kernels are fastest
         key = ("linear", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), exact, cache is not None)
         return _with_auto_kernel(tabs, key, qx, lambda: _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs,
-                                                                        exact=exact, cache=cache))
+                                                                        exact=exact, cache=cache, sides=sides))
     dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
     zwr = zw.reshape(1, -1) if zw.dim() else zw
     swr = sw.reshape(1, -1) if sw.dim() else sw
     fold, i8 = None, False
     if tabs is not None and not exact and tabs.kernel is Kernel.LOWRANK and qx.dim() == 2 \
             and _fused_on(_FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK"):
-        fold, i8 = _lowrank_linear_sides(qw, zx, zw, tabs, cache)
+        fold, i8 = sides if sides is not None else _lowrank_linear_sides(qw, zx, zw, tabs, cache)
     gacc = None
     if tabs is not None and fold is None and tabs.kernel is Kernel.GATHER and qx.dim() == 2 \
             and qx.device.type == "cpu" and _fused_on(_FUSED_GATHER, "APPMULT_NO_FUSED_GATHER"):
@@ -391,6 +407,16 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
     return _dequantize(acc, scale, bias_dt, qx.dtype)
 
 
+def _int8_codes_prep(qw, zx, zw, tabs: LutTables):
+    """The int8 GEMM's preparation made straight from the weight codes in a few passes (the
+    exact product's; else, with no fold -- DRUM: ``U`` is no multiple of ``value(x)`` --, the
+    looked-up weights'), or ``None`` where neither applies."""
+    i8 = _int8_value_prep(qw, zx, zw, tabs)
+    if i8 is None and not tabs.signed and tabs.value_coef is None:
+        i8 = _int8_mapped_prep(qw, zx, zw, tabs)
+    return i8
+
+
 def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):
     """``(fold, i8)``: the weight side of the fused low-rank linear path -- the folded
     weights (:func:`~appmult.nn.fused._folded_lowrank_weights`, or ``None``) and the int8
@@ -405,10 +431,7 @@ def _lowrank_linear_sides(qw, zx, zw, tabs: LutTables, cache: dict | None):
     n, k = qw.shape
     int8 = _fused_on(_INT8_GEMM, "APPMULT_NO_INT8_GEMM")
     if cache is None and int8:
-        i8 = _int8_value_prep(qw, zx, zw, tabs)
-        if i8 is None and not tabs.signed and tabs.value_coef is None:
-            # no fold (DRUM: U is no multiple of value(x)), which left the unfused path
-            i8 = _int8_mapped_prep(qw, zx, zw, tabs)
+        i8 = _int8_codes_prep(qw, zx, zw, tabs)
         if i8 is not None:
             return None, i8
     fold = _cached(cache, ("fold", tabs, float(zx)),

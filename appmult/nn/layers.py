@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from .autograd import _autocast_off
 from .config import ApproxConfig
-from . import eval_plan, exact_conv, quant_loops
+from . import eval_plan, exact_conv, quant_loops, train_plan
 from .correction import ControlVariate
 from .functional import _approx_conv2d, _approx_linear, _pair
 from .kernels import numba_available
@@ -178,12 +178,16 @@ class _ApproxMixin:
         weights (found by the weight quantizer) or a range wider than ``ct`` holds (an
         infinite scale; with finite weights and finite scales the codes are bounded
         integers). A NaN code would become an arbitrary table index."""
-        name = type(self).__name__
-        q = self.weight_quant(w.to(ct), name)
-        if not _finite_values(q[1]):
-            lo, hi = torch.stack(torch.aminmax(self.weight.detach().to(ct))).tolist()
-            raise InvalidValueError(f"{name} weight range [{lo:g}, {hi:g}] is too wide to quantize in {ct}")
+        q = self.weight_quant(w.to(ct), type(self).__name__)
+        self._check_weight_scale(q[1], ct)
         return q
+
+    def _check_weight_scale(self, scale: torch.Tensor, ct: torch.dtype) -> None:
+        """Refuse a weight whose range is wider than ``ct`` holds (an infinite ``scale``)."""
+        if not _finite_values(scale):
+            lo, hi = torch.stack(torch.aminmax(self.weight.detach().to(ct))).tolist()
+            raise InvalidValueError(f"{type(self).__name__} weight range [{lo:g}, {hi:g}] is too wide to "
+                                    f"quantize in {ct}")
 
     def _quantized_weight(self):
         """``((qw, sw, zw), cache)``: the quantized weight and a dict for weight-side tables.
@@ -299,6 +303,8 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
             return F.linear(x.to(ct), self.weight.to(ct), None if self.bias is None else self.bias.to(ct)).to(x.dtype)
         if (y := eval_plan.linear_forward(self, xf)) is not None:
             return y.reshape(*lead, self.out_features)  # inference on the int8 path: the same bits, set-up kept
+        if (y := train_plan.linear_forward(self, xf)) is not None:
+            return y.reshape(*lead, self.out_features)  # a training step on the int8 path: one node, the same bits
         qx, sx, zx, qw, sw, zw = self._quantize(xf)
         tabs = None if self.exact_multiplication else self.lut
         y = _approx_linear(qx, sx, zx, qw, sw, zw, self.bias, tabs, exact=self.config.exact_accumulate,

@@ -141,34 +141,46 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                 qmin: int, qmax: int, what: str | None = None, done=None) -> torch.Tensor:
-        if done is not None:
-            ctx.save_for_backward(done[1], scale)
-            return done[0]
-        fused = None if scale.requires_grad or zero_point.requires_grad else \
-            _fused_fake_quant(x, scale, zero_point, qmin, qmax, mask=True)
-        if fused is not None:
-            q, inside, finite = fused
-            if what is not None and not finite:
-                raise _non_finite(what)
-            ctx.save_for_backward(inside, scale)
-            return q
-        if what is not None:
-            check_finite(x, what)
-        t = x / scale + zero_point
-        inside = (t >= qmin - 0.5) & (t <= qmax + 0.5)
+        q, inside = done if done is not None else _codes_and_mask(x, scale, zero_point, qmin, qmax, what)
         ctx.save_for_backward(inside, scale)
-        return torch.clamp(torch.round(t), qmin, qmax)
+        return q
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         inside, scale = ctx.saved_tensors
-        rows = _rows(grad, scale)
-        if rows is not None and not torch.is_grad_enabled():
-            out = torch.empty_like(grad)
-            loops.ste_grad(grad.numpy().reshape(rows, -1), inside.numpy().reshape(rows, -1), _flat_numpy(scale),
-                           out.numpy().reshape(rows, -1))
-            return out, None, None, None, None, None, None
-        return grad * inside / scale, None, None, None, None, None, None
+        return _ste_backward(grad, inside, scale), None, None, None, None, None, None
+
+
+def _codes_and_mask(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                    what: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, inside)``: the codes ``clamp(round(x / s + Z))`` and the straight-through mask
+    (where ``x / s + Z`` lies within half a step of the code range), without autograd -- by
+    one numba pass where it runs, else by torch. With ``what``, NaN or Inf in ``x`` raises
+    :class:`InvalidValueError` naming it."""
+    fused = None if scale.requires_grad or zero_point.requires_grad else \
+        _fused_fake_quant(x, scale, zero_point, qmin, qmax, mask=True)
+    if fused is not None:
+        q, inside, finite = fused
+        if what is not None and not finite:
+            raise _non_finite(what)
+        return q, inside
+    if what is not None:
+        check_finite(x, what)
+    t = x.detach() / scale.detach() + zero_point.detach()
+    inside = (t >= qmin - 0.5) & (t <= qmax + 0.5)
+    return torch.clamp(torch.round(t), qmin, qmax), inside
+
+
+def _ste_backward(grad: torch.Tensor, inside: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The straight-through gradient ``grad * inside / scale`` (by one numba pass where it
+    runs and no graph of the backward is being built, else by torch: the same bits)."""
+    rows = _rows(grad, scale)
+    if rows is not None and not torch.is_grad_enabled():
+        out = torch.empty_like(grad)
+        loops.ste_grad(grad.numpy().reshape(rows, -1), inside.numpy().reshape(rows, -1), _flat_numpy(scale),
+                       out.numpy().reshape(rows, -1))
+        return out
+    return grad * inside / scale
 
 
 def _fused_channel_quant(w: torch.Tensor, wq: "WeightQuantizer", mask: bool):
@@ -424,13 +436,28 @@ class ActivationQuantizer(_Quantizer):
         ``what`` and changes nothing: found by the observer's min/max where it updates, else
         by the quantizing pass (see :func:`_fake_quant`).
         """
+        s, z, check = self._current_range(x, what)
+        return _fake_quant(x, s, z, self.qmin, self.qmax, check), s, z
+
+    def codes(self, x: torch.Tensor, what: str | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`'s codes without autograd, with the straight-through mask:
+        ``(q, inside, scale, zero_point)`` (the observer updated as by :meth:`forward`)."""
+        s, z, check = self._current_range(x, what)
+        q, inside = _codes_and_mask(x, s, z, self.qmin, self.qmax, check)
+        return q, inside, s, z
+
+    def _current_range(self, x: torch.Tensor, what: str | None) -> tuple[torch.Tensor, torch.Tensor, str | None]:
+        """``(scale, zero_point, what)`` for quantizing ``x``: the range updated from ``x``
+        where the observer updates (which checks ``x`` is finite: the returned ``what`` is
+        then ``None``), else the kept one (``what`` returned: the quantizing pass checks)."""
         update = self.training if self.observing is None else self.observing
         if update or not self.initialized.item():
             self.observe(x, what)
             s, z = self.scale_zero_point()
-            return _fake_quant(x, s, z, self.qmin, self.qmax), s, z
+            return s, z, None
         s, z = self._kept_scale_zero_point()
-        return _fake_quant(x, s, z, self.qmin, self.qmax, what), s, z
+        return s, z, what
 
     def _kept_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`scale_zero_point` of a range that is not being updated, kept between forwards

@@ -1,0 +1,281 @@
+"""The one-node training step of ``ApproxLinear`` (``appmult.nn.train_plan``): what it
+returns, its gradients, when it runs and when it steps aside.
+
+References: the numpy brute force of the LUT sum (``test_nn_int8_gemm.brute_acc``) with
+the layer's float32 dequantization for the forward, and the general path of the same
+layer (``train_plan.ENABLED = False``: the chain of autograd nodes the step replaces) for
+everything else, bit for bit (``int32`` views): outputs, the input's, weight's and bias's
+gradients and the activation observer's range, over several optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from appmult.errors import InvalidValueError
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxLinear
+from appmult.nn import functional as FN
+from appmult.nn import kernels as K
+from appmult.nn import train_plan
+from test_nn_int8_gemm import brute_acc, truncated
+from test_nn_train_overhead import drum_table
+
+pytestmark = pytest.mark.numba   # skipped without numba or under APPMULT_NO_NUMBA (conftest)
+
+
+def bits(t: torch.Tensor | None):
+    return None if t is None else t.detach().contiguous().view(torch.int32).clone()
+
+
+def weight_side() -> np.ndarray:
+    """``x * (w with its lowest bit cleared)``: rank 1, ``U = value(x)``, ``V != value(w)``."""
+    v = np.arange(256)
+    return np.outer(v, v & ~1)
+
+
+TABLES = {
+    "exact": lambda: (truncated(0), False),
+    "exact_signed": lambda: (truncated(0, signed=True), True),
+    "weight_side": lambda: (weight_side(), False),
+    "drum": lambda: (drum_table(False), False),
+    "drum_signed": lambda: (drum_table(True), True),
+}
+
+
+def make(name="exact", *, k=24, n=7, bias=True, seed=0, **config):
+    table, signed = TABLES[name]()
+    torch.manual_seed(seed)
+    cfg = {"kernel": "lowrank", "compute_missing_gradients": True, **config}
+    layer = ApproxLinear.from_float(nn.Linear(k, n, bias=bias),
+                                    ApproxConfig(LutFile(table, width_a=8, width_b=8, signed=signed), **cfg))
+    return layer.train()
+
+
+def inputs(signed: bool, m=9, k=24, seed=1, steps=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(m, k, generator=gen) * (1 + s) + (0 if signed else 0.3) for s in range(steps)]
+
+
+@contextlib.contextmanager
+def plan(on: bool):
+    prev = train_plan.ENABLED
+    train_plan.ENABLED = on
+    try:
+        yield
+    finally:
+        train_plan.ENABLED = prev
+
+
+@contextlib.contextmanager
+def spied(monkeypatch):
+    """A list that gets one entry per forward the one-node step computed."""
+    ran: list = []
+    real = train_plan._LinearStepFn.apply
+    monkeypatch.setattr(train_plan._LinearStepFn, "apply", lambda *a: ran.append(1) or real(*a))
+    yield ran
+
+
+def run_steps(layer, xs, *, x_grad=True, penalty=False):
+    """Forward, backward and an SGD step per input; what each step produced (bits)."""
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    out = []
+    for x in xs:
+        x = x.clone().requires_grad_(x_grad)
+        y = layer(x)
+        g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+        if penalty:  # a gradient penalty: the backward differentiated again
+            (gx,) = torch.autograd.grad((y * g).sum(), x, create_graph=True)
+            loss = (y * g).sum() + gx.square().sum()
+        else:
+            loss = (y * g).sum()
+        opt.zero_grad()
+        loss.backward()
+        b = layer.bias
+        out.append([bits(y), bits(x.grad), bits(layer.weight.grad), bits(None if b is None else b.grad),
+                    bits(layer.act_quant.min_val), bits(layer.act_quant.max_val)])
+        opt.step()
+    return out
+
+
+def same(a, b) -> bool:
+    return all((u is None and v is None) or (u is not None and v is not None and torch.equal(u, v))
+               for sa, sb in zip(a, b) for u, v in zip(sa, sb)) and len(a) == len(b)
+
+
+def both_ways(make_layer, xs, monkeypatch, **kw):
+    """``(general, planned, plan runs)`` of the same steps from two identical layers."""
+    with plan(False):
+        want = run_steps(make_layer(), xs, **kw)
+    with plan(True), spied(monkeypatch) as ran:
+        got = run_steps(make_layer(), xs, **kw)
+    return want, got, len(ran)
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+@pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
+def test_steps_are_the_general_path_bit_for_bit(name, grad, monkeypatch):
+    signed = TABLES[name]()[1]
+    want, got, ran = both_ways(lambda: make(name, grad=grad), inputs(signed), monkeypatch)
+    assert ran == 3
+    assert same(want, got)
+
+
+@pytest.mark.parametrize("name", ["exact", "drum", "drum_signed"])
+def test_forward_is_the_brute_force_sum(name, monkeypatch):
+    table, signed = TABLES[name]()
+    layer = make(name)
+    x = inputs(signed, steps=1)[0].requires_grad_(True)
+    with plan(True), spied(monkeypatch) as ran:
+        y = layer(x)
+    assert ran == [1]
+    with torch.no_grad():
+        q = layer.quantize(x)   # the observer has this batch's range now: the codes of that forward
+        acc = brute_acc(table, q.qx.numpy(), q.zero_x.numpy(), q.qw.numpy(), q.zero_w.numpy().reshape(-1), signed)
+        scale = (q.scale_x * q.scale_w.reshape(1, -1)).to(torch.float32)
+        want = torch.from_numpy(acc.astype(np.float32)) * scale + layer.bias
+    assert torch.equal(bits(y), bits(want))
+
+
+def test_operand_b_and_lead_dimensions(monkeypatch):
+    xs = [x.reshape(3, 3, 24) for x in inputs(False)]
+    want, got, ran = both_ways(lambda: make("exact", activation_operand="b"), xs, monkeypatch)
+    assert ran == 3 and same(want, got)
+    # the activation factor a look-up, the weight's its value: no int8 weight side (the
+    # general path from the step's codes and fold)
+    sides = []
+    real = FN._lowrank_linear_sides
+    monkeypatch.setattr(FN, "_lowrank_linear_sides", lambda *a: sides.append(1) or real(*a))
+    want, got, ran = both_ways(lambda: make("weight_side", activation_operand="b"), xs, monkeypatch)
+    assert ran == 0 and same(want, got)
+    assert len(sides) == 6  # one weight side a step, either way (not made again by the general path)
+
+
+def test_no_bias_a_frozen_bias_and_an_input_without_gradient(monkeypatch):
+    want, got, ran = both_ways(lambda: make("exact", bias=False), inputs(False), monkeypatch)
+    assert ran == 3 and same(want, got)
+
+    def frozen_bias():
+        layer = make("drum")
+        layer.bias.requires_grad_(False)
+        return layer
+    want, got, ran = both_ways(frozen_bias, inputs(False), monkeypatch)
+    assert ran == 3 and same(want, got) and got[0][3] is None
+    want, got, ran = both_ways(lambda: make("exact"), inputs(False), monkeypatch, x_grad=False)
+    assert ran == 3 and same(want, got) and got[0][1] is None
+
+
+def test_a_gradient_penalty_differentiates_the_backward_again(monkeypatch):
+    """``create_graph=True``: the step's backward is torch operations on the incoming
+    gradient, differentiable as the general path's (the same bits both times)."""
+    want, got, ran = both_ways(lambda: make("exact"), inputs(False), monkeypatch, penalty=True)
+    assert ran == 3 and same(want, got)
+
+
+def test_frozen_observer_and_eval_mode_with_gradients(monkeypatch):
+    def frozen():
+        layer = make("drum")
+        with torch.no_grad():
+            layer(inputs(False, steps=1)[0])
+        layer.act_quant.observing = False
+        return layer
+    want, got, ran = both_ways(frozen, inputs(False), monkeypatch)
+    assert ran == 3 and same(want, got)
+    want, got, ran = both_ways(lambda: frozen().eval(), inputs(False), monkeypatch)
+    assert ran == 3 and same(want, got)
+
+
+def picks(kernel: str):
+    """A stand-in for ``kernels.probe_choice`` that picks ``kernel`` (and caches it, as the probe does)."""
+    def choice(key, candidates, device):
+        K._probe_lru[key] = kernel
+        return kernel
+    return choice
+
+
+def test_auto_kernel_takes_the_step_once_its_probe_picked_lowrank(monkeypatch):
+    K.clear_probe_cache()
+    make_layer = lambda: make("exact", kernel="auto")  # noqa: E731
+    monkeypatch.setattr(K, "probe_choice", picks("lowrank"))
+    want, got, ran = both_ways(make_layer, inputs(False), monkeypatch)
+    assert same(want, got)
+    assert ran == 3  # the general path (without the plan) probed first, and its choice is kept
+    K.clear_probe_cache()
+    with plan(True), spied(monkeypatch) as ran:
+        run_steps(make_layer(), inputs(False))
+    assert len(ran) == 2  # the first step probes through the general path
+    K.clear_probe_cache()
+    monkeypatch.setattr(K, "probe_choice", picks("gather"))
+    want, got, ran = both_ways(make_layer, inputs(False), monkeypatch)
+    assert ran == 0 and same(want, got)
+    K.clear_probe_cache()
+
+
+@pytest.mark.parametrize("case", ["frozen_weight", "no_grad", "per_tensor", "correction", "exact_accumulate",
+                                  "float64", "gather", "rank7", "switched_off", "env_off", "no_int8_gemm",
+                                  "no_numba", "exact_multiplication"])
+def test_steps_aside(case, monkeypatch):
+    config = {"per_tensor": {"weight_scheme": "per_tensor"}, "correction": {"correction": "control_variate"},
+              "exact_accumulate": {"exact_accumulate": True}, "gather": {"kernel": "gather"}}.get(case, {})
+    layer = make("exact", **config)
+    if case == "rank7":
+        layer = ApproxLinear.from_float(nn.Linear(24, 7), ApproxConfig(
+            LutFile(truncated(8), width_a=8, width_b=8, signed=False), kernel="lowrank")).train()
+    if case == "frozen_weight":
+        layer.weight.requires_grad_(False)
+    if case == "float64":
+        layer = layer.double()
+    if case == "exact_multiplication":
+        layer.exact_multiplication = True
+    if case == "env_off":
+        monkeypatch.setenv("APPMULT_NO_TRAIN_PLAN", "1")
+    if case == "no_int8_gemm":
+        monkeypatch.setenv("APPMULT_NO_INT8_GEMM", "1")
+    if case == "no_numba":
+        monkeypatch.setenv("APPMULT_NO_NUMBA", "1")
+    x = inputs(False, steps=1)[0]
+    if case == "float64":
+        x = x.double()
+    ctx = torch.no_grad() if case == "no_grad" else contextlib.nullcontext()
+    with plan(None if case == "env_off" else case != "switched_off"), spied(monkeypatch) as ran, ctx:
+        layer(x.requires_grad_(case != "no_grad"))
+    assert ran == []
+
+
+def test_where_no_int8_side_applies_the_general_path_continues_from_the_codes(monkeypatch):
+    """The observer has been updated when the weight side is refused: the step goes on by
+    the general path from the codes already made (the observer not updated twice)."""
+    monkeypatch.setattr(FN, "_int8_codes_prep", lambda *a: None)
+    want, got, ran = both_ways(lambda: make("drum"), inputs(False), monkeypatch)
+    assert ran == 0 and same(want, got)
+
+
+def test_non_finite_input_and_weight_are_refused_and_change_nothing(monkeypatch):
+    for observing in (None, False):
+        layer = make("exact")
+        layer(inputs(False, steps=1)[0])
+        layer.act_quant.observing = observing
+        before = (bits(layer.act_quant.min_val), bits(layer.act_quant.max_val))
+        x = inputs(False, steps=1)[0]
+        x[2, 3] = float("nan")
+        with plan(True), spied(monkeypatch) as ran, pytest.raises(InvalidValueError, match="ApproxLinear input"):
+            layer(x.requires_grad_(True))
+        assert ran == []
+        assert torch.equal(before[0], bits(layer.act_quant.min_val))
+        assert torch.equal(before[1], bits(layer.act_quant.max_val))
+    layer = make("exact")
+    with torch.no_grad():
+        layer.weight[1, 2] = float("inf")
+    with plan(True), pytest.raises(InvalidValueError, match="ApproxLinear weight contains NaN or Inf"):
+        layer(inputs(False, steps=1)[0])
+    layer = make("exact")
+    with torch.no_grad():
+        layer.weight[1, 2] = 3e38
+        layer.weight[1, 3] = -3e38
+    with plan(True), pytest.raises(InvalidValueError, match="too wide to quantize"):
+        layer(inputs(False, steps=1)[0])
