@@ -44,9 +44,14 @@ def _integer_zero_points(zx: torch.Tensor, zw: torch.Tensor, n: int) -> tuple[fl
     """``(Zx, Zw per output)`` -- a float and ``n`` float64 values (a copy) -- where both are
     integers and ``zw`` holds one value or ``n``; ``None`` otherwise (the fused paths take
     integer zero points only, what the quantizers produce)."""
-    zwv = zw.detach().to(torch.float64).reshape(-1).cpu().numpy().copy()
+    z = zw.detach()
+    if z.device.type == "cpu" and z.dtype == torch.float32:
+        zwv = z.numpy().reshape(-1).astype(np.float64)  # (a new array: one call instead of four)
+    else:
+        zwv = z.to(torch.float64).reshape(-1).cpu().numpy().copy()
     zxf = float(zx)
-    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.round(zwv)):
+    # (np.rint: the same integers as np.round's, a plain ufunc: 2 us instead of 5 for 512)
+    if zwv.size not in (1, n) or zxf != round(zxf) or not np.array_equal(zwv, np.rint(zwv)):
         return None
     return zxf, (np.full(n, zwv[0]) if zwv.size == 1 else zwv)
 
