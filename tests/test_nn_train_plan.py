@@ -81,7 +81,7 @@ def spied(monkeypatch):
     yield ran
 
 
-def run_steps(layer, xs, *, x_grad=True, penalty=False):
+def run_steps(layer, xs, *, x_grad=True, penalty=False, transposed=False):
     """Forward, backward and an SGD step per input; what each step produced (bits)."""
     opt = torch.optim.SGD(layer.parameters(), lr=0.05)
     out = []
@@ -89,6 +89,9 @@ def run_steps(layer, xs, *, x_grad=True, penalty=False):
         x = x.clone().requires_grad_(x_grad)
         y = layer(x)
         g = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+        if transposed:  # the gradient reaching the layer is a transposed (non-contiguous) view
+            y = y.reshape(-1, y.shape[-1]).t()
+            g = g.reshape(-1, g.shape[-1]).t()
         if penalty:  # a gradient penalty: the backward differentiated again
             (gx,) = torch.autograd.grad((y * g).sum(), x, create_graph=True)
             loss = (y * g).sum() + gx.square().sum()
@@ -170,6 +173,11 @@ def test_no_bias_a_frozen_bias_and_an_input_without_gradient(monkeypatch):
     assert ran == 3 and same(want, got) and got[0][1] is None
 
 
+def test_an_incoming_gradient_that_is_not_contiguous(monkeypatch):
+    want, got, ran = both_ways(lambda: make("drum"), inputs(False), monkeypatch, transposed=True)
+    assert ran == 3 and same(want, got)
+
+
 def test_a_gradient_penalty_differentiates_the_backward_again(monkeypatch):
     """``create_graph=True``: the step's backward is torch operations on the incoming
     gradient, differentiable as the general path's (the same bits both times)."""
@@ -199,6 +207,7 @@ def picks(kernel: str):
 
 
 def test_auto_kernel_takes_the_step_once_its_probe_picked_lowrank(monkeypatch):
+    monkeypatch.setenv("APPMULT_KERNEL_PROBE", "1")  # (the suite runs with the probe off)
     K.clear_probe_cache()
     make_layer = lambda: make("exact", kernel="auto")  # noqa: E731
     monkeypatch.setattr(K, "probe_choice", picks("lowrank"))
