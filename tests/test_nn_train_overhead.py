@@ -359,6 +359,30 @@ def test_int8_mapped_prep_is_the_general_unfolded_prep():
                     assert torch.equal(fast[5].reshape(-1), ref[5].reshape(-1).to(torch.float64))
 
 
+def test_int8_mapped_prep_takes_the_weight_factor_as_int32_only_where_it_holds_it():
+    """``V`` is handed to the kernel as int32, kept with the tables while it is the same
+    tensor: a replaced ``V`` is read again, and one with a non-integer or a value of
+    magnitude ``2**30`` or more makes the prep decline (the general path decides)."""
+    tabs = LutTables(LutFile(drum_table(False), width_a=8, width_b=8, signed=False))
+    qw = torch.from_numpy(np.random.default_rng(3).integers(100, 200, (4, 6)).astype(np.float32))
+    zx, zw = torch.tensor(5.0), torch.full((4, 1), 120.0)
+    assert FU._int8_mapped_prep(qw, zx, zw, tabs) is not None
+    v = tabs.v.clone()
+    for value, holds in [(0.5, False), (2.0 ** 30, False), (-(2.0 ** 30), False), (2.0 ** 30 - 1, True), (7.0, True)]:
+        w = v.clone()
+        w[255, 0] = value     # a code the weights above never reach: only the check can tell
+        tabs.v = w
+        got = FU._v_int32(tabs)
+        assert (got is not None) == holds
+        if holds:
+            assert got.dtype == np.int32 and np.array_equal(got, w.reshape(-1).numpy())
+            assert FU._int8_mapped_prep(qw, zx, zw, tabs) is not None
+        else:
+            assert FU._int8_mapped_prep(qw, zx, zw, tabs) is None
+    tabs.v = v
+    assert np.array_equal(FU._v_int32(tabs), v.reshape(-1).numpy())
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_drum_linear_training_forward_is_the_brute_force_sum(signed, monkeypatch):
     taken = []

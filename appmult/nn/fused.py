@@ -778,16 +778,33 @@ def _int8_mapped_prep(qw: torch.Tensor, zx: torch.Tensor, zw: torch.Tensor, tabs
     zp = _integer_zero_points(zx, zw, n)
     if zp is None:
         return None
+    vtab = _v_int32(tabs)
+    if vtab is None:
+        return None
     zxf, zwv = zp
     b = torch.empty((n, k), dtype=torch.int8)
     c, ow = np.empty(n), np.empty(n)
     ox = int(umin) + 128
-    bad, top = loops.mapped_rows(qw.detach().contiguous().numpy(), int(tabs.lo_w), tabs.v.reshape(-1).numpy(), zwv,
+    bad, top = loops.mapped_rows(qw.detach().contiguous().numpy(), int(tabs.lo_w), vtab, zwv,
                                  zxf, bool(tabs.signed), float(ox), b.numpy(), c, ow)
     if bad or top >= K.FP64_EXACT_LIMIT / 4:
         return None
     u8 = _u8_table(tabs, ox)
     return b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, None if tabs.signed else torch.from_numpy(zwv), 1
+
+
+def _v_int32(tabs: LutTables) -> np.ndarray | None:
+    """The weight factor ``V`` (one column) as int32 for :func:`appmult.nn.int8_loops.mapped_rows`,
+    kept with the tables while their ``V`` is the same tensor; ``None`` where a value is no
+    integer or reaches ``2**30`` in magnitude (then the caller declines)."""
+    v = tabs.v
+    kept = tabs.__dict__.get("_v32_kept")
+    if kept is None or kept[0] is not v:
+        flat = v.detach().reshape(-1).cpu().to(torch.float64).numpy()
+        ok = bool(np.all(np.rint(flat) == flat) and np.all(np.abs(flat) < 2.0 ** 30))
+        kept = (v, flat.astype(np.int32) if ok else None)
+        tabs.__dict__["_v32_kept"] = kept
+    return kept[1]
 
 
 def _factor_range(tabs: LutTables) -> tuple[float, float]:
