@@ -256,6 +256,40 @@ def test_steps_aside(case, monkeypatch):
     assert ran == []
 
 
+def test_steps_aside_for_the_fused_low_rank_switch(monkeypatch):
+    """``APPMULT_NO_FUSED_LOWRANK`` (or ``functional._FUSED_LOWRANK = False``) turns the fused
+    low-rank paths off, this one included (the same bits by the plain path)."""
+    for how in ("env", "override"):
+        with monkeypatch.context() as mp:
+            if how == "env":
+                mp.setenv("APPMULT_NO_FUSED_LOWRANK", "1")
+            else:
+                mp.setattr(FN, "_FUSED_LOWRANK", False)
+            want, got, ran = both_ways(lambda: make("exact"), inputs(False), mp)
+        assert ran == 0 and same(want, got)
+
+
+@pytest.mark.parametrize("case", ["float64_input", "float64_bias", "strided_input"])
+def test_operands_it_does_not_take_give_the_general_path(case, monkeypatch):
+    """Where the step's operands are not what its kernels take -- a float64 input or bias on
+    a float32 layer (the general path converts them), an input that is not contiguous -- it
+    steps aside: the general path's bits."""
+    def make_layer():
+        layer = make("drum")
+        if case == "float64_bias":
+            layer.bias = nn.Parameter(layer.bias.detach().double() + 1e-9)
+        return layer
+    xs = inputs(False)
+    if case == "float64_input":
+        xs = [x.double() for x in xs]
+    if case == "strided_input":
+        xs = [x.t().contiguous().t() for x in xs]   # (9, 24) with strides (1, 9)
+    prev = train_plan.ENABLED
+    want, got, ran = both_ways(make_layer, xs, monkeypatch)
+    assert train_plan.ENABLED is prev
+    assert ran == 0 and same(want, got)
+
+
 def test_where_no_int8_side_applies_the_general_path_continues_from_the_codes(monkeypatch):
     """The observer has been updated when the weight side is refused: the step goes on by
     the general path from the codes already made (the observer not updated twice)."""
