@@ -11,6 +11,7 @@ gradients and the activation observer's range, over several optimizer steps.
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -62,14 +63,9 @@ def inputs(signed: bool, m=9, k=24, seed=1, steps=3):
     return [torch.randn(m, k, generator=gen) * (1 + s) + (0 if signed else 0.3) for s in range(steps)]
 
 
-@contextlib.contextmanager
-def plan(on: bool):
-    prev = train_plan.ENABLED
-    train_plan.ENABLED = on
-    try:
-        yield
-    finally:
-        train_plan.ENABLED = prev
+def plan(on: bool | None):
+    """``train_plan.ENABLED`` set to ``on`` for a block."""
+    return mock.patch.object(train_plan, "ENABLED", on)
 
 
 @contextlib.contextmanager
