@@ -135,8 +135,8 @@ def _applies(layer, x: torch.Tensor) -> bool:
     ``x`` with nothing autograd must see (cheap checks, the module's dicts read directly:
     each ``nn.Module`` attribute lookup costs about a microsecond; the rest is decided when
     the plan is made)."""
-    params, mods = layer._parameters, layer._modules
-    w, b, aq, tabs = params["weight"], params["bias"], mods["act_quant"], mods["lut"]
+    mods = layer._modules
+    (w, b), aq, tabs = layer._weight_bias(), mods["act_quant"], mods["lut"]
     if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 \
             or not x.is_contiguous():
         return False  # (an input on another device than the weight: the general path's torch error)
@@ -162,7 +162,7 @@ def _kept(layer, make):
     # the tables themselves, not their id: a plan holding them keeps their id from being reused
     key = (buffers["min_val"].item(), buffers["max_val"].item(), aq.width, aq.signed, layer._modules["lut"])
     entry = tables.get(_ENTRY)
-    if entry is None or entry[0] != key or not _same_bias(entry[1], layer._parameters["bias"]):
+    if entry is None or entry[0] != key or not _same_bias(entry[1], layer._weight_bias()[1]):
         entry = (key, make(layer, qw, sw, zw, tables))
         tables[_ENTRY] = entry
     return entry[1]
@@ -190,7 +190,7 @@ def _act_quant(layer) -> tuple[ActQuant, torch.Tensor, torch.Tensor] | None:
 
 
 def _bias_bits(layer) -> np.ndarray:
-    bias = layer._parameters["bias"]
+    bias = layer._weight_bias()[1]
     return np.empty(0, np.float32) if bias is None else bias.detach().to(torch.float32).reshape(-1).numpy().copy()
 
 

@@ -146,7 +146,20 @@ class _ApproxMixin:
 
     def _compute_dtype(self) -> torch.dtype:
         """float32, or the weight's dtype when wider: float16/bfloat16 would round the integer sums."""
-        return torch.promote_types(self._parameters["weight"].dtype, torch.float32)  # (not the ~1 us look-up)
+        return torch.promote_types(self._weight_bias()[0].dtype, torch.float32)
+
+    def _weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias the forward computes with: the module's own parameters (its
+        dict read directly: an ``nn.Module`` attribute look-up costs about a microsecond, and
+        this runs at every forward), or the tensors that replaced them -- a parametrization
+        (``torch.nn.utils.parametrize``) or pruning (``torch.nn.utils.prune``) computes the
+        weight from other parameters -- read as attributes."""
+        params = self._parameters
+        w = params.get("weight")
+        if w is None:
+            w = self.weight
+        b = params["bias"] if "bias" in params else self.bias
+        return w, b
 
     def _check_input_device(self, x) -> None:
         name = type(self).__name__
@@ -154,7 +167,7 @@ class _ApproxMixin:
             raise InvalidTypeError(f"{name} needs a torch.Tensor input, not {type(x).__name__}")
         # (the module's dicts read directly: each ``nn.Module`` attribute look-up costs about a
         # microsecond, and this runs at every forward)
-        if x.is_meta or self._parameters["weight"].is_meta or self._modules["lut"]._buffers["prod"].is_meta:
+        if x.is_meta or self._weight_bias()[0].is_meta or self._modules["lut"]._buffers["prod"].is_meta:
             raise InvalidValueError(
                 f"{name} cannot run on the 'meta' device: its outputs are sums of LUT entries picked by the "
                 f"data. Materialize the model first: model.to_empty(device=...), then load_state_dict(...)")
@@ -199,7 +212,7 @@ class _ApproxMixin:
         the same values as a private copy (one pass over the weight, small next to the
         activations). Otherwise they are computed afresh and ``cache`` is ``None``.
         """
-        w, wq = self._parameters["weight"], self._modules["weight_quant"]  # (not nn.Module's ~1 us look-ups)
+        w, wq = self._weight_bias()[0], self._modules["weight_quant"]  # (not nn.Module's ~1 us look-ups)
         ct = torch.promote_types(w.dtype, torch.float32)  # (_compute_dtype)
         if torch.is_grad_enabled() and w.requires_grad:
             return self._weight_codes(w, ct), None  # (a kept cache stays valid: it is checked when used)

@@ -55,7 +55,7 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     tabs = _tables(layer, x)
     if tabs is None:
         return None
-    w = layer._parameters["weight"]
+    w, bias = layer._weight_bias()
     wq, aq = layer._modules["weight_quant"], layer._modules["act_quant"]
     name = type(layer).__name__
     wcodes = Q._fused_channel_quant(w, wq, mask=True)
@@ -66,7 +66,6 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
         raise Q._non_finite_weight(name)
     layer._check_weight_scale(sw, torch.float32)
     qx, inside_x, sx, zx = aq.codes(x, name)  # the observer updates here
-    bias = layer._parameters["bias"]
     sides = FN._lowrank_linear_sides(qw, zx, zw, tabs, None)
     prep = sides[1]
     if prep is False:  # no int8 weight side: the general path from these codes and this weight side
@@ -80,8 +79,8 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
 def _tables(layer, x: torch.Tensor):
     """The layer's LUT tables where the one-node step applies to ``x`` (cheap checks first,
     the module's dicts read directly), else ``None``."""
-    params, mods = layer._parameters, layer._modules
-    w, b, tabs = params["weight"], params["bias"], mods["lut"]
+    mods = layer._modules
+    (w, b), tabs = layer._weight_bias(), mods["lut"]
     if not (torch.is_grad_enabled() and w.requires_grad) or x.device.type != "cpu" or w.device.type != "cpu" \
             or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() \
             or w.dim() != 2 or (b is not None and (b.dtype != torch.float32 or b.device.type != "cpu")):

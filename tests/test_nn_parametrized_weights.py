@@ -1,0 +1,84 @@
+"""Approximate layers whose weight is computed from other parameters: a parametrization
+(``torch.nn.utils.parametrize``) or pruning (``torch.nn.utils.prune``) replaces the
+``weight`` parameter by a tensor made at each access. The layers read their weight from
+the module's dict for speed; they must find the computed one instead (a bare
+``KeyError: 'weight'`` before).
+
+Reference: a plain approximate layer of the same configuration whose weight holds the
+computed values, fed the same inputs (its own observer in the same state): the same output
+bits in training (through the one-node step for the linear layer), evaluation and
+``no_grad``, and the gradient of the underlying parameter is the plain layer's weight
+gradient through the parametrization's own rule (``* 0.5``, ``* mask``: exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.parametrize as parametrize
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from appmult.lut_gen import LutFile
+from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
+from test_nn_int8_gemm import truncated
+from test_nn_train_overhead import drum_table
+
+
+class Half(nn.Module):
+    def forward(self, w):
+        return w * 0.5
+
+
+def bits(t):
+    return t.detach().contiguous().view(torch.int32)
+
+
+def layers(kind: str, table):
+    torch.manual_seed(0)
+    lut = LutFile(table, width_a=8, width_b=8, signed=False)
+    if kind == "linear":
+        ref, shape = nn.Linear(12, 5), (6, 12)
+        make = ApproxLinear.from_float
+    else:
+        ref, shape = nn.Conv2d(3, 4, 3, padding=1), (2, 3, 7, 7)
+        make = ApproxConv2d.from_float
+    cfg = ApproxConfig(lut, kernel="lowrank")
+    return make(ref, cfg), make(ref, cfg), shape
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("how", ["parametrize", "prune"])
+@pytest.mark.parametrize("table", ["exact", "drum"])
+def test_computed_weight_is_the_plain_layer_with_those_values(kind, how, table):
+    computed, plain, shape = layers(kind, truncated(0) if table == "exact" else drum_table(False))
+    if how == "parametrize":
+        parametrize.register_parametrization(computed, "weight", Half())
+        underlying = computed.parametrizations.weight.original
+        factor = torch.full_like(underlying, 0.5)
+    else:
+        prune.l1_unstructured(computed, "weight", amount=0.4)
+        underlying = computed.weight_orig
+        factor = computed.weight_mask
+    assert "weight" not in computed._parameters
+    gen = torch.Generator().manual_seed(1)
+    for mode in ("train", "eval", "no_grad"):
+        with torch.no_grad():
+            plain.weight.copy_(computed.weight)   # the computed values, as a plain parameter
+        getattr(computed, "eval" if mode != "train" else "train")()
+        getattr(plain, "eval" if mode != "train" else "train")()
+        x = torch.relu(torch.randn(*shape, generator=gen))
+        if mode == "no_grad":
+            with torch.no_grad():
+                assert torch.equal(bits(computed(x)), bits(plain(x)))
+            continue
+        underlying.grad = None
+        plain.weight.grad = None
+        yc, yp = computed(x), plain(x)
+        assert torch.equal(bits(yc), bits(yp))
+        g = torch.randn(yc.shape, generator=gen)
+        yc.backward(g)
+        yp.backward(g)
+        assert torch.equal(bits(underlying.grad), bits(plain.weight.grad * factor))
+        assert torch.equal(bits(computed.bias.grad), bits(plain.bias.grad))
+        assert torch.equal(computed.act_quant.min_val, plain.act_quant.min_val)
