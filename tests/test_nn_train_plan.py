@@ -20,7 +20,7 @@ from torch import nn
 
 from appmult.errors import InvalidValueError
 from appmult.lut_gen import LutFile
-from appmult.nn import ApproxConfig, ApproxLinear
+from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
 from appmult.nn import functional as FN
 from appmult.nn import kernels as K
 from appmult.nn import train_plan
@@ -58,6 +58,20 @@ def make(name="exact", *, k=24, n=7, bias=True, seed=0, **config):
     return layer.train()
 
 
+def make_conv(name="exact", *, cin=4, cout=6, k=3, bias=True, seed=0, geom=None, **config):
+    table, signed = TABLES[name]()
+    torch.manual_seed(seed)
+    cfg = {"kernel": "lowrank", "compute_missing_gradients": True, **config}
+    layer = ApproxConv2d.from_float(nn.Conv2d(cin, cout, k, bias=bias, **(geom or {"padding": 1})),
+                                    ApproxConfig(LutFile(table, width_a=8, width_b=8, signed=signed), **cfg))
+    return layer.train()
+
+
+def conv_inputs(signed: bool, n=3, c=4, hw=9, seed=1, steps=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, c, hw, hw, generator=gen) * (1 + s) + (0 if signed else 0.3) for s in range(steps)]
+
+
 def inputs(signed: bool, m=9, k=24, seed=1, steps=3):
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(m, k, generator=gen) * (1 + s) + (0 if signed else 0.3) for s in range(steps)]
@@ -72,8 +86,8 @@ def plan(on: bool | None):
 def spied(monkeypatch):
     """A list that gets one entry per forward the one-node step computed."""
     ran: list = []
-    real = train_plan._LinearStepFn.apply
-    monkeypatch.setattr(train_plan._LinearStepFn, "apply", lambda *a: ran.append(1) or real(*a))
+    for fn in (train_plan._LinearStepFn, train_plan._ConvStepFn):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply: ran.append(1) or real(*a))
     yield ran
 
 
@@ -318,3 +332,122 @@ def test_non_finite_input_and_weight_are_refused_and_change_nothing(monkeypatch)
         layer.weight[1, 3] = -3e38
     with plan(True), pytest.raises(InvalidValueError, match="too wide to quantize"):
         layer(inputs(False, steps=1)[0])
+
+
+GEOMS = {"pad1": {"padding": 1}, "strided": {"stride": 2, "padding": 2, "dilation": 2},
+         "grouped": {"groups": 2, "padding": (0, 1)}}
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+@pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
+@pytest.mark.parametrize("geom", sorted(GEOMS))
+def test_conv_steps_are_the_general_path_bit_for_bit(name, grad, geom, monkeypatch):
+    signed = TABLES[name]()[1]
+    want, got, ran = both_ways(lambda: make_conv(name, grad=grad, geom=GEOMS[geom]), conv_inputs(signed),
+                               monkeypatch)
+    assert ran == 3
+    assert same(want, got)
+
+
+@pytest.mark.parametrize("name", ["exact", "drum"])
+def test_conv_forward_is_the_brute_force_sum(name, monkeypatch):
+    from test_nn_wide_conv_fold import brute_conv_acc
+    table, signed = TABLES[name]()
+    layer = make_conv(name, geom=GEOMS["strided"])
+    x = conv_inputs(signed, steps=1)[0].requires_grad_(True)
+    with plan(True), spied(monkeypatch) as ran:
+        y = layer(x)
+    assert ran == [1]
+    with torch.no_grad():
+        q = layer.quantize(x)   # padded with the zero point, the codes of that forward
+        acc = brute_conv_acc(table, q.qx, float(q.zero_x), q.qw, q.zero_w, 0, signed, stride=2, dilation=2)
+        scale = (q.scale_x * q.scale_w.reshape(1, -1, 1, 1)).to(torch.float32)
+        want = torch.as_tensor(acc).to(torch.float32) * scale + layer.bias.reshape(1, -1, 1, 1)
+    assert torch.equal(bits(y), bits(want))
+
+
+def test_conv_unbatched_input_frozen_bias_and_input_without_gradient(monkeypatch):
+    xs = [x[0] for x in conv_inputs(False)]
+    want, got, ran = both_ways(lambda: make_conv("drum"), xs, monkeypatch)
+    assert ran == 3 and same(want, got)
+
+    def frozen_bias():
+        layer = make_conv("exact")
+        layer.bias.requires_grad_(False)
+        return layer
+    want, got, ran = both_ways(frozen_bias, conv_inputs(False), monkeypatch, x_grad=False)
+    assert ran == 3 and same(want, got) and got[0][1] is None and got[0][3] is None
+    want, got, ran = both_ways(lambda: make_conv("exact", bias=False), conv_inputs(False), monkeypatch,
+                               penalty=True)
+    assert ran == 3 and same(want, got)
+
+
+@pytest.mark.parametrize("case", ["rank7", "gather", "switched_off", "frozen_weight", "float64_input",
+                                  "strided_input", "auto_gather"])
+def test_conv_steps_aside(case, monkeypatch):
+    def make_layer():
+        if case == "rank7":
+            torch.manual_seed(0)
+            return ApproxConv2d.from_float(nn.Conv2d(4, 6, 3, padding=1), ApproxConfig(
+                LutFile(truncated(8), width_a=8, width_b=8, signed=False), kernel="lowrank")).train()
+        layer = make_conv("exact", **({"kernel": "gather"} if case == "gather" else
+                                      {"kernel": "auto"} if case == "auto_gather" else {}))
+        if case == "frozen_weight":
+            layer.weight.requires_grad_(False)
+        return layer
+    xs = conv_inputs(False)
+    if case == "float64_input":
+        xs = [x.double() for x in xs]
+    if case == "strided_input":
+        xs = [x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for x in xs]   # channels-last strides
+    if case == "auto_gather":
+        monkeypatch.setenv("APPMULT_KERNEL_PROBE", "1")
+        monkeypatch.setattr(K, "probe_choice", picks("gather"))
+        K.clear_probe_cache()
+    with plan(False):
+        want = run_steps(make_layer(), xs)
+    with plan(case != "switched_off"), spied(monkeypatch) as ran:
+        got = run_steps(make_layer(), xs)
+    K.clear_probe_cache()
+    assert ran == [] and same(want, got)
+
+
+def test_conv_auto_kernel_takes_the_step_once_its_probe_picked_lowrank(monkeypatch):
+    monkeypatch.setenv("APPMULT_KERNEL_PROBE", "1")
+    monkeypatch.setattr(K, "probe_choice", picks("lowrank"))
+    K.clear_probe_cache()
+    want, got, ran = both_ways(lambda: make_conv("drum", kernel="auto", geom=GEOMS["strided"]), conv_inputs(False),
+                               monkeypatch)
+    K.clear_probe_cache()
+    assert ran == 3 and same(want, got)
+
+
+def test_conv_where_no_fused_accumulator_applies_the_general_path_continues(monkeypatch):
+    monkeypatch.setattr(FN, "_fused_conv_acc", lambda *a: None)
+    want, got, ran = both_ways(lambda: make_conv("drum"), conv_inputs(False), monkeypatch)
+    assert ran == 0 and same(want, got)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_backward_inside_autocast_computes_in_float32(kind, monkeypatch):
+    """``backward()`` called inside ``torch.autocast``: the step's backward turns autocast off,
+    as the general path's nodes do (else its matrix products would round to bfloat16)."""
+    make_layer, xs = (lambda: make("drum"), inputs(False)) if kind == "linear" else \
+        (lambda: make_conv("drum"), conv_inputs(False))
+
+    def steps():
+        layer = make_layer()
+        out = []
+        for x in xs:
+            x = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+                (y.float() * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            out.append([bits(y.float()), bits(x.grad), bits(layer.weight.grad), bits(layer.bias.grad)])
+            layer.zero_grad()
+        return out
+    with plan(False):
+        want = steps()
+    with plan(True), spied(monkeypatch) as ran:
+        got = steps()
+    assert len(ran) == 3 and same(want, got)

@@ -356,16 +356,22 @@ class _LutConv2dFn(torch.autograd.Function):
 def _zp_conv_backward(ctx, grad):
     """Gradients of a fused conv accumulator (LUT sum plus cross terms) w.r.t. unpadded qx, qw."""
     qx, qw, zx, zw = ctx.saved_tensors
-    (ph, pw), stride, dilation, groups = ctx.geom
-    need = ctx.needs_input_grad[:2]
-    zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-    if ctx.tabs.grad is GradMode.STE and not (ctx.tabs.signed and float(zx) != 0.0):
+    return _zp_conv_grads(grad, qx, qw, zx, zw, ctx.tabs, ctx.geom, ctx.needs_input_grad[:2])
+
+
+def _zp_conv_grads(grad, qx, qw, zx, zw, tabs: LutTables, geom, need: tuple[bool, bool]):
+    """:func:`_zp_conv_backward` from its operands: ``(d/dqx, d/dqw)`` of the accumulator of
+    the unpadded ``qx`` with geometry ``geom`` (``(padding, stride, dilation, groups)``), each
+    only where ``need`` asks (else ``None``)."""
+    (ph, pw), stride, dilation, groups = geom
+    zargs = (None, None) if tabs.signed else (zx, zw)
+    if tabs.grad is GradMode.STE and not (tabs.signed and float(zx) != 0.0):
         # (a signed LUT has no cross terms: its padding, Zx, is 0 after no shift only when Zx = 0)
         gx, gw = _ste_conv_backward(grad.contiguous(), qx, qw, (ph, pw), stride, dilation, groups, *zargs,
                                     need=need)
         return _cast(gx, qx.dtype), _cast(gw, qw.dtype)
     qxp = F.pad(qx, (pw, pw, ph, ph), value=float(zx)) if (ph or pw) else qx
-    gx, gw = _conv_backward(grad.contiguous(), qxp, qw, ctx.tabs, stride, dilation, groups, *zargs, need=need)
+    gx, gw = _conv_backward(grad.contiguous(), qxp, qw, tabs, stride, dilation, groups, *zargs, need=need)
     if gx is not None and (ph or pw):
         gx = gx[:, :, ph:ph + qx.shape[2], pw:pw + qx.shape[3]]
     return _cast(gx, qx.dtype), _cast(gw, qw.dtype)

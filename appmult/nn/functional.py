@@ -132,12 +132,21 @@ def _probe_key(tabs: LutTables, key: tuple, ref: torch.Tensor) -> tuple:
                   ref.dtype)
 
 
-def _probed_linear_kernel(tabs: LutTables, x: torch.Tensor, w: torch.Tensor) -> Kernel | None:
-    """The kernel the automatic choice picked for a training step of a linear layer (``x``
-    ``(M, K)``, per-channel weights ``w`` ``(N, K)``, no weight cache, float32 sums) -- the
-    key :func:`_approx_linear` probes under --, or ``None`` where it has not been probed."""
-    key = ("linear", tuple(x.shape), tuple(w.shape), (w.shape[0], 1), False, False)
-    choice = K.probe_cached(_probe_key(tabs, key, x))
+def _linear_key(qx_shape, qw_shape, zw_shape, exact: bool, cached: bool) -> tuple:
+    """The automatic choice's key of a linear call (before :func:`_probe_key`)."""
+    return ("linear", tuple(qx_shape), tuple(qw_shape), tuple(zw_shape), exact, cached)
+
+
+def _conv_key(qx_shape, qw_shape, zw_shape, stride, padding, dilation, groups, exact: bool, cached: bool) -> tuple:
+    """The automatic choice's key of a convolution (before :func:`_probe_key`)."""
+    return ("conv2d", tuple(qx_shape), tuple(qw_shape), tuple(zw_shape), _pair(stride), _pair(padding),
+            _pair(dilation), int(groups), exact, cached)
+
+
+def _probed_kernel(tabs: LutTables, key: tuple, ref: torch.Tensor) -> Kernel | None:
+    """The kernel the automatic choice picked for a call of ``key`` (:func:`_linear_key`,
+    :func:`_conv_key`) on operands like ``ref``, or ``None`` where it has not been probed."""
+    choice = K.probe_cached(_probe_key(tabs, key, ref))
     return None if choice is None else Kernel(choice)
 
 
@@ -371,7 +380,7 @@ def _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, exac
     kernel runs)."""
     if _probes(tabs):
         # cached or not: with the weight side cached (inference) other kernels are fastest
-        key = ("linear", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), exact, cache is not None)
+        key = _linear_key(qx.shape, qw.shape, zw.shape, exact, cache is not None)
         return _with_auto_kernel(tabs, key, qx, lambda: _approx_linear(qx, sx, zx, qw, sw, zw, bias, tabs,
                                                                         exact=exact, cache=cache, sides=sides))
     dt = torch.float64 if exact else torch.promote_types(qx.dtype, torch.float32)
@@ -479,8 +488,7 @@ def _approx_conv2d(qx, sx, zx, qw, sw, zw, bias, tabs: LutTables | None, *, stri
                    groups: int = 1, exact: bool = False, cache: dict | None = None) -> torch.Tensor:
     """:func:`approx_conv2d` without the operand check and with autocast already off."""
     if _probes(tabs):
-        key = ("conv2d", tuple(qx.shape), tuple(qw.shape), tuple(zw.shape), _pair(stride), _pair(padding),
-               _pair(dilation), int(groups), exact, cache is not None)
+        key = _conv_key(qx.shape, qw.shape, zw.shape, stride, padding, dilation, groups, exact, cache is not None)
         return _with_auto_kernel(tabs, key, qx, lambda: _approx_conv2d(
             qx, sx, zx, qw, sw, zw, bias, tabs, stride=stride, padding=padding, dilation=dilation, groups=groups,
             exact=exact, cache=cache))

@@ -484,6 +484,8 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
             y = self._empty_output(x4)
         elif (y := eval_plan.conv_forward(self, x4)) is not None:
             pass  # inference on the rank-1 path: the same bits by its kept set-up
+        elif (y := train_plan.conv_forward(self, x4)) is not None:
+            pass  # a training step on the fused rank-1 path: one node, the same bits
         else:
             qx, sx, zx, qw, sw, zw = self._quantize(x4)
             tabs = None if self.exact_multiplication else self.lut

@@ -1,32 +1,33 @@
-"""Training forwards of :class:`~appmult.nn.layers.ApproxLinear` on the int8 path as one autograd node.
+"""Training steps of the approximate layers on their fused rank-1 paths as one autograd node.
 
-A training step of the linear layer through the general path is a chain of small pieces:
-the weight's and the activation's fake quantization (each an autograd node carrying the
-straight-through gradient), the int8 GEMM's weight side, the GEMM and its epilogue (an
-autograd node carrying the LUT's backward), then the dequantization (a multiply and a
-bias add, two more nodes). Each piece is a few tensors and Python calls; together about
-0.35 ms of the forward and 0.15 ms of the backward whatever the layer's size (measured on
-this 2-core machine at 4 x 16 -> 16: 358 + 175 us against 16 + 48 for ``nn.Linear``), a
-third of a 512 -> 512 layer's whole step.
+A training step through the general path is a chain of small pieces: the weight's and the
+activation's fake quantization (each an autograd node carrying the straight-through
+gradient), the fused accumulator (the linear layer's int8 GEMM with its weight side, a
+convolution's rank-1 convolution; an autograd node carrying the LUT's backward), then the
+dequantization (a multiply and a bias add, two more nodes). Each piece is a few tensors and
+Python calls; together about 0.35 ms of a linear layer's forward and 0.15 ms of its
+backward whatever its size (measured on this 2-core machine at 4 x 16 -> 16: 358 + 175 us
+against 16 + 48 for ``nn.Linear``), a third of a 512 -> 512 layer's whole step; a small
+convolution's about as much.
 
-:func:`linear_forward` computes the same things once, without autograd in between: the
-weight's codes and mask (:func:`~appmult.nn.quant._fused_channel_quant`), the
-activation's (the observer updated as the general path does), the int8 weight side
-(:func:`~appmult.nn.fused._int8_value_prep` or :func:`~appmult.nn.fused._int8_mapped_prep`)
-and the GEMM with its epilogue, scale and bias in one numba pass -- and returns them as
-one node (:class:`_LinearStepFn`) whose backward runs the general path's backward
-operations in the same order: ``grad * scale``, the LUT's backward
-(:func:`~appmult.nn.autograd._linear_backward`), the straight-through masks, the bias's
-sum. So the same bits, forward and backward; ``tests/test_nn_train_plan.py`` compares the
-two.
+:func:`linear_forward` and :func:`conv_forward` compute the same things once, without
+autograd in between: the weight's codes and mask (:func:`~appmult.nn.quant._fused_channel_quant`),
+the activation's (the observer updated as the general path does), then the accumulator by
+the general path's own functions -- for the linear layer the int8 weight side
+(:func:`~appmult.nn.functional._lowrank_linear_sides`) and the GEMM with its epilogue, scale
+and bias in one numba pass; for a convolution :func:`~appmult.nn.functional._fused_conv_acc`
+and one dequantizing pass -- and return them as one node (:class:`_LinearStepFn`,
+:class:`_ConvStepFn`) whose backward runs the general path's backward operations in the
+same order, autocast off as there: ``grad * scale``, the LUT's backward, the
+straight-through masks, the bias's sum. So the same bits, forward and backward;
+``tests/test_nn_train_plan.py`` compares the two.
 
-It applies where the general path would take the same kernels: the CPU, float32, numba,
-per-channel weights whose gradient is wanted, a low-rank LUT whose int8 weight side can be
-made from the codes (the exact product's and DRUM's rank 1; for ``kernel="auto"``, once its
-probe picked ``lowrank`` for this shape), no correction, no exact accumulation. Everywhere
-else it returns ``None`` before anything has changed, and the caller takes the general path;
-where the int8 weight side turns out not to apply after the observer was updated, the general
-path continues from the codes already made.
+They apply where the general path would take the same kernels: the CPU, float32, numba,
+per-channel weights whose gradient is wanted, a rank-1 LUT on the low-rank kernel (for
+``kernel="auto"``, once its probe picked ``lowrank`` for this shape), no correction, no
+exact accumulation. Everywhere else they return ``None`` before anything has changed, and
+the caller takes the general path; where the fused accumulator turns out not to apply after
+the observer was updated, the general path continues from the codes already made.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import torch
 from . import functional as FN
 from . import kernels as K
 from . import quant as Q
-from .autograd import _linear_backward
+from .autograd import _backward_without_autocast, _linear_backward, _zp_conv_grads
 from .config import WeightScheme
+from .functional import _pair
 from .fused import _int8_epilogue
 from .tables import Kernel
 
-__all__ = ["ENABLED", "linear_forward"]
+__all__ = ["ENABLED", "conv_forward", "linear_forward"]
 
 #: Whether layers use the one-node training step: ``None`` follows the environment
 #: (``APPMULT_NO_TRAIN_PLAN`` set to a non-empty value turns it off, read at each call),
@@ -52,52 +54,108 @@ ENABLED: bool | None = None
 def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer``'s ``(M, N)`` training output for the ``(M, K)``, non-empty ``x`` as one
     autograd node, or ``None`` where that does not apply (then nothing has changed)."""
-    tabs = _tables(layer, x)
+    tabs = _tables(layer, x, 2)
     if tabs is None:
         return None
-    w, bias = layer._weight_bias()
-    wq, aq = layer._modules["weight_quant"], layer._modules["act_quant"]
-    name = type(layer).__name__
-    wcodes = Q._fused_channel_quant(w, wq, mask=True)
-    if wcodes is None:
+    w = layer._weight_bias()[0]
+    # (the key _approx_linear probes under: per-channel Zw, no weight cache)
+    if FN._probes(tabs) and FN._probed_kernel(tabs, FN._linear_key(x.shape, w.shape, (w.shape[0], 1), False, False),
+                                              x) is not Kernel.LOWRANK:
         return None
-    qw, inside_w, sw, zw, finite = wcodes
-    if not finite:
-        raise Q._non_finite_weight(name)
-    layer._check_weight_scale(sw, torch.float32)
-    qx, inside_x, sx, zx = aq.codes(x, name)  # the observer updates here
-    sides = FN._lowrank_linear_sides(qw, zx, zw, tabs, None)
+    codes = _codes(layer, x)
+    if codes is None:
+        return None
+    act, weight, w, bias = codes
+    sides = FN._lowrank_linear_sides(weight[0], act[3], weight[3], tabs, None)
     prep = sides[1]
     if prep is False:  # no int8 weight side: the general path from these codes and this weight side
-        qxt = Q._FakeQuantSTE.apply(x, sx, zx, aq.qmin, aq.qmax, None, (qx, inside_x))
-        qwt = Q._FakeQuantSTE.apply(w, sw, zw, wq.qmin, wq.qmax, None, (qw, inside_w))
-        return FN._approx_linear(qxt, sx, zx, qwt, sw, zw, bias, tabs, sides=sides)
-    scale = sx * sw.reshape(1, -1)
-    return _LinearStepFn.apply(x, w, bias, (qx, inside_x, sx, zx), (qw, inside_w, sw, zw), tabs, prep, scale)
+        return FN._approx_linear(*_ste_nodes(layer, x, act, w, weight), bias, tabs, sides=sides)
+    scale = act[2] * weight[2].reshape(1, -1)
+    return _LinearStepFn.apply(x, w, bias, act, weight, tabs, prep, scale)
 
 
-def _tables(layer, x: torch.Tensor):
-    """The layer's LUT tables where the one-node step applies to ``x`` (cheap checks first,
-    the module's dicts read directly), else ``None``."""
+def conv_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer``'s training output for the 4-D, non-empty ``x`` as one autograd node (the
+    accumulator by the general path's fused rank-1 convolution), or ``None`` where that does
+    not apply (then nothing has changed)."""
+    tabs = _tables(layer, x, 4)
+    if tabs is None:
+        return None
+    w = layer._weight_bias()[0]
+    stride, padding, dilation, groups = _pair(layer.stride), layer._padding(), _pair(layer.dilation), layer.groups
+    if FN._probes(tabs):
+        key = FN._conv_key(x.shape, w.shape, (w.shape[0], 1, 1, 1), stride, padding, dilation, groups, False, False)
+        if FN._probed_kernel(tabs, key, x) is not Kernel.LOWRANK:
+            return None
+    codes = _codes(layer, x)
+    if codes is None:
+        return None
+    act, weight, w, bias = codes
+    geom = (padding, stride, dilation, groups)
+    acc = FN._fused_conv_acc(act[0], weight[0], act[3], weight[3], tabs, geom, torch.float32, False, None)
+    if acc is None:  # no fused accumulator: the general path from these codes
+        return FN._approx_conv2d(*_ste_nodes(layer, x, act, w, weight), bias, tabs, stride=stride, padding=padding,
+                                 dilation=dilation, groups=groups)
+    scale = act[2] * weight[2].reshape(1, -1, 1, 1)
+    return _ConvStepFn.apply(x, w, bias, act, weight, tabs, [acc], scale, geom)
+
+
+def _tables(layer, x: torch.Tensor, dims: int):
+    """The layer's LUT tables where the one-node step may apply to ``x`` (``dims``: 2 for a
+    linear layer, 4 for a convolution; cheap checks, the module's dicts read directly), else
+    ``None``. The automatic kernel choice is the caller's to check."""
     mods = layer._modules
     (w, b), tabs = layer._weight_bias(), mods["lut"]
     if not (torch.is_grad_enabled() and w.requires_grad) or x.device.type != "cpu" or w.device.type != "cpu" \
-            or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() \
-            or w.dim() != 2 or (b is not None and (b.dtype != torch.float32 or b.device.type != "cpu")):
+            or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != dims or not x.is_contiguous() \
+            or w.dim() != dims or (b is not None and (b.dtype != torch.float32 or b.device.type != "cpu")):
         return None
     if layer.correction is not None or layer.exact_multiplication or layer.config.exact_accumulate \
             or mods["weight_quant"].scheme is not WeightScheme.PER_CHANNEL:
         return None
     if not (K.numba_available() and FN._fused_on(ENABLED, "APPMULT_NO_TRAIN_PLAN")
             and FN._fused_on(FN._FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK")
-            and FN._fused_on(FN._INT8_GEMM, "APPMULT_NO_INT8_GEMM")):
+            and (dims == 4 or FN._fused_on(FN._INT8_GEMM, "APPMULT_NO_INT8_GEMM"))):
         return None
     if tabs.rank != 1:
-        return None  # (higher ranks: no one-plane int8 weight side, as a rule)
-    kernel = tabs.kernel
-    if FN._probes(tabs):
-        kernel = FN._probed_linear_kernel(tabs, x, w)
-    return tabs if kernel is Kernel.LOWRANK else None
+        return None  # (higher ranks: no one-plane int8 weight side, no fused rank-1 convolution)
+    if not FN._probes(tabs) and tabs.kernel is not Kernel.LOWRANK:
+        return None
+    return tabs
+
+
+def _codes(layer, x: torch.Tensor):
+    """``(act, weight, w, bias)``: the activation's ``(q, inside, scale, zero_point)`` (the
+    observer updated), the weight's, and the weight and bias tensors; the weight's first, so
+    a refused weight changes no observer. ``None`` (nothing changed) where the weight's numba
+    pass does not run."""
+    w, bias = layer._weight_bias()
+    name = type(layer).__name__
+    wcodes = Q._fused_channel_quant(w, layer._modules["weight_quant"], mask=True)
+    if wcodes is None:
+        return None
+    qw, inside_w, sw, zw, finite = wcodes
+    if not finite:
+        raise Q._non_finite_weight(name)
+    layer._check_weight_scale(sw, torch.float32)
+    act = layer._modules["act_quant"].codes(x, name)  # the observer updates here
+    return act, (qw, inside_w, sw, zw), w, bias
+
+
+def _ste_nodes(layer, x: torch.Tensor, act, w: torch.Tensor, weight) -> tuple:
+    """``(qx, sx, zx, qw, sw, zw)`` for the general path, the codes carried by straight-through nodes."""
+    aq, wq = layer._modules["act_quant"], layer._modules["weight_quant"]
+    qx, inside_x, sx, zx = act
+    qw, inside_w, sw, zw = weight
+    qxt = Q._FakeQuantSTE.apply(x, sx, zx, aq.qmin, aq.qmax, None, (qx, inside_x))
+    qwt = Q._FakeQuantSTE.apply(w, sw, zw, wq.qmin, wq.qmax, None, (qw, inside_w))
+    return qxt, sx, zx, qwt, sw, zw
+
+
+def _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw):
+    """The two straight-through estimators of a step's backward (``None`` where not needed)."""
+    nx, nw = ctx.needs_input_grad[:2]
+    return (Q._ste_backward(gx, inside_x, sx) if nx else None, Q._ste_backward(gw, inside_w, sw) if nw else None)
 
 
 class _LinearStepFn(torch.autograd.Function):
@@ -114,13 +172,39 @@ class _LinearStepFn(torch.autograd.Function):
         return _int8_epilogue(qx, prep, tabs, scale, None if bias is None else bias.detach())
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, grad):
         qx, qw, zx, zw, inside_x, inside_w, sx, sw, scale = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         gacc = grad * scale
         zargs = (None, None) if ctx.tabs.signed else (zx, zw)
         gx, gw = _linear_backward(gacc.contiguous(), qx, qw, ctx.tabs, *zargs, need=(nx, nw))
-        gx = Q._ste_backward(gx, inside_x, sx) if nx else None
-        gw = Q._ste_backward(gw, inside_w, sw) if nw else None
+        gx, gw = _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw)
         gb = grad.sum_to_size(grad.shape[-1]) if nb else None
         return gx, gw, gb, None, None, None, None, None
+
+
+class _ConvStepFn(torch.autograd.Function):
+    """The convolution's training step from its codes and the fused accumulator (``box``:
+    a one-element list, so that autograd does not take it for an input): forward by one
+    dequantizing pass in place, backward as the general path's nodes (dequantization, the
+    fused accumulator's LUT backward, straight-through estimators, bias)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, act, weight, tabs, box, scale, geom):
+        qx, inside_x, sx, zx = act
+        qw, inside_w, sw, zw = weight
+        ctx.save_for_backward(qx, qw, zx, zw, inside_x, inside_w, sx, sw, scale)
+        ctx.tabs, ctx.geom = tabs, geom
+        acc = box.pop()
+        return FN._dequantize(acc, scale, None if bias is None else bias.detach().reshape(1, -1, 1, 1), acc.dtype)
+
+    @staticmethod
+    @_backward_without_autocast
+    def backward(ctx, grad):
+        qx, qw, zx, zw, inside_x, inside_w, sx, sw, scale = ctx.saved_tensors
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        gx, gw = _zp_conv_grads(grad * scale, qx, qw, zx, zw, ctx.tabs, ctx.geom, (nx, nw))
+        gx, gw = _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw)
+        gb = grad.sum_to_size(1, grad.shape[1], 1, 1).reshape(-1) if nb else None
+        return gx, gw, gb, None, None, None, None, None, None
