@@ -424,8 +424,9 @@ def test_conv_auto_kernel_takes_the_step_once_its_probe_picked_lowrank(monkeypat
 
 def test_conv_where_no_fused_accumulator_applies_the_general_path_continues(monkeypatch):
     monkeypatch.setattr(FN, "_fused_conv_acc", lambda *a: None)
-    want, got, ran = both_ways(lambda: make_conv("drum"), conv_inputs(False), monkeypatch)
-    assert ran == 0 and same(want, got)
+    for geom in ("strided", "grouped"):   # (the general path must get the whole geometry)
+        want, got, ran = both_ways(lambda: make_conv("drum", geom=GEOMS[geom]), conv_inputs(False), monkeypatch)
+        assert ran == 0 and same(want, got)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

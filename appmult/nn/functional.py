@@ -41,8 +41,8 @@ straight-through estimators.
 Switches. Setting ``APPMULT_NO_FUSED_LOWRANK`` or ``APPMULT_NO_FUSED_GATHER`` to a
 non-empty value turns the fused low-rank (resp. gather) path off, to measure or bisect
 against the plain path; they are read at each call. (The layers' inference shortcut
-around this module, :mod:`appmult.nn.eval_plan`, has ``APPMULT_NO_EVAL_PLAN``; the linear
-layer's one-node training step, :mod:`appmult.nn.train_plan`, ``APPMULT_NO_TRAIN_PLAN``.)
+around this module, :mod:`appmult.nn.eval_plan`, has ``APPMULT_NO_EVAL_PLAN``; the
+layers' one-node training steps, :mod:`appmult.nn.train_plan`, ``APPMULT_NO_TRAIN_PLAN``.)
 """
 
 from __future__ import annotations
