@@ -54,18 +54,16 @@ ENABLED: bool | None = None
 def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer``'s ``(M, N)`` training output for the ``(M, K)``, non-empty ``x`` as one
     autograd node, or ``None`` where that does not apply (then nothing has changed)."""
-    tabs = _tables(layer, x, 2)
-    if tabs is None:
-        return None
-    w = layer._weight_bias()[0]
+    w, bias = layer._weight_bias()
+    tabs = _tables(layer, x, w, bias, 2)
     # (the key _approx_linear probes under: per-channel Zw, no weight cache)
-    if FN._probes(tabs) and FN._probed_kernel(tabs, FN._linear_key(x.shape, w.shape, (w.shape[0], 1), False, False),
-                                              x) is not Kernel.LOWRANK:
+    if tabs is None or not _takes_lowrank(tabs, x, lambda: FN._linear_key(x.shape, w.shape, (w.shape[0], 1),
+                                                                           False, False)):
         return None
-    codes = _codes(layer, x)
+    codes = _codes(layer, x, w)
     if codes is None:
         return None
-    act, weight, w, bias = codes
+    act, weight = codes
     sides = FN._lowrank_linear_sides(weight[0], act[3], weight[3], tabs, None)
     prep = sides[1]
     if prep is False:  # no int8 weight side: the general path from these codes and this weight side
@@ -78,19 +76,18 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     """``layer``'s training output for the 4-D, non-empty ``x`` as one autograd node (the
     accumulator by the general path's fused rank-1 convolution), or ``None`` where that does
     not apply (then nothing has changed)."""
-    tabs = _tables(layer, x, 4)
+    w, bias = layer._weight_bias()
+    tabs = _tables(layer, x, w, bias, 4)
     if tabs is None:
         return None
-    w = layer._weight_bias()[0]
     stride, padding, dilation, groups = _pair(layer.stride), layer._padding(), _pair(layer.dilation), layer.groups
-    if FN._probes(tabs):
-        key = FN._conv_key(x.shape, w.shape, (w.shape[0], 1, 1, 1), stride, padding, dilation, groups, False, False)
-        if FN._probed_kernel(tabs, key, x) is not Kernel.LOWRANK:
-            return None
-    codes = _codes(layer, x)
+    if not _takes_lowrank(tabs, x, lambda: FN._conv_key(x.shape, w.shape, (w.shape[0], 1, 1, 1), stride, padding,
+                                                        dilation, groups, False, False)):
+        return None
+    codes = _codes(layer, x, w)
     if codes is None:
         return None
-    act, weight, w, bias = codes
+    act, weight = codes
     geom = (padding, stride, dilation, groups)
     acc = FN._fused_conv_acc(act[0], weight[0], act[3], weight[3], tabs, geom, torch.float32, False, None)
     if acc is None:  # no fused accumulator: the general path from these codes
@@ -100,12 +97,13 @@ def conv_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     return _ConvStepFn.apply(x, w, bias, act, weight, tabs, [acc], scale, geom)
 
 
-def _tables(layer, x: torch.Tensor, dims: int):
-    """The layer's LUT tables where the one-node step may apply to ``x`` (``dims``: 2 for a
-    linear layer, 4 for a convolution; cheap checks, the module's dicts read directly), else
-    ``None``. The automatic kernel choice is the caller's to check."""
+def _tables(layer, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dims: int):
+    """The layer's LUT tables where the one-node step may apply to ``x`` with the weight
+    ``w`` and bias ``b`` (``dims``: 2 for a linear layer, 4 for a convolution; cheap checks,
+    the module's dicts read directly), else ``None``. The kernel is :func:`_takes_lowrank`'s
+    to check."""
     mods = layer._modules
-    (w, b), tabs = layer._weight_bias(), mods["lut"]
+    tabs = mods["lut"]
     if not (torch.is_grad_enabled() and w.requires_grad) or x.device.type != "cpu" or w.device.type != "cpu" \
             or x.dtype != torch.float32 or w.dtype != torch.float32 or x.dim() != dims or not x.is_contiguous() \
             or w.dim() != dims or (b is not None and (b.dtype != torch.float32 or b.device.type != "cpu")):
@@ -117,19 +115,21 @@ def _tables(layer, x: torch.Tensor, dims: int):
             and FN._fused_on(FN._FUSED_LOWRANK, "APPMULT_NO_FUSED_LOWRANK")
             and (dims == 4 or FN._fused_on(FN._INT8_GEMM, "APPMULT_NO_INT8_GEMM"))):
         return None
-    if tabs.rank != 1:
-        return None  # (higher ranks: no one-plane int8 weight side, no fused rank-1 convolution)
-    if not FN._probes(tabs) and tabs.kernel is not Kernel.LOWRANK:
-        return None
-    return tabs
+    return tabs if tabs.rank == 1 else None  # (higher ranks: no one-plane int8 side, no fused rank-1 conv)
 
 
-def _codes(layer, x: torch.Tensor):
-    """``(act, weight, w, bias)``: the activation's ``(q, inside, scale, zero_point)`` (the
-    observer updated), the weight's, and the weight and bias tensors; the weight's first, so
-    a refused weight changes no observer. ``None`` (nothing changed) where the weight's numba
-    pass does not run."""
-    w, bias = layer._weight_bias()
+def _takes_lowrank(tabs, x: torch.Tensor, key) -> bool:
+    """Whether the general path would run the low-rank kernel: the configured one, or for an
+    ``auto`` table the one its probe picked for the call of ``key()`` (not probed yet: no)."""
+    if FN._probes(tabs):
+        return FN._probed_kernel(tabs, key(), x) is Kernel.LOWRANK
+    return tabs.kernel is Kernel.LOWRANK
+
+
+def _codes(layer, x: torch.Tensor, w: torch.Tensor):
+    """``(act, weight)``: the activation's ``(q, inside, scale, zero_point)`` (the observer
+    updated) and the weight ``w``'s; the weight's first, so a refused weight changes no
+    observer. ``None`` (nothing changed) where the weight's numba pass does not run."""
     name = type(layer).__name__
     wcodes = Q._fused_channel_quant(w, layer._modules["weight_quant"], mask=True)
     if wcodes is None:
@@ -139,7 +139,7 @@ def _codes(layer, x: torch.Tensor):
         raise Q._non_finite_weight(name)
     layer._check_weight_scale(sw, torch.float32)
     act = layer._modules["act_quant"].codes(x, name)  # the observer updates here
-    return act, (qw, inside_w, sw, zw), w, bias
+    return act, (qw, inside_w, sw, zw)
 
 
 def _ste_nodes(layer, x: torch.Tensor, act, w: torch.Tensor, weight) -> tuple:
