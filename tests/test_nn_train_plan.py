@@ -383,7 +383,7 @@ def test_conv_unbatched_input_frozen_bias_and_input_without_gradient(monkeypatch
 
 
 @pytest.mark.parametrize("case", ["rank7", "gather", "switched_off", "frozen_weight", "float64_input",
-                                  "strided_input", "auto_gather"])
+                                  "float64_bias", "strided_input", "auto_gather"])
 def test_conv_steps_aside(case, monkeypatch):
     def make_layer():
         if case == "rank7":
@@ -394,6 +394,8 @@ def test_conv_steps_aside(case, monkeypatch):
                                       {"kernel": "auto"} if case == "auto_gather" else {}))
         if case == "frozen_weight":
             layer.weight.requires_grad_(False)
+        if case == "float64_bias":
+            layer.bias = nn.Parameter(layer.bias.detach().double() + 1e-9)
         return layer
     xs = conv_inputs(False)
     if case == "float64_input":
