@@ -34,7 +34,7 @@ def bits(t):
     return t.detach().contiguous().view(torch.int32)
 
 
-def layers(kind: str, table):
+def layers(kind: str, table, kernel: str = "lowrank"):
     torch.manual_seed(0)
     lut = LutFile(table, width_a=8, width_b=8, signed=False)
     if kind == "linear":
@@ -43,7 +43,7 @@ def layers(kind: str, table):
     else:
         ref, shape = nn.Conv2d(3, 4, 3, padding=1), (2, 3, 7, 7)
         make = ApproxConv2d.from_float
-    cfg = ApproxConfig(lut, kernel="lowrank")
+    cfg = ApproxConfig(lut, kernel=kernel)
     return make(ref, cfg), make(ref, cfg), shape
 
 
@@ -82,3 +82,44 @@ def test_computed_weight_is_the_plain_layer_with_those_values(kind, how, table):
         assert torch.equal(bits(underlying.grad), bits(plain.weight.grad * factor))
         assert torch.equal(bits(computed.bias.grad), bits(plain.bias.grad))
         assert torch.equal(computed.act_quant.min_val, plain.act_quant.min_val)
+
+
+class CountingHalf(nn.Module):
+    """``w * 0.5``, counting its evaluations."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, w):
+        self.calls += 1
+        return w * 0.5
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kernel", ["lowrank", "gather"])
+def test_a_parametrized_weight_is_computed_once_per_forward(kind, kernel):
+    """The layers read their weight in several places a forward (the input checks, the
+    weight cache's key and its check, the plans); each read of a parametrized weight
+    evaluates the parametrization, so without a cache a forward computed it up to six
+    times. Once per forward in every mode, and the output as with a plain layer."""
+    computed, plain, shape = layers(kind, truncated(0), kernel)
+    counter = CountingHalf()
+    parametrize.register_parametrization(computed, "weight", counter)
+    gen = torch.Generator().manual_seed(2)
+    for mode in ("train", "eval", "eval", "no_grad", "no_grad"):
+        with torch.no_grad():
+            plain.weight.copy_(computed.weight)
+        computed.train(mode == "train")
+        plain.train(mode == "train")
+        x = torch.relu(torch.randn(*shape, generator=gen))
+        counter.calls = 0
+        with torch.set_grad_enabled(mode != "no_grad"):
+            y = computed(x)
+        assert counter.calls == 1, (mode, counter.calls)
+        with torch.set_grad_enabled(mode != "no_grad"):
+            assert torch.equal(bits(y), bits(plain(x)))
+    # outside a forward the parametrization is not cached: a changed original is seen
+    with torch.no_grad():
+        computed.parametrizations.weight.original.mul_(2)
+    assert torch.equal(computed.weight, computed.parametrizations.weight.original * 0.5)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import InvalidTypeError, InvalidValueError
 from .autograd import _autocast_off
@@ -107,13 +108,23 @@ def _unchanged(c: dict, w: torch.Tensor) -> bool:
 
 def _computes_exactly(method):
     """Run a layer method taking an input ``x`` with autocast off, after refusing inputs it
-    cannot compute with (not a tensor; the meta device)."""
+    cannot compute with (not a tensor; the meta device). A parametrized layer
+    (``torch.nn.utils.parametrize``) runs it with the parametrizations' values cached: the
+    layer reads its weight in several places a forward (checks, the weight cache's key, the
+    plans), and each read of a parametrized weight would compute it again."""
     @functools.wraps(method)
     def wrapper(self, x, *args, **kwargs):
-        self._check_input_device(x)
-        with _autocast_off(x.device.type):
-            return method(self, x, *args, **kwargs)
+        if "parametrizations" in self._modules:
+            with parametrize.cached():
+                return _run_exactly(method, self, x, args, kwargs)
+        return _run_exactly(method, self, x, args, kwargs)
     return wrapper
+
+
+def _run_exactly(method, layer, x, args, kwargs):
+    layer._check_input_device(x)
+    with _autocast_off(x.device.type):
+        return method(layer, x, *args, **kwargs)
 
 
 class _ApproxMixin:
