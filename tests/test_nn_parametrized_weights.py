@@ -123,3 +123,36 @@ def test_a_parametrized_weight_is_computed_once_per_forward(kind, kernel):
     with torch.no_grad():
         computed.parametrizations.weight.original.mul_(2)
     assert torch.equal(computed.weight, computed.parametrizations.weight.original * 0.5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_inference_keeps_the_weight_cache_of_a_parametrized_weight(kind):
+    """A parametrized weight is a new tensor at every forward; where its bits are the cached
+    ones, inference reuses the quantized weight and its tables (the eval plan with them)
+    instead of building them again -- and a change of the underlying parameter, in place
+    or through ``.data``, is still seen: the output is then the plain layer's with the new
+    values."""
+    computed, plain, shape = layers(kind, truncated(0))
+    parametrize.register_parametrization(computed, "weight", Half())
+    computed.eval()
+    plain.eval()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.relu(torch.randn(*shape, generator=gen))
+    with torch.no_grad():
+        computed(x)
+        plain(x)
+        computed.act_quant.observing = plain.act_quant.observing = False
+        kept = computed._wcache["q"], computed._wcache["tables"]
+        for _ in range(2):
+            computed(x)
+            assert computed._wcache["q"] is kept[0] and computed._wcache["tables"] is kept[1]
+        original = computed.parametrizations.weight.original
+        for change in ("in_place", "data"):
+            if change == "in_place":
+                original.mul_(1.5)
+            else:
+                original.data[0].neg_()
+            plain.weight.copy_(computed.weight)
+            assert torch.equal(bits(computed(x)), bits(plain(x)))
+            assert computed._wcache["q"] is not kept[0]
+            kept = computed._wcache["q"], computed._wcache["tables"]

@@ -221,7 +221,9 @@ class _ApproxMixin:
         same version counter (bumped by every in-place update: optimizer steps,
         ``load_state_dict``) and, against writes through ``.data`` that bypass the counter,
         the same values as a private copy (one pass over the weight, small next to the
-        activations). Otherwise they are computed afresh and ``cache`` is ``None``.
+        activations). Another tensor holding the same bits -- a parametrized weight is computed
+        afresh at each forward -- reuses them too (one comparison with the copy). Otherwise
+        they are computed afresh and ``cache`` is ``None``.
         """
         w, wq = self._weight_bias()[0], self._modules["weight_quant"]  # (not nn.Module's ~1 us look-ups)
         ct = torch.promote_types(w.dtype, torch.float32)  # (_compute_dtype)
@@ -233,6 +235,11 @@ class _ApproxMixin:
                wq.signed, self._modules["lut"])
         c = self.__dict__.get("_wcache")
         if c is None or c["key"] != key or not _unchanged(c, w):
+            if c is not None and c["key"][2:] == key[2:] and _same_bits(c["w"], w.detach()):
+                # another tensor with the cached bits (a parametrized weight is computed afresh at
+                # each forward): the same codes and tables, now checked at its address
+                c["key"], c["live"] = key, _words(w.detach())
+                return c["q"], c["tables"]
             with torch.no_grad():
                 q = self._weight_codes(w, ct)  # checked once per weight change, not per forward
             copy = w.detach().clone()
