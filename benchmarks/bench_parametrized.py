@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from bench_nn import bench_luts, interleaved, set_threads
+from bench_nn import bench_luts, interleaved, set_threads, step_fns
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
 
 CASES = {
@@ -46,15 +46,8 @@ def layer_pair(make, shape, cls, lut):
 
 
 def timed_fns(plain, normed, x) -> dict:
-    xg = x.clone().requires_grad_(True)
-
-    def ev(m):
-        with torch.no_grad():
-            m(x)
-
-    def tr(m):
-        m.zero_grad(set_to_none=True)
-        m(xg).sum().backward()
+    """``(layer, step) -> (mode switch, timed step)`` for :func:`bench_nn.interleaved`."""
+    ev, tr = step_fns(x)
     return {(name, mode): (m.eval if mode == "eval" else m.train, (lambda m=m, f=f: f(m)))
             for name, m in (("plain", plain), ("normed", normed)) for mode, f in (("eval", ev), ("train", tr))}
 
