@@ -23,6 +23,7 @@ from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, ApproxLinear
 from appmult.nn import fused as FU
 from appmult.nn import quant as Q
+from appmult.nn import train_plan
 from appmult.nn.tables import LutTables
 from test_nn_int8_gemm import brute_acc, truncated
 
@@ -136,13 +137,17 @@ def test_int8_value_prep_8bit_refuses_what_the_torch_prep_refuses(monkeypatch):
     assert FU._int8_value_prep(qw, torch.tensor(1.0), torch.zeros(3, 1), tabs) is not None
 
 
+@pytest.mark.parametrize("one_node", [False, True])
 @pytest.mark.parametrize("signed", [False, True])
-def test_training_forward_accumulates_the_brute_force_sum(signed, monkeypatch):
+def test_training_forward_accumulates_the_brute_force_sum(signed, one_node, monkeypatch):
     """A training step of the int8 path after these changes: the layer's output is the
-    dequantized brute-force accumulator of its own codes."""
+    dequantized brute-force accumulator of its own codes -- the int8 weights made by the
+    fast prep (the general path) or by the one-node step's numba pass (``one_node``)."""
     taken = []
-    real = FU._int8_value_prep_8bit
-    monkeypatch.setattr(FU, "_int8_value_prep_8bit", lambda *a: taken.append(real(*a)) or taken[-1])
+    monkeypatch.setattr(train_plan, "ENABLED", one_node)
+    owner, name = (train_plan, "_value_step_codes") if one_node else (FU, "_int8_value_prep_8bit")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: taken.append(real(*a)) or taken[-1])
     torch.manual_seed(1)
     table = truncated(0, signed)
     layer = ApproxLinear.from_float(nn.Linear(40, 6), ApproxConfig(LutFile(table, width_a=8, width_b=8,

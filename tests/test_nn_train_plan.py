@@ -102,8 +102,8 @@ def run_steps(layer, xs, *, x_grad=True, penalty=False, transposed=False):
         if transposed:  # the gradient reaching the layer is a transposed (non-contiguous) view
             y = y.reshape(-1, y.shape[-1]).t()
             g = g.reshape(-1, g.shape[-1]).t()
-        if penalty:  # a gradient penalty: the backward differentiated again
-            (gx,) = torch.autograd.grad((y * g).sum(), x, create_graph=True)
+        if penalty:  # a gradient penalty: the backward differentiated again (its incoming gradient y g)
+            (gx,) = torch.autograd.grad((y * y * g).sum() / 2, x, create_graph=True)
             loss = (y * g).sum() + gx.square().sum()
         else:
             loss = (y * g).sum()
@@ -130,13 +130,48 @@ def both_ways(make_layer, xs, monkeypatch, **kw):
     return want, got, len(ran)
 
 
+@contextlib.contextmanager
+def value_steps(monkeypatch):
+    """A list that gets one entry per step whose codes the exact product's two numba passes made."""
+    made: list = []
+    real = train_plan._value_step_codes
+    monkeypatch.setattr(train_plan, "_value_step_codes", lambda *a: made.append(1) or real(*a))
+    yield made
+
+
 @pytest.mark.parametrize("name", sorted(TABLES))
 @pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
 def test_steps_are_the_general_path_bit_for_bit(name, grad, monkeypatch):
     signed = TABLES[name]()[1]
-    want, got, ran = both_ways(lambda: make(name, grad=grad), inputs(signed), monkeypatch)
+    with value_steps(monkeypatch) as made:
+        want, got, ran = both_ways(lambda: make(name, grad=grad), inputs(signed), monkeypatch)
     assert ran == 3
+    assert len(made) == (3 if name.startswith("exact") else 0)  # (the exact product's codes by its own passes)
     assert same(want, got)
+
+
+@pytest.mark.parametrize("observer", ["moving_average", "minmax"])
+@pytest.mark.parametrize("shape", [(9, 24, 7), (1, 2, 1), (40, 300, 33), (2, 9000, 3)])
+def test_exact_product_steps_over_shapes_and_observers(observer, shape, monkeypatch):
+    """The exact product's codes and int8 sides by two numba passes (one row, two columns, a
+    row longer than a numba block of activations): the general path's bits, the observer's
+    range included, for both observers."""
+    m, k, n = shape
+    with value_steps(monkeypatch) as made:
+        want, got, ran = both_ways(lambda: make("exact", k=k, n=n, act_observer=observer),
+                                   inputs(False, m=m, k=k), monkeypatch)
+    assert ran == 3 and len(made) == 3
+    assert same(want, got)
+
+
+def test_exact_product_step_with_post_relu_inputs_and_negative_zeros(monkeypatch):
+    """Inputs whose range starts at zero, with -0.0 among them (a ReLU keeps -0.0): the codes,
+    gradients and the observer's range are the general path's bits."""
+    xs = [torch.relu(x - 0.3) for x in inputs(False)]
+    for x in xs:
+        x[0, :5] = -0.0
+    want, got, ran = both_ways(lambda: make("exact"), xs, monkeypatch)
+    assert ran == 3 and same(want, got)
 
 
 @pytest.mark.parametrize("name", ["exact", "drum", "drum_signed"])
@@ -188,16 +223,18 @@ def test_an_incoming_gradient_that_is_not_contiguous(monkeypatch):
     assert ran == 3 and same(want, got)
 
 
-def test_a_gradient_penalty_differentiates_the_backward_again(monkeypatch):
+@pytest.mark.parametrize("grad", ["ste", "lut2d"])
+def test_a_gradient_penalty_differentiates_the_backward_again(grad, monkeypatch):
     """``create_graph=True``: the step's backward is torch operations on the incoming
     gradient, differentiable as the general path's (the same bits both times)."""
-    want, got, ran = both_ways(lambda: make("exact"), inputs(False), monkeypatch, penalty=True)
+    want, got, ran = both_ways(lambda: make("exact", grad=grad), inputs(False), monkeypatch, penalty=True)
     assert ran == 3 and same(want, got)
 
 
-def test_frozen_observer_and_eval_mode_with_gradients(monkeypatch):
+@pytest.mark.parametrize("name", ["drum", "exact"])
+def test_frozen_observer_and_eval_mode_with_gradients(name, monkeypatch):
     def frozen():
-        layer = make("drum")
+        layer = make(name)
         with torch.no_grad():
             layer(inputs(False, steps=1)[0])
         layer.act_quant.observing = False

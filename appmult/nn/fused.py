@@ -653,14 +653,15 @@ def _int8_linear_prep(fold, tabs: LutTables):
     return b, c, ow, ox, u8, None, planes
 
 
-def _int8_linear_dots(qx: torch.Tensor, prep, tabs: LutTables) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, dots)``: the int8 activation factors ``U[x] - Ox`` ``(M, K r)`` and the int8
-    GEMM's exact int32 dot products with every digit plane ``(M, P N)``."""
+def _int8_linear_dots(qx: torch.Tensor, prep, tabs: LutTables, a: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, dots)``: the int8 activation factors ``U[x] - Ox`` ``(M, K r)`` (``a`` where
+    given: made with the codes) and the int8 GEMM's exact int32 dot products with every
+    digit plane ``(M, P N)``."""
     b, ox, u8 = prep[0], prep[3], prep[4]
-    if u8 is None:
-        a = (qx.detach() - ox).to(torch.int8)   # U = value(x): qx holds the values
-    else:
-        a = lookup_rows(_idx32(qx, tabs.lo_x), u8).reshape(qx.shape[0], -1)
+    if a is None:
+        a = (qx.detach() - ox).to(torch.int8) if u8 is None else \
+            lookup_rows(_idx32(qx, tabs.lo_x), u8).reshape(qx.shape[0], -1)   # (u8 None: U = value(x))
     return a, torch._int_mm(a, b.t())
 
 
@@ -869,20 +870,26 @@ def _int8_linear_out(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tenso
     return _int8_epilogue(qx, prep, tabs, scale, bias)
 
 
-def _int8_epilogue(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tensor, bias: torch.Tensor | None
-                   ) -> torch.Tensor:
+def _int8_epilogue(qx: torch.Tensor, prep, tabs: LutTables, scale: torch.Tensor, bias: torch.Tensor | None,
+                   a: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_int8_linear_out`'s GEMM and numba epilogue without its checks (float32 CPU
-    operands, ``scale`` one value or one per output, ``bias`` ``None`` or one per output)."""
+    operands, ``scale`` one value or one per output, ``bias`` ``None`` or one per output;
+    ``a``: the int8 activation side where already made)."""
     _, c, ow, _, _, zw_row, planes = prep
     n = c.shape[0]
-    scale = scale.reshape(-1)
-    a, dots = _int8_linear_dots(qx, prep, tabs)
+    scale = scale.detach().reshape(-1)
+    a, dots = _int8_linear_dots(qx, prep, tabs, a)
     out = torch.empty((qx.shape[0], n), dtype=torch.float32)
-    none = np.empty(0, np.float64)
     loops.epilogue(dots.numpy(), planes, a.numpy(), ow.numpy(), c.numpy(),
-                   qx.detach().numpy() if zw_row is not None else np.empty((0, 0), np.float32),
-                   none if zw_row is None else zw_row.numpy(),
-                   scale.detach().expand(n).contiguous().numpy(),
-                   np.empty(0, np.float32) if bias is None else bias.detach().reshape(-1).contiguous().numpy(),
+                   _NO_CODES if zw_row is None else qx.detach().numpy(),
+                   _NO_F64 if zw_row is None else zw_row.numpy(),
+                   (scale if scale.numel() == n else scale.expand(n)).contiguous().numpy(),
+                   _NO_F32 if bias is None else bias.detach().reshape(-1).contiguous().numpy(),
                    max(1, min(qx.shape[0], 2 * loops.num_threads())), out.numpy())
     return out
+
+
+#: The empty arguments of :func:`appmult.nn.int8_loops.epilogue` (no zero-point term, no bias).
+_NO_CODES = np.empty((0, 0), np.float32)
+_NO_F64 = np.empty(0, np.float64)
+_NO_F32 = np.empty(0, np.float32)

@@ -1,6 +1,7 @@
 """The numba-compiled loops of the linear layer's int8 GEMM (CPU): its epilogue in inference
 and the one-plane weights of a training step (:func:`shifted_rows`, :func:`value_rows`,
-:func:`mapped_rows`).
+:func:`mapped_rows`); for the exact product's training step, both operands' codes, masks
+and int8 sides in one pass each (:func:`weight_step`, :func:`act_step`).
 
 :func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
 into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
@@ -20,12 +21,15 @@ import numpy as np
 
 from . import numba_support
 from .numba_support import njit, numba, prange
+from .quant_loops import BLOCK, NON_FINITE
 
 #: Whether numba is installed (the kernels below exist only then).
 AVAILABLE = numba_support.AVAILABLE
 num_threads = numba_support.num_threads
 
 if numba is not None:
+    from .quant_loops import _mask_run, _non_finite_word, _quantize_run, _row_range, _row_scale_zero_point
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def epilogue(dots, planes, a, ow, c, q, zw, scale, bias, ntask, out):  # pragma: no cover - compiled
         # out[i, j] = f32(f32(acc) * scale[j]) + bias[j], with the exact integer
@@ -104,11 +108,25 @@ if numba is not None:
                 v = np.int64(qr[i])
                 orow[i] = np.int8(v - o)
                 t += v
-            shift = 0.0 if signed else zw[j]
-            wsum = np.float64(t) - k * shift
-            const = 0.0 if signed else -zx * wsum
-            c[j] = const + ox * wsum
-            ow[j] = (lo_w - shift) + 128.0
+            c[j], ow[j], const = _value_row_constants(t, k, zw[j], zx, signed, ox, lo_w)
+            top = max(top, abs(const))
+        return top
+
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _value_row_constants(t, k, zwj, zx, signed, ox, lo_w):  # pragma: no cover - compiled
+        # value_rows' row constants from the row's exact code sum t: (c_j, ow_j, const_j).
+        shift = 0.0 if signed else zwj
+        wsum = np.float64(t) - k * shift
+        const = 0.0 if signed else -zx * wsum
+        return const + ox * wsum, (lo_w - shift) + 128.0, const
+
+    @njit(cache=True, error_model="numpy", boundscheck=False)
+    def value_constants(sums, k, zw, zx, signed, ox, lo_w, c, ow):  # pragma: no cover - compiled
+        # value_rows' c and ow from weight_step's row sums (zw: float32, one per row); returns
+        # max_j |const_j| as value_rows does.
+        top = 0.0
+        for j in range(sums.shape[0]):
+            c[j], ow[j], const = _value_row_constants(sums[j], k, np.float64(zw[j]), zx, signed, ox, lo_w)
             top = max(top, abs(const))
         return top
 
@@ -159,3 +177,80 @@ if numba is not None:
             ow[j] = np.float64(off)
             top = max(top, abs(const))
         return bad, top
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def weight_step(x, qmin, qmax, signed, off, centered, scale, zp, q, inside, out, sums):  # pragma: no cover - compiled
+        # quant_loops.channel_fake_quant (each row's range, scale[c], zp[c], codes q and mask
+        # inside) and then, while the row is in cache, value_rows' int8 digits
+        # out[c, k] = int8(q[c, k] - off) and the codes' exact sum sums[c] (int64); with
+        # centered, q[c, k] then becomes q[c, k] - zp[c] (float32, exact: integers).
+        # Returns (the finiteness word of channel_fake_quant: >= 2**31 iff an input is Inf or
+        # NaN, the number of rows whose scale is not finite -- a range wider than float32
+        # holds). Digits and sums of a non-finite row are arbitrary (the caller refuses it).
+        xbits = x.view(np.int32)
+        rows, length = x.shape
+        tops = 0
+        wide = 0
+        lo_q, hi_q = np.float32(qmin), np.float32(qmax)
+        lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
+        o = np.int64(off)
+        ends = np.empty((rows, 2), np.int32)
+        for c in prange(rows):
+            xr = x[c]
+            top = _non_finite_word(xbits[c])
+            tops = max(tops, top)
+            lo, hi = _row_range(xr, xbits[c], top < NON_FINITE, ends[c])
+            s, z = _row_scale_zero_point(lo, hi, qmax, signed)
+            scale[c], zp[c] = s, z
+            if not np.isfinite(s):
+                wide += 1
+            qr = q[c]
+            _quantize_run(xr, qr, s, z, lo_q, hi_q)
+            _mask_run(xr, inside[c], s, z, lo_in, hi_in)
+            if top < NON_FINITE:
+                orow = out[c]
+                t = np.int64(0)
+                for i in range(length):
+                    v = np.int64(qr[i])
+                    orow[i] = np.int8(v - o)
+                    t += v
+                sums[c] = t
+                if centered:
+                    for i in range(length):
+                        qr[i] = qr[i] - z
+        return tops, wide
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def act_step(x, lo, hi, qmin, qmax, signed, ox, centered, sz, q, inside, a):  # pragma: no cover - compiled
+        # An activation's quantization from its range [lo, hi] (np.float32): the scale and
+        # zero point as quant_loops.range_scale_zero_point (into sz[0], sz[1]), the codes q
+        # and mask inside as fake_quant, and the int8 GEMM's side a = int8(q - ox); with
+        # centered, q then becomes q - zero point (float32, exact: integers). Returns
+        # fake_quant's finiteness word (>= 2**31 iff an input is Inf or NaN; then a is
+        # arbitrary).
+        s, z = _row_scale_zero_point(lo, hi, qmax, signed)
+        sz[0], sz[1] = s, z
+        xf = x.reshape(-1)
+        qf, mf, af = q.reshape(-1), inside.reshape(-1), a.reshape(-1)
+        xbits = xf.view(np.int32)
+        length = xf.shape[0]
+        lo_q, hi_q = np.float32(qmin), np.float32(qmax)
+        lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
+        o = np.int32(ox)
+        tops = 0
+        nb = (length + BLOCK - 1) // BLOCK
+        for task in prange(nb):
+            i0 = task * BLOCK
+            n = min(length - i0, BLOCK)
+            xr, qr, ar = xf[i0:i0 + n], qf[i0:i0 + n], af[i0:i0 + n]
+            _quantize_run(xr, qr, s, z, lo_q, hi_q)
+            top = _non_finite_word(xbits[i0:i0 + n])
+            tops = max(tops, top)
+            _mask_run(xr, mf[i0:i0 + n], s, z, lo_in, hi_in)
+            if top < NON_FINITE:
+                for i in range(n):
+                    ar[i] = np.int8(np.int32(qr[i]) - o)
+                if centered:
+                    for i in range(n):
+                        qr[i] = qr[i] - z
+        return tops

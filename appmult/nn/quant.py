@@ -176,11 +176,18 @@ def _ste_backward(grad: torch.Tensor, inside: torch.Tensor, scale: torch.Tensor)
     runs and no graph of the backward is being built, else by torch: the same bits)."""
     rows = _rows(grad, scale)
     if rows is not None and not torch.is_grad_enabled():
-        out = torch.empty_like(grad)
-        loops.ste_grad(grad.numpy().reshape(rows, -1), inside.numpy().reshape(rows, -1), _flat_numpy(scale),
-                       out.numpy().reshape(rows, -1))
-        return out
+        return _ste_rows(grad, inside, scale, rows)
     return grad * inside / scale
+
+
+def _ste_rows(grad: torch.Tensor, inside: torch.Tensor, scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`_ste_backward` by its numba pass, without its checks: float32 CPU contiguous
+    ``grad`` and ``inside`` of one shape, ``scale`` one value (``rows`` 1) or one per index
+    of dim 0 (``rows``: that size), no graph being built."""
+    out = torch.empty_like(grad)
+    loops.ste_grad(grad.numpy().reshape(rows, -1), inside.numpy().reshape(rows, -1), _flat_numpy(scale),
+                   out.numpy().reshape(rows, -1))
+    return out
 
 
 def _fused_channel_quant(w: torch.Tensor, wq: "WeightQuantizer", mask: bool):
@@ -413,17 +420,24 @@ class ActivationQuantizer(_Quantizer):
                 else bool(torch.isfinite(lo) & torch.isfinite(hi))
             if not finite:
                 raise _non_finite(what)
-        lo, hi = lo.to(self.min_val.dtype), hi.to(self.max_val.dtype)
-        if not self.initialized.item():
-            self.min_val.copy_(lo)
-            self.max_val.copy_(hi)
-            self.initialized.fill_(True)
+        # (the buffers read from the module's dict: each nn.Module attribute look-up costs
+        # about a microsecond, and this runs at every training forward)
+        bufs = self._buffers
+        min_val, max_val, initialized = bufs["min_val"], bufs["max_val"], bufs["initialized"]
+        if lo.dtype != min_val.dtype:
+            lo = lo.to(min_val.dtype)
+        if hi.dtype != max_val.dtype:
+            hi = hi.to(max_val.dtype)
+        if not initialized.item():
+            min_val.copy_(lo)
+            max_val.copy_(hi)
+            initialized.fill_(True)
         elif self.observer is Observer.MINMAX:
-            torch.minimum(self.min_val, lo, out=self.min_val)
-            torch.maximum(self.max_val, hi, out=self.max_val)
+            torch.minimum(min_val, lo, out=min_val)
+            torch.maximum(max_val, hi, out=max_val)
         else:
-            self.min_val.lerp_(lo, self.momentum)
-            self.max_val.lerp_(hi, self.momentum)
+            min_val.lerp_(lo, self.momentum)
+            max_val.lerp_(hi, self.momentum)
 
     def scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Current scale and zero point (scalars)."""

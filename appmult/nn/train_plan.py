@@ -32,16 +32,20 @@ the observer was updated, the general path continues from the codes already made
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import functional as FN
+from . import fused as _fused
+from . import int8_loops as _int8_loops
 from . import kernels as K
 from . import quant as Q
+from . import quant_loops as _quant_loops
 from .autograd import _backward_without_autocast, _linear_backward, _zp_conv_grads
 from .config import WeightScheme
 from .functional import _pair
 from .fused import _int8_epilogue
-from .tables import Kernel
+from .tables import GradMode, Kernel
 
 __all__ = ["ENABLED", "conv_forward", "linear_forward"]
 
@@ -60,6 +64,11 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     if tabs is None or not _takes_lowrank(tabs, x, lambda: FN._linear_key(x.shape, w.shape, (w.shape[0], 1),
                                                                            False, False)):
         return None
+    if _value_step_applies(layer, x, w, tabs):
+        centered = tabs.grad is GradMode.STE and not tabs.signed
+        act, weight, prep, a = _value_step_codes(layer, x, w, tabs, centered)
+        scale = act[2] * weight[2].reshape(1, -1)
+        return _LinearStepFn.apply(x, w, bias, act, weight, tabs, prep, scale, (a, centered))
     codes = _codes(layer, x, w)
     if codes is None:
         return None
@@ -69,7 +78,7 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     if prep is False:  # no int8 weight side: the general path from these codes and this weight side
         return FN._approx_linear(*_ste_nodes(layer, x, act, w, weight), bias, tabs, sides=sides)
     scale = act[2] * weight[2].reshape(1, -1)
-    return _LinearStepFn.apply(x, w, bias, act, weight, tabs, prep, scale)
+    return _LinearStepFn.apply(x, w, bias, act, weight, tabs, prep, scale, (None, False))
 
 
 def conv_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -142,6 +151,65 @@ def _codes(layer, x: torch.Tensor, w: torch.Tensor):
     return act, (qw, inside_w, sw, zw)
 
 
+def _value_step_applies(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> bool:
+    """Whether :func:`_value_step_codes` makes this step's codes and int8 sides: the exact
+    product's LUT (``U``, ``V`` the values) with 8-bit operands, an int8 GEMM length ``K``,
+    float32 CPU observer bounds -- where the general path's int8 weight side would be
+    :func:`~appmult.nn.fused._int8_value_prep_8bit`'s."""
+    k = x.shape[1]
+    aq = layer._modules["act_quant"]
+    lo, hi = aq._buffers["min_val"], aq._buffers["max_val"]
+    return tabs.v_is_value and tabs.prod.shape[0] <= 256 and tabs.prod.shape[1] <= 256 \
+        and _int8_loops.AVAILABLE and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1 \
+        and 2 <= k <= _fused.INT8_GEMM_MAX_K and w.is_contiguous() and lo.dtype == torch.float32 \
+        and hi.dtype == torch.float32 and lo.dim() == 0 and hi.dim() == 0 and lo.device.type == "cpu" \
+        and hi.device.type == "cpu"
+
+
+def _value_step_codes(layer, x: torch.Tensor, w: torch.Tensor, tabs, centered: bool):
+    """``(act, weight, prep, a)`` of the exact product's training step by two numba passes
+    (:func:`appmult.nn.int8_loops.weight_step`, :func:`~appmult.nn.int8_loops.act_step`): the
+    codes and masks of :func:`_codes`, the int8 GEMM's weight side ``prep`` of
+    :func:`~appmult.nn.fused._int8_value_prep_8bit` and the activation side ``a`` of
+    :func:`~appmult.nn.fused._int8_linear_dots` -- the same values, without a dozen small
+    tensors and calls between them (each a few microseconds in a step whose layer may take
+    less than the float layer's 0.1 ms). The weight first: a refused weight changes no
+    observer. With ``centered`` (an unsigned LUT's straight-through backward) the returned
+    codes are the backward's operands, codes minus zero points (see :class:`_LinearStepFn`)."""
+    name = type(layer).__name__
+    n, k = w.shape
+    wq, aq = layer._modules["weight_quant"], layer._modules["act_quant"]
+    qw, inside_w = torch.empty((n, k), dtype=torch.float32), torch.empty((n, k), dtype=torch.bool)
+    sw, zw = torch.empty((n, 1), dtype=torch.float32), torch.empty((n, 1), dtype=torch.float32)
+    b = torch.empty((n, k), dtype=torch.int8)
+    sums = np.empty(n, np.int64)
+    zwv = zw.numpy().reshape(-1)
+    tops, wide = _int8_loops.weight_step(w.detach().numpy(), wq.qmin, wq.qmax, wq.signed, float(tabs.lo_w) + 128.0,
+                                         centered, sw.numpy().reshape(-1), zwv, qw.numpy(), inside_w.numpy(), b.numpy(), sums)
+    if tops >= _quant_loops.NON_FINITE:
+        raise Q._non_finite_weight(name)
+    if wide:
+        layer._check_weight_scale(sw, torch.float32)
+    bufs = aq._buffers
+    update = aq.training if aq.observing is None else aq.observing
+    check = not (update or not bufs["initialized"].item())
+    if not check:
+        aq.observe(x, name)  # the observer updates here (and refuses NaN and Inf)
+    m = x.shape[0]
+    qx, inside_x, a = torch.empty((m, k)), torch.empty((m, k), dtype=torch.bool), torch.empty((m, k), dtype=torch.int8)
+    sz = torch.empty(2)
+    ox = int(_fused._factor_range(tabs)[0]) + 128
+    tops = _int8_loops.act_step(x.detach().numpy(), np.float32(bufs["min_val"].item()), np.float32(bufs["max_val"].item()),
+                                aq.qmin, aq.qmax, aq.signed, ox, centered, sz.numpy(), qx.numpy(), inside_x.numpy(), a.numpy())
+    if check and tops >= _quant_loops.NON_FINITE:
+        raise Q._non_finite(name)
+    c, ow = np.empty(n), np.empty(n)
+    sx, zx = sz[0], sz[1]
+    _int8_loops.value_constants(sums, k, zwv, float(zx), tabs.signed, float(ox), float(tabs.lo_w), c, ow)
+    prep = (b, torch.from_numpy(c), torch.from_numpy(ow), ox, None, None, 1)
+    return (qx, inside_x, sx, zx), (qw, inside_w, sw, zw), prep, a
+
+
 def _ste_nodes(layer, x: torch.Tensor, act, w: torch.Tensor, weight) -> tuple:
     """``(qx, sx, zx, qw, sw, zw)`` for the general path, the codes carried by straight-through nodes."""
     aq, wq = layer._modules["act_quant"], layer._modules["weight_quant"]
@@ -164,24 +232,34 @@ class _LinearStepFn(torch.autograd.Function):
     (dequantization, LUT backward, straight-through estimators, bias)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, act, weight, tabs, prep, scale):
+    def forward(ctx, x, w, bias, act, weight, tabs, prep, scale, side):
         qx, inside_x, sx, zx = act
         qw, inside_w, sw, zw = weight
+        a, ctx.centered = side
         ctx.save_for_backward(qx, qw, zx, zw, inside_x, inside_w, sx, sw, scale)
         ctx.tabs = tabs
-        return _int8_epilogue(qx, prep, tabs, scale, None if bias is None else bias.detach())
+        return _int8_epilogue(qx, prep, tabs, scale, None if bias is None else bias.detach(), a)
 
     @staticmethod
     @_backward_without_autocast
     def backward(ctx, grad):
         qx, qw, zx, zw, inside_x, inside_w, sx, sw, scale = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
-        gacc = grad * scale
-        zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-        gx, gw = _linear_backward(gacc.contiguous(), qx, qw, ctx.tabs, *zargs, need=(nx, nw))
-        gx, gw = _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw)
+        gacc = (grad * scale).contiguous()
+        if ctx.centered and not torch.is_grad_enabled():
+            # qx, qw: codes minus zero points, the straight-through products' operands; the
+            # straight-through passes by numba, unchecked (no graph of the backward is built)
+            gx = Q._ste_rows(gacc @ qw, inside_x, sx, 1) if nx else None
+            gw = Q._ste_rows(gacc.t() @ qx, inside_w, sw, qw.shape[0]) if nw else None
+        else:
+            if ctx.centered:
+                gx, gw = gacc @ qw if nx else None, gacc.t() @ qx if nw else None
+            else:
+                zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+                gx, gw = _linear_backward(gacc, qx, qw, ctx.tabs, *zargs, need=(nx, nw))
+            gx, gw = _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw)
         gb = grad.sum_to_size(grad.shape[-1]) if nb else None
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 class _ConvStepFn(torch.autograd.Function):
