@@ -145,7 +145,7 @@ def test_training_forward_accumulates_the_brute_force_sum(signed, one_node, monk
     fast prep (the general path) or by the one-node step's numba pass (``one_node``)."""
     taken = []
     monkeypatch.setattr(train_plan, "ENABLED", one_node)
-    owner, name = (train_plan, "_value_step_codes") if one_node else (FU, "_int8_value_prep_8bit")
+    owner, name = (train_plan, "_int8_step_codes") if one_node else (FU, "_int8_value_prep_8bit")
     real = getattr(owner, name)
     monkeypatch.setattr(owner, name, lambda *a: taken.append(real(*a)) or taken[-1])
     torch.manual_seed(1)
@@ -388,12 +388,17 @@ def test_int8_mapped_prep_takes_the_weight_factor_as_int32_only_where_it_holds_i
     assert np.array_equal(FU._v_int32(tabs), v.reshape(-1).numpy())
 
 
+@pytest.mark.parametrize("one_node", [False, True])
 @pytest.mark.parametrize("signed", [False, True])
-def test_drum_linear_training_forward_is_the_brute_force_sum(signed, monkeypatch):
-    taken = []
-    real = FU._int8_mapped_prep
+def test_drum_linear_training_forward_is_the_brute_force_sum(signed, one_node, monkeypatch):
+    """The int8 weights made by the mapped prep (the general path) or by the one-node step's
+    numba pass (``one_node``)."""
     from appmult.nn import functional as FN
-    monkeypatch.setattr(FN, "_int8_mapped_prep", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = []
+    monkeypatch.setattr(train_plan, "ENABLED", one_node)
+    owner, name = (train_plan, "_int8_step_codes") if one_node else (FN, "_int8_mapped_prep")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: taken.append(real(*a)) or taken[-1])
     torch.manual_seed(2)
     table = drum_table(signed)
     layer = ApproxLinear.from_float(nn.Linear(30, 7), ApproxConfig(LutFile(table, width_a=8, width_b=8,

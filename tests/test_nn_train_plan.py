@@ -131,36 +131,48 @@ def both_ways(make_layer, xs, monkeypatch, **kw):
 
 
 @contextlib.contextmanager
-def value_steps(monkeypatch):
-    """A list that gets one entry per step whose codes the exact product's two numba passes made."""
+def int8_steps(monkeypatch):
+    """A list that gets the kind of each step whose codes and int8 sides two numba passes made."""
     made: list = []
-    real = train_plan._value_step_codes
-    monkeypatch.setattr(train_plan, "_value_step_codes", lambda *a: made.append(1) or real(*a))
+    real = train_plan._int8_step_codes
+
+    def spy(*a):
+        out = real(*a)
+        if out is not None:
+            made.append(a[-1])
+        return out
+    monkeypatch.setattr(train_plan, "_int8_step_codes", spy)
     yield made
+
+
+#: The kind of step the two numba passes make for each table (none for the others).
+INT8_STEP = {"exact": "value", "exact_signed": "value", "drum": "mapped"}
 
 
 @pytest.mark.parametrize("name", sorted(TABLES))
 @pytest.mark.parametrize("grad", ["ste", "lut1d", "lut2d"])
 def test_steps_are_the_general_path_bit_for_bit(name, grad, monkeypatch):
     signed = TABLES[name]()[1]
-    with value_steps(monkeypatch) as made:
+    with int8_steps(monkeypatch) as made:
         want, got, ran = both_ways(lambda: make(name, grad=grad), inputs(signed), monkeypatch)
     assert ran == 3
-    assert len(made) == (3 if name.startswith("exact") else 0)  # (the exact product's codes by its own passes)
+    assert made == [INT8_STEP[name]] * 3 if name in INT8_STEP else made == []
     assert same(want, got)
 
 
+@pytest.mark.parametrize("name", sorted(INT8_STEP))
 @pytest.mark.parametrize("observer", ["moving_average", "minmax"])
 @pytest.mark.parametrize("shape", [(9, 24, 7), (1, 2, 1), (40, 300, 33), (2, 9000, 3)])
-def test_exact_product_steps_over_shapes_and_observers(observer, shape, monkeypatch):
-    """The exact product's codes and int8 sides by two numba passes (one row, two columns, a
-    row longer than a numba block of activations): the general path's bits, the observer's
-    range included, for both observers."""
+def test_int8_steps_over_shapes_and_observers(name, observer, shape, monkeypatch):
+    """The codes and int8 sides by two numba passes (one row, two columns, a row longer than
+    a numba block of activations): the general path's bits, the observer's range included,
+    for both observers."""
     m, k, n = shape
-    with value_steps(monkeypatch) as made:
-        want, got, ran = both_ways(lambda: make("exact", k=k, n=n, act_observer=observer),
-                                   inputs(False, m=m, k=k), monkeypatch)
-    assert ran == 3 and len(made) == 3
+    signed = TABLES[name]()[1]
+    with int8_steps(monkeypatch) as made:
+        want, got, ran = both_ways(lambda: make(name, k=k, n=n, act_observer=observer),
+                                   inputs(signed, m=m, k=k), monkeypatch)
+    assert ran == 3 and made == [INT8_STEP[name]] * 3
     assert same(want, got)
 
 
@@ -341,8 +353,27 @@ def test_where_no_int8_side_applies_the_general_path_continues_from_the_codes(mo
     """The observer has been updated when the weight side is refused: the step goes on by
     the general path from the codes already made (the observer not updated twice)."""
     monkeypatch.setattr(FN, "_int8_codes_prep", lambda *a: None)
+    monkeypatch.setattr(train_plan, "_int8_step_kind", lambda *a: None)  # (the codes by _codes)
     want, got, ran = both_ways(lambda: make("drum"), inputs(False), monkeypatch)
     assert ran == 0 and same(want, got)
+
+
+def test_looked_up_weights_wider_than_one_int8_plane_give_the_general_path(monkeypatch):
+    """A rank-1 LUT whose weight factor is a look-up spanning more than 255 within a row: the
+    numba passes refuse it before the observer changes, and the general path takes the step
+    (the same bits, the observer updated once a step)."""
+    u = np.array([min(((x >> 2) << 2) | 2, 255) if x > 4 else x for x in range(256)], np.int64)
+    v = np.arange(256, dtype=np.int64) ** 2 // 64                # 0 .. 1016
+    table = np.outer(u, v)
+
+    def make_layer():
+        torch.manual_seed(0)
+        return ApproxLinear.from_float(nn.Linear(24, 7), ApproxConfig(
+            LutFile(table, width_a=8, width_b=8, signed=False), kernel="lowrank")).train()
+    assert train_plan._int8_step_kind(make_layer(), inputs(False)[0], make_layer().weight, make_layer().lut) == "mapped"
+    with int8_steps(monkeypatch) as made:
+        want, got, ran = both_ways(make_layer, inputs(False), monkeypatch)
+    assert made == [] and ran == 0 and same(want, got)
 
 
 def test_non_finite_input_and_weight_are_refused_and_change_nothing(monkeypatch):

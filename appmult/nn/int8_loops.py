@@ -1,7 +1,8 @@
 """The numba-compiled loops of the linear layer's int8 GEMM (CPU): its epilogue in inference
 and the one-plane weights of a training step (:func:`shifted_rows`, :func:`value_rows`,
-:func:`mapped_rows`); for the exact product's training step, both operands' codes, masks
-and int8 sides in one pass each (:func:`weight_step`, :func:`act_step`).
+:func:`mapped_rows`); for a rank-1 LUT's one-node training step, both operands' codes,
+masks and int8 sides in one pass each (:func:`weight_step`, :func:`act_step`, then
+:func:`step_constants`).
 
 :func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
 into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
@@ -102,12 +103,7 @@ if numba is not None:
         top = 0.0
         o = np.int64(off)
         for j in prange(n):
-            qr, orow = q[j], out[j]
-            t = np.int64(0)
-            for i in range(k):
-                v = np.int64(qr[i])
-                orow[i] = np.int8(v - o)
-                t += v
+            t = _value_row(q[j], o, out[j])
             c[j], ow[j], const = _value_row_constants(t, k, zw[j], zx, signed, ox, lo_w)
             top = max(top, abs(const))
         return top
@@ -120,15 +116,42 @@ if numba is not None:
         const = 0.0 if signed else -zx * wsum
         return const + ox * wsum, (lo_w - shift) + 128.0, const
 
-    @njit(cache=True, error_model="numpy", boundscheck=False)
-    def value_constants(sums, k, zw, zx, signed, ox, lo_w, c, ow):  # pragma: no cover - compiled
-        # value_rows' c and ow from weight_step's row sums (zw: float32, one per row); returns
-        # max_j |const_j| as value_rows does.
-        top = 0.0
-        for j in range(sums.shape[0]):
-            c[j], ow[j], const = _value_row_constants(sums[j], k, np.float64(zw[j]), zx, signed, ox, lo_w)
-            top = max(top, abs(const))
-        return top
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _mapped_row(qr, lo_w, vtab, orow):  # pragma: no cover - compiled
+        # mapped_rows' work on one row of codes qr: (whether its looked-up weights span at
+        # most 255, the exact code sum, the looked-up sum, the row's offset w_min + 128),
+        # the digits into orow where they do.
+        k = qr.shape[0]
+        lw = np.int32(lo_w)
+        idx = np.empty(k, np.int32)
+        qs = np.int64(0)
+        for i in range(k):
+            qi = np.int32(qr[i])
+            idx[i] = qi - lw
+            qs += qi
+        w = np.empty(k, np.int32)
+        for i in range(k):
+            w[i] = vtab[idx[i]]
+        vmin = np.int32(2147483647)
+        vmax = np.int32(-2147483648)
+        vs = np.int64(0)
+        for i in range(k):
+            v = w[i]
+            vmin = min(vmin, v)
+            vmax = max(vmax, v)
+            vs += v
+        if np.int64(vmax) - np.int64(vmin) > 255:
+            return False, qs, vs, vmin
+        off = vmin + 128
+        for i in range(k):
+            orow[i] = np.int8(w[i] - off)
+        return True, qs, vs, off
+
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _mapped_row_constants(qs, vs, k, zwj, zx, signed, ox):  # pragma: no cover - compiled
+        # mapped_rows' row constant from the row's code sum qs and looked-up sum vs: (c_j, const_j).
+        const = 0.0 if signed else -zx * (np.float64(qs) - k * zwj)
+        return const + ox * np.float64(vs), const
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def mapped_rows(q, lo_w, vtab, zw, zx, signed, ox, out, c, ow):  # pragma: no cover - compiled
@@ -146,88 +169,101 @@ if numba is not None:
         n, k = q.shape
         bad = 0
         top = 0.0
-        lw = np.int32(lo_w)
         for j in prange(n):
-            qr, orow = q[j], out[j]
-            idx = np.empty(k, np.int32)
-            qs = np.int64(0)
-            for i in range(k):
-                qi = np.int32(qr[i])
-                idx[i] = qi - lw
-                qs += qi
-            w = np.empty(k, np.int32)
-            for i in range(k):
-                w[i] = vtab[idx[i]]
-            vmin = np.int32(2147483647)
-            vmax = np.int32(-2147483648)
-            vs = np.int64(0)
-            for i in range(k):
-                v = w[i]
-                vmin = min(vmin, v)
-                vmax = max(vmax, v)
-                vs += v
-            if np.int64(vmax) - np.int64(vmin) > 255:
+            ok, qs, vs, off = _mapped_row(q[j], lo_w, vtab, out[j])
+            if not ok:
                 bad += 1
                 continue
-            off = vmin + 128
-            for i in range(k):
-                orow[i] = np.int8(w[i] - off)
-            const = 0.0 if signed else -zx * (np.float64(qs) - k * zw[j])
-            c[j] = const + ox * np.float64(vs)
+            c[j], const = _mapped_row_constants(qs, vs, k, zw[j], zx, signed, ox)
             ow[j] = np.float64(off)
             top = max(top, abs(const))
         return bad, top
 
+    @njit(inline="always", error_model="numpy", boundscheck=False)
+    def _value_row(qr, o, orow):  # pragma: no cover - compiled
+        # value_rows' work on one row of codes qr: the digits orow[k] = int8(qr[k] - o), and
+        # the exact code sum returned.
+        t = np.int64(0)
+        for i in range(qr.shape[0]):
+            v = np.int64(qr[i])
+            orow[i] = np.int8(v - o)
+            t += v
+        return t
+
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
-    def weight_step(x, qmin, qmax, signed, off, centered, scale, zp, q, inside, out, sums):  # pragma: no cover - compiled
-        # quant_loops.channel_fake_quant (each row's range, scale[c], zp[c], codes q and mask
-        # inside) and then, while the row is in cache, value_rows' int8 digits
-        # out[c, k] = int8(q[c, k] - off) and the codes' exact sum sums[c] (int64); with
-        # centered, q[c, k] then becomes q[c, k] - zp[c] (float32, exact: integers).
-        # Returns (the finiteness word of channel_fake_quant: >= 2**31 iff an input is Inf or
-        # NaN, the number of rows whose scale is not finite -- a range wider than float32
-        # holds). Digits and sums of a non-finite row are arbitrary (the caller refuses it).
+    def weight_step(x, qmin, qmax, signed, off, vtab, lo_w, centered, scale, zp, q, inside, out, sums, ow
+                    ):  # pragma: no cover - compiled
+        # A training step's weight side of the int8 GEMM, one task per row while it is in
+        # cache: quant_loops.channel_fake_quant's range, scale[c], zp[c], codes q and mask
+        # inside, then
+        # * vtab empty (the exact product): value_rows' digits out[c, k] = int8(q[c, k] -
+        #   off) and the exact code sum sums[c, 0]; with centered, q[c, k] then becomes
+        #   q[c, k] - zp[c] (float32, exact: integers);
+        # * else (V a look-up, vtab its integers from lo_w): mapped_rows' digits, code sum
+        #   sums[c, 0], looked-up sum sums[c, 1] and offset ow[c].
+        # Returns (the finiteness word: >= 2**31 iff an input is Inf or NaN, the number of
+        # rows whose scale is not finite -- a range wider than float32 holds --, the number
+        # of rows whose looked-up weights span more than one int8 plane). Digits and sums of
+        # a non-finite row are arbitrary (the caller refuses it).
         xbits = x.view(np.int32)
         rows, length = x.shape
         tops = 0
         wide = 0
+        bad = 0
+        o = np.int64(off)
         lo_q, hi_q = np.float32(qmin), np.float32(qmax)
         lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
-        o = np.int64(off)
+        mapped = vtab.shape[0] > 0
         ends = np.empty((rows, 2), np.int32)
         for c in prange(rows):
+            qr = q[c]
             xr = x[c]
             top = _non_finite_word(xbits[c])
-            tops = max(tops, top)
             lo, hi = _row_range(xr, xbits[c], top < NON_FINITE, ends[c])
             s, z = _row_scale_zero_point(lo, hi, qmax, signed)
+            _quantize_run(xr, qr, s, z, lo_q, hi_q)
+            _mask_run(xr, inside[c], s, z, lo_in, hi_in)
+            tops = max(tops, top)
             scale[c], zp[c] = s, z
             if not np.isfinite(s):
                 wide += 1
-            qr = q[c]
-            _quantize_run(xr, qr, s, z, lo_q, hi_q)
-            _mask_run(xr, inside[c], s, z, lo_in, hi_in)
-            if top < NON_FINITE:
-                orow = out[c]
-                t = np.int64(0)
-                for i in range(length):
-                    v = np.int64(qr[i])
-                    orow[i] = np.int8(v - o)
-                    t += v
-                sums[c] = t
+            if top < NON_FINITE and mapped:
+                ok, qs, vs, offset = _mapped_row(qr, lo_w, vtab, out[c])
+                sums[c, 0] = qs
+                sums[c, 1] = vs
+                ow[c] = np.float64(offset)
+                bad += np.int64(not ok)
+            elif top < NON_FINITE:
+                sums[c, 0] = _value_row(qr, o, out[c])
                 if centered:
                     for i in range(length):
                         qr[i] = qr[i] - z
-        return tops, wide
+        return tops, wide, bad
+
+    @njit(cache=True, error_model="numpy", boundscheck=False)
+    def step_constants(sums, k, zw, zx, signed, ox, lo_w, mapped, c, ow):  # pragma: no cover - compiled
+        # weight_step's row constants once the activation's zero point zx is known (zw: the
+        # weight's, float32, one per row): value_rows' c and ow, or (mapped) mapped_rows' c.
+        # Returns max_j |const_j| as those do.
+        top = 0.0
+        for j in range(sums.shape[0]):
+            zwj = np.float64(zw[j])
+            if mapped:
+                c[j], const = _mapped_row_constants(sums[j, 0], sums[j, 1], k, zwj, zx, signed, ox)
+            else:
+                c[j], ow[j], const = _value_row_constants(sums[j, 0], k, zwj, zx, signed, ox, lo_w)
+            top = max(top, abs(const))
+        return top
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
-    def act_step(x, lo, hi, qmin, qmax, signed, ox, centered, sz, q, inside, a):  # pragma: no cover - compiled
+    def act_step(x, lo, hi, qmin, qmax, signed, ox, table, lo_x, centered, sz, q, inside, a
+                 ):  # pragma: no cover - compiled
         # An activation's quantization from its range [lo, hi] (np.float32): the scale and
         # zero point as quant_loops.range_scale_zero_point (into sz[0], sz[1]), the codes q
-        # and mask inside as fake_quant, and the int8 GEMM's side a = int8(q - ox); with
-        # centered, q then becomes q - zero point (float32, exact: integers). Returns
-        # fake_quant's finiteness word (>= 2**31 iff an input is Inf or NaN; then a is
-        # arbitrary).
+        # and mask inside as fake_quant, and the int8 GEMM's side a: int8(q - ox) (table
+        # empty: U the values), else the int8 table of U - ox at q - lo_x; with centered, q
+        # then becomes q - zero point (float32, exact: integers). Returns fake_quant's
+        # finiteness word (>= 2**31 iff an input is Inf or NaN; then a is arbitrary).
         s, z = _row_scale_zero_point(lo, hi, qmax, signed)
         sz[0], sz[1] = s, z
         xf = x.reshape(-1)
@@ -237,6 +273,8 @@ if numba is not None:
         lo_q, hi_q = np.float32(qmin), np.float32(qmax)
         lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
         o = np.int32(ox)
+        lx = np.int32(lo_x)
+        mapped = table.shape[0] > 0
         tops = 0
         nb = (length + BLOCK - 1) // BLOCK
         for task in prange(nb):
@@ -247,10 +285,15 @@ if numba is not None:
             top = _non_finite_word(xbits[i0:i0 + n])
             tops = max(tops, top)
             _mask_run(xr, mf[i0:i0 + n], s, z, lo_in, hi_in)
-            if top < NON_FINITE:
+            if top >= NON_FINITE:
+                continue
+            if mapped:
+                for i in range(n):
+                    ar[i] = table[np.int32(qr[i]) - lx]
+            else:
                 for i in range(n):
                     ar[i] = np.int8(np.int32(qr[i]) - o)
-                if centered:
-                    for i in range(n):
-                        qr[i] = qr[i] - z
+            if centered:
+                for i in range(n):
+                    qr[i] = qr[i] - z
         return tops

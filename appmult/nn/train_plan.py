@@ -64,9 +64,10 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     if tabs is None or not _takes_lowrank(tabs, x, lambda: FN._linear_key(x.shape, w.shape, (w.shape[0], 1),
                                                                            False, False)):
         return None
-    if _value_step_applies(layer, x, w, tabs):
-        centered = tabs.grad is GradMode.STE and not tabs.signed
-        act, weight, prep, a = _value_step_codes(layer, x, w, tabs, centered)
+    kind = _int8_step_kind(layer, x, w, tabs)
+    made = None if kind is None else _int8_step_codes(layer, x, w, tabs, kind)
+    if made is not None:
+        act, weight, prep, a, centered = made
         scale = act[2] * weight[2].reshape(1, -1)
         return _LinearStepFn.apply(x, w, bias, act, weight, tabs, prep, scale, (a, centered))
     codes = _codes(layer, x, w)
@@ -151,45 +152,72 @@ def _codes(layer, x: torch.Tensor, w: torch.Tensor):
     return act, (qw, inside_w, sw, zw)
 
 
-def _value_step_applies(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> bool:
-    """Whether :func:`_value_step_codes` makes this step's codes and int8 sides: the exact
-    product's LUT (``U``, ``V`` the values) with 8-bit operands, an int8 GEMM length ``K``,
-    float32 CPU observer bounds -- where the general path's int8 weight side would be
-    :func:`~appmult.nn.fused._int8_value_prep_8bit`'s."""
+#: The steps :func:`_int8_step_codes` makes: the exact product's (``U``, ``V`` the values) and
+#: a LUT whose weight factor ``V`` is a look-up (DRUM).
+VALUE, MAPPED = "value", "mapped"
+
+_NO_VTAB = np.empty(0, np.int32)
+_NO_TABLE = np.empty(0, np.int8)
+
+
+def _int8_step_kind(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> str | None:
+    """Which step :func:`_int8_step_codes` makes for this call (:data:`VALUE`, :data:`MAPPED`),
+    or ``None``: where the general path's int8 weight side would be
+    :func:`~appmult.nn.fused._int8_value_prep_8bit`'s or
+    :func:`~appmult.nn.fused._int8_mapped_prep`'s, with 8-bit operands and float32 CPU
+    observer bounds (the rank-1 table, CPU float32 operands and numba checked by
+    :func:`_tables`). The row constants are far below float64's exact range for any ``K``
+    the int8 GEMM takes (8-bit codes: ``|const| <= 255 * 255 * K``)."""
     k = x.shape[1]
-    aq = layer._modules["act_quant"]
-    lo, hi = aq._buffers["min_val"], aq._buffers["max_val"]
-    return tabs.v_is_value and tabs.prod.shape[0] <= 256 and tabs.prod.shape[1] <= 256 \
-        and _int8_loops.AVAILABLE and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1 \
-        and 2 <= k <= _fused.INT8_GEMM_MAX_K and w.is_contiguous() and lo.dtype == torch.float32 \
-        and hi.dtype == torch.float32 and lo.dim() == 0 and hi.dim() == 0 and lo.device.type == "cpu" \
-        and hi.device.type == "cpu"
+    lo, hi = (layer._modules["act_quant"]._buffers[b] for b in ("min_val", "max_val"))
+    if not (tabs.prod.shape[0] <= 256 and tabs.prod.shape[1] <= 256 and _int8_loops.AVAILABLE
+            and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1 and 2 <= k <= _fused.INT8_GEMM_MAX_K
+            and w.is_contiguous() and lo.dtype == torch.float32 and hi.dtype == torch.float32 and lo.dim() == 0
+            and hi.dim() == 0 and lo.device.type == "cpu" and hi.device.type == "cpu" and tabs.u is not None):
+        return None
+    umin, umax = _fused._factor_range(tabs)
+    if umax - umin > 255:
+        return None
+    if tabs.v_is_value:
+        return VALUE
+    if not tabs.signed and tabs.value_coef is None and tabs.u.shape[1] == 1 and _fused._v_int32(tabs) is not None:
+        return MAPPED
+    return None
 
 
-def _value_step_codes(layer, x: torch.Tensor, w: torch.Tensor, tabs, centered: bool):
-    """``(act, weight, prep, a)`` of the exact product's training step by two numba passes
+def _int8_step_codes(layer, x: torch.Tensor, w: torch.Tensor, tabs, kind: str):
+    """``(act, weight, prep, a, centered)`` of a training step by two numba passes
     (:func:`appmult.nn.int8_loops.weight_step`, :func:`~appmult.nn.int8_loops.act_step`): the
     codes and masks of :func:`_codes`, the int8 GEMM's weight side ``prep`` of
-    :func:`~appmult.nn.fused._int8_value_prep_8bit` and the activation side ``a`` of
-    :func:`~appmult.nn.fused._int8_linear_dots` -- the same values, without a dozen small
-    tensors and calls between them (each a few microseconds in a step whose layer may take
-    less than the float layer's 0.1 ms). The weight first: a refused weight changes no
-    observer. With ``centered`` (an unsigned LUT's straight-through backward) the returned
-    codes are the backward's operands, codes minus zero points (see :class:`_LinearStepFn`)."""
+    :func:`~appmult.nn.fused._int8_value_prep_8bit` (``kind`` :data:`VALUE`) or
+    :func:`~appmult.nn.fused._int8_mapped_prep` (:data:`MAPPED`) and the activation side
+    ``a`` of :func:`~appmult.nn.fused._int8_linear_dots` -- the same values, without two
+    dozen small tensors and calls between them (each a few microseconds in a step whose
+    layer may take less than the float layer's 0.1 ms). ``None`` (nothing changed) where a
+    weight row's looked-up values span more than one int8 plane. The weight first: a
+    refused weight changes no observer. ``centered`` (the exact product with an unsigned
+    LUT and the straight-through backward): the returned codes are the backward's
+    operands, codes minus zero points (see :class:`_LinearStepFn`)."""
     name = type(layer).__name__
     n, k = w.shape
+    mapped = kind == MAPPED
+    centered = not mapped and tabs.grad is GradMode.STE and not tabs.signed
     wq, aq = layer._modules["weight_quant"], layer._modules["act_quant"]
     qw, inside_w = torch.empty((n, k), dtype=torch.float32), torch.empty((n, k), dtype=torch.bool)
     sw, zw = torch.empty((n, 1), dtype=torch.float32), torch.empty((n, 1), dtype=torch.float32)
     b = torch.empty((n, k), dtype=torch.int8)
-    sums = np.empty(n, np.int64)
+    sums, ow = np.empty((n, 2), np.int64), np.empty(n)
     zwv = zw.numpy().reshape(-1)
-    tops, wide = _int8_loops.weight_step(w.detach().numpy(), wq.qmin, wq.qmax, wq.signed, float(tabs.lo_w) + 128.0,
-                                         centered, sw.numpy().reshape(-1), zwv, qw.numpy(), inside_w.numpy(), b.numpy(), sums)
+    tops, wide, bad = _int8_loops.weight_step(
+        w.detach().numpy(), wq.qmin, wq.qmax, wq.signed, float(tabs.lo_w) + 128.0,
+        _fused._v_int32(tabs) if mapped else _NO_VTAB, int(tabs.lo_w), centered, sw.numpy().reshape(-1), zwv,
+        qw.numpy(), inside_w.numpy(), b.numpy(), sums, ow)
     if tops >= _quant_loops.NON_FINITE:
         raise Q._non_finite_weight(name)
     if wide:
         layer._check_weight_scale(sw, torch.float32)
+    if bad:
+        return None
     bufs = aq._buffers
     update = aq.training if aq.observing is None else aq.observing
     check = not (update or not bufs["initialized"].item())
@@ -199,15 +227,19 @@ def _value_step_codes(layer, x: torch.Tensor, w: torch.Tensor, tabs, centered: b
     qx, inside_x, a = torch.empty((m, k)), torch.empty((m, k), dtype=torch.bool), torch.empty((m, k), dtype=torch.int8)
     sz = torch.empty(2)
     ox = int(_fused._factor_range(tabs)[0]) + 128
-    tops = _int8_loops.act_step(x.detach().numpy(), np.float32(bufs["min_val"].item()), np.float32(bufs["max_val"].item()),
-                                aq.qmin, aq.qmax, aq.signed, ox, centered, sz.numpy(), qx.numpy(), inside_x.numpy(), a.numpy())
+    u8 = _fused._u8_table(tabs, ox) if mapped else None
+    tops = _int8_loops.act_step(x.detach().numpy(), np.float32(bufs["min_val"].item()),
+                                np.float32(bufs["max_val"].item()), aq.qmin, aq.qmax, aq.signed, ox,
+                                _NO_TABLE if u8 is None else u8.numpy().reshape(-1), int(tabs.lo_x), centered,
+                                sz.numpy(), qx.numpy(), inside_x.numpy(), a.numpy())
     if check and tops >= _quant_loops.NON_FINITE:
         raise Q._non_finite(name)
-    c, ow = np.empty(n), np.empty(n)
     sx, zx = sz[0], sz[1]
-    _int8_loops.value_constants(sums, k, zwv, float(zx), tabs.signed, float(ox), float(tabs.lo_w), c, ow)
-    prep = (b, torch.from_numpy(c), torch.from_numpy(ow), ox, None, None, 1)
-    return (qx, inside_x, sx, zx), (qw, inside_w, sw, zw), prep, a
+    c = np.empty(n)
+    _int8_loops.step_constants(sums, k, zwv, float(zx), tabs.signed, float(ox), float(tabs.lo_w), mapped, c, ow)
+    zw_row = torch.from_numpy(zwv.astype(np.float64)) if mapped else None   # (mapped: unsigned)
+    prep = (b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, zw_row, 1)
+    return (qx, inside_x, sx, zx), (qw, inside_w, sw, zw), prep, a, centered
 
 
 def _ste_nodes(layer, x: torch.Tensor, act, w: torch.Tensor, weight) -> tuple:
