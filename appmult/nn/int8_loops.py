@@ -1,8 +1,8 @@
 """The numba-compiled loops of the linear layer's int8 GEMM (CPU): its epilogue in inference
 and the one-plane weights of a training step (:func:`shifted_rows`, :func:`value_rows`,
-:func:`mapped_rows`); for a rank-1 LUT's one-node training step, both operands' codes,
-masks and int8 sides in one pass each (:func:`weight_step`, :func:`act_step`, then
-:func:`step_constants`).
+:func:`mapped_rows`); for a rank-1 LUT's one-node training step, the weight's codes, mask
+and int8 side in one pass (:func:`weight_step`, then :func:`step_constants`; the
+activation's: :func:`appmult.nn.quant_loops.range_fake_quant`).
 
 :func:`appmult.nn.fused._int8_linear_acc` turns the int32 dot products of the int8 GEMM
 into the layer's exact accumulator with half a dozen torch passes over the ``(M, N)``
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import numba_support
 from .numba_support import njit, numba, prange
-from .quant_loops import BLOCK, NON_FINITE
+from .quant_loops import NON_FINITE
 
 #: Whether numba is installed (the kernels below exist only then).
 AVAILABLE = numba_support.AVAILABLE
@@ -254,46 +254,3 @@ if numba is not None:
                 c[j], ow[j], const = _value_row_constants(sums[j, 0], k, zwj, zx, signed, ox, lo_w)
             top = max(top, abs(const))
         return top
-
-    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
-    def act_step(x, lo, hi, qmin, qmax, signed, ox, table, lo_x, centered, sz, q, inside, a
-                 ):  # pragma: no cover - compiled
-        # An activation's quantization from its range [lo, hi] (np.float32): the scale and
-        # zero point as quant_loops.range_scale_zero_point (into sz[0], sz[1]), the codes q
-        # and mask inside as fake_quant, and the int8 GEMM's side a: int8(q - ox) (table
-        # empty: U the values), else the int8 table of U - ox at q - lo_x; with centered, q
-        # then becomes q - zero point (float32, exact: integers). Returns fake_quant's
-        # finiteness word (>= 2**31 iff an input is Inf or NaN; then a is arbitrary).
-        s, z = _row_scale_zero_point(lo, hi, qmax, signed)
-        sz[0], sz[1] = s, z
-        xf = x.reshape(-1)
-        qf, mf, af = q.reshape(-1), inside.reshape(-1), a.reshape(-1)
-        xbits = xf.view(np.int32)
-        length = xf.shape[0]
-        lo_q, hi_q = np.float32(qmin), np.float32(qmax)
-        lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
-        o = np.int32(ox)
-        lx = np.int32(lo_x)
-        mapped = table.shape[0] > 0
-        tops = 0
-        nb = (length + BLOCK - 1) // BLOCK
-        for task in prange(nb):
-            i0 = task * BLOCK
-            n = min(length - i0, BLOCK)
-            xr, qr, ar = xf[i0:i0 + n], qf[i0:i0 + n], af[i0:i0 + n]
-            _quantize_run(xr, qr, s, z, lo_q, hi_q)
-            top = _non_finite_word(xbits[i0:i0 + n])
-            tops = max(tops, top)
-            _mask_run(xr, mf[i0:i0 + n], s, z, lo_in, hi_in)
-            if top >= NON_FINITE:
-                continue
-            if mapped:
-                for i in range(n):
-                    ar[i] = table[np.int32(qr[i]) - lx]
-            else:
-                for i in range(n):
-                    ar[i] = np.int8(np.int32(qr[i]) - o)
-            if centered:
-                for i in range(n):
-                    qr[i] = qr[i] - z
-        return tops

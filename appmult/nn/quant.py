@@ -126,6 +126,9 @@ def _fused_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
 #: The empty mask of :func:`appmult.nn.quant_loops.fake_quant` (none written).
 _NO_MASK = np.empty((0, 0), dtype=np.bool_)
+#: The empty int8 side and table of :func:`appmult.nn.quant_loops.range_fake_quant` (none made).
+_NO_SIDE = np.empty(0, dtype=np.int8)
+_NO_TABLE = np.empty(0, dtype=np.int8)
 
 
 def _flat_numpy(t: torch.Tensor) -> np.ndarray:
@@ -457,9 +460,37 @@ class ActivationQuantizer(_Quantizer):
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`forward`'s codes without autograd, with the straight-through mask:
         ``(q, inside, scale, zero_point)`` (the observer updated as by :meth:`forward`)."""
+        fused = self.step_codes(x, what)
+        if fused is not None:
+            return fused
         s, z, check = self._current_range(x, what)
         q, inside = _codes_and_mask(x, s, z, self.qmin, self.qmax, check)
         return q, inside, s, z
+
+    def step_codes(self, x: torch.Tensor, what: str | None = None, side=None):
+        """:meth:`codes` by one numba pass that also makes the scale and zero point
+        (:func:`appmult.nn.quant_loops.range_fake_quant`; the same bits), or ``None`` where
+        it does not run (then nothing has changed): ``x`` or the range not float32 on the
+        CPU, ``x`` not contiguous, no numba. ``side``: ``(a, ox, table, lo_x, centered)``,
+        the linear int8 GEMM's activation side made in the same pass (see there)."""
+        bufs = self._buffers
+        lo, hi, initialized = bufs["min_val"], bufs["max_val"], bufs["initialized"]
+        if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or lo.dtype != torch.float32 \
+                or hi.dtype != torch.float32 or lo.device.type != "cpu" or hi.device.type != "cpu" \
+                or not (loops.AVAILABLE and numba_available()):
+            return None
+        update = self.training if self.observing is None else self.observing
+        observed = update or not initialized.item()
+        if observed:
+            self.observe(x, what)  # (refuses NaN and Inf before the range changes)
+        q, inside, sz = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool), torch.empty(2)
+        a, ox, table, lo_x, centered = side or (_NO_SIDE, 0, _NO_TABLE, 0, False)
+        tops = loops.range_fake_quant(x.detach().numpy(), np.float32(lo.item()), np.float32(hi.item()), self.qmin,
+                                      self.qmax, self.signed, sz.numpy(), q.numpy(), inside.numpy(), ox, table, lo_x,
+                                      centered, a)
+        if what is not None and not observed and tops >= loops.NON_FINITE:
+            raise _non_finite(what)
+        return q, inside, sz[0], sz[1]
 
     def _current_range(self, x: torch.Tensor, what: str | None) -> tuple[torch.Tensor, torch.Tensor, str | None]:
         """``(scale, zero_point, what)`` for quantizing ``x``: the range updated from ``x``

@@ -16,6 +16,9 @@ bias`` (per output channel) in one pass instead of two. :func:`same_words` compa
 layer's weight with the copy its cached codes were made from. :func:`map_codes`,
 :func:`quantize_map` and :func:`dequantize_channels_zw` serve a rank-1 convolution whose
 activation factor is a look-up (``fused._rank1_mapped_conv`` and its eval plan).
+:func:`range_fake_quant` is a training step's activation quantization from the observer's
+range (its scale and zero point in the same call), with the linear int8 GEMM's activation
+side where asked.
 
 numba is an optional dependency of the ``nn`` extra: without it this module defines only
 :data:`AVAILABLE` (``False``) and the torch path runs. Compiled with ``cache=True``.
@@ -145,6 +148,53 @@ if numba is not None:
     #: :func:`appmult.nn.quant._scale_zero_point` of one float32 range (``np.float32``
     #: bounds), returned as two ``np.float32`` -- the activation observer's scale and zero point.
     range_scale_zero_point = _row_scale_zero_point
+
+    @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
+    def range_fake_quant(x, lo, hi, qmin, qmax, signed, sz, q, inside, ox, table, lo_x, centered, a
+                         ):  # pragma: no cover - compiled
+        # An activation's quantization from its range [lo, hi] (np.float32): the scale and
+        # zero point as range_scale_zero_point (into sz[0], sz[1]), the codes q and mask
+        # inside as fake_quant (x, q, inside: C-contiguous, any shape), and where a is not
+        # empty the int8 GEMM's activation side (int8_loops): int8(q - ox) (table empty: the
+        # GEMM's factor is the value), else the int8 table of U - ox at q - lo_x; with
+        # centered, q then becomes q - zero point (float32, exact: integers). Returns
+        # fake_quant's finiteness word (>= 2**31 iff an input is Inf or NaN; then a is
+        # arbitrary).
+        s, z = _row_scale_zero_point(lo, hi, qmax, signed)
+        sz[0], sz[1] = s, z
+        xf = x.reshape(-1)
+        qf, mf = q.reshape(-1), inside.reshape(-1)
+        af = a.reshape(-1)
+        side = af.shape[0] > 0
+        xbits = xf.view(np.int32)
+        length = xf.shape[0]
+        lo_q, hi_q = np.float32(qmin), np.float32(qmax)
+        lo_in, hi_in = np.float32(qmin - 0.5), np.float32(qmax + 0.5)
+        o = np.int32(ox)
+        lx = np.int32(lo_x)
+        mapped = table.shape[0] > 0
+        tops = 0
+        nb = (length + BLOCK - 1) // BLOCK
+        for task in prange(nb):
+            i0 = task * BLOCK
+            n = min(length - i0, BLOCK)
+            xr, qr = xf[i0:i0 + n], qf[i0:i0 + n]
+            _quantize_run(xr, qr, s, z, lo_q, hi_q)
+            top = _non_finite_word(xbits[i0:i0 + n])
+            tops = max(tops, top)
+            _mask_run(xr, mf[i0:i0 + n], s, z, lo_in, hi_in)
+            if side and top < NON_FINITE:
+                ar = af[i0:i0 + n]
+                if mapped:
+                    for i in range(n):
+                        ar[i] = table[np.int32(qr[i]) - lx]
+                else:
+                    for i in range(n):
+                        ar[i] = np.int8(np.int32(qr[i]) - o)
+            if centered:
+                for i in range(n):
+                    qr[i] = qr[i] - z
+        return tops
 
     @njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
     def channel_fake_quant(x, qmin, qmax, signed, scale, zp, q, inside):  # pragma: no cover - compiled

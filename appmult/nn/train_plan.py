@@ -157,23 +157,19 @@ def _codes(layer, x: torch.Tensor, w: torch.Tensor):
 VALUE, MAPPED = "value", "mapped"
 
 _NO_VTAB = np.empty(0, np.int32)
-_NO_TABLE = np.empty(0, np.int8)
 
 
 def _int8_step_kind(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> str | None:
     """Which step :func:`_int8_step_codes` makes for this call (:data:`VALUE`, :data:`MAPPED`),
     or ``None``: where the general path's int8 weight side would be
     :func:`~appmult.nn.fused._int8_value_prep_8bit`'s or
-    :func:`~appmult.nn.fused._int8_mapped_prep`'s, with 8-bit operands and float32 CPU
-    observer bounds (the rank-1 table, CPU float32 operands and numba checked by
-    :func:`_tables`). The row constants are far below float64's exact range for any ``K``
+    :func:`~appmult.nn.fused._int8_mapped_prep`'s, with 8-bit operands (the rank-1 table,
+    CPU float32 operands and numba checked by :func:`_tables`). The row constants are far below float64's exact range for any ``K``
     the int8 GEMM takes (8-bit codes: ``|const| <= 255 * 255 * K``)."""
     k = x.shape[1]
-    lo, hi = (layer._modules["act_quant"]._buffers[b] for b in ("min_val", "max_val"))
     if not (tabs.prod.shape[0] <= 256 and tabs.prod.shape[1] <= 256 and _int8_loops.AVAILABLE
             and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1 and 2 <= k <= _fused.INT8_GEMM_MAX_K
-            and w.is_contiguous() and lo.dtype == torch.float32 and hi.dtype == torch.float32 and lo.dim() == 0
-            and hi.dim() == 0 and lo.device.type == "cpu" and hi.device.type == "cpu" and tabs.u is not None):
+            and w.is_contiguous() and tabs.u is not None):
         return None
     umin, umax = _fused._factor_range(tabs)
     if umax - umin > 255:
@@ -218,28 +214,19 @@ def _int8_step_codes(layer, x: torch.Tensor, w: torch.Tensor, tabs, kind: str):
         layer._check_weight_scale(sw, torch.float32)
     if bad:
         return None
-    bufs = aq._buffers
-    update = aq.training if aq.observing is None else aq.observing
-    check = not (update or not bufs["initialized"].item())
-    if not check:
-        aq.observe(x, name)  # the observer updates here (and refuses NaN and Inf)
     m = x.shape[0]
-    qx, inside_x, a = torch.empty((m, k)), torch.empty((m, k), dtype=torch.bool), torch.empty((m, k), dtype=torch.int8)
-    sz = torch.empty(2)
+    a = torch.empty((m, k), dtype=torch.int8)
     ox = int(_fused._factor_range(tabs)[0]) + 128
     u8 = _fused._u8_table(tabs, ox) if mapped else None
-    tops = _int8_loops.act_step(x.detach().numpy(), np.float32(bufs["min_val"].item()),
-                                np.float32(bufs["max_val"].item()), aq.qmin, aq.qmax, aq.signed, ox,
-                                _NO_TABLE if u8 is None else u8.numpy().reshape(-1), int(tabs.lo_x), centered,
-                                sz.numpy(), qx.numpy(), inside_x.numpy(), a.numpy())
-    if check and tops >= _quant_loops.NON_FINITE:
-        raise Q._non_finite(name)
-    sx, zx = sz[0], sz[1]
+    act = aq.step_codes(x, name, (a.numpy(), ox, Q._NO_TABLE if u8 is None else u8.numpy().reshape(-1),
+                                  int(tabs.lo_x), centered))
+    if act is None:  # (an observer range that is not float32 on the CPU: nothing has changed)
+        return None
     c = np.empty(n)
-    _int8_loops.step_constants(sums, k, zwv, float(zx), tabs.signed, float(ox), float(tabs.lo_w), mapped, c, ow)
+    _int8_loops.step_constants(sums, k, zwv, float(act[3]), tabs.signed, float(ox), float(tabs.lo_w), mapped, c, ow)
     zw_row = torch.from_numpy(zwv.astype(np.float64)) if mapped else None   # (mapped: unsigned)
     prep = (b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, zw_row, 1)
-    return (qx, inside_x, sx, zx), (qw, inside_w, sw, zw), prep, a, centered
+    return act, (qw, inside_w, sw, zw), prep, a, centered
 
 
 def _ste_nodes(layer, x: torch.Tensor, act, w: torch.Tensor, weight) -> tuple:
