@@ -20,7 +20,10 @@ and one dequantizing pass -- and return them as one node (:class:`_LinearStepFn`
 :class:`_ConvStepFn`) whose backward runs the general path's backward operations in the
 same order, autocast off as there: ``grad * scale``, the LUT's backward, the
 straight-through masks, the bias's sum. So the same bits, forward and backward;
-``tests/test_nn_train_plan.py`` compares the two.
+``tests/test_nn_train_plan.py`` compares the two. For the linear layer with the exact
+product or a looked-up weight factor (DRUM) even the codes, masks and int8 sides take only
+two numba passes (:func:`_int8_step_codes`): what was left of its fixed cost was mostly the
+tensors and calls between a dozen small pieces.
 
 They apply where the general path would take the same kernels: the CPU, float32, numba,
 per-channel weights whose gradient is wanted, a rank-1 LUT on the low-rank kernel (for
@@ -164,8 +167,9 @@ def _int8_step_kind(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> str | None
     or ``None``: where the general path's int8 weight side would be
     :func:`~appmult.nn.fused._int8_value_prep_8bit`'s or
     :func:`~appmult.nn.fused._int8_mapped_prep`'s, with 8-bit operands (the rank-1 table,
-    CPU float32 operands and numba checked by :func:`_tables`). The row constants are far below float64's exact range for any ``K``
-    the int8 GEMM takes (8-bit codes: ``|const| <= 255 * 255 * K``)."""
+    CPU float32 operands and numba checked by :func:`_tables`). The row constants stay far
+    below float64's exact range for any ``K`` the int8 GEMM takes (8-bit codes:
+    ``|const| <= 255 * 255 * K``), so no bound is checked."""
     k = x.shape[1]
     if not (tabs.prod.shape[0] <= 256 and tabs.prod.shape[1] <= 256 and _int8_loops.AVAILABLE
             and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1 and 2 <= k <= _fused.INT8_GEMM_MAX_K
@@ -182,51 +186,63 @@ def _int8_step_kind(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> str | None
 
 
 def _int8_step_codes(layer, x: torch.Tensor, w: torch.Tensor, tabs, kind: str):
-    """``(act, weight, prep, a, centered)`` of a training step by two numba passes
-    (:func:`appmult.nn.int8_loops.weight_step`, :func:`~appmult.nn.int8_loops.act_step`): the
-    codes and masks of :func:`_codes`, the int8 GEMM's weight side ``prep`` of
+    """``(act, weight, prep, a, centered)`` of a training step by two numba passes: the codes
+    and masks of :func:`_codes`, the int8 GEMM's weight side ``prep`` of
     :func:`~appmult.nn.fused._int8_value_prep_8bit` (``kind`` :data:`VALUE`) or
     :func:`~appmult.nn.fused._int8_mapped_prep` (:data:`MAPPED`) and the activation side
     ``a`` of :func:`~appmult.nn.fused._int8_linear_dots` -- the same values, without two
     dozen small tensors and calls between them (each a few microseconds in a step whose
     layer may take less than the float layer's 0.1 ms). ``None`` (nothing changed) where a
-    weight row's looked-up values span more than one int8 plane. The weight first: a
-    refused weight changes no observer. ``centered`` (the exact product with an unsigned
-    LUT and the straight-through backward): the returned codes are the backward's
-    operands, codes minus zero points (see :class:`_LinearStepFn`)."""
-    name = type(layer).__name__
-    n, k = w.shape
+    weight row's looked-up values span more than one int8 plane. The weight first
+    (:func:`_weight_step`): a refused weight changes no observer; then the activation's
+    (:meth:`~appmult.nn.quant.ActivationQuantizer.step_codes`). ``centered`` (the exact
+    product with an unsigned LUT and the straight-through backward): the returned codes
+    are the backward's operands, codes minus zero points (see :class:`_LinearStepFn`)."""
     mapped = kind == MAPPED
     centered = not mapped and tabs.grad is GradMode.STE and not tabs.signed
-    wq, aq = layer._modules["weight_quant"], layer._modules["act_quant"]
+    made = _weight_step(layer, w, tabs, mapped, centered)
+    if made is None:
+        return None
+    weight, b, sums, ow = made
+    ox = int(_fused._factor_range(tabs)[0]) + 128
+    u8 = _fused._u8_table(tabs, ox) if mapped else None
+    a = torch.empty(x.shape, dtype=torch.int8)
+    act = layer._modules["act_quant"].step_codes(
+        x, type(layer).__name__, (a.numpy(), ox, Q._NO_TABLE if u8 is None else u8.numpy().reshape(-1),
+                                  int(tabs.lo_x), centered))
+    if act is None:  # (an observer range that is not float32 on the CPU: nothing has changed)
+        return None
+    zwv = weight[3].numpy().reshape(-1)
+    c = np.empty(b.shape[0])
+    _int8_loops.step_constants(sums, b.shape[1], zwv, float(act[3]), tabs.signed, float(ox), float(tabs.lo_w),
+                               mapped, c, ow)
+    zw_row = torch.from_numpy(zwv.astype(np.float64)) if mapped else None   # (mapped: unsigned)
+    prep = (b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, zw_row, 1)
+    return act, weight, prep, a, centered
+
+
+def _weight_step(layer, w: torch.Tensor, tabs, mapped: bool, centered: bool):
+    """``((qw, inside_w, sw, zw), b, sums, ow)`` of :func:`appmult.nn.int8_loops.weight_step`
+    for ``w`` (``sums``, ``ow``: its row sums and offsets, for
+    :func:`~appmult.nn.int8_loops.step_constants`), or ``None`` where a row of looked-up
+    weights spans more than one int8 plane. A non-finite or too wide weight raises the
+    general path's errors."""
+    name = type(layer).__name__
+    n, k = w.shape
+    wq = layer._modules["weight_quant"]
     qw, inside_w = torch.empty((n, k), dtype=torch.float32), torch.empty((n, k), dtype=torch.bool)
     sw, zw = torch.empty((n, 1), dtype=torch.float32), torch.empty((n, 1), dtype=torch.float32)
     b = torch.empty((n, k), dtype=torch.int8)
     sums, ow = np.empty((n, 2), np.int64), np.empty(n)
-    zwv = zw.numpy().reshape(-1)
     tops, wide, bad = _int8_loops.weight_step(
         w.detach().numpy(), wq.qmin, wq.qmax, wq.signed, float(tabs.lo_w) + 128.0,
-        _fused._v_int32(tabs) if mapped else _NO_VTAB, int(tabs.lo_w), centered, sw.numpy().reshape(-1), zwv,
-        qw.numpy(), inside_w.numpy(), b.numpy(), sums, ow)
+        _fused._v_int32(tabs) if mapped else _NO_VTAB, int(tabs.lo_w), centered, sw.numpy().reshape(-1),
+        zw.numpy().reshape(-1), qw.numpy(), inside_w.numpy(), b.numpy(), sums, ow)
     if tops >= _quant_loops.NON_FINITE:
         raise Q._non_finite_weight(name)
     if wide:
         layer._check_weight_scale(sw, torch.float32)
-    if bad:
-        return None
-    m = x.shape[0]
-    a = torch.empty((m, k), dtype=torch.int8)
-    ox = int(_fused._factor_range(tabs)[0]) + 128
-    u8 = _fused._u8_table(tabs, ox) if mapped else None
-    act = aq.step_codes(x, name, (a.numpy(), ox, Q._NO_TABLE if u8 is None else u8.numpy().reshape(-1),
-                                  int(tabs.lo_x), centered))
-    if act is None:  # (an observer range that is not float32 on the CPU: nothing has changed)
-        return None
-    c = np.empty(n)
-    _int8_loops.step_constants(sums, k, zwv, float(act[3]), tabs.signed, float(ox), float(tabs.lo_w), mapped, c, ow)
-    zw_row = torch.from_numpy(zwv.astype(np.float64)) if mapped else None   # (mapped: unsigned)
-    prep = (b, torch.from_numpy(c), torch.from_numpy(ow), ox, u8, zw_row, 1)
-    return act, (qw, inside_w, sw, zw), prep, a, centered
+    return None if bad else ((qw, inside_w, sw, zw), b, sums, ow)
 
 
 def _ste_nodes(layer, x: torch.Tensor, act, w: torch.Tensor, weight) -> tuple:
@@ -248,7 +264,11 @@ def _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw):
 class _LinearStepFn(torch.autograd.Function):
     """The linear layer's training step from its codes: forward by the int8 GEMM and one
     epilogue pass (``f32(acc) * scale + bias``), backward as the general path's nodes
-    (dequantization, LUT backward, straight-through estimators, bias)."""
+    (dequantization, LUT backward, straight-through estimators, bias). ``side``: ``(a,
+    centered)``, the int8 activation side where already made, and whether ``act``'s and
+    ``weight``'s codes are centered (minus their zero points: then the backward's
+    straight-through products take them as they are, ``grad @ (qw - Zw)`` and
+    ``grad.t() @ (qx - Zx)`` as :func:`~appmult.nn.autograd._linear_backward`)."""
 
     @staticmethod
     def forward(ctx, x, w, bias, act, weight, tabs, prep, scale, side):
