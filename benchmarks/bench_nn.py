@@ -179,6 +179,18 @@ def int8_gemm(on: bool):
         FN._INT8_GEMM = prev
 
 
+def print_table(load0, load1, header: str, rows: list[tuple]) -> None:
+    """The load averages before and after a run, then a markdown table: ``header`` the
+    column names (``|``-separated; a name ending in ``>`` is right-aligned), ``rows`` the
+    cells already formatted."""
+    print(f"load average before: {load0[0]:.2f}, after: {load1[0]:.2f} ({os.cpu_count()} CPUs)")
+    names = [h.strip() for h in header.split("|")]
+    print("| " + " | ".join(h.rstrip(">") for h in names) + " |")
+    print("|" + "|".join("---:" if h.endswith(">") else "---" for h in names) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def set_threads(n: int) -> None:
     """torch's and numba's thread counts (numba's capped at the number it was started with)."""
     torch.set_num_threads(n)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from appmult.nn import ApproxConfig, approximate_
-from bench_nn import bench_luts, interleaved, set_threads, step_fns
+from bench_nn import bench_luts, interleaved, print_table, set_threads, step_fns
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -65,11 +65,8 @@ def main() -> None:
     load1 = os.getloadavg()
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, grad={args.grad}, "
           f"median of {args.reps} interleaved rounds")
-    print(f"load average before: {load0[0]:.2f}, after: {load1[0]:.2f} ({os.cpu_count()} CPUs)")
-    print("| layer | LUT | fwd+bwd us (median) | x float | best us |")
-    print("|---|---|---:|---:|---:|")
-    for shape, name, t, r, b in rows:
-        print(f"| {shape} | {name} | {t * 1e6:.0f} | {r:.2f} | {b * 1e6:.0f} |")
+    print_table(load0, load1, "layer | LUT | fwd+bwd us (median)> | x float> | best us>",
+                [(shape, name, f"{t * 1e6:.0f}", f"{r:.2f}", f"{b * 1e6:.0f}") for shape, name, t, r, b in rows])
 
 
 if __name__ == "__main__":

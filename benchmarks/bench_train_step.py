@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from appmult.heap import keep_freed_memory
 from appmult.nn import ApproxConfig, approximate_
 from appmult.train.models import build_model
-from bench_nn import bench_luts, set_threads
+from bench_nn import bench_luts, print_table, set_threads
 
 #: Model name -> (input channels, image size).
 INPUTS = {"lenet5": (1, 28), "mlp": (1, 28), "resnet8": (3, 32), "resnet20": (3, 32), "resnet18": (3, 32),
@@ -121,11 +121,8 @@ def main() -> None:
     print(f"{where}, torch {torch.__version__}, threads={torch.get_num_threads()}, batch={args.batch}, "
           f"grad={args.grads or args.grad}, "
           f"median of {args.reps} interleaved rounds; malloc kept by appmult.heap: {keep_freed_memory()}")
-    print(f"load average before: {load0[0]:.2f}, after: {load1[0]:.2f} ({os.cpu_count()} CPUs)")
-    print("| model | layers | ms / step | x float | page faults / step |")
-    print("|---|---|---:|---:|---:|")
-    for name, k, t, r, f in rows:
-        print(f"| {name} | {k} | {t * 1e3:.1f} | {r:.2f} | {f:.0f} |")
+    print_table(load0, load1, "model | layers | ms / step> | x float> | page faults / step>",
+                [(name, k, f"{t * 1e3:.1f}", f"{r:.2f}", f"{f:.0f}") for name, k, t, r, f in rows])
 
 
 if __name__ == "__main__":
