@@ -80,17 +80,39 @@ def test_the_int8_side_and_centred_codes(table, centered):
     assert torch.equal(got[0], q - z if centered else q) and torch.equal(got[1], inside)
 
 
-def test_a_frozen_observer_refuses_non_finite_input_and_an_updating_one_keeps_its_range():
+@pytest.mark.parametrize("everywhere", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_frozen_observer_refuses_non_finite_input_and_an_updating_one_keeps_its_range(fused, everywhere):
+    """One Inf, or nothing but NaN (the finiteness word exactly ``2**31``), by the numba pass
+    (``fused``) or by ``codes``' torch path (an input that is not contiguous)."""
     for observing in (False, None):
         aq = Q.ActivationQuantizer(8, False).train()
         aq(torch.rand(4, 4))
         aq.observing = observing
         before = (aq.min_val.clone(), aq.max_val.clone())
-        x = torch.rand(4, 4)
+        x = torch.full((4, 4), float("nan")) if everywhere else torch.rand(4, 4)
         x[1, 1] = float("inf")
         with pytest.raises(InvalidValueError, match="L input contains NaN or Inf"):
-            aq.step_codes(x, "L")
+            aq.step_codes(x, "L") if fused else aq.codes(x.t(), "L")
         assert torch.equal(before[0], aq.min_val) and torch.equal(before[1], aq.max_val)
+
+
+def test_codes_takes_the_numba_pass(monkeypatch):
+    ran = []
+    real = Q.loops.range_fake_quant
+    monkeypatch.setattr(Q.loops, "range_fake_quant", lambda *a: ran.append(1) or real(*a))
+    aq = Q.ActivationQuantizer(8, False).train()
+    aq.codes(torch.rand(3, 5), "L")
+    assert ran == [1]
+
+
+@pytest.mark.parametrize("buffer", ["min_val", "max_val"])
+@pytest.mark.parametrize("how", ["float64", "meta"])
+def test_it_steps_aside_for_a_range_that_is_not_float32_on_the_cpu(buffer, how):
+    aq = Q.ActivationQuantizer(8, False).train()
+    setattr(aq, buffer, torch.zeros((), dtype=torch.float64) if how == "float64" else torch.zeros((), device="meta"))
+    assert aq.step_codes(torch.rand(4, 6), "L") is None
+    assert not aq.initialized  # (nothing changed)
 
 
 def test_it_steps_aside_where_it_does_not_apply(monkeypatch):

@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from appmult.errors import InvalidValueError
 from appmult.lut_gen import LutFile
 from appmult.nn import ApproxConfig, ApproxConv2d, ApproxLinear
 from appmult.nn import functional as FN
+from appmult.nn import fused as FU
 from appmult.nn import kernels as K
 from appmult.nn import train_plan
 from test_nn_int8_gemm import brute_acc, truncated
@@ -110,7 +112,8 @@ def run_steps(layer, xs, *, x_grad=True, penalty=False, transposed=False):
         opt.zero_grad()
         loss.backward()
         b = layer.bias
-        out.append([bits(y), bits(x.grad), bits(layer.weight.grad), bits(None if b is None else b.grad),
+        w = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+        out.append([bits(y), bits(x.grad), bits(w.grad), bits(None if b is None else b.grad),
                     bits(layer.act_quant.min_val), bits(layer.act_quant.max_val)])
         opt.step()
     return out
@@ -173,6 +176,73 @@ def test_int8_steps_over_shapes_and_observers(name, observer, shape, monkeypatch
         want, got, ran = both_ways(lambda: make(name, k=k, n=n, act_observer=observer),
                                    inputs(signed, m=m, k=k), monkeypatch)
     assert ran == 3 and made == [INT8_STEP[name]] * 3
+    assert same(want, got)
+
+
+def drum_like(rows: int, top: int) -> np.ndarray:
+    """A rank-1 table ``U[x] V[w]`` over ``rows`` activation codes with looked-up factors:
+    ``U`` DRUM-like (the low two bits of larger codes replaced by ``10``), its largest value
+    ``top`` (so its span), ``V`` DRUM(4)'s."""
+    u = np.array([min(((x >> 2) << 2) | 2, 255) if x > 4 else x for x in range(rows)], np.int64)
+    u[-1] = top
+    return np.outer(u, drum_table(False)[1])
+
+
+def linear_with(table, width_a=8, width_b=8, k=24, n=7):
+    def make_layer():
+        torch.manual_seed(0)
+        return ApproxLinear.from_float(nn.Linear(k, n), ApproxConfig(
+            LutFile(table, width_a=width_a, width_b=width_b, signed=False), kernel="lowrank")).train()
+    return make_layer
+
+
+class _Transposed(nn.Module):
+    """A parametrization storing the weight transposed: the layer's weight is a view that is
+    not contiguous."""
+
+    def forward(self, stored):
+        return stored.t()
+
+    def right_inverse(self, weight):
+        return weight.t().contiguous()
+
+
+def _boundary_case(case, monkeypatch):
+    """``(layer factory, inputs, whether the int8 step is taken)`` of a boundary case."""
+    exact = truncated(0)
+    if case == "weights_9bit":   # one int8 offset cannot hold a 9-bit weight's codes
+        return linear_with(np.outer(np.arange(256), np.arange(512)), width_b=9), inputs(False), False
+    if case == "activations_9bit_mapped":  # 512 codes, looked-up factors within 255: taken
+        return linear_with(drum_like(512, 255), width_a=9), inputs(False), True
+    if case in ("factor_span_255", "factor_span_256"):   # the int8 side holds a span of 255
+        return linear_with(drum_like(256, int(case[-3:]))), inputs(False), case.endswith("255")
+    if case in ("planes_0", "planes_1"):
+        monkeypatch.setattr(FU, "INT8_GEMM_MAX_PLANES", int(case[-1]))
+        return linear_with(exact), inputs(False), case == "planes_1"
+    if case in ("k_1", "k_max", "k_max_plus_1"):
+        k = {"k_1": 1, "k_max": FU.INT8_GEMM_MAX_K, "k_max_plus_1": FU.INT8_GEMM_MAX_K + 1}[case]
+        return linear_with(exact, k=k, n=2), inputs(False, m=2, k=k), case == "k_max"
+    assert case == "weight_not_contiguous"
+
+    def make_layer():
+        layer = linear_with(exact)()
+        parametrize.register_parametrization(layer, "weight", _Transposed())
+        assert not layer.weight.is_contiguous()
+        return layer
+    return make_layer, inputs(False), False
+
+
+@pytest.mark.parametrize("case", ["weights_9bit", "activations_9bit_mapped", "factor_span_255", "factor_span_256",
+                                  "planes_0", "planes_1", "k_1", "k_max", "k_max_plus_1", "weight_not_contiguous"])
+def test_int8_step_boundaries(case, monkeypatch):
+    """Where the two numba passes apply and where the step takes its other ways (each giving
+    the general path's bits): 9-bit weight codes, 9-bit activation codes with looked-up
+    factors, an activation factor spanning 255 or 256 integers, the int8 GEMM off or on one
+    plane, ``K`` of 1, the int8 GEMM's largest and one more, a weight that is not contiguous."""
+    make_layer, xs, taken = _boundary_case(case, monkeypatch)
+    with int8_steps(monkeypatch) as made:
+        want, got, _ = both_ways(make_layer, xs, monkeypatch)
+    assert len(made) == (3 if taken else 0)
     assert same(want, got)
 
 
@@ -370,27 +440,35 @@ def test_looked_up_weights_wider_than_one_int8_plane_give_the_general_path(monke
         torch.manual_seed(0)
         return ApproxLinear.from_float(nn.Linear(24, 7), ApproxConfig(
             LutFile(table, width_a=8, width_b=8, signed=False), kernel="lowrank")).train()
-    assert train_plan._int8_step_kind(make_layer(), inputs(False)[0], make_layer().weight, make_layer().lut) == "mapped"
+    assert train_plan._int8_step_kind(inputs(False)[0], make_layer().weight, make_layer().lut) == "mapped"
     with int8_steps(monkeypatch) as made:
         want, got, ran = both_ways(make_layer, inputs(False), monkeypatch)
     assert made == [] and ran == 0 and same(want, got)
 
 
-def test_non_finite_input_and_weight_are_refused_and_change_nothing(monkeypatch):
+@pytest.mark.parametrize("name", ["exact", "drum"])
+@pytest.mark.parametrize("everywhere", [False, True])
+def test_non_finite_input_and_weight_are_refused_and_change_nothing(name, everywhere, monkeypatch):
+    """One NaN or Inf, or nothing but (``everywhere``: the finiteness word is then exactly
+    ``2**31``), in the input -- observer updating or frozen -- or in the weight."""
     for observing in (None, False):
-        layer = make("exact")
+        layer = make(name)
         layer(inputs(False, steps=1)[0])
         layer.act_quant.observing = observing
         before = (bits(layer.act_quant.min_val), bits(layer.act_quant.max_val))
         x = inputs(False, steps=1)[0]
+        if everywhere:
+            x.fill_(float("nan"))
         x[2, 3] = float("nan")
         with plan(True), spied(monkeypatch) as ran, pytest.raises(InvalidValueError, match="ApproxLinear input"):
             layer(x.requires_grad_(True))
         assert ran == []
         assert torch.equal(before[0], bits(layer.act_quant.min_val))
         assert torch.equal(before[1], bits(layer.act_quant.max_val))
-    layer = make("exact")
+    layer = make(name)
     with torch.no_grad():
+        if everywhere:
+            layer.weight.fill_(float("inf"))
         layer.weight[1, 2] = float("inf")
     with plan(True), pytest.raises(InvalidValueError, match="ApproxLinear weight contains NaN or Inf"):
         layer(inputs(False, steps=1)[0])
@@ -398,7 +476,7 @@ def test_non_finite_input_and_weight_are_refused_and_change_nothing(monkeypatch)
     with torch.no_grad():
         layer.weight[1, 2] = 3e38
         layer.weight[1, 3] = -3e38
-    with plan(True), pytest.raises(InvalidValueError, match="too wide to quantize"):
+    with plan(True), pytest.raises(InvalidValueError, match="too wide to quantize in torch.float32"):
         layer(inputs(False, steps=1)[0])
 
 

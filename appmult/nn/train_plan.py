@@ -67,7 +67,7 @@ def linear_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
     if tabs is None or not _takes_lowrank(tabs, x, lambda: FN._linear_key(x.shape, w.shape, (w.shape[0], 1),
                                                                            False, False)):
         return None
-    kind = _int8_step_kind(layer, x, w, tabs)
+    kind = _int8_step_kind(x, w, tabs)
     made = None if kind is None else _int8_step_codes(layer, x, w, tabs, kind)
     if made is not None:
         act, weight, prep, a, centered = made
@@ -162,18 +162,19 @@ VALUE, MAPPED = "value", "mapped"
 _NO_VTAB = np.empty(0, np.int32)
 
 
-def _int8_step_kind(layer, x: torch.Tensor, w: torch.Tensor, tabs) -> str | None:
+def _int8_step_kind(x: torch.Tensor, w: torch.Tensor, tabs) -> str | None:
     """Which step :func:`_int8_step_codes` makes for this call (:data:`VALUE`, :data:`MAPPED`),
     or ``None``: where the general path's int8 weight side would be
     :func:`~appmult.nn.fused._int8_value_prep_8bit`'s or
-    :func:`~appmult.nn.fused._int8_mapped_prep`'s, with 8-bit operands (the rank-1 table,
-    CPU float32 operands and numba checked by :func:`_tables`). The row constants stay far
-    below float64's exact range for any ``K`` the int8 GEMM takes (8-bit codes:
-    ``|const| <= 255 * 255 * K``), so no bound is checked."""
+    :func:`~appmult.nn.fused._int8_mapped_prep`'s -- 8-bit weight codes (one int8 offset
+    holds them), an activation factor spanning at most 255 integers (the exact product's:
+    8-bit activation codes), one digit plane (the rank-1 table, CPU float32 operands and
+    numba checked by :func:`_tables`). The row constants stay far below float64's exact
+    range for any ``K`` the int8 GEMM takes (``|const| <= 255 * 255 * K``), so no bound is
+    checked."""
     k = x.shape[1]
-    if not (tabs.prod.shape[0] <= 256 and tabs.prod.shape[1] <= 256 and _int8_loops.AVAILABLE
-            and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1 and 2 <= k <= _fused.INT8_GEMM_MAX_K
-            and w.is_contiguous() and tabs.u is not None):
+    if not (tabs.prod.shape[1] <= 256 and hasattr(torch, "_int_mm") and _fused.INT8_GEMM_MAX_PLANES >= 1
+            and 2 <= k <= _fused.INT8_GEMM_MAX_K and w.is_contiguous()):
         return None
     umin, umax = _fused._factor_range(tabs)
     if umax - umin > 255:
