@@ -179,11 +179,11 @@ def test_int8_steps_over_shapes_and_observers(name, observer, shape, monkeypatch
     assert same(want, got)
 
 
-def drum_like(rows: int, top: int) -> np.ndarray:
+def drum_like(rows: int, top: int, base: int = 0) -> np.ndarray:
     """A rank-1 table ``U[x] V[w]`` over ``rows`` activation codes with looked-up factors:
-    ``U`` DRUM-like (the low two bits of larger codes replaced by ``10``), its largest value
-    ``top`` (so its span), ``V`` DRUM(4)'s."""
-    u = np.array([min(((x >> 2) << 2) | 2, 255) if x > 4 else x for x in range(rows)], np.int64)
+    ``U`` DRUM-like (the low two bits of larger codes replaced by ``10``) plus ``base``, its
+    largest value ``top`` (so its span ``top - base``), ``V`` DRUM(4)'s."""
+    u = np.array([min(((x >> 2) << 2) | 2, 255) if x > 4 else x for x in range(rows)], np.int64) + base
     u[-1] = top
     return np.outer(u, drum_table(False)[1])
 
@@ -216,6 +216,8 @@ def _boundary_case(case, monkeypatch):
         return linear_with(drum_like(512, 255), width_a=9), inputs(False), True
     if case in ("factor_span_255", "factor_span_256"):   # the int8 side holds a span of 255
         return linear_with(drum_like(256, int(case[-3:]))), inputs(False), case.endswith("255")
+    if case == "factor_span_255_from_20":
+        return linear_with(drum_like(256, 275, base=20)), inputs(False), True
     if case in ("planes_0", "planes_1"):
         monkeypatch.setattr(FU, "INT8_GEMM_MAX_PLANES", int(case[-1]))
         return linear_with(exact), inputs(False), case == "planes_1"
@@ -233,7 +235,7 @@ def _boundary_case(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["weights_9bit", "activations_9bit_mapped", "factor_span_255", "factor_span_256",
-                                  "planes_0", "planes_1", "k_1", "k_max", "k_max_plus_1", "weight_not_contiguous"])
+                                  "factor_span_255_from_20", "planes_0", "planes_1", "k_1", "k_max", "k_max_plus_1", "weight_not_contiguous"])
 def test_int8_step_boundaries(case, monkeypatch):
     """Where the two numba passes apply and where the step takes its other ways (each giving
     the general path's bits): 9-bit weight codes, 9-bit activation codes with looked-up
