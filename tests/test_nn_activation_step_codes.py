@@ -71,13 +71,14 @@ def test_the_int8_side_and_centred_codes(table, centered):
     aq = Q.ActivationQuantizer(8, False).train()
     x = torch.rand(40, 30) * 3
     ref = copy.deepcopy(aq)
-    q, inside, s, z = ref.codes(x, "L")
+    q, inside, s, z = torch_codes(ref, x, "L")
     lut = (np.arange(256) // 3 - 100).astype(np.int8)
     a = np.empty((40, 30), np.int8)
     got = aq.step_codes(x, "L", (a, 128, lut if table else Q._NO_TABLE, 0, centered))
     want_a = lut[q.numpy().astype(np.int64)] if table else (q.numpy() - 128).astype(np.int8)
     assert np.array_equal(a, want_a)
-    assert torch.equal(got[0], q - z if centered else q) and torch.equal(got[1], inside)
+    assert torch.equal(bits(got[0]), bits(q - z if centered else q)) and torch.equal(got[1], inside)
+    assert torch.equal(bits(got[2]), bits(s)) and torch.equal(bits(got[3]), bits(z))
 
 
 @pytest.mark.parametrize("everywhere", [False, True])

@@ -216,6 +216,9 @@ if numba is not None:
         mapped = vtab.shape[0] > 0
         ends = np.empty((rows, 2), np.int32)
         for c in prange(rows):
+            # (channel_fake_quant's row written out: as an inline helper returning the row's
+            # finiteness word, scale and zero point, numba's parfor pass fails with
+            # "unexpected cycle in lookup()")
             qr = q[c]
             xr = x[c]
             top = _non_finite_word(xbits[c])

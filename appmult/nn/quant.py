@@ -474,15 +474,12 @@ class ActivationQuantizer(_Quantizer):
         CPU, ``x`` not contiguous, no numba. ``side``: ``(a, ox, table, lo_x, centered)``,
         the linear int8 GEMM's activation side made in the same pass (see there)."""
         bufs = self._buffers
-        lo, hi, initialized = bufs["min_val"], bufs["max_val"], bufs["initialized"]
+        lo, hi = bufs["min_val"], bufs["max_val"]
         if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or lo.dtype != torch.float32 \
                 or hi.dtype != torch.float32 or lo.device.type != "cpu" or hi.device.type != "cpu" \
                 or not (loops.AVAILABLE and numba_available()):
             return None
-        update = self.training if self.observing is None else self.observing
-        observed = update or not initialized.item()
-        if observed:
-            self.observe(x, what)  # (refuses NaN and Inf before the range changes)
+        observed = self._observes(x, what)
         q, inside, sz = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool), torch.empty(2)
         a, ox, table, lo_x, centered = side or (_NO_SIDE, 0, _NO_TABLE, 0, False)
         tops = loops.range_fake_quant(x.detach().numpy(), np.float32(lo.item()), np.float32(hi.item()), self.qmin,
@@ -496,13 +493,21 @@ class ActivationQuantizer(_Quantizer):
         """``(scale, zero_point, what)`` for quantizing ``x``: the range updated from ``x``
         where the observer updates (which checks ``x`` is finite: the returned ``what`` is
         then ``None``), else the kept one (``what`` returned: the quantizing pass checks)."""
-        update = self.training if self.observing is None else self.observing
-        if update or not self.initialized.item():
-            self.observe(x, what)
+        if self._observes(x, what):
             s, z = self.scale_zero_point()
             return s, z, None
         s, z = self._kept_scale_zero_point()
         return s, z, what
+
+    def _observes(self, x: torch.Tensor, what: str | None) -> bool:
+        """Update the range from ``x`` where the observer updates (training, or ``observing``
+        set; always before a first range) -- refusing NaN and Inf named by ``what`` before it
+        changes --, and say whether it did."""
+        update = self.training if self.observing is None else self.observing
+        if update or not self._buffers["initialized"].item():
+            self.observe(x, what)
+            return True
+        return False
 
     def _kept_scale_zero_point(self) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`scale_zero_point` of a range that is not being updated, kept between forwards

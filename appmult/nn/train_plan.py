@@ -286,17 +286,18 @@ class _LinearStepFn(torch.autograd.Function):
         qx, qw, zx, zw, inside_x, inside_w, sx, sw, scale = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         gacc = (grad * scale).contiguous()
-        if ctx.centered and not torch.is_grad_enabled():
-            # qx, qw: codes minus zero points, the straight-through products' operands; the
-            # straight-through passes by numba, unchecked (no graph of the backward is built)
-            gx = Q._ste_rows(gacc @ qw, inside_x, sx, 1) if nx else None
-            gw = Q._ste_rows(gacc.t() @ qx, inside_w, sw, qw.shape[0]) if nw else None
+        if ctx.centered:  # qx, qw: codes minus zero points, the straight-through products' operands
+            gx, gw = gacc @ qw if nx else None, gacc.t() @ qx if nw else None
         else:
-            if ctx.centered:
-                gx, gw = gacc @ qw if nx else None, gacc.t() @ qx if nw else None
-            else:
-                zargs = (None, None) if ctx.tabs.signed else (zx, zw)
-                gx, gw = _linear_backward(gacc, qx, qw, ctx.tabs, *zargs, need=(nx, nw))
+            zargs = (None, None) if ctx.tabs.signed else (zx, zw)
+            gx, gw = _linear_backward(gacc, qx, qw, ctx.tabs, *zargs, need=(nx, nw))
+        if ctx.centered and not torch.is_grad_enabled():
+            # the products' outputs are float32 CPU and contiguous, the scales' layouts known:
+            # _ste_backward's numba pass without its checks (~3 us a pass), as _int8_epilogue
+            # is _int8_linear_out's
+            gx = None if gx is None else Q._ste_rows(gx, inside_x, sx, 1)
+            gw = None if gw is None else Q._ste_rows(gw, inside_w, sw, qw.shape[0])
+        else:
             gx, gw = _straight_through(ctx, gx, gw, inside_x, sx, inside_w, sw)
         gb = grad.sum_to_size(grad.shape[-1]) if nb else None
         return gx, gw, gb, None, None, None, None, None, None
