@@ -82,6 +82,11 @@ def random_lut(width: int, seed: int = 0) -> np.ndarray:
     return np.outer(v, v) + rng.integers(-64, 65, size=(1 << width, 1 << width))
 
 
+#: Minor page faults and calls over every :func:`interleaved` timed loop of the process (the
+#: setups' included; the warm-up calls not).
+TIMED_FAULTS = {"faults": 0, "calls": 0}
+
+
 def interleaved(fns: dict, reps: int, clock=time.perf_counter, seed: int = 0) -> tuple[dict, dict]:
     """Median and best of ``reps`` runs of each callable, the callables interleaved in every round.
 
@@ -103,6 +108,7 @@ def interleaved(fns: dict, reps: int, clock=time.perf_counter, seed: int = 0) ->
     times: dict = {k: [] for k in fns}
     order = list(fns)
     rng = random.Random(seed)
+    faults0 = minor_faults()
     for _ in range(reps):
         rng.shuffle(order)
         for k in order:
@@ -112,6 +118,9 @@ def interleaved(fns: dict, reps: int, clock=time.perf_counter, seed: int = 0) ->
             t0 = clock()
             fn()
             times[k].append(clock() - t0)
+    if faults0 is not None:
+        TIMED_FAULTS["faults"] += minor_faults() - faults0
+        TIMED_FAULTS["calls"] += reps * len(fns)
     return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
 
 
@@ -191,6 +200,17 @@ def print_table(load0, load1, header: str, rows: list[tuple]) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+def minor_faults() -> int | None:
+    """The process's minor page faults so far (``None`` where ``resource`` is missing). A run
+    whose timed calls fault thousands of times each is in glibc's small-mmap-threshold state,
+    where torch's own convolution takes up to twice as long (benchmarks/README.md, session 19)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def set_threads(n: int) -> None:
     """torch's and numba's thread counts (numba's capped at the number it was started with)."""
     torch.set_num_threads(n)
@@ -266,6 +286,9 @@ def main() -> None:
           f"median of {args.reps} interleaved rounds, post-ReLU inputs, {args.clock} clock")
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, "
           f"after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} ({os.cpu_count()} CPUs)")
+    if TIMED_FAULTS["calls"]:
+        print(f"minor page faults in the timed rounds: {TIMED_FAULTS['faults'] / TIMED_FAULTS['calls']:.0f} per call "
+              "(thousands: the allocator maps large buffers afresh every call, see benchmarks/README.md)")
     print("ms and 'x fp32' are medians (ratio of the medians); 'best x' is the ratio of the best runs")
     hdr = f"| {'layer':<26} | {'LUT':<6} | {'kernel':<21} | {'fwd ms':>8} | {'fwd x fp32':>10} | {'best x':>6} | " \
           f"{'fwd+bwd ms':>10} | {'fwd+bwd x fp32':>14} | {'best x':>6} |"
