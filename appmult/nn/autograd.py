@@ -314,8 +314,9 @@ def _conv_backward(grad, qx, qw, tabs: LutTables, stride, dilation, groups, zx=N
                                            stride, 0, dilation, groups)
             gx = (t.reshape(n, c, ra, hp, wp) * _map_channels(tabs.gx_p, ix, dt).reshape(n, c, ra, hp, wp)).sum(2)
         if nw:
-            t2 = torch.nn.grad.conv2d_weight(_map_channels(tabs.gw_p, ix, dt), (co, cin_g * rb, kh, kw), grad,
-                                             stride, 0, dilation, groups)
+            xmap = _map_channels(tabs.gw_p, ix, dt)
+            t2 = torch.nn.grad.conv2d_weight(_nchw(xmap), (co, cin_g * rb, kh, kw), grad, stride, 0, dilation,
+                                             groups)
             gw = (t2.reshape(co, cin_g, rb, kh, kw)
                   * _map_channels(tabs.gw_q, iw, dt).reshape(co, cin_g, rb, kh, kw)).sum(2)
         return gx, gw
@@ -334,8 +335,17 @@ def _mapped_conv_grads(grad, wmap, xmap, x_shape, w_shape, stride, dilation, gro
     """``(conv2d_input(wmap), conv2d_weight(xmap))`` of ``grad``, each only where ``need`` says
     (``None`` otherwise): the backward of a conv whose operands are mapped one by one."""
     gx = torch.nn.grad.conv2d_input(x_shape, wmap, grad, stride, 0, dilation, groups) if need[0] else None
-    gw = torch.nn.grad.conv2d_weight(xmap, w_shape, grad, stride, 0, dilation, groups) if need[1] else None
+    gw = torch.nn.grad.conv2d_weight(_nchw(xmap), w_shape, grad, stride, 0, dilation, groups) if need[1] else None
     return gx, gw
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a contiguous NCHW tensor for a weight gradient: torch 2.13's oneDNN weight
+    gradient of a channels-last input writes out of bounds for some geometries (a 1x1
+    kernel, stride (2, 1), a padded row the stride skips, batch 67: heap corruption, then a
+    crash; a channels-last ``grad`` as well does not avoid it) -- of an NCHW one it does not
+    (``tests/test_nn_conv_weight_grad_layouts.py``). A no-op for the NCHW maps."""
+    return x.contiguous()
 
 
 class _LutConv2dFn(torch.autograd.Function):
@@ -399,7 +409,7 @@ def _ste_conv_backward(grad, qx, qw, padding, stride, dilation, groups, zx=None,
         if need[1] and float(zx) != 0.0:  # ReLU inputs: Zx = 0, qx as is
             xmap = xmap - zx.detach().to(dt).reshape(())
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, xmap, wmap, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        grad, _nchw(xmap) if need[1] else xmap, wmap, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
         [bool(need[0]), bool(need[1]), False])
     return gx, gw
 
