@@ -289,8 +289,12 @@ def _dequantize(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | Non
     else:
         y = acc.mul_(scale)
     if bias is not None:
-        # y is new here (never a leaf, and mul's backward does not need it): add in place
-        if not _broadcasts_into(bias, y) or y.dtype != torch.promote_types(y.dtype, bias.dtype):
+        # y is new here (never a leaf, and mul's backward does not need it): add in place --
+        # but not a bias that needs a gradient into a y that does not (a frozen weight and an
+        # input without grad): y may be the accumulator a custom Function returned as is,
+        # which autograd treats as a view made without grad and refuses to modify so
+        if not _broadcasts_into(bias, y) or y.dtype != torch.promote_types(y.dtype, bias.dtype) \
+                or (bias.requires_grad and not y.requires_grad and torch.is_grad_enabled()):
             y = y + bias
         else:
             y.add_(bias)
