@@ -22,10 +22,11 @@ class atomic_writer:
     """
 
     def __init__(self, path: str | os.PathLike, suffix: str | None = None):
-        self.path = Path(path)
-        self.suffix = self.path.suffix if suffix is None else suffix
+        self.path = _target(Path(path))
+        self.suffix = Path(path).suffix if suffix is None else suffix
 
     def __enter__(self) -> Path:
+        _check_not_special(self.path, "file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".tmp{self.suffix}",
                                    dir=self.path.parent)
@@ -62,6 +63,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a symbolic link's target (the link itself stays
+    a link, as with a plain ``open``), else ``path``."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+def _check_not_special(path: Path, what: str) -> None:
+    """``path`` is absent, a regular file or a directory -- not a device, pipe or socket,
+    which a rename would silently replace with a plain file."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UsageError(f"Cannot write {what} {path}: it is not a regular file (a device, pipe or socket), "
+                         "and writing would replace it; choose a file path")
+
+
 def _check_creatable(path: Path, what: str) -> None:
     """``path`` does not exist yet: its nearest existing ancestor must be a writable directory."""
     ancestor = path.parent
@@ -82,8 +97,8 @@ def _check_writable(directory: Path, path: Path, what: str) -> None:
 def check_output_file(path: str | os.PathLike, *, what: str = "output file") -> Path:
     """Check, before any work, that ``path`` can be written as a file (atomically, by :class:`atomic_writer`).
 
-    The file may exist (it will be replaced) and its directories may be missing (they will be
-    created); nothing is created by the check.
+    The file may exist (it will be replaced; a symbolic link's target is, the link stays) and
+    its directories may be missing (they will be created); nothing is created by the check.
 
     Args:
         path: the file to be written.
@@ -93,16 +108,18 @@ def check_output_file(path: str | os.PathLike, *, what: str = "output file") -> 
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        UsageError: ``path`` is a directory, a parent is a file, or the directory that
-            would hold it is not writable.
+        UsageError: ``path`` is a directory, a device, pipe or socket, a parent is a file,
+            or the directory that would hold it is not writable.
     """
     path = Path(path)
-    if path.is_dir():
+    target = _target(path)
+    if target.is_dir():
         raise UsageError(f"Cannot write {what} {path}: it is a directory")
-    if path.exists():
-        _check_writable(path.parent, path, what)  # replaced by a rename in its directory
+    _check_not_special(target, what)
+    if target.exists():
+        _check_writable(target.parent, path, what)  # replaced by a rename in its directory
     else:
-        _check_creatable(path, what)
+        _check_creatable(target, what)
     return path
 
 
