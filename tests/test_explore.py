@@ -4,6 +4,7 @@ configuration errors, reported figures recomputed from the emitted Verilog, the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,34 @@ def test_cli_explore(tmp_path, capsys):
     assert (out / "checkpoint.json").exists() and (out / "front.md").exists()
     assert main(["explore", "--width", "3", "-o", str(out), "--evaluations", "200", "--bounds", "5,20",
                  "--report", "2", "--no-sweep", "-q", "--resume"]) == 0
+
+
+def test_cli_explore_refuses_to_overwrite_a_run(tmp_path, capsys):
+    """A second run into the same directory is refused unless --resume or --overwrite; with
+    --overwrite the old run's circuit files go (a smaller front left stale cNNN files, not in
+    its table: found by fuzzing the CLI) and the user's own files stay."""
+    from appmult.cli import main
+    out = tmp_path / "run"
+    argv = ["explore", "--width", "3", "-o", str(out), "--evaluations", "200", "--bounds", "5,20", "--no-sweep", "-q"]
+    assert main(argv + ["--report", "4"]) == 0
+    before = (out / "front.json").read_bytes()
+    capsys.readouterr()
+    assert main(argv + ["--report", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"appmult explore: error: Output directory {out} already holds an "
+                                               "explore run (checkpoint.json); pass --resume to continue it or "
+                                               "--overwrite to replace it")
+    assert (out / "front.json").read_bytes() == before
+    assert main(argv + ["--report", "1", "--resume", "--overwrite"]) == 2
+    assert "give one" in capsys.readouterr().err
+    stale = sorted(p.name for p in (out / "circuits").iterdir())
+    assert len(stale) > 2
+    (out / "circuits" / "notes.txt").write_text("mine")
+    (out / "mine.md").write_text("mine")
+    assert main(argv + ["--report", "1", "--overwrite"]) == 0
+    doc = json.loads((out / "front.json").read_text())
+    listed = {Path(r["circuit"]).name for r in doc["found"]} | {Path(r["verilog"]).name for r in doc["found"]}
+    assert sorted(p.name for p in (out / "circuits").iterdir()) == sorted(listed | {"notes.txt"})
+    assert (out / "mine.md").read_text() == "mine"
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -210,7 +210,7 @@ def test_cli_bounds_family(tmp_path, capsys):
     assert doc["config"]["bounds"] == sorted({e for e in fam if 0.01 <= e <= 1.0})
     assert [r["family_error"] for r in doc["comparison"]] == sorted(doc["config"]["bounds"], reverse=True)
     assert "bounds at the family front:" in capsys.readouterr().err
-    assert main(["explore", "--width", "3", "-o", str(out), "--evaluations", "60", "--bounds", "family",
-                 "--no-sweep", "-q"]) == 2
+    assert main(["explore", "--width", "3", "-o", str(tmp_path / "other"), "--evaluations", "60", "--bounds",
+                 "family", "--no-sweep", "-q"]) == 2
     assert capsys.readouterr().err.strip() == ("appmult explore: error: --bounds family needs the family sweep "
                                                "(drop --no-sweep)")

@@ -79,6 +79,9 @@ def register(sub) -> None:
                  "bisection stopped (default %(default)s; 0: trust the bisection)")
     net.add_argument("--no-verify", action="store_true", help="skip the RTL check of the chosen circuit")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in DIR (its checkpoint, tables, plot and circuits/cNNN files); "
+                        "without it, or --resume, a run found there is refused")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from ..explore import (Evaluator, family_bounds, search, search_starts, seed_genome, sweep_families,
                            write_outputs)
     config = build_config(args)  # every argument checked before the long work
+    _check_output(args)
     if args.model is not None:
         return _run_network(args, config)
     if args.report < 1:
@@ -188,6 +192,39 @@ def run(args: argparse.Namespace) -> int:
     for name in ("front.md", "front.json", "pareto.png", "circuits/"):
         print(f"wrote {out / name}", file=sys.stderr)
     return 0
+
+
+#: Files by which an output directory holds an explore run (plain or network-aware).
+_RUN_FILES = ("checkpoint.json", "front.json", "network.json", "search/checkpoint.json")
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse to write over a run already in ``--output`` unless ``--resume`` or
+    ``--overwrite`` says so; with ``--overwrite``, drop that run's own circuit files
+    (``circuits/cNNN.json``/``.v``: a smaller new front would leave stale ones behind, not in
+    its table), nothing else."""
+    import re
+    from ..errors import UsageError
+    from ..files import check_output_dir
+    out = check_output_dir(args.output)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in the output directory, --overwrite replaces it: give one")
+    if args.resume and args.model is not None:
+        raise UsageError("--resume is not available with --model (the network-aware mode runs from the start)")
+    held = [name for name in _RUN_FILES if (out / name).is_file()]
+    if held and not (args.resume or args.overwrite):
+        how = "--overwrite to replace it" if args.model is not None else "--resume to continue it or --overwrite " \
+                                                                          "to replace it"
+        raise UsageError(f"Output directory {out} already holds an explore run ({held[0]}); pass {how}")
+    if args.overwrite:
+        for sub in (out / "circuits", out / "search" / "circuits"):
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    if re.fullmatch(r"c\d{3,}\.(json|v)", f.name) and f.is_file():
+                        f.unlink()
+        for name in _RUN_FILES:
+            if (out / name).is_file():
+                (out / name).unlink()
 
 
 def _run_network(args: argparse.Namespace, config) -> int:
