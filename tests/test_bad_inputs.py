@@ -138,11 +138,53 @@ def huge_family_name(tmp):
             f"exact, truncated, perforated, broken_array, drum, mitchell, loa, netlist")
 
 
+# Found by fuzzing the CLI (session 19): a traceback, a silent clamp or a replaced device.
+def compare_unknown_cost(tmp):
+    return (["compare", "exact:width=4", "-q", "--cost", "foo", "-o", str(tmp / "c")],
+            "Unknown cost figure 'foo'; choose from gates, aig_nodes, depth, depth_with_not, transistors, "
+            "ice40_lut4, ice40_carry, toggles_per_op, weighted_toggles_per_op")
+
+
+def cost_samples_zero(tmp):
+    return ["cost", "exact:width=4", "--samples", "0"], "--samples must be between 1 and 16777216, not 0"
+
+
+def cost_samples_huge(tmp):
+    return (["cost", "exact:width=4", "--samples", "999999999999"],
+            "--samples must be between 1 and 16777216, not 999999999999")
+
+
+def export_to_a_pipe(tmp):
+    os.mkfifo(tmp / "pipe")
+    return (["export", "exact:width=4", "-o", str(tmp / "pipe")],
+            f"Cannot write output file {tmp / 'pipe'}: it is not a regular file (a device, pipe or socket), "
+            "and writing would replace it; choose a file path")
+
+
+def _explore_checkpoint(tmp, text):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "checkpoint.json").write_text(text)
+    return ["explore", "--width", "3", "--no-sweep", "-q", "-o", str(tmp / "run"), "--evaluations", "20", "--resume"]
+
+
+def explore_checkpoint_truncated(tmp):
+    return (_explore_checkpoint(tmp, '{"broken'),
+            f"Checkpoint '{tmp / 'run' / 'checkpoint.json'}' is not a readable checkpoint (Unterminated string "
+            "starting at: line 1 column 2 (char 1)); start afresh with --overwrite")
+
+
+def explore_checkpoint_a_list(tmp):
+    return (_explore_checkpoint(tmp, "[]"),
+            f"Checkpoint '{tmp / 'run' / 'checkpoint.json'}' is not an appmult explore checkpoint; start afresh "
+            "with --overwrite")
+
+
 ROWS = [lut_is_directory, retrain_lut_is_directory, lut_gradients_not_a_list, lut_metadata_is_a_list,
         lut_header_without_width_a, lut_header_is_a_list, lut_metadata_says_4x4, lut_with_extra_member,
         export_to_directory, export_below_a_file, export_read_only,
         characterize_into_a_file, characterize_read_only, characterize_over_a_directory, compare_into_a_file,
-        compare_read_only, huge_spec_item, huge_family_name]
+        compare_read_only, huge_spec_item, huge_family_name, compare_unknown_cost, cost_samples_zero,
+        cost_samples_huge, export_to_a_pipe, explore_checkpoint_truncated, explore_checkpoint_a_list]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.__name__ for r in ROWS])

@@ -33,8 +33,11 @@ def run(args: argparse.Namespace) -> int:
     from ..lut_gen.characterization import MAX_LUT_WIDTH
     from ..lut_gen.metrics import METRIC_KEYS
     from ..lut_gen.report import compare_rows, format_table, pareto_plot
+    from ..sim.cost import FIGURES
     if args.error not in METRIC_KEYS:
         raise UsageError(f"Unknown error metric {args.error!r}; choose from {', '.join(METRIC_KEYS[:12])}")
+    if args.cost not in FIGURES:
+        raise UsageError(f"Unknown cost figure {args.cost!r}; choose from {', '.join(FIGURES)}")
     if args.output:
         check_output_dir(args.output, files=("compare.json", "pareto.png"))
     mults = [from_spec(s) for s in args.specs]  # all specs checked before any long work

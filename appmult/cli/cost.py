@@ -50,9 +50,17 @@ def format_table(spec: str, figures: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The most operand pairs ``--samples`` takes (16.7 million; a huge value ran out of memory
+#: with a traceback, and 0 or a negative one was silently raised to 64).
+MAX_SAMPLES = 1 << 24
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..hdl import from_spec
     from ..sim import hardware_cost, synthesize
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise UsageError(f"--samples must be between 1 and {MAX_SAMPLES}, not {args.samples}")
     mult = from_spec(args.spec)
     print(f"synthesizing {mult.spec} and the exact reference ...", file=sys.stderr)
     figures = hardware_cost(synthesize(mult), samples=args.samples)

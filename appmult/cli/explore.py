@@ -211,6 +211,9 @@ def _check_output(args: argparse.Namespace) -> None:
         raise UsageError("--resume continues the run in the output directory, --overwrite replaces it: give one")
     if args.resume and args.model is not None:
         raise UsageError("--resume is not available with --model (the network-aware mode runs from the start)")
+    if args.resume:
+        from ..explore.search import read_checkpoint
+        read_checkpoint(out / "checkpoint.json")  # a missing or damaged one refused before the long work
     held = [name for name in _RUN_FILES if (out / name).is_file()]
     if held and not (args.resume or args.overwrite):
         how = "--overwrite to replace it" if args.model is not None else "--resume to continue it or --overwrite " \

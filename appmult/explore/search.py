@@ -232,6 +232,27 @@ class _Fitness:
         return all(ev.get(m) <= limit for m, limit in self.constraints)
 
 
+def read_checkpoint(path: str | os.PathLike | None) -> dict[str, Any]:
+    """The JSON object of an explore checkpoint file, its format checked (not yet its
+    identity or fields: :meth:`_Checkpoint.load`).
+
+    Raises:
+        appmult.errors.InvalidValueError: no such file, not JSON, or not a checkpoint.
+    """
+    ckpt = Path(path) if path is not None else None
+    if ckpt is None or not ckpt.is_file():
+        raise InvalidValueError(f"Cannot resume: no checkpoint file {str(ckpt)!r}")
+    try:
+        saved = json.loads(ckpt.read_text("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidValueError(f"Checkpoint {str(ckpt)!r} is not a readable checkpoint ({exc}); start afresh "
+                                "with --overwrite") from None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+        raise InvalidValueError(f"Checkpoint {str(ckpt)!r} is not an appmult explore checkpoint; start afresh "
+                                "with --overwrite")
+    return saved
+
+
 class _Checkpoint:
     """The search state in a JSON file, tied to one seed circuit and configuration."""
 
@@ -242,17 +263,19 @@ class _Checkpoint:
     def load(self, state: dict[str, Any], rng: np.random.Generator) -> None:
         """Restore ``state`` and ``rng`` from the file."""
         ckpt = self.path
-        if ckpt is None or not ckpt.is_file():
-            raise InvalidValueError(f"Cannot resume: no checkpoint file {str(ckpt)!r}")
-        saved = json.loads(ckpt.read_text("utf-8"))
-        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != self.identity:
+        saved = read_checkpoint(ckpt)
+        if saved.get("identity") != self.identity:
             raise InvalidValueError(f"Checkpoint {str(ckpt)!r} belongs to another search (different seed circuit "
                                     "or configuration); start afresh without --resume")
-        rng.bit_generator.state = saved["rng"]
-        state.update({k: saved[k] for k in _COUNTERS})
-        state["parent"] = Genome.from_state(saved["parent"])
-        state["bests"] = [Candidate.from_state(c) for c in saved["bests"]]
-        state["archive"] = [(c, e, Candidate.from_state(s)) for c, e, s in saved["archive"]]
+        try:
+            rng.bit_generator.state = saved["rng"]
+            state.update({k: saved[k] for k in _COUNTERS})
+            state["parent"] = Genome.from_state(saved["parent"])
+            state["bests"] = [Candidate.from_state(c) for c in saved["bests"]]
+            state["archive"] = [(c, e, Candidate.from_state(s)) for c, e, s in saved["archive"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidValueError(f"Checkpoint {str(ckpt)!r} is damaged ({type(exc).__name__}: {exc}); start "
+                                    "afresh with --overwrite") from None
 
     def save(self, snap: dict[str, Any]) -> None:
         if self.path is None:
