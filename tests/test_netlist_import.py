@@ -224,3 +224,31 @@ def test_hand_netlist_undriven_nets_wrong():
     with pytest.raises(NetlistError, match=re.escape(
             "Module 'hand' has gates reading nets that nothing drives: w; an undriven net has no defined value")):
         Netlist(netlist([("$_AND_", {"A": 2, "B": 9, "Y": 6})], [6, 3]), top="hand", signed=False)
+
+
+# A file with two candidate top modules: Yosys' automatic top picked the adder and the
+# search ran on it without a word (found by fuzzing the CLI).
+_TWO_TOPS = ("module m(input [3:0] A, input [3:0] B, output [7:0] O);\n assign O = A * B;\nendmodule\n"
+             "module n(input [3:0] A, input [3:0] B, output [7:0] O);\n assign O = A + B;\nendmodule\n")
+
+
+def test_verilog_two_candidate_tops_wrong(tmp_path):
+    path = tmp_path / "two.v"
+    path.write_text(_TWO_TOPS)
+    with pytest.raises(NetlistError, match=re.escape("defines modules that 'n' does not use (m), so its top "
+                                                     "module is ambiguous (Yosys picked 'n')")):
+        Netlist.from_verilog(path, signed=False)
+    net = Netlist.from_verilog(path, signed=False, top="m")  # named: that one, exhaustively the product
+    a, b = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    assert np.array_equal(net.evaluate(a.ravel(), b.ravel()), (a * b).ravel())
+
+
+def test_verilog_with_a_submodule_keeps_the_automatic_top(tmp_path):
+    path = tmp_path / "hier.v"
+    path.write_text("module pp(input x, input y, output z);\n assign z = x & y;\nendmodule\n"
+                    "module m(input [1:0] A, input [1:0] B, output [3:0] O);\n wire p01, p10;\n"
+                    " pp u0(A[0], B[1], p01);\n pp u1(A[1], B[0], p10);\n"
+                    " assign O = (A[0] & B[0]) + ((p01 + p10) << 1) + ((A[1] & B[1]) << 2);\nendmodule\n")
+    net = Netlist.from_verilog(path, signed=False)
+    a, b = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    assert np.array_equal(net.evaluate(a.ravel(), b.ravel()), (a * b).ravel())

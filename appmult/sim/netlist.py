@@ -61,9 +61,15 @@ def synthesis_script(source_format: str, top: str | None, *, source_checks: bool
     synth_top = f" -top {top}" if top else ""
     save = ["design -save source"] if source_checks else []
     checks = ["design -load source", "proc", "flatten", "write_json checks.json"] if source_checks else []
+    # which modules the file defines and which the chosen top keeps: an automatic top that
+    # leaves another module unused picked one of several candidates (_check_single_top)
+    listed = (["tee -q -o modules_read.txt ls"], ["tee -q -o modules_kept.txt ls"]) \
+        if source_checks and not top else ([], [])
     return "\n".join([
         f"{_READERS[source_format]} {_SOURCE_FILE[source_format]}",
+        *listed[0],
         f"hierarchy -check {top_opt}",
+        *listed[1],
         *save,
         f"synth -flatten{synth_top}",
         f"abc -g {ABC_GATES}",
@@ -205,9 +211,10 @@ class Netlist:
         except UnicodeDecodeError as exc:
             raise NetlistError(f"Cannot read {str(path)!r}: byte 0x{data[exc.start]:02x} at offset {exc.start} "
                                "is not UTF-8 text; save the file as UTF-8 (or ASCII)") from None
+        listed = () if top else ("modules_read.txt", "modules_kept.txt")
         try:
             out = run_yosys(synthesis_script(fmt, top, source_checks=True), {_SOURCE_FILE[fmt]: text},
-                            ("netlist.json", "checks.json"))
+                            ("netlist.json", "checks.json", *listed))
         except YosysError as exc:
             # Yosys saw the file under a fixed temporary name; point at the user's file.
             message = str(exc).replace(_SOURCE_FILE[fmt], path.name)
@@ -215,6 +222,7 @@ class Netlist:
         netlist_json = out["netlist.json"].decode("utf-8")
         if top is None:
             top = _json_top(netlist_json)
+            _check_single_top(path, top, out["modules_read.txt"], out["modules_kept.txt"])
         net = cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
                   source_format=fmt, source_text=text, width_p=width_p)
         check_source_design(out["checks.json"].decode("utf-8"), top, net.ports[2])
@@ -426,6 +434,23 @@ class Netlist:
         """
         from .cost import hardware_cost
         return hardware_cost(self, relative=relative, **kwargs)
+
+
+def _listed_modules(ls_output: bytes) -> set[str]:
+    """Module names from Yosys' ``ls`` output (an indented name per line after a count)."""
+    return {line.strip().lstrip("\\") for line in ls_output.decode("utf-8", "replace").splitlines()
+            if line.startswith("  ") and line.strip()}
+
+
+def _check_single_top(path: Path, top: str, read: bytes, kept: bytes) -> None:
+    """Refuse a file whose automatically chosen top leaves another module unused: Yosys
+    picked one of several candidate tops (a file with a multiplier and an adder searched the
+    adder without a word: found by fuzzing the CLI)."""
+    unused = _listed_modules(read) - _listed_modules(kept)
+    if unused:
+        raise NetlistError(f"{str(path)!r} defines modules that {top!r} does not use ({', '.join(sorted(unused))}), "
+                           f"so its top module is ambiguous (Yosys picked {top!r}); keep one multiplier and what it "
+                           "instantiates in the file, or name the top module (top= in Python)")
 
 
 def _json_top(netlist_json: str) -> str:
