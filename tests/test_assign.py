@@ -110,3 +110,22 @@ def test_cli_errors(tmp_path, capsys):
     assert "Cost figure must be one of" in capsys.readouterr().err
     assert main(["assign", str(path), "--retrain-epochs", "-1", "--out", str(tmp_path / "o")]) == 2
     assert "retrain_epochs must be a non-negative integer, not -1" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_directory_holding_a_run(tmp_path, capsys):
+    """An --out holding plan.json or results.json (a run, or the user's own file of that name)
+    is refused before any work unless --overwrite (found by fuzzing the CLI: both were
+    replaced without a word)."""
+    path = tmp_path / "nocost.npz"
+    LutFile(np.outer(np.arange(16), np.arange(16)), width_a=4, width_b=4, signed=False).save(path)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "plan.json").write_text("mine")
+    assert main(["assign", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"appmult assign: error: Output directory {out} already holds an "
+                                               "assignment run (plan.json); pass --overwrite (overwrite=True) to "
+                                               "replace it")
+    assert (out / "plan.json").read_text() == "mine"
+    # with --overwrite the run goes on to its next check (this LUT has no cost)
+    assert main(["assign", str(path), "--out", str(out), "--no-progress", "--overwrite"]) == 2
+    assert "appmult assign: error: LUT file" in capsys.readouterr().err

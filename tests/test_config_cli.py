@@ -153,6 +153,7 @@ def test_assign_config(tmp_path):
     (dict(validate=None), "validate must be a bool, not None"),
     (dict(out=None), "out must be a path, not None"),
     (dict(progress=0), "progress must be a bool, not 0"),
+    (dict(overwrite="no"), "overwrite must be a bool, not 'no'"),
 ])
 def test_assign_config_wrong(kw, message):
     kw = {"candidates": ("a",), **kw}
@@ -165,7 +166,7 @@ def test_assign_config_fields_all_checked():
     checked = {"candidates", "model", "dataset", "data_dir", "checkpoint", "pretrain_epochs", "batch_size", "lr",
                "seed", "surrogate_epochs", "sigma_lr", "lam", "sigma_max", "retrain_epochs", "calib_batches",
                "stats_batches", "error_model", "cost_figure", "include_exact", "homogeneous", "validate", "out",
-               "progress"}
+               "overwrite", "progress"}
     assert {f.name for f in dataclasses.fields(AssignConfig)} == checked
 
 

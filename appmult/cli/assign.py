@@ -45,6 +45,9 @@ def register(sub) -> None:
     opt("homogeneous", "--no-homogeneous", action="store_false", help="skip the homogeneous comparison runs")
     opt("validate", "--no-validate", action="store_false", help="skip measuring the real error std per layer")
     opt("out", "--out", metavar="DIR", help="output directory (default %(default)s)")
+    opt("overwrite", "--overwrite", action="store_true",
+        help="replace the assignment run already in --out (plan.json, results.json, pareto.png); without it "
+             "such a directory is refused")
     p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     opt("progress", "--no-progress", action="store_false", help="no stage messages")
     p.set_defaults(func=run)

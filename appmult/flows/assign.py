@@ -183,6 +183,10 @@ def run_assign(cfg: AssignConfig) -> dict[str, Any]:
     """
 
     out = check_output_dir(cfg.out, files=("plan.json", "results.json", "pareto.png"))  # before any work
+    held = [name for name in ("plan.json", "results.json") if (out / name).is_file()]
+    if held and not cfg.overwrite:
+        raise AssignError(f"Output directory {out} already holds an assignment run ({held[0]}); pass --overwrite "
+                          "(overwrite=True) to replace it")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cands, exact, ref_lut = _candidates(cfg)

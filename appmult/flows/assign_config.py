@@ -47,6 +47,8 @@ class AssignConfig:
         homogeneous: also convert/retrain with each candidate everywhere (Pareto plot).
         validate: measure each candidate's real error std per layer next to the predictions.
         out: output directory.
+        overwrite: replace the assignment run ``out`` already holds (``plan.json``,
+            ``results.json``); without it such a directory is refused.
         progress: stage messages.
 
     Raises:
@@ -76,6 +78,7 @@ class AssignConfig:
     homogeneous: bool = True
     validate: bool = True
     out: str = "assign-out"
+    overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -99,7 +102,7 @@ class AssignConfig:
         if self.cost_figure not in names.cost_figures:
             raise names.error(f"Cost figure must be one of {', '.join(names.cost_figures)}, "
                               f"not {self.cost_figure!r}")
-        for name in ("include_exact", "homogeneous", "validate", "progress"):
+        for name in ("include_exact", "homogeneous", "validate", "overwrite", "progress"):
             check_bool(names.error, name, getattr(self, name))
 
     def _check_candidates(self, error: type[Exception]) -> None:
