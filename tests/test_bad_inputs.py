@@ -179,12 +179,28 @@ def explore_checkpoint_a_list(tmp):
             "with --overwrite")
 
 
+def export_to_an_empty_name(tmp):
+    return ["export", "exact:width=4", "-o", ""], "-o needs a file name (leave it out to write to standard output)"
+
+
+def explore_width_and_width_a(tmp):
+    return (["explore", "--width", "4", "--width-a", "5", "-o", str(tmp / "r"), "--evaluations", "20"],
+            "Give --width or --width-a/--width-b, not both")
+
+
+def explore_start_and_width(tmp):
+    return (["explore", "exact:width=4", "--width", "5", "-o", str(tmp / "r"), "--evaluations", "20"],
+            "--width, --width-a and --width-b set the default seed's widths; the seed circuit 'exact:width=4' "
+            "has its own: drop them")
+
+
 ROWS = [lut_is_directory, retrain_lut_is_directory, lut_gradients_not_a_list, lut_metadata_is_a_list,
         lut_header_without_width_a, lut_header_is_a_list, lut_metadata_says_4x4, lut_with_extra_member,
         export_to_directory, export_below_a_file, export_read_only,
         characterize_into_a_file, characterize_read_only, characterize_over_a_directory, compare_into_a_file,
         compare_read_only, huge_spec_item, huge_family_name, compare_unknown_cost, cost_samples_zero,
-        cost_samples_huge, export_to_a_pipe, explore_checkpoint_truncated, explore_checkpoint_a_list]
+        cost_samples_huge, export_to_a_pipe, explore_checkpoint_truncated, explore_checkpoint_a_list,
+        export_to_an_empty_name, explore_width_and_width_a, explore_start_and_width]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.__name__ for r in ROWS])
@@ -273,3 +289,10 @@ def test_lut_path_messages_python(tmp_path):
             loader(tmp_path)
         with pytest.raises(MissingFileError, match=exact(f"LUT file {tmp_path / 'x.npz'} does not exist")):
             loader(tmp_path / "x.npz")
+
+
+def test_explore_signed_and_unsigned_conflict(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["explore", "--width", "4", "--signed", "--unsigned", "-o", str(tmp_path / "r"), "--evaluations", "20"])
+    assert exc.value.code == 2
+    assert "argument --unsigned: not allowed with argument --signed" in capsys.readouterr().err

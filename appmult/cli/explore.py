@@ -26,8 +26,9 @@ def register(sub) -> None:
     p.add_argument("--width", type=int, help="operand width of the default seed (both operands)")
     p.add_argument("--width-a", type=int, help="width of operand a of the default seed")
     p.add_argument("--width-b", type=int, help="width of operand b of the default seed")
-    p.add_argument("--signed", action="store_true", default=None, help="two's complement (default seed, Verilog)")
-    p.add_argument("--unsigned", dest="signed", action="store_false", help="unsigned (Verilog seed)")
+    sign = p.add_mutually_exclusive_group()
+    sign.add_argument("--signed", action="store_true", default=None, help="two's complement (default seed, Verilog)")
+    sign.add_argument("--unsigned", dest="signed", action="store_false", help="unsigned (Verilog seed)")
     p.add_argument("--error", default="mae", help="error objective: mae, mre, wce, mse, er (default mae)")
     p.add_argument("--cost", default="transistors",
                    help="cost figure: transistors, gates, aig_nodes, depth (default transistors)")
@@ -140,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
     if args.report < 1:
         raise UsageError(f"--report must be at least 1, not {args.report}")
     start = args.start
+    if args.width and (args.width_a or args.width_b):
+        raise UsageError("Give --width or --width-a/--width-b, not both")
+    if start is not None and (args.width or args.width_a or args.width_b):
+        raise UsageError("--width, --width-a and --width-b set the default seed's widths; the seed circuit "
+                         f"{start!r} has its own: drop them")
     if start is None:
         wa = args.width_a or args.width
         wb = args.width_b or args.width

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..files import atomic_write_text, check_output_file
     from ..hdl import MacUnit, export_verilog, from_spec
+    if args.output == "":
+        raise UsageError("-o needs a file name (leave it out to write to standard output)")
     if args.output:
         check_output_file(args.output)
     mult = from_spec(args.spec)
