@@ -194,13 +194,21 @@ def explore_start_and_width(tmp):
             "has its own: drop them")
 
 
+def assign_checkpoint_not_a_model(tmp):  # the message advised deleting the user's own file
+    (tmp / "target.v").write_text("module x; endmodule\n")
+    return (["assign", "drum:width=8,k=3", "--checkpoint", str(tmp / "target.v"), "--out", str(tmp / "o"),
+             "--no-progress"],
+            f"Pretrained model {tmp / 'target.v'} is corrupt or not a torch file; pass a model file that appmult's "
+            "pretraining wrote, or leave --checkpoint out to pretrain here")
+
+
 ROWS = [lut_is_directory, retrain_lut_is_directory, lut_gradients_not_a_list, lut_metadata_is_a_list,
         lut_header_without_width_a, lut_header_is_a_list, lut_metadata_says_4x4, lut_with_extra_member,
         export_to_directory, export_below_a_file, export_read_only,
         characterize_into_a_file, characterize_read_only, characterize_over_a_directory, compare_into_a_file,
         compare_read_only, huge_spec_item, huge_family_name, compare_unknown_cost, cost_samples_zero,
         cost_samples_huge, export_to_a_pipe, explore_checkpoint_truncated, explore_checkpoint_a_list,
-        export_to_an_empty_name, explore_width_and_width_a, explore_start_and_width]
+        export_to_an_empty_name, explore_width_and_width_a, explore_start_and_width, assign_checkpoint_not_a_model]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.__name__ for r in ROWS])
@@ -209,7 +217,7 @@ def test_cli_message(row, tmp_path, request, capsys):
         argv, message = row(tmp_path, request.getfixturevalue("read_only_dir"))
     else:
         argv, message = row(tmp_path)
-    if argv[0] == "retrain":
+    if argv[0] in ("retrain", "assign"):
         pytest.importorskip("torch")
     capsys.readouterr()
     assert main(argv) == 2

@@ -27,6 +27,7 @@ from ..plotting import save_figure, new_figure
 from ..sim.cost import FIGURES as COST_FIGURES
 from ..spec import short_spec
 from ..train import evaluate, fit, load_pretrained, make_loaders, pretrain_fp32
+from ..train.pretraining import USER_FILE_ADVICE
 from .assign_config import AssignConfig
 from .characterization import characterize
 
@@ -142,7 +143,7 @@ def _candidates(cfg: AssignConfig) -> tuple[list[Candidate], Candidate | None, L
 def _fp32_model(cfg: AssignConfig, out: Path):
     """The FP32 model: from ``cfg.checkpoint``, or pretrained (cached in ``out/pretrained``)."""
     if cfg.checkpoint is not None:
-        return load_pretrained(cfg.checkpoint).model
+        return load_pretrained(cfg.checkpoint, advice=USER_FILE_ADVICE).model
     _say(cfg, f"FP32 {cfg.model} on {cfg.dataset}, {cfg.pretrain_epochs} epochs (cached)")
     return pretrain_fp32(cfg.model, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out / "pretrained",
                          batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir, progress=False).model

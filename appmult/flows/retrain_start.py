@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from ..lut_gen import LutFile, exact_product
 from ..nn import ApproxConfig, approximate_, calibrating
 from ..train import Loaders, build_model, load_pretrained, pretrain_fp32, read_torch_file, seed_everything
+from ..train.pretraining import USER_FILE_ADVICE
 from .distributed import Dist
 from .retrain_config import RetrainConfig, RetrainError
 
@@ -94,7 +95,7 @@ def _load_fp32_checkpoint(cfg: RetrainConfig, loaders: Loaders) -> nn.Module:
         if state["model_name"] != cfg.model or state.get("dataset") != cfg.dataset:
             raise RetrainError(f"Checkpoint {path} holds a {state['model_name']!r} model for "
                                f"{state.get('dataset')!r}; this run asks for {cfg.model!r} on {cfg.dataset!r}")
-        return load_pretrained(path).model
+        return load_pretrained(path, advice=USER_FILE_ADVICE).model
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a fit() checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -30,11 +30,18 @@ class Pretrained(NamedTuple):
     path: Path
 
 
-def load_pretrained(path: str | os.PathLike) -> Pretrained:
+#: What a message about a user's own model file (``--checkpoint``) advises, instead of
+#: deleting it (right only for appmult's cache).
+USER_FILE_ADVICE = "pass a model file that appmult's pretraining wrote, or leave --checkpoint out to pretrain here"
+
+
+def load_pretrained(path: str | os.PathLike, *, advice: str = "delete it to retrain") -> Pretrained:
     """Rebuild a model saved by :func:`pretrain_fp32` (read with ``weights_only=True``).
 
     Args:
         path: The ``.pt`` file written by :func:`pretrain_fp32`.
+        advice: how an error message ends (the default suits appmult's cache; for a file
+            the user named, :data:`USER_FILE_ADVICE`).
 
     Returns:
         :class:`Pretrained` with the model on the CPU.
@@ -47,9 +54,9 @@ def load_pretrained(path: str | os.PathLike) -> Pretrained:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"No pretrained model at {path}")
-    state = load_sealed(path, PRETRAINED_FORMAT, "Pretrained model", "delete it to retrain")
+    state = load_sealed(path, PRETRAINED_FORMAT, "Pretrained model", advice)
     if state is None:
-        raise CheckpointError(f"{path} is not an appmult pretrained model; delete it to retrain")
+        raise CheckpointError(f"{path} is not an appmult pretrained model; {advice}")
     info = DatasetInfo(**state["dataset_info"])
     model = build_model(state["model_name"], info)
     model.load_state_dict(state["model"])
