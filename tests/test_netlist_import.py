@@ -252,3 +252,16 @@ def test_verilog_with_a_submodule_keeps_the_automatic_top(tmp_path):
     net = Netlist.from_verilog(path, signed=False)
     a, b = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
     assert np.array_equal(net.evaluate(a.ravel(), b.ravel()), (a * b).ravel())
+
+
+def test_verilog_with_a_parameterized_submodule_keeps_the_automatic_top(tmp_path):
+    # hierarchy keeps the submodule as ``$paramod\pp\W=...``: still the top's own, not a second top
+    path = tmp_path / "param.v"
+    path.write_text("module pp #(parameter W = 1) (input [W-1:0] x, input [W-1:0] y, output [W-1:0] z);\n"
+                    " assign z = x & y;\nendmodule\n"
+                    "module m(input [1:0] A, input [1:0] B, output [3:0] O);\n wire p01, p10;\n"
+                    " pp #(.W(1)) u0(A[0], B[1], p01);\n pp #(.W(1)) u1(A[1], B[0], p10);\n"
+                    " assign O = (A[0] & B[0]) + ((p01 + p10) << 1) + ((A[1] & B[1]) << 2);\nendmodule\n")
+    net = Netlist.from_verilog(path, signed=False)
+    a, b = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    assert np.array_equal(net.evaluate(a.ravel(), b.ravel()), (a * b).ravel())

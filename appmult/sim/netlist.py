@@ -437,9 +437,16 @@ class Netlist:
 
 
 def _listed_modules(ls_output: bytes) -> set[str]:
-    """Module names from Yosys' ``ls`` output (an indented name per line after a count)."""
-    return {line.strip().lstrip("\\") for line in ls_output.decode("utf-8", "replace").splitlines()
-            if line.startswith("  ") and line.strip()}
+    """Module names from Yosys' ``ls`` output (an indented name per line after a count); a
+    parameterized copy made by ``hierarchy`` (``$paramod\\pp\\W=...`` or
+    ``$paramod$<hash>\\pp``) counts as the module it was derived from."""
+    names = set()
+    for line in ls_output.decode("utf-8", "replace").splitlines():
+        name = line.strip()
+        if not line.startswith("  ") or not name:
+            continue
+        names.add(name.split("\\")[1] if name.startswith("$paramod") and "\\" in name else name.lstrip("\\"))
+    return names
 
 
 def _check_single_top(path: Path, top: str, read: bytes, kept: bytes) -> None:
