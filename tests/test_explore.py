@@ -269,6 +269,10 @@ def test_cli_explore_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert (out / "front.json").read_bytes() == before
     assert main(argv + ["--report", "1", "--resume", "--overwrite"]) == 2
     assert "give one" in capsys.readouterr().err
+    # --overwrite with an argument that fails its check later: the old run is still there
+    assert main(argv + ["--report", "0", "--overwrite"]) == 2
+    assert "--report must be at least 1" in capsys.readouterr().err
+    assert (out / "front.json").read_bytes() == before and (out / "checkpoint.json").is_file()
     stale = sorted(p.name for p in (out / "circuits").iterdir())
     assert len(stale) > 2
     (out / "circuits" / "notes.txt").write_text("mine")

@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
               f"at {config.error} {last.evaluation.get(config.error):.4g}", file=sys.stderr)
     print(f"searching from {seed_name} ({genome.n_gates} gates, {genome.cost()['transistors']} transistors "
           f"estimated) ...", file=sys.stderr)
+    _clear_run(args)
     result = search(genome, config, starts=starts, checkpoint=out / "checkpoint.json", resume=args.resume,
                     progress=not args.quiet).merged(trajectory)
     vectors = None
@@ -206,10 +207,8 @@ _RUN_FILES = ("checkpoint.json", "front.json", "network.json", "search/checkpoin
 
 def _check_output(args: argparse.Namespace) -> None:
     """Refuse to write over a run already in ``--output`` unless ``--resume`` or
-    ``--overwrite`` says so; with ``--overwrite``, drop that run's own circuit files
-    (``circuits/cNNN.json``/``.v``: a smaller new front would leave stale ones behind, not in
-    its table), nothing else."""
-    import re
+    ``--overwrite`` says so (the old run is cleared by :func:`_clear_run` once every other
+    argument has passed its checks)."""
     from ..errors import UsageError
     from ..files import check_output_dir
     out = check_output_dir(args.output)
@@ -225,15 +224,25 @@ def _check_output(args: argparse.Namespace) -> None:
         how = "--overwrite to replace it" if args.model is not None else "--resume to continue it or --overwrite " \
                                                                           "to replace it"
         raise UsageError(f"Output directory {out} already holds an explore run ({held[0]}); pass {how}")
-    if args.overwrite:
-        for sub in (out / "circuits", out / "search" / "circuits"):
-            if sub.is_dir():
-                for f in sub.iterdir():
-                    if re.fullmatch(r"c\d{3,}\.(json|v)", f.name) and f.is_file():
-                        f.unlink()
-        for name in _RUN_FILES:
-            if (out / name).is_file():
-                (out / name).unlink()
+
+
+def _clear_run(args: argparse.Namespace) -> None:
+    """With ``--overwrite``, drop the old run's own files from ``--output``: its checkpoint and
+    tables and its circuits (``circuits/cNNN.json``/``.v``: a smaller new front would leave
+    stale ones behind, not in its table); nothing else."""
+    import re
+    from pathlib import Path
+    if not args.overwrite:
+        return
+    out = Path(args.output)
+    for sub in (out / "circuits", out / "search" / "circuits"):
+        if sub.is_dir():
+            for f in sub.iterdir():
+                if re.fullmatch(r"c\d{3,}\.(json|v)", f.name) and f.is_file():
+                    f.unlink()
+    for name in _RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def _run_network(args: argparse.Namespace, config) -> int:
@@ -256,6 +265,7 @@ def _run_network(args: argparse.Namespace, config) -> int:
                                shortlist=args.shortlist, family_shortlist=args.family_shortlist,
                                neighbours=args.neighbours, verify=not args.no_verify,
                                progress=not args.quiet)
+    _clear_run(args)
     res = run_network_explore(cfg)
     print(f"exact-quantized {res['exact_quantized_accuracy']:.2f}%, exact retrained "
           f"{res['reference']['accuracy_after']:.2f}%, target {res['threshold']:.2f}%")

@@ -409,8 +409,8 @@ def _ste_conv_backward(grad, qx, qw, padding, stride, dilation, groups, zx=None,
         if need[1] and float(zx) != 0.0:  # ReLU inputs: Zx = 0, qx as is
             xmap = xmap - zx.detach().to(dt).reshape(())
     gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad, _nchw(xmap) if need[1] else xmap, wmap, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [bool(need[0]), bool(need[1]), False])
+        grad, _nchw(xmap) if need[1] else xmap, wmap, None, list(stride), list(padding), list(dilation), False,
+        [0, 0], groups, [bool(need[0]), bool(need[1]), False])
     return gx, gw
 
 
