@@ -58,11 +58,14 @@ def test_explore_network_cli_defaults():
     args = parse("explore", "-o", "run", "--model", "lenet5")
     on_cli = ("dataset", "target_accuracy", "max_drop", "pretrain_epochs", "epochs", "grad", "shortlist",
               "family_shortlist", "neighbours")
+    from appmult.cli.explore import _NETWORK_FIELDS, network_values
+    assert set(on_cli) == set(_NETWORK_FIELDS)
     defaults = {f.name: f.default for f in dataclasses.fields(NetworkExploreConfig)}
-    for name in on_cli:
-        assert getattr(args, name) == defaults[name], name
+    for name in on_cli:  # None on the command line (so that one given without --model can be refused) ...
+        assert getattr(args, name) is None, name
+    assert network_values(args) == {name: defaults[name] for name in on_cli}  # ... the config's default in the run
     args = parse("explore", "-o", "run", "--model", "lenet5", "--neighbours", "0", "--shortlist", "5")
-    assert (args.neighbours, args.shortlist) == (0, 5)
+    assert network_values(args) == {**{name: defaults[name] for name in on_cli}, "neighbours": 0, "shortlist": 5}
 
 
 def test_cli_flags_reach_the_config():
@@ -115,7 +118,8 @@ def test_assign_config_frozen():
 
 def test_assign_config(tmp_path):
     import numpy as np
-    cfg = AssignConfig(candidates=[tmp_path / "m.npz", "exact:width=8"], data_dir=tmp_path, checkpoint=None,
+    cfg = AssignConfig(candidates=[tmp_path / "m.npz", "exact:width=8"], dataset="mnist", data_dir=tmp_path,
+                       checkpoint=None,
                        out=Path("o"), pretrain_epochs=np.int64(2), retrain_epochs=0, seed=0, lam=0.0,
                        lr=1, include_exact=False)
     assert cfg.candidates == (str(tmp_path / "m.npz"), "exact:width=8")

@@ -290,7 +290,7 @@ def test_cli_explore_refuses_to_overwrite_a_run(tmp_path, capsys):
      "Unknown error objective 'psnr'; choose one of mae, mre, wce, mse, er"),
     (["--width", "3"], "Give a budget: evaluations, a time budget (budget_s), or both"),
     (["--evaluations", "5"], "Give a seed circuit (START) or --width (or --width-a and --width-b)"),
-    (["--width", "3", "--evaluations", "5", "--bounds", "1,x"], "--bounds must be comma-separated numbers, not '1,x'"),
+    (["--width", "3", "--evaluations", "5", "--bounds", "1,x"], "--bounds must be comma-separated numbers (no empty item), not '1,x'"),
 ])
 def test_cli_explore_wrong(tmp_path, capsys, argv, message):
     from appmult.cli import main

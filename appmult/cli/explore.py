@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import sys
 
 from ..flows.explore_config import NetworkExploreConfig
-from ._config import add_option
+from ._config import add_option, field_default
+
+#: ``NetworkExploreConfig`` fields the network-aware options fill; their options default to
+#: None so that one given without ``--model`` can be refused (it would do nothing).
+_NETWORK_FIELDS = ("dataset", "target_accuracy", "max_drop", "pretrain_epochs", "epochs", "grad", "shortlist",
+                   "family_shortlist", "neighbours")
 
 
 def register(sub) -> None:
@@ -58,7 +62,8 @@ def register(sub) -> None:
     net = p.add_argument_group("network-aware mode (--model): histograms from a trained network, retraining")
     net.add_argument("--model", help="network (mlp, lenet5, resnet8, ...): search under its operand "
                                      "distributions, retrain a shortlist, verify the chosen circuit's RTL")
-    net_opt = functools.partial(add_option, net, NetworkExploreConfig)
+    def net_opt(name: str, *flags: str, **kwargs) -> None:
+        add_option(net, NetworkExploreConfig, name, *flags, **kwargs).default = None
     net_opt("dataset", "--dataset", help="data set (digits, mnist5k, ...; default %(default)s)")
     net_opt("target_accuracy", "--target-accuracy", type=float, metavar="PCT",
             help="accuracy (%%) after retraining the chosen circuit must reach "
@@ -92,9 +97,9 @@ def _bounds(text: str | None):
     if text is None or text == "family":
         return None  # "family": set from the sweep (run)
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
+        return tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise UsageError(f"--bounds must be comma-separated numbers, not {text!r}") from None
+        raise UsageError(f"--bounds must be comma-separated numbers (no empty item), not {text!r}") from None
 
 
 def _hist(path: str | None):
@@ -107,8 +112,10 @@ def _hist(path: str | None):
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise MissingFileError(f"Histogram file {path!r} does not exist") from None
-    except ValueError as exc:
-        raise UsageError(f"Cannot read histogram file {path!r}: {exc}") from None
+    except (ValueError, OSError, EOFError):
+        raise UsageError(f"Cannot read histogram file {path!r}: it is not a numpy .npz file") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UsageError(f"Histogram file {path!r} holds a single array; save p_a and/or p_b with numpy.savez")
     pa = tuple(data["p_a"].tolist()) if "p_a" in data else None
     pb = tuple(data["p_b"].tolist()) if "p_b" in data else None
     if pa is None and pb is None:
@@ -138,18 +145,25 @@ def run(args: argparse.Namespace) -> int:
     _check_output(args)
     if args.model is not None:
         return _run_network(args, config)
+    network_only = [_flag(name) for name in _NETWORK_FIELDS if getattr(args, name) is not None]
+    if args.no_verify:
+        network_only.append("--no-verify")
+    if network_only:
+        raise UsageError(f"{', '.join(network_only)} only apply to the network-aware mode: add --model or drop "
+                         f"{'them' if len(network_only) > 1 else 'it'}")
     if args.report < 1:
         raise UsageError(f"--report must be at least 1, not {args.report}")
     start = args.start
-    if args.width and (args.width_a or args.width_b):
+    widths = (args.width, args.width_a, args.width_b)
+    if args.width is not None and (args.width_a is not None or args.width_b is not None):
         raise UsageError("Give --width or --width-a/--width-b, not both")
-    if start is not None and (args.width or args.width_a or args.width_b):
+    if start is not None and any(w is not None for w in widths):
         raise UsageError("--width, --width-a and --width-b set the default seed's widths; the seed circuit "
                          f"{start!r} has its own: drop them")
     if start is None:
-        wa = args.width_a or args.width
-        wb = args.width_b or args.width
-        if not wa or not wb:
+        wa = args.width_a if args.width_a is not None else args.width
+        wb = args.width_b if args.width_b is not None else args.width
+        if wa is None or wb is None:
             raise UsageError("Give a seed circuit (START) or --width (or --width-a and --width-b)")
         start = f"exact:width_a={wa},width_b={wb},signed={'true' if args.signed else 'false'}"
     genome, seed_name = seed_genome(start, signed=args.signed)
@@ -201,6 +215,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def network_values(args: argparse.Namespace) -> dict:
+    """The network-aware options as given, the config's defaults where they were not."""
+    return {name: getattr(args, name) if getattr(args, name) is not None else field_default(NetworkExploreConfig, name)
+            for name in _NETWORK_FIELDS}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 #: Files by which an output directory holds an explore run (plain or network-aware).
 _RUN_FILES = ("checkpoint.json", "front.json", "network.json", "search/checkpoint.json")
 
@@ -249,7 +273,7 @@ def _run_network(args: argparse.Namespace, config) -> int:
     """``--model``: the network-aware mode (:func:`appmult.flows.explore.run_network_explore`)."""
     from ..errors import UsageError
     from ..flows.explore import run_network_explore
-    if args.start is not None or args.width_a or args.width_b or args.signed:
+    if args.start is not None or args.width_a is not None or args.width_b is not None or args.signed:
         raise UsageError("--model searches from the exact unsigned multiplier of --width; "
                          "drop START, --width-a/--width-b and --signed")
     if args.hist is not None:
@@ -257,14 +281,11 @@ def _run_network(args: argparse.Namespace, config) -> int:
     if args.bounds == "family":
         raise UsageError("--bounds family is not available with --model (the family front depends on the "
                          "histograms); give the bounds")
-    cfg = NetworkExploreConfig(out=args.output, search=config, model=args.model, dataset=args.dataset,
-                               width=args.width or 8, target_accuracy=args.target_accuracy,
-                               max_drop=args.max_drop, pretrain_epochs=args.pretrain_epochs, epochs=args.epochs,
-                               grad=args.grad, seed=args.seed, sweep=not args.no_sweep,
-                               family_starts=args.family_starts, greedy_starts=args.greedy_starts,
-                               shortlist=args.shortlist, family_shortlist=args.family_shortlist,
-                               neighbours=args.neighbours, verify=not args.no_verify,
-                               progress=not args.quiet)
+    cfg = NetworkExploreConfig(out=args.output, search=config, model=args.model,
+                               width=args.width if args.width is not None else 8, seed=args.seed,
+                               sweep=not args.no_sweep, family_starts=args.family_starts,
+                               greedy_starts=args.greedy_starts, verify=not args.no_verify,
+                               progress=not args.quiet, **network_values(args))
     _clear_run(args)
     res = run_network_explore(cfg)
     print(f"exact-quantized {res['exact_quantized_accuracy']:.2f}%, exact retrained "

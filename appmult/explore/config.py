@@ -30,6 +30,12 @@ __all__ = ["COST_FIGURES", "DEFAULT_BOUNDS", "ERROR_METRICS", "ExploreConfig", "
 
 #: Error objectives a search can bound.
 ERROR_METRICS = ("mae", "mre", "wce", "mse", "er")
+
+#: Error figures that are a share of the operand pairs in %, so never above 100.
+PERCENT_OF_PAIRS = ("er",)
+
+#: Most children per generation: each holds a simulation buffer (about 2.6 MB at 8x8).
+MAX_LAM = 256
 #: Default error bounds (a geometric sweep) per objective; ``mse`` has none (give bounds).
 DEFAULT_BOUNDS = {
     "mae": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
@@ -124,6 +130,9 @@ class ExploreConfig:
                 raise ConfigError(f"Error bounds must be non-negative numbers, not {self.bounds!r}")
             if list(bounds) != sorted(set(bounds)):
                 raise ConfigError(f"Error bounds must be strictly increasing, not {list(bounds)!r}")
+            if self.error in PERCENT_OF_PAIRS and bounds[-1] > 100:
+                raise ConfigError(f"{self.error} bounds are percentages of the operand pairs, at most 100, "
+                                  f"not {bounds[-1]!r}")
             object.__setattr__(self, "bounds", tuple(float(b) for b in bounds))
         cons = []
         for item in self.constraints:
@@ -134,6 +143,9 @@ class ExploreConfig:
                 raise ConfigError(f"Unknown constraint metric {metric!r}; choose one of {', '.join(ERROR_METRICS)}")
             if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit < 0:
                 raise ConfigError(f"Constraint max_{metric} must be a non-negative number, not {limit!r}")
+            if metric in PERCENT_OF_PAIRS and limit > 100:
+                raise ConfigError(f"Constraint max_{metric} is a percentage of the operand pairs, at most 100, "
+                                  f"not {limit!r}")
             cons.append((metric, float(limit)))
         if len({m for m, _ in cons}) != len(cons):
             raise ConfigError(f"A metric is constrained twice: {self.constraints!r}")
@@ -147,6 +159,9 @@ class ExploreConfig:
                     or not math.isfinite(self.budget_s) or self.budget_s <= 0):
                 raise ConfigError(f"budget_s must be a positive number of seconds, not {self.budget_s!r}")
         _positive_int("lam", self.lam)
+        if self.lam > MAX_LAM:
+            raise ConfigError(f"lam (children per generation) must be at most {MAX_LAM}, not {self.lam}: each "
+                              "child holds a simulation buffer")
         _positive_int("max_mutations", self.max_mutations)
         _positive_int("checkpoint_every", self.checkpoint_every)
         _positive_int("samples", self.samples, 64)

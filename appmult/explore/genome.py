@@ -257,21 +257,29 @@ def seed_genome(source: str, *, signed: bool | None = None) -> tuple[Genome, str
         source: a multiplier spec (``exact:width=8``), a circuit file (``.json``), or a
             user's Verilog file (``.v``/``.sv``; ports inferred as
             :meth:`appmult.sim.Netlist.from_verilog` does).
-        signed: signedness of a Verilog seed (required for one; ignored otherwise).
+        signed: signedness of a Verilog seed (required for one); for a spec or a circuit
+            file, which say it themselves, it must agree with them.
 
     Raises:
         appmult.errors.SpecError: a malformed spec.
-        appmult.errors.InvalidValueError: a Verilog seed without ``signed``.
+        appmult.errors.InvalidValueError: a Verilog seed without ``signed``, or a ``signed``
+            that contradicts the seed's own.
     """
     from pathlib import Path
 
     text = str(source)
     suffix = Path(text).suffix.lower()
-    if suffix == ".json":
-        return genome_from_circuit(load_circuit(text)), text
     if suffix in (".v", ".sv"):
         if signed is None:
             raise InvalidValueError(f"Say whether the Verilog seed {text!r} is signed (--signed or --unsigned)")
         return genome_from_netlist(Netlist.from_verilog(text, signed=signed)), text
-    mult = from_spec(text)
-    return genome_from_netlist(synthesize(mult)), mult.spec
+    if suffix == ".json":
+        genome, name = genome_from_circuit(load_circuit(text)), text
+    else:
+        mult = from_spec(text)
+        genome, name = genome_from_netlist(synthesize(mult)), mult.spec
+    if signed is not None and signed != genome.signed:
+        own = "signed" if genome.signed else "unsigned"
+        raise InvalidValueError(f"The seed {name!r} is {own}; drop --{'signed' if signed else 'unsigned'} "
+                                "(a spec or circuit file says its own signedness)")
+    return genome, name
