@@ -29,11 +29,16 @@ def echo(text: str) -> str:
 
 
 def split_items(text: str) -> list[str]:
-    """Split ``key=value,...`` at the commas outside brackets.
+    """Split ``key=value,...`` at the commas outside brackets; empty items are dropped.
 
     Raises:
         SpecError: unbalanced brackets.
     """
+    return [i.strip() for i in _split_raw(text) if i.strip()]
+
+
+def _split_raw(text: str) -> list[str]:
+    """The items of ``text`` between the commas outside brackets, empty ones included."""
     items, depth, cur = [], 0, []
     for ch in text:
         if ch == "[":
@@ -50,7 +55,7 @@ def split_items(text: str) -> list[str]:
     if depth != 0:
         raise SpecError(f"Unbalanced '[' in spec parameters {echo(text)}")
     items.append("".join(cur))
-    return [i.strip() for i in items if i.strip()]
+    return items
 
 
 def split_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
@@ -64,6 +69,8 @@ def split_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
         raise SpecError(f"A multiplier spec must be a non-empty string like 'exact:width=8', not {spec!r}")
     name, _, rest = spec.strip().partition(":")
     pairs: list[tuple[str, str]] = []
+    if rest.strip() and any(not i.strip() for i in _split_raw(rest)):
+        raise SpecError(f"Spec {echo(spec)} has an empty item (two commas in a row, or a comma at an end)")
     for item in split_items(rest):
         key, eq, value = item.partition("=")
         if not eq:

@@ -202,13 +202,115 @@ def assign_checkpoint_not_a_model(tmp):  # the message advised deleting the user
             "pretraining wrote, or leave --checkpoint out to pretrain here")
 
 
+def _explore(tmp, *extra):
+    return ["explore", *extra, "-q", "-o", str(tmp / "r"), "--evaluations", "20"]
+
+
+def explore_network_flags_without_model(tmp):  # they did nothing without --model
+    return (_explore(tmp, "--width", "4", "--epochs", "3", "--no-verify"),
+            "--epochs, --no-verify only apply to the network-aware mode: add --model or drop them")
+
+
+def explore_network_flag_equal_to_its_default(tmp):  # given at the default value: still refused
+    return (_explore(tmp, "--width", "4", "--dataset", "digits"),
+            "--dataset only apply to the network-aware mode: add --model or drop it")
+
+
+def explore_bounds_with_an_empty_item(tmp):  # '1,,2' was read as 1,2
+    return (_explore(tmp, "--width", "4", "--bounds", "1,,2"),
+            "--bounds must be comma-separated numbers (no empty item), not '1,,2'")
+
+
+def explore_error_rate_above_100(tmp):
+    return (_explore(tmp, "--width", "4", "--max-er", "200"),
+            "Constraint max_er is a percentage of the operand pairs, at most 100, not 200.0")
+
+
+def explore_error_rate_bounds_above_100(tmp):
+    return (_explore(tmp, "--width", "4", "--error", "er", "--bounds", "50,150"),
+            "er bounds are percentages of the operand pairs, at most 100, not 150.0")
+
+
+def explore_lam_huge(tmp):  # each child holds a simulation buffer: out of memory
+    return (_explore(tmp, "--width", "4", "--lam", "100000", "--budget", "10s"),
+            "lam (children per generation) must be at most 256, not 100000: each child holds a simulation buffer")
+
+
+def explore_width_zero(tmp):  # said "Give a seed circuit (START) or --width"
+    return _explore(tmp, "--width", "0"), "Operand width width_a must be an integer in 2..16, not 0"
+
+
+def explore_signed_flag_against_the_spec(tmp):  # --signed was ignored for a spec seed
+    return (_explore(tmp, "exact:width=4", "--signed"),
+            "The seed 'exact:width_a=4,width_b=4,signed=false' is unsigned; drop --signed (a spec or circuit file "
+            "says its own signedness)")
+
+
+def explore_hist_not_npz(tmp):  # numpy's allow_pickle message came through
+    (tmp / "h.txt").write_text("p_a 1 2 3\n")
+    return (_explore(tmp, "--width", "4", "--hist", str(tmp / "h.txt")),
+            f"Cannot read histogram file {str(tmp / 'h.txt')!r}: it is not a numpy .npz file")
+
+
+def explore_hist_single_array(tmp):
+    np.save(tmp / "h.npy", np.ones(16))
+    return (_explore(tmp, "--width", "4", "--hist", str(tmp / "h.npy")),
+            f"Histogram file {str(tmp / 'h.npy')!r} holds a single array; save p_a and/or p_b with numpy.savez")
+
+
+def characterize_over_a_users_report(tmp):  # a user's report.md was replaced without a word
+    (tmp / "out").mkdir()
+    (tmp / "out" / "report.md").write_text("my notes\n")
+    return (["characterize", "exact:width=4", "-o", str(tmp / "out")],
+            f"Output directory {tmp / 'out'} already holds report.md; pass --overwrite to replace the report "
+            "there, or choose another -o")
+
+
+def characterize_gradients_with_metrics_only(tmp):  # --gradients was ignored
+    return (["characterize", "exact:width=4", "-o", str(tmp / "out"), "--metrics-only", "--gradients", "ste"],
+            "--gradients needs a product LUT; --metrics-only has none: drop one of them")
+
+
+def characterize_gradients_empty_item(tmp):
+    return (["characterize", "exact:width=4", "-o", str(tmp / "out"), "--gradients", ""],
+            "--gradients must be comma-separated names (or none), not ''")
+
+
+def compare_over_a_users_json(tmp):  # a user's compare.json was replaced without a word
+    (tmp / "c").mkdir()
+    (tmp / "c" / "compare.json").write_text("{}\n")
+    return (["compare", "exact:width=4", "-q", "-o", str(tmp / "c")],
+            f"Output directory {tmp / 'c'} already holds compare.json; pass --overwrite to replace it, or choose "
+            "another -o")
+
+
+def compare_overwrite_without_output(tmp):
+    return (["compare", "exact:width=4", "-q", "--overwrite"],
+            "--overwrite replaces files in -o DIR: give -o, or drop --overwrite")
+
+
+def verify_max_pairs_zero(tmp):  # was refused by the test bench only after "simulating ..."
+    return ["verify", "exact:width=4", "--max-pairs", "0"], "--max-pairs must be at least 1, not 0"
+
+
+def spec_with_an_empty_item(tmp):  # 'width=8,,signed=true' was accepted
+    return (["export", "exact:width=8,,signed=true"],
+            "Spec 'exact:width=8,,signed=true' has an empty item (two commas in a row, or a comma at an end)")
+
+
 ROWS = [lut_is_directory, retrain_lut_is_directory, lut_gradients_not_a_list, lut_metadata_is_a_list,
         lut_header_without_width_a, lut_header_is_a_list, lut_metadata_says_4x4, lut_with_extra_member,
         export_to_directory, export_below_a_file, export_read_only,
         characterize_into_a_file, characterize_read_only, characterize_over_a_directory, compare_into_a_file,
         compare_read_only, huge_spec_item, huge_family_name, compare_unknown_cost, cost_samples_zero,
         cost_samples_huge, export_to_a_pipe, explore_checkpoint_truncated, explore_checkpoint_a_list,
-        export_to_an_empty_name, explore_width_and_width_a, explore_start_and_width, assign_checkpoint_not_a_model]
+        export_to_an_empty_name, explore_width_and_width_a, explore_start_and_width, assign_checkpoint_not_a_model,
+        explore_network_flags_without_model, explore_network_flag_equal_to_its_default,
+        explore_bounds_with_an_empty_item, explore_error_rate_above_100, explore_error_rate_bounds_above_100,
+        explore_lam_huge, explore_width_zero, explore_signed_flag_against_the_spec,
+        explore_hist_not_npz, explore_hist_single_array, characterize_over_a_users_report,
+        characterize_gradients_with_metrics_only, characterize_gradients_empty_item, compare_over_a_users_json,
+        compare_overwrite_without_output, verify_max_pairs_zero, spec_with_an_empty_item]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.__name__ for r in ROWS])
@@ -304,3 +406,51 @@ def test_explore_signed_and_unsigned_conflict(tmp_path, capsys):
         main(["explore", "--width", "4", "--signed", "--unsigned", "-o", str(tmp_path / "r"), "--evaluations", "20"])
     assert exc.value.code == 2
     assert "argument --unsigned: not allowed with argument --signed" in capsys.readouterr().err
+
+
+def test_characterize_half_window_not_a_number(tmp_path, capsys):  # said "invalid _half_window value"
+    with pytest.raises(SystemExit) as exc:
+        main(["characterize", "exact:width=4", "-o", str(tmp_path), "--half-window", "abc"])
+    assert exc.value.code == 2
+    assert "argument --half-window: give 1, 2, 4, ..., 64 or auto, not 'abc'" in capsys.readouterr().err
+
+
+def test_characterize_overwrite_replaces_only_the_report(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["characterize", "exact:width=4", "-o", str(out), "-q", "--no-plots"]
+    assert main(base) == 0
+    (out / "mine.txt").write_text("keep\n")
+    assert main(base) == 2  # a second run is refused without --overwrite
+    assert main([*base, "--overwrite", "--gradients", "none"]) == 0
+    assert (out / "mine.txt").read_text() == "keep\n"
+    from appmult.lut_gen import load
+    lut = load(out / "lut.npz")
+    assert lut.gradients == {}  # --gradients none
+    assert sorted(p.name for p in out.iterdir()) == ["lut.npz", "mine.txt", "report.json", "report.md"]
+    # the exact 4x4 table, independent of the report's own figures
+    a, b = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    assert np.array_equal(lut.product, a * b)
+
+
+def test_characterize_overwrite_drops_plots_the_new_run_leaves_out(tmp_path):
+    out = tmp_path / "out"
+    assert main(["characterize", "exact:width=4", "-o", str(out), "-q"]) == 0
+    assert (out / "error_heatmap.png").is_file()
+    assert main(["characterize", "exact:width=4", "-o", str(out), "-q", "--no-plots", "--overwrite"]) == 0
+    assert not list(out.glob("*.png"))
+
+
+def test_compare_overwrite(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(["compare", "exact:width=4", "-q", "-o", str(out)]) == 0
+    assert main(["compare", "exact:width=4", "truncated:width=4,columns=2", "-q", "-o", str(out), "--overwrite"]) == 0
+    import json
+    assert len(json.loads((out / "compare.json").read_text())) == 2
+
+
+def test_explore_seed_signedness_that_agrees_is_accepted(tmp_path):
+    from appmult.explore import seed_genome
+    genome, _ = seed_genome("exact:width=4,signed=true", signed=True)
+    assert genome.signed
+    genome, _ = seed_genome("exact:width=4", signed=False)
+    assert not genome.signed

@@ -7,6 +7,10 @@ import json
 import sys
 
 
+#: What -o DIR receives.
+_FILES = ("compare.json", "pareto.png")
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "compare", help="compare multipliers: one table of error metrics and cost, and a Pareto plot",
@@ -18,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--cost", default="transistors",
                    help="cost figure of the Pareto plot: transistors, aig_nodes, gates, depth, ... "
                         "(default transistors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace compare.json and pareto.png already in DIR (without it they are refused)")
     p.add_argument("--no-cache", action="store_true", help="ignore and do not fill the characterization cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -38,8 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"Unknown error metric {args.error!r}; choose from {', '.join(METRIC_KEYS[:12])}")
     if args.cost not in FIGURES:
         raise UsageError(f"Unknown cost figure {args.cost!r}; choose from {', '.join(FIGURES)}")
+    if args.overwrite and not args.output:
+        raise UsageError("--overwrite replaces files in -o DIR: give -o, or drop --overwrite")
     if args.output:
-        check_output_dir(args.output, files=("compare.json", "pareto.png"))
+        out = check_output_dir(args.output, files=_FILES)
+        held = [name for name in _FILES if (out / name).exists()]
+        if held and not args.overwrite:
+            raise UsageError(f"Output directory {out} already holds {held[0]}; pass --overwrite to replace it, "
+                             "or choose another -o")
     mults = [from_spec(s) for s in args.specs]  # all specs checked before any long work
     chars = []
     for m in tqdm(mults, desc="characterizing", unit="multiplier", disable=args.quiet or len(mults) < 2):

@@ -30,12 +30,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..files import check_output_dir
     from ..flows import circuit_lut
     from ..hdl import from_spec
     from ..lut_gen import load
     from ..tb import verify_multiplier
 
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise UsageError(f"--max-pairs must be at least 1, not {args.max_pairs}")
     mult = from_spec(args.spec)
     if args.build_dir:
         check_output_dir(args.build_dir, what="build directory")
