@@ -69,12 +69,12 @@ def test_plain_defaults_unchanged():
 
 
 def test_explicit_values_win():
-    cfg = RetrainConfig(lut="m.npz", recipe="date25", dataset="cifar10", epochs=2, weight_scheme="per_channel",
+    cfg = RetrainConfig(lut="m.npz", recipe="date25", dataset="cifar10", epochs=6, weight_scheme="per_channel",
                         approximate="all", calibration="batches", augment="none", milestones=[5, 1],
                         half_window="stored", trial_model="resnet8", trial_epochs=1, lr=0.01, weight_decay=1e-4,
                         batch_size=32)
     assert (cfg.epochs, cfg.weight_scheme, cfg.approximate, cfg.calibration, cfg.augment) == \
-        (2, "per_channel", "all", "batches", "none")
+        (6, "per_channel", "all", "batches", "none")
     assert (cfg.milestones, cfg.half_window, cfg.trial_model, cfg.trial_epochs) == ((1, 5), None, "resnet8", 1)
     assert (cfg.lr, cfg.weight_decay, cfg.batch_size) == (0.01, 1e-4, 32)
     assert set(cfg.given) == {"epochs", "weight_scheme", "approximate", "calibration", "augment", "milestones",

@@ -24,7 +24,8 @@ def register(sub) -> None:
                         "files that carry their cost; all of the same widths and signedness")
     opt("model", "--model", help="mlp, lenet5, resnet8, resnet20 (default %(default)s)")
     opt("dataset", "--dataset", help="digits, mnist5k, mnist, cifar10 (default %(default)s)")
-    opt("data_dir", "--data-dir", metavar="DIR", help="directory of the mnist / cifar10 files")
+    opt("data_dir", "--data-dir", metavar="DIR",
+        help="directory of the mnist / cifar10 / cifar100 files (digits and mnist5k ship with their packages)")
     opt("checkpoint", "--checkpoint", metavar="FILE", help="FP32 model from pretraining instead of pretraining here")
     opt("pretrain_epochs", "--pretrain-epochs", type=int, help="FP32 pretraining epochs (default %(default)s)")
     opt("batch_size", "--batch-size", type=int, help="batch size (default %(default)s)")
@@ -62,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     cfg = build_config(AssignConfig, args)
+    from ..flows.assign import names_lut_file
+    from ._lut_widths import check_lut_widths
+    for candidate in cfg.candidates:
+        if not names_lut_file(candidate):
+            check_lut_widths(candidate, "assignment needs one per candidate")
     results = run_assign(cfg)
     if cfg.progress:
         plan = results["plan"]

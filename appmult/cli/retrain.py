@@ -32,14 +32,16 @@ def register(sub) -> None:
         help="mlp, lenet5, resnet8, resnet20, vgg19_bn, resnet18, resnet34, resnet50, or torchvision:NAME "
              "(default %(default)s)")
     opt("dataset", "--dataset", help="digits, mnist5k, mnist, cifar10, cifar100 (default %(default)s)")
-    opt("data_dir", "--data-dir", metavar="DIR", help="directory of the mnist / cifar10 / cifar100 files")
+    opt("data_dir", "--data-dir", metavar="DIR",
+        help="directory of the mnist / cifar10 / cifar100 files (digits and mnist5k ship with their packages)")
     opt("epochs", "--epochs", type=int, help="retraining epochs per mode (default 3; date25: 30)")
     opt("pretrain_epochs", "--pretrain-epochs", type=int, help="FP32 pretraining epochs (default %(default)s)")
     opt("batch_size", "--batch-size", type=int, help="global batch size (default 64)")
     opt("lr", "--lr", type=float, help="Adam learning rate (default 0.001)")
     opt("weight_decay", "--weight-decay", type=float, help="Adam weight decay of the retraining (default 0)")
     opt("milestones", "--milestones", type=int, nargs="+", metavar="EPOCH",
-        help="epochs after which the learning rate is halved (default 1/3 and 2/3 of the run; date25: 10 20)")
+        help="epochs after which the learning rate is halved, each below --epochs "
+             "(default 1/3 and 2/3 of the run; date25: 10 20)")
     opt("weight_scheme", "--weight-scheme", choices=("per_channel", "per_tensor"),
         help="weight scales (activations are per tensor) (default per_channel; date25: per_tensor)")
     opt("approximate", "--approximate", choices=("all", "conv"),
@@ -54,6 +56,25 @@ def register(sub) -> None:
              "on CIFAR)")
     _add_run_options(opt)
     p.set_defaults(func=run)
+
+
+def _check_resumable(out: str) -> None:
+    """``--resume`` needs a run in ``out`` (as ``appmult explore --resume`` does); without one the
+    run would quietly start afresh. A path that is not a directory is left to the run's own check.
+
+    Raises:
+        appmult.errors.UsageError: ``out`` holds no retraining run.
+    """
+    from pathlib import Path
+
+    from ..errors import UsageError
+    from ..flows.retrain_mode import existing_run
+    from ..flows.retrain_results import RESULT_FILES
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        return
+    if not path.is_dir() or not existing_run(path, finished=(path / RESULT_FILES[0]).is_file()):
+        raise UsageError(f"Cannot resume: no retraining run in {path}; leave out --resume to start one")
 
 
 def _add_run_options(opt) -> None:
@@ -80,7 +101,8 @@ def _add_run_options(opt) -> None:
     opt("simulated_error", "--simulated-error", action="store_true",
         help="also train with simulated error (exact products plus per-product noise of the "
              "LUT's mean relative error; Hammad et al.), evaluated on the real LUT")
-    opt("mre", "--mre", type=float, metavar="X", help="MRE (fraction) for --simulated-error (default: the LUT's)")
+    opt("mre", "--mre", type=float, metavar="X",
+        help="MRE of --simulated-error as a fraction in 0..1, e.g. 0.05 (default: the LUT's)")
     opt("noise_operands", "--noise-operands", choices=("codes", "values"),
         help="products the simulated error applies to: the multiplier's operand codes or the "
              "zero-point-corrected values x*w (default %(default)s)")
@@ -103,6 +125,11 @@ def _add_run_options(opt) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..flows import results_markdown, run_retrain
     cfg = build_config(RetrainConfig, args)
+    if cfg.spec is not None:
+        from ._lut_widths import check_lut_widths
+        check_lut_widths(cfg.spec, "retraining needs one")
+    if cfg.resume:
+        _check_resumable(cfg.out)
     results = run_retrain(cfg)
     main_rank = os.environ.get("RANK", "0") == "0"
     if cfg.progress and main_rank:

