@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ..errors import InvalidTypeError, InvalidValueError
 from .autograd import _autocast_off
@@ -112,8 +112,12 @@ def _computes_exactly(method):
     (``torch.nn.utils.parametrize``) runs it with the parametrizations' values cached: the
     layer reads its weight in several places a forward (checks, the weight cache's key, the
     plans), and each read of a parametrized weight would compute it again."""
+    called = method.__name__ == "forward"  # through ``__call__``, which runs the forward pre-hooks
+
     @functools.wraps(method)
     def wrapper(self, x, *args, **kwargs):
+        if not called and self._forward_pre_hooks:
+            _refresh_pruned(self, x)
         if "parametrizations" in self._modules:
             with parametrize.cached():
                 return _run_exactly(method, self, x, args, kwargs)
@@ -122,9 +126,24 @@ def _computes_exactly(method):
 
 
 def _run_exactly(method, layer, x, args, kwargs):
-    layer._check_input_device(x)
-    with _autocast_off(x.device.type):
+    # Autocast goes off before the checks: they read the weight, and a parametrized one is
+    # computed (a matmul for ``orthogonal``) and cached for the whole call at that first read.
+    with _autocast_off(x.device.type if isinstance(x, torch.Tensor) else "cpu"):
+        layer._check_input_device(x)
         return method(layer, x, *args, **kwargs)
+
+
+def _refresh_pruned(layer, x) -> None:
+    """Recompute a pruned weight (``torch.nn.utils.prune``) as the next forward would.
+
+    Pruning keeps ``weight = weight_orig * weight_mask`` as a plain attribute that its forward
+    pre-hook refreshes; :meth:`int_forward`, :meth:`quantize` and :meth:`operands` are not
+    called through ``__call__``, so after an optimizer step they would read the weight of the
+    previous forward.
+    """
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            hook(layer, (x,))
 
 
 class _ApproxMixin:
