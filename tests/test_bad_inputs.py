@@ -233,7 +233,7 @@ def explore_error_rate_bounds_above_100(tmp):
 
 def explore_lam_huge(tmp):  # each child holds a simulation buffer: out of memory
     return (_explore(tmp, "--width", "4", "--lam", "100000", "--budget", "10s"),
-            "lam (children per generation) must be at most 256, not 100000: each child holds a simulation buffer")
+            "lam (children per generation) must be at most 64, not 100000: each child holds a simulation buffer")
 
 
 def explore_width_zero(tmp):  # said "Give a seed circuit (START) or --width"

@@ -34,8 +34,10 @@ ERROR_METRICS = ("mae", "mre", "wce", "mse", "er")
 #: Error figures that are a share of the operand pairs in %, so never above 100.
 PERCENT_OF_PAIRS = ("er",)
 
-#: Most children per generation: each holds a simulation buffer (about 2.6 MB at 8x8).
-MAX_LAM = 256
+#: Most children per generation: each holds a simulation buffer of every gate's values over
+#: one chunk of vectors (about 2.6 MB at 8x8, 64 MB at 10x10), so 64 children stay within a
+#: few GB; CGP's usual lambda is 4 to a few tens.
+MAX_LAM = 64
 #: Default error bounds (a geometric sweep) per objective; ``mse`` has none (give bounds).
 DEFAULT_BOUNDS = {
     "mae": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
