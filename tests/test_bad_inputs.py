@@ -258,6 +258,18 @@ def explore_hist_single_array(tmp):
             f"Histogram file {str(tmp / 'h.npy')!r} holds a single array; save p_a and/or p_b with numpy.savez")
 
 
+def explore_verilog_product_too_wide(tmp):  # said "Genome arrays do not match: tt, src and out disagree"
+    (tmp / "m.v").write_text("module m(input [3:0] a, input [3:0] b, output [8:0] p);\n  assign p = a * b;\n"
+                             "endmodule\n")
+    return (_explore(tmp, str(tmp / "m.v"), "--unsigned", "--no-sweep"),
+            "Module 'm' has a 9-bit product port 'p'; a 4x4 multiplier ('a' x 'b') has 8 product bits")
+
+
+def explore_verilog_without_a_module(tmp):  # said "Cannot tell the top module among ; pass top="
+    (tmp / "m.v").write_text("// nothing here\n")
+    return (_explore(tmp, str(tmp / "m.v"), "--unsigned", "--no-sweep"), f"{str(tmp / 'm.v')!r} defines no module")
+
+
 def characterize_over_a_users_report(tmp):  # a user's report.md was replaced without a word
     (tmp / "out").mkdir()
     (tmp / "out" / "report.md").write_text("my notes\n")
@@ -308,7 +320,8 @@ ROWS = [lut_is_directory, retrain_lut_is_directory, lut_gradients_not_a_list, lu
         explore_network_flags_without_model, explore_network_flag_equal_to_its_default,
         explore_bounds_with_an_empty_item, explore_error_rate_above_100, explore_error_rate_bounds_above_100,
         explore_lam_huge, explore_width_zero, explore_signed_flag_against_the_spec,
-        explore_hist_not_npz, explore_hist_single_array, characterize_over_a_users_report,
+        explore_hist_not_npz, explore_hist_single_array, explore_verilog_product_too_wide,
+        explore_verilog_without_a_module, characterize_over_a_users_report,
         characterize_gradients_with_metrics_only, characterize_gradients_empty_item, compare_over_a_users_json,
         compare_overwrite_without_output, verify_max_pairs_zero, spec_with_an_empty_item]
 
@@ -454,3 +467,12 @@ def test_explore_seed_signedness_that_agrees_is_accepted(tmp_path):
     assert genome.signed
     genome, _ = seed_genome("exact:width=4", signed=False)
     assert not genome.signed
+
+
+def test_explore_verilog_seed_says_what_was_inferred(tmp_path, capsys):
+    # The README says what was inferred from a Verilog seed is reported; it was only logged.
+    (tmp_path / "m.v").write_text("module m(input [3:0] x, input [3:0] y, output [7:0] z);\n  assign z = x * y;\n"
+                                  "endmodule\n")
+    assert main(_explore(tmp_path, str(tmp_path / "m.v"), "--unsigned", "--no-sweep")) == 0
+    assert ("took operand a = 'x' (4 bits), operand b = 'y' (4 bits) and product p = 'z' (8 bits)"
+            in capsys.readouterr().err)

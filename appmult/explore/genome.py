@@ -214,9 +214,16 @@ def genome_from_netlist(netlist) -> Genome:
 
     Only the gates that reach the product are kept, in topological order; buffers
     become aliases.
+
+    Raises:
+        appmult.errors.InvalidValueError: a product port not ``width_a + width_b`` bits wide.
     """
     bits = netlist.port_bits
     wa, wb = netlist.width_a, netlist.width_b
+    if netlist.width_p != wa + wb:
+        a, b, p = netlist.ports
+        raise InvalidValueError(f"Module {netlist.top!r} has a {netlist.width_p}-bit product port {p!r}; a "
+                                f"{wa}x{wb} multiplier ({a!r} x {b!r}) has {wa + wb} product bits")
     node: dict[Any, int] = {"0": 0, "1": 1}
     for i, net in enumerate(bits["a"]):
         node.setdefault(net, 2 + i)
@@ -272,7 +279,8 @@ def seed_genome(source: str, *, signed: bool | None = None) -> tuple[Genome, str
     if suffix in (".v", ".sv"):
         if signed is None:
             raise InvalidValueError(f"Say whether the Verilog seed {text!r} is signed (--signed or --unsigned)")
-        return genome_from_netlist(Netlist.from_verilog(text, signed=signed)), text
+        netlist = Netlist.from_verilog(text, signed=signed)
+        return genome_from_netlist(netlist), f"{text} ({netlist.inferred})" if netlist.inferred else text
     if suffix == ".json":
         genome, name = genome_from_circuit(load_circuit(text)), text
     else:

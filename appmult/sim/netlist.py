@@ -221,6 +221,8 @@ class Netlist:
             raise YosysError(f"Yosys could not synthesize {str(path)!r}: {message}") from None
         netlist_json = out["netlist.json"].decode("utf-8")
         if top is None:
+            if not json.loads(netlist_json)["modules"]:
+                raise NetlistError(f"{str(path)!r} defines no module")
             top = _json_top(netlist_json)
             _check_single_top(path, top, out["modules_read.txt"], out["modules_kept.txt"])
         net = cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
