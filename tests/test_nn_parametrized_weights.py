@@ -217,14 +217,26 @@ class Reshaped(nn.Module):
         return self.inner(w.flatten(1)).view_as(w)
 
 
+def prune_as(layer, how: str) -> None:
+    if how in ("l1", "twice"):
+        prune.l1_unstructured(layer, "weight", amount=0.5)
+    if how == "twice":  # a PruningContainer
+        prune.random_unstructured(layer, "weight", amount=0.3)
+    if how == "bias":
+        prune.l1_unstructured(layer, "weight", amount=0.3)
+        prune.l1_unstructured(layer, "bias", amount=0.5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("method", ["int_forward", "quantize", "operands"])
-def test_pruned_weight_after_an_optimizer_step(kind, method):
+@pytest.mark.parametrize("how", ["l1", "twice", "bias"])
+def test_pruned_weight_after_an_optimizer_step(kind, method, how):
     # Pruning refreshes `weight = weight_orig * weight_mask` in a forward pre-hook; the methods
     # below are not called through __call__ and read the previous forward's weight (an RTL
     # check right after training compared the pre-step weights, on both sides).
     computed, plain, shape = layers(kind, drum_table(False))
-    prune.l1_unstructured(computed, "weight", amount=0.5)
+    torch.manual_seed(5)
+    prune_as(computed, how)
     gen = torch.Generator().manual_seed(4)
     x = torch.relu(torch.randn(*shape, generator=gen))
     opt = torch.optim.SGD(computed.parameters(), lr=0.5)
@@ -235,7 +247,7 @@ def test_pruned_weight_after_an_optimizer_step(kind, method):
     plain.eval()
     with torch.no_grad():
         plain.weight.copy_(computed.weight_orig * computed.weight_mask)  # what the next forward uses
-        plain.bias.copy_(computed.bias)
+        plain.bias.copy_(computed.bias_orig * computed.bias_mask if how == "bias" else computed.bias)
         plain.act_quant.load_state_dict(computed.act_quant.state_dict())
         got, want = getattr(computed, method)(x), getattr(plain, method)(x)
     if method == "int_forward":
@@ -244,3 +256,32 @@ def test_pruned_weight_after_an_optimizer_step(kind, method):
         assert torch.equal(got.qw, want.qw) and torch.equal(got.scale_w, want.scale_w)
     else:
         assert torch.equal(got.w, want.w) and torch.equal(got.x, want.x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("how", ["prune", "parametrize"])
+@pytest.mark.parametrize("method", ["__call__", "int_forward", "quantize"])
+def test_computed_weight_under_inference_mode(kind, how, method):
+    # A weight computed under torch.inference_mode() is an inference tensor, which has no version
+    # counter: the weight cache's key raised "Inference tensors do not track version counter".
+    computed, plain, shape = layers(kind, drum_table(False))
+    if how == "prune":
+        prune.l1_unstructured(computed, "weight", amount=0.5)
+    else:
+        parametrize.register_parametrization(computed, "weight", Half())
+    with torch.no_grad():
+        plain.weight.copy_(computed.weight)
+    x = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(6)))
+    for layer in (computed, plain):
+        layer.eval()
+        with torch.no_grad():
+            layer(x)  # the observer
+    with torch.inference_mode():
+        for _ in range(2):  # a second call finds whatever the first one left
+            got, want = getattr(computed, method)(x), getattr(plain, method)(x)
+            if method == "quantize":
+                assert torch.equal(got.qw, want.qw) and torch.equal(got.qx, want.qx)
+            elif method == "int_forward":
+                assert torch.equal(got, want)
+            else:
+                assert torch.equal(bits(got), bits(want))

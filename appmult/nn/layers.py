@@ -139,7 +139,8 @@ def _refresh_pruned(layer, x) -> None:
     Pruning keeps ``weight = weight_orig * weight_mask`` as a plain attribute that its forward
     pre-hook refreshes; :meth:`int_forward`, :meth:`quantize` and :meth:`operands` are not
     called through ``__call__``, so after an optimizer step they would read the weight of the
-    previous forward.
+    previous forward. (The deprecated hook of ``torch.nn.utils.weight_norm`` is not re-run
+    here; its replacement, ``torch.nn.utils.parametrizations.weight_norm``, is always current.)
     """
     for hook in layer._forward_pre_hooks.values():
         if isinstance(hook, prune.BasePruningMethod):
@@ -246,7 +247,9 @@ class _ApproxMixin:
         """
         w, wq = self._weight_bias()[0], self._modules["weight_quant"]  # (not nn.Module's ~1 us look-ups)
         ct = torch.promote_types(w.dtype, torch.float32)  # (_compute_dtype)
-        if torch.is_grad_enabled() and w.requires_grad:
+        if (torch.is_grad_enabled() and w.requires_grad) or w.is_inference():
+            # (an inference tensor -- a pruned or parametrized weight computed under
+            # torch.inference_mode() -- has no version counter to key a cache by)
             return self._weight_codes(w, ct), None  # (a kept cache stays valid: it is checked when used)
         # the LUT tables object itself: other tables (``layer.lut = ...``) start a new cache,
         # and holding them keeps their id from being reused
@@ -272,7 +275,8 @@ class _ApproxMixin:
         """The weight-side table cache of the current forward (``None`` when not cached)."""
         c = self.__dict__.get("_wcache")
         w = self.weight
-        if c is None or (torch.is_grad_enabled() and w.requires_grad) or c["key"][:2] != (w.data_ptr(), w._version):
+        if (c is None or (torch.is_grad_enabled() and w.requires_grad) or w.is_inference()
+                or c["key"][:2] != (w.data_ptr(), w._version)):
             return None
         return c["tables"]
 
