@@ -129,3 +129,14 @@ def test_cli_refuses_a_directory_holding_a_run(tmp_path, capsys):
     # with --overwrite the run goes on to its next check (this LUT has no cost)
     assert main(["assign", str(path), "--out", str(out), "--no-progress", "--overwrite"]) == 2
     assert "appmult assign: error: LUT file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, is_file", [
+    ("m.npz", True), ("runs/m.npz", True), ("runs/lut", True), ("/abs/path/lut", True),
+    ("exact:width=8", False), ("truncated:width=8,columns=4", False),
+    ("netlist:path=run/circuits/c001.json,digest=0123456789abcdef", False),  # a spec holding a path
+    ("runs/a:b/lut", True),  # a colon after a directory: still a path
+])
+def test_names_lut_file(text, is_file):
+    from appmult.flows.assign import names_lut_file
+    assert names_lut_file(text) is is_file

@@ -213,7 +213,7 @@ def explore_network_flags_without_model(tmp):  # they did nothing without --mode
 
 def explore_network_flag_equal_to_its_default(tmp):  # given at the default value: still refused
     return (_explore(tmp, "--width", "4", "--dataset", "digits"),
-            "--dataset only apply to the network-aware mode: add --model or drop it")
+            "--dataset only applies to the network-aware mode: add --model or drop it")
 
 
 def explore_bounds_with_an_empty_item(tmp):  # '1,,2' was read as 1,2
@@ -242,8 +242,8 @@ def explore_width_zero(tmp):  # said "Give a seed circuit (START) or --width"
 
 def explore_signed_flag_against_the_spec(tmp):  # --signed was ignored for a spec seed
     return (_explore(tmp, "exact:width=4", "--signed"),
-            "The seed 'exact:width_a=4,width_b=4,signed=false' is unsigned; drop --signed (a spec or circuit file "
-            "says its own signedness)")
+            "The seed 'exact:width=4' is unsigned (exact:width_a=4,width_b=4,signed=false); for a signed search "
+            "write signed=true in the spec, or drop --signed")
 
 
 def explore_hist_not_npz(tmp):  # numpy's allow_pickle message came through
@@ -425,7 +425,8 @@ def test_characterize_half_window_not_a_number(tmp_path, capsys):  # said "inval
     with pytest.raises(SystemExit) as exc:
         main(["characterize", "exact:width=4", "-o", str(tmp_path), "--half-window", "abc"])
     assert exc.value.code == 2
-    assert "argument --half-window: give 1, 2, 4, ..., 64 or auto, not 'abc'" in capsys.readouterr().err
+    assert "argument --half-window: Half window must be one of 1, 2, 4, ..., 64 or 'auto', not 'abc'" in \
+        capsys.readouterr().err
 
 
 def test_characterize_overwrite_replaces_only_the_report(tmp_path, capsys):

@@ -173,11 +173,13 @@ def test_wide_spec_python_message():
      "truncated:width_a=8,width_b=13,signed=false,columns=4,compensate=false", "8x13"),
 ])
 def test_wide_spec_wrong(tmp_path, capsys, spec, name, size):
-    advice = f"For its error metrics, run 'appmult characterize {spec} -o DIR' (metrics only above 12 bits)"
+    advice = f"For this one's error metrics, run 'appmult characterize {spec} -o DIR' (metrics only above 12 bits)"
     capsys.readouterr()
     assert main(["retrain", "--spec", spec, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
-    assert capsys.readouterr().err == error("retrain", f"{WIDE} and retraining needs one; {name} is {size}. {advice}")
+    assert capsys.readouterr().err == error("retrain", f"{WIDE} and retraining needs one; {name} is {size}: use operands of at "
+                                                f"most 12 bits. {advice}")
     assert main(["assign", "exact:width=4", spec, "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     assert capsys.readouterr().err == error(
-        "assign", f"{WIDE} and assignment needs one per candidate; {name} is {size}. {advice}")
+        "assign", f"{WIDE} and assignment needs one per candidate; {name} is {size}: use operands of at most "
+                  f"12 bits. {advice}")
     assert not (tmp_path / "run").exists() and not (tmp_path / "a").exists()

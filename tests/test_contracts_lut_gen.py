@@ -422,6 +422,8 @@ def test_fortran_ordered_members_are_read_in_their_order(tmp_path):
     ("exact:width_a=3,width_b=3,signed=true", "signed=true"),
     ("exact:width=3,signed=false", None),                        # agrees
     ("exact:width_a=3,width_b=3,k=4", None),                     # other parameters say nothing
+    ("exact:width_a=3,width_b=3,signed=true,", "signed=true"),   # a stray comma (a spec error) still states it
+    ("exact:width_a=3,,width_b=4", "width_b=4"),
 ])
 def test_metadata_spec_claims_are_checked_one_by_one(spec, says):
     table = _noisy(3, 3, False, 0, 0)

@@ -122,6 +122,9 @@ def test_network_explore_wiring(tmp_path, monkeypatch, one_torch_thread):
     (dict(shortlist=0, family_shortlist=0), "Nothing to retrain: shortlist and family_shortlist are both 0"),
     (dict(neighbours=-1), "neighbours must be an integer of at least 0, not -1"),
     (dict(sweep=False, family_starts=True), "family_starts needs the family sweep (sweep=True)"),
+    # refused here, not by the retraining after the whole search
+    (dict(dataset="digits", data_dir="/tmp"), "Dataset 'digits' ships inside a Python package and reads no "
+                                              "--data-dir (only 'mnist', 'cifar10', 'cifar100' do); leave --data-dir out"),
 ])
 def test_network_config_wrong(kwargs, message):
     from appmult.flows.explore import NetworkExploreConfig

@@ -22,6 +22,7 @@ def check_lut_widths(spec: str, why: str) -> None:
     mult = from_spec(spec)
     if max(mult.width_a, mult.width_b) > MAX_LUT_WIDTH:
         raise UsageError(f"Full product LUTs are limited to {MAX_LUT_WIDTH}x{MAX_LUT_WIDTH} operands and {why}; "
-                         f"{mult.spec} is {mult.width_a}x{mult.width_b}. For its error metrics, run "
+                         f"{mult.spec} is {mult.width_a}x{mult.width_b}: use operands of at most {MAX_LUT_WIDTH} "
+                         f"bits. For this one's error metrics, run "
                          f"'appmult characterize {shlex.quote(spec)} -o DIR' (metrics only above "
                          f"{MAX_LUT_WIDTH} bits)")

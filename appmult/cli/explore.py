@@ -112,8 +112,10 @@ def _hist(path: str | None):
         data = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise MissingFileError(f"Histogram file {path!r} does not exist") from None
-    except (ValueError, OSError, EOFError):
+    except (ValueError, EOFError):
         raise UsageError(f"Cannot read histogram file {path!r}: it is not a numpy .npz file") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read histogram file {path!r}: {exc.strerror or exc}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise UsageError(f"Histogram file {path!r} holds a single array; save p_a and/or p_b with numpy.savez")
     pa = tuple(data["p_a"].tolist()) if "p_a" in data else None
@@ -149,8 +151,9 @@ def run(args: argparse.Namespace) -> int:
     if args.no_verify:
         network_only.append("--no-verify")
     if network_only:
-        raise UsageError(f"{', '.join(network_only)} only apply to the network-aware mode: add --model or drop "
-                         f"{'them' if len(network_only) > 1 else 'it'}")
+        many = len(network_only) > 1
+        raise UsageError(f"{', '.join(network_only)} only appl{'y' if many else 'ies'} to the network-aware mode: "
+                         f"add --model or drop {'them' if many else 'it'}")
     if args.report < 1:
         raise UsageError(f"--report must be at least 1, not {args.report}")
     start = args.start

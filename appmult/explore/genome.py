@@ -287,7 +287,10 @@ def seed_genome(source: str, *, signed: bool | None = None) -> tuple[Genome, str
         mult = from_spec(text)
         genome, name = genome_from_netlist(synthesize(mult)), mult.spec
     if signed is not None and signed != genome.signed:
-        own = "signed" if genome.signed else "unsigned"
-        raise InvalidValueError(f"The seed {name!r} is {own}; drop --{'signed' if signed else 'unsigned'} "
-                                "(a spec or circuit file says its own signedness)")
+        own, asked = ("signed", "unsigned") if genome.signed else ("unsigned", "signed")
+        article = "an" if asked == "unsigned" else "a"
+        how = (f"start from {article} {asked} circuit file" if suffix == ".json"
+               else f"write signed={str(signed).lower()} in the spec")
+        raise InvalidValueError(f"The seed {text!r} is {own} ({name}); for {article} {asked} search {how}, or "
+                                f"drop --{asked}")
     return genome, name

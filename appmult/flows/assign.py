@@ -40,9 +40,12 @@ def _exact_spec(lut: LutFile) -> str:
 
 
 def names_lut_file(source: str | os.PathLike) -> bool:
-    """Whether a candidate names a LUT file (a ``.npz`` name or a path) rather than a spec."""
+    """Whether a candidate names a LUT file rather than a spec: a ``.npz`` name, or a path
+    that does not start with a family name and a colon (``netlist:path=run/c001.json`` is a
+    spec)."""
     text = os.fspath(source)
-    return text.endswith(".npz") or os.sep in text
+    family, colon, _ = text.partition(":")
+    return text.endswith(".npz") or (os.sep in text and not (colon and family and os.sep not in family))
 
 
 def load_candidate(source: str | os.PathLike, *, figure: str = "transistors", progress: bool = False) -> Candidate:

@@ -101,6 +101,8 @@ class NetworkExploreConfig:
             raise ConfigError(f"Unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
         if self.dataset not in DATASETS:
             raise ConfigError(f"Unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        from .retrain_config import check_data_dir  # refused now, not by the retraining after the search
+        check_data_dir(ConfigError, self.dataset, self.data_dir, tuple(DATASETS))
         for name, low in (("width", 2), ("pretrain_epochs", 1), ("epochs", 1), ("batch_size", 1),
                           ("calib_batches", 1), ("record_batches", 1), ("shortlist", 0),
                           ("family_shortlist", 0), ("neighbours", 0)):

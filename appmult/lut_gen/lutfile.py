@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import InvalidValueError, MissingFileError, SpecError, UserError
 from ..files import atomic_writer
-from ..spec import convert_value, split_spec
+from ..spec import convert_value, split_items, split_spec
 
 __all__ = ["FORMAT_VERSION", "LutFile", "LutFileError", "load", "read_sha256"]
 
@@ -87,7 +87,8 @@ def _signedness(signed: bool) -> str:
 def _spec_claims(spec: str) -> dict[str, Any]:
     """Widths and signedness a spec string states explicitly (``width`` sets both widths)."""
     try:
-        _, items = split_spec(spec)
+        family, _, rest = spec.partition(":")
+        _, items = split_spec(f"{family}:{','.join(split_items(rest))}")  # a stray comma still states widths
         claims: dict[str, Any] = {}
         for key, text in items:
             if key in ("width", "width_a", "width_b"):
