@@ -202,3 +202,22 @@ def test_values_helper_consistent():
     x = exact_product(8, 8, True)
     assert x[128, 128] == 16384 and x[128, 127] == -128 * 127
     assert codes_to_values(np.array([128]), 8, True)[0] == -128
+
+
+@pytest.mark.parametrize("errors", [[1 << 33], [1 << 32, -(1 << 32)], [(1 << 61) - 3, 5, -(1 << 40)]])
+def test_errors_beyond_32_bits_are_summed_exactly(errors):
+    # A third-party circuit may have a product port up to 62 bits wide: |e|**2 and the block's
+    # sums wrapped in 64 bits (MSE and std reported as 0, or "math domain error").
+    exact = exact_product(4, 4, False)
+    product = exact.copy()
+    for k, e in enumerate(errors):
+        product.flat[17 * k + 3] += e
+    m = error_metrics(product, exact, width_a=4, width_b=4)
+    n = exact.size
+    diffs = [int(p) - int(x) for p, x in zip(product.ravel().tolist(), exact.ravel().tolist())]
+    assert m["mae"] == pytest.approx(float(Fraction(sum(abs(d) for d in diffs), n)), rel=1e-12)
+    assert m["mse"] == pytest.approx(float(Fraction(sum(d * d for d in diffs), n)), rel=1e-12)
+    mean = Fraction(sum(diffs), n)
+    var = Fraction(sum(d * d for d in diffs), n) - mean * mean
+    assert m["std"] == pytest.approx(math.sqrt(var), rel=1e-9)
+    assert m["wce"] == max(abs(d) for d in diffs)

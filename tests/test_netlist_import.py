@@ -265,3 +265,43 @@ def test_verilog_with_a_parameterized_submodule_keeps_the_automatic_top(tmp_path
     net = Netlist.from_verilog(path, signed=False)
     a, b = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
     assert np.array_equal(net.evaluate(a.ravel(), b.ravel()), (a * b).ravel())
+
+
+def test_verilog_port_named_b_declared_first_is_operand_b(tmp_path):
+    # An input called b declared before an unnamed one was taken as operand a (the LUT transposed,
+    # reported only in a log line): a port named after its role takes it before any is placed.
+    path = _write(tmp_path, "m.v", "module m(input [4:0] b, input [2:0] x, output [7:0] p);\n"
+                                   "  assign p = x * b;\nendmodule\n")
+    net = Netlist.from_verilog(path, signed=False)
+    assert net.ports == ("x", "b", "p") and (net.width_a, net.width_b) == (3, 5)
+    np.testing.assert_array_equal(net.exhaustive(), _exact(3, 5))
+    assert net.inferred == ("Module 'm': took operand a = 'x' (3 bits) from its two inputs and one output in "
+                            "declaration order")
+
+
+@pytest.mark.parametrize("body", [
+    "assign p = a[0] ? a * b : 8'bz;",                                   # tri-state for even a
+    "wire [7:0] t = a * b;\n  assign p = a[0] ? t : 8'bx;",             # x for even a
+])
+def test_verilog_x_or_z_for_some_inputs_wrong(tmp_path, body):
+    # Only an output bit that is x/z for every input was refused; synthesis picked values for
+    # the others, which the Verilog simulation does not have.
+    path = _write(tmp_path, "m.v", f"module m(input [3:0] a, input [3:0] b, output [7:0] p);\n  {body}\nendmodule\n")
+    with pytest.raises(NetlistError, match=re.escape(
+            "Module 'm' feeds x or z constants (don't-care or high impedance) into its logic ($mux): where they "
+            "reach the product the Verilog has no defined value, and synthesis would pick one. Write 0 or 1 "
+            "instead")):
+        Netlist.from_verilog(path, signed=False)
+
+
+def test_verilog_signed_ports_read_as_unsigned_wrong(tmp_path):
+    path = _write(tmp_path, "m.v", "module m(input signed [3:0] a, input signed [3:0] b, output signed [7:0] p);\n"
+                                   "  assign p = a * b;\nendmodule\n")
+    with pytest.raises(NetlistError, match=re.escape(
+            "Module 'm' declares operand ports 'a' and 'b' signed, but the multiplier is read as unsigned: pass "
+            "signed=True (--signed), or drop the signed keyword if the operands are unsigned")):
+        Netlist.from_verilog(path, signed=False)
+    net = Netlist.from_verilog(path, signed=True)
+    v = np.arange(16)
+    v = np.where(v >= 8, v - 16, v)
+    np.testing.assert_array_equal(net.exhaustive(), np.outer(v, v))  # indexed by codes, values out

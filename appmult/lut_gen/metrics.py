@@ -245,12 +245,20 @@ class MetricsAccumulator:
                 self._wcre_max1 = max(self._wcre_max1, float(rel1.max()))
             self._nonzero += int(np.count_nonzero(e))
             self._nonzero_exact += int(np.count_nonzero(nz_x))
-            self._sum_abs += int(abs_e.sum())
-            self._sum_e += int(e.sum())
-            # |e| < 2**32, so |e|**2 fits uint64; split it into 32-bit halves so the sums
-            # over a block (<= 2**22 elements) cannot overflow either.
-            sq = abs_e.astype(np.uint64) ** 2
-            self._sum_e2 += (int((sq >> np.uint64(32)).sum()) << 32) + int((sq & np.uint64(0xFFFFFFFF)).sum())
+            if e.size and int(abs_e.max()) >= 1 << 31:
+                # (a product port wider than 32 bits: |e|**2 and the block's sums would wrap in
+                # 64 bits -- reported as an MSE of 0 -- so Python's integers, slower but exact)
+                big = abs_e.astype(object)
+                self._sum_abs += int(big.sum())
+                self._sum_e += int(e.astype(object).sum())
+                self._sum_e2 += int((big * big).sum())
+            else:
+                self._sum_abs += int(abs_e.sum())
+                self._sum_e += int(e.sum())
+                # |e| < 2**31, so |e|**2 fits uint64; split it into 32-bit halves so the sums
+                # over a block (<= 2**22 elements) cannot overflow either.
+                sq = abs_e.astype(np.uint64) ** 2
+                self._sum_e2 += (int((sq >> np.uint64(32)).sum()) << 32) + int((sq & np.uint64(0xFFFFFFFF)).sum())
             self._rel_rows.append(rel.sum(axis=1))
             self._rel1_rows.append(rel1.sum(axis=1))
             return

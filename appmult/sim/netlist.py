@@ -23,8 +23,8 @@ from ..errors import InvalidTypeError, InvalidValueError
 from ..files import atomic_write_text
 from ..hdl import export_verilog
 from .bitparallel import BitParallelEvaluator, words_to_values
-from .netlist_checks import (NetlistError, check_driven, check_source_design, inference_note, read_cells,
-                             read_port_bits, resolve_ports)
+from .netlist_checks import (NetlistError, check_declared_signedness, check_driven, check_source_design,
+                             inference_note, read_cells, read_port_bits, resolve_ports)
 from .yosys import YosysError, cache_dir, cache_key, run_yosys, yosys_version
 
 __all__ = ["Netlist", "NetlistError", "synthesize"]
@@ -138,6 +138,7 @@ class Netlist:
         if len(given) != 3:
             raise InvalidValueError(f"ports must name the a, b and p ports (3 entries, None to infer), not {given!r}")
         ports, inferred_roles = resolve_ports(top, port_table, given)
+        check_declared_signedness(module, top, ports, self._signed)
         self._ports = ports
         self._bits = read_port_bits(top, port_table, ports, (width_a, width_b, width_p))
         check_driven(module, top, ports, self._bits, gate_reads, gate_drives)

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import UserError
 from .bitparallel import GATE_TYPES
 
-__all__ = ["MAX_OUTPUT_WIDTH", "NetlistError", "check_driven", "check_source_design", "inference_note",
+__all__ = ["MAX_OUTPUT_WIDTH", "NetlistError", "check_declared_signedness", "check_driven", "check_source_design", "inference_note",
            "is_sequential", "read_cells", "read_port_bits", "resolve_ports"]
 
 #: Widest product a netlist may have (the evaluator packs products into int64).
@@ -63,7 +63,12 @@ def bit_names(module: dict[str, Any], bits: list[Any]) -> list[str]:
 
 def resolve_ports(top: str, port_table: dict[str, Any],
                    given: tuple[str | None, ...]) -> tuple[tuple[str, str, str], list[str]]:
-    """Names of the a, b, p ports, and the roles whose names were inferred."""
+    """Names of the a, b, p ports, and the roles whose names were inferred.
+
+    A port called ``a``, ``b`` or ``p`` takes that role (before any other is placed: an input
+    called ``b`` declared first is still operand b); the roles left take the remaining
+    inputs and output in declaration order, and only those count as inferred.
+    """
     for name, direction in zip(given, ("input", "input", "output")):
         if name is None:
             continue
@@ -86,14 +91,31 @@ def resolve_ports(top: str, port_table: dict[str, Any],
     # Yosys lists ports in declaration order; a port literally named after its role wins.
     free = {"input": [n for n in inputs if n not in given], "output": [n for n in outputs if n not in given]}
     names = list(given)
-    roles = []
-    for k, (role, direction) in enumerate((("a", "input"), ("b", "input"), ("p", "output"))):
+    slots = (("a", "input"), ("b", "input"), ("p", "output"))
+    for k, (role, direction) in enumerate(slots):  # first the named ones: an input called b
+        if names[k] is None and role in free[direction]:  # declared first is still operand b
+            names[k] = role
+            free[direction].remove(role)
+    roles = []  # (the roles taken by position: what the note reports as inferred)
+    for k, (role, direction) in enumerate(slots):
         if names[k] is None:
-            pool = free[direction]
-            names[k] = role if role in pool else pool[0]
-            pool.remove(names[k])
+            names[k] = free[direction].pop(0)
             roles.append(role)
     return (names[0], names[1], names[2]), roles
+
+
+def check_declared_signedness(module: dict[str, Any], top: str, ports: tuple[str, str, str], signed: bool) -> None:
+    """Refuse to read operands the module declares ``signed`` as unsigned.
+
+    (The other way round is allowed: many signed multipliers, EvoApprox's among them, declare
+    plain ports and mean two's complement.)
+    """
+    netnames = module.get("netnames", {})
+    declared = [name for name in ports[:2] if netnames.get(name, {}).get("signed")]
+    if declared and not signed:
+        raise NetlistError(f"Module {top!r} declares operand port{'s' if len(declared) > 1 else ''} "
+                           f"{' and '.join(map(repr, declared))} signed, but the multiplier is read as unsigned: "
+                           "pass signed=True (--signed), or drop the signed keyword if the operands are unsigned")
 
 
 def inference_note(top: str, ports: tuple[str, str, str], roles: list[str], bits: dict[str, list[Any]],
@@ -151,7 +173,14 @@ def check_source_design(checks_json: str, top: str, product: str) -> None:
              if (bit not in driven if isinstance(bit, int) else bit not in ("0", "1"))]
     if loose:
         raise NetlistError(undriven_output_message(top, product, loose))
-    # Constants inside the logic ("x" as don't-care included) need no driver.
+    undefined = sorted({cell["type"] for cell in module.get("cells", {}).values()
+                        for port, bits in cell.get("connections", {}).items()
+                        if cell.get("port_directions", {}).get(port, "inout") != "output"
+                        and any(bit in ("x", "z") for bit in bits)})
+    if undefined:
+        raise NetlistError(f"Module {top!r} feeds x or z constants (don't-care or high impedance) into its logic "
+                           f"({', '.join(undefined)}): where they reach the product the Verilog has no defined "
+                           "value, and synthesis would pick one. Write 0 or 1 instead")
     floating = sorted({bit for bit in reads if isinstance(bit, int) and bit not in driven})
     if floating:
         raise NetlistError(f"Module {top!r} reads nets that nothing drives: "
