@@ -128,7 +128,9 @@ def _computes_exactly(method):
 def _run_exactly(method, layer, x, args, kwargs):
     # Autocast goes off before the checks: they read the weight, and a parametrized one is
     # computed (a matmul for ``orthogonal``) and cached for the whole call at that first read.
-    with _autocast_off(x.device.type if isinstance(x, torch.Tensor) else "cpu"):
+    if not isinstance(x, torch.Tensor) or x.is_meta:
+        layer._check_input_device(x)  # refused (autocast knows no 'meta' device)
+    with _autocast_off(x.device.type):
         layer._check_input_device(x)
         return method(layer, x, *args, **kwargs)
 
