@@ -279,19 +279,33 @@ def test_verilog_port_named_b_declared_first_is_operand_b(tmp_path):
                             "declaration order")
 
 
-@pytest.mark.parametrize("body", [
-    "assign p = a[0] ? a * b : 8'bz;",                                   # tri-state for even a
-    "wire [7:0] t = a * b;\n  assign p = a[0] ? t : 8'bx;",             # x for even a
+@pytest.mark.parametrize("body, message", [
+    ("assign p = a[0] ? a * b : 8'bz;",  # tri-state for even a
+     "Module 'm' feeds z (high impedance) into its logic ($mux): a multiplier's product must be 0 or 1 on every "
+     "bit for every input. Write 0 or 1 instead"),
+    ("wire [7:0] t = a * b;\n  assign p = a[0] ? t : 8'bx;",  # x for even a
+     "Module 'm' feeds x (don't-care) constants into its logic ($mux) that reach the product: for a = 0, b = 0 "
+     "(codes) it is 0 with x = 0 and 255 with x = 1, and at 127 more pairs: there the Verilog has no defined "
+     "product and synthesis would pick one. Write 0 or 1 instead"),
 ])
-def test_verilog_x_or_z_for_some_inputs_wrong(tmp_path, body):
+def test_verilog_x_or_z_for_some_inputs_wrong(tmp_path, body, message):
     # Only an output bit that is x/z for every input was refused; synthesis picked values for
     # the others, which the Verilog simulation does not have.
     path = _write(tmp_path, "m.v", f"module m(input [3:0] a, input [3:0] b, output [7:0] p);\n  {body}\nendmodule\n")
-    with pytest.raises(NetlistError, match=re.escape(
-            "Module 'm' feeds x or z constants (don't-care or high impedance) into its logic ($mux): where they "
-            "reach the product the Verilog has no defined value, and synthesis would pick one. Write 0 or 1 "
-            "instead")):
+    with pytest.raises(NetlistError, match=re.escape(message)):
         Netlist.from_verilog(path, signed=False)
+
+
+@pytest.mark.parametrize("default", ["", "    default: p = 4'bx;\n"])
+def test_verilog_truth_table_case_statement(tmp_path, default):
+    # A case over every input pair is a truth table: its x arm (no default, or an x default) is
+    # never selected. It was refused as sequential ($meminit: the checks' proc made a ROM of it).
+    rows = "".join(f"    4'd{(x << 2) | y}: p = 4'd{(x * y) ^ (x & y & 1)};\n" for x in range(4) for y in range(4))
+    path = _write(tmp_path, "m.v", "module m(input [1:0] a, input [1:0] b, output reg [3:0] p);\n"
+                                   f"  always @* case ({{a, b}})\n{rows}{default}  endcase\nendmodule\n")
+    net = Netlist.from_verilog(path, signed=False)
+    want = np.array([[(x * y) ^ (x & y & 1) for y in range(4)] for x in range(4)])
+    np.testing.assert_array_equal(net.exhaustive(), want)
 
 
 def test_verilog_signed_ports_read_as_unsigned_wrong(tmp_path):

@@ -24,7 +24,8 @@ from ..files import atomic_write_text
 from ..hdl import export_verilog
 from .bitparallel import BitParallelEvaluator, words_to_values
 from .netlist_checks import (NetlistError, check_declared_signedness, check_driven, check_source_design,
-                             inference_note, read_cells, read_port_bits, resolve_ports)
+                             inference_note, read_cells, read_port_bits, resolve_ports, undefined_inputs,
+                             x_reaching_message)
 from .yosys import YosysError, cache_dir, cache_key, run_yosys, yosys_version
 
 __all__ = ["Netlist", "NetlistError", "synthesize"]
@@ -60,7 +61,9 @@ def synthesis_script(source_format: str, top: str | None, *, source_checks: bool
     top_opt = f"-top {top}" if top else "-auto-top"
     synth_top = f" -top {top}" if top else ""
     save = ["design -save source"] if source_checks else []
-    checks = ["design -load source", "proc", "flatten", "write_json checks.json"] if source_checks else []
+    # (-norom: a case statement over the inputs is a truth table, not the ROM proc_rom would
+    # make of it, whose memory cells would read as sequential)
+    checks = ["design -load source", "proc -norom", "flatten", "write_json checks.json"] if source_checks else []
     # which modules the file defines and which the chosen top keeps: an automatic top that
     # leaves another module unused picked one of several candidates (_check_single_top)
     listed = (["tee -q -o modules_read.txt ls"], ["tee -q -o modules_kept.txt ls"]) \
@@ -228,7 +231,9 @@ class Netlist:
             _check_single_top(path, top, out["modules_read.txt"], out["modules_kept.txt"])
         net = cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
                   source_format=fmt, source_text=text, width_p=width_p)
-        check_source_design(out["checks.json"].decode("utf-8"), top, net.ports[2])
+        checks = out["checks.json"].decode("utf-8")
+        check_source_design(checks, top, net.ports[2])
+        _check_x_unreachable(net, fmt, text, json.loads(checks)["modules"][top])
         return net
 
     def to_dict(self) -> dict[str, Any]:
@@ -461,6 +466,43 @@ def _check_single_top(path: Path, top: str, read: bytes, kept: bytes) -> None:
         raise NetlistError(f"{str(path)!r} defines modules that {top!r} does not use ({', '.join(sorted(unused))}), "
                            f"so its top module is ambiguous (Yosys picked {top!r}); keep one multiplier and what it "
                            "instantiates in the file, or name the top module (top= in Python)")
+
+
+#: Widest operands for which an x constant's reach is decided by simulation (exhaustively).
+_X_CHECK_MAX_WIDTH = 12
+
+
+def _check_x_unreachable(net: Netlist, fmt: str, text: str, checks_module: dict[str, Any]) -> None:
+    """Refuse a design whose x (don't-care) constants reach the product for some input.
+
+    A case statement without a default leaves an x arm that a full case never selects, so
+    an x in the source is not wrong in itself. The design is synthesized again with every x
+    tied to 0 and to 1 (``setundef``): if the two products differ for some input pair, the
+    Verilog leaves the product undefined there and the LUT would hold a value synthesis chose.
+
+    Raises:
+        NetlistError: the products differ, or the operands are too wide to compare them all.
+    """
+    cells = undefined_inputs(checks_module, "x")
+    if not cells:
+        return
+    if max(net.width_a, net.width_b) > _X_CHECK_MAX_WIDTH:
+        raise NetlistError(x_reaching_message(net.top, cells, f"and its operands are too wide (over "
+                                              f"{_X_CHECK_MAX_WIDTH} bits) to show that they never reach the product"))
+    tables = []
+    for tie in ("-zero", "-one"):
+        script = "\n".join([f"{_READERS[fmt]} {_SOURCE_FILE[fmt]}", f"hierarchy -check -top {net.top}",
+                            "proc -norom", "flatten", f"setundef {tie}", f"synth -flatten -top {net.top}",
+                            f"abc -g {ABC_GATES}", "opt_clean -purge", "write_json netlist.json", ""])
+        tied = run_yosys(script, {_SOURCE_FILE[fmt]: text}, ("netlist.json",))["netlist.json"].decode("utf-8")
+        tables.append(Netlist(tied, top=net.top, width_a=net.width_a, width_b=net.width_b, signed=net.signed,
+                              ports=net.ports, width_p=net.width_p).exhaustive())
+    differ = np.argwhere(tables[0] != tables[1])
+    if differ.size:
+        a, b = (int(v) for v in differ[0])
+        raise NetlistError(x_reaching_message(net.top, cells, f"that reach the product: for a = {a}, b = {b} "
+                                              f"(codes) it is {tables[0][a, b]} with x = 0 and {tables[1][a, b]} "
+                                              f"with x = 1{f', and at {len(differ) - 1} more pairs' if len(differ) > 1 else ''}"))
 
 
 def _json_top(netlist_json: str) -> str:

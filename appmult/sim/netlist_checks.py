@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import UserError
 from .bitparallel import GATE_TYPES
 
-__all__ = ["MAX_OUTPUT_WIDTH", "NetlistError", "check_declared_signedness", "check_driven", "check_source_design", "inference_note",
+__all__ = ["MAX_OUTPUT_WIDTH", "NetlistError", "check_declared_signedness", "check_driven", "undefined_inputs",
+           "x_reaching_message", "check_source_design", "inference_note",
            "is_sequential", "read_cells", "read_port_bits", "resolve_ports"]
 
 #: Widest product a netlist may have (the evaluator packs products into int64).
@@ -173,19 +174,27 @@ def check_source_design(checks_json: str, top: str, product: str) -> None:
              if (bit not in driven if isinstance(bit, int) else bit not in ("0", "1"))]
     if loose:
         raise NetlistError(undriven_output_message(top, product, loose))
-    undefined = sorted({cell["type"] for cell in module.get("cells", {}).values()
-                        for port, bits in cell.get("connections", {}).items()
-                        if cell.get("port_directions", {}).get(port, "inout") != "output"
-                        and any(bit in ("x", "z") for bit in bits)})
-    if undefined:
-        raise NetlistError(f"Module {top!r} feeds x or z constants (don't-care or high impedance) into its logic "
-                           f"({', '.join(undefined)}): where they reach the product the Verilog has no defined "
-                           "value, and synthesis would pick one. Write 0 or 1 instead")
+    high_z = undefined_inputs(module, "z")
+    if high_z:
+        raise NetlistError(f"Module {top!r} feeds z (high impedance) into its logic ({', '.join(high_z)}): a "
+                           "multiplier's product must be 0 or 1 on every bit for every input. Write 0 or 1 instead")
     floating = sorted({bit for bit in reads if isinstance(bit, int) and bit not in driven})
     if floating:
         raise NetlistError(f"Module {top!r} reads nets that nothing drives: "
                            f"{list_items(bit_names(module, floating))}; an undriven net has no defined value "
                            "(synthesis would fold it away as \"don't care\"): drive it or remove it")
+
+
+def undefined_inputs(module: dict[str, Any], value: str) -> list[str]:
+    """Types of the cells of a Yosys JSON module that read the constant ``value`` (``"x"`` or ``"z"``)."""
+    return sorted({cell["type"] for cell in module.get("cells", {}).values()
+                   for port, bits in cell.get("connections", {}).items()
+                   if cell.get("port_directions", {}).get(port, "inout") != "output" and value in bits})
+
+
+def x_reaching_message(top: str, cells: list[str], why: str) -> str:
+    return (f"Module {top!r} feeds x (don't-care) constants into its logic ({', '.join(cells)}) {why}: there the "
+            "Verilog has no defined product and synthesis would pick one. Write 0 or 1 instead")
 
 
 def read_cells(module: dict[str, Any], top: str) -> tuple[list[tuple[str, dict[str, Any]]], list[Any], set[Any]]:
