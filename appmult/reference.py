@@ -24,6 +24,7 @@ __all__ = [
     "correction_term",
     "mac_correction_reference",
     "mac_reference",
+    "port_acc_width",
     "required_acc_width",
     "round_half_up_div",
 ]
@@ -89,9 +90,20 @@ def required_acc_width(lut, fan_in: int) -> int:
     if not (hasattr(lut, "product") and hasattr(lut, "signed")):
         raise InvalidTypeError(f"required_acc_width needs a LutFile or a Multiplier, not {lut!r}")
     table = np.asarray(lut.product)
-    lo, hi = int(table.min()), int(table.max())
+    return _sum_width(int(table.min()), int(table.max()), fan_in, lut.signed)
+
+
+def port_acc_width(width_p: int, signed: bool, fan_in: int) -> int:
+    """Accumulator width that holds any sum of ``fan_in`` values of a ``width_p``-bit product
+    port, whatever the circuit behind it computes (:func:`required_acc_width` trusts a LUT's
+    range instead, which a circuit under test need not keep)."""
+    lo, hi = (-(1 << (width_p - 1)), (1 << (width_p - 1)) - 1) if signed else (0, (1 << width_p) - 1)
+    return _sum_width(lo, hi, fan_in, signed)
+
+
+def _sum_width(lo: int, hi: int, fan_in: int, signed: bool) -> int:
     low, high = fan_in * min(lo, 0), fan_in * max(hi, 0)
-    if not lut.signed:
+    if not signed:
         return max(1, high.bit_length())
     # W bits hold -2**(W-1) .. 2**(W-1) - 1.
     return 1 + max(high.bit_length(), (-low - 1).bit_length() if low < 0 else 0)

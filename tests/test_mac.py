@@ -16,7 +16,7 @@ from appmult.hdl import from_spec
 from appmult.hdl.mac import MacUnit
 from appmult.reference import mac_reference
 from appmult.flows import required_acc_width
-from appmult.lut_gen import LutFile
+from appmult.lut_gen import LutFile, LutFileError
 from appmult.flows import circuit_lut
 from appmult.tb import run_mac, simulator_available, verify_mac
 from appmult.tb.stimulus import pack_lanes
@@ -333,3 +333,17 @@ def test_mac_verilator(tmp_path):
     mac = MacUnit(from_spec(spec), lanes=4, acc_width=20)
     result = verify_mac(mac, lut_of(spec), sim="verilator", build_dir=tmp_path, cycles=3000)
     assert result.passed, result.mismatches
+
+
+def test_verify_mac_refuses_a_lut_outside_the_product_range(tmp_path):
+    # An entry off by 2**acc_width wrapped to the right accumulator: a false PASS.
+    spec = "exact:width=4,signed=true"
+    product = lut_of(spec).product.astype(np.int64).copy()
+    product[3, 5] += 1 << 11
+    bad = LutFile(product, width_a=4, width_b=4, signed=True, metadata={"spec": spec})
+    mac = MacUnit(from_spec(spec), lanes=2, acc_width=11)
+    with pytest.raises(LutFileError, match=re.escape(
+            f"LUT {bad.lut_id} holds {15 + 2048} at codes a = 3, b = 5: the MAC's multiplier "
+            f"{from_spec(spec).spec} has a 8-bit product (-128..127), so the LUT is not its table (1 entries "
+            "outside)")):
+        verify_mac(mac, bad, build_dir=tmp_path, cycles=10)

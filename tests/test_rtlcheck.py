@@ -250,3 +250,27 @@ def test_retrain_cli_refuses_lut_without_circuit(tmp_path, capsys):
     assert rc == 2
     assert capsys.readouterr().err == (f"appmult retrain: error: --verify-rtl needs a LUT characterized from a "
                                        f"circuit; LUT {bare.lut_id} has no 'spec' in its metadata\n")
+
+
+@pytest.mark.simulator
+@pytest.mark.skipif(not simulator_available("icarus"), reason="Icarus Verilog is not installed")
+def test_accumulator_sized_for_the_circuit_not_only_the_lut(tmp_path):
+    # Sized from the LUT alone (a perforated table whose sums stay small), the exact circuit's sum
+    # of 8 x (-1 x -1 ... ) = 512 wrapped to 0 in the chosen accumulator and the check said "all equal".
+    lut = characterize("perforated:width=4,signed=true,rows=[1,2,3]", gradients=(), progress=False,
+                       cost=False).to_lutfile()
+    layer = ApproxLinear(8, 1, bias=False, config=ApproxConfig(lut=lut))
+    with torch.no_grad():
+        layer.weight.fill_(-1.0)
+    x = torch.full((2, 8), -1.0)
+    layer.train()
+    layer(x)
+    layer.eval()
+    exact = from_spec("exact:width=4,signed=true")
+    result = verify_layer_rtl(layer, x, multiplier=exact, build_dir=tmp_path)
+    assert not result.passed
+    ops = layer_operands(layer, x)
+    exact_lut = characterize("exact:width=4,signed=true", gradients=(), progress=False, cost=False).product
+    for c in result.checks:
+        assert c.expected == int(layer.int_forward(x)[c.position])
+        assert c.actual == int(exact_lut[ops.a[c.position], ops.b[c.position]].astype(np.int64).sum())

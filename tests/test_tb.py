@@ -282,3 +282,51 @@ def test_cli_verify_lut_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(r"appmult verify: error: LUT \w+ is 4x4 unsigned but multiplier "
                      r"exact:width_a=5,width_b=5,signed=false needs 5x5 unsigned", err)
+
+
+@icarus
+@pytest.mark.parametrize("edit", ["plus_2_to_the_wp", "raw_output_codes"])
+def test_lut_entry_outside_the_product_range_is_caught(tmp_path, edit):
+    # Compared as bit patterns, 15 + 256 passed for 3 x 5 in a signed 4x4 table, and so did a
+    # signed table stored as raw output codes (-1 as 255): a false PASS.
+    spec = "exact:width=4,signed=true"
+    good = lut_of(spec).product.astype(np.int64)
+    product = good.copy()
+    if edit == "plus_2_to_the_wp":
+        product[3, 5] += 256
+    else:
+        product &= 0xFF
+    bad = LutFile(product, width_a=4, width_b=4, signed=True, metadata={"spec": spec})
+    result = verify_multiplier(from_spec(spec), bad, build_dir=tmp_path)
+    assert not result.passed
+    want = int(np.count_nonzero(product != good))
+    assert result.mismatch_count == want and want >= 1
+    first = result.mismatches[0]
+    assert product[first.a_code, first.b_code] == first.expected
+    assert good[first.a_code, first.b_code] == first.actual  # the RTL's value: the true product
+
+
+def test_sampled_pairs_are_distinct_and_counted():
+    # Drawn with replacement, --max-pairs 65535 of 8x8 drove 41,381 distinct pairs and counted 65,535.
+    from appmult.tb.stimulus import operand_pairs
+    for wa, wb, n in [(8, 8, 65535), (8, 8, 300), (11, 11, None), (3, 5, 200)]:
+        pairs, exhaustive = operand_pairs(wa, wb, True, seed=1, max_pairs=n)
+        assert not exhaustive
+        flat = pairs[:, 0] * (1 << wb) + pairs[:, 1]
+        assert len(np.unique(flat)) == len(pairs)
+        assert (pairs[:, 0] < 1 << wa).all() and (pairs[:, 1] < 1 << wb).all() and (pairs >= 0).all()
+        if n is not None:
+            assert len(pairs) == min(n, 1 << (wa + wb))
+        ca, cb = corner_codes(wa, True), corner_codes(wb, True)
+        corners = [(int(a), int(b)) for a in ca for b in cb]
+        if len(corners) <= len(pairs):  # the corner combinations come first
+            assert set(corners) <= set(map(tuple, pairs.tolist()))
+        else:
+            assert list(map(tuple, pairs.tolist())) == corners[:len(pairs)]
+
+
+def test_sampled_summary_says_how_many_of_all():
+    from appmult.tb import VerifyResult
+    r = VerifyResult(passed=True, pairs_checked=66625, exhaustive=False, mismatch_count=0, mismatches=(),
+                     simulator="icarus", build_s=1.0, run_s=2.0, build_dir=None, pairs_total=1 << 22)
+    assert r.summary().startswith("PASS: 66625 of 4194304 pairs checked (sampled, not exhaustive) in icarus")

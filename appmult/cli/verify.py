@@ -12,8 +12,8 @@ def register(sub) -> None:
         description="Export the spec's Verilog, simulate it (cocotb with Icarus Verilog or Verilator) and "
                     "compare every product with a LUT file: the given one, or one characterized from the "
                     "circuit. Operands up to 10 bits are checked exhaustively, wider ones on corner cases "
-                    "plus a seeded random sample. Exit status 0: every product matches; 1: mismatches "
-                    "(listed); 2: error.")
+                    "plus a seeded random sample of distinct pairs (the report then says how many of all it "
+                    "checked). Exit status 0: every checked product matches; 1: mismatches (listed); 2: error.")
     p.add_argument("spec", help="multiplier spec, e.g. truncated:width=8,signed=true,columns=4")
     p.add_argument("--sim", choices=("icarus", "verilator"), default="icarus",
                    help="simulator (default icarus)")

@@ -15,7 +15,11 @@ with -- for a few output positions:
 2. Each chosen output's ``K`` pairs are cut into beats of ``lanes`` pairs, the first beat
    with ``clear``, and driven through :func:`appmult.tb.run_mac` on a
    :class:`appmult.hdl.MacUnit` of ``from_spec(lut.metadata["spec"])`` with an
-   accumulator of :func:`~appmult.reference.required_acc_width` bits (no wrap-around).
+   accumulator wide enough for any sum of the LUT's entries
+   (:func:`~appmult.reference.required_acc_width`) and of the circuit's product port
+   (:func:`~appmult.reference.port_acc_width`): no wrap-around, even where the circuit
+   computes something other than the LUT (sized by the LUT alone, a wrong circuit's sum
+   could wrap to the right value).
 3. The accumulator after each output's last beat is compared with ``int_forward``.
 
 Filling the last beat. The MAC has no per-lane enable, so when ``lanes`` does not divide
@@ -42,7 +46,7 @@ import torch
 from ..errors import InvalidTypeError, InvalidValueError, UserError
 from ..hdl import MAX_ACC_WIDTH, MacUnit, Multiplier, from_spec
 from ..nn import ApproxConv2d, ApproxLinear
-from ..reference import required_acc_width
+from ..reference import port_acc_width, required_acc_width
 from ..tb import check_simulator, run_mac
 
 __all__ = ["LayerRtlResult", "PositionCheck", "RtlCheckError", "verify_layer_rtl"]
@@ -276,7 +280,8 @@ def verify_layer_rtl(layer: ApproxConv2d | ApproxLinear, x: torch.Tensor, *,
     fa, fb = _fill_pair(product)
     fill_product = int(product[fa, fb])
     # Never narrower than one product: no wrap-around, whatever the LUT's range.
-    acc_width = max(required_acc_width(lut, beats * lanes), multiplier.width_p)
+    acc_width = max(required_acc_width(lut, beats * lanes), multiplier.width_p,
+                    port_acc_width(multiplier.width_p, multiplier.signed, beats * lanes))
     if acc_width > MAX_ACC_WIDTH:
         raise RtlCheckError(f"A sum of {beats * lanes} products needs a {acc_width}-bit accumulator; the MAC "
                             f"supports at most {MAX_ACC_WIDTH}")

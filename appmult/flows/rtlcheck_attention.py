@@ -22,7 +22,7 @@ from ..codes import values_to_codes
 from ..errors import InvalidTypeError, InvalidValueError
 from ..hdl import MacUnit, Multiplier, from_spec
 from ..nn import LutAttention
-from ..reference import required_acc_width
+from ..reference import port_acc_width, required_acc_width
 from ..tb import check_simulator, run_mac
 from .rtlcheck import RtlCheckError, _fill_pair
 
@@ -92,7 +92,8 @@ def verify_attention_rtl(attention: LutAttention, query: torch.Tensor, key: torc
     fill = beats * lanes - width
     product = lut.product.astype(np.int64)
     fa, fb = _fill_pair(product)
-    acc_width = max(required_acc_width(lut, beats * lanes), multiplier.width_p)
+    acc_width = max(required_acc_width(lut, beats * lanes), multiplier.width_p,
+                    port_acc_width(multiplier.width_p, multiplier.signed, beats * lanes))
     a_rows, b_rows = [], []
     for b, i, j in entries:
         qc = values_to_codes(qv[b, i], tabs.width_x, tabs.signed)

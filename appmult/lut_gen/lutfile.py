@@ -309,11 +309,17 @@ class LutFile:
                 h.update(arr.astype("<f4", copy=False).tobytes())
         return h.hexdigest()
 
-    def check_compatible(self, *, width_a: int, width_b: int, signed: bool, what: str = "the layer") -> None:
+    def check_compatible(self, *, width_a: int, width_b: int, signed: bool, what: str = "the layer",
+                         width_p: int | None = None) -> None:
         """Raise a clear error unless this LUT fits operands of these widths and signedness.
 
+        Args:
+            width_p: the product port's width, if the LUT must describe hardware with one:
+                every entry must then be a value of that many bits (two's complement when
+                signed); a wider one is no product that port can carry.
+
         Raises:
-            LutFileError: widths or signedness differ.
+            LutFileError: widths or signedness differ, or an entry does not fit ``width_p``.
         """
         have = (self._wa, self._wb, self._signed)
         want = (width_a, width_b, signed)
@@ -321,6 +327,14 @@ class LutFile:
             def fmt(t):
                 return f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}"
             raise LutFileError(f"LUT {self.lut_id} is {fmt(have)} but {what} needs {fmt(want)}")
+        if width_p is not None:
+            lo, hi = (-(1 << (width_p - 1)), (1 << (width_p - 1)) - 1) if signed else (0, (1 << width_p) - 1)
+            outside = np.argwhere((self._product < lo) | (self._product > hi))
+            if outside.size:
+                a, b = (int(v) for v in outside[0])
+                raise LutFileError(f"LUT {self.lut_id} holds {int(self._product[a, b])} at codes a = {a}, b = {b}: "
+                                   f"{what} has a {width_p}-bit product ({lo}..{hi}), so the LUT is not its "
+                                   f"table ({len(outside)} entries outside)")
 
     def __repr__(self) -> str:
         fam = self._metadata.get("spec") or self._metadata.get("family", "?")

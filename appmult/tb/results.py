@@ -56,6 +56,7 @@ class VerifyResult:
         build_dir: where the Verilog, logs and JSON result are.
         build_cpu_s: CPU seconds of the compiler processes (stable on a loaded machine).
         run_cpu_s: CPU seconds of the simulator process.
+        pairs_total: every input pair, ``2**(width_a + width_b)`` (None: not recorded).
     """
 
     passed: bool
@@ -69,12 +70,14 @@ class VerifyResult:
     build_dir: str | None
     build_cpu_s: float = 0.0
     run_cpu_s: float = 0.0
+    pairs_total: int | None = None
 
     def summary(self) -> str:
-        """One line: verdict, pairs checked, simulator and times."""
-        kind = "exhaustive" if self.exhaustive else "sampled"
+        """One line: verdict, pairs checked (of how many, when not every one), simulator and times."""
+        of = f" of {self.pairs_total}" if self.pairs_total and not self.exhaustive else ""
+        kind = "exhaustive" if self.exhaustive else "sampled, not exhaustive"
         verdict = "PASS" if self.passed else f"FAIL ({self.mismatch_count} mismatching pairs)"
-        return (f"{verdict}: {self.pairs_checked} pairs checked ({kind}) in {self.simulator}, "
+        return (f"{verdict}: {self.pairs_checked}{of} pairs checked ({kind}) in {self.simulator}, "
                 f"build {self.build_s:.2f} s, run {self.run_s:.2f} s")
 
     def report(self) -> str:

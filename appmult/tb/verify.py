@@ -175,7 +175,8 @@ def verify_multiplier(design, lut: LutFile | str | os.PathLike, *, sim: str = "i
                             mismatches=tuple(Mismatch(**m) for m in result["mismatches"]),
                             simulator=sim, build_s=build_s, run_s=run_s,
                             build_dir=str(bdir) if keep else None,
-                            build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"])
+                            build_cpu_s=result["build_cpu_s"], run_cpu_s=result["run_cpu_s"],
+                            pairs_total=1 << (table.width_a + table.width_b))
 
 
 # -- MAC --------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def verify_mac(mac, lut: LutFile | str | os.PathLike, *, sim: str = "icarus",
     table = _load_lut(lut)
     mult = mac.multiplier
     table.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
-                           what=f"the MAC's multiplier {mult.spec}")
+                           what=f"the MAC's multiplier {mult.spec}", width_p=mult.width_p)
     st = None if stimulus is None else mac_stimulus(mac, stimulus)
     want = _expected_accumulators(expected, st)
     return _simulate_mac(mac, lut=table, stimulus=st, expected=want, sim=sim, build_dir=build_dir, seed=seed,
@@ -363,7 +364,7 @@ def run_mac_correction(mac, lut: LutFile, stimulus: dict[str, np.ndarray], *, si
     check_simulator(sim)
     mult = mac.multiplier
     lut.check_compatible(width_a=mult.width_a, width_b=mult.width_b, signed=mult.signed,
-                         what=f"the MAC's multiplier {mult.spec}")
+                         what=f"the MAC's multiplier {mult.spec}", width_p=mult.width_p)
     st = mac_correction_stimulus(mac, stimulus)
     with _build_directory(build_dir) as (bdir, keep):
         dut = bdir / f"{name}.v"
