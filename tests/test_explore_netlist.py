@@ -50,6 +50,11 @@ def test_netlist_family_wrong(tmp_path):
             f"Circuit {str(path)!r} has digest {circuit_digest(circuit)[:16]}, not '0123456789abcdef': "
             "the file changed since the spec was written")):
         from_spec(f"netlist:path={path},digest=0123456789abcdef")
+    full = circuit_digest(circuit)
+    with pytest.raises(InvalidValueError, match=exact(  # a true prefix, too short: not "the file changed"
+            f"Netlist digest {full[:7]!r} is too short: give at least 8 hex digits of {full[:16]} (the circuit's "
+            "digest)")):
+        from_spec(f"netlist:path={path},digest={full[:7]}")
     with pytest.raises(InvalidValueError, match=exact(f"Circuit {str(path)!r} has width_a=3, not 4")):
         from_spec(f"netlist:path={path},width=4")
     with pytest.raises(InvalidValueError, match=exact(f"Circuit {str(path)!r} has signed=False, not True")):

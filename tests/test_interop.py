@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -99,3 +101,21 @@ def test_characterize_third_party_verilog(tmp_path, monkeypatch):
     lut = c.to_lutfile()
     assert lut.metadata["family"] == "netlist:verilog" and lut.metadata["sha256_netlist"] == c.sha256_netlist
     assert set(lut.gradients) == {"ste", "lut2d", "lut1d"}
+
+
+def test_listing_empty_wrong(tmp_path):  # said "must have three integers per line, not 1"
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=re.escape(
+            f"Listing {tmp_path / 'empty.txt'} is empty: it must hold one line 'a b product' per operand pair")):
+        read_listing(tmp_path / "empty.txt", 2, 2, True)
+
+
+def test_uint64_beyond_int64_wrong(tmp_path):
+    # 2**64 - 1 became -1 (and passed TorchApprox's int16 check).
+    table = exact_product(8, 8, False).astype(np.uint64)
+    table[1, 1] = np.iinfo(np.uint64).max
+    message = re.escape("Product table holds 18446744073709551615, beyond the int64 range the formats carry")
+    with pytest.raises(ValueError, match=message):
+        to_torchapprox(table, signed=False)
+    with pytest.raises(ValueError, match=message):
+        write_listing(tmp_path / "l.txt", table, 8, 8, False)

@@ -196,7 +196,10 @@ class NetlistMultiplier(Multiplier):
         data = load_circuit(path)
         canon = check_circuit(data, repr(str(path)))
         full = circuit_digest(data)
-        if digest is not None and (len(digest) < 8 or not full.startswith(digest.lower())):
+        if digest is not None and len(digest) < 8:
+            raise InvalidValueError(f"Netlist digest {digest!r} is too short: give at least 8 hex digits of "
+                                    f"{full[:DIGEST_CHARS]} (the circuit's digest)")
+        if digest is not None and not full.startswith(digest.lower()):
             raise InvalidValueError(f"Circuit {str(path)!r} has digest {full[:DIGEST_CHARS]}, not {digest!r}: "
                                     "the file changed since the spec was written")
         given = {"width_a": width_a if width_a is not None else width,

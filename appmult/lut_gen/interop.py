@@ -1,7 +1,9 @@
 """Product LUTs in other tools' formats, and third-party Verilog netlists.
 
 * Plain-text listing, one pair per line: ``a b product`` (decimal, whitespace
-  separated), as the public LUT-2D retraining code reads it. ``a`` and ``b`` are
+  separated; ``#`` starts a comment), as the public LUT-2D retraining code reads it.
+  Products are any integers: a table need not come from a circuit (``appmult verify``
+  checks one against a circuit's product port). ``a`` and ``b`` are
   operand *values* by default (``operands="values"``: signed operands appear as
   ``-128 .. 127``); ``operands="codes"`` writes the raw bit patterns ``0 .. 2**w - 1``
   instead. The product is always a value. Lines run ``a`` outer, ``b`` inner, in the
@@ -49,6 +51,8 @@ def _check(product, width_a: int, width_b: int) -> np.ndarray:
     if p.shape != shape:
         raise InvalidValueError(f"Product table shape {p.shape} does not match widths {width_a}x{width_b} "
                          f"(expected {shape})")
+    if p.dtype == np.uint64 and p.size and int(p.max()) > np.iinfo(np.int64).max:
+        raise InvalidValueError(f"Product table holds {int(p.max())}, beyond the int64 range the formats carry")
     return p.astype(np.int64, copy=False)
 
 
@@ -112,6 +116,8 @@ def read_listing(path: str | os.PathLike, width_a: int, width_b: int, signed: bo
         data = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as exc:
         raise InvalidValueError(f"Listing {path} is not lines of three integers 'a b product': {exc}") from None
+    if data.size == 0:
+        raise InvalidValueError(f"Listing {path} is empty: it must hold one line 'a b product' per operand pair")
     if data.shape[1:] != (3,):
         raise InvalidValueError(f"Listing {path} must have three integers per line, not {data.shape[1]}")
     if operands == "values":
