@@ -330,3 +330,14 @@ def test_sampled_summary_says_how_many_of_all():
     r = VerifyResult(passed=True, pairs_checked=66625, exhaustive=False, mismatch_count=0, mismatches=(),
                      simulator="icarus", build_s=1.0, run_s=2.0, build_dir=None, pairs_total=1 << 22)
     assert r.summary().startswith("PASS: 66625 of 4194304 pairs checked (sampled, not exhaustive) in icarus")
+
+
+def test_sample_holding_every_pair_is_exhaustive_and_wide_samples_stay_small():
+    from appmult.tb.stimulus import operand_pairs
+    pairs, exhaustive = operand_pairs(11, 4, False, seed=0, max_pairs=None)  # corners + 65,536 > 2**15 pairs
+    assert exhaustive and len(pairs) == 1 << 15
+    assert len(np.unique(pairs[:, 0] * 16 + pairs[:, 1])) == 1 << 15
+    # 16x16: Generator.choice(2**32, replace=False) built the whole population (32 GiB) for large samples
+    pairs, exhaustive = operand_pairs(16, 16, True, seed=2, max_pairs=300_000)
+    assert not exhaustive and len(pairs) == 300_000
+    assert len(np.unique(pairs[:, 0] * (1 << 16) + pairs[:, 1])) == 300_000

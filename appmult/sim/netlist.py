@@ -46,6 +46,14 @@ _SOURCE_FILE = {"rtlil": "design.il", "verilog": "design.v", "blif": "design.bli
 _log = logging.getLogger(__name__)
 
 
+#: ``proc`` for the source checks and the x ties: without ``proc_rom`` (a case statement over
+#: the inputs is a truth table, not a ROM, whose memory cells would read as sequential).
+PROC_CHECKS = "proc -norom"
+
+#: Seconds Yosys gets to prove two ties of a wide design's x constants equivalent.
+X_PROOF_TIMEOUT_S = 30
+
+
 def synthesis_script(source_format: str, top: str | None, *, source_checks: bool = False) -> str:
     """The Yosys script that turns a design into the gate netlist ``netlist.json``.
 
@@ -61,9 +69,7 @@ def synthesis_script(source_format: str, top: str | None, *, source_checks: bool
     top_opt = f"-top {top}" if top else "-auto-top"
     synth_top = f" -top {top}" if top else ""
     save = ["design -save source"] if source_checks else []
-    # (-norom: a case statement over the inputs is a truth table, not the ROM proc_rom would
-    # make of it, whose memory cells would read as sequential)
-    checks = ["design -load source", "proc -norom", "flatten", "write_json checks.json"] if source_checks else []
+    checks = ["design -load source", PROC_CHECKS, "flatten", "write_json checks.json"] if source_checks else []
     # which modules the file defines and which the chosen top keeps: an automatic top that
     # leaves another module unused picked one of several candidates (_check_single_top)
     listed = (["tee -q -o modules_read.txt ls"], ["tee -q -o modules_kept.txt ls"]) \
@@ -468,41 +474,86 @@ def _check_single_top(path: Path, top: str, read: bytes, kept: bytes) -> None:
                            "instantiates in the file, or name the top module (top= in Python)")
 
 
-#: Widest operands for which an x constant's reach is decided by simulation (exhaustively).
+#: Widest operands for which an x constant's reach is checked by simulation (exhaustively).
 _X_CHECK_MAX_WIDTH = 12
+
+#: How the x constants are tied in the comparison: all 0, all 1, and bit by bit at random
+#: (``setundef -random``: independent values, so x sources that cancel when tied alike --
+#: ``u ^ w`` with both x -- still show).
+_X_TIES = ("-zero", "-one", "-random 1", "-random 2", "-random 3", "-random 4")
 
 
 def _check_x_unreachable(net: Netlist, fmt: str, text: str, checks_module: dict[str, Any]) -> None:
     """Refuse a design whose x (don't-care) constants reach the product for some input.
 
-    A case statement without a default leaves an x arm that a full case never selects, so
-    an x in the source is not wrong in itself. The design is synthesized again with every x
-    tied to 0 and to 1 (``setundef``): if the two products differ for some input pair, the
-    Verilog leaves the product undefined there and the LUT would hold a value synthesis chose.
+    A case statement without a default leaves an x arm that a full case never selects (Yosys
+    makes one even for a full case's default), so an x in the source is not wrong in itself.
+    The design is synthesized again with its x constants tied in each of :data:`_X_TIES`;
+    the products must not differ: on every input pair up to :data:`_X_CHECK_MAX_WIDTH`-bit
+    operands, above that by the gate netlists being identical or by a formal equivalence
+    proof (Yosys ``equiv_simple``/``equiv_induct``; one it cannot find is a refusal). (Ties
+    are a test, not a proof: x sources that cancel under every one of them would pass. Only
+    x *constants* are looked for: an x made while the circuit runs, such as an out-of-range
+    bit select, is not.)
 
     Raises:
-        NetlistError: the products differ, or the operands are too wide to compare them all.
+        NetlistError: the products differ, or could not be shown equal.
     """
     cells = undefined_inputs(checks_module, "x")
     if not cells:
         return
+    source = {_SOURCE_FILE[fmt]: text}
     if max(net.width_a, net.width_b) > _X_CHECK_MAX_WIDTH:
-        raise NetlistError(x_reaching_message(net.top, cells, f"and its operands are too wide (over "
-                                              f"{_X_CHECK_MAX_WIDTH} bits) to show that they never reach the product"))
+        first = None
+        for tie in _X_TIES:
+            tied = run_yosys("\n".join([*_tied_synthesis(fmt, net.top, tie), "write_json netlist.json", ""]), source,
+                             ("netlist.json",))["netlist.json"]
+            gates = json.dumps(json.loads(tied)["modules"][net.top]["cells"], sort_keys=True)
+            if first is None:
+                first = gates
+            elif gates != first and not _proved_equal(fmt, net.top, source, _X_TIES[0], tie):
+                raise NetlistError(
+                    f"Module {net.top!r} feeds x (don't-care) constants into its logic ({', '.join(cells)}) that reach "
+                    f"the product, or could not be shown not to: with x tied as 'setundef {_X_TIES[0]}' and as "
+                    f"'setundef {tie}' the circuits differ and no proof that they compute the same was found in "
+                    f"{X_PROOF_TIMEOUT_S} s ({net.width_a}x{net.width_b} is too wide to compare every pair). A case "
+                    "statement without a live default arm makes such x (Yosys drops the default of a full case): "
+                    "write its last arm as the default, and 0 or 1 for any x")
+        return
     tables = []
-    for tie in ("-zero", "-one"):
-        script = "\n".join([f"{_READERS[fmt]} {_SOURCE_FILE[fmt]}", f"hierarchy -check -top {net.top}",
-                            "proc -norom", "flatten", f"setundef {tie}", f"synth -flatten -top {net.top}",
-                            f"abc -g {ABC_GATES}", "opt_clean -purge", "write_json netlist.json", ""])
-        tied = run_yosys(script, {_SOURCE_FILE[fmt]: text}, ("netlist.json",))["netlist.json"].decode("utf-8")
+    for tie in _X_TIES:
+        tied = run_yosys("\n".join([*_tied_synthesis(fmt, net.top, tie), "write_json netlist.json", ""]), source,
+                         ("netlist.json",))["netlist.json"].decode("utf-8")
         tables.append(Netlist(tied, top=net.top, width_a=net.width_a, width_b=net.width_b, signed=net.signed,
                               ports=net.ports, width_p=net.width_p).exhaustive())
-    differ = np.argwhere(tables[0] != tables[1])
-    if differ.size:
-        a, b = (int(v) for v in differ[0])
-        raise NetlistError(x_reaching_message(net.top, cells, f"that reach the product: for a = {a}, b = {b} "
-                                              f"(codes) it is {tables[0][a, b]} with x = 0 and {tables[1][a, b]} "
-                                              f"with x = 1{f', and at {len(differ) - 1} more pairs' if len(differ) > 1 else ''}"))
+        differ = np.argwhere(tables[0] != tables[-1])
+        if differ.size:
+            a, b = (int(v) for v in differ[0])
+            more = f", and at {len(differ) - 1} more pairs" if len(differ) > 1 else ""
+            raise NetlistError(x_reaching_message(
+                net.top, cells, f"that reach the product: for a = {a}, b = {b} (codes) it is {tables[0][a, b]} with "
+                                f"x tied as 'setundef {_X_TIES[0]}' and {tables[-1][a, b]} as 'setundef {tie}'{more}"))
+
+
+def _tied_synthesis(fmt: str, top: str, tie: str) -> list[str]:
+    """Yosys commands: the design synthesized as :func:`synthesis_script` does, x tied by ``setundef tie``."""
+    return [f"{_READERS[fmt]} {_SOURCE_FILE[fmt]}", f"hierarchy -check -top {top}", PROC_CHECKS, "flatten",
+            f"setundef {tie}", f"synth -flatten -top {top}", f"abc -g {ABC_GATES}", "opt_clean -purge"]
+
+
+def _proved_equal(fmt: str, top: str, source: dict[str, str], tie_a: str, tie_b: str) -> bool:
+    """Whether Yosys proves the design with x tied as ``tie_a`` equivalent to it tied as ``tie_b``."""
+    lines = []
+    for tie, name in ((tie_a, "gold"), (tie_b, "gate")):
+        lines += ["design -reset", *_tied_synthesis(fmt, top, tie), f"rename {top} {name}", f"design -stash {name}"]
+    lines += ["design -copy-from gold -as gold gold", "design -copy-from gate -as gate gate",
+              "equiv_make gold gate equiv", "hierarchy -top equiv", "equiv_simple", "equiv_induct",
+              "equiv_status -assert", ""]
+    try:
+        run_yosys("\n".join(lines), source, (), timeout=X_PROOF_TIMEOUT_S)
+    except YosysError:  # unproven, or no proof within the time
+        return False
+    return True
 
 
 def _json_top(netlist_json: str) -> str:

@@ -92,17 +92,21 @@ def _first_error(text: str) -> str:
     return "no ERROR line in the log"
 
 
-def _run_uncached(script: str, files: dict[str, bytes], outputs: tuple[str, ...]) -> dict[str, bytes]:
+def _run_uncached(script: str, files: dict[str, bytes], outputs: tuple[str, ...],
+                  timeout: float | None = None) -> dict[str, bytes]:
     """Run Yosys once in a fresh temporary directory (no cache)."""
     with tempfile.TemporaryDirectory(prefix="appmult-yosys-") as tmp:
         workdir = Path(tmp)
         for name, data in files.items():
             (workdir / name).write_bytes(data)
         (workdir / "script.ys").write_text(script, encoding="utf-8")
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, "-q", "-l", "yosys.log", "-s", "script.ys"],
-            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD, "-q", "-l", "yosys.log", "-s", "script.ys"],
+                cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            raise YosysError(f"Yosys did not finish within {timeout} s") from None
         log_path = workdir / "yosys.log"
         log = log_path.read_text("utf-8", errors="replace") if log_path.exists() else ""
         if proc.returncode != 0:
@@ -122,7 +126,7 @@ def _run_uncached(script: str, files: dict[str, bytes], outputs: tuple[str, ...]
 
 
 def run_yosys(script: str, files: dict[str, bytes | str], outputs: tuple[str, ...] | list[str] = (),
-              *, cache: bool = True) -> dict[str, bytes]:
+              *, cache: bool = True, timeout: float | None = None) -> dict[str, bytes]:
     """Run a Yosys script on in-memory input files and return the requested output files.
 
     Args:
@@ -131,6 +135,7 @@ def run_yosys(script: str, files: dict[str, bytes | str], outputs: tuple[str, ..
         files: input files, name -> contents (``str`` is written as UTF-8).
         outputs: names of the files the script writes that should be returned.
         cache: look the result up in (and store it into) the on-disk cache.
+        timeout: seconds before Yosys is stopped (a :class:`YosysError`); ``None``: no limit.
 
     Returns:
         Output name -> contents, plus ``"yosys.log"`` (the Yosys log of the run that
@@ -146,7 +151,7 @@ def run_yosys(script: str, files: dict[str, bytes | str], outputs: tuple[str, ..
     for name in (*blobs, *outputs):
         _check_name(name)
     if not cache:
-        return _run_uncached(script, blobs, outputs)
+        return _run_uncached(script, blobs, outputs, timeout)
     parts: list[bytes | str] = [f"appmult-yosys-cache-{_CACHE_FORMAT}", yosys_version(), script]
     for name in sorted(blobs):
         parts += [name, blobs[name]]
@@ -156,7 +161,7 @@ def run_yosys(script: str, files: dict[str, bytes | str], outputs: tuple[str, ..
     hit = load_cache_entry(path)
     if hit is not None and all(name in hit for name in outputs):
         return hit
-    result = _run_uncached(script, blobs, outputs)
+    result = _run_uncached(script, blobs, outputs, timeout)
     store_cache_entry(path, result)
     return result
 

@@ -92,14 +92,32 @@ def operand_pairs(width_a: int, width_b: int, signed: bool, *, seed: int,
     n_random = min(n_random, total - len(flat))
     # distinct pairs, none a corner: drawn with replacement, --max-pairs 65535 of 8x8 checked
     # only 63% of the pairs it counted, and one wrong pair was reported three times
-    rng = np.random.default_rng(seed)
-    rand = rng.choice(total, size=min(total, n_random + len(flat)), replace=False)
-    rand = rand[~np.isin(rand, flat)][:n_random]
+    rand = _distinct_sample(np.random.default_rng(seed), total, n_random, flat)
     both = np.concatenate([flat, rand])
     pairs = np.stack([both >> width_b, both & ((1 << width_b) - 1)], axis=1).astype(np.int64)
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
-    return pairs, False
+    return pairs, len(pairs) == total  # (a sample that holds every pair is exhaustive)
+
+
+def _distinct_sample(rng: np.random.Generator, total: int, n: int, exclude: np.ndarray) -> np.ndarray:
+    """``n`` distinct integers of ``0 .. total-1`` not in ``exclude``, in drawing order (seeded).
+
+    Drawn with replacement in rounds and de-duplicated, so the memory follows ``n``, not
+    ``total`` (``Generator.choice(total, replace=False)`` builds the whole population when
+    ``n`` is a sizeable share of it: 32 GiB for 16x16); a dense request is a permutation.
+    """
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    if 4 * (n + len(exclude)) >= total:
+        picked = rng.permutation(total)
+        return picked[~np.isin(picked, exclude)][:n].astype(np.int64)
+    chosen = np.empty(0, dtype=np.int64)
+    while len(chosen) < n:
+        draw = np.concatenate([chosen, rng.integers(0, total, size=2 * (n - len(chosen)) + 16, dtype=np.int64)])
+        draw = draw[~np.isin(draw, exclude)]
+        chosen = draw[np.sort(np.unique(draw, return_index=True)[1])]
+    return chosen[:n]
 
 
 # -- MAC beats --------------------------------------------------------------------------------
