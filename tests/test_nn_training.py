@@ -241,7 +241,8 @@ def test_plot_history_wrong(tmp_path):
 
 def test_pretrain_fp32_caches(tmp_path, monkeypatch):
     first = pretrain_fp32("mlp", "digits", 1, seed=0, out_dir=tmp_path, progress=False)
-    stem = "mlp-digits-e1-bs64-lr0.001-s0"
+    from appmult.train import data_digest, make_loaders
+    stem = f"mlp-digits-{data_digest(make_loaders('digits', 64, 0))[:12]}-e1-bs64-lr0.001-s0"
     assert first.path == tmp_path / f"{stem}.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.json", f"{stem}.png",
                                                           f"{stem}.pt"]
@@ -263,3 +264,19 @@ def test_load_pretrained_wrong(tmp_path):
     with pytest.raises(CheckpointError, match=exact(
             f"Pretrained model {path} is corrupt or not a torch file; delete it to retrain")):
         load_pretrained(path)
+
+
+def test_pretrain_fp32_cache_follows_the_data(tmp_path, monkeypatch):
+    # The cache name held the data set's name only: a data_dir of other files reused this model.
+    import appmult.train.pretraining as pretraining
+    real = pretraining.make_loaders
+    first = pretrain_fp32("mlp", "digits", 1, seed=0, out_dir=tmp_path, progress=False)
+
+    def other_data(*args, **kwargs):  # the same name, other content: one label changed
+        loaders = real(*args, **kwargs)
+        loaders.train.dataset.labels[0] = (loaders.train.dataset.labels[0] + 1) % 10
+        return loaders
+
+    monkeypatch.setattr(pretraining, "make_loaders", other_data)
+    second = pretrain_fp32("mlp", "digits", 1, seed=0, out_dir=tmp_path, progress=False)
+    assert second.path != first.path and second.path.exists() and first.path.exists()

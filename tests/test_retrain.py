@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from conftest import exact
@@ -378,3 +379,33 @@ def test_value_products_carry_less_noise_than_codes(lut_path):
     assert 0 < spread["values"] < 0.7 * spread["codes"]
     with pytest.raises(ValueError, match=exact("Simulated-error operands must be 'codes' or 'values', not 'bits'")):
         attach_simulated_error(model, SimulatedError(0.1), operands="bits")
+
+
+def test_resume_refuses_other_data(lut_path, pretrained_dir, tmp_path, monkeypatch):
+    # Only the data set's name was recorded: a resume on another data_dir (or changed files) trained
+    # epoch 1 on one data set and epoch 2 on the other, and reported the second.
+    import appmult.flows.retrain as retrain_flow
+    out = tmp_path / "run"
+    run_retrain(config(lut_path, pretrained_dir, out, epochs=1))
+    real = retrain_flow.make_loaders
+
+    def other_data(*args, **kwargs):
+        loaders = real(*args, **kwargs)
+        loaders.test.dataset.labels[0] = (loaders.test.dataset.labels[0] + 1) % 10
+        return loaders
+
+    monkeypatch.setattr(retrain_flow, "make_loaders", other_data)
+    with pytest.raises(RetrainError, match=r"^.*modes/ste holds another run \(data_sha256: '[0-9a-f]{64}' != "
+                                           r"'[0-9a-f]{64}'\)"):
+        run_retrain(config(lut_path, pretrained_dir, out, epochs=1, resume=True))
+
+
+def test_resume_refuses_a_checkpoint_without_its_run_description(lut_path, pretrained_dir, tmp_path):
+    # A last.pt alone (copied, or its run.json deleted) was resumed under any settings.
+    out = tmp_path / "run"
+    run_retrain(config(lut_path, pretrained_dir, out, epochs=1))
+    (out / "modes" / "ste" / "run.json").unlink()
+    with pytest.raises(RetrainError, match=re.escape(
+            f"{out / 'modes' / 'ste'} holds a checkpoint (last.pt) but no run.json, so which settings made it cannot "
+            "be checked; replace the run with --overwrite instead of --resume, or use another --out")):
+        run_retrain(config(lut_path, pretrained_dir, out, epochs=1, lr=0.01, resume=True))

@@ -97,7 +97,9 @@ def mode_identity(cfg: RetrainConfig, mode: str, lut: LutFile, fp32_info: dict, 
     """What one mode's training depends on (``run.json``); a resumed run must match it.
 
     Files are identified by content, never by path: the LUT by its content hash, the FP32
-    model by :func:`~appmult.flows.state_digest` (``fp32_info["sha256"]``).
+    model by :func:`~appmult.flows.state_digest` (``fp32_info["sha256"]``), the data by
+    :func:`~appmult.train.data_digest` (``fp32_info["data_sha256"]``: a ``data_dir`` whose
+    files changed, or another one, is another run).
     """
     return {"mode": mode, "lut_sha256": lut.sha256, "half_window": half_window, "model": cfg.model,
             "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
@@ -106,7 +108,8 @@ def mode_identity(cfg: RetrainConfig, mode: str, lut: LutFile, fp32_info: dict, 
             "weight_scheme": cfg.weight_scheme, "approximate": cfg.approximate, "calibration": cfg.calibration,
             "augment": cfg.augment,
             "noise_operands": cfg.noise_operands if mode == SIMULATED_ERROR_MODE else None,
-            "fp32_sha256": fp32_info["sha256"], "calib_batches": cfg.calib_batches}
+            "fp32_sha256": fp32_info["sha256"], "data_sha256": fp32_info["data_sha256"],
+            "calib_batches": cfg.calib_batches}
 
 
 def _read_json(path: Path) -> Any:
@@ -120,6 +123,10 @@ def _read_json(path: Path) -> Any:
 def _check_resumable(mode_dir: Path, identity: dict[str, Any]) -> None:
     path = mode_dir / _RUN_FILE
     if not path.is_file():
+        if (mode_dir / CHECKPOINT_NAME).exists():  # (a checkpoint alone says not what made it)
+            raise RetrainError(f"{mode_dir} holds a checkpoint ({CHECKPOINT_NAME}) but no {_RUN_FILE}, so which "
+                               "settings made it cannot be checked; replace the run with --overwrite instead of "
+                               "--resume, or use another --out")
         return
     theirs = _read_json(path)
     if not isinstance(theirs, dict):

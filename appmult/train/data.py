@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -44,9 +45,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import InvalidValueError, MissingFileError, UserError
+from ..errors import InvalidTypeError, InvalidValueError, MissingFileError, UserError
 
 __all__ = [
+    "data_digest",
     "DATASETS",
     "DatasetFormatError",
     "DatasetInfo",
@@ -624,3 +626,24 @@ def make_loaders(name: str, batch_size: int, seed: int = 0,
     test_loader = DataLoader(test, batch_size=test_batch_size or max(batch_size, 256),
                              shuffle=False, num_workers=num_workers)
     return Loaders(train_loader, test_loader, info)
+
+
+def data_digest(loaders: Loaders) -> str:
+    """SHA-256 of the data behind a :func:`make_loaders` result: both splits' images and labels.
+
+    A data set's name does not say which files a ``data_dir`` held: a run resumed on other
+    files, or an FP32 model cached for other data, must be told apart by content.
+
+    Raises:
+        TypeError: a loader whose dataset is not an :class:`ImageDataset`.
+    """
+    h = hashlib.sha256(b"appmult-data-1")
+    for split, loader in (("train", loaders.train), ("test", loaders.test)):
+        ds = loader.dataset
+        if not isinstance(ds, ImageDataset):
+            raise InvalidTypeError(f"data_digest needs ImageDataset loaders, not {type(ds).__name__}")
+        for name, t in (("images", ds.images), ("labels", ds.labels)):
+            a = np.ascontiguousarray(t.detach().cpu().numpy())
+            h.update(f"{split}:{name}:{a.dtype.str}:{a.shape}:{ds.scale}:{ds.normalize}".encode())
+            h.update(a.data)
+    return h.hexdigest()

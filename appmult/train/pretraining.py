@@ -16,7 +16,7 @@ from ..errors import MissingFileError
 from ..files import atomic_write_text
 from . import training
 from .checkpoints import PRETRAINED_FORMAT, CheckpointError, load_sealed, save_torch
-from .data import DatasetInfo, make_loaders
+from .data import DatasetInfo, data_digest, make_loaders
 from .models import build_model
 
 __all__ = ["Pretrained", "load_pretrained", "pretrain_fp32"]
@@ -97,11 +97,12 @@ def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
     """
 
     out_dir = Path(out_dir)
-    stem = f"{model_name}-{dataset}-e{epochs}-bs{batch_size}-lr{lr:g}-s{seed}"
+    loaders = make_loaders(dataset, batch_size, seed, data_dir)
+    # the data by content: a data_dir of other files must not find this one's model (nor resume its checkpoint)
+    stem = f"{model_name}-{dataset}-{data_digest(loaders)[:12]}-e{epochs}-bs{batch_size}-lr{lr:g}-s{seed}"
     path = out_dir / f"{stem}.pt"
     if path.exists():
         return load_pretrained(path)
-    loaders = make_loaders(dataset, batch_size, seed, data_dir)
     training.seed_everything(seed)
     model = build_model(model_name, loaders.info)
     # Looked up on the module at call time, so a test can replace the loop.
