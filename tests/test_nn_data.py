@@ -428,3 +428,17 @@ def test_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_mnist_idx_huge_dimensions_wrong(tmp_path):
+    # Dimensions whose product passes 2**63 wrapped in numpy's int64 product: a traceback.
+    write_mnist(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    data = bytearray(path.read_bytes())
+    data[4:16] = b"".join((0xFFFFFFFF).to_bytes(4, "big") for _ in range(3))
+    path.write_bytes(bytes(data))
+    size = 0xFFFFFFFF ** 3
+    with pytest.raises(DatasetFormatError, match=re.escape(
+            f"IDX file {path} is truncated: dimensions 4294967295 x 4294967295 x 4294967295 need {size} data "
+            f"bytes, found {5 * 28 * 28}")):
+        load_mnist_idx(tmp_path, "train")

@@ -359,7 +359,9 @@ def _parse_idx(path: Path, *, ndim: int) -> np.ndarray:
         raise DatasetFormatError(f"IDX file {path} is truncated: {len(data)} bytes, "
                                  f"shorter than its {header}-byte header")
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(dims, dtype=np.int64))
+    size = 1
+    for d in dims:  # (Python integers: numpy's int64 product wraps for huge dimensions)
+        size *= d
     body = len(data) - header
     if body < size:
         raise DatasetFormatError(f"IDX file {path} is truncated: dimensions "
