@@ -341,3 +341,17 @@ def test_sample_holding_every_pair_is_exhaustive_and_wide_samples_stay_small():
     pairs, exhaustive = operand_pairs(16, 16, True, seed=2, max_pairs=300_000)
     assert not exhaustive and len(pairs) == 300_000
     assert len(np.unique(pairs[:, 0] * (1 << 16) + pairs[:, 1])) == 300_000
+
+
+@icarus
+def test_x_lane_leaves_the_other_lanes_of_its_word_known(tmp_path):
+    # One lane's x made the whole packed word read as 0: the other lanes of that batch were
+    # listed as mismatches with RTL 0 (and one whose LUT entry is 0 could hide).
+    verilog = ("module xm(input [3:0] a, input [3:0] b, output [7:0] p);\n"
+               "  assign p = (a == 4'd5 && b == 4'd3) ? 8'bx : a * b;\nendmodule\n")
+    a, b = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    lut = LutFile(a * b, width_a=4, width_b=4, signed=False, metadata={"spec": "x at 5 x 3"})
+    result = verify_multiplier(verilog, lut, build_dir=tmp_path, lanes=16)
+    assert not result.passed and result.mismatch_count == 1
+    (m,) = result.mismatches
+    assert (m.a_code, m.b_code, m.expected, m.actual, m.actual_bits.lower()) == (5, 3, 15, None, "xxxxxxxx")

@@ -39,11 +39,13 @@ def _resolve(values: list, lanes: int, width: int) -> tuple[np.ndarray, dict[int
         if v.is_resolvable:
             continue
         s = str(v)  # MSB first: lane lanes-1 comes first
-        for lane in range(lanes):
+        for lane in range(lanes):  # each lane on its own: the others of the word are still known
             bits = s[len(s) - (lane + 1) * width: len(s) - lane * width]
             if any(c not in "01" for c in bits):
                 unresolved[k * lanes + lane] = bits
                 codes[k * lanes + lane] = -1
+            else:
+                codes[k * lanes + lane] = int(bits, 2)
     return codes, unresolved
 
 
