@@ -442,3 +442,34 @@ def test_mnist_idx_huge_dimensions_wrong(tmp_path):
             f"IDX file {path} is truncated: dimensions 4294967295 x 4294967295 x 4294967295 need {size} data "
             f"bytes, found {5 * 28 * 28}")):
         load_mnist_idx(tmp_path, "train")
+
+
+def test_mnist_raw_and_gz_both_wrong(tmp_path):
+    # Both spellings with different contents: the raw one was read without a word.
+    write_mnist(tmp_path, seed=0)
+    write_mnist(tmp_path, seed=1, gz=True)
+    with pytest.raises(DatasetFormatError, match=exact(
+            f"{tmp_path} holds train-images-idx3-ubyte and train-images-idx3-ubyte.gz: keep one of them")):
+        load_mnist_idx(tmp_path, "train")
+
+
+def test_cifar_batches_at_both_levels_wrong(tmp_path):
+    # Batches at the top level and in cifar-10-batches-py/: the nested ones were read without a word.
+    write_cifar(tmp_path, n=2)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    write_cifar(tmp_path / "cifar-10-batches-py", n=3)
+    with pytest.raises(DatasetFormatError, match=exact(
+            f"{tmp_path} holds data_batch_1 and a cifar-10-batches-py directory with the batches: keep one of them")):
+        load_cifar10(tmp_path, "test")
+
+
+def test_cifar_batch_with_trailing_bytes_wrong(tmp_path):
+    # A second pickle after the first: only the first (2 of 5 images) was read.
+    write_cifar(tmp_path, n=2)
+    more, _, _ = cifar_batch(3, seed=9)
+    path = tmp_path / "test_batch"
+    extra = official_pickle(more)
+    path.write_bytes(path.read_bytes() + extra)
+    with pytest.raises(DatasetFormatError, match=exact(
+            f"{path} has {len(extra)} bytes after its CIFAR-10 batch; a batch file holds one pickle")):
+        load_cifar10(tmp_path, "test")

@@ -17,7 +17,8 @@ def _half_window(text: str):
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"Half window must be one of 1, 2, 4, ..., 64 or 'auto', not {text!r}") from None
+        raise argparse.ArgumentTypeError(f"Half window must be one of 1, 2, 4, ..., 64 or 'auto', "
+                                         f"not {text!r}") from None
 
 
 #: Gradient tables stored by default.

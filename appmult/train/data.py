@@ -336,9 +336,11 @@ def _find_idx(directory: Path, stem: str, kind: str) -> Path:
     # The files circulate as "train-images-idx3-ubyte" (LeCun's site) and as
     # "train-images.idx3-ubyte" (some mirrors); either may be gzipped.
     names = [f"{stem}-{kind}", f"{stem}-{kind}.gz", f"{stem}.{kind}", f"{stem}.{kind}.gz"]
-    for name in names:
-        if (directory / name).is_file():
-            return directory / name
+    found = [directory / name for name in names if (directory / name).is_file()]
+    if len(found) > 1:  # (they may hold different data: which one was read would be a guess)
+        raise DatasetFormatError(f"{directory} holds {' and '.join(p.name for p in found)}: keep one of them")
+    if found:
+        return found[0]
     raise MissingFileError(f"No {stem}-{kind}[.gz] in {directory}")
 
 
@@ -463,6 +465,15 @@ class _CifarUnpickler(pickle.Unpickler):
                                  f"lists, bytes, str and int are allowed)")
 
 
+def _check_one_copy(directory: Path, nested: str, names: tuple[str, ...]) -> None:
+    """Refuse batch files both in ``directory`` and in its ``nested`` directory (two copies, maybe
+    of different data: which one was read would be a guess)."""
+    both = [name for name in names if (directory / name).is_file()]
+    if both:
+        raise DatasetFormatError(f"{directory} holds {both[0]} and a {nested} directory with the batches: "
+                                 "keep one of them")
+
+
 def _get(batch: dict, key: str) -> Any:
     # Official files have bytes keys (Python 2 str); re-pickled ones may have str keys.
     if key.encode() in batch:
@@ -475,11 +486,14 @@ def _read_cifar_batch(path: Path, *, what: str = "CIFAR-10", label_key: str = "l
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, path, what).load()
+            extra = len(f.read())
     except DatasetFormatError:
         raise
     except Exception as exc:  # truncated or garbled pickles raise many different types
         raise DatasetFormatError(f"{path} is not a readable {what} batch: "
                                  f"{type(exc).__name__}: {exc}") from exc
+    if extra:  # (a second pickle, or junk: only the first would have been read)
+        raise DatasetFormatError(f"{path} has {extra} bytes after its {what} batch; a batch file holds one pickle")
     if not isinstance(batch, dict):
         raise DatasetFormatError(f"{path} is not a {what} batch: it holds a "
                                  f"{type(batch).__name__}, not a dict")
@@ -526,6 +540,7 @@ def load_cifar10(directory: str | os.PathLike, split: str = "train", *,
     _check_split(split)
     directory = Path(directory)
     if (directory / "cifar-10-batches-py").is_dir():
+        _check_one_copy(directory, "cifar-10-batches-py", ("data_batch_1", "test_batch"))
         directory = directory / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     for name in names:
@@ -560,6 +575,7 @@ def load_cifar100(directory: str | os.PathLike, split: str = "train", *,
     _check_split(split)
     directory = Path(directory)
     if (directory / "cifar-100-python").is_dir():
+        _check_one_copy(directory, "cifar-100-python", ("train", "test"))
         directory = directory / "cifar-100-python"
     if not (directory / split).is_file():
         raise MissingFileError(f"No {split} in {directory}")
