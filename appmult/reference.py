@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codes import check_codes, wrap_value
+from .codes import check_codes, value_range, wrap_value
 from .errors import InvalidTypeError
 
 __all__ = [
@@ -97,8 +97,7 @@ def port_acc_width(width_p: int, signed: bool, fan_in: int) -> int:
     """Accumulator width that holds any sum of ``fan_in`` values of a ``width_p``-bit product
     port, whatever the circuit behind it computes (:func:`required_acc_width` trusts a LUT's
     range instead, which a circuit under test need not keep)."""
-    lo, hi = (-(1 << (width_p - 1)), (1 << (width_p - 1)) - 1) if signed else (0, (1 << width_p) - 1)
-    return _sum_width(lo, hi, fan_in, signed)
+    return _sum_width(*value_range(width_p, signed), fan_in, signed)
 
 
 def _sum_width(lo: int, hi: int, fan_in: int, signed: bool) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..codes import value_range
 from ..errors import InvalidValueError, MissingFileError, SpecError, UserError
 from ..files import atomic_writer
 from ..spec import convert_value, split_items, split_spec
@@ -328,7 +329,7 @@ class LutFile:
                 return f"{t[0]}x{t[1]} {'signed' if t[2] else 'unsigned'}"
             raise LutFileError(f"LUT {self.lut_id} is {fmt(have)} but {what} needs {fmt(want)}")
         if width_p is not None:
-            lo, hi = (-(1 << (width_p - 1)), (1 << (width_p - 1)) - 1) if signed else (0, (1 << width_p) - 1)
+            lo, hi = value_range(width_p, signed)
             outside = np.argwhere((self._product < lo) | (self._product > hi))
             if outside.size:
                 a, b = (int(v) for v in outside[0])

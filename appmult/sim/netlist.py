@@ -231,9 +231,7 @@ class Netlist:
             raise YosysError(f"Yosys could not synthesize {str(path)!r}: {message}") from None
         netlist_json = out["netlist.json"].decode("utf-8")
         if top is None:
-            if not json.loads(netlist_json)["modules"]:
-                raise NetlistError(f"{str(path)!r} defines no module")
-            top = _json_top(netlist_json)
+            top = _json_top(netlist_json, path)
             _check_single_top(path, top, out["modules_read.txt"], out["modules_kept.txt"])
         net = cls(netlist_json, top=top, width_a=width_a, width_b=width_b, signed=signed, ports=ports,
                   source_format=fmt, source_text=text, width_p=width_p)
@@ -506,9 +504,8 @@ def _check_x_unreachable(net: Netlist, fmt: str, text: str, checks_module: dict[
     if max(net.width_a, net.width_b) > _X_CHECK_MAX_WIDTH:
         first = None
         for tie in _X_TIES:
-            tied = run_yosys("\n".join([*_tied_synthesis(fmt, net.top, tie), "write_json netlist.json", ""]), source,
-                             ("netlist.json",))["netlist.json"]
-            gates = json.dumps(json.loads(tied)["modules"][net.top]["cells"], sort_keys=True)
+            gates = json.dumps(json.loads(_tied_netlist(fmt, net.top, source, tie))["modules"][net.top]["cells"],
+                               sort_keys=True)
             if first is None:
                 first = gates
             elif gates != first and not _proved_equal(fmt, net.top, source, _X_TIES[0], tie):
@@ -522,10 +519,9 @@ def _check_x_unreachable(net: Netlist, fmt: str, text: str, checks_module: dict[
         return
     tables = []
     for tie in _X_TIES:
-        tied = run_yosys("\n".join([*_tied_synthesis(fmt, net.top, tie), "write_json netlist.json", ""]), source,
-                         ("netlist.json",))["netlist.json"].decode("utf-8")
-        tables.append(Netlist(tied, top=net.top, width_a=net.width_a, width_b=net.width_b, signed=net.signed,
-                              ports=net.ports, width_p=net.width_p).exhaustive())
+        tables.append(Netlist(_tied_netlist(fmt, net.top, source, tie), top=net.top, width_a=net.width_a,
+                              width_b=net.width_b, signed=net.signed, ports=net.ports,
+                              width_p=net.width_p).exhaustive())
         differ = np.argwhere(tables[0] != tables[-1])
         if differ.size:
             a, b = (int(v) for v in differ[0])
@@ -539,6 +535,12 @@ def _tied_synthesis(fmt: str, top: str, tie: str) -> list[str]:
     """Yosys commands: the design synthesized as :func:`synthesis_script` does, x tied by ``setundef tie``."""
     return [f"{_READERS[fmt]} {_SOURCE_FILE[fmt]}", f"hierarchy -check -top {top}", PROC_CHECKS, "flatten",
             f"setundef {tie}", f"synth -flatten -top {top}", f"abc -g {ABC_GATES}", "opt_clean -purge"]
+
+
+def _tied_netlist(fmt: str, top: str, source: dict[str, str], tie: str) -> str:
+    """The Yosys JSON gate netlist of the design with its x constants tied by ``setundef tie``."""
+    script = "\n".join([*_tied_synthesis(fmt, top, tie), "write_json netlist.json", ""])
+    return run_yosys(script, source, ("netlist.json",))["netlist.json"].decode("utf-8")
 
 
 def _proved_equal(fmt: str, top: str, source: dict[str, str], tie_a: str, tie_b: str) -> bool:
@@ -556,8 +558,10 @@ def _proved_equal(fmt: str, top: str, source: dict[str, str], tie_a: str, tie_b:
     return True
 
 
-def _json_top(netlist_json: str) -> str:
+def _json_top(netlist_json: str, path: Path) -> str:
     modules = json.loads(netlist_json)["modules"]
+    if not modules:
+        raise NetlistError(f"{str(path)!r} defines no module")
     for name, mod in modules.items():
         # Yosys writes the ``top`` attribute as a binary string, e.g. "000...001".
         if str(mod.get("attributes", {}).get("top", "0")).strip("0"):

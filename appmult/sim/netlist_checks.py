@@ -15,9 +15,9 @@ from typing import Any
 from ..errors import UserError
 from .bitparallel import GATE_TYPES
 
-__all__ = ["MAX_OUTPUT_WIDTH", "NetlistError", "check_declared_signedness", "check_driven", "undefined_inputs",
-           "x_reaching_message", "check_source_design", "inference_note",
-           "is_sequential", "read_cells", "read_port_bits", "resolve_ports"]
+__all__ = ["MAX_OUTPUT_WIDTH", "NetlistError", "check_declared_signedness", "check_driven", "check_source_design",
+           "inference_note", "is_sequential", "read_cells", "read_port_bits", "resolve_ports", "undefined_inputs",
+           "x_reaching_message"]
 
 #: Widest product a netlist may have (the evaluator packs products into int64).
 MAX_OUTPUT_WIDTH = 62

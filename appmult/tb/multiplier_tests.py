@@ -21,6 +21,7 @@ import cocotb
 import numpy as np
 from cocotb.triggers import Timer
 
+from appmult.codes import codes_to_values
 from appmult.lut_gen.lutfile import load as load_lut
 from appmult.tb.protocol import read_tb_config, write_tb_result
 from appmult.tb.stimulus import pack_lanes, unpack_lanes
@@ -135,8 +136,9 @@ async def products_match_lut(dut) -> None:
     expected = lut.product[a_codes, b_codes]
     # Compared as values: a LUT entry outside the product port's range can never be what the
     # RTL drives (compared as bit patterns, 271 passed for 15 in a signed 4x4 table).
-    values = np.where(actual >= 1 << (wp - 1), actual - (1 << wp), actual) if signed else actual
-    bad = np.flatnonzero((actual == -1) | (expected != values))
+    unknown = actual == -1
+    values = codes_to_values(np.where(unknown, 0, actual), wp, signed)
+    bad = np.flatnonzero(unknown | (expected != values))
     mismatches = []
     for i in bad[:cfg["max_report"]]:
         code = int(actual[i])
