@@ -68,7 +68,7 @@ from ..lut_gen import LutFile
 from ..methods.simulated_error import lut_mre
 from ..nn import ApproxConv2d, ApproxLinear, attention_modules, calibrate, exact_, exact_multiplication, load_lut
 from ..tb import check_simulator
-from ..train import Loaders, Metrics, data_digest, evaluate, make_loaders, train_epoch
+from ..train import Loaders, Metrics, evaluate, make_loaders, train_epoch
 from . import rtlcheck
 from .characterization import characterize
 from .distributed import Dist, init_distributed, run_device, shard_loaders
@@ -239,7 +239,6 @@ def _fp32_step(run: _Run, full_loaders: Loaders, test: Iterable) -> tuple[nn.Mod
     fp32, fp32_info = fp32_model(run.cfg, full_loaders, run.dist)
     fp32 = fp32.to(run.device)
     fp32_info["sha256"] = state_digest(fp32)  # what a resumed run must start from, wherever its file is
-    fp32_info["data_sha256"] = data_digest(full_loaders)  # and the data it trains on, whatever the data_dir
     fp32_info["accuracy"] = evaluate(fp32, test, device=run.device).accuracy
     run.say(f"FP32 {run.cfg.model}: {100 * fp32_info['accuracy']:.2f}% ({fp32_info['source']})")
     return fp32, fp32_info

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..lut_gen import LutFile, exact_product
 from ..nn import ApproxConfig, approximate_, calibrating
-from ..train import Loaders, build_model, load_pretrained, pretrain_fp32, read_torch_file, seed_everything
+from ..train import Loaders, build_model, data_digest, load_pretrained, pretrain_fp32, read_torch_file, seed_everything
 from ..train.pretraining import USER_FILE_ADVICE
 from .distributed import Dist
 from .retrain_config import RetrainConfig, RetrainError
@@ -68,15 +68,17 @@ def fp32_model(cfg: RetrainConfig, loaders: Loaders, d: Dist, model_name: str | 
     ``model_name``: another network than the run's (the half-window trials' network),
     always pretrained (the checkpoint is the run's model).
     """
+    data_sha256 = data_digest(loaders)  # what the model trains on, whatever the data_dir (run.json)
     if cfg.checkpoint is not None and model_name in (None, cfg.model):
-        return _load_fp32_checkpoint(cfg, loaders), {"source": "checkpoint", "path": cfg.checkpoint}
+        return _load_fp32_checkpoint(cfg, loaders), {"source": "checkpoint", "path": cfg.checkpoint,
+                                                      "data_sha256": data_sha256}
     cache = Path(cfg.pretrained_dir) if cfg.pretrained_dir else Path(cfg.out) / "pretrained"
     name = model_name or cfg.model
 
     def pretrain():
         return pretrain_fp32(name, cfg.dataset, cfg.pretrain_epochs, cfg.seed, out_dir=cache,
                              batch_size=cfg.batch_size, lr=cfg.lr, data_dir=cfg.data_dir,
-                             progress=cfg.progress and d.main)
+                             progress=cfg.progress and d.main, data_sha256=data_sha256)
     # Rank 0 pretrains (or finds the cache); the others then load its file.
     if d.main:
         pre = pretrain()
@@ -85,7 +87,7 @@ def fp32_model(cfg: RetrainConfig, loaders: Loaders, d: Dist, model_name: str | 
         pre = pretrain()
     times = [r["epoch_time_s"] for r in pre.history if r.get("epoch_time_s") is not None]
     return pre.model, {"source": "pretrained", "path": str(pre.path), "epochs": len(pre.history),
-                       "epoch_time_s": float(np.mean(times)) if times else None}
+                       "epoch_time_s": float(np.mean(times)) if times else None, "data_sha256": data_sha256}
 
 
 def _load_fp32_checkpoint(cfg: RetrainConfig, loaders: Loaders) -> nn.Module:

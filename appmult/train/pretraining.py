@@ -67,11 +67,12 @@ def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
                   out_dir: str | os.PathLike = "pretrained", *, batch_size: int = 64,
                   lr: float = 1e-3, data_dir: str | os.PathLike | None = None,
                   progress: bool = True, device: torch.device | str | None = None,
-                  ) -> Pretrained:
+                  data_sha256: str | None = None) -> Pretrained:
     """Train (or load from cache) an FP32 model, the common start of retraining runs.
 
     The result is cached in ``out_dir`` as
-    ``<model>-<dataset>-e<epochs>-bs<batch>-lr<lr>-s<seed>.pt`` (with a ``.json`` history
+    ``<model>-<dataset>-<data>-e<epochs>-bs<batch>-lr<lr>-s<seed>.pt``, ``<data>`` the first 12
+    hex digits of the data's :func:`~appmult.train.data_digest` (with a ``.json`` history
     and a ``.png`` training curve beside it); a second call with the same arguments
     loads it instead of training. An interrupted pretraining resumes from its
     checkpoint directory ``<stem>.ckpt``, which is removed once the model is saved.
@@ -87,6 +88,8 @@ def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
         data_dir: Data directory for ``"mnist"`` and ``"cifar10"``.
         progress: Show progress bars.
         device: Where to train (default: CPU); the returned model is on the CPU.
+        data_sha256: the data's :func:`~appmult.train.data_digest`, when the caller has it
+            (the data is then read only if the model must be trained).
 
     Returns:
         :class:`Pretrained` ``(model, history, path)``.
@@ -97,12 +100,17 @@ def pretrain_fp32(model_name: str, dataset: str, epochs: int, seed: int = 0,
     """
 
     out_dir = Path(out_dir)
-    loaders = make_loaders(dataset, batch_size, seed, data_dir)
+    loaders = None
+    if data_sha256 is None:
+        loaders = make_loaders(dataset, batch_size, seed, data_dir)
+        data_sha256 = data_digest(loaders)
     # the data by content: a data_dir of other files must not find this one's model (nor resume its checkpoint)
-    stem = f"{model_name}-{dataset}-{data_digest(loaders)[:12]}-e{epochs}-bs{batch_size}-lr{lr:g}-s{seed}"
+    stem = f"{model_name}-{dataset}-{data_sha256[:12]}-e{epochs}-bs{batch_size}-lr{lr:g}-s{seed}"
     path = out_dir / f"{stem}.pt"
     if path.exists():
         return load_pretrained(path)
+    if loaders is None:
+        loaders = make_loaders(dataset, batch_size, seed, data_dir)
     training.seed_everything(seed)
     model = build_model(model_name, loaders.info)
     # Looked up on the module at call time, so a test can replace the loop.
