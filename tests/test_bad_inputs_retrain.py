@@ -106,9 +106,12 @@ def test_milestones_not_below_epochs_wrong(tmp_path, capsys, argv, epochs, bad):
 # --- 4. --resume with nothing to resume -----------------------------------------------------------
 
 def _fake_run(out: Path) -> None:
-    # What an interrupted run leaves: a mode directory with its run.json (flows.retrain_mode).
+    # What an interrupted run leaves: a mode directory with its run.json (flows.retrain_mode), here
+    # with the settings of a default command line (a resume with others is refused before any work).
+    from appmult.flows.retrain_mode import _settings_identity
     (out / "modes" / "ste").mkdir(parents=True)
-    (out / "modes" / "ste" / "run.json").write_text(json.dumps({"epochs": 3}))
+    settings = _settings_identity(RetrainConfig(lut="m.npz", out=str(out)), "ste")
+    (out / "modes" / "ste" / "run.json").write_text(json.dumps(settings))
 
 
 def test_resume_finds_the_run(tmp_path, capsys):

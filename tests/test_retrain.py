@@ -409,3 +409,27 @@ def test_resume_refuses_a_checkpoint_without_its_run_description(lut_path, pretr
             f"{out / 'modes' / 'ste'} holds a checkpoint (last.pt) but no run.json, so which settings made it cannot "
             "be checked; replace the run with --overwrite instead of --resume, or use another --out")):
         run_retrain(config(lut_path, pretrained_dir, out, epochs=1, lr=0.01, resume=True))
+
+
+def test_resume_with_other_settings_is_refused_before_any_work(lut_path, pretrained_dir, tmp_path, monkeypatch):
+    # A resume with another learning rate (or seed, epochs, ...) was refused only where the mode
+    # started: after the FP32 pretraining (the cache is keyed on lr, so a changed lr pretrained
+    # afresh), the calibration and the half-window trials.
+    import appmult.flows.retrain as retrain_flow
+    out = tmp_path / "run"
+    run_retrain(config(lut_path, pretrained_dir, out, epochs=1))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the FP32 step ran before the resume was refused")
+
+    monkeypatch.setattr(retrain_flow, "_fp32_step", no_work)
+    monkeypatch.setattr(retrain_flow, "make_loaders", no_work)
+    with pytest.raises(RetrainError, match=re.escape(
+            f"{out / 'modes' / 'ste'} holds another run (lr: 0.001 != 0.01); use another --out, or replace it "
+            "with --overwrite instead of --resume")):
+        run_retrain(config(lut_path, pretrained_dir, out, epochs=1, lr=0.01, resume=True))
+    with pytest.raises(RetrainError, match=re.escape("holds another run (seed: 0 != 1)")):
+        run_retrain(config(lut_path, pretrained_dir, out, epochs=1, seed=1, resume=True))
+    (out / "modes" / "ste" / "run.json").unlink()
+    with pytest.raises(RetrainError, match=re.escape("holds a checkpoint (last.pt) but no run.json")):
+        run_retrain(config(lut_path, pretrained_dir, out, epochs=1, resume=True))

@@ -74,7 +74,8 @@ from .characterization import characterize
 from .distributed import Dist, init_distributed, run_device, shard_loaders
 from .half_window import half_window_candidates, half_window_trials, stored_half_window, with_half_window
 from .retrain_config import SIMULATED_ERROR_MODE, RetrainConfig, RetrainError
-from .retrain_mode import MODES_DIR, EpochHook, existing_run, mode_identity, remove_modes, train_mode
+from .retrain_mode import (MODES_DIR, EpochHook, check_resume_settings, existing_run, mode_identity, remove_modes,
+                           train_mode)
 from .retrain_results import RESULT_FILES, RESULTS_FORMAT, lut_summary, remove_results, versions, write_results
 from .retrain_start import Conversion, approx_model, calibrate_epoch, fixed_batches, fp32_model, reseed, start_state
 
@@ -194,7 +195,8 @@ def _pipeline(run: _Run, on_epoch_end: EpochHook | None) -> dict[str, Any]:
 # --- steps ---------------------------------------------------------------------------------------
 
 def _check_output(run: _Run) -> None:
-    """Before any work: ``out`` can be written, and holds no run this one would destroy.
+    """Before any work: ``out`` can be written, holds no run this one would destroy, and a
+    resumed run's settings are the run's own (:func:`check_resume_settings`).
 
     Rank 0 looks (the others would race its first writes) and every rank raises what it found.
     """
@@ -203,7 +205,9 @@ def _check_output(run: _Run) -> None:
     if d.main:
         try:
             out = check_output_dir(cfg.out, files=RESULT_FILES)
-            if not (cfg.resume or cfg.overwrite):
+            if cfg.resume:
+                check_resume_settings(cfg)
+            elif not cfg.overwrite:
                 found = existing_run(out, finished=(out / RESULT_FILES[0]).is_file()) if out.is_dir() else None
                 if found:
                     raise RetrainError(f"Output directory {out} already holds a retraining run ({found}): pass "

@@ -33,7 +33,8 @@ from .distributed import Dist
 from .retrain_config import SIMULATED_ERROR_MODE, RetrainConfig, RetrainError
 from .retrain_start import Conversion, approx_model, load_start
 
-__all__ = ["MODES_DIR", "EpochHook", "existing_run", "mode_identity", "remove_modes", "train_mode"]
+__all__ = ["MODES_DIR", "EpochHook", "check_resume_settings", "existing_run", "mode_identity", "remove_modes",
+           "train_mode"]
 
 #: The directory of ``<out>`` holding one directory per mode.
 MODES_DIR = "modes"
@@ -99,17 +100,33 @@ def mode_identity(cfg: RetrainConfig, mode: str, lut: LutFile, fp32_info: dict, 
     Files are identified by content, never by path: the LUT by its content hash, the FP32
     model by :func:`~appmult.flows.state_digest` (``fp32_info["sha256"]``), the data by
     :func:`~appmult.train.data_digest` (``fp32_info["data_sha256"]``: a ``data_dir`` whose
-    files changed, or another one, is another run).
+    files changed, or another one, is another run). The rest is :func:`_settings_identity`.
     """
-    return {"mode": mode, "lut_sha256": lut.sha256, "half_window": half_window, "model": cfg.model,
-            "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-            "seed": cfg.seed, "exact_last": cfg.exact_last, "mre": cfg.mre,
+    return {"mode": mode, "lut_sha256": lut.sha256, "half_window": half_window, **_settings_identity(cfg, mode),
+            "fp32_sha256": fp32_info["sha256"], "data_sha256": fp32_info["data_sha256"]}
+
+
+def _settings_identity(cfg: RetrainConfig, mode: str) -> dict[str, Any]:
+    """The part of :func:`mode_identity` the configuration alone decides (checked before any work)."""
+    return {"model": cfg.model, "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "seed": cfg.seed, "exact_last": cfg.exact_last, "mre": cfg.mre,
             "weight_decay": cfg.weight_decay, "milestones": list(cfg.milestones),
             "weight_scheme": cfg.weight_scheme, "approximate": cfg.approximate, "calibration": cfg.calibration,
             "augment": cfg.augment,
             "noise_operands": cfg.noise_operands if mode == SIMULATED_ERROR_MODE else None,
-            "fp32_sha256": fp32_info["sha256"], "data_sha256": fp32_info["data_sha256"],
             "calib_batches": cfg.calib_batches}
+
+
+def check_resume_settings(cfg: RetrainConfig) -> None:
+    """Refuse a ``--resume`` whose settings differ from the run's, before any work is done.
+
+    :func:`mode_identity` is checked again where each mode starts (the LUT's tables, the
+    FP32 model and the data are known only then); this catches what the configuration
+    alone decides, before the FP32 pretraining, the calibration and the half-window trials
+    that such a resume would otherwise run to no end.
+    """
+    for mode in cfg.modes:
+        _check_resumable(Path(cfg.out) / MODES_DIR / mode, _settings_identity(cfg, mode))
 
 
 def _read_json(path: Path) -> Any:
