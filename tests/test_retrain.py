@@ -433,3 +433,35 @@ def test_resume_with_other_settings_is_refused_before_any_work(lut_path, pretrai
     (out / "modes" / "ste" / "run.json").unlink()
     with pytest.raises(RetrainError, match=re.escape("holds a checkpoint (last.pt) but no run.json")):
         run_retrain(config(lut_path, pretrained_dir, out, epochs=1, resume=True))
+
+
+def test_resume_on_other_threads_is_warned_and_recorded(lut_path, pretrained_dir, tmp_path):
+    # torch's float sums depend on the thread count (a 1-epoch mlp run on 1 and on 2 threads ends in
+    # different weights), so a run resumed with other threads equals neither uninterrupted run. That
+    # happened without a word, and results.json named only the last thread count.
+    class Interrupted(Exception):
+        pass
+
+    def crash(mode, epoch, record):
+        raise Interrupted
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        run_retrain(config(lut_path, pretrained_dir, out, threads=1), on_epoch_end=crash)
+    with pytest.warns(RuntimeWarning, match=re.escape(
+            f"{out / 'modes' / 'ste'} resumes after epoch 1 with threads 1 -> 2: float sums may round differently there, "
+            "so the result can differ in its last bits from an uninterrupted run (each epoch's platform is in its "
+            "history); to match, resume as epoch 1 ran (--threads 1 on cpu)")):
+        resumed = run_retrain(config(lut_path, pretrained_dir, out, threads=2, resume=True))
+    history = resumed["modes"]["ste"]["history"]
+    assert [(r["epoch"], r["threads"], r["device"], r["world_size"]) for r in history] == \
+        [(1, 1, "cpu", 1), (2, 2, "cpu", 1)]
+    # Resumed as it started: no warning.
+    out2 = tmp_path / "run2"
+    with pytest.raises(Interrupted):
+        run_retrain(config(lut_path, pretrained_dir, out2, threads=1), on_epoch_end=crash)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = run_retrain(config(lut_path, pretrained_dir, out2, threads=1, resume=True))
+    assert [r["threads"] for r in again["modes"]["ste"]["history"]] == [1, 1]

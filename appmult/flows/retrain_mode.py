@@ -5,8 +5,9 @@ backward, exact products plus per-product noise in training). Its files live in
 ``<out>/modes/<mode>/``: ``run.json`` (what the run depends on, checked on resume; by
 content, so a run directory resumes wherever it was moved or copied), ``last.pt`` (the
 checkpoint of every epoch, written by :func:`appmult.train.fit`) and
-``multiplication.json`` (what each epoch's forwards really used, written *before* that
-epoch's checkpoint, so that a resumed run never finds a checkpoint without its labels).
+``multiplication.json`` (what each epoch's forwards really used, and the threads, device and
+processes it ran on, written *before* that epoch's checkpoint, so that a resumed run never
+finds a checkpoint without its labels; a resume on another platform is warned of).
 :func:`existing_run` says what run an output directory already holds.
 """
 
@@ -16,6 +17,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -222,6 +224,17 @@ class _EpochLabels:
         if self.write:
             atomic_write_text(self.path, json.dumps(self.labels, indent=1) + "\n")
 
+    def warn_if_moved(self, epoch: int, platform: dict[str, Any]) -> None:
+        """Warn when a run resumes after ``epoch`` on another platform than that epoch ran on."""
+        before = self.labels.get(str(epoch), {})
+        moved = [f"{k} {before[k]!r} -> {v!r}" for k, v in platform.items() if k in before and before[k] != v]
+        if moved:
+            warnings.warn(f"{self.path.parent} resumes after epoch {epoch} with {', '.join(moved)}: float sums "
+                          f"may round differently there, so the result can differ in its last bits from an "
+                          f"uninterrupted run (each epoch's platform is in its history); to match, resume as "
+                          f"epoch {epoch} ran (--threads {before.get('threads')} on {before.get('device')})",
+                          RuntimeWarning, stacklevel=4)
+
     def restore(self, history: list[dict]) -> None:
         """Label the epochs restored from a checkpoint."""
         for r in history:
@@ -278,13 +291,13 @@ class _LabelsBeforeCheckpoint:
     again), never a checkpoint without its labels.
     """
 
-    def __init__(self, loader: Any, schedule: _Schedule, labels: _EpochLabels):
-        self.loader, self.schedule, self.labels = loader, schedule, labels
+    def __init__(self, loader: Any, schedule: _Schedule, labels: _EpochLabels, platform: dict[str, Any]):
+        self.loader, self.schedule, self.labels, self.platform = loader, schedule, labels, platform
 
     def __iter__(self):
         yield from self.loader
         epoch = self.schedule.epoch + 1  # 1-based, as fit counts
-        self.labels.record(epoch, self.schedule.take())
+        self.labels.record(epoch, {**self.schedule.take(), **self.platform})
         self.schedule.epoch = epoch
 
     def __len__(self) -> int:
@@ -317,6 +330,12 @@ class _EpochEnd:
 
 # --- one mode --------------------------------------------------------------------------------------
 
+def _platform(device: torch.device, d: Dist) -> dict[str, Any]:
+    """What an epoch's float sums depend on beyond the run's settings: its torch threads, device and
+    number of processes (a resume elsewhere can round differently; recorded per epoch)."""
+    return {"threads": torch.get_num_threads(), "device": str(device), "world_size": d.world}
+
+
 def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: LutFile,
                start: dict[str, torch.Tensor], loaders: Loaders, device: torch.device,
                identity: dict[str, Any], on_epoch_end: EpochHook | None) -> tuple[nn.Module, list[dict], float]:
@@ -339,6 +358,8 @@ def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: Lut
     schedule = _Schedule(model, cfg.epochs, cfg.exact_last, noise)
     mode_dir = _ModeDir(cfg, d, mode, identity)
     schedule.epoch = mode_dir.resumed_epoch
+    platform = _platform(device, d)
+    mode_dir.labels.warn_if_moved(mode_dir.resumed_epoch, platform)
 
     trained: nn.Module = model
     if d.world > 1:
@@ -346,7 +367,7 @@ def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: Lut
         trained = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       broadcast_buffers=False)
     epoch_end = _EpochEnd(cfg, d, mode, model, mode_dir.labels, on_epoch_end)
-    labelled = (loaders.train, _LabelsBeforeCheckpoint(loaders.test, schedule, mode_dir.labels))
+    labelled = (loaders.train, _LabelsBeforeCheckpoint(loaders.test, schedule, mode_dir.labels, platform))
     try:
         optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         history = fit(trained, labelled, cfg.epochs, optimizer=optimizer, milestones=cfg.milestones, gamma=0.5,
