@@ -293,6 +293,18 @@ def test_cifar10_parent_directory_and_str_keys(tmp_path):
     assert np.array_equal(test.images.numpy().reshape(2, -1), data)
 
 
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_cifar10_repickled_at_later_protocols(tmp_path, protocol):
+    # Protocol 5 (Python 3.14's default) stores arrays through numpy's _frombuffer, which was
+    # refused as a foreign global: a batch re-pickled there could not be read.
+    batch, data, labels = cifar_batch(3, seed=1)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps(batch, protocol=protocol))
+    assert (b"_frombuffer" in (tmp_path / "test_batch").read_bytes()) == (protocol == 5)
+    test = load_cifar10(tmp_path, "test", normalize=False)
+    assert test.labels.tolist() == labels
+    assert np.array_equal(test.images.numpy().reshape(3, -1), data)
+
+
 def test_cifar10_missing_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match=exact(f"No test_batch in {tmp_path}")):
         load_cifar10(tmp_path, "test")
@@ -363,6 +375,11 @@ def test_cifar10_layout_wrong(tmp_path):
     path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}))
     with pytest.raises(DatasetFormatError, match=exact(
             f"{path}: expected 2 integer labels, found shape (1,)")):
+        load_cifar10(tmp_path, "test")
+    # Float labels were reported as a shape that was right: "found shape (2,)".
+    path.write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.0, 1.0]}))
+    with pytest.raises(DatasetFormatError, match=exact(
+            f"{path}: expected 2 integer labels, found float64 labels")):
         load_cifar10(tmp_path, "test")
     path.write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(DatasetFormatError, match=exact(

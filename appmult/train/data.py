@@ -426,6 +426,13 @@ def _numpy_reconstruct() -> Any:
     return core.multiarray._reconstruct
 
 
+def _numpy_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None) -> np.ndarray:
+    # Protocol-5 pickles (Python 3.14's default) store an array as numpy's _frombuffer(bytes, dtype,
+    # shape, order): numpy itself refuses object dtypes there (no objects come out of a buffer).
+    core = getattr(np, "_core", None) or np.core
+    return core.numeric._frombuffer(buf, dtype, shape, order, axis_order)
+
+
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
     # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, "latin1");
     # accepting only that codec keeps this from being a general codec gateway.
@@ -441,7 +448,8 @@ class _CifarUnpickler(pickle.Unpickler):
     global. The only globals in the official files are numpy's array reconstructor,
     ``numpy.ndarray`` and ``numpy.dtype`` (spelled ``numpy.core.multiarray`` in the Python 2
     files, ``numpy._core.multiarray`` when re-pickled by numpy 2), plus ``_codecs.encode``
-    in files re-pickled by Python 3 at protocol 2. Every other global is refused, so a
+    in files re-pickled by Python 3 at protocol 2 and numpy's ``_frombuffer`` in protocol-5
+    pickles. Every other global is refused, so a
     pickle that would call ``os.system`` fails before anything runs.
     """
 
@@ -454,6 +462,8 @@ class _CifarUnpickler(pickle.Unpickler):
         if name == "_reconstruct" and module in ("numpy.core.multiarray",
                                                  "numpy._core.multiarray"):
             return _numpy_reconstruct()
+        if name == "_frombuffer" and module in ("numpy.core.numeric", "numpy._core.numeric"):
+            return _numpy_frombuffer
         if module == "numpy" and name == "ndarray":
             return np.ndarray
         if module == "numpy" and name == "dtype":
@@ -509,9 +519,12 @@ def _read_cifar_batch(path: Path, *, what: str = "CIFAR-10", label_key: str = "l
                                  f"not {type(data).__name__} {getattr(data, 'dtype', '')} "
                                  f"{shape}".rstrip())
     labels = np.asarray(labels)
-    if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+    if labels.shape != (data.shape[0],):
         raise DatasetFormatError(f"{path}: expected {data.shape[0]} integer labels, "
                                  f"found shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise DatasetFormatError(f"{path}: expected {data.shape[0]} integer labels, "
+                                 f"found {labels.dtype} labels")
     if labels.size and (labels.min() < 0 or labels.max() > num_classes - 1):
         raise DatasetFormatError(f"{path} has labels outside 0..{num_classes - 1}")
     # Rows are 1024 red, 1024 green, 1024 blue values, each a row-major 32x32 plane.
