@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import re
+
 import pytest
 from conftest import exact
 
@@ -135,10 +137,34 @@ def test_resume_other_run_wrong(tmp_path):
     fit(model, loaders, 1, seed=1, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointError, match=exact(
             f"Checkpoint {tmp_path / CHECKPOINT_NAME} belongs to another run "
-            f"({{'seed': 1, 'milestones': [], 'gamma': 0.5}}, this run: "
-            f"{{'seed': 2, 'milestones': [], 'gamma': 0.5}}); pass resume=False or use "
-            f"another checkpoint_dir")):
+            f"(seed: 1 != 2); pass resume=False or use another checkpoint_dir")):
         fit(model, loaders, 1, seed=2, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_resume_other_identity_wrong(tmp_path):
+    # A caller's identity (its settings, content hashes) is sealed into the checkpoint: a last.pt
+    # copied between runs whose own seed and schedule agree is no longer resumed.
+    model, loaders = digits_run("mlp")
+    fit(model, loaders, 1, checkpoint_dir=tmp_path, progress=False, milestones=(), identity={"mode": "lut1d", "lr": 0.01})
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["run"]["identity"] == {"mode": "lut1d", "lr": 0.01}
+    with pytest.raises(CheckpointError, match=exact(
+            f"Checkpoint {tmp_path / CHECKPOINT_NAME} belongs to another run "
+            f"(mode: 'lut1d' != 'ste'); pass resume=False or use another checkpoint_dir")):
+        fit(model, loaders, 2, checkpoint_dir=tmp_path, progress=False, milestones=(), identity={"mode": "ste", "lr": 0.01})
+    with pytest.raises(CheckpointError, match=re.escape("(mode: 'lut1d' != None; lr: 0.01 != None)")):
+        fit(model, loaders, 2, checkpoint_dir=tmp_path, progress=False, milestones=())
+    # The same identity resumes (tuples compare as the lists they are stored as).
+    history = fit(model, loaders, 2, checkpoint_dir=tmp_path, progress=False, milestones=(), identity={"lr": 0.01, "mode": "lut1d"})
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_resume_checkpoint_without_identity(tmp_path):
+    # Checkpoints written before identities (or by callers without one) resume on the rest.
+    model, loaders = digits_run("mlp")
+    fit(model, loaders, 1, checkpoint_dir=tmp_path, progress=False, milestones=())
+    history = fit(model, loaders, 2, checkpoint_dir=tmp_path, progress=False, milestones=(), identity={"milestones": (1, 2)})
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["run"]["identity"] == {"milestones": [1, 2]}
 
 
 def test_on_epoch_end_stops(tmp_path):

@@ -465,3 +465,15 @@ def test_resume_on_other_threads_is_warned_and_recorded(lut_path, pretrained_dir
         warnings.simplefilter("error", RuntimeWarning)
         again = run_retrain(config(lut_path, pretrained_dir, out2, threads=1, resume=True))
     assert [r["threads"] for r in again["modes"]["ste"]["history"]] == [1, 1]
+
+
+def test_resume_refuses_a_checkpoint_of_another_mode(lut_path, pretrained_dir, tmp_path):
+    # run.json and last.pt were checked apart: a last.pt copied from the lut1d directory into the ste
+    # one (whose run.json it kept) was resumed as the ste run.
+    from appmult.train import CheckpointError
+    out = tmp_path / "run"
+    run_retrain(config(lut_path, pretrained_dir, out, epochs=1, grads=("ste", "lut1d")))
+    (out / "modes" / "ste" / "last.pt").write_bytes((out / "modes" / "lut1d" / "last.pt").read_bytes())
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"Checkpoint {out / 'modes' / 'ste' / 'last.pt'} belongs to another run (mode: 'lut1d' != 'ste'")):
+        run_retrain(config(lut_path, pretrained_dir, out, epochs=1, grads=("ste", "lut1d"), resume=True))

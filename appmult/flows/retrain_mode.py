@@ -372,7 +372,8 @@ def train_mode(cfg: RetrainConfig, d: Dist, mode: str, fp32: nn.Module, lut: Lut
         optimizer = torch.optim.Adam(trained.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         history = fit(trained, labelled, cfg.epochs, optimizer=optimizer, milestones=cfg.milestones, gamma=0.5,
                       seed=cfg.seed, checkpoint_dir=mode_dir.checkpoints, resume=cfg.resume,
-                      progress=cfg.progress and d.main, on_epoch_end=epoch_end, top5=cfg.dataset == "cifar100")
+                      progress=cfg.progress and d.main, on_epoch_end=epoch_end, top5=cfg.dataset == "cifar100",
+                      identity=identity)
     finally:
         schedule.remove()
         mode_dir.cleanup()

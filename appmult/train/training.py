@@ -25,7 +25,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -286,7 +286,7 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
         progress: bool = True, on_epoch_end: EpochCallback | None = None,
         device: torch.device | str | None = None, deterministic: bool = True,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        top5: bool = False) -> list[dict[str, Any]]:
+        top5: bool = False, identity: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place for ``epochs`` epochs, checkpointing and resuming.
 
     After each epoch the checkpoint ``<checkpoint_dir>/last.pt`` (model, optimizer,
@@ -316,6 +316,9 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
         deterministic: Use deterministic kernels during the run (restored afterwards).
         loss_fn: Mean batch loss (default: cross-entropy).
         top5: Also record ``test_top5`` (top-5 test accuracy) per epoch.
+        identity: What else the run depends on (JSON values: a caller's settings, content
+            hashes), stored in the checkpoint; a checkpoint that holds another identity is
+            not resumed (one written without an identity is checked on the rest).
 
     Returns:
         The history: one dict per completed epoch with ``epoch``, ``lr``, ``train_loss``,
@@ -338,14 +341,17 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
     milestones = default_milestones(epochs) if milestones is None else sorted(milestones)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=gamma)
     run = {"seed": seed, "milestones": list(milestones), "gamma": float(gamma)}
+    if identity is not None:
+        run["identity"] = json.loads(json.dumps(dict(identity)))  # as it reads back: lists, not tuples
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if checkpoint is not None and resume and checkpoint.exists():
         state = load_checkpoint(checkpoint)
-        if state["run"] != run:
+        theirs = state["run"]
+        if theirs != (run if "identity" in theirs else {k: v for k, v in run.items() if k != "identity"}):
             raise CheckpointError(f"Checkpoint {checkpoint} belongs to another run "
-                                  f"({state['run']}, this run: {run}); pass resume=False "
+                                  f"({_run_difference(theirs, run)}); pass resume=False "
                                   f"or use another checkpoint_dir")
         if state["epoch"] > epochs:
             raise CheckpointError(f"Checkpoint {checkpoint} has {state['epoch']} epochs, "
@@ -389,6 +395,15 @@ def fit(model: nn.Module, loaders: Sequence[DataLoader | None], epochs: int, *,
             if on_epoch_end is not None and on_epoch_end(epoch + 1, record) is True:
                 break
     return history
+
+
+def _run_difference(theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """What differs between a checkpoint's run and this one, in words (at most three entries)."""
+    def flat(run: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in run.items() if k != "identity"}, **(run.get("identity") or {})}
+    a, b = flat(theirs), flat(ours)
+    diffs = [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return "; ".join(diffs[:3]) + ("; ..." if len(diffs) > 3 else "")
 
 
 # --- pretrained FP32 models -----------------------------------------------------------
