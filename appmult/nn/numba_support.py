@@ -19,6 +19,31 @@ except ImportError:  # pragma: no cover - exercised only without numba
 AVAILABLE = numba is not None
 
 
+def _start_pool_keeping_torch_threads() -> None:
+    """Start numba's thread pool now, and give torch back the thread count it had.
+
+    Starting numba's OpenMP pool (which its first parallel kernel does) resets the OpenMP
+    thread count that torch runs its own kernels with: after ``torch.set_num_threads(1)``,
+    one numba kernel, and torch reported -- and used -- every core again (1 -> 2 here). So
+    ``retrain --threads 1`` ran on two threads from the first approximate layer on, and a
+    resumed run could not be told from it. Started here, between reading torch's count and
+    setting it back, the pool leaves the user's setting alone (about 2 ms, once).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+    except ImportError:  # pragma: no cover - a numba without this (private) entry: starts on first use
+        return
+    _launch_threads()
+    torch.set_num_threads(threads)
+
+
+if AVAILABLE:
+    _start_pool_keeping_torch_threads()
+
+
 def num_threads() -> int:
     """numba's thread count (call only when :data:`AVAILABLE`)."""
     return numba.get_num_threads()
