@@ -56,3 +56,23 @@ def test_a_pool_started_before_appmult_is_left_as_it_is():
 from numba.np.ufunc.parallel import _launch_threads; _launch_threads()
 import appmult.nn
 """) == 3
+
+
+def test_cpu_threads_sets_and_restores_both():
+    # retrain/assign --threads used to set torch's count only: numba's kernels ran on every core.
+    import numba
+    import torch
+
+    from appmult.nn import cpu_threads
+    before = torch.get_num_threads(), numba.get_num_threads()
+    with cpu_threads(1):
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (1, 1)
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    with cpu_threads(numba.config.NUMBA_NUM_THREADS + 5):  # numba's capped at its pool
+        assert (torch.get_num_threads(), numba.get_num_threads()) == (numba.config.NUMBA_NUM_THREADS + 5,
+                                                                      numba.config.NUMBA_NUM_THREADS)
+    with cpu_threads(None):
+        assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    with pytest.raises(KeyError), cpu_threads(1):
+        raise KeyError  # restored on the way out of an error too
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before

@@ -49,7 +49,7 @@ def register(sub) -> None:
     opt("overwrite", "--overwrite", action="store_true",
         help="replace the assignment run already in --out (plan.json, results.json, pareto.png); without it "
              "such a directory is refused")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (torch's and the numba kernels')")
     opt("progress", "--no-progress", action="store_false", help="no stage messages")
     p.set_defaults(func=run)
 
@@ -57,18 +57,17 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..flows import run_assign
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be a positive integer, not {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be a positive integer, not {args.threads}")
     cfg = build_config(AssignConfig, args)
     from ..flows.assign import names_lut_file
     from ._lut_widths import check_lut_widths
     for candidate in cfg.candidates:
         if not names_lut_file(candidate):
             check_lut_widths(candidate, "assignment needs one per candidate")
-    results = run_assign(cfg)
+    from ..nn import cpu_threads
+    with cpu_threads(args.threads):
+        results = run_assign(cfg)
     if cfg.progress:
         plan = results["plan"]
         for row in plan["layers"]:

@@ -109,7 +109,7 @@ def _add_run_options(opt) -> None:
     opt("checkpoint", "--checkpoint", metavar="FILE", help="start from this FP32 model instead of pretraining")
     opt("pretrained_dir", "--pretrained-dir", metavar="DIR", help="FP32 model cache (default OUT/pretrained)")
     opt("calib_batches", "--calib-batches", type=int, help="calibration batches (default %(default)s)")
-    opt("threads", "--threads", type=int, metavar="N", help="torch CPU threads")
+    opt("threads", "--threads", type=int, metavar="N", help="CPU threads (torch's and the numba kernels')")
     opt("time_exact", "--no-time-exact", action="store_false",
         help="skip timing one exact-quantized epoch for the comparison")
     opt("progress", "--no-progress", action="store_false", help="no progress bars or stage messages")

@@ -66,7 +66,8 @@ from ..files import check_output_dir
 from ..hdl import from_spec
 from ..lut_gen import LutFile
 from ..methods.simulated_error import lut_mre
-from ..nn import ApproxConv2d, ApproxLinear, attention_modules, calibrate, exact_, exact_multiplication, load_lut
+from ..nn import (ApproxConv2d, ApproxLinear, attention_modules, calibrate, cpu_threads, exact_, exact_multiplication,
+                  load_lut)
 from ..tb import check_simulator
 from ..train import Loaders, Metrics, evaluate, make_loaders, train_epoch
 from . import rtlcheck
@@ -108,14 +109,11 @@ def run_retrain(cfg: RetrainConfig, *, on_epoch_end: EpochHook | None = None) ->
     """
     if not isinstance(cfg, RetrainConfig):
         raise InvalidTypeError(f"run_retrain needs a RetrainConfig, not {type(cfg).__name__}")
-    saved_threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     d = init_distributed()
     try:
-        return _pipeline(_Run(cfg, d, run_device(d)), on_epoch_end)
+        with cpu_threads(cfg.threads):
+            return _pipeline(_Run(cfg, d, run_device(d)), on_epoch_end)
     finally:
-        torch.set_num_threads(saved_threads)
         if d.owned:
             torch.distributed.destroy_process_group()
 

@@ -138,7 +138,7 @@ class RetrainConfig:
         trial_batches: batches per epoch of each ``half_window="auto"`` trial
             (``None``: whole epochs).
         time_exact: time one training epoch of the exact-quantized model for comparison.
-        threads: torch CPU threads (``None``: leave torch's setting).
+        threads: CPU threads, torch's and the numba kernels' (``None``: leave their settings).
         verify_rtl: after each mode, check the first approximate conv layer's accumulators
             against the RTL MAC in a simulator (needs a LUT with a circuit spec and Icarus).
         rtl_positions: output positions per RTL check.

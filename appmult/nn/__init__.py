@@ -28,6 +28,7 @@ from .convert import approximate_, approximate_layers, exact_, exact_multiplicat
 from .correction import ControlVariate, fit_error_model
 from .functional import approx_conv2d, approx_linear, approx_matmul, lut_conv2d, lut_linear
 from .layers import ApproxConv2d, ApproxLinear, layer_operands
+from .numba_support import cpu_threads
 from .operands import LayerOperands, QuantizedOperands
 from .quant import (ActivationQuantizer, Observer, WeightQuantizer, WeightScheme, calibrate, calibrating, frozen,
                     quant_range)
@@ -61,6 +62,7 @@ __all__ = [
     "attention_modules",
     "calibrate",
     "calibrating",
+    "cpu_threads",
     "exact_",
     "exact_multiplication",
     "fit_error_model",

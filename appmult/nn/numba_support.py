@@ -9,6 +9,9 @@ by :func:`appmult.nn.kernels.numba_available`, at each call.)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 try:  # numba is an optional dependency of the nn extra; the torch path works without it
     import numba
     from numba import njit, prange
@@ -47,3 +50,25 @@ if AVAILABLE:
 def num_threads() -> int:
     """numba's thread count (call only when :data:`AVAILABLE`)."""
     return numba.get_num_threads()
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """Run a block on ``threads`` CPU threads: torch's and appmult's numba kernels' (numba's
+    capped at the count its pool started with); both are restored afterwards. ``None``
+    changes nothing."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    saved = torch.get_num_threads(), (numba.get_num_threads() if AVAILABLE else None)
+    torch.set_num_threads(threads)
+    if AVAILABLE:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        if AVAILABLE:
+            numba.set_num_threads(saved[1])
