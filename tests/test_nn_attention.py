@@ -322,8 +322,8 @@ def test_mha_bias_kv_wrong():
     model = nn.Sequential(nn.MultiheadAttention(8, 2, add_bias_kv=True))
     with pytest.raises(ConfigError, match=msg(
             "approximate_: cannot approximate the attention of '0' (MultiheadAttention): add_bias_kv is not "
-            "supported; leave its attention exact with ApproxConfig(parts=('projections', 'mlp')) or skip it "
-            "with filter_fn")):
+            "supported (its projections cannot be approximated either); leave the whole module exact with "
+            "ApproxConfig(parts=('mlp',)) or skip it with filter_fn")):
         approximate_(model, ApproxConfig(lutfile("mitchell", True)))
 
 

@@ -14,7 +14,11 @@ matrix products computed as an approximate multiplier array would compute them:
   are approximate;
 * masked keys are *skipped* in AV (a causal or padded position's product is not
   accumulated), so a mask means the same as in float attention even for a multiplier with
-  ``LUT[0, b] != 0``; a fully masked query row gives zeros (not NaN);
+  ``LUT[0, b] != 0``; a fully masked query row gives zeros (not NaN). Masked means a bool
+  mask's False, a float mask's ``-inf``, or a float mask's most negative finite value
+  (``torch.finfo(dtype).min``, what Hugging Face models use for ``-inf``); any other finite
+  value, however negative (e.g. ``-1e9``), only lowers the score: the key takes part with its
+  probability (0 after rounding), whose products the multiplier computes like any other;
 * backward: STE (exact-product gradients), LUT-1D or LUT-2D tables, as in the layers.
 
 :class:`ApproxMultiheadAttention` replaces ``torch.nn.MultiheadAttention`` (``from_float``
@@ -194,6 +198,12 @@ def lut_bmm(qa: torch.Tensor, qb: torch.Tensor, tabs: LutTables, *, keep: torch.
     Raises:
         InvalidValueError: an operand outside the LUT's value range (or NaN), or bad shapes.
     """
+    for t, name in ((qa, "qa"), (qb, "qb"), (keep, "keep")):
+        if not isinstance(t, torch.Tensor) and not (name == "keep" and t is None):
+            raise InvalidTypeError(f"lut_bmm {name} must be a torch.Tensor{' or None' if name == 'keep' else ''}, "
+                                   f"not {type(t).__name__}")
+    if keep is not None and keep.dtype != torch.bool:  # (an int or float keep was multiplied in)
+        raise InvalidTypeError(f"lut_bmm keep must be a bool tensor (True: accumulate), not {keep.dtype}")
     if qa.dim() != 3 or qb.dim() != 3 or qa.shape[0] != qb.shape[0] or qa.shape[2] != qb.shape[1] \
             or (keep is not None and keep.shape != qa.shape):
         raise InvalidValueError(f"lut_bmm needs (B, M, K) and (B, K, N) operands (and keep like the first), got "
@@ -220,10 +230,21 @@ class _LutBmmFn(torch.autograd.Function):
         return _cast(ga, qa.dtype), _cast(gb, qb.dtype), None, None, None
 
 
-def _dynamic_quant(x: torch.Tensor, width: int, signed: bool):
-    """Per-tensor quantization from ``x``'s own range (the quantizers' min-max formulas)."""
+def _dynamic_quant(x: torch.Tensor, width: int, signed: bool, what: str):
+    """Per-tensor quantization from ``x``'s own range (the quantizers' min-max formulas).
+
+    Raises:
+        InvalidValueError: a scale that is not finite (``what`` names the operand): a range
+            wider than the float type holds, or probabilities from scores that overflowed.
+    """
     lo, hi = torch.aminmax(x.detach())
     s, z = _scale_zero_point(lo, hi, width, signed)
+    if not bool(torch.isfinite(torch.stack([lo, hi, s.reshape(())])).all()):  # (NaN outputs, NaN codes as indices)
+        if what == "probabilities":
+            raise InvalidValueError("LutAttention: the attention scores are not finite (+inf or NaN): the "
+                                    "query and key values, the scale or the mask overflow float arithmetic")
+        raise InvalidValueError(f"LutAttention: the {what} range [{float(lo):g}, {float(hi):g}] is too wide to "
+                                f"quantize (its scale is not finite in {x.dtype})")
     qmin, qmax = quant_range(width, signed)
     return _fake_quant(x, s, z, qmin, qmax), s, z
 
@@ -362,9 +383,11 @@ class LutAttention(nn.Module):
             raise InvalidValueError(f"LutAttention batch dimensions do not broadcast: query {tuple(q.shape)}, "
                                     f"key {tuple(k.shape)}, value {tuple(v.shape)}") from None
         keep, bias = _mask_terms(attn_mask, is_causal, l, s, q.device)
+        if bias is not None:  # finfo.min: the libraries' -inf (see the module docstring)
+            bias = bias.masked_fill(bias == torch.finfo(bias.dtype).min, float("-inf"))
         tabs = self.lut
-        qq, sq, zq = _dynamic_quant(q, tabs.width_x, tabs.signed)
-        qk, sk, zk = _dynamic_quant(k, tabs.width_w, tabs.signed)
+        qq, sq, zq = _dynamic_quant(q, tabs.width_x, tabs.signed, "query")
+        qk, sk, zk = _dynamic_quant(k, tabs.width_w, tabs.signed, "key")
         qq3 = qq.expand(*batch, l, e).reshape(-1, l, e)
         qk3 = qk.expand(*batch, s, e).reshape(-1, s, e)
         acc = self._product(qq3, zq, qk3.transpose(-1, -2), zk, None, ct)
@@ -385,8 +408,8 @@ class LutAttention(nn.Module):
             p = p.masked_fill(~taken, 0.0)
         if dropout_p > 0.0:
             p = F.dropout(p, dropout_p, training=True)
-        qp, sp, zp = _dynamic_quant(p, tabs.width_x, tabs.signed)
-        qv, sv, zv = _dynamic_quant(v, tabs.width_w, tabs.signed)
+        qp, sp, zp = _dynamic_quant(p, tabs.width_x, tabs.signed, "probabilities")
+        qv, sv, zv = _dynamic_quant(v, tabs.width_w, tabs.signed, "value")
         qv3 = qv.expand(*batch, s, ev).reshape(-1, s, ev)
         keep3 = None if taken is None else taken.expand(*batch, l, s).reshape(-1, l, s)
         acc2 = self._product(qp.reshape(-1, l, s), zp, qv3, zv, keep3, ct)
@@ -566,8 +589,57 @@ class ApproxMultiheadAttention(nn.Module):
             return allowed
         return additive if allowed is None else additive.masked_fill(~allowed, float("-inf"))
 
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask) -> None:
+        """nn.MultiheadAttention's shape and dtype rules, before any reshape (a mask or key of a
+        wrong but same-sized shape used to be reinterpreted element by element)."""
+        what = "ApproxMultiheadAttention"
+        for t, name in ((query, "query"), (key, "key"), (value, "value")):
+            if not isinstance(t, torch.Tensor):
+                raise InvalidTypeError(f"{what} {name} must be a torch.Tensor, not {type(t).__name__}")
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise InvalidValueError(f"{what} needs query, key and value all 3-D (batched) or all 2-D (unbatched), "
+                                    f"got {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+        for t, name, e in ((query, "query", self.embed_dim), (key, "key", self.kdim), (value, "value", self.vdim)):
+            if t.shape[-1] != e:
+                raise InvalidValueError(f"{what} {name} has {t.shape[-1]} features, expected {e}: shape "
+                                        f"{tuple(t.shape)}")
+        batched = query.dim() == 3
+        layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+        if key.shape[:-1] != value.shape[:-1] or (batched and key.shape[self._batch_dim] != query.shape[self._batch_dim]):
+            raise InvalidValueError(f"{what} query, key and value do not match (each {layout if batched else '(L, E)'}"
+                                    f", key and value of one length): {tuple(query.shape)}, {tuple(key.shape)}, "
+                                    f"{tuple(value.shape)}")
+        n = query.shape[self._batch_dim] if batched else 1
+        l, s = query.shape[-3 + (self.batch_first or not batched)] if batched else query.shape[0], \
+            key.shape[self._length_dim] if batched else key.shape[0]
+        if key_padding_mask is not None:
+            want = (n, s) if batched else (s,)
+            self._check_mask(key_padding_mask, "key_padding_mask", [want])
+        if attn_mask is not None:
+            self._check_mask(attn_mask, "attn_mask", [(l, s), (n * self.num_heads, l, s)])
+
+    @property
+    def _batch_dim(self) -> int:
+        return 0 if self.batch_first else 1
+
+    @property
+    def _length_dim(self) -> int:
+        return 1 if self.batch_first else 0
+
+    @staticmethod
+    def _check_mask(mask, name: str, shapes: list[tuple[int, ...]]) -> None:
+        what = "ApproxMultiheadAttention"
+        if not isinstance(mask, torch.Tensor):
+            raise InvalidTypeError(f"{what} {name} must be a torch.Tensor or None, not {type(mask).__name__}")
+        if mask.dtype != torch.bool and not mask.is_floating_point():  # (integer masks were added as +1)
+            raise InvalidTypeError(f"{what} {name} must be a bool or float tensor, not {mask.dtype}")
+        if tuple(mask.shape) not in shapes:
+            raise InvalidValueError(f"{what} {name} must have shape {' or '.join(map(str, shapes))}, got "
+                                    f"{tuple(mask.shape)}")
+
     def _heads(self, query, key, value, key_padding_mask, attn_mask):
         """Projected ``(N, H, L, D)`` heads and the SDPA-style mask; ``unbatched``."""
+        self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
@@ -752,10 +824,9 @@ def _convert_attention(module: nn.Module, config: ApproxConfig, name: str) -> nn
         if "attention" not in parts and "projections" not in parts:
             return module
         reason = _mha_unsupported(module)
-        if reason and "attention" in parts:
-            raise ConfigError(where + reason + hint)
-        if reason:
-            return module
+        if reason:  # (its projections too: they live in the packed module, which stays float)
+            raise ConfigError(where + reason + " (its projections cannot be approximated either); leave the "
+                              "whole module exact with ApproxConfig(parts=('mlp',)) or skip it with filter_fn")
         return ApproxMultiheadAttention.from_float(module, config)
     sdpa = _calls_sdpa(module)
     if not sdpa and not isinstance(module, nn.MultiheadAttention) and "attention" not in cls.lower():

@@ -101,10 +101,22 @@ def approximate_(model: nn.Module, config: ApproxConfig | Mapping[str, ApproxCon
         return module
 
     root = visit(model, "")
+    _no_nested_fast_path(root)
     hooks = root._load_state_dict_pre_hooks.values()
     if not any(getattr(h, "hook", h) is _check_luts_before_load for h in hooks):
         root.register_load_state_dict_pre_hook(_check_luts_before_load)
     return root
+
+
+def _no_nested_fast_path(model: nn.Module) -> None:
+    """An ``nn.TransformerEncoder`` decides at construction to pack padded inputs into nested
+    tensors in inference; with approximate attention that path reads the packed float
+    weights its layers no longer have (an AttributeError on ``in_proj_weight``) and would
+    bypass the LUT. Turned off for every encoder whose layers' attention was converted."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
+                not isinstance(getattr(layer, "self_attn", None), nn.MultiheadAttention) for layer in m.layers):
+            m.use_nested_tensor = False
 
 
 def approximate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

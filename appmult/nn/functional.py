@@ -215,10 +215,15 @@ def _check_codes(qx: torch.Tensor, qw: torch.Tensor, tabs: LutTables, what: str)
                            (qw, tabs.lo_w, tabs.prod.shape[1], "weights")):
         if q.numel() == 0:
             continue
-        mn, mx = torch.stack(torch.aminmax(q.detach())).tolist()  # one host sync
+        qd = q.detach()
+        fraction = (qd - torch.round(qd)).abs().amax() if qd.is_floating_point() else qd.new_zeros(())
+        mn, mx, frac = torch.stack([*torch.aminmax(qd), fraction]).tolist()  # one host sync
         if not (mn >= lo and mx <= lo + n - 1):  # also false for NaN
             raise InvalidValueError(f"{what}: quantized {role} must be integers in [{lo}, {lo + n - 1}] (the LUT's "
                                     f"operand range), got values in [{mn:g}, {mx:g}]")
+        if frac != 0:  # (a value of 1.5 used to be truncated to the index of 1)
+            raise InvalidValueError(f"{what}: quantized {role} must be integers in [{lo}, {lo + n - 1}] (the LUT's "
+                                    f"operand range), got non-integer values (fractional part up to {frac:g})")
 
 
 def _check_quantization(sx, zx, sw, zw, outputs: int, what: str) -> None:
