@@ -40,7 +40,7 @@ import functools
 import inspect
 import math
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -807,38 +807,43 @@ def _is_attention(module: nn.Module) -> bool:
         or SDPA_CHILD in module._modules or _calls_sdpa(module) or "attention" in type(module).__name__.lower()
 
 
-def _convert_attention(module: nn.Module, config: ApproxConfig, name: str) -> nn.Module | None:
-    """The converted attention module (``module`` itself where converted in place), or ``None``
-    when ``module`` is not an attention module.
+def _attention_conversion(module: nn.Module, config: ApproxConfig, name: str) -> Callable[[], nn.Module] | None:
+    """How to convert an attention module: a function that does it and returns the module to
+    put in its place (``module`` itself where converted in place), or ``None`` when
+    ``module`` is not an attention module. Every check runs here, before anything changes.
 
     Raises:
         ConfigError: an attention module whose products cannot be approximated.
     """
     if isinstance(module, (ApproxMultiheadAttention, LutAttention)) or SDPA_CHILD in module._modules:
-        return module  # already converted
+        return lambda: module  # already converted
     parts = config.parts
     cls = type(module).__name__
     where = f"approximate_: cannot approximate the attention of {name or '<root>'!r} ({cls}): "
     hint = "; leave its attention exact with ApproxConfig(parts=('projections', 'mlp')) or skip it with filter_fn"
     if type(module) is nn.MultiheadAttention:
         if "attention" not in parts and "projections" not in parts:
-            return module
+            return lambda: module
         reason = _mha_unsupported(module)
         if reason:  # (its projections too: they live in the packed module, which stays float)
             raise ConfigError(where + reason + " (its projections cannot be approximated either); leave the "
                               "whole module exact with ApproxConfig(parts=('mlp',)) or skip it with filter_fn")
-        return ApproxMultiheadAttention.from_float(module, config)
+        new = ApproxMultiheadAttention.from_float(module, config)  # (the float module is not changed)
+        return lambda: new
     sdpa = _calls_sdpa(module)
     if not sdpa and not isinstance(module, nn.MultiheadAttention) and "attention" not in cls.lower():
         return None
     if "attention" in parts and not sdpa:
         raise ConfigError(where + "it is neither a torch.nn.MultiheadAttention nor a module whose forward calls "
                           "torch.nn.functional.scaled_dot_product_attention" + hint)
-    if "projections" in parts:
-        _convert_projections(module, config)
-    if "attention" in parts:
-        _route_sdpa(module, config)
-    return module
+
+    def in_place() -> nn.Module:
+        if "projections" in parts:
+            _convert_projections(module, config)
+        if "attention" in parts:
+            _route_sdpa(module, config)
+        return module
+    return in_place
 
 
 def _convert_projections(module: nn.Module, config: ApproxConfig) -> None:
